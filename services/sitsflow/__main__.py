@@ -1,0 +1,3 @@
+from sitsflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""The output tree under ``chain.output_path``, with iota2's names.
+
+Every object key is a pure function of its parameters, so a retried task overwrites rather than
+duplicates. Paths are joined with ``/`` and work for local paths and ``s3://`` URIs alike.
+"""
+
+from __future__ import annotations
+
+LEARNING_SAMPLES = "learningSamples"
+MODEL = "model"
+CLASSIF = "classif"
+FINAL = "final"
+CONFIG = "config"
+MANIFESTS = "manifests"
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI/path parts with a single ``/``."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{str(part).strip('/')}"
+    return out
+
+
+def resolved_config(out: str) -> str:
+    """The resolved configuration written next to the outputs."""
+    return join(out, CONFIG, "resolved.cfg")
+
+
+# --- sampling --------------------------------------------------------------------------------
+def samples_learn(out: str, region: int, seed: int) -> str:
+    """Learning + validation samples (L+V) of one region and seed (iota2's name)."""
+    return join(out, LEARNING_SAMPLES, f"Samples_region_{region}_seed{seed}_learn.nc")
+
+
+def samples_test(out: str, region: int, seed: int) -> str:
+    """Test samples (T, never seen in training) of one region and seed."""
+    return join(out, LEARNING_SAMPLES, f"Samples_region_{region}_seed{seed}_test.nc")
+
+
+def split_table(out: str, seed: int) -> str:
+    """Per-polygon record of the learning/test split of one seed (CSV, for audits)."""
+    return join(out, LEARNING_SAMPLES, f"split_seed{seed}.csv")
+
+
+# --- training / selection --------------------------------------------------------------------
+def model_candidate(out: str, region: int, seed: int, hyp: int) -> str:
+    return join(out, MODEL, f"model_{region}_seed_{seed}_hyp_{hyp}.txt")
+
+
+def model_checkpoint(out: str, region: int, seed: int, hyp: int) -> str:
+    return join(out, MODEL, f"model_{region}_seed_{seed}_hyp_{hyp}_checkpoint.txt")
+
+
+def model_loss_plot(out: str, region: int, seed: int, hyp: int) -> str:
+    return join(out, MODEL, f"model_{region}_seed_{seed}_hyp_{hyp}_loss.png")
+
+
+def model_metrics_plot(out: str, region: int, seed: int, hyp: int) -> str:
+    return join(out, MODEL, f"model_{region}_seed_{seed}_hyp_{hyp}_confusion_metrics.png")
+
+
+def model_history(out: str, region: int, seed: int, hyp: int) -> str:
+    return join(out, MODEL, f"model_{region}_seed_{seed}_hyp_{hyp}_history.parquet")
+
+
+def model_selected(out: str, region: int, seed: int) -> str:
+    return join(out, MODEL, f"model_{region}_seed_{seed}.txt")
+
+
+def selection_report(out: str, region: int, seed: int) -> str:
+    return join(out, MODEL, f"model_{region}_seed_{seed}_selection.json")
+
+
+# --- inference -------------------------------------------------------------------------------
+def chunk_classif(out: str, tile: str, region: int, seed: int, chunk: int) -> str:
+    return join(out, CLASSIF, f"Classif_{tile}_model_{region}_seed_{seed}_SUBREGION_{chunk}.tif")
+
+
+def chunk_confidence(out: str, tile: str, region: int, seed: int, chunk: int) -> str:
+    return join(out, CLASSIF, f"{tile}_model_{region}_confidence_seed_{seed}_SUBREGION_{chunk}.tif")
+
+
+def chunk_probamap(out: str, tile: str, region: int, seed: int, chunk: int) -> str:
+    return join(out, CLASSIF, f"PROBAMAP_{tile}_model_{region}_seed_{seed}_SUBREGION_{chunk}.tif")
+
+
+# --- merging ---------------------------------------------------------------------------------
+def tile_classif(out: str, tile: str, region: int, seed: int) -> str:
+    return join(out, CLASSIF, f"Classif_{tile}_model_{region}_seed_{seed}.tif")
+
+
+def tile_confidence(out: str, tile: str, region: int, seed: int) -> str:
+    return join(out, CLASSIF, f"{tile}_model_{region}_confidence_seed_{seed}.tif")
+
+
+def tile_probamap(out: str, tile: str, region: int, seed: int) -> str:
+    return join(out, CLASSIF, f"PROBAMAP_{tile}_model_{region}_seed_{seed}.tif")
+
+
+def final_classif(out: str, seed: int) -> str:
+    return join(out, FINAL, f"Classif_Seed_{seed}.tif")
+
+
+def final_classif_color(out: str, seed: int) -> str:
+    return join(out, FINAL, f"Classif_Seed_{seed}_ColorIndexed.tif")
+
+
+def final_confidence(out: str, seed: int) -> str:
+    return join(out, FINAL, f"Confidence_Seed_{seed}.tif")
+
+
+def final_probamap(out: str, seed: int) -> str:
+    return join(out, FINAL, f"ProbabilityMap_seed_{seed}.tif")
+
+
+def final_validity(out: str) -> str:
+    return join(out, FINAL, "PixelsValidity.tif")
+
+
+def final_results(out: str) -> str:
+    return join(out, FINAL, "RESULTS.txt")
+
+
+def final_results_json(out: str) -> str:
+    return join(out, FINAL, "RESULTS.json")
+
+
+def final_quicklook(out: str, seed: int) -> str:
+    return join(out, FINAL, f"Classif_Seed_{seed}_quicklook.png")
+
+
+# --- bookkeeping -----------------------------------------------------------------------------
+def manifest(out: str, stage: str, task: str) -> str:
+    """The manifest a stage task writes last (``manifests/<stage>/<task>.json``)."""
+    return join(out, MANIFESTS, stage, f"{task}.json")
