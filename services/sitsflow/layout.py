@@ -134,3 +134,12 @@ def final_quicklook(out: str, seed: int) -> str:
 def manifest(out: str, stage: str, task: str) -> str:
     """The manifest a stage task writes last (``manifests/<stage>/<task>.json``)."""
     return join(out, MANIFESTS, stage, f"{task}.json")
+
+
+def chunk_validity(out: str, tile: str, chunk: int) -> str:
+    """Number of clear acquisitions per pixel of one chunk (merged into PixelsValidity.tif)."""
+    return join(out, CLASSIF, f"PixelsValidity_{tile}_SUBREGION_{chunk}.tif")
+
+
+def tile_validity(out: str, tile: str) -> str:
+    return join(out, CLASSIF, f"PixelsValidity_{tile}.tif")

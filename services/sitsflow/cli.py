@@ -1,0 +1,222 @@
+"""The ``sitsflow`` command line: one subcommand per stage, plus planning and the local runner.
+
+Logs go to stderr; stdout carries only what an orchestrator reads (JSON, or the resolved
+configuration's URI for ``prepare``). Exit codes: 0 done, 2 bad input (never retried),
+75 transient infrastructure trouble (retried).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from sitsflow import __version__
+from sitsflow.errors import ConfigError, SitsflowError
+from sitsflow.log import get_logger, setup_logging
+
+log = get_logger("sitsflow.cli")
+
+
+def _add_config(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("config", help="iota2 configuration file (.cfg), local path or s3:// URI")
+    else:
+        p.add_argument("--config", required=True, help="configuration file (.cfg), local path or s3:// URI")
+    p.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a configuration value (repeatable), e.g. --set chain.output_path=s3://bucket/run1",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sitsflow",
+        description="iota2's deep-learning workflow, cloud-native: sampling, training, selection, inference, merging.",
+    )
+    parser.add_argument("--version", action="version", version=f"sitsflow {__version__}")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="validate the configuration and write the resolved one next to the outputs; prints its URI")
+    _add_config(p)
+    p.add_argument("--overrides", default="[]", help='JSON list of "section.key=value" overrides (the WorkflowTemplate\'s parameter)')
+
+    p = sub.add_parser("sample", help="sampling stage: extract labelled pixels into the NetCDF sample databases")
+    _add_config(p)
+
+    p = sub.add_parser("plan", help="print the JSON task list a stage fans out over")
+    p.add_argument("stage", choices=["training", "selection", "inference"])
+    _add_config(p)
+
+    p = sub.add_parser("train", help="training stage: train one (region, seed, hyperparameter pair)")
+    _add_config(p)
+    p.add_argument("--region", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True, help="run number (0 .. arg_train.runs-1)")
+    p.add_argument("--hyp", type=int, required=True, help="hyperparameter pair number (see the README)")
+
+    p = sub.add_parser("select", help="selection stage: pick the best candidate of one (region, seed)")
+    _add_config(p)
+    p.add_argument("--region", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+
+    p = sub.add_parser("infer", help="inference stage: classify one (tile, chunk, seed)")
+    _add_config(p)
+    p.add_argument("--tile", required=True)
+    p.add_argument("--chunk", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+
+    p = sub.add_parser("merge", help="merging stage: chunks -> tile maps -> final COGs and RESULTS.txt")
+    _add_config(p)
+
+    p = sub.add_parser("run", help="run the whole pipeline on this machine (executes the rendered WorkflowTemplate)")
+    _add_config(p, positional=True)
+    p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="tasks run at a time")
+    p.add_argument("--workflow", default=None, help="rendered WorkflowTemplate YAML (default: workflows/sitsflow.yaml)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress display")
+    p.add_argument("--log-dir", default=None, help="folder for the per-task logs (default: a temporary folder)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    sets = list(args.sets)
+    raw = getattr(args, "overrides", "[]") or "[]"
+    try:
+        extra = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--overrides: expected a JSON list of \"section.key=value\" strings, got {raw!r} ({exc})") from None
+    if not isinstance(extra, list) or not all(isinstance(s, str) for s in extra):
+        raise ConfigError(f"--overrides: expected a JSON list of strings, got {raw!r}")
+    return extra + sets
+
+
+def _load(args: argparse.Namespace):
+    from sitsflow.config import load_config
+
+    return load_config(args.config, _overrides(args))
+
+
+def _emit(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from sitsflow import layout, storage
+    from sitsflow.features import check_tile_grids
+
+    cfg = _load(args)
+    check_tile_grids(cfg)
+    uri = layout.resolved_config(cfg.chain.output_path)
+    text = cfg.to_cfg()
+    if not storage.exists(uri) or storage.read_text(uri) != text:
+        storage.write_text(uri, text)
+    log.info("resolved configuration written to %s", uri)
+    sys.stdout.write(uri + "\n")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from sitsflow import sampling
+
+    _emit(sampling.run(_load(args)))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sitsflow.planning import PLANS
+
+    _emit(PLANS[args.stage](_load(args)))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sitsflow import training
+
+    _emit(training.run(_load(args), args.region, args.seed, args.hyp))
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from sitsflow import selection
+
+    _emit(selection.run(_load(args), args.region, args.seed))
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from sitsflow import inference
+
+    _emit(inference.run(_load(args), args.tile, args.chunk, args.seed))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from sitsflow import merging
+
+    _emit(merging.run(_load(args)))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sitsflow import layout, storage
+    from sitsflow.features import check_tile_grids
+    from sitsflow.runner import default_workflow_path, run_workflow
+
+    cfg = _load(args)  # validate before any work: a bad configuration exits 2 and writes nothing
+    check_tile_grids(cfg)
+    source = args.config if storage.is_s3(args.config) else str(Path(args.config).resolve())
+    workflow = Path(args.workflow) if args.workflow else default_workflow_path()
+    result = run_workflow(
+        workflow,
+        {"config": source, "overrides": json.dumps(_overrides(args))},
+        workers=args.workers,
+        progress=False if args.no_progress else None,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+    )
+    out = cfg.chain.output_path
+    _emit({
+        "output_path": out,
+        "results": layout.final_results(out),
+        "duration_s": round(result.get("duration_s", 0.0), 1),
+        "tasks": {name: len(t.get("results", [])) for name, t in result.get("tasks", {}).items()},
+    })
+    return 0
+
+
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "sample": cmd_sample,
+    "plan": cmd_plan,
+    "train": cmd_train,
+    "select": cmd_select,
+    "infer": cmd_infer,
+    "merge": cmd_merge,
+    "run": cmd_run,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sitsflow`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except SitsflowError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except Exception:  # an unexpected failure is a bug: show it whole
+        log.exception("unexpected error in `sitsflow %s`", args.command)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

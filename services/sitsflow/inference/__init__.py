@@ -1,0 +1,200 @@
+"""Inference stage: classify one (tile, chunk, seed) with the selected model of each region.
+
+The chunk's window alone is read (local or object storage), window block by window block so
+memory stays bounded; the shared feature pipeline computes the features of the pixels that have
+at least one clear acquisition (nodata and fully masked pixels never reach the network); each
+region's selected model (``model/model_R_seed_S.txt``) classifies its region's pixels in batches,
+on the GPU when there is one. Outputs per region model, in ``classif/`` with iota2's names: the
+classification (class codes, 0 = nodata), the confidence (max probability) and, with
+``arg_classification.enable_probability_map``, the probabilities (0-1000, one band per class);
+with seed 0 also the number of clear acquisitions per pixel. Each output records the model
+fingerprint and the window (GeoTIFF tags), and the task's manifest lists them: merging refuses
+chunks made by another model or on another window.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+
+from sitsflow import layout, manifest, nn, storage
+from sitsflow.errors import BadInputError
+from sitsflow.features import FeaturePipeline
+from sitsflow.log import get_logger
+from sitsflow.planning import chunk_windows, sampled_regions
+from sitsflow.reference import read_polygons
+
+log = get_logger(__name__)
+
+STAGE = "inference"
+BLOCK_ROWS = 256  # rows read and classified at a time inside a chunk
+
+
+def task_id(tile: str, chunk: int, seed: int) -> str:
+    return f"{tile}_seed_{seed}_chunk_{chunk}"
+
+
+def window_tuple(window: Window) -> list[int]:
+    return [int(window.col_off), int(window.row_off), int(window.width), int(window.height)]
+
+
+def load_selected(cfg, region: int, seed: int):
+    """Load the selected model of (region, seed): (network, description)."""
+    uri = layout.model_selected(cfg.chain.output_path, region, seed)
+    if not storage.exists(uri):
+        raise BadInputError(f"no selected model {uri}: run the selection stage (sitsflow select) first")
+    return nn.load_model(storage.read_bytes(uri))
+
+
+def model_classes(description: dict) -> list[int]:
+    """Class codes in the order of the network's outputs."""
+    return [int(c) for c in description["classes"]]
+
+
+def _region_map(cfg, pipe: FeaturePipeline, window: Window, regions) -> np.ndarray:
+    h, w = int(window.height), int(window.width)
+    if regions is None:
+        return np.ones((h, w), np.int64)
+    from rasterio.features import rasterize
+
+    shapes = ((g, int(v)) for g, v in zip(regions.geoms, regions.values))
+    return rasterize(shapes, out_shape=(h, w), transform=window_transform(window, pipe.grid.transform), fill=0, dtype="int64")
+
+
+def _profile(pipe: FeaturePipeline, window: Window, dtype: str, count: int, nodata) -> dict:
+    h, w = int(window.height), int(window.width)
+    profile = {
+        "driver": "GTiff",
+        "dtype": dtype,
+        "count": count,
+        "width": w,
+        "height": h,
+        "crs": pipe.grid.crs,
+        "transform": window_transform(window, pipe.grid.transform),
+        "compress": "deflate",
+        "nodata": nodata,
+    }
+    if w >= 256 and h >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    return profile
+
+
+def _write(uri: str, array: np.ndarray, profile: dict, tags: dict, descriptions: list[str] | None = None) -> None:
+    with storage.output_path(uri, suffix=".tif") as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(array if array.ndim == 3 else array[None])
+            dst.update_tags(**tags)
+            if descriptions:
+                for i, d in enumerate(descriptions, 1):
+                    dst.set_band_description(i, d)
+
+
+def run(cfg, tile: str, chunk: int, seed: int) -> dict:
+    """Classify one chunk; return the JSON summary (``skipped`` when already done)."""
+    out = cfg.chain.output_path
+    pipe = FeaturePipeline(cfg, tile)
+    windows = chunk_windows(cfg, pipe.grid.width, pipe.grid.height)
+    if not 0 <= chunk < len(windows):
+        raise BadInputError(f"tile {tile!r} has {len(windows)} chunks (0..{len(windows) - 1}); got chunk {chunk}")
+    if not 0 <= seed < cfg.arg_train.runs:
+        raise BadInputError(f"seed {seed} is out of range: arg_train.runs is {cfg.arg_train.runs}")
+    window = windows[chunk]
+    regions_with_models = sampled_regions(cfg)
+    models = {r: load_selected(cfg, r, seed) for r in regions_with_models}
+    prob_map = cfg.arg_classification.enable_probability_map
+    fp = manifest.fingerprint(
+        STAGE,
+        {r: d["fingerprint"] for r, (_, d) in models.items()},
+        window_tuple(window),
+        pipe.description(),
+        cfg.section_dict("dated_raster"),
+        prob_map,
+    )
+    task = task_id(tile, chunk, seed)
+    previous = manifest.done(out, STAGE, task, fp)
+    if previous:
+        log.info("inference %s: up to date", task)
+        return previous["summary"] | {"skipped": True}
+    for region, (_, desc) in models.items():
+        if list(desc.get("feature_names", pipe.feature_names)) != pipe.feature_names:
+            raise BadInputError(
+                f"model {layout.model_selected(out, region, seed)} was trained on other features "
+                f"({len(desc.get('feature_names', []))} features) than tile {tile!r} yields "
+                f"({len(pipe.feature_names)}): rerun sampling and training"
+            )
+    regions = None
+    if cfg.chain.region_path:
+        regions, _ = read_polygons(cfg.chain.region_path, cfg.chain.region_field, "chain.region_path", crs=pipe.grid.crs)
+
+    h, w = int(window.height), int(window.width)
+    labels = {r: np.zeros((h, w), np.uint16) for r in models}
+    confidence = {r: np.zeros((h, w), np.float32) for r in models}
+    probas = {r: np.zeros((len(model_classes(d)), h, w), np.uint16) for r, (_, d) in models.items()} if prob_map else {}
+    clear = np.zeros((h, w), np.int16)
+    classified = 0
+    for row in range(0, h, BLOCK_ROWS):
+        sub = Window(window.col_off, window.row_off + row, w, min(BLOCK_ROWS, h - row))
+        region_map = _region_map(cfg, pipe, sub, regions)
+        block = pipe.features(sub, select=region_map > 0)
+        clear[row : row + int(sub.height)] = block.clear_dates
+        if not block.rows.size:
+            continue
+        r_local = block.rows - int(window.row_off)
+        c_local = block.cols - int(window.col_off)
+        pix_region = region_map[block.rows - int(sub.row_off), c_local]
+        for region, (net, desc) in models.items():
+            sel = pix_region == region
+            if not sel.any():
+                continue
+            proba = nn.predict_proba(net, block.values[sel])
+            best = proba.argmax(axis=1)
+            codes = np.asarray(model_classes(desc), np.uint16)
+            labels[region][r_local[sel], c_local[sel]] = codes[best]
+            confidence[region][r_local[sel], c_local[sel]] = proba[np.arange(best.size), best]
+            if prob_map:
+                probas[region][:, r_local[sel], c_local[sel]] = np.rint(proba.T * 1000).astype(np.uint16)
+            classified += int(sel.sum())
+    unmodelled = set(np.unique(_region_map(cfg, pipe, window, regions))) - set(models) - {0}
+    if unmodelled:
+        log.warning("tile %s chunk %d: regions %s have no model (no samples): their pixels stay 0", tile, chunk, sorted(unmodelled))
+
+    outputs = []
+    for region, (_, desc) in models.items():
+        tags = {
+            "SITSFLOW_MODEL_FINGERPRINT": desc["fingerprint"],
+            "SITSFLOW_WINDOW": json.dumps(window_tuple(window)),
+            "SITSFLOW_TILE": tile,
+            "SITSFLOW_CHUNK": str(chunk),
+            "SITSFLOW_SEED": str(seed),
+        }
+        uri = layout.chunk_classif(out, tile, region, seed, chunk)
+        _write(uri, labels[region], _profile(pipe, window, "uint16", 1, 0), tags)
+        outputs.append(uri)
+        uri = layout.chunk_confidence(out, tile, region, seed, chunk)
+        _write(uri, confidence[region], _profile(pipe, window, "float32", 1, None), tags)
+        outputs.append(uri)
+        if prob_map:
+            uri = layout.chunk_probamap(out, tile, region, seed, chunk)
+            codes = [str(c) for c in model_classes(desc)]
+            _write(uri, probas[region], _profile(pipe, window, "uint16", len(codes), None), tags, codes)
+            outputs.append(uri)
+    if seed == 0:
+        uri = layout.chunk_validity(out, tile, chunk)
+        _write(uri, clear, _profile(pipe, window, "int16", 1, None), {"SITSFLOW_WINDOW": json.dumps(window_tuple(window))})
+        outputs.append(uri)
+    summary = {
+        "stage": STAGE,
+        "tile": tile,
+        "chunk": chunk,
+        "seed": seed,
+        "window": window_tuple(window),
+        "pixels": h * w,
+        "classified": classified,
+        "models": {str(r): d["fingerprint"] for r, (_, d) in models.items()},
+    }
+    manifest.write_manifest(out, STAGE, task, fp, outputs, {"summary": summary, "models": summary["models"], "window": summary["window"]})
+    return summary | {"skipped": False}

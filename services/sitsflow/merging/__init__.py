@@ -1,0 +1,273 @@
+"""Merging stage: chunks -> tile maps (``classif/``) -> final products and report (``final/``).
+
+For every tile and seed, the chunks planned for the current configuration are checked (each
+chunk's manifest must exist, cover the planned window and name the fingerprint of the currently
+selected model: a stale chunk is refused, never merged) and assembled, window by window, into
+``classif/Classif_{tile}_model_{R}_seed_{S}.tif`` (plus confidence and probabilities). The final
+products are Cloud-Optimized GeoTIFFs, mosaicked over tiles and regions:
+``Classif_Seed_S.tif``, ``Classif_Seed_S_ColorIndexed.tif``, ``Confidence_Seed_S.tif`` (0-100),
+``ProbabilityMap_seed_S.tif`` (0-1000, with ``generate_final_probability_map``),
+``PixelsValidity.tif`` (clear acquisitions per pixel), a PNG quick-look with a legend, and the
+validation report ``RESULTS.txt`` / ``RESULTS.json`` measured on the test polygons.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.merge import merge as rio_merge
+from rasterio.windows import Window
+
+from sitsflow import layout, manifest, storage
+from sitsflow.errors import BadInputError
+from sitsflow.inference import load_selected, task_id, window_tuple
+from sitsflow.log import get_logger
+from sitsflow.merging.report import evaluate, write_reports
+from sitsflow.planning import sampled_regions, tile_chunks
+from sitsflow.reference import read_color_table, read_nomenclature
+from sitsflow.sampling.database import read_samples
+
+log = get_logger(__name__)
+
+STAGE = "merging"
+
+# (layout function of chunks, of the tile file, dtype, nodata)
+_KINDS = {
+    "classif": (layout.chunk_classif, layout.tile_classif, "uint16", 0),
+    "confidence": (layout.chunk_confidence, layout.tile_confidence, "float32", None),
+    "probamap": (layout.chunk_probamap, layout.tile_probamap, "uint16", None),
+}
+
+
+def _check_chunks(cfg, tile: str, seed: int, windows: list[Window], fingerprints: dict[int, str]) -> list[dict]:
+    """Return the chunk manifests, refusing missing, stale or misplaced chunks."""
+    out = cfg.chain.output_path
+    manifests = []
+    for k, window in enumerate(windows):
+        task = task_id(tile, k, seed)
+        m = manifest.read_manifest(out, "inference", task)
+        if m is None or not all(storage.exists(u) for u in m["outputs"]):
+            raise BadInputError(f"chunk {k} of tile {tile!r} (seed {seed}) has not been classified: run `sitsflow infer --tile {tile} --chunk {k} --seed {seed}`")
+        if m["window"] != window_tuple(window):
+            raise BadInputError(f"chunk {k} of tile {tile!r} covers window {m['window']}, but the plan says {window_tuple(window)}: rerun inference")
+        stale = {r: fp for r, fp in fingerprints.items() if m["models"].get(str(r)) != fp}
+        if stale:
+            raise BadInputError(
+                f"stale chunk {k} of tile {tile!r} (seed {seed}): it was made by model(s) "
+                f"{ {r: m['models'].get(str(r), 'none')[:12] for r in stale} }, the selected model(s) are "
+                f"{ {r: fp[:12] for r, fp in stale.items()} }: rerun inference for this chunk"
+            )
+        manifests.append(m)
+    return manifests
+
+
+def _assemble(chunk_uris: list[str], windows: list[Window], dst_uri: str, fingerprint: str) -> None:
+    """Write a tile raster from its chunks, window by window (memory: one chunk at a time)."""
+    with storage.rasterio_env():
+        with rasterio.open(storage.rasterio_path(chunk_uris[0])) as first:
+            profile = first.profile.copy()
+            descriptions = first.descriptions
+        transform0 = first.transform
+        width = max(int(w.col_off + w.width) for w in windows)
+        height = max(int(w.row_off + w.height) for w in windows)
+        # the chunk's transform is the tile's, shifted by its window: recover the tile origin
+        origin = transform0 @ (-windows[0].col_off, -windows[0].row_off)
+        transform = rasterio.Affine(transform0.a, transform0.b, origin[0], transform0.d, transform0.e, origin[1])
+        profile.update(width=width, height=height, transform=transform, driver="GTiff", compress="deflate")
+        if width >= 256 and height >= 256:
+            profile.update(tiled=True, blockxsize=256, blockysize=256)
+        else:
+            profile.pop("blockxsize", None)
+            profile.pop("blockysize", None)
+            profile["tiled"] = False
+        with storage.output_path(dst_uri, suffix=".tif") as tmp:
+            with rasterio.open(tmp, "w", **profile) as dst:
+                for uri, window in zip(chunk_uris, windows):
+                    with rasterio.open(storage.rasterio_path(uri)) as src:
+                        if src.tags().get("SITSFLOW_WINDOW") != json.dumps(window_tuple(window)):
+                            raise BadInputError(f"{uri} does not cover the planned window {window_tuple(window)}")
+                        if fingerprint and src.tags().get("SITSFLOW_MODEL_FINGERPRINT") != fingerprint:
+                            raise BadInputError(f"stale chunk {uri}: its model fingerprint differs from the selected model's")
+                        dst.write(src.read(), window=window)
+                for i, d in enumerate(descriptions, 1):
+                    if d:
+                        dst.set_band_description(i, d)
+                if fingerprint:
+                    dst.update_tags(SITSFLOW_MODEL_FINGERPRINT=fingerprint)
+
+
+def _to_cog(src_paths: list[str], dst_uri: str, *, dtype: str, nodata, scale: float = 1.0,
+            method: str = "first", colormap: dict | None = None) -> None:
+    """Mosaic ``src_paths`` (rasterio paths), optionally rescale, and publish a COG at ``dst_uri``."""
+    with storage.rasterio_env():
+        sources = [rasterio.open(p) for p in src_paths]
+        try:
+            if len(sources) == 1:
+                data = sources[0].read()
+                transform = sources[0].transform
+            else:
+                data, transform = rio_merge(sources, nodata=nodata if nodata is not None else 0, method=method)
+            crs = sources[0].crs
+            descriptions = sources[0].descriptions
+        finally:
+            for s in sources:
+                s.close()
+    if scale != 1.0:
+        data = np.rint(data.astype(np.float64) * scale)
+    data = data.astype(dtype)
+    profile = {"driver": "GTiff", "dtype": dtype, "count": data.shape[0], "width": data.shape[2],
+               "height": data.shape[1], "crs": crs, "transform": transform, "nodata": nodata}
+    with tempfile.TemporaryDirectory(prefix="sitsflow-cog-") as tmpdir:
+        plain = str(Path(tmpdir) / "plain.tif")
+        with rasterio.open(plain, "w", **profile) as dst:
+            dst.write(data)
+            for i, d in enumerate(descriptions, 1):
+                if d:
+                    dst.set_band_description(i, d)
+            if colormap:
+                dst.write_colormap(1, colormap)
+        with storage.output_path(dst_uri, suffix=".tif") as tmp:
+            rasterio.shutil.copy(plain, str(tmp), driver="COG", compress="DEFLATE",
+                                 overview_resampling="nearest", blocksize=256)
+
+
+def _default_colors(codes: list[int]) -> dict[int, tuple[int, int, int]]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return {c: tuple(int(255 * v) for v in cmap(i % 20)[:3]) for i, c in enumerate(sorted(codes))}
+
+
+def _quicklook(classif_uri: str, dst_uri: str, colors: dict, names: dict, seed: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    with storage.rasterio_env(), rasterio.open(storage.rasterio_path(classif_uri)) as src:
+        step = max(1, max(src.width, src.height) // 2000)
+        data = src.read(1, out_shape=(max(1, src.height // step), max(1, src.width // step)), resampling=rasterio.enums.Resampling.nearest)
+    codes = sorted(int(c) for c in np.unique(data) if c != 0)
+    lut = np.zeros(int(data.max()) + 1, np.int64)
+    palette = [(1.0, 1.0, 1.0)]
+    for i, c in enumerate(codes, 1):
+        lut[c] = i
+        palette.append(tuple(v / 255 for v in colors.get(c, (0, 0, 0))))
+    fig, ax = plt.subplots(figsize=(8, 7))
+    ax.imshow(lut[data], cmap=ListedColormap(palette), vmin=0, vmax=len(palette) - 1, interpolation="nearest")
+    ax.set_title(f"Classification, seed {seed}")
+    ax.set_axis_off()
+    handles = [Patch(color=palette[i], label=f"{c} {names.get(c, '')}".strip()) for i, c in enumerate(codes, 1)]
+    handles.append(Patch(facecolor="white", edgecolor="black", label="0 no data"))
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="Classes")
+    fig.tight_layout()
+    with storage.output_path(dst_uri, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg) -> dict:
+    """Run the merging stage; return its JSON summary (``skipped`` when already done)."""
+    out = cfg.chain.output_path
+    runs = cfg.arg_train.runs
+    regions = sampled_regions(cfg)
+    prob = cfg.arg_classification.enable_probability_map
+    models = {(r, s): load_selected(cfg, r, s)[1] for r in regions for s in range(runs)}
+    plans = {tile: tile_chunks(cfg, tile) for tile in cfg.chain.tiles}
+    chunk_fps = {}
+    for tile, windows in plans.items():
+        for seed in range(runs):
+            fps = {r: models[(r, seed)]["fingerprint"] for r in regions}
+            chunk_fps[(tile, seed)] = [m["fingerprint"] for m in _check_chunks(cfg, tile, seed, windows, fps)]
+    fp = manifest.fingerprint(
+        STAGE,
+        {f"{t}/{s}": v for (t, s), v in chunk_fps.items()},
+        cfg.section_dict("arg_classification"),
+        cfg.chain.nomenclature_path and storage.stat(cfg.chain.nomenclature_path),
+        cfg.chain.color_table and storage.stat(cfg.chain.color_table),
+    )
+    previous = manifest.done(out, STAGE, "all", fp)
+    if previous:
+        log.info("merging: outputs are up to date")
+        return previous["summary"] | {"skipped": True}
+
+    outputs: list[str] = []
+    kinds = ["classif", "confidence"] + (["probamap"] if prob else [])
+    for tile, windows in plans.items():
+        for seed in range(runs):
+            for region in regions:
+                model_fp = models[(region, seed)]["fingerprint"]
+                for kind in kinds:
+                    chunk_fn, tile_fn, _, _ = _KINDS[kind]
+                    chunks = [chunk_fn(out, tile, region, seed, k) for k in range(len(windows))]
+                    dst = tile_fn(out, tile, region, seed)
+                    _assemble(chunks, windows, dst, model_fp)
+                    outputs.append(dst)
+        dst = layout.tile_validity(out, tile)
+        _assemble([layout.chunk_validity(out, tile, k) for k in range(len(windows))], windows, dst, "")
+        outputs.append(dst)
+
+    names: dict[int, str] = read_nomenclature(cfg.chain.nomenclature_path)
+    all_codes = sorted({int(c) for d in models.values() for c in d["classes"]})
+    for d in models.values():
+        for c, n in zip(d["classes"], d.get("class_names", [])):
+            names.setdefault(int(c), n)
+    colors = read_color_table(cfg.chain.color_table) or _default_colors(all_codes)
+
+    def paths(fn, seed):
+        return [storage.rasterio_path(fn(out, t, r, seed)) for t in plans for r in regions]
+
+    for seed in range(runs):
+        _to_cog(paths(layout.tile_classif, seed), layout.final_classif(out, seed), dtype="uint16", nodata=0)
+        color_dtype = "uint8" if max(all_codes) <= 255 else "uint16"
+        _to_cog(paths(layout.tile_classif, seed), layout.final_classif_color(out, seed), dtype=color_dtype, nodata=0,
+                colormap={0: (255, 255, 255, 255)} | {c: (*colors.get(c, (0, 0, 0)), 255) for c in all_codes})
+        _to_cog(paths(layout.tile_confidence, seed), layout.final_confidence(out, seed), dtype="uint8", nodata=None, scale=100.0)
+        outputs += [layout.final_classif(out, seed), layout.final_classif_color(out, seed), layout.final_confidence(out, seed)]
+        if cfg.arg_classification.generate_final_probability_map:
+            _to_cog(paths(layout.tile_probamap, seed), layout.final_probamap(out, seed), dtype="uint16", nodata=None)
+            outputs.append(layout.final_probamap(out, seed))
+        _quicklook(layout.final_classif(out, seed), layout.final_quicklook(out, seed), colors, names, seed)
+        outputs.append(layout.final_quicklook(out, seed))
+    _to_cog([storage.rasterio_path(layout.tile_validity(out, t)) for t in plans], layout.final_validity(out),
+            dtype="int16", nodata=None, method="max")
+    outputs.append(layout.final_validity(out))
+
+    # validation on the test polygons (never used in training)
+    per_seed = []
+    for seed in range(runs):
+        labels, preds = [], []
+        for region in regions:
+            samples, meta = read_samples(layout.samples_test(out, region, seed))
+            for tile_index, tile in enumerate(meta["tiles"]):
+                sel = samples.tile == tile_index
+                if not sel.any():
+                    continue
+                with storage.rasterio_env(), rasterio.open(storage.rasterio_path(layout.tile_classif(out, tile, region, seed))) as src:
+                    rows, cols = samples.row[sel], samples.col[sel]
+                    win = Window(int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1))
+                    data = src.read(1, window=win)
+                labels.append(samples.label[sel])
+                preds.append(data[rows - int(win.row_off), cols - int(win.col_off)])
+        if not labels:
+            raise BadInputError("no test sample: the test set is empty (every class has a single polygon?); cannot validate")
+        per_seed.append(evaluate(np.concatenate(labels), np.concatenate(preds), names))
+    write_reports(per_seed, layout.final_results(out), layout.final_results_json(out))
+    outputs += [layout.final_results(out), layout.final_results_json(out)]
+    summary = {
+        "stage": STAGE,
+        "tiles": list(plans),
+        "seeds": list(range(runs)),
+        "overall_accuracy": [round(r["overall_accuracy"], 4) for r in per_seed],
+        "kappa": [round(r["kappa"], 4) for r in per_seed],
+        "outputs": len(outputs),
+    }
+    manifest.write_manifest(out, STAGE, "all", fp, outputs, {"summary": summary})
+    return summary | {"skipped": False}

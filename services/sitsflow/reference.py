@@ -1,0 +1,206 @@
+"""Reference data: labelled polygons, regions, the nomenclature and the colour table."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import shapely
+from rasterio.features import rasterize
+from rasterio.warp import transform_geom
+
+from sitsflow import storage
+from sitsflow.errors import BadInputError
+from sitsflow.features import Grid
+from sitsflow.log import get_logger
+
+log = get_logger(__name__)
+
+_SIDECARS = (".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx")
+
+
+@contextlib.contextmanager
+def local_vector(uri: str) -> Iterator[str]:
+    """A local copy of a vector file (with a Shapefile's sidecar files) for OGR to read."""
+    if not storage.is_s3(uri):
+        if not storage.exists(uri):
+            raise BadInputError(f"vector file {uri} does not exist")
+        yield uri
+        return
+    with tempfile.TemporaryDirectory(prefix="sitsflow-vector-") as tmp:
+        name = uri.rsplit("/", 1)[-1]
+        storage.copy(uri, str(Path(tmp) / name))
+        if name.lower().endswith(".shp"):
+            stem = uri[: -len(".shp")]
+            for ext in _SIDECARS:
+                for candidate in (stem + ext, stem + ext.upper()):
+                    if storage.exists(candidate):
+                        storage.copy(candidate, str(Path(tmp) / (name[:-4] + ext)))
+        yield str(Path(tmp) / name)
+
+
+@dataclass
+class Polygons:
+    """Polygons in the tile's CRS.
+
+    Attributes:
+        ids: int64 (n,) polygon ids (the feature's position in the file, 0-based: stable).
+        values: int64 (n,) the value of the attribute field (class or region).
+        geoms: shapely geometries (n,), valid, in the target CRS.
+    """
+
+    ids: np.ndarray
+    values: np.ndarray
+    geoms: np.ndarray
+
+
+def read_polygons(uri: str, field: str, key: str, *, crs) -> tuple[Polygons, dict]:
+    """Read polygons with an integer attribute ``field`` and reproject them to ``crs``.
+
+    Polygons whose value is null or 0 have no class: they are excluded and counted.
+    Invalid geometries are repaired (``shapely.make_valid``) and counted; empty ones are dropped.
+
+    Args:
+        uri: local path or s3:// URI of a GeoPackage, Shapefile or GeoJSON.
+        field: the attribute holding integer values.
+        key: the configuration key naming the file (for messages).
+        crs: the CRS of the tile grid (rasterio CRS).
+
+    Returns:
+        The polygons and a report dict (counts of excluded, repaired, dropped polygons).
+    """
+    with local_vector(uri) as path:
+        try:
+            info = pyogrio.read_info(path)
+        except Exception as exc:  # pyogrio raises DataSourceError and others
+            raise BadInputError(f"{key}: cannot read vector file {uri}: {exc}") from None
+        fields = [str(f) for f in info["fields"]]
+        if field not in fields:
+            raise BadInputError(f"{key}: {uri} has no field {field!r}; its fields are {fields}")
+        meta, _, wkb, columns = pyogrio.raw.read(path, columns=[field])
+    raw = columns[0]
+    src_crs = meta.get("crs")
+    n = len(wkb)
+    values = np.zeros(n, np.int64)
+    excluded = []
+    for i, v in enumerate(raw):
+        if v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip()):
+            excluded.append(i)
+            continue
+        try:
+            fv = float(v)
+        except (TypeError, ValueError):
+            raise BadInputError(
+                f"{key}: polygon {i} of {uri} has {field}={v!r}; class and region values must be integers"
+            ) from None
+        if fv != int(fv):
+            raise BadInputError(f"{key}: polygon {i} of {uri} has {field}={v!r}; values must be integers")
+        values[i] = int(fv)
+        if values[i] == 0:
+            excluded.append(i)
+        elif values[i] < 0:
+            raise BadInputError(f"{key}: polygon {i} of {uri} has {field}={v!r}; values must be positive (0 = no class)")
+    geoms = shapely.from_wkb(wkb)
+    keep = np.ones(n, bool)
+    keep[excluded] = False
+    missing = np.array([g is None for g in geoms])
+    keep &= ~missing
+    invalid = keep & ~np.array([g is not None and g.is_valid for g in geoms])
+    repaired = int(invalid.sum())
+    for i in np.nonzero(invalid)[0]:
+        geoms[i] = shapely.make_valid(geoms[i])
+    if src_crs and crs is not None and str(src_crs) != "" :
+        from rasterio.crs import CRS
+
+        src = CRS.from_user_input(src_crs)
+        if src != crs:
+            for i in np.nonzero(keep)[0]:
+                geoms[i] = shapely.geometry.shape(transform_geom(src, crs, shapely.geometry.mapping(geoms[i])))
+    empty = keep & np.array([g is None or g.is_empty for g in geoms])
+    keep &= ~empty
+    report = {
+        "polygons": n,
+        "without_class": len(excluded),
+        "repaired": repaired,
+        "dropped_empty": int(empty.sum() + missing.sum()),
+    }
+    if excluded:
+        log.info("%s: %d of %d polygons have no %s (null or 0) and are excluded", uri, len(excluded), n, field)
+    if repaired:
+        log.warning("%s: %d invalid geometries were repaired", uri, repaired)
+    ids = np.nonzero(keep)[0].astype(np.int64)
+    return Polygons(ids=ids, values=values[keep], geoms=np.asarray(geoms, dtype=object)[keep]), report
+
+
+def rasterize_ids(polygons: Polygons, grid: Grid) -> np.ndarray:
+    """Burn ``polygon id + 1`` on the grid (0 = no polygon); pixel centres decide membership.
+
+    Returns:
+        int64 (height, width).
+    """
+    if len(polygons.ids) == 0:
+        return np.zeros((grid.height, grid.width), np.int64)
+    shapes = ((g, int(i) + 1) for g, i in zip(polygons.geoms, polygons.ids))
+    return rasterize(
+        shapes, out_shape=(grid.height, grid.width), transform=grid.transform, fill=0, dtype="int64"
+    )
+
+
+def rasterize_values(polygons: Polygons, grid: Grid) -> np.ndarray:
+    """Burn the polygons' values on the grid (0 outside every polygon). int64 (height, width)."""
+    if len(polygons.ids) == 0:
+        return np.zeros((grid.height, grid.width), np.int64)
+    shapes = ((g, int(v)) for g, v in zip(polygons.geoms, polygons.values))
+    return rasterize(shapes, out_shape=(grid.height, grid.width), transform=grid.transform, fill=0, dtype="int64")
+
+
+_LINE = re.compile(r"^\s*(.*?)\s*:\s*(.*?)\s*$")
+
+
+def read_nomenclature(uri: str | None) -> dict[int, str]:
+    """Read class names: one ``name:code`` line per class (iota2's format; ``code:name`` also works).
+
+    Returns {} when ``uri`` is None.
+    """
+    if uri is None:
+        return {}
+    names: dict[int, str] = {}
+    for lineno, line in enumerate(storage.read_text(uri).splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _LINE.match(line)
+        if not match:
+            raise BadInputError(f"chain.nomenclature_path: {uri}:{lineno}: expected 'name:code', got {line!r}")
+        left, right = match.groups()
+        if right.lstrip("-").isdigit():
+            names[int(right)] = left
+        elif left.lstrip("-").isdigit():
+            names[int(left)] = right
+        else:
+            raise BadInputError(f"chain.nomenclature_path: {uri}:{lineno}: no integer class code in {line!r}")
+    return names
+
+
+def read_color_table(uri: str | None) -> dict[int, tuple[int, int, int]]:
+    """Read a colour table: one ``code R G B`` line per class (iota2's format). {} when None."""
+    if uri is None:
+        return {}
+    colors: dict[int, tuple[int, int, int]] = {}
+    for lineno, line in enumerate(storage.read_text(uri).splitlines(), 1):
+        parts = line.replace(",", " ").replace(":", " ").split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        try:
+            code, r, g, b = (int(p) for p in parts[:4])
+        except ValueError:
+            raise BadInputError(f"chain.color_table: {uri}:{lineno}: expected 'code R G B', got {line!r}") from None
+        if not all(0 <= c <= 255 for c in (r, g, b)):
+            raise BadInputError(f"chain.color_table: {uri}:{lineno}: colour components must be 0..255")
+        colors[code] = (r, g, b)
+    return colors

@@ -1,0 +1,260 @@
+"""Sampling stage: labelled pixels -> polygon-wise splits -> the NetCDF sample databases.
+
+For every tile, the reference polygons (``chain.ground_truth``, class in ``chain.data_field``)
+are burnt window by window on the sensor's grid; only windows holding labelled pixels are read,
+and the shared feature pipeline (:mod:`sitsflow.features`) computes their features. Then, for each
+run ``r`` (seed ``random_seed + r``) and each (region, class), ``max(1, round(n * ratio))`` of the
+polygons go to learning + validation (L+V) and the rest to the test set T; a (region, class) with
+a single polygon goes to both. Outputs, in ``learningSamples/``:
+``Samples_region_R_seedS_learn.nc`` (L+V), ``Samples_region_R_seedS_test.nc`` (T) and
+``split_seedS.csv`` (the set of every polygon, for audits).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+
+import numpy as np
+import shapely
+from rasterio.features import rasterize
+from rasterio.windows import Window, bounds as window_bounds
+from rasterio.windows import transform as window_transform
+
+from sitsflow import layout, manifest, storage
+from sitsflow.errors import BadInputError
+from sitsflow.features import FeaturePipeline
+from sitsflow.log import get_logger
+from sitsflow.reference import Polygons, read_nomenclature, read_polygons
+from sitsflow.sampling.database import SampleSet, write_samples
+
+log = get_logger(__name__)
+
+STAGE = "sampling"
+BLOCK = 512  # window size (pixels) for reading labelled areas: memory does not grow with the tile
+
+
+def _input_stats(uris: list[str | None]) -> list:
+    return [(u, storage.stat(u)) if u and storage.exists(u) else (u, None) for u in uris]
+
+
+def fingerprint(cfg) -> str:
+    """Everything the sample databases depend on."""
+    chain = cfg.chain
+    sensor_files = []
+    for tile in chain.tiles:
+        sensor_files.append(cfg.dated_raster.path.replace("{tile}", tile))
+        if cfg.dated_raster.mask_path:
+            sensor_files.append(cfg.dated_raster.mask_path.replace("{tile}", tile))
+    if isinstance(cfg.dated_raster.dates, str) and cfg.dated_raster.dates != "descriptions":
+        sensor_files.append(cfg.dated_raster.dates)
+    return manifest.fingerprint(
+        STAGE,
+        {
+            "tiles": list(chain.tiles),
+            "ground_truth": chain.ground_truth,
+            "data_field": chain.data_field,
+            "region_path": chain.region_path,
+            "region_field": chain.region_field,
+            "nomenclature_path": chain.nomenclature_path,
+        },
+        cfg.section_dict("dated_raster"),
+        {
+            "runs": cfg.arg_train.runs,
+            "ratio": cfg.arg_train.ratio,
+            "random_seed": cfg.arg_train.random_seed,
+            "features_from_raw_dates": cfg.arg_train.features_from_raw_dates,
+        },
+        _input_stats([chain.ground_truth, chain.region_path, chain.nomenclature_path, *sensor_files]),
+    )
+
+
+def _windows(width: int, height: int, block: int = BLOCK):
+    for row in range(0, height, block):
+        for col in range(0, width, block):
+            yield Window(col, row, min(block, width - col), min(block, height - row))
+
+
+def _burn(polys: Polygons, tree: shapely.STRtree, window: Window, grid, values: np.ndarray) -> np.ndarray:
+    """Burn ``values`` of the polygons intersecting ``window``; 0 elsewhere. int64 (h, w)."""
+    h, w = int(window.height), int(window.width)
+    box = shapely.box(*window_bounds(window, grid.transform))
+    hits = tree.query(box, predicate="intersects")
+    if hits.size == 0:
+        return np.zeros((h, w), np.int64)
+    shapes = ((polys.geoms[i], int(values[i])) for i in hits)
+    return rasterize(shapes, out_shape=(h, w), transform=window_transform(window, grid.transform), fill=0, dtype="int64")
+
+
+def extract(cfg) -> tuple[dict, dict]:
+    """Extract the features of every labelled pixel of every tile.
+
+    Returns:
+        (arrays, meta): arrays holds per-sample ``features`` (n, nb_dates, nb_components) and
+        ``label``, ``polygon_id``, ``region``, ``tile``, ``row``, ``col``; meta holds the feature
+        description and the polygon report.
+    """
+    chain = cfg.chain
+    parts: dict[str, list[np.ndarray]] = defaultdict(list)
+    report: dict = {}
+    description = None
+    for tile_index, tile in enumerate(chain.tiles):
+        pipe = FeaturePipeline(cfg, tile)
+        if description is None:
+            description = pipe.description() | {"feature_names": pipe.feature_names}
+        elif pipe.description() != {k: description[k] for k in pipe.description()}:
+            raise BadInputError(
+                f"tile {tile!r}: its dates or bands differ from the first tile's; every tile must yield the same features"
+            )
+        polys, rep = read_polygons(chain.ground_truth, chain.data_field, "chain.ground_truth", crs=pipe.grid.crs)
+        report[tile] = rep
+        tree = shapely.STRtree(polys.geoms)
+        position = np.arange(len(polys.ids))
+        if chain.region_path:
+            regions, _ = read_polygons(chain.region_path, chain.region_field, "chain.region_path", crs=pipe.grid.crs)
+            region_tree = shapely.STRtree(regions.geoms)
+        for window in _windows(pipe.grid.width, pipe.grid.height):
+            burnt = _burn(polys, tree, window, pipe.grid, position + 1)
+            labelled = burnt > 0
+            if not labelled.any():
+                continue
+            if chain.region_path:
+                region_map = _burn(regions, region_tree, window, pipe.grid, regions.values)
+                labelled &= region_map > 0
+            else:
+                region_map = np.ones(burnt.shape, np.int64)
+            block = pipe.features(window, select=labelled)
+            if not block.rows.size:
+                continue
+            r = block.rows - int(window.row_off)
+            c = block.cols - int(window.col_off)
+            pos = burnt[r, c] - 1
+            parts["features"].append(block.values)
+            parts["label"].append(polys.values[pos].astype(np.int32))
+            parts["polygon_id"].append(polys.ids[pos])
+            parts["region"].append(region_map[r, c].astype(np.int32))
+            parts["tile"].append(np.full(r.size, tile_index, np.int16))
+            parts["row"].append(block.rows)
+            parts["col"].append(block.cols)
+    if not parts:
+        raise BadInputError(
+            f"chain.ground_truth: no labelled pixel with a clear acquisition lies in tiles {list(chain.tiles)} "
+            f"(check the polygons' extent and CRS, and chain.data_field)"
+        )
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    return arrays, {"description": description, "report": report}
+
+
+def _polygon_regions(arrays: dict) -> dict[int, int]:
+    """Each polygon belongs to the region holding most of its pixels (ties: the lowest)."""
+    out: dict[int, int] = {}
+    pids, regions = arrays["polygon_id"], arrays["region"]
+    for pid in np.unique(pids):
+        vals, counts = np.unique(regions[pids == pid], return_counts=True)
+        out[int(pid)] = int(vals[np.argmax(counts)])
+    return out
+
+
+def split_polygons(polygon_class: dict[int, int], polygon_region: dict[int, int], ratio: float, seed: int) -> dict[int, str]:
+    """Polygon-wise split for one seed: ``learn``, ``test`` or ``both`` per polygon id.
+
+    Per (region, class), polygons sorted by id are permuted with ``numpy.random.default_rng(seed)``
+    and ``max(1, round(n * ratio))`` go to L+V; a single polygon goes to both sets.
+    """
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for pid in sorted(polygon_class):
+        groups[(polygon_region[pid], polygon_class[pid])].append(pid)
+    sets: dict[int, str] = {}
+    for key in sorted(groups):
+        ids = groups[key]
+        if len(ids) == 1:
+            sets[ids[0]] = "both"
+            continue
+        perm = rng.permutation(np.asarray(ids))
+        n_learn = max(1, round(len(ids) * ratio))
+        for pid in perm[:n_learn]:
+            sets[int(pid)] = "learn"
+        for pid in perm[n_learn:]:
+            sets[int(pid)] = "test"
+    return sets
+
+
+def _subset(arrays: dict, mask: np.ndarray) -> SampleSet:
+    return SampleSet(**{k: v[mask] for k, v in arrays.items()})
+
+
+def run(cfg) -> dict:
+    """Run the sampling stage; return its JSON summary (``skipped`` when already done)."""
+    out = cfg.chain.output_path
+    fp = fingerprint(cfg)
+    previous = manifest.done(out, STAGE, "all", fp)
+    if previous:
+        log.info("sampling: outputs are up to date (manifest %s)", layout.manifest(out, STAGE, "all"))
+        return previous["summary"] | {"skipped": True}
+    arrays, meta = extract(cfg)
+    desc = meta["description"]
+    class_names = read_nomenclature(cfg.chain.nomenclature_path)
+    polygon_class = {int(p): int(c) for p, c in zip(arrays["polygon_id"], arrays["label"])}
+    polygon_region = _polygon_regions(arrays)
+    # every pixel of a polygon goes to the polygon's region
+    arrays["region"] = np.array([polygon_region[int(p)] for p in arrays["polygon_id"]], np.int32)
+    regions = sorted(set(polygon_region.values()))
+    outputs: list[str] = []
+    counts: dict[str, dict[str, int]] = {}
+    for run_index in range(cfg.arg_train.runs):
+        seed = cfg.arg_train.random_seed + run_index
+        sets = split_polygons(polygon_class, polygon_region, cfg.arg_train.ratio, seed)
+        table = io.StringIO()
+        writer = csv.writer(table)
+        writer.writerow(["polygon_id", "class", "region", "set", "pixels"])
+        pix = defaultdict(int)
+        for p in arrays["polygon_id"]:
+            pix[int(p)] += 1
+        for pid in sorted(sets):
+            writer.writerow([pid, polygon_class[pid], polygon_region[pid], sets[pid], pix[pid]])
+        split_uri = layout.split_table(out, run_index)
+        storage.write_text(split_uri, table.getvalue())
+        outputs.append(split_uri)
+        pset = np.array([sets[int(p)] for p in arrays["polygon_id"]])
+        for region in regions:
+            in_region = arrays["region"] == region
+            learn = in_region & np.isin(pset, ["learn", "both"])
+            test = in_region & np.isin(pset, ["test", "both"])
+            classes = sorted({int(c) for c in arrays["label"][learn]})
+            names = {c: class_names.get(c, str(c)) for c in classes}
+            common = {
+                "dates": desc["dates"],
+                "components": desc["components"],
+                "feature_names": desc["feature_names"],
+                "tiles": list(cfg.chain.tiles),
+                "sensor": desc["sensor"],
+                "classes": classes,
+                "class_names": names,
+            }
+            for kind, mask, uri in (
+                ("learn", learn, layout.samples_learn(out, region, run_index)),
+                ("test", test, layout.samples_test(out, region, run_index)),
+            ):
+                write_samples(
+                    uri,
+                    _subset(arrays, mask),
+                    **common,
+                    attrs={"region": int(region), "seed": int(run_index), "random_seed": int(seed),
+                           "set": kind, "fingerprint": fp},
+                )
+                outputs.append(uri)
+            counts[f"region_{region}_seed_{run_index}"] = {"learn": int(learn.sum()), "test": int(test.sum())}
+            log.info("region %s seed %s: %d L+V samples, %d test samples", region, run_index, learn.sum(), test.sum())
+    summary = {
+        "stage": STAGE,
+        "regions": regions,
+        "seeds": list(range(cfg.arg_train.runs)),
+        "samples": counts,
+        "polygons": meta["report"],
+        "nb_dates": len(desc["dates"]),
+        "components": desc["components"],
+    }
+    manifest.write_manifest(out, STAGE, "all", fp, outputs, {"summary": summary, "regions": regions})
+    return summary | {"skipped": False}

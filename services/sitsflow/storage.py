@@ -1,0 +1,742 @@
+"""One storage layer for local paths and ``s3://bucket/key`` URIs.
+
+Every stage reads and writes through this module, so a run works the same on a laptop (local
+folders) and in a cluster (object storage).
+
+* URIs: local paths (relative or absolute, optionally ``file://``) and ``s3://bucket/key``.
+* S3 access goes through one boto3 client per process (created lazily, thread-safe), configured
+  from the standard AWS environment only: the endpoint from ``AWS_ENDPOINT_URL_S3`` or
+  ``AWS_ENDPOINT_URL`` (an empty value means unset), credentials from the usual chain
+  (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, profiles, web
+  identity), the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default ``us-east-1``), and
+  path-style addressing when a custom endpoint is set.
+* Every S3 and local I/O operation goes through :func:`_retry`: transient failures (connection
+  trouble, throttling, HTTP 5xx) are retried with exponential backoff and jitter. The number of
+  attempts (``SITSFLOW_STORAGE_RETRIES``, default 5) and the base delay in seconds
+  (``SITSFLOW_STORAGE_BACKOFF``, default 0.5) are read from the environment at call time. If the
+  trouble persists, :class:`~sitsflow.errors.TransientError` (exit 75). A missing object is an
+  :class:`~sitsflow.errors.InputNotFoundError`, a missing bucket or denied access a
+  :class:`~sitsflow.errors.BadInputError` (exit 2, never retried).
+* Writes are atomic: a local write goes to a hidden temporary file in the destination folder
+  (``.<name>.tmp-<uuid>``), is fsynced and renamed over the destination; an S3 put is atomic by
+  nature. :func:`list_files` never returns those temporary files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from sitsflow.errors import (
+    BadInputError,
+    ConfigError,
+    InputNotFoundError,
+    SitsflowError,
+    TransientError,
+)
+from sitsflow.log import get_logger
+
+__all__ = [
+    "is_s3",
+    "read_bytes",
+    "read_text",
+    "write_bytes",
+    "write_text",
+    "exists",
+    "list_files",
+    "delete",
+    "stat",
+    "copy",
+    "upload_tree",
+    "local_path",
+    "output_path",
+    "rasterio_path",
+    "rasterio_env",
+    "reset_clients",
+]
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+PathLike = str | os.PathLike[str]
+
+DEFAULT_RETRIES = 5
+DEFAULT_BACKOFF_S = 0.5
+MAX_DELAY_S = 30.0
+DEFAULT_REGION = "us-east-1"
+_MIB = 1024 * 1024
+MULTIPART_THRESHOLD = 8 * _MIB  # objects at least this large are uploaded/copied in parts
+MULTIPART_CHUNKSIZE = 8 * _MIB
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_TEMP_NAME_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}")
+
+# Transient S3 error codes (besides any HTTP 500/502/503/504).
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+     "ServiceUnavailable", "RequestTimeTooSkewed"}
+)
+_TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchVersion"})
+_DENIED_CODES = frozenset(
+    {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+     "ExpiredToken", "InvalidToken", "AllAccessDisabled"}
+)
+# Local OS errors worth retrying (network file systems, busy devices).
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.EIO, errno.ESTALE, errno.ETIMEDOUT}
+)
+
+# Sleep used between attempts (a module attribute so tests can observe the delays).
+_sleep: Callable[[float], None] = time.sleep
+_jitter = random.Random()
+
+
+# --------------------------------------------------------------------------------------------
+# URIs
+# --------------------------------------------------------------------------------------------
+def is_s3(uri: PathLike) -> bool:
+    """True when ``uri`` is an ``s3://`` URI (scheme compared case-insensitively)."""
+    return isinstance(uri, str) and uri[:5].lower() == "s3://"
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``(bucket, key)``; ``key`` may be empty (the bucket root)."""
+    rest = uri[5:]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise BadInputError(f"malformed S3 URI {uri!r}: no bucket; expected s3://bucket/key")
+    return bucket, key
+
+
+def _s3_object(uri: str) -> tuple[str, str]:
+    """``(bucket, key)`` of an S3 URI that must name an object (non-empty key, no trailing /)."""
+    bucket, key = _split_s3(uri)
+    if not key or key.endswith("/"):
+        raise BadInputError(
+            f"S3 URI {uri!r} names no object (empty key or a trailing '/'); "
+            "expected s3://bucket/key"
+        )
+    return bucket, key
+
+
+def _local(uri: PathLike) -> str:
+    """The local path of a local URI (``file://`` stripped); other schemes are refused."""
+    path = os.fspath(uri)
+    match = _SCHEME_RE.match(path)
+    if match:
+        if match.group(1).lower() != "file":
+            raise BadInputError(
+                f"unsupported URI scheme {match.group(1)!r} in {path!r}; allowed: local paths, "
+                "file://PATH and s3://bucket/key"
+            )
+        path = path[len(match.group(0)):]
+    if not path:
+        raise BadInputError(f"empty path in URI {os.fspath(uri)!r}")
+    return path
+
+
+def _s3_uri(bucket: str, key: str) -> str:
+    return f"s3://{bucket}/{key}"
+
+
+def _is_temp_name(name: str) -> bool:
+    return bool(_TEMP_NAME_RE.match(name))
+
+
+def _temp_sibling(path: str, suffix: str = "") -> str:
+    """A hidden temporary path in the folder of ``path``: ``.<name>.tmp-<uuid><suffix>``."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}{suffix}")
+
+
+# --------------------------------------------------------------------------------------------
+# S3 client and environment
+# --------------------------------------------------------------------------------------------
+def _env(name: str) -> str | None:
+    """An environment variable, with an empty value read as unset."""
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def _endpoint_url() -> str | None:
+    """The custom S3 endpoint (``AWS_ENDPOINT_URL_S3`` first, then ``AWS_ENDPOINT_URL``)."""
+    return _env("AWS_ENDPOINT_URL_S3") or _env("AWS_ENDPOINT_URL")
+
+
+def _region() -> str:
+    return _env("AWS_REGION") or _env("AWS_DEFAULT_REGION") or DEFAULT_REGION
+
+
+_client_lock = threading.Lock()
+_clients: dict[tuple[Any, ...], Any] = {}
+
+
+def reset_clients() -> None:
+    """Drop the cached boto3 clients (the next S3 call builds one from the current env)."""
+    with _client_lock:
+        _clients.clear()
+
+
+def _client_key() -> tuple[Any, ...]:
+    # Kept in memory only (never logged): a changed credential or endpoint gets its own client.
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    return (os.getpid(), _endpoint_url(), _region(), *(_env(n) for n in names))
+
+
+def _client() -> Any:
+    """The process's S3 client for the current AWS environment (built lazily, thread-safe)."""
+    key = _client_key()
+    client = _clients.get(key)
+    if client is not None:
+        return client
+    with _client_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            endpoint = _endpoint_url()
+            config = Config(
+                region_name=_region(),
+                retries={"total_max_attempts": 1, "mode": "standard"},  # _retry decides
+                connect_timeout=10,
+                read_timeout=60,
+                max_pool_connections=32,
+                s3={"addressing_style": "path" if endpoint else "auto"},
+                ignore_configured_endpoint_urls=True,  # the endpoint is passed explicitly below
+            )
+            session = boto3.session.Session()  # a fresh session: the default one is not thread-safe
+            client = session.client("s3", endpoint_url=endpoint, config=config)
+            log.debug("S3 client created (endpoint=%s, region=%s)", endpoint or "AWS", _region())
+            _clients[key] = client
+    return client
+
+
+def _transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_CHUNKSIZE,
+        max_concurrency=4,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Retries and error mapping
+# --------------------------------------------------------------------------------------------
+def _retry_settings() -> tuple[int, float]:
+    """``(attempts, base_delay_s)`` from ``SITSFLOW_STORAGE_RETRIES`` / ``_BACKOFF`` (read now)."""
+    raw = os.environ.get("SITSFLOW_STORAGE_RETRIES", "").strip()
+    try:
+        attempts = int(raw) if raw else DEFAULT_RETRIES
+    except ValueError:
+        attempts = 0
+    if attempts < 1:
+        raise ConfigError(
+            f"SITSFLOW_STORAGE_RETRIES={raw!r}: expected an integer >= 1 (total attempts of a "
+            "storage operation)"
+        )
+    raw = os.environ.get("SITSFLOW_STORAGE_BACKOFF", "").strip()
+    try:
+        backoff = float(raw) if raw else DEFAULT_BACKOFF_S
+    except ValueError:
+        backoff = -1.0
+    if not backoff >= 0.0 or backoff == float("inf"):
+        raise ConfigError(
+            f"SITSFLOW_STORAGE_BACKOFF={raw!r}: expected a finite number of seconds >= 0 "
+            "(base delay of the exponential backoff)"
+        )
+    return attempts, backoff
+
+
+def _client_error_info(exc: BaseException) -> tuple[str, int] | None:
+    """``(code, http_status)`` of a botocore ClientError (possibly wrapped), else None."""
+    from botocore.exceptions import ClientError
+
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            return code, status
+        exc = exc.__cause__ or exc.__context__  # boto3 wraps upload errors (S3UploadFailedError)
+        seen += 1
+    return None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from boto3.exceptions import RetriesExceededError
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    transient_types = (
+        EndpointConnectionError,
+        ConnectionClosedError,
+        ReadTimeoutError,
+        ConnectTimeoutError,
+        ResponseStreamingError,
+        RetriesExceededError,
+    )
+    if isinstance(exc, transient_types):
+        return True
+    info = _client_error_info(exc)
+    if info is not None:
+        code, status = info
+        return status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    return False
+
+
+def _missing_bucket(exc: BaseException, uri: str) -> str:
+    """The bucket a NoSuchBucket error is about: from the response, else the first in ``uri``."""
+    while exc is not None:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("BucketName"):
+            return str(response["Error"]["BucketName"])
+        exc = exc.__cause__ or exc.__context__
+    match = re.search(r"s3://([^/\s]+)", uri)
+    return match.group(1) if match else uri
+
+
+def _permanent_error(exc: BaseException, op: str, uri: str) -> BaseException | None:
+    """The sitsflow error a permanent failure maps to, or None to let it through unchanged."""
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    if isinstance(exc, SitsflowError):
+        return exc
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return BadInputError(
+            f"{op} {uri}: no usable AWS credentials (set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, a profile or a role)"
+        )
+    info = _client_error_info(exc)
+    if info is not None:
+        code, status = info
+        if code == "NoSuchBucket":
+            bucket = _missing_bucket(exc, uri)
+            return BadInputError(f"{op} {uri}: bucket {bucket!r} does not exist")
+        if code in _NOT_FOUND_CODES or status == 404:
+            return InputNotFoundError(f"{op} {uri}: no such object")
+        if code in _DENIED_CODES or status == 403:
+            return BadInputError(f"{op} {uri}: access denied ({code or status}); check the "
+                                 "credentials and the bucket policy")
+        return BadInputError(f"{op} {uri}: S3 refused the request ({code or status}: {exc})")
+    if isinstance(exc, FileNotFoundError):
+        return InputNotFoundError(f"{op} {uri}: no such file or folder ({exc.filename or uri})")
+    if isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return BadInputError(f"{op} {uri}: {exc.strerror or exc} ({exc.filename or uri})")
+    return None
+
+
+def _retry(op: str, uri: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` (one storage operation on ``uri``), retrying transient failures.
+
+    Attempts and base delay come from ``SITSFLOW_STORAGE_RETRIES`` and
+    ``SITSFLOW_STORAGE_BACKOFF``; attempt ``n`` (1-based) that fails transiently waits
+    ``min(30, base * 2**(n-1)) * U(0.5, 1)`` seconds. Persistent trouble raises
+    :class:`TransientError`; permanent failures are mapped to exit-2 errors at once.
+    """
+    attempts, base = _retry_settings()
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below, re-raised otherwise
+            if isinstance(exc, SitsflowError):
+                raise
+            if not _is_transient(exc):
+                mapped = _permanent_error(exc, op, uri)
+                if mapped is None:
+                    raise
+                raise mapped from exc
+            what = f"{type(exc).__name__}: {exc}"
+            if attempt >= attempts:
+                raise TransientError(
+                    f"{op} {uri}: failed after {attempts} attempt(s), last error {what}"
+                ) from exc
+            delay = min(MAX_DELAY_S, base * 2 ** (attempt - 1)) * _jitter.uniform(0.5, 1.0)
+            log.warning("%s %s failed (%s); attempt %d/%d, retrying in %.2f s",
+                        op, uri, what, attempt, attempts, delay)
+            _sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# Local helpers (each called inside _retry)
+# --------------------------------------------------------------------------------------------
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _publish_local(tmp: str, path: str) -> None:
+    """fsync ``tmp`` and rename it over ``path`` (same folder), then fsync the folder."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _atomic_local_write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        _publish_local(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _atomic_local_copy(src: str, dst: str) -> None:
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    tmp = _temp_sibling(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        _publish_local(tmp, dst)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def read_bytes(uri: PathLike) -> bytes:
+    """The whole content of ``uri``; :class:`InputNotFoundError` (exit 2) when missing."""
+    if is_s3(uri):
+        bucket, key = _s3_object(uri)
+
+        def get() -> bytes:
+            body = _client().get_object(Bucket=bucket, Key=key)["Body"]
+            try:
+                return body.read()
+            finally:
+                body.close()
+
+        return _retry("read", uri, get)
+    path = _local(uri)
+
+    def read() -> bytes:
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    return _retry("read", str(uri), read)
+
+
+def read_text(uri: PathLike) -> str:
+    """The content of ``uri`` decoded as UTF-8 (BadInputError if it is not UTF-8)."""
+    data = read_bytes(uri)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"read {uri}: not UTF-8 text ({exc})") from exc
+
+
+def write_bytes(uri: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically (never a half-written object); parents created."""
+    data = bytes(data)
+    if is_s3(uri):
+        bucket, key = _s3_object(uri)
+        _retry("write", uri, lambda: _client().put_object(Bucket=bucket, Key=key, Body=data))
+        return
+    path = _local(uri)
+    _retry("write", str(uri), lambda: _atomic_local_write(path, data))
+
+
+def write_text(uri: PathLike, text: str) -> None:
+    """Write ``text`` as UTF-8 to ``uri`` atomically."""
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def exists(uri: PathLike) -> bool:
+    """True when ``uri`` names an existing file/object (a local folder is not a file)."""
+    if is_s3(uri):
+        bucket, key = _s3_object(uri)
+
+        def head() -> bool:
+            from botocore.exceptions import ClientError
+
+            try:
+                _client().head_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                info = _client_error_info(exc)
+                if info and (info[1] == 404 or info[0] in _NOT_FOUND_CODES):
+                    return False
+                raise
+            return True
+
+        return _retry("exists", uri, head)
+    path = _local(uri)
+    return _retry("exists", str(uri), lambda: os.path.isfile(path))
+
+
+def list_files(prefix: PathLike) -> list[str]:
+    """Every file under the folder ``prefix``, recursively, as full URIs, sorted.
+
+    ``prefix`` is a folder: ``s3://b/out`` lists ``s3://b/out/...`` (not ``s3://b/out2/...``);
+    ``s3://b`` lists the whole bucket. Local results are built on the given prefix (a relative
+    prefix gives relative paths). A missing folder lists as ``[]``; temporary files of
+    in-flight atomic writes are never returned.
+    """
+    if is_s3(prefix):
+        bucket, key = _split_s3(prefix)
+        key_prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+
+        def listing() -> list[str]:
+            out: list[str] = []
+            pages = _client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=key_prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    name = obj["Key"].rsplit("/", 1)[-1]
+                    if name and not _is_temp_name(name):
+                        out.append(_s3_uri(bucket, obj["Key"]))
+            return sorted(out)
+
+        return _retry("list", prefix, listing)
+    root = _local(prefix)
+
+    def walk() -> list[str]:
+        out: list[str] = []
+        if not os.path.isdir(root):
+            return out
+        for folder, _dirs, files in os.walk(root):
+            out.extend(os.path.join(folder, name) for name in files if not _is_temp_name(name))
+        return sorted(out)
+
+    return _retry("list", str(prefix), walk)
+
+
+def delete(uri: PathLike) -> None:
+    """Delete the file/object ``uri``; deleting what does not exist is not an error."""
+    if is_s3(uri):
+        bucket, key = _s3_object(uri)
+        _retry("delete", uri, lambda: _client().delete_object(Bucket=bucket, Key=key))
+        return
+    path = _local(uri)
+    _retry("delete", str(uri), lambda: _remove_quietly(path))
+
+
+def stat(uri: PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "version": str}``: the local mtime in ns, or the S3 ETag (no quotes)."""
+    if is_s3(uri):
+        bucket, key = _s3_object(uri)
+        head = _retry("stat", uri, lambda: _client().head_object(Bucket=bucket, Key=key))
+        return {"size": int(head["ContentLength"]), "version": str(head["ETag"]).strip('"')}
+    path = _local(uri)
+    st = _retry("stat", str(uri), lambda: os.stat(path))
+    if not os.path.isfile(path):
+        raise BadInputError(f"stat {uri}: not a file")
+    return {"size": int(st.st_size), "version": str(st.st_mtime_ns)}
+
+
+def copy(src_uri: PathLike, dst_uri: PathLike) -> None:
+    """Copy one file/object, any direction local/S3, atomically at the destination."""
+    src, dst = os.fspath(src_uri), os.fspath(dst_uri)
+    if is_s3(src) and is_s3(dst):
+        sb, sk = _s3_object(src)
+        db, dk = _s3_object(dst)
+        _retry(
+            "copy", f"{src} -> {dst}",
+            lambda: _client().copy({"Bucket": sb, "Key": sk}, db, dk, Config=_transfer_config()),
+        )
+    elif is_s3(dst):
+        path = _local(src)
+        if not os.path.isfile(path):
+            raise InputNotFoundError(f"copy {src} -> {dst}: source {src!r} is not a file")
+        db, dk = _s3_object(dst)
+        _retry("copy", f"{src} -> {dst}",
+               lambda: _client().upload_file(path, db, dk, Config=_transfer_config()))
+    elif is_s3(src):
+        sb, sk = _s3_object(src)
+        path = _local(dst)
+
+        def download() -> None:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tmp = _temp_sibling(path)
+            try:
+                _client().download_file(sb, sk, tmp, Config=_transfer_config())
+                _publish_local(tmp, path)
+            except BaseException:
+                _remove_quietly(tmp)
+                raise
+
+        _retry("copy", f"{src} -> {dst}", download)
+    else:
+        s, d = _local(src), _local(dst)
+        if not os.path.isfile(s):
+            raise InputNotFoundError(f"copy {src} -> {dst}: source {src!r} is not a file")
+        _retry("copy", f"{src} -> {dst}", lambda: _atomic_local_copy(s, d))
+
+
+def upload_tree(local_dir: PathLike, uri_prefix: PathLike) -> list[str]:
+    """Copy every file under the local folder ``local_dir`` to ``uri_prefix/<relative path>``.
+
+    Works towards S3 or another local folder; returns the destination URIs, sorted.
+    """
+    src = os.fspath(local_dir)
+    if is_s3(src):
+        raise BadInputError(f"upload_tree: the source {src!r} must be a local folder")
+    root = _local(src)
+    if not os.path.isdir(root):
+        raise InputNotFoundError(f"upload_tree: local folder {src!r} does not exist")
+    base = os.fspath(uri_prefix).rstrip("/")
+    out: list[str] = []
+    for path in list_files(root):
+        rel = os.path.relpath(path, root).replace(os.sep, "/")
+        dst = f"{base}/{rel}"
+        copy(path, dst)
+        out.append(dst)
+    return sorted(out)
+
+
+@contextlib.contextmanager
+def local_path(uri: PathLike) -> Iterator[str]:
+    """A local file holding ``uri``'s content, for readers that need a path.
+
+    Local: the path itself (InputNotFoundError if missing). S3: the object downloaded to a
+    temporary file (same base name), removed when the context exits.
+    """
+    if not is_s3(uri):
+        path = _local(uri)
+        if not _retry("open", str(uri), lambda: os.path.exists(path)):
+            raise InputNotFoundError(f"open {uri}: no such file")
+        yield path
+        return
+    bucket, key = _s3_object(uri)
+    folder = tempfile.mkdtemp(prefix="sitsflow-in-")
+    try:
+        path = os.path.join(folder, key.rsplit("/", 1)[-1])
+
+        def download() -> None:
+            _client().download_file(bucket, key, path, Config=_transfer_config())
+
+        _retry("download", uri, download)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def output_path(uri: PathLike, suffix: str = "") -> Iterator[str]:
+    """A local temporary path to write; published atomically to ``uri`` on a clean exit.
+
+    The yielded path does not exist yet and ends with ``suffix`` (give the extension a writer
+    needs, e.g. ``".tif"``). Local: a hidden temp file in the destination folder, fsynced and
+    renamed over ``uri``. S3: a file in a private temp folder, uploaded (multipart when large)
+    and then removed. If the with-block raises, nothing is published and the temp file is
+    removed. A clean exit without the file having been written is an error.
+    """
+    if is_s3(uri):
+        bucket, key = _s3_object(uri)
+        folder = tempfile.mkdtemp(prefix="sitsflow-out-")
+        path = os.path.join(folder, key.rsplit("/", 1)[-1] + suffix)
+        try:
+            yield path
+            if not os.path.isfile(path):
+                raise SitsflowError(f"output_path {uri}: nothing was written to {path}")
+            _retry("upload", uri,
+                   lambda: _client().upload_file(path, bucket, key, Config=_transfer_config()))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    dst = _local(uri)
+    _retry("mkdir", str(uri), lambda: os.makedirs(os.path.dirname(dst) or ".", exist_ok=True))
+    tmp = _temp_sibling(dst, suffix)
+    try:
+        yield tmp
+        if not os.path.isfile(tmp):
+            raise SitsflowError(f"output_path {uri}: nothing was written to {tmp}")
+        _retry("write", str(uri), lambda: _publish_local(tmp, dst))
+    finally:
+        _remove_quietly(tmp)
+
+
+def rasterio_path(uri: PathLike) -> str:
+    """The path GDAL opens: ``/vsis3/bucket/key`` for S3, the local path otherwise."""
+    if is_s3(uri):
+        bucket, key = _s3_object(uri)
+        return f"/vsis3/{bucket}/{key}"
+    return _local(uri)
+
+
+def _gdal_s3_options() -> dict[str, str]:
+    """GDAL config options for a custom S3 endpoint (none for AWS itself)."""
+    options = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    endpoint = _endpoint_url()
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if not parts.netloc:
+            raise ConfigError(f"S3 endpoint {endpoint!r}: expected a URL like http://host:port")
+        options["AWS_S3_ENDPOINT"] = parts.netloc + parts.path.rstrip("/")
+        options["AWS_HTTPS"] = "NO" if parts.scheme.lower() == "http" else "YES"
+        options["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    return options
+
+
+def _aws_configured() -> bool:
+    names = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",
+             "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+             "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_NO_SIGN_REQUEST")
+    return any(_env(n) for n in names)
+
+
+def rasterio_env() -> Any:
+    """A ``rasterio.Env`` with GDAL's S3 settings derived from the AWS environment.
+
+    With a custom endpoint: ``AWS_S3_ENDPOINT=host:port``, ``AWS_HTTPS`` from its scheme,
+    ``AWS_VIRTUAL_HOSTING=FALSE``; always ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` and the
+    credentials and region of the standard AWS chain (passed through a rasterio ``AWSSession``,
+    as rasterio requires). Without any AWS setting it is a plain ``rasterio.Env()``.
+    """
+    import rasterio
+    from rasterio.session import AWSSession
+
+    if not _aws_configured():
+        return rasterio.Env()
+    options = _gdal_s3_options()
+    session = AWSSession(
+        aws_access_key_id=_env("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=_env("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=_env("AWS_SESSION_TOKEN"),
+        region_name=_region(),
+        profile_name=None if _env("AWS_ACCESS_KEY_ID") else _env("AWS_PROFILE"),
+        endpoint_url=options.get("AWS_S3_ENDPOINT"),
+    )
+    return rasterio.Env(session=session, **options)

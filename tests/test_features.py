@@ -1,0 +1,126 @@
+"""The shared feature pipeline: dates, masking, same-day merge, gap filling, raw-dates mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rasterio.windows import Window
+
+from sitsflow.config import load_config
+from sitsflow.errors import BadInputError
+from sitsflow.features import FeaturePipeline, from_ordinal, to_ordinal
+
+from synthetic import write_config, write_scene
+
+
+@pytest.fixture()
+def scene(tmp_path):
+    info = write_scene(tmp_path, nb_dates=12, width=24, height=12, polygons_per_class=2)
+    return tmp_path, info
+
+
+def _pipeline(folder, **kw):
+    cfg = load_config(str(write_config(folder, **kw)))
+    return FeaturePipeline(cfg, "T1")
+
+
+def test_dates_and_feature_names(scene):
+    folder, info = scene
+    pipe = _pipeline(folder)
+    assert pipe.raw_dates == info["dates"]
+    assert len(pipe.unique_dates) == len(info["dates"]) - 1  # the duplicated day is merged
+    # regular 8-day grid from the first to the last acquisition
+    first, last = to_ordinal(info["dates"][0]), to_ordinal(info["dates"][-1])
+    assert pipe.dates == [from_ordinal(o) for o in range(first, last + 1, 8)]
+    assert pipe.feature_names[:3] == [f"synth_red_{pipe.dates[0]}", f"synth_nir_{pipe.dates[0]}", f"synth_red_{pipe.dates[1]}"]
+    assert len(pipe.feature_names) == 2 * len(pipe.dates)
+
+
+def test_start_end_dates_restrict_the_series(scene):
+    folder, info = scene
+    d = info["dates"]
+    pipe = _pipeline(folder, sensor_extra=f"start_date : '{d[4]}'\n  end_date : '{d[9]}'")
+    assert pipe.raw_dates == d[4:10]
+    assert pipe.dates[0] == d[4] and pipe.dates[-1] <= d[9]
+
+
+def test_gapfill_interpolates_linearly_over_masked_dates(scene):
+    folder, info = scene
+    pipe = _pipeline(folder)
+    nb_raw = len(pipe.raw_dates)
+    t = np.array([to_ordinal(x) for x in pipe.raw_dates], np.float64)
+    raw = np.stack([t, 2 * t], axis=-1)[None].astype(np.float32)  # value = day ordinal: linear in time
+    valid = np.ones((1, nb_raw), bool)
+    valid[0, 5:8] = False  # a cloudy stretch
+    out = pipe.compute(raw, valid)
+    expected = np.array([to_ordinal(x) for x in pipe.dates], np.float32)
+    np.testing.assert_allclose(out[0, :, 0], expected, rtol=1e-6)
+    np.testing.assert_allclose(out[0, :, 1], 2 * expected, rtol=1e-6)
+
+
+def test_gapfill_holds_nearest_value_outside_the_observed_range(scene):
+    folder, _ = scene
+    pipe = _pipeline(folder)
+    nb_raw = len(pipe.raw_dates)
+    raw = np.arange(nb_raw, dtype=np.float32)[None, :, None].repeat(2, axis=2)
+    valid = np.zeros((1, nb_raw), bool)
+    valid[0, 4] = valid[0, 6] = True
+    out = pipe.compute(raw, valid)
+    assert out[0, 0, 0] == 4.0  # before the first clear date: its value
+    assert out[0, -1, 0] == 6.0  # after the last clear date: its value
+
+
+def test_same_day_acquisitions_are_averaged_over_valid_ones(scene):
+    folder, _ = scene
+    pipe = _pipeline(folder, sensor_extra="")
+    nb_raw = len(pipe.raw_dates)
+    raw = np.zeros((1, nb_raw, 2), np.float32)
+    raw[0, 2] = 1.0
+    raw[0, 3] = 3.0  # same day as index 2
+    valid = np.ones((1, nb_raw), bool)
+    merged, mvalid = pipe._merge_same_day(raw, valid)
+    assert merged.shape[1] == nb_raw - 1 and merged[0, 2, 0] == 2.0
+    valid[0, 3] = False
+    merged, _ = pipe._merge_same_day(raw, valid)
+    assert merged[0, 2, 0] == 1.0
+
+
+def test_raw_dates_mode_keeps_dates_and_masks_with_nan(scene):
+    folder, info = scene
+    cfg = load_config(str(write_config(folder)), ["arg_train.features_from_raw_dates=True"])
+    pipe = FeaturePipeline(cfg, "T1")
+    assert pipe.dates == sorted(set(info["dates"]))
+    block = pipe.features(Window(0, 0, 24, 12))
+    clouds = info["clouds"].astype(bool)
+    # a pixel cloudy on the first date has NaN there
+    r, c = np.argwhere(clouds[0])[0]
+    i = np.nonzero((block.rows == r) & (block.cols == c))[0][0]
+    assert np.isnan(block.values[i, 0]).all()
+    assert block.clear_dates[r, c] == (~clouds[:, r, c]).sum()
+
+
+def test_gapfilled_features_never_see_cloud_values(scene):
+    folder, info = scene
+    pipe = _pipeline(folder)
+    block = pipe.features(Window(0, 0, 24, 12))
+    assert np.isfinite(block.values).all()
+    assert block.values.max() < 1.4  # clouds are 1.5 in the raw data and masked
+    select = np.zeros((12, 24), bool)
+    select[5, 7] = True
+    one = pipe.features(Window(0, 0, 24, 12), select=select)
+    assert one.rows.tolist() == [5] and one.cols.tolist() == [7]
+    np.testing.assert_array_equal(one.values[0], block.values[(block.rows == 5) & (block.cols == 7)][0])
+
+
+def test_wrong_number_of_dates_is_a_clear_error(scene):
+    folder, _ = scene
+    cfg = load_config(str(write_config(folder)), ["dated_raster.dates=['2020-01-01', '2020-02-01']"])
+    with pytest.raises(BadInputError, match="2 dates declared"):
+        FeaturePipeline(cfg, "T1")
+
+
+def test_missing_raster_names_the_tile(scene):
+    folder, _ = scene
+    cfg = load_config(str(write_config(folder)), ["chain.list_tile=T9"])
+    with pytest.raises(BadInputError, match="T9"):
+        FeaturePipeline(cfg, "T9")
