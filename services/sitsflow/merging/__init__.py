@@ -169,7 +169,7 @@ def _quicklook(classif_uri: str, dst_uri: str, colors: dict, names: dict, seed: 
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="Classes")
     fig.tight_layout()
     with storage.output_path(dst_uri, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

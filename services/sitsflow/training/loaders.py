@@ -1,0 +1,171 @@
+"""Batch sources for the two data-loader modes (``full`` and ``stream``).
+
+Both are datasets whose items are whole batches, wrapped in a ``torch.utils.data.DataLoader``
+with ``batch_size=None`` so ``num_workers`` processes can prepare them. The randomness of an epoch
+(the sample permutation in ``full`` mode; the chunk order and the shuffle-buffer seed in ``stream``
+mode) is drawn in the main process from one ``torch.Generator`` before the epoch's iterator is
+created, so results do not depend on which worker prepares which batch, and the generator's state
+is all a checkpoint needs to replay the next epochs exactly.
+
+Batches are ``(x, y)``: x float32 of shape (batch, nb_dates, nb_components), y int64 class indices
+of shape (batch,).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from sitsflow.training.data import FeatureReader
+
+STREAM_BUFFER_BATCHES = 4
+"""Capacity of the stream-mode shuffle buffer, in batches."""
+
+
+class InMemoryBatches(Dataset):
+    """``full`` mode: every selected sample in memory; item ``i`` is batch ``i`` of the current order.
+
+    Args:
+        features: float32 tensor (n, nb_dates, nb_components).
+        targets: int64 tensor (n,).
+        batch_size: samples per batch.
+        drop_single: skip a final batch of exactly one sample (BatchNorm cannot train on it).
+    """
+
+    def __init__(
+        self, features: torch.Tensor, targets: torch.Tensor, batch_size: int, *, drop_single: bool
+    ) -> None:
+        self.features = features
+        self.targets = targets
+        self.batch_size = batch_size
+        self.drop_single = drop_single
+        self.order = torch.arange(features.shape[0])
+
+    def set_order(self, order: torch.Tensor) -> None:
+        """Use ``order`` (a permutation of 0..n-1, shape (n,)) for the next iteration."""
+        self.order = order
+
+    def __len__(self) -> int:
+        n = int(self.features.shape[0])
+        full, rest = divmod(n, self.batch_size)
+        return full + (1 if rest > (1 if self.drop_single else 0) else 0)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        return self.features[idx], self.targets[idx]
+
+
+class StreamBatches(IterableDataset):
+    """``stream`` mode: batch-sized contiguous chunks read from the database, never the whole file.
+
+    The file's rows are cut into chunks of ``batch_size`` contiguous rows. An epoch reads the
+    chunks in a seeded random order (``set_epoch``), keeps the rows of ``mask`` and passes them
+    through a shuffle buffer of ``STREAM_BUFFER_BATCHES`` batches: once full, a random batch is
+    drawn from it, so batch contents change from epoch to epoch while at most
+    ``(STREAM_BUFFER_BATCHES + 1) * batch_size`` rows are held. Without shuffling (validation)
+    chunks are read in file order and yielded as they are (after masking).
+
+    With several workers, worker ``w`` of ``W`` reads chunks ``order[w::W]`` with its own buffer.
+
+    Args:
+        reader: the feature rows, shape (n, nb_dates, nb_components).
+        targets: class index of every row of the file, shape (n,), int64.
+        mask: rows to use, shape (n,), bool.
+        batch_size: rows per chunk and per batch.
+        shuffle: shuffle chunks and rows (training) or not (validation).
+        drop_single: skip a final batch of exactly one sample.
+    """
+
+    def __init__(
+        self,
+        reader: FeatureReader,
+        targets: np.ndarray,
+        mask: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        drop_single: bool,
+    ) -> None:
+        super().__init__()
+        self.reader = reader
+        self.targets = targets
+        self.mask = mask
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_single = drop_single
+        n = int(targets.shape[0])
+        self.nb_chunks = (n + batch_size - 1) // batch_size
+        # only chunks holding at least one selected row are read
+        per_chunk = np.add.reduceat(mask.astype(np.int64), np.arange(0, n, batch_size)) if n else []
+        self.chunks = np.flatnonzero(np.asarray(per_chunk) > 0)
+        self.chunk_order = self.chunks.copy()
+        self.buffer_seed = 0
+        self.max_buffered = 0  # largest number of rows held at once (main-process diagnostics)
+
+    def set_epoch(self, generator: torch.Generator) -> None:
+        """Draw this epoch's chunk order and buffer seed from ``generator`` (when shuffling)."""
+        if not self.shuffle:
+            return
+        perm = torch.randperm(len(self.chunks), generator=generator).numpy()
+        self.chunk_order = self.chunks[perm]
+        self.buffer_seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+    def _emit(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        chunks = self.chunk_order[wid::nw]
+        bs = self.batch_size
+        if not self.shuffle:
+            for c in chunks.tolist():
+                start, stop = c * bs, min(self.reader.n, (c + 1) * bs)
+                keep = self.mask[start:stop]
+                x = self.reader.read(start, stop)[keep]
+                yield self._emit(x, self.targets[start:stop][keep])
+            return
+        rng = np.random.default_rng([self.buffer_seed, wid])
+        capacity = STREAM_BUFFER_BATCHES * bs
+        bx: list[np.ndarray] = []
+        by: list[np.ndarray] = []
+        held = 0
+        for c in chunks.tolist():
+            start, stop = c * bs, min(self.reader.n, (c + 1) * bs)
+            keep = self.mask[start:stop]
+            bx.append(self.reader.read(start, stop)[keep])
+            by.append(self.targets[start:stop][keep])
+            held += int(keep.sum())
+            self.max_buffered = max(self.max_buffered, held)
+            while held >= capacity:
+                x, y = np.concatenate(bx), np.concatenate(by)
+                perm = rng.permutation(held)
+                take, rest = perm[:bs], perm[bs:]
+                yield self._emit(x[take], y[take])
+                bx, by, held = [x[rest]], [y[rest]], held - bs
+        if held:
+            x, y = np.concatenate(bx), np.concatenate(by)
+            perm = rng.permutation(held)
+            for i in range(0, held, bs):
+                take = perm[i : i + bs]
+                if take.size == 1 and self.drop_single:
+                    continue
+                yield self._emit(x[take], y[take])
+
+
+def make_loader(
+    dataset: Dataset, *, num_workers: int, generator: torch.Generator, pin_memory: bool
+) -> DataLoader:
+    """Wrap a batch dataset in a DataLoader (``batch_size=None``: items already are batches)."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

@@ -1,0 +1,546 @@
+"""The training stage: one model per (region, seed, hyperparameter pair).
+
+``run(cfg, region, seed, hyp)`` reads ``learningSamples/Samples_region_R_seedS_learn.nc`` (L+V),
+splits it polygon-wise into learning (80 %) and validation (20 %), trains the network
+``cfg.dl.dl_name`` with Adam and the cross-entropy loss for ``cfg.dl.epochs`` epochs (or until
+early stop) and writes, under ``model/``:
+
+* ``model_R_seed_S_hyp_H.txt``: the network state that was best on validation for
+  ``model_selection_criterion`` (``sitsflow.nn.save_model`` bytes with a JSON description);
+* ``model_R_seed_S_hyp_H_checkpoint.txt``: everything needed to resume after the last completed
+  epoch (rewritten after every epoch; ``torch.save`` of tensors and plain containers only, read
+  back with ``weights_only=True``);
+* ``_loss.png``, ``_confusion_metrics.png`` and ``_history.parquet`` (one row per epoch);
+* last, the manifest ``manifests/training/region_R_seed_S_hyp_H.json``.
+
+Randomness: the learning/validation split is drawn from ``random_seed + seed`` (the same for every
+hyperparameter pair, so candidates are compared on the same validation set); the network's
+initialisation, dropout and batch order from ``SeedSequence([random_seed + seed, hyp])``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sitsflow import layout, manifest, storage
+from sitsflow import nn as sitsnn
+from sitsflow.errors import BadInputError, ConfigError, InputNotFoundError
+from sitsflow.log import get_logger
+from sitsflow.training import plots
+from sitsflow.training.data import (
+    SampleSet,
+    class_weights,
+    open_netcdf,
+    quantile_stats,
+    split_learn_validation,
+)
+from sitsflow.training.early_stop import EarlyStopping
+from sitsflow.training.loaders import InMemoryBatches, StreamBatches, make_loader
+from sitsflow.training.metrics import CRITERIA, scores
+
+log = get_logger(__name__)
+
+STAGE = "training"
+FORMAT_VERSION = 1
+CHECKPOINT_FORMAT = "sitsflow-training-checkpoint/1"
+_KEY = "arg_train.deep_learning_parameters"
+
+EpochHook = Callable[[int, dict[str, float]], None]
+"""Called after each epoch (once its checkpoint is written) with the epoch number and its history row."""
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """The deep-learning parameters of one candidate (one hyperparameter pair)."""
+
+    dl_name: str
+    dl_parameters: dict[str, Any]
+    dl_module: str | None
+    model_selection_criterion: str
+    epochs: int
+    weighted_labels: bool
+    num_workers: int
+    batch_size: int
+    learning_rate: float
+    hyp: int
+    restart_from_checkpoint: bool
+    dataloader_mode: str
+    enable_early_stop: bool
+    epoch_to_trigger: int
+    early_stop_patience: int
+    early_stop_tol: float
+    early_stop_metric: str
+    additional_statistics_percentage: float | None
+    adaptive_lr: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, dl: Any, hyp: int) -> TrainingOptions:
+        """Options of pair ``hyp`` of ``dl.hyperparameter_pairs()`` (ConfigError when out of range)."""
+        pairs = dl.hyperparameter_pairs()
+        if isinstance(hyp, bool) or not 0 <= int(hyp) < len(pairs):
+            raise ConfigError(
+                f"hyperparameter pair {hyp} does not exist: {_KEY}.hyperparameters_solver gives "
+                f"{len(pairs)} pair(s), numbered 0..{len(pairs) - 1}"
+            )
+        batch_size, lr = pairs[int(hyp)]
+        opts = cls(
+            dl_name=dl.dl_name,
+            dl_parameters=dict(dl.dl_parameters),
+            dl_module=dl.dl_module,
+            model_selection_criterion=dl.model_selection_criterion,
+            epochs=int(dl.epochs),
+            weighted_labels=bool(dl.weighted_labels),
+            num_workers=int(dl.num_workers),
+            batch_size=int(batch_size),
+            learning_rate=float(lr),
+            hyp=int(hyp),
+            restart_from_checkpoint=bool(dl.restart_from_checkpoint),
+            dataloader_mode=str(dl.dataloader_mode),
+            enable_early_stop=bool(dl.enable_early_stop),
+            epoch_to_trigger=int(dl.epoch_to_trigger),
+            early_stop_patience=int(dl.early_stop_patience),
+            early_stop_tol=float(dl.early_stop_tol),
+            early_stop_metric=str(dl.early_stop_metric),
+            additional_statistics_percentage=dl.additional_statistics_percentage,
+            adaptive_lr=dict(dl.adaptive_lr),
+        )
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        """Check the values the configuration layer may not have checked (ConfigError)."""
+        if self.model_selection_criterion not in CRITERIA:
+            raise ConfigError(f"{_KEY}.model_selection_criterion: '{self.model_selection_criterion}' "
+                              f"is not one of {list(CRITERIA)}")
+        if self.epochs < 1:
+            raise ConfigError(f"{_KEY}.epochs must be >= 1, got {self.epochs}")
+        if self.num_workers < 0:
+            raise ConfigError(f"{_KEY}.num_workers must be >= 0, got {self.num_workers}")
+        if self.batch_size < 1 or not self.learning_rate > 0:
+            raise ConfigError(f"{_KEY}.hyperparameters_solver: batch_size must be >= 1 and "
+                              f"learning_rate > 0, got ({self.batch_size}, {self.learning_rate})")
+        if self.dataloader_mode not in ("full", "stream"):
+            raise ConfigError(f"{_KEY}.dataloader_mode: '{self.dataloader_mode}' is not 'full' or 'stream'")
+        p = self.additional_statistics_percentage
+        if p is not None and not 0.0 < float(p) <= 1.0:
+            raise ConfigError(f"{_KEY}.additional_statistics_percentage must be in ]0, 1] or None, got {p}")
+        if "mode" in self.adaptive_lr:
+            raise ConfigError(f"{_KEY}.adaptive_lr: 'mode' cannot be set (it is forced to 'min', on the "
+                              "validation loss)")
+        EarlyStopping(self.early_stop_metric, self.early_stop_tol, self.early_stop_patience,
+                      self.epoch_to_trigger)
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        """Everything the trained weights depend on (not ``restart_from_checkpoint``)."""
+        parts = asdict(self)
+        parts.pop("restart_from_checkpoint")
+        return parts
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, adaptive_lr: dict[str, Any]) -> Any:
+    """``ReduceLROnPlateau(optimizer, mode="min", **adaptive_lr)``, or None when ``adaptive_lr`` is {}.
+
+    ``verbose`` is dropped (PyTorch no longer accepts it; learning rates are in the history).
+    """
+    if not adaptive_lr:
+        return None
+    kwargs = {k: v for k, v in adaptive_lr.items() if k != "verbose"}
+    try:
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{_KEY}.adaptive_lr {adaptive_lr}: {exc}; allowed keys: patience, factor, threshold, "
+            "threshold_mode, cooldown, min_lr, eps, verbose"
+        ) from exc
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (the inputs of the outputs)."""
+
+    network: torch.nn.Module
+    history: list[dict[str, float]]
+    best: dict[str, dict[str, Any]]
+    stopped_early: bool
+    resumed_from_epoch: int
+    epochs_run: int
+    nb_learn: int
+    nb_validation: int
+    class_weights: list[float] | None
+    stats_keys: list[str]
+    device: str
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _save_checkpoint(uri: str, payload: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def _load_checkpoint(uri: str, fp: str) -> dict[str, Any] | None:
+    """The checkpoint at ``uri`` if it exists, is readable and was written for fingerprint ``fp``."""
+    if not storage.exists(uri):
+        return None
+    try:
+        ckpt = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is ignored, not fatal
+        log.warning("ignoring unreadable checkpoint %s (%s); training from scratch", uri, exc)
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        log.warning("ignoring checkpoint %s of unknown format; training from scratch", uri)
+        return None
+    if ckpt.get("fingerprint") != fp:
+        log.warning("ignoring checkpoint %s written for other parameters or data; training from scratch", uri)
+        return None
+    return ckpt
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA; nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def evaluate(
+    network: torch.nn.Module,
+    loader: Any,
+    weights: torch.Tensor | None,
+    nb_classes: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Validation loss (weighted mean cross-entropy, as in training) and scores over ``loader``.
+
+    Returns ``{"val_loss", "oa", "kappa", "fscore", "precision", "recall"}``.
+    """
+    network.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    weight_sum = torch.zeros((), dtype=torch.float64, device=device)
+    cm = torch.zeros(nb_classes * nb_classes, dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if y.numel() == 0:
+                continue
+            with _autocast(device):
+                logits = network(x)
+            logits = logits.float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, y, weight=weights, reduction="sum").double()
+            weight_sum += (weights[y].sum() if weights is not None else torch.tensor(y.numel(), device=device)).double()
+            pred = logits.argmax(dim=1)
+            cm += torch.bincount(y * nb_classes + pred, minlength=nb_classes * nb_classes)
+    total_w = float(weight_sum.item())
+    out = {"val_loss": float(loss_sum.item()) / total_w if total_w > 0 else float("nan")}
+    out.update(scores(cm.cpu().numpy().reshape(nb_classes, nb_classes)))
+    return out
+
+
+def train(
+    samples: SampleSet,
+    opts: TrainingOptions,
+    *,
+    build: Callable[..., torch.nn.Module],
+    split_seed: int,
+    torch_seed: int,
+    fingerprint: str,
+    checkpoint_uri: str,
+    on_epoch_end: EpochHook | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train one candidate on ``samples``; resume from ``checkpoint_uri`` when allowed and valid.
+
+    Args:
+        samples: the L+V database (features read through ``samples.reader``).
+        opts: the candidate's options.
+        build: ``build(stats=...) -> network``; the network maps (batch, nb_dates, nb_components)
+            to logits (batch, nb_classes).
+        split_seed: seed of the learning/validation split and of the quantile subsample.
+        torch_seed: seed of initialisation, dropout and batch order.
+        fingerprint: written into the checkpoint; a checkpoint with another one is ignored.
+        checkpoint_uri: where the checkpoint is written after every epoch.
+        on_epoch_end: optional hook called after each epoch's checkpoint is written.
+        device: defaults to CUDA when available, else the CPU.
+    """
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    label_idx = samples.label_indices()
+    nb_classes = len(samples.classes)
+    learn, val = split_learn_validation(samples.labels, samples.polygon_ids, split_seed)
+    log.info("%d samples: %d for learning, %d for validation (%d classes)",
+             samples.n, int(learn.sum()), int(val.sum()), nb_classes)
+
+    stats = {k: v for k, v in samples.stats.items()}
+    if opts.additional_statistics_percentage is not None:
+        stats.update(quantile_stats(samples.reader, float(opts.additional_statistics_percentage),
+                                    split_seed, chunk=max(opts.batch_size, 1024)))
+    weights_np = class_weights(label_idx, nb_classes) if opts.weighted_labels else None
+    weights = torch.from_numpy(weights_np).to(device) if weights_np is not None else None
+
+    torch.manual_seed(torch_seed)
+    network = build(stats={samples.sensor: {k: torch.from_numpy(np.asarray(v, dtype=np.float32))
+                                             for k, v in stats.items()}})
+    network.to(device)
+    optimizer = torch.optim.Adam(network.parameters(), lr=opts.learning_rate)
+    scheduler = make_scheduler(optimizer, opts.adaptive_lr)
+    data_gen = torch.Generator().manual_seed(torch_seed)
+    early = (EarlyStopping(opts.early_stop_metric, opts.early_stop_tol, opts.early_stop_patience,
+                           opts.epoch_to_trigger) if opts.enable_early_stop else None)
+
+    pin = device.type == "cuda"
+    bs = opts.batch_size
+    if opts.dataloader_mode == "full":
+        x_all = torch.from_numpy(samples.load_all())
+        y_all = torch.from_numpy(label_idx)
+        learn_t, val_t = torch.from_numpy(learn), torch.from_numpy(val)
+        train_ds: Any = InMemoryBatches(x_all[learn_t], y_all[learn_t], bs, drop_single=True)
+        val_ds: Any = InMemoryBatches(x_all[val_t], y_all[val_t], bs, drop_single=False)
+        del x_all
+    else:
+        train_ds = StreamBatches(samples.reader, label_idx, learn, bs, shuffle=True, drop_single=True)
+        val_ds = StreamBatches(samples.reader, label_idx, val, bs, shuffle=False, drop_single=False)
+    val_loader = make_loader(val_ds, num_workers=opts.num_workers,
+                             generator=torch.Generator().manual_seed(0), pin_memory=pin)
+
+    history: list[dict[str, float]] = []
+    best: dict[str, dict[str, Any]] = {}
+    start_epoch = 0
+    stopped = False
+    ckpt = _load_checkpoint(checkpoint_uri, fingerprint) if opts.restart_from_checkpoint else None
+    if ckpt is not None:
+        network.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt["scheduler"] is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        best = ckpt["best"]
+        history = list(ckpt["history"])
+        if early is not None and ckpt["early_stop"] is not None:
+            early.load_state_dict(ckpt["early_stop"])
+        start_epoch = int(ckpt["epoch"])
+        stopped = bool(ckpt["stopped"])
+        log.info("resuming %s after epoch %d", checkpoint_uri, start_epoch)
+    elif not opts.restart_from_checkpoint and storage.exists(checkpoint_uri):
+        log.info("restart_from_checkpoint is False: ignoring %s, training from scratch", checkpoint_uri)
+
+    for epoch in range(start_epoch + 1, opts.epochs + 1):
+        if stopped:
+            break
+        tic = time.monotonic()
+        lr = float(optimizer.param_groups[0]["lr"])
+        if opts.dataloader_mode == "full":
+            train_ds.set_order(torch.randperm(len(train_ds.targets), generator=data_gen))
+        else:
+            train_ds.set_epoch(data_gen)
+        loader = make_loader(train_ds, num_workers=opts.num_workers, generator=data_gen, pin_memory=pin)
+        network.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        count = 0
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(device):
+                logits = network(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y, weight=weights)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach().double() * y.shape[0]
+            count += int(y.shape[0])
+        train_loss = float(loss_sum.item()) / count if count else float("nan")
+        metrics = evaluate(network, val_loader, weights, nb_classes, device)
+        if scheduler is not None:
+            scheduler.step(metrics["val_loss"])
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": metrics["val_loss"],
+               "train_loss_db": plots.loss_db(train_loss), "val_loss_db": plots.loss_db(metrics["val_loss"]),
+               "oa": metrics["oa"], "kappa": metrics["kappa"], "fscore": metrics["fscore"],
+               "precision": metrics["precision"], "recall": metrics["recall"], "lr": lr,
+               "seconds": time.monotonic() - tic}
+        history.append(row)
+        for crit in CRITERIA:
+            value = row["val_loss" if crit == "loss" else crit]
+            prev = best.get(crit)
+            better = (prev is None or (not math.isnan(value) and (
+                math.isnan(prev["value"]) or (value < prev["value"] if crit == "loss" else value > prev["value"]))))
+            if better:
+                best[crit] = {"epoch": epoch, "value": value, "state": _cpu_state(network)}
+        if early is not None:
+            stopped = early.update(epoch, row[early.metric])
+        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, OA %.4f, kappa %.4f, F %.4f, lr %.3g",
+                 epoch, opts.epochs, train_loss, row["val_loss"], row["oa"], row["kappa"], row["fscore"], lr)
+        _save_checkpoint(checkpoint_uri, {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "epoch": epoch,
+            "stopped": stopped,
+            "model": _cpu_state(network),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                    "data": data_gen.get_state()},
+            "best": best,
+            "history": history,
+            "early_stop": early.state_dict() if early is not None else None,
+        })
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+        if stopped:
+            log.info("early stop after epoch %d (%s did not improve by more than %g for %d epochs)",
+                     epoch, opts.early_stop_metric, opts.early_stop_tol, opts.early_stop_patience)
+            break
+
+    crit = opts.model_selection_criterion
+    if crit not in best:
+        raise BadInputError(f"no validation result to select a model by '{crit}' (empty validation set?)")
+    network.load_state_dict(best[crit]["state"])
+    network.to("cpu")
+    return TrainResult(
+        network=network,
+        history=history,
+        best=best,
+        stopped_early=stopped,
+        resumed_from_epoch=start_epoch,
+        epochs_run=len(history),
+        nb_learn=int(learn.sum()),
+        nb_validation=int(val.sum()),
+        class_weights=[float(w) for w in weights_np] if weights_np is not None else None,
+        stats_keys=sorted(stats),
+        device=str(device),
+    )
+
+
+def _seeds(random_seed: int, seed: int, hyp: int) -> tuple[int, int]:
+    """(split seed, torch seed): ``random_seed + seed`` and ``SeedSequence([random_seed + seed, hyp])``."""
+    split_seed = int(random_seed) + int(seed)
+    torch_seed = int(np.random.SeedSequence([split_seed, int(hyp)]).generate_state(1, dtype=np.uint32)[0])
+    return split_seed, torch_seed
+
+
+def run(cfg: Any, region: int, seed: int, hyp: int, *, on_epoch_end: EpochHook | None = None) -> dict:
+    """Train candidate ``hyp`` of region ``region``, seed ``seed``; return a JSON-able summary.
+
+    A rerun whose manifest matches (same parameters, pair and sample database) does nothing and
+    returns the previous summary with ``"skipped": true``.
+    """
+    tic = time.monotonic()
+    out = cfg.chain.output_path
+    opts = TrainingOptions.from_config(cfg.dl, hyp)
+    random_seed = int(getattr(cfg.arg_train, "random_seed", 0) or 0)
+    split_seed, torch_seed = _seeds(random_seed, seed, hyp)
+    db_uri = layout.samples_learn(out, region, seed)
+    if not storage.exists(db_uri):
+        raise InputNotFoundError(
+            f"learning samples of region {region}, seed {seed} not found at {db_uri}; "
+            "run the sampling stage first (sitsflow sample)"
+        )
+    db_stat = storage.stat(db_uri)
+    module_source = storage.read_text(opts.dl_module) if opts.dl_module else None
+    module_sha = hashlib.sha256(module_source.encode()).hexdigest() if module_source is not None else None
+    fp = manifest.fingerprint(
+        STAGE, FORMAT_VERSION, opts.fingerprint_parts(),
+        {"region": region, "seed": seed, "random_seed": random_seed},
+        {"samples": db_uri, "stat": db_stat, "dl_module_sha256": module_sha},
+    )
+    task = f"region_{region}_seed_{seed}_hyp_{hyp}"
+    previous = manifest.done(out, STAGE, task, fp)
+    if previous is not None and "summary" in previous:
+        log.info("training %s already done (manifest matches): skipped", task)
+        return {**previous["summary"], "skipped": True}
+
+    uris = {
+        "model": layout.model_candidate(out, region, seed, hyp),
+        "checkpoint": layout.model_checkpoint(out, region, seed, hyp),
+        "loss_plot": layout.model_loss_plot(out, region, seed, hyp),
+        "metrics_plot": layout.model_metrics_plot(out, region, seed, hyp),
+        "history": layout.model_history(out, region, seed, hyp),
+    }
+    with storage.local_path(db_uri) as local:
+        samples = open_netcdf(str(local), lazy=opts.dataloader_mode == "stream")
+        try:
+            def build(*, stats: dict[str, dict[str, torch.Tensor]]) -> torch.nn.Module:
+                return sitsnn.build_network(
+                    opts.dl_name, opts.dl_parameters, module_source=module_source,
+                    module_uri=opts.dl_module, nb_dates=samples.nb_dates,
+                    nb_components=samples.nb_components, nb_classes=len(samples.classes),
+                    dates=samples.dates, stats=stats, sensor=samples.sensor,
+                )
+
+            result = train(samples, opts, build=build, split_seed=split_seed, torch_seed=torch_seed,
+                           fingerprint=fp, checkpoint_uri=uris["checkpoint"], on_epoch_end=on_epoch_end)
+        finally:
+            samples.reader.close()
+
+    crit = opts.model_selection_criterion
+    selected = result.best[crit]
+    data_fp = samples.fingerprint or manifest.fingerprint(db_uri, db_stat)
+    description = {
+        "dl_name": opts.dl_name,
+        "dl_module": opts.dl_module,
+        "classes": samples.classes,
+        "class_names": samples.class_names,
+        "feature_names": samples.feature_names,
+        "dates": samples.dates,
+        "component_names": samples.component_names,
+        "sensor": samples.sensor,
+        "nb_dates": samples.nb_dates,
+        "nb_components": samples.nb_components,
+        "nb_classes": len(samples.classes),
+        "region": region,
+        "seed": seed,
+        "hyperparameters": {"batch_size": opts.batch_size, "learning_rate": opts.learning_rate, "hyp": hyp},
+        "selection": {"criterion": crit, "epoch": int(selected["epoch"]), "value": float(selected["value"])},
+        "training_data": {"uri": db_uri, "fingerprint": data_fp},
+        "training_fingerprint": fp,
+    }
+    storage.write_bytes(uris["model"], sitsnn.save_model(result.network, description))
+    title = f"model {region}, seed {seed}, hyp {hyp} (batch {opts.batch_size}, lr {opts.learning_rate:g})"
+    storage.write_bytes(uris["loss_plot"], plots.loss_plot(result.history, f"Loss - {title}", int(selected["epoch"])))
+    storage.write_bytes(uris["metrics_plot"],
+                        plots.metrics_plot(result.history, f"Validation metrics - {title}", int(selected["epoch"])))
+    storage.write_bytes(uris["history"], plots.history_parquet(result.history))
+
+    summary = {
+        "stage": STAGE,
+        "region": region,
+        "seed": seed,
+        "hyp": hyp,
+        "batch_size": opts.batch_size,
+        "learning_rate": opts.learning_rate,
+        "criterion": crit,
+        "selected_epoch": int(selected["epoch"]),
+        "selected_value": float(selected["value"]),
+        "best": {k: {"epoch": int(v["epoch"]), "value": float(v["value"])} for k, v in result.best.items()},
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "nb_learn": result.nb_learn,
+        "nb_validation": result.nb_validation,
+        "class_weights": result.class_weights,
+        "stats": result.stats_keys,
+        "dataloader_mode": opts.dataloader_mode,
+        "device": result.device,
+        "outputs": uris,
+        "seconds": round(time.monotonic() - tic, 3),
+        "skipped": False,
+    }
+    manifest.write_manifest(out, STAGE, task, fp, list(uris.values()), extra={"summary": summary})
+    log.info("training %s done: epoch %d selected by %s = %.4f", task, summary["selected_epoch"], crit,
+             summary["selected_value"])
+    return summary
