@@ -169,6 +169,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)  # validate before any work: a bad configuration exits 2 and writes nothing
     check_tile_grids(cfg)
+    # tasks run side by side: share the cores between them instead of oversubscribing
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.workers))))
     source = args.config if storage.is_s3(args.config) else str(Path(args.config).resolve())
     workflow = Path(args.workflow) if args.workflow else default_workflow_path()
     result = run_workflow(
@@ -179,11 +181,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_dir=Path(args.log_dir) if args.log_dir else None,
     )
     out = cfg.chain.output_path
+    skipped = done = 0
+    for task in result.get("tasks", {}).values():
+        for text in task.get("results", []) or []:
+            try:
+                doc = json.loads(text) if text else None
+            except (TypeError, json.JSONDecodeError):
+                continue
+            if isinstance(doc, dict) and "skipped" in doc:
+                skipped += bool(doc["skipped"])
+                done += not doc["skipped"]
     _emit({
         "output_path": out,
         "results": layout.final_results(out),
         "duration_s": round(result.get("duration_s", 0.0), 1),
-        "tasks": {name: len(t.get("results", [])) for name, t in result.get("tasks", {}).items()},
+        "tasks": {name: len(t.get("results", []) or []) for name, t in result.get("tasks", {}).items()},
+        "stage_tasks_done": done,
+        "stage_tasks_skipped": skipped,
     })
     return 0
 
