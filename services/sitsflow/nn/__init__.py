@@ -1,0 +1,45 @@
+"""sitsflow's neural-network bank (iota2's ``torch_nn_bank``).
+
+Public API::
+
+    Iota2NeuralNetwork                 # base class of built-in and user networks
+    LTAEClassifier, ANN, MLPClassifier, SimpleSelfAttentionClassifier
+    NETWORKS                           # dl_name -> class
+    build_network(dl_name, dl_parameters, *, module_source=None, module_uri=None,
+                  nb_dates, nb_components, nb_classes, dates, stats, sensor)
+    save_model(network, description) -> bytes
+    load_model(data, *, module_source=None) -> (network, description)
+    predict_proba(network, x, *, batch_size=None, device=None) -> (N, nb_classes) float32
+
+See docs/networks.md.
+"""
+
+from sitsflow.nn.attention import SimpleSelfAttentionClassifier
+from sitsflow.nn.base import FRAMEWORK_ARGS, Iota2NeuralNetwork
+from sitsflow.nn.ltae import LTAEClassifier, LTAEEncoder
+from sitsflow.nn.mlp import ANN, MLPClassifier
+from sitsflow.nn.modelfile import fingerprint, load_model, read_model_file, save_model
+from sitsflow.nn.predict import auto_batch_size, predict_proba, resolve_device
+from sitsflow.nn.registry import NETWORKS, build_network, check_dl_parameters, network_parameters, resolve_network
+
+__all__ = [
+    "ANN",
+    "FRAMEWORK_ARGS",
+    "NETWORKS",
+    "Iota2NeuralNetwork",
+    "LTAEClassifier",
+    "LTAEEncoder",
+    "MLPClassifier",
+    "SimpleSelfAttentionClassifier",
+    "auto_batch_size",
+    "build_network",
+    "check_dl_parameters",
+    "fingerprint",
+    "load_model",
+    "network_parameters",
+    "predict_proba",
+    "read_model_file",
+    "resolve_device",
+    "resolve_network",
+    "save_model",
+]
