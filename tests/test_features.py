@@ -8,7 +8,7 @@ from rasterio.windows import Window
 
 from sitsflow.config import load_config
 from sitsflow.errors import BadInputError
-from sitsflow.features import FeaturePipeline, from_ordinal, to_ordinal
+from sitsflow.features import FeaturePipeline, _merge_same_day, from_ordinal, to_ordinal
 
 from synthetic import write_config, write_scene
 
@@ -78,10 +78,11 @@ def test_same_day_acquisitions_are_averaged_over_valid_ones(scene):
     raw[0, 2] = 1.0
     raw[0, 3] = 3.0  # same day as index 2
     valid = np.ones((1, nb_raw), bool)
-    merged, mvalid = pipe._merge_same_day(raw, valid)
+    st = pipe._times[0]
+    merged, mvalid = _merge_same_day(raw, valid, st.day_group, len(st.unique_dates))
     assert merged.shape[1] == nb_raw - 1 and merged[0, 2, 0] == 2.0
     valid[0, 3] = False
-    merged, _ = pipe._merge_same_day(raw, valid)
+    merged, _ = _merge_same_day(raw, valid, st.day_group, len(st.unique_dates))
     assert merged[0, 2, 0] == 1.0
 
 

@@ -128,3 +128,122 @@ def test_missing_class_field_names_the_fields(tmp_path):
     cfg = load_config(str(write_config(tmp_path)), ["chain.data_field=klass"])
     with pytest.raises(BadInputError, match="no field 'klass'"):
         sampling.run(cfg)
+
+
+# --- THEIA Sentinel-2 products (tests/generate_products.py) -----------------------------------
+import tracemalloc  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pyogrio  # noqa: E402
+import rasterio  # noqa: E402
+import shapely  # noqa: E402
+from rasterio.transform import from_origin  # noqa: E402
+from rasterio.windows import Window  # noqa: E402
+
+from sitsflow.features import FeaturePipeline  # noqa: E402
+from sitsflow.sampling.database import statistics  # noqa: E402
+
+from generate_products import upload, write_products, write_theia_config  # noqa: E402
+
+
+def _check_theia_database(cfg, info) -> dict:
+    out = cfg.chain.output_path
+    pipe = FeaturePipeline(cfg, "T31TCJ")
+    learn, meta = read_samples(layout.samples_learn(out, 1, 0))
+    test, _ = read_samples(layout.samples_test(out, 1, 0))
+    assert meta["dates"] == pipe.dates and meta["components"] == pipe.components
+    assert meta["sensor"] == "s2_theia" and meta["classes"] == [1, 2, 3]
+    with storage_local(layout.samples_learn(out, 1, 0)) as path, netCDF4.Dataset(path) as ds:
+        names = [str(n) for n in ds["feature_name"][:]]
+        assert names == pipe.feature_names and names[0] == "sentinel2_b2_20180101"
+        assert ds.sensors == "s2_theia"
+        for key, values in statistics(learn.features).items():
+            np.testing.assert_allclose(ds[f"stats_{key}"][:], values, rtol=1e-5)
+        assert ds["features"].chunking()[0] == min(1024, len(learn))
+    # polygon-wise split: no polygon in both sets (each class has 4 polygons)
+    assert not set(learn.polygon_id.tolist()) & set(test.polygon_id.tolist())
+    # 12 rectangles + the repaired bow-tie (class 3, 5 polygons: round(2.5) = 2 learn)
+    assert len(np.unique(learn.polygon_id)) + len(np.unique(test.polygon_id)) == 13
+    assert len(np.unique(learn.polygon_id)) == 6
+    # labels agree with the generated map, pixel coordinates included (the bow-tie is off the map)
+    on_map = info["label_map"][learn.row, learn.col] > 0
+    assert on_map.sum() == len(learn) - 1
+    np.testing.assert_array_equal(info["label_map"][learn.row, learn.col][on_map], learn.label[on_map])
+    assert np.isfinite(learn.features).all()
+    return {"learn": learn, "test": test}
+
+
+def storage_local(uri):
+    from sitsflow import storage
+
+    return storage.local_path(uri)
+
+
+def test_theia_sampling_database_names_dates_split_and_statistics(tmp_path):
+    info = write_products(tmp_path, width=36, height=24, nb_dates=6, polygons_per_class=4, landsat=False)
+    cfg = load_config(str(write_theia_config(tmp_path, data=str(tmp_path))))
+    summary = sampling.run(cfg)
+    report = summary["polygons"]["T31TCJ"]
+    assert report["without_class"] == 1 and report["outside_tile"] == 1 and report["repaired"] == 1
+    _check_theia_database(cfg, info)
+    assert sampling.run(cfg)["skipped"] is True
+
+
+@pytest.mark.s3
+def test_theia_sampling_reads_products_in_place_on_s3(tmp_path, s3_bucket):
+    info = write_products(tmp_path, width=36, height=24, nb_dates=6, polygons_per_class=4, landsat=False)
+    data = upload(tmp_path, s3_bucket)
+    cfg = load_config(str(write_theia_config(tmp_path, data=data, output=f"{s3_bucket}/out", name="s3.cfg")))
+    sampling.run(cfg)
+    remote = _check_theia_database(cfg, info)
+    cfg_local = load_config(str(write_theia_config(tmp_path, data=str(tmp_path))))
+    sampling.run(cfg_local)
+    local, _ = read_samples(layout.samples_learn(cfg_local.chain.output_path, 1, 0))
+    np.testing.assert_array_equal(remote["learn"].features, local.features)
+
+
+def _large_tile(folder: Path, size: int, nb_dates: int) -> None:
+    """A size x size dated raster (constant blocks, written block by block) and 12 small polygons."""
+    transform = from_origin(500000.0, 5000000.0, 10.0, 10.0)
+    profile = {"driver": "GTiff", "dtype": "int16", "count": nb_dates, "width": size, "height": size,
+               "crs": "EPSG:32631", "transform": transform, "tiled": True, "blockxsize": 512,
+               "blockysize": 512, "compress": "deflate"}
+    block = np.full((nb_dates, 512, 512), 1000, np.int16)
+    with rasterio.open(folder / "big.tif", "w", **profile) as dst:
+        for r in range(0, size, 512):
+            for c in range(0, size, 512):
+                h, w = min(512, size - r), min(512, size - c)
+                dst.write(block[:, :h, :w], window=Window(c, r, w, h))
+        for t in range(nb_dates):
+            dst.set_band_description(t + 1, f"2020-01-{1 + 3 * t:02d}")
+    rng = np.random.default_rng(0)
+    geoms, codes = [], []
+    for k in range(12):
+        r, c = rng.integers(0, size - 20, 2)
+        x0, y0 = transform * (c, r)
+        geoms.append(shapely.box(x0, y0 - 150, x0 + 150, y0))
+        codes.append(1 + k % 2)
+    pyogrio.raw.write(str(folder / "sparse.geojson"), geometry=shapely.to_wkb(np.array(geoms, dtype=object)),
+                      field_data=[np.array(codes, np.int64)], fields=["code"], crs="EPSG:32631",
+                      driver="GeoJSON", geometry_type="Polygon")
+
+
+def test_sampling_memory_does_not_grow_with_the_tile(tmp_path):
+    """A 4096 x 4096 px tile of 8 dates (512 MiB as float32) with sparse polygons: the peak of
+    Python/numpy allocations while extracting stays under 48 MiB (BLOCK windows, labelled windows only)."""
+    size, nb_dates = 4096, 8
+    _large_tile(tmp_path, size, nb_dates)
+    cfg_path = tmp_path / "big.cfg"
+    cfg_path.write_text(write_config(tmp_path).read_text()
+                        .replace("'{tile}/series.tif'", "'big.tif'").replace("mask_path : '{tile}/clouds.tif'", "")
+                        .replace("'polygons.geojson'", "'sparse.geojson'").replace("['red', 'nir']", "['ndvi']"))
+    cfg = load_config(str(cfg_path))
+    tracemalloc.start()
+    try:
+        arrays, meta = sampling.extract(cfg)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    full = size * size * nb_dates * 4
+    assert arrays["features"].shape[0] == 12 * 15 * 15
+    assert peak < 48 * 2**20 < full / 10, peak

@@ -1,76 +1,50 @@
 """The feature pipeline, written once and used by both sampling and inference.
 
-For one tile, :class:`FeaturePipeline` reads a window of the sensor's raster (local or object
-storage, windowed reads only), masks invalid observations (the sensor's mask, nodata, non-finite
-values), merges acquisitions that fall on the same day, and then either
+For one tile, :class:`FeaturePipeline` reads windows of every configured sensor (THEIA
+Sentinel-2 L2A / L3A, Sen2Cor, Landsat 8, the generic ``dated_raster``; local or object storage,
+windowed reads only; see :mod:`sitsflow.sensors`), masks invalid observations (clouds,
+saturation, edges, nodata, off-footprint), merges acquisitions that fall on the same day, and then
 
-* gap-fills every pixel onto the sensor's regular date grid (iota2's default: linear interpolation
-  in time over masked observations, the nearest valid observation outside the observed range), or
+* gap-fills every pixel onto the regular date grid (iota2's default: linear interpolation in
+  time over masked observations, the nearest valid observation outside the observed range), or
 * with ``arg_train.features_from_raw_dates`` keeps the raw (de-duplicated) dates, masked values
   becoming NaN (the networks' ``nans_imputation`` handles them).
 
+Then, per date and sensor: the kept bands, the spectral indices (``arg_train.features``: NDVI,
+NDWI, Brightness, for the optical sensors) and the external features (``external_features``).
+
+Several sensors share one date axis so the networks still get (batch, nb_dates, nb_components):
+gap-filled, every sensor is interpolated onto the union of the sensors' regular grids; with raw
+dates, the axis is the union of the acquisition dates and a sensor is NaN on the dates it did not
+acquire. The components of one date are the sensors' components, sensor after sensor.
+
 Features are shaped ``(pixels, nb_dates, nb_components)`` and named ``sensor_band_YYYYMMDD``,
-date-major (all components of date 1, then date 2 ...), as iota2 names them.
+lower case, date-major (all components of date 1, then date 2 ...).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import re
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-import rasterio
 from rasterio.windows import Window
 
-from sitsflow import storage
 from sitsflow.errors import BadInputError, ConfigError
 from sitsflow.log import get_logger
+from sitsflow.sensors import Sensor, build_sensors, configured_sensors
+from sitsflow.sensors.base import Grid
+from sitsflow.sensors.dates import from_ordinal, parse_date, to_ordinal
+from sitsflow.sensors.external import ExternalFeatures
 
 log = get_logger(__name__)
 
+__all__ = ["FeatureBlock", "FeaturePipeline", "Grid", "check_tile_grids", "from_ordinal", "parse_date",
+           "to_ordinal", "READ_BUDGET_BYTES"]
 
-def to_ordinal(date: int) -> int:
-    """Return the proleptic Gregorian ordinal of a YYYYMMDD integer."""
-    return dt.date(date // 10000, date // 100 % 100, date % 100).toordinal()
-
-
-def from_ordinal(ordinal: int) -> int:
-    """Return the YYYYMMDD integer of a proleptic Gregorian ordinal."""
-    d = dt.date.fromordinal(int(ordinal))
-    return d.year * 10000 + d.month * 100 + d.day
-
-
-_DATE_RE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
-
-
-def parse_date(text: str, where: str) -> int:
-    """Parse ``YYYYMMDD``, ``YYYY-MM-DD`` or an ISO datetime into a YYYYMMDD integer."""
-    match = _DATE_RE.match(str(text).strip())
-    if not match:
-        raise BadInputError(f"{where}: cannot read a date from {text!r} (expected YYYY-MM-DD or YYYYMMDD)")
-    value = int("".join(match.groups()))
-    try:
-        to_ordinal(value)
-    except ValueError as exc:
-        raise BadInputError(f"{where}: invalid date {text!r}: {exc}") from None
-    return value
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The pixel grid of a tile: size, georeferencing and CRS of the sensor's raster."""
-
-    width: int
-    height: int
-    transform: rasterio.Affine
-    crs: rasterio.crs.CRS
-
-    def profile(self) -> dict:
-        """A rasterio profile fragment for rasters on this grid."""
-        return {"width": self.width, "height": self.height, "transform": self.transform, "crs": self.crs}
+READ_BUDGET_BYTES = 64 * 1024 * 1024
+"""Raw data read at once by :meth:`FeaturePipeline.features`: larger windows are read in strips."""
 
 
 @dataclass
@@ -81,7 +55,8 @@ class FeatureBlock:
         values: float32 (nb_pixels, nb_dates, nb_components), NaN where a raw-date value is masked.
         rows, cols: int32 (nb_pixels,) pixel coordinates in the tile grid (row-major order).
         clear_dates: int16 (window height, window width), number of clear (valid) acquisitions
-            per pixel of the whole window (0 = no valid date: such pixels are never returned).
+            per pixel of the whole window, all sensors together (0 = no valid date: such pixels
+            are never returned).
     """
 
     values: np.ndarray
@@ -90,240 +65,330 @@ class FeatureBlock:
     clear_dates: np.ndarray
 
 
+@dataclass
+class _SensorTime:
+    """Per-sensor bookkeeping of dates."""
+
+    unique_dates: list[int]
+    day_group: np.ndarray  # (nb_raw,) index of each acquisition's day in unique_dates
+    unique_ordinals: np.ndarray  # (nb_days,) float64
+    positions: np.ndarray  # raw mode: index of each unique day in the pipeline's dates
+
+
 class FeaturePipeline:
-    """Feature computation of the ``dated_raster`` sensor for one tile.
+    """Feature computation of every configured sensor for one tile.
 
     Args:
         cfg: the validated configuration.
-        tile: the tile name (substituted for ``{tile}`` in the sensor's path patterns).
+        tile: the tile name.
+
+    Attributes:
+        grid: the tile grid (the finest sensor's grid).
+        dates: YYYYMMDD of the date axis.
+        sensors: the sensor readers, in stacking order.
+        sensor: the statistics key of the first sensor (the database's ``sensor`` attribute).
     """
 
     def __init__(self, cfg, tile: str) -> None:
         self.cfg = cfg
         self.tile = tile
-        self.sensor_cfg = cfg.dated_raster
-        self.sensor = self.sensor_cfg.name
-        self.path = self.sensor_cfg.path.replace("{tile}", tile)
-        self.mask_path = (
-            self.sensor_cfg.mask_path.replace("{tile}", tile) if self.sensor_cfg.mask_path else None
-        )
         self.raw_dates_mode = bool(cfg.arg_train.features_from_raw_dates)
-        self.bands = list(self.sensor_cfg.bands)
-        self._open_metadata()
-
-    # --- metadata ----------------------------------------------------------------------------
-    def _open_metadata(self) -> None:
-        if not storage.exists(self.path):
-            raise BadInputError(f"dated_raster.path: the raster {self.path} of tile {self.tile!r} does not exist")
-        with storage.rasterio_env(), rasterio.open(storage.rasterio_path(self.path)) as src:
-            self.grid = Grid(src.width, src.height, src.transform, src.crs)
-            count = src.count
-            descriptions = list(src.descriptions)
-            self.raster_dtype = src.dtypes[0]
-        nb_bands = len(self.bands)
-        if count % nb_bands:
-            raise BadInputError(
-                f"dated_raster: {self.path} has {count} bands, not a multiple of the "
-                f"{nb_bands} declared bands {self.bands} (bands are stacked date-major)"
-            )
-        nb_raw = count // nb_bands
-        all_dates = self._declared_dates(descriptions, nb_bands, nb_raw)
-        start = self.sensor_cfg.start_date
-        end = self.sensor_cfg.end_date
-        keep = [i for i, d in enumerate(all_dates) if (start is None or d >= start) and (end is None or d <= end)]
-        if not keep:
-            raise BadInputError(
-                f"dated_raster: no acquisition of {self.path} lies between start_date {start} and end_date {end}"
-            )
-        self.raw_indices = np.array(keep)  # indices of the kept acquisitions in the file
-        self.raw_dates = [all_dates[i] for i in keep]
-        # merge acquisitions of the same day: group index of every kept acquisition
-        unique = sorted(set(self.raw_dates))
-        self.unique_dates = unique
-        self.day_group = np.array([unique.index(d) for d in self.raw_dates])
-        if len(unique) < len(self.raw_dates):
-            log.info("tile %s: %d acquisitions on %d distinct days (same-day acquisitions are merged)",
-                     self.tile, len(self.raw_dates), len(unique))
-        self.unique_ordinals = np.array([to_ordinal(d) for d in unique], dtype=np.float64)
-        if self.raw_dates_mode:
-            self.dates = list(unique)
-        else:
-            first = to_ordinal(start) if start is not None else int(self.unique_ordinals[0])
-            last = to_ordinal(end) if end is not None else int(self.unique_ordinals[-1])
-            step = int(self.sensor_cfg.temporal_resolution)
-            self.dates = [from_ordinal(o) for o in range(first, last + 1, step)]
-        self.target_ordinals = np.array([to_ordinal(d) for d in self.dates], dtype=np.float64)
-        if self.mask_path is not None:
-            if not storage.exists(self.mask_path):
-                raise BadInputError(f"dated_raster.mask_path: the mask {self.mask_path} of tile {self.tile!r} does not exist")
-            with storage.rasterio_env(), rasterio.open(storage.rasterio_path(self.mask_path)) as msk:
-                if (msk.width, msk.height) != (self.grid.width, self.grid.height) or msk.count != nb_raw:
-                    raise BadInputError(
-                        f"dated_raster.mask_path: {self.mask_path} is {msk.width}x{msk.height} with {msk.count} "
-                        f"bands; expected {self.grid.width}x{self.grid.height} with one band per date ({nb_raw})"
-                    )
-
-    def _declared_dates(self, descriptions: list, nb_bands: int, nb_raw: int) -> list[int]:
-        spec = self.sensor_cfg.dates
-        if isinstance(spec, str) and spec == "descriptions":
-            texts = [descriptions[i * nb_bands] for i in range(nb_raw)]
-            if any(not t for t in texts):
+        self.sensors: list[Sensor] = build_sensors(cfg, tile)
+        if not self.sensors:
+            raise ConfigError("no sensor is configured (chain.s2_path, chain.l8_path ... or dated_raster)")
+        grids = [s.native_grid() for s in self.sensors]
+        finest = min(range(len(grids)), key=lambda i: grids[i].resolution)
+        self.grid: Grid = grids[finest]
+        for s, g in zip(self.sensors, grids):
+            if g.crs != self.grid.crs:
                 raise BadInputError(
-                    f"dated_raster.dates: {self.path} has no date in its band descriptions; "
-                    "declare the dates in the configuration (a list or a .json/.txt file)"
+                    f"tile {tile!r}: {s.section} is in {g.crs} but {self.sensors[finest].section} in "
+                    f"{self.grid.crs}; the sensors of a tile must share one CRS"
                 )
-            where = f"band description of {self.path}"
-        elif isinstance(spec, str):
-            text = storage.read_text(spec)
-            texts = json.loads(text) if spec.endswith(".json") else [t for t in text.split() if t.strip()]
-            where = f"dated_raster.dates file {spec}"
-        else:
-            texts = list(spec)
-            where = "dated_raster.dates"
-        dates = [t if isinstance(t, int) else parse_date(t, where) for t in texts]
-        if len(dates) != nb_raw:
-            raise BadInputError(
-                f"{where}: {len(dates)} dates declared but {self.path} holds {nb_raw} acquisitions "
-                f"({nb_raw * nb_bands} bands / {nb_bands} bands per date)"
-            )
-        if any(b < a for a, b in zip(dates, dates[1:])):
-            raise BadInputError(f"{where}: dates must be in chronological order")
-        return dates
+        self.sensor = self.sensors[0].key
+        self._times = [self._sensor_time(s) for s in self.sensors]
+        self.dates: list[int] = self._date_axis()
+        self.target_ordinals = np.array([to_ordinal(d) for d in self.dates], np.float64)
+        for s, st in zip(self.sensors, self._times):
+            st.positions = np.searchsorted(self.dates, st.unique_dates)
+        self.external = (
+            ExternalFeatures(cfg.external_features, self.raw_dates_mode) if cfg.external_features is not None else None
+        )
+        external = (
+            self.external.probe({s.ext_name: list(s.bands) for s in self.sensors}, self.dates)
+            if self.external is not None else {}
+        )
+        self._components: list[list[str]] = []
+        for s in self.sensors:
+            comps = [b.lower() for b in s.keep] + (list(s.indices) if s.roles else [])
+            ext = external.get(s.ext_name, [])
+            if self.external is not None and not self.external.concat_mode:
+                comps = []
+            clash = sorted(set(comps) & set(ext))
+            if clash:
+                raise BadInputError(f"external_features: index {clash[0]!r} of {s.ext_name} clashes with a band or index")
+            self._components.append(comps + ext)
+        if not any(self._components):
+            raise BadInputError("the configuration yields no feature (no band kept and no index)")
+        for s in self.sensors:
+            missing = [r for i in s.indices for r in _INDEX_ROLES[i] if s.roles and r not in s.roles]
+            if missing:
+                raise BadInputError(f"{s.section}: no band for {missing}")
+
+    # --- dates -------------------------------------------------------------------------------
+    def _sensor_time(self, s: Sensor) -> _SensorTime:
+        unique = sorted(set(s.raw_dates))
+        if len(unique) < len(s.raw_dates):
+            log.info("tile %s: %s has %d acquisitions on %d distinct days (same-day acquisitions are merged)",
+                     self.tile, s.section, len(s.raw_dates), len(unique))
+        lookup = {d: i for i, d in enumerate(unique)}
+        return _SensorTime(unique, np.array([lookup[d] for d in s.raw_dates]),
+                           np.array([to_ordinal(d) for d in unique], np.float64), np.zeros(0, np.int64))
+
+    def _date_axis(self) -> list[int]:
+        if self.raw_dates_mode:
+            return sorted({d for st in self._times for d in st.unique_dates})
+        dates: set[int] = set()
+        for s, st in zip(self.sensors, self._times):
+            first = to_ordinal(s.start_date) if s.start_date is not None else int(st.unique_ordinals[0])
+            last = to_ordinal(s.end_date) if s.end_date is not None else int(st.unique_ordinals[-1])
+            dates.update(from_ordinal(o) for o in range(first, last + 1, int(s.temporal_resolution)))
+        return sorted(dates)
 
     @property
+    def raw_dates(self) -> list[int]:
+        """The first sensor's acquisition dates used (chronological, repeated days included)."""
+        return list(self.sensors[0].raw_dates)
+
+    @property
+    def unique_dates(self) -> list[int]:
+        """The first sensor's distinct acquisition days."""
+        return list(self._times[0].unique_dates)
+
+    # --- names -------------------------------------------------------------------------------
+    @property
     def components(self) -> list[str]:
-        """Names of the components per date (the bands)."""
-        return list(self.bands)
+        """Names of the components of one date: bands, indices, external features (lower case);
+        ``{prefix}_{component}`` when several sensors are combined."""
+        if len(self.sensors) == 1:
+            return list(self._components[0])
+        return [f"{s.prefix}_{c}" for s, comps in zip(self.sensors, self._components) for c in comps]
 
     @cached_property
     def feature_names(self) -> list[str]:
-        """``sensor_component_YYYYMMDD``, date-major."""
-        return [f"{self.sensor}_{c}_{d}" for d in self.dates for c in self.components]
+        """``sensor_component_YYYYMMDD``, lower case, date-major."""
+        names = [
+            f"{s.prefix}_{c}_{d}" for d in self.dates for s, comps in zip(self.sensors, self._components) for c in comps
+        ]
+        return [n.lower() for n in names]
+
+    @property
+    def sensor_keys(self) -> list[str]:
+        """The statistics keys of the sensors, in stacking order."""
+        return [s.key for s in self.sensors]
 
     def description(self) -> dict:
         """What identifies the features (for fingerprints and model descriptions)."""
         return {
             "sensor": self.sensor,
+            "sensors": [s.description() for s in self.sensors],
             "dates": self.dates,
             "components": self.components,
             "raw_dates_mode": self.raw_dates_mode,
+            "external": self.external.description() if self.external is not None else None,
         }
 
-    # --- reading -----------------------------------------------------------------------------
-    def read_raw(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """Read one window's kept acquisitions.
+    def input_files(self) -> list[str]:
+        """Every file the pipeline reads for this tile (for fingerprints)."""
+        files = [f for s in self.sensors for f in s.input_files()]
+        if self.external is not None:
+            files.append(self.external.section.module)
+        return files
 
-        Returns:
-            values: float32 (h, w, nb_raw_kept, nb_bands), scaled.
-            valid: bool (h, w, nb_raw_kept).
-        """
-        nb_bands = len(self.bands)
-        indexes = [int(i) * nb_bands + b + 1 for i in self.raw_indices for b in range(nb_bands)]
-        with storage.rasterio_env():
-            with rasterio.open(storage.rasterio_path(self.path)) as src:
-                data = src.read(indexes, window=window, out_dtype=np.float32)
-            h, w = data.shape[1:]
-            data = data.reshape(len(self.raw_indices), nb_bands, h, w).transpose(2, 3, 0, 1)
-            valid = np.isfinite(data).all(axis=-1)
-            if self.sensor_cfg.nodata is not None:
-                valid &= ~(data == np.float32(self.sensor_cfg.nodata)).any(axis=-1)
-            if self.mask_path is not None:
-                with rasterio.open(storage.rasterio_path(self.mask_path)) as msk:
-                    mask = msk.read([int(i) + 1 for i in self.raw_indices], window=window)
-                valid &= mask.transpose(1, 2, 0) == 0
-        if self.sensor_cfg.scale != 1.0:
-            data *= np.float32(self.sensor_cfg.scale)
-        return np.ascontiguousarray(data), valid
-
-    def compute(self, raw: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    # --- computing ---------------------------------------------------------------------------
+    def compute(self, raw, valid) -> np.ndarray:
         """Turn raw observations of some pixels into features.
 
         Args:
-            raw: float32 (P, nb_raw_kept, nb_bands).
-            valid: bool (P, nb_raw_kept), with at least one True per pixel.
+            raw: per sensor float32 (P, nb_raw_s, nb_bands_s) (a list; an array for one sensor).
+            valid: per sensor bool (P, nb_raw_s).
 
         Returns:
             float32 (P, nb_dates, nb_components).
         """
-        raw, valid = self._merge_same_day(raw, valid)
+        if isinstance(raw, np.ndarray):
+            raw, valid = [raw], [valid]
+        series = [self._series(k, r, v) for k, (r, v) in enumerate(zip(raw, valid))]
+        external = {}
+        if self.external is not None:
+            external = self.external.compute(
+                {s.ext_name: x for s, x in zip(self.sensors, series)},
+                {s.ext_name: list(s.bands) for s in self.sensors}, self.dates,
+            )
+        parts = []
+        for s, x, comps in zip(self.sensors, series, self._components):
+            for c in comps:
+                bands = [b.lower() for b in s.bands]
+                if c in s.indices and s.roles and c not in external.get(s.ext_name, {}):
+                    parts.append(_index(c, x, s))
+                elif c in external.get(s.ext_name, {}):
+                    parts.append(external[s.ext_name][c])
+                else:
+                    parts.append(x[:, :, bands.index(c)])
+        return np.ascontiguousarray(np.stack(parts, axis=-1), dtype=np.float32)
+
+    def _series(self, k: int, raw: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """One sensor's series on the date axis: float32 (P, nb_dates, nb_bands_s)."""
+        st = self._times[k]
+        raw, valid = _merge_same_day(raw, valid, st.day_group, len(st.unique_dates))
         if self.raw_dates_mode:
-            out = raw.copy()
-            out[~valid] = np.nan
+            out = np.full((raw.shape[0], len(self.dates), raw.shape[2]), np.nan, np.float32)
+            masked = raw.copy()
+            masked[~valid] = np.nan
+            out[:, st.positions] = masked
             return out
-        return self._gapfill(raw, valid)
+        return _gapfill(raw, valid, st.unique_ordinals, self.target_ordinals)
 
-    def _merge_same_day(self, raw: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Average the valid acquisitions that fall on the same day."""
-        nb_days = len(self.unique_dates)
-        if nb_days == raw.shape[1]:
-            return raw, valid
-        weights = valid.astype(np.float32)
-        sums = np.zeros((raw.shape[0], nb_days, raw.shape[2]), np.float32)
-        counts = np.zeros((raw.shape[0], nb_days), np.float32)
-        np.add.at(sums, (slice(None), self.day_group), np.where(valid[..., None], raw, 0.0))
-        np.add.at(counts, (slice(None), self.day_group), weights)
-        merged_valid = counts > 0
-        merged = sums / np.maximum(counts, 1.0)[..., None]
-        return merged, merged_valid
+    def _strip_rows(self, width: int) -> int:
+        per_pixel = sum(len(s.raw_dates) * (len(s.bands) + 1) for s in self.sensors) * 4 * 2
+        return max(1, READ_BUDGET_BYTES // max(1, width * per_pixel))
 
-    def _gapfill(self, raw: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Linear interpolation in time onto the regular grid (nearest valid value outside)."""
-        nb_pix, nb_obs, _ = raw.shape
-        t_obs = self.unique_ordinals
-        idx = np.arange(nb_obs)
-        prev_valid = np.maximum.accumulate(np.where(valid, idx, -1), axis=1)  # (P, obs)
-        next_valid = np.flip(
-            np.minimum.accumulate(np.flip(np.where(valid, idx, nb_obs), axis=1), axis=1), axis=1
-        )
-        out = np.empty((nb_pix, len(self.target_ordinals), raw.shape[2]), np.float32)
-        rows = np.arange(nb_pix)
-        first_valid = next_valid[:, 0]
-        last_valid = prev_valid[:, -1]
-        for k, t in enumerate(self.target_ordinals):
-            right_pos = int(np.searchsorted(t_obs, t, side="left"))  # first obs >= t
-            left_pos = int(np.searchsorted(t_obs, t, side="right")) - 1  # last obs <= t
-            left = prev_valid[:, left_pos] if left_pos >= 0 else np.full(nb_pix, -1)
-            right = next_valid[:, right_pos] if right_pos < nb_obs else np.full(nb_pix, nb_obs)
-            left = np.where(left < 0, first_valid, left)
-            right = np.where(right >= nb_obs, last_valid, right)
-            t_left = t_obs[left]
-            t_right = t_obs[right]
-            span = t_right - t_left
-            w_right = np.where(span > 0, (t - t_left) / np.where(span > 0, span, 1.0), 0.0)
-            w_right = np.clip(w_right, 0.0, 1.0).astype(np.float32)[:, None]
-            out[:, k] = raw[rows, left] * (1.0 - w_right) + raw[rows, right] * w_right
-        return out
-
-    def features(self, window: Window, select: np.ndarray | None = None) -> FeatureBlock:
+    def features(self, window: Window, select: np.ndarray | None = None, *, count_clear: bool = True) -> FeatureBlock:
         """Features of the pixels of ``window`` that are selected and have a clear date.
+
+        The window is read in strips of rows so that at most about :data:`READ_BUDGET_BYTES` of
+        raw data is in memory, whatever the window's size.
 
         Args:
             window: the window to read, in tile pixel coordinates.
             select: optional bool (h, w): only these pixels are computed (labelled pixels when
                 sampling, a region's pixels when classifying).
+            count_clear: when False, strips without any selected pixel are not read at all (their
+                ``clear_dates`` stay 0); sampling uses this.
         """
-        raw, valid = self.read_raw(window)
-        clear = valid.sum(axis=-1).astype(np.int16)
-        keep = clear > 0
-        if select is not None:
-            keep &= select
-        r, c = np.nonzero(keep)
-        values = (
-            self.compute(raw[r, c], valid[r, c])
-            if r.size
-            else np.empty((0, len(self.dates), len(self.components)), np.float32)
-        )
-        return FeatureBlock(
-            values=values,
-            rows=(r + int(window.row_off)).astype(np.int32),
-            cols=(c + int(window.col_off)).astype(np.int32),
-            clear_dates=clear,
-        )
+        h, w = int(window.height), int(window.width)
+        clear = np.zeros((h, w), np.int16)
+        values, rows, cols = [], [], []
+        step = self._strip_rows(w)
+        for r0 in range(0, h, step):
+            r1 = min(h, r0 + step)
+            sel = select[r0:r1] if select is not None else None
+            if not count_clear and sel is not None and not sel.any():
+                continue
+            strip = Window(window.col_off, window.row_off + r0, w, r1 - r0)
+            reads = [s.read(strip, self.grid) for s in self.sensors]
+            strip_clear = sum(v.sum(axis=-1) for _, v in reads).astype(np.int16)
+            clear[r0:r1] = strip_clear
+            keep = strip_clear > 0
+            if sel is not None:
+                keep &= sel
+            r, c = np.nonzero(keep)
+            if not r.size:
+                continue
+            values.append(self.compute([x[r, c] for x, _ in reads], [v[r, c] for _, v in reads]))
+            rows.append(r + r0 + int(window.row_off))
+            cols.append(c + int(window.col_off))
+        if values:
+            out = np.concatenate(values)
+            rr, cc = np.concatenate(rows), np.concatenate(cols)
+        else:
+            out = np.empty((0, len(self.dates), len(self.components)), np.float32)
+            rr = cc = np.empty(0, np.int64)
+        return FeatureBlock(values=out, rows=rr.astype(np.int32), cols=cc.astype(np.int32), clear_dates=clear)
+
+
+_INDEX_ROLES = {"ndvi": ("red", "nir"), "ndwi": ("nir", "swir"), "brightness": ()}
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(a - b) / (a + b), 0 where the sum is 0 (NaN stays NaN)."""
+    den = a + b
+    with np.errstate(all="ignore"):
+        return np.where(den != 0, (a - b) / np.where(den != 0, den, 1), 0).astype(np.float32)
+
+
+def _index(name: str, x: np.ndarray, s: Sensor) -> np.ndarray:
+    """A spectral index per date from a sensor's series x (P, nb_dates, nb_bands): (P, nb_dates).
+
+    NDVI = (NIR - red) / (NIR + red); NDWI = (NIR - SWIR) / (NIR + SWIR) (Gao's water index, SWIR at
+    1.6 µm); Brightness = sqrt(sum over every band of the sensor of reflectance²).
+    """
+    band = {role: x[:, :, s.bands.index(b)] for role, b in s.roles.items()}
+    if name == "ndvi":
+        return _ratio(band["nir"], band["red"])
+    if name == "ndwi":
+        return _ratio(band["nir"], band["swir"])
+    if name == "brightness":
+        return np.sqrt(np.sum(x.astype(np.float32) ** 2, axis=-1)).astype(np.float32)
+    raise ValueError(name)
+
+
+def _merge_same_day(raw: np.ndarray, valid: np.ndarray, day_group: np.ndarray, nb_days: int) -> tuple[np.ndarray, np.ndarray]:
+    """Average the valid acquisitions that fall on the same day.
+
+    Args:
+        raw: float32 (P, nb_raw, nb_bands); valid: bool (P, nb_raw).
+
+    Returns:
+        (P, nb_days, nb_bands) float32 and (P, nb_days) bool.
+    """
+    if nb_days == raw.shape[1]:
+        return raw, valid
+    sums = np.zeros((raw.shape[0], nb_days, raw.shape[2]), np.float32)
+    counts = np.zeros((raw.shape[0], nb_days), np.float32)
+    np.add.at(sums, (slice(None), day_group), np.where(valid[..., None], raw, 0.0))
+    np.add.at(counts, (slice(None), day_group), valid.astype(np.float32))
+    return sums / np.maximum(counts, 1.0)[..., None], counts > 0
+
+
+def _gapfill(raw: np.ndarray, valid: np.ndarray, t_obs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Linear interpolation in time onto ``targets`` (nearest valid value outside the observed
+    range); pixels with no valid observation at all get NaN.
+
+    Args:
+        raw: float32 (P, nb_obs, nb_bands); valid: bool (P, nb_obs); t_obs: (nb_obs,) ordinals;
+        targets: (nb_dates,) ordinals.
+
+    Returns:
+        float32 (P, nb_dates, nb_bands).
+    """
+    nb_pix, nb_obs, _ = raw.shape
+    idx = np.arange(nb_obs)
+    prev_valid = np.maximum.accumulate(np.where(valid, idx, -1), axis=1)  # (P, obs)
+    next_valid = np.flip(np.minimum.accumulate(np.flip(np.where(valid, idx, nb_obs), axis=1), axis=1), axis=1)
+    out = np.empty((nb_pix, len(targets), raw.shape[2]), np.float32)
+    rows = np.arange(nb_pix)
+    none = ~valid.any(axis=1)
+    first_valid = np.where(none, 0, next_valid[:, 0])
+    last_valid = np.where(none, 0, prev_valid[:, -1])
+    for k, t in enumerate(targets):
+        right_pos = int(np.searchsorted(t_obs, t, side="left"))  # first obs >= t
+        left_pos = int(np.searchsorted(t_obs, t, side="right")) - 1  # last obs <= t
+        left = prev_valid[:, left_pos] if left_pos >= 0 else np.full(nb_pix, -1)
+        right = next_valid[:, right_pos] if right_pos < nb_obs else np.full(nb_pix, nb_obs)
+        left = np.where(left < 0, first_valid, left)
+        right = np.where(right >= nb_obs, last_valid, right)
+        t_left = t_obs[left]
+        t_right = t_obs[right]
+        span = t_right - t_left
+        w_right = np.where(span > 0, (t - t_left) / np.where(span > 0, span, 1.0), 0.0)
+        w_right = np.clip(w_right, 0.0, 1.0).astype(np.float32)[:, None]
+        out[:, k] = raw[rows, left] * (1.0 - w_right) + raw[rows, right] * w_right
+    if none.any():
+        out[none] = np.nan
+    return out
 
 
 def check_tile_grids(cfg) -> None:
-    """Fail early when a configured tile has no raster."""
+    """Fail early when a configured tile has no input for a sensor (cheap: no pixel is read)."""
+    if not configured_sensors(cfg):
+        raise ConfigError("no sensor is configured (chain.s2_path, chain.l8_path ... or dated_raster)")
     for tile in cfg.chain.tiles:
-        path = cfg.dated_raster.path.replace("{tile}", tile)
-        if not storage.exists(path):
-            raise ConfigError(f"dated_raster.path: no raster for tile {tile!r} at {path}")
+        try:
+            build_sensors(cfg, tile)
+        except ConfigError:
+            raise
+        except BadInputError as exc:
+            raise ConfigError(str(exc)) from None
+
+

@@ -29,9 +29,11 @@ from sitsflow.config.models import (
     DatedRasterSection,
     DeepLearningParameters,
     ExternalFeaturesSection,
+    OpticalSensorSection,
     PythonDataManagingSection,
 )
 from sitsflow.config.syntax import Location
+from sitsflow.config.resources import IOTA2_STEP_HINTS, ResourcesSection, parse_block
 
 _MISSING = object()
 
@@ -512,8 +514,8 @@ _CHAIN_UNSUPPORTED = {
     **{
         key: _SENSOR_HINT
         for key in (
-            "s2_path s2_output_path s2_l3a_path s2_l3a_output_path s2_s2c_path "
-            "s2_s2c_output_path l8_path l8_path_old l8_usgs_path l8_usgs_optical_path "
+            "s2_output_path s2_l3a_output_path "
+            "s2_s2c_output_path l8_path_old l8_usgs_path l8_usgs_optical_path "
             "l8_usgs_thermal_path l8_usgs_infrared_path l7_usgs_path l5_path_old s1_path "
             "user_feat_path"
         ).split()
@@ -544,6 +546,10 @@ CHAIN = SectionSpec(
         "region_field": text(description="a non-empty field name"),
         "nomenclature_path": optional(path(description="None or the path of a text file")),
         "color_table": optional(path(description="None or the path of a text file")),
+        **{
+            key: optional(path(description="None or a folder (local or s3:// URI)"))
+            for key in ("s2_path", "s2_l3a_path", "s2_s2c_path", "l8_path")
+        },
     },
     _CHAIN_UNSUPPORTED,
 )
@@ -587,6 +593,76 @@ DATED_RASTER = SectionSpec(
         "temporal_resolution": integer(1, "an integer number of days >= 1"),
     },
 )
+
+
+# --- iota2 sensor sections (Sentinel_2, Sentinel_2_L3A, Sentinel_2_S2C, Landsat8) ----------------
+SENSOR_SECTIONS: dict[str, tuple[str, tuple[str, ...], int]] = {
+    "Sentinel_2": ("s2_path", ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"), 10),
+    "Sentinel_2_L3A": (
+        "s2_l3a_path", ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"), 10
+    ),
+    "Sentinel_2_S2C": (
+        "s2_s2c_path", ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"), 10
+    ),
+    "Landsat8": ("l8_path", ("B1", "B2", "B3", "B4", "B5", "B6", "B7"), 16),
+}
+"""section -> (its chain path key, its bands in stacking order, its default temporal_resolution)."""
+
+
+def keep_bands(allowed: tuple[str, ...]) -> Checker:
+    """A non-empty list of unique band names of the sensor, put in the sensor's band order."""
+
+    def check(value: Any, ctx: Ctx) -> tuple[str, ...]:
+        expected = f"a non-empty list of unique bands among {list(allowed)}"
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(b, str) for b in items):
+            raise Invalid(expected)
+        canon = {b.upper(): b for b in allowed}
+        unknown = [b for b in items if b.upper() not in canon]
+        if unknown:
+            raise Invalid(expected + f"; unknown band {unknown[0]!r}")
+        names = [canon[b.upper()] for b in items]
+        if len(set(names)) != len(names):
+            raise Invalid(expected + "; a band is listed twice")
+        return tuple(b for b in allowed if b in names)
+
+    return check
+
+
+def _sensor_spec(bands_allowed: tuple[str, ...]) -> SectionSpec:
+    return SectionSpec(
+        OpticalSensorSection,
+        {
+            "start_date": optional(date),
+            "end_date": optional(date),
+            "keep_bands": optional(keep_bands(bands_allowed)),
+            "temporal_resolution": integer(1, "an integer number of days >= 1"),
+        },
+        {
+            "additional_features": "use the external_features section",
+            "write_reproject_resampled_input_dates_stack": "",
+            "patterns": "",
+            "arbo": "",
+        },
+    )
+
+
+_INDICES = ("NDVI", "NDWI", "Brightness")
+
+
+def spectral_indices(value: Any, ctx: Ctx) -> tuple[str, ...]:
+    """A list of unique names among NDVI, NDWI, Brightness (any case); [] turns them off."""
+    expected = 'a list of unique names among "NDVI", "NDWI", "Brightness" ([] for none)'
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise Invalid(expected)
+    canon = {n.lower(): n for n in _INDICES}
+    if any(v.lower() not in canon for v in items):
+        raise Invalid(expected)
+    names = [canon[v.lower()] for v in items]
+    if len(set(names)) != len(names):
+        raise Invalid(expected + "; a name is listed twice")
+    return tuple(names)
 
 
 # --- arg_train.deep_learning_parameters --------------------------------------------------------
@@ -783,9 +859,7 @@ _ARG_TRAIN_UNSUPPORTED["classifier"] = (
     "sitsflow trains deep-learning models only: set arg_train.deep_learning_parameters.dl_name"
 )
 _ARG_TRAIN_UNSUPPORTED["otb_classifier_options"] = _ARG_TRAIN_UNSUPPORTED["classifier"]
-_ARG_TRAIN_UNSUPPORTED["features"] = (
-    "sitsflow feeds the bands of dated_raster (add indices with external_features)"
-)
+del _ARG_TRAIN_UNSUPPORTED["features"]
 
 ARG_TRAIN = SectionSpec(
     ArgTrainSection,
@@ -794,6 +868,7 @@ ARG_TRAIN = SectionSpec(
         "ratio": number(gt=0, lt=1, text="a number 0 < ratio < 1"),
         "random_seed": integer(0),
         "features_from_raw_dates": boolean,
+        "features": spectral_indices,
         "deep_learning_parameters": deep_learning_parameters,
     },
     _ARG_TRAIN_UNSUPPORTED,
@@ -875,22 +950,44 @@ EXTERNAL_FEATURES = SectionSpec(
 )
 
 
+def resource_block(stage: str) -> Checker:
+    """An iota2 resource block of ``stage`` (``sitsflow.config.resources.parse_block``)."""
+
+    def check(value: Any, ctx: Ctx) -> dict[str, Any] | None:
+        try:
+            return parse_block(value, stage)
+        except ValueError as exc:
+            for line in str(exc).splitlines():
+                ctx.errors.append(f"{ctx.name}.{line} ({ctx.where})")
+            raise Reported() from None
+
+    return check
+
+
+RESOURCES = SectionSpec(
+    ResourcesSection,
+    {stage: resource_block(stage) for stage in ResourcesSection.model_fields},
+    IOTA2_STEP_HINTS,
+)
+
 # --- top level -------------------------------------------------------------------------------
 SECTIONS: dict[str, SectionSpec] = {
     "chain": CHAIN,
     "dated_raster": DATED_RASTER,
+    **{name: _sensor_spec(spec[1]) for name, spec in SENSOR_SECTIONS.items()},
     "arg_train": ARG_TRAIN,
     "arg_classification": ARG_CLASSIFICATION,
     "python_data_managing": PYTHON_DATA_MANAGING,
     "external_features": EXTERNAL_FEATURES,
+    "resources": RESOURCES,
 }
-REQUIRED_SECTIONS = ("chain", "dated_raster", "arg_train")
+REQUIRED_SECTIONS = ("chain", "arg_train")
 
 _UNSUPPORTED_SECTIONS = {
     **{
         name: "it is an iota2 sensor section; describe the images with a dated_raster section"
         for name in (
-            "Sentinel_2 Sentinel_2_S2C Sentinel_2_L3A Landsat8 Landsat8_old Landsat5_old "
+            "Landsat8_old Landsat5_old "
             "Landsat8_usgs Landsat8_usgs_optical Landsat8_usgs_thermal "
             "Landsat8_usgs_infrared Landsat7_usgs Sentinel_1 userFeat"
         ).split()
@@ -945,14 +1042,12 @@ def check_config(raw: Any, origins: Origins) -> tuple[dict[str, Any], list[str]]
     for name in REQUIRED_SECTIONS:
         if name in raw:
             continue
-        if name == "dated_raster":
-            errors.append(f"no sensor section: add a dated_raster section ({origins.label})")
-        else:
-            meaning = {
-                "chain": "output_path, list_tile, ground_truth and data_field",
-                "arg_train": "with its deep_learning_parameters section (dl_name at least)",
-            }[name]
-            errors.append(f"{name}: missing required section {name!r} ({origins.label}): {meaning}")
+        meaning = {
+            "chain": "output_path, list_tile, ground_truth and data_field",
+            "arg_train": "with its deep_learning_parameters section (dl_name at least)",
+        }[name]
+        errors.append(f"{name}: missing required section {name!r} ({origins.label}): {meaning}")
+    _sensor_cross_checks(values, root, given=set(raw))
     _cross_checks(values, root)
     return values, errors
 
@@ -982,3 +1077,37 @@ def _cross_checks(values: dict[str, Any], root: Ctx) -> None:
                     f"{len(tiles)} tiles are listed in chain.list_tile but {pattern!r} has no "
                     "{tile} placeholder: every tile would read the same file"
                 )
+
+
+def _sensor_cross_checks(values: dict[str, Any], root: Ctx, given: set[str]) -> None:
+    """At least one sensor; an iota2 sensor section needs its chain path (and gets defaults).
+
+    ``given``: the sections present in the file (valid or not), so that an invalid dated_raster
+    section is not also reported as missing.
+    """
+    chain = values.get("chain")
+    if chain is None:
+        return
+    used = ["dated_raster"] if "dated_raster" in given else []
+    for name, (key, _, default_resolution) in SENSOR_SECTIONS.items():
+        if chain.get(key) is None:
+            if name in values:
+                root.child(name).error(
+                    f"the {name} section describes a sensor whose products are not given: "
+                    f"set chain.{key} (the folder of its products) or remove the section"
+                )
+            continue
+        section = values.setdefault(name, {})
+        section.setdefault("temporal_resolution", default_resolution)
+        start, end = section.get("start_date"), section.get("end_date")
+        if start is not None and end is not None and start > end:
+            root.child(name, "end_date").error(
+                f"end_date {end} is before start_date {start}; start_date <= end_date is required"
+            )
+        used.append(name)
+    if not used:
+        root.errors.append(
+            f"no sensor: set chain.s2_path, chain.s2_l3a_path, chain.s2_s2c_path or chain.l8_path "
+            f"(with optional Sentinel_2 / Sentinel_2_L3A / Sentinel_2_S2C / Landsat8 sections), "
+            f"or add a dated_raster section ({root.origins.label})"
+        )

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from sitsflow.config.syntax import format_key, format_value
+from sitsflow.config.resources import ResourcesSection
 
 BUILTIN_NETWORKS: tuple[str, ...] = (
     "LTAEClassifier",
@@ -49,6 +50,15 @@ class ChainSection(_Section):
     """Optional text file ``name:code`` per line, naming the classes in reports."""
     color_table: str | None = None
     """Optional text file ``code R G B`` per line, for the colour-indexed final map."""
+    s2_path: str | None = None
+    """Folder of Sentinel-2 THEIA L2A products, one sub-folder per tile (``{s2_path}/T31TCJ/``)
+    holding one folder per acquisition (``SENTINEL2A_YYYYMMDD-..._L2A_T31TCJ_...``)."""
+    s2_l3a_path: str | None = None
+    """Folder of Sentinel-2 THEIA L3A monthly syntheses, one sub-folder per tile."""
+    s2_s2c_path: str | None = None
+    """Folder of Sentinel-2 Sen2Cor L2A products (``.SAFE`` folders), one sub-folder per tile."""
+    l8_path: str | None = None
+    """Folder of Landsat 8 THEIA L2A products, one sub-folder per tile."""
 
     @property
     def tiles(self) -> tuple[str, ...]:
@@ -93,6 +103,25 @@ class DatedRasterSection(_Section):
         if isinstance(self.dates, tuple):
             return "list"
         return "descriptions" if self.dates == "descriptions" else "file"
+
+
+class OpticalSensorSection(_Section):
+    """An iota2 sensor section (``Sentinel_2``, ``Sentinel_2_L3A``, ``Sentinel_2_S2C``,
+    ``Landsat8``): which dates and bands of the products under the sensor's ``chain`` path are
+    used."""
+
+    start_date: int | None = None
+    """First date (YYYYMMDD) of the acquisitions used and of the gap-filling grid; None: the first
+    acquisition."""
+    end_date: int | None = None
+    """Last date (YYYYMMDD) of the acquisitions used and of the gap-filling grid; None: the last
+    acquisition."""
+    keep_bands: tuple[str, ...] | None = None
+    """Bands fed to the network, in the sensor's order (e.g. ``["B2", "B3", "B4", "B8"]``); None:
+    every band of the sensor. Spectral indices are computed from all bands either way."""
+    temporal_resolution: int = 10
+    """Interval in days of the regular date grid the series are gap-filled onto (iota2's default:
+    10 for Sentinel-2, 16 for Landsat 8)."""
 
 
 class HyperparametersSolver(_Section):
@@ -179,6 +208,10 @@ class ArgTrainSection(_Section):
     """Seed of the first split; run ``r`` uses ``random_seed + r``."""
     features_from_raw_dates: bool = False
     """Feed the networks the raw acquisition dates instead of the gap-filled regular date grid."""
+    features: tuple[str, ...] = ("NDVI", "NDWI", "Brightness")
+    """Spectral indices computed per date for the optical sensors (Sentinel-2, Landsat 8) after
+    their bands, among "NDVI", "NDWI", "Brightness"; [] turns them off. Not applied to
+    dated_raster."""
     deep_learning_parameters: DeepLearningParameters
     """The deep-learning parameters (a section)."""
 
@@ -221,10 +254,15 @@ class ExternalFeaturesSection(_Section):
 SECTION_MODELS: dict[str, type[_Section]] = {
     "chain": ChainSection,
     "dated_raster": DatedRasterSection,
+    "Sentinel_2": OpticalSensorSection,
+    "Sentinel_2_L3A": OpticalSensorSection,
+    "Sentinel_2_S2C": OpticalSensorSection,
+    "Landsat8": OpticalSensorSection,
     "arg_train": ArgTrainSection,
     "arg_classification": ArgClassificationSection,
     "python_data_managing": PythonDataManagingSection,
     "external_features": ExternalFeaturesSection,
+    "resources": ResourcesSection,
 }
 """Top-level sections, in the order they are written."""
 
@@ -254,8 +292,17 @@ class SitsflowConfig(_Section):
     """Where the configuration was read (absolute local path or ``s3://`` URI)."""
     chain: ChainSection
     """The ``chain`` section."""
-    dated_raster: DatedRasterSection
-    """The ``dated_raster`` section (the generic dated-raster sensor)."""
+    dated_raster: DatedRasterSection | None = None
+    """The ``dated_raster`` section (the generic dated-raster sensor), None when absent."""
+    Sentinel_2: OpticalSensorSection | None = None
+    """The ``Sentinel_2`` section (THEIA L2A); defaults apply when ``chain.s2_path`` is set
+    without it; None when the sensor is not used."""
+    Sentinel_2_L3A: OpticalSensorSection | None = None
+    """The ``Sentinel_2_L3A`` section (THEIA L3A syntheses), as ``Sentinel_2``."""
+    Sentinel_2_S2C: OpticalSensorSection | None = None
+    """The ``Sentinel_2_S2C`` section (Sen2Cor L2A), as ``Sentinel_2``."""
+    Landsat8: OpticalSensorSection | None = None
+    """The ``Landsat8`` section (THEIA L2A), as ``Sentinel_2``."""
     arg_train: ArgTrainSection
     """The ``arg_train`` section, ``deep_learning_parameters`` included."""
     arg_classification: ArgClassificationSection = Field(default_factory=ArgClassificationSection)
@@ -266,6 +313,8 @@ class SitsflowConfig(_Section):
     """The ``python_data_managing`` section."""
     external_features: ExternalFeaturesSection | None = None
     """The ``external_features`` section, None when absent."""
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    """iota2's per-step resource blocks (``sitsflow.config.resources``): the pods' requests."""
 
     @property
     def dl(self) -> DeepLearningParameters:

@@ -39,15 +39,14 @@ def _input_stats(uris: list[str | None]) -> list:
     return [(u, storage.stat(u)) if u and storage.exists(u) else (u, None) for u in uris]
 
 
-def fingerprint(cfg) -> str:
-    """Everything the sample databases depend on."""
+def fingerprint(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> str:
+    """Everything the sample databases depend on: the reference files, the split settings, the
+    feature pipeline of every tile (sensors, dates, bands, indices, external module) and the size
+    and version of every input file."""
     chain = cfg.chain
-    sensor_files = []
-    for tile in chain.tiles:
-        sensor_files.append(cfg.dated_raster.path.replace("{tile}", tile))
-        if cfg.dated_raster.mask_path:
-            sensor_files.append(cfg.dated_raster.mask_path.replace("{tile}", tile))
-    if isinstance(cfg.dated_raster.dates, str) and cfg.dated_raster.dates != "descriptions":
+    pipelines = pipelines or {tile: FeaturePipeline(cfg, tile) for tile in chain.tiles}
+    sensor_files = [f for tile in chain.tiles for f in pipelines[tile].input_files()]
+    if cfg.dated_raster is not None and isinstance(cfg.dated_raster.dates, str) and cfg.dated_raster.dates != "descriptions":
         sensor_files.append(cfg.dated_raster.dates)
     return manifest.fingerprint(
         STAGE,
@@ -59,7 +58,7 @@ def fingerprint(cfg) -> str:
             "region_field": chain.region_field,
             "nomenclature_path": chain.nomenclature_path,
         },
-        cfg.section_dict("dated_raster"),
+        {tile: pipelines[tile].description() for tile in chain.tiles},
         {
             "runs": cfg.arg_train.runs,
             "ratio": cfg.arg_train.ratio,
@@ -87,7 +86,7 @@ def _burn(polys: Polygons, tree: shapely.STRtree, window: Window, grid, values: 
     return rasterize(shapes, out_shape=(h, w), transform=window_transform(window, grid.transform), fill=0, dtype="int64")
 
 
-def extract(cfg) -> tuple[dict, dict]:
+def extract(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> tuple[dict, dict]:
     """Extract the features of every labelled pixel of every tile.
 
     Returns:
@@ -100,14 +99,22 @@ def extract(cfg) -> tuple[dict, dict]:
     report: dict = {}
     description = None
     for tile_index, tile in enumerate(chain.tiles):
-        pipe = FeaturePipeline(cfg, tile)
+        pipe = pipelines[tile] if pipelines else FeaturePipeline(cfg, tile)
         if description is None:
-            description = pipe.description() | {"feature_names": pipe.feature_names}
-        elif pipe.description() != {k: description[k] for k in pipe.description()}:
+            description = pipe.description() | {"feature_names": pipe.feature_names,
+                                                "sensor_keys": pipe.sensor_keys}
+        elif pipe.feature_names != description["feature_names"]:
             raise BadInputError(
-                f"tile {tile!r}: its dates or bands differ from the first tile's; every tile must yield the same features"
+                f"tile {tile!r}: its dates or bands differ from the first tile's; every tile must yield the same "
+                "features (set start_date and end_date so that every tile gets the same date grid)"
             )
         polys, rep = read_polygons(chain.ground_truth, chain.data_field, "chain.ground_truth", crs=pipe.grid.crs)
+        tile_box = shapely.box(*window_bounds(Window(0, 0, pipe.grid.width, pipe.grid.height), pipe.grid.transform))
+        inside = shapely.intersects(polys.geoms, tile_box) if len(polys.ids) else np.zeros(0, bool)
+        rep = rep | {"outside_tile": int((~inside).sum())}
+        if (~inside).any():
+            log.info("tile %s: %d of %d labelled polygons lie outside the tile and are ignored",
+                     tile, int((~inside).sum()), len(inside))
         report[tile] = rep
         tree = shapely.STRtree(polys.geoms)
         position = np.arange(len(polys.ids))
@@ -124,7 +131,7 @@ def extract(cfg) -> tuple[dict, dict]:
                 labelled &= region_map > 0
             else:
                 region_map = np.ones(burnt.shape, np.int64)
-            block = pipe.features(window, select=labelled)
+            block = pipe.features(window, select=labelled, count_clear=False)
             if not block.rows.size:
                 continue
             r = block.rows - int(window.row_off)
@@ -188,12 +195,13 @@ def _subset(arrays: dict, mask: np.ndarray) -> SampleSet:
 def run(cfg) -> dict:
     """Run the sampling stage; return its JSON summary (``skipped`` when already done)."""
     out = cfg.chain.output_path
-    fp = fingerprint(cfg)
+    pipelines = {tile: FeaturePipeline(cfg, tile) for tile in cfg.chain.tiles}
+    fp = fingerprint(cfg, pipelines)
     previous = manifest.done(out, STAGE, "all", fp)
     if previous:
         log.info("sampling: outputs are up to date (manifest %s)", layout.manifest(out, STAGE, "all"))
         return previous["summary"] | {"skipped": True}
-    arrays, meta = extract(cfg)
+    arrays, meta = extract(cfg, pipelines)
     desc = meta["description"]
     class_names = read_nomenclature(cfg.chain.nomenclature_path)
     polygon_class = {int(p): int(c) for p, c in zip(arrays["polygon_id"], arrays["label"])}
@@ -242,7 +250,7 @@ def run(cfg) -> dict:
                     _subset(arrays, mask),
                     **common,
                     attrs={"region": int(region), "seed": int(run_index), "random_seed": int(seed),
-                           "set": kind, "fingerprint": fp},
+                           "set": kind, "fingerprint": fp, "sensors": " ".join(desc["sensor_keys"])},
                 )
                 outputs.append(uri)
             counts[f"region_{region}_seed_{run_index}"] = {"learn": int(learn.sum()), "test": int(test.sum())}

@@ -1,0 +1,205 @@
+"""Inference benchmark: pixels per second of the network alone and of the whole inference stage.
+
+Generates one chunk (default 1024 x 1024 px, 36 dates x 10 bands, int16, a Cloud-Optimized
+GeoTIFF with nodata -10000), a selected model with random weights (speed does not depend on the
+weights), and measures:
+
+* network alone: ``sitsflow.nn.predict_proba`` on in-memory features of every pixel;
+* whole stage: ``sitsflow.inference.run`` on the chunk (windowed read -> masks -> gap filling ->
+  network -> GeoTIFF writes), one chunk;
+* the same stage on a chunk whose pixels are 90 % nodata (they must cost almost nothing).
+
+    python bench/inference.py [--size 1024] [--dates 36] [--bands 10] [--network MLPClassifier]
+                              [--device cpu|cuda] [--repeat 2] [--json]
+
+Prints a table and one JSON line; record the figures in docs/benchmarks.md with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.transform import from_origin
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
+
+from sitsflow import layout, manifest, nn  # noqa: E402
+from sitsflow.config import load_config  # noqa: E402
+from sitsflow.features import FeaturePipeline  # noqa: E402
+from sitsflow.log import setup_logging  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_chunk(path: Path, size: int, nb_dates: int, nb_bands: int, nodata_fraction: float, seed: int = 0) -> list[str]:
+    """Write a pixel-interleaved int16 COG of nb_dates*nb_bands bands (date-major)."""
+    rng = np.random.default_rng(seed)
+    dates = [dt.date(2021, 1, 3) + dt.timedelta(days=10 * i) for i in range(nb_dates)]
+    yy, xx = np.mgrid[0:size, 0:size]
+    field = (np.sin(xx / 37.0) + np.cos(yy / 23.0)) * 1000
+    data = np.empty((nb_dates * nb_bands, size, size), np.int16)
+    for t in range(nb_dates):
+        season = np.sin(2 * np.pi * t / nb_dates)
+        for b in range(nb_bands):
+            band = 1500 + 300 * b + field * season + rng.normal(0, 50, (size, size))
+            data[t * nb_bands + b] = band.astype(np.int16)
+    if nodata_fraction > 0:
+        rows = int(size * nodata_fraction)
+        data[:, :rows, :] = -10000  # the top of the chunk is outside the swath
+    profile = {"driver": "GTiff", "dtype": "int16", "count": data.shape[0], "width": size, "height": size,
+               "crs": "EPSG:32631", "transform": from_origin(300000, 5000000, 10, 10), "nodata": -10000,
+               "tiled": True, "blockxsize": 512, "blockysize": 512, "interleave": "pixel"}
+    plain = path.with_suffix(".plain.tif")
+    with rasterio.open(plain, "w", **profile) as dst:
+        dst.write(data)
+        for i, d in enumerate(dates):
+            for b in range(nb_bands):
+                dst.set_band_description(i * nb_bands + b + 1, d.isoformat())
+    rasterio.shutil.copy(plain, path, driver="COG", compress="DEFLATE", blocksize=512, overviews="NONE")
+    plain.unlink()
+    return [d.strftime("%Y%m%d") for d in dates]
+
+
+def write_config(folder: Path, raster: Path, nb_bands: int, out: Path) -> Path:
+    bands = ", ".join(f"'b{i + 1}'" for i in range(nb_bands))
+    cfg = folder / "bench.cfg"
+    cfg.write_text(f"""
+chain : {{
+  output_path : '{out}'
+  list_tile : 'T0'
+  ground_truth : 'none.gpkg'
+  data_field : 'code'
+}}
+dated_raster : {{
+  name : 'bench'
+  path : '{raster}'
+  bands : [{bands}]
+  scale : 0.0001
+  nodata : -10000
+  temporal_resolution : 10
+}}
+arg_train : {{ deep_learning_parameters : {{ dl_name : 'MLPClassifier' }} }}
+python_data_managing : {{
+  chunk_size_mode : 'split_number'
+  number_of_chunks : 1
+}}
+""")
+    return cfg
+
+
+def install_model(cfg, network_name: str, nb_classes: int = 10) -> object:
+    """A selected model with random weights and the sampling manifest inference needs."""
+    pipe = FeaturePipeline(cfg, "T0")
+    nb_dates, nb_comp = len(pipe.dates), len(pipe.components)
+    stats = {pipe.sensor: {"mean": np.full(nb_dates * nb_comp, 0.2, np.float32),
+                           "var": np.full(nb_dates * nb_comp, 0.01, np.float32)}}
+    import torch
+
+    torch.manual_seed(0)
+    net = nn.build_network(network_name, {}, nb_dates=nb_dates, nb_components=nb_comp, nb_classes=nb_classes,
+                           dates=pipe.dates, stats={k: {s: torch.from_numpy(v) for s, v in d.items()} for k, d in stats.items()},
+                           sensor=pipe.sensor)
+    desc = {"classes": list(range(1, nb_classes + 1)), "class_names": [str(c) for c in range(1, nb_classes + 1)],
+            "feature_names": pipe.feature_names}
+    out = cfg.chain.output_path
+    Path(layout.model_selected(out, 1, 0)).parent.mkdir(parents=True, exist_ok=True)
+    Path(layout.model_selected(out, 1, 0)).write_bytes(nn.save_model(net, desc))
+    manifest.write_manifest(out, "sampling", "all", "bench", [], {"regions": [1], "summary": {}})
+    return net
+
+
+def time_stage(cfg, repeat: int) -> float:
+    from sitsflow import inference
+
+    best = float("inf")
+    for _ in range(repeat):
+        shutil.rmtree(Path(cfg.chain.output_path) / "manifests" / "inference", ignore_errors=True)
+        t0 = time.perf_counter()
+        inference.run(cfg, "T0", 0, 0)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--dates", type=int, default=36)
+    parser.add_argument("--bands", type=int, default=10)
+    parser.add_argument("--network", default="MLPClassifier")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args(argv)
+    setup_logging("WARNING")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sitsflow-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"size": args.size, "dates": args.dates, "bands": args.bands, "network": args.network,
+               "cpu": cpu_name(), "cores": os.cpu_count()}
+    import torch
+
+    results["device"] = str(nn.resolve_device(args.device))
+    if results["device"].startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name(0)
+    pixels = args.size * args.size
+    stage_time = {}
+    for label, fraction in (("full", 0.0), ("nodata90", 0.9)):
+        raster = work / f"chunk_{label}.tif"
+        t0 = time.perf_counter()
+        make_chunk(raster, args.size, args.dates, args.bands, fraction)
+        results[f"generate_{label}_s"] = round(time.perf_counter() - t0, 1)
+        cfg = load_config(str(write_config(work, raster, args.bands, work / f"out_{label}")))
+        net = install_model(cfg, args.network)
+        if label == "full":
+            pipe = FeaturePipeline(cfg, "T0")
+            from rasterio.windows import Window
+
+            block = pipe.features(Window(0, 0, args.size, args.size))
+            x = block.values
+            nn.predict_proba(net, x[:4096], device=args.device)  # warm-up
+            best = float("inf")
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                nn.predict_proba(net, x, device=args.device)
+                best = min(best, time.perf_counter() - t0)
+            results["network_alone_px_s"] = round(x.shape[0] / best)
+            del x, block
+        stage_time[label] = time_stage(cfg, args.repeat)
+        results[f"stage_{label}_px_s"] = round(pixels / stage_time[label])
+        results[f"stage_{label}_s"] = round(stage_time[label], 2)
+    results["stage_over_network"] = round(results["stage_full_px_s"] / results["network_alone_px_s"], 3)
+    results["nodata90_cost_over_full"] = round(stage_time["nodata90"] / stage_time["full"], 3)
+    print(f"machine: {results['cpu']} ({results['cores']} cores), device {results['device']}")
+    print(f"chunk: {args.size}x{args.size} px, {args.dates} dates x {args.bands} bands, int16 COG; network {args.network}")
+    print(f"network alone        : {results['network_alone_px_s']:>12,} px/s")
+    print(f"whole stage (full)   : {results['stage_full_px_s']:>12,} px/s  ({results['stage_full_s']} s)  "
+          f"= {results['stage_over_network']:.0%} of the network alone")
+    print(f"whole stage (90% nd) : {results['stage_nodata90_px_s']:>12,} px/s  ({results['stage_nodata90_s']} s)  "
+          f"= {results['nodata90_cost_over_full']:.0%} of a full chunk's time")
+    print(json.dumps(results))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

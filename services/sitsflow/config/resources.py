@@ -1,0 +1,281 @@
+"""iota2's per-step resource blocks, and what each pipeline stage's pods request on Kubernetes.
+
+iota2 users describe a step's PBS resources as a block::
+
+    training : { name:"training" nb_cpu:10 ram:"92gb" walltime:"12:00:00" nb_gpu:1 queue:"qgpgpu" }
+
+sitsflow reads the same blocks from a ``resources`` section of the configuration, one block per
+stage (``sample``, ``train``, ``select``, ``infer``, ``merge``) plus ``default`` for every stage::
+
+    resources : {
+        default : { nb_cpu : 2  ram : "8gb" }
+        train : { name:"training" nb_cpu:10 ram:"92gb" walltime:"12:00:00" nb_gpu:1 queue:"qgpgpu" }
+    }
+
+and ``sitsflow prepare`` turns them into each stage's pod settings (:func:`stage_pods`), which the
+WorkflowTemplate applies: ``nb_cpu`` → CPU request, ``ram`` → memory request and limit,
+``walltime`` → ``activeDeadlineSeconds``, ``nb_gpu`` → ``nvidia.com/gpu`` (train and infer only),
+``queue`` → a node selector ``{<pool label>: <queue>}`` on top of the stage's default selector.
+``name`` is iota2's PBS job name: checked, kept in the resolved configuration, and otherwise
+unused (Argo names the pods after the tasks).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+#: The stages whose pods request GPUs (and go to GPU nodes); the others run on CPU nodes.
+GPU_STAGES: tuple[str, ...] = ("train", "infer")
+#: Every stage a block can name, in pipeline order.
+STAGES: tuple[str, ...] = ("sample", "train", "select", "infer", "merge")
+
+#: Built-in pod settings of each stage, before the ``default`` and the stage's own block.
+BUILTIN: dict[str, dict[str, Any]] = {
+    "sample": {"nb_cpu": 2, "ram": "8Gi", "walltime": 86400, "nb_gpu": 0, "queue": None},
+    "train": {"nb_cpu": 4, "ram": "16Gi", "walltime": 86400, "nb_gpu": 1, "queue": None},
+    "select": {"nb_cpu": 1, "ram": "4Gi", "walltime": 21600, "nb_gpu": 0, "queue": None},
+    "infer": {"nb_cpu": 4, "ram": "16Gi", "walltime": 86400, "nb_gpu": 1, "queue": None},
+    "merge": {"nb_cpu": 2, "ram": "8Gi", "walltime": 43200, "nb_gpu": 0, "queue": None},
+}
+
+#: iota2 step names that users may paste, with the sitsflow stage to name instead.
+IOTA2_STEP_HINTS: dict[str, str] = {
+    "training": "name the block train (sitsflow's stage word)",
+    "classifications": "name the block infer (sitsflow's stage word)",
+    "cmdClassifications": "name the block infer (sitsflow's stage word)",
+    "mosaic": "name the block merge (sitsflow's stage word)",
+    "vectorSampler": "name the block sample (sitsflow's stage word)",
+    "samplesExtraction": "name the block sample (sitsflow's stage word)",
+    "samplesSelection": "name the block sample (sitsflow's stage word)",
+    "iota2_chain": "the whole chain is an Argo workflow; name a stage or default",
+}
+
+_PBS_RAM = re.compile(r"(\d+)\s*([kmgtp]?)b", re.IGNORECASE)
+_K8S_RAM = re.compile(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?")
+_QUEUE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$")
+
+
+def parse_ram(value: Any) -> str:
+    """iota2/PBS memory (``"92gb"``, ``"512mb"``) or a Kubernetes quantity → a quantity string.
+
+    PBS units are binary (1 gb = 1024³ bytes), so ``"92gb"`` is ``"92Gi"``; Kubernetes forms pass
+    through (``"16Gi"``, ``"500M"``, ``"4G"``); a bare number is bytes. Raises ValueError.
+    """
+    expected = 'a memory size such as "92gb" (PBS, binary units) or "16Gi" (Kubernetes)'
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(expected)
+    text = str(value).strip()
+    if match := _PBS_RAM.fullmatch(text):
+        amount, unit = match.group(1), match.group(2).lower()
+        quantity = amount + {"": "", "k": "Ki", "m": "Mi", "g": "Gi", "t": "Ti", "p": "Pi"}[unit]
+    elif match := _K8S_RAM.fullmatch(text):
+        amount, quantity = match.group(1), text
+    else:
+        raise ValueError(expected)
+    if float(amount) <= 0:
+        raise ValueError(expected + "; it must be more than 0")
+    return quantity
+
+
+def parse_walltime(value: Any) -> int:
+    """PBS walltime ``[[hours:]minutes:]seconds`` (``"12:00:00"``) or seconds → seconds (> 0)."""
+    expected = 'a walltime "HH:MM:SS" (hours may exceed 24) or a number of seconds'
+    if isinstance(value, bool):
+        raise ValueError(expected)
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+(?::\d{1,2}){0,2}\s*", value):
+        parts = [int(p) for p in value.strip().split(":")]
+        if any(p >= 60 for p in parts[1:]):
+            raise ValueError(expected + "; minutes and seconds must be below 60")
+        seconds = 0
+        for part in parts:
+            seconds = seconds * 60 + part
+    else:
+        raise ValueError(expected)
+    if seconds <= 0:
+        raise ValueError(expected + "; it must be more than 0 seconds")
+    return seconds
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class StageResources(_Block):
+    """One iota2 resource block; a key left out keeps the default (``default`` block, built-in)."""
+
+    name: str | None = None
+    """iota2's PBS job name; kept for compatibility, Argo names the pods after the tasks."""
+    nb_cpu: int | None = None
+    """CPU cores requested (``resources.requests.cpu``)."""
+    ram: str | None = None
+    """Memory requested and limited (``resources.requests/limits.memory``), a Kubernetes quantity."""
+    walltime: int | None = None
+    """Seconds a pod may run (``activeDeadlineSeconds``) before Argo stops it."""
+    nb_gpu: int | None = None
+    """GPUs requested (``nvidia.com/gpu``); train and infer only."""
+    queue: str | None = None
+    """Node pool: the pods get the node selector ``{<pool-label parameter>: queue}``."""
+
+
+class ResourcesSection(_Block):
+    """The ``resources`` section: iota2's per-step resource blocks, one per stage."""
+
+    default: StageResources | None = None
+    """Applies to every stage (its nb_gpu to train and infer only); a stage's block wins."""
+    sample: StageResources | None = None
+    """Sampling pods (CPU nodes)."""
+    train: StageResources | None = None
+    """Training pods, one per (region, seed, hyperparameter pair) (GPU nodes)."""
+    select: StageResources | None = None
+    """Selection pods, one per (region, seed) (CPU nodes)."""
+    infer: StageResources | None = None
+    """Inference pods, one per (tile, chunk, seed) (GPU nodes)."""
+    merge: StageResources | None = None
+    """Merging pod (CPU nodes)."""
+
+
+def parse_block(value: Any, stage: str) -> dict[str, Any] | None:
+    """Check one raw resource block; the normalised values (None for ``None``).
+
+    Raises:
+        ValueError: one message per problem, joined by newlines, each naming the key.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(
+            "a block { nb_cpu : 4  ram : \"16gb\"  walltime : \"12:00:00\"  nb_gpu : 1  "
+            "queue : \"gpu-pool\" }"
+        )
+    fields = StageResources.model_fields
+    problems: list[str] = []
+    out: dict[str, Any] = {}
+    for key, raw in value.items():
+        try:
+            if key not in fields:
+                raise ValueError(f"unknown key; allowed: {', '.join(fields)}")
+            if raw is None:  # left out (as the resolved configuration writes it)
+                continue
+            if key == "name":
+                if not isinstance(raw, str) or not raw:
+                    raise ValueError("a non-empty string (iota2's job name)")
+                out[key] = raw
+            elif key == "nb_cpu":
+                if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+                    raise ValueError("an integer >= 1")
+                out[key] = raw
+            elif key == "nb_gpu":
+                if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+                    raise ValueError("an integer >= 0")
+                if raw > 0 and stage not in (*GPU_STAGES, "default"):
+                    raise ValueError(
+                        f"0 ({stage} runs on CPU nodes; only {' and '.join(GPU_STAGES)} take GPUs)"
+                    )
+                out[key] = raw
+            elif key == "ram":
+                out[key] = parse_ram(raw)
+            elif key == "walltime":
+                out[key] = parse_walltime(raw)
+            elif key == "queue":
+                if not isinstance(raw, str) or not _QUEUE.match(raw):
+                    raise ValueError(
+                        "a node pool name: a Kubernetes label value (letters, digits, '-', '_', "
+                        "'.', at most 63 characters)"
+                    )
+                out[key] = raw
+        except ValueError as exc:
+            problems.append(f"{key}: expected {exc}, got {raw!r}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return out
+
+
+def label_selector(text: str, what: str) -> dict[str, str]:
+    """A JSON object of Kubernetes node labels (``{"key": "value"}``), checked.
+
+    Raises:
+        ValueError: not a JSON object of strings, or a key/value Kubernetes would refuse.
+    """
+    try:
+        selector = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what}: expected a JSON object of node labels, got {text!r} ({exc})")
+    if not isinstance(selector, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in selector.items()
+    ):
+        raise ValueError(f"{what}: expected a JSON object of string labels, got {text!r}")
+    for key, value in selector.items():
+        check_label_key(key, what)
+        if value and not _LABEL_NAME.match(value):
+            raise ValueError(f"{what}: label value {value!r} is not a valid Kubernetes label value")
+    return selector
+
+
+def check_label_key(key: str, what: str) -> str:
+    """A Kubernetes label key (``[prefix/]name``); raises ValueError naming ``what``."""
+    prefix, _, name = key.rpartition("/")
+    if not _LABEL_NAME.match(name) or (prefix and not _DNS_SUBDOMAIN.match(prefix)):
+        raise ValueError(
+            f"{what}: {key!r} is not a Kubernetes label key ([dns-prefix/]name, name made of "
+            "letters, digits, '-', '_', '.', at most 63 characters)"
+        )
+    return key
+
+
+def stage_pods(
+    resources: ResourcesSection,
+    *,
+    pool_label: str = "",
+    gpu_node_selector: str = "{}",
+    cpu_node_selector: str = "{}",
+) -> dict[str, dict[str, str]]:
+    """Each stage's pod settings, as the WorkflowTemplate reads them from ``prepare``'s output.
+
+    Built-in defaults (:data:`BUILTIN`) ← the ``default`` block ← the stage's block. Returns
+    ``{stage: {"cpu": "10", "memory": "92Gi", "gpu": "1", "deadline": "43200",
+    "node_selector": '{"pool": "qgpgpu"}'}}``, every value a string (Argo parameters are
+    strings; ``node_selector`` is JSON text). ``gpu`` is "0" for CPU stages. A block's ``queue``
+    adds ``{pool_label: queue}`` to the stage's default selector (GPU or CPU).
+
+    Raises:
+        ValueError: a selector or the pool label is malformed, or a queue is set while
+            ``pool_label`` is empty (the message names the block).
+    """
+    gpu_selector = label_selector(gpu_node_selector, "gpu-node-selector")
+    cpu_selector = label_selector(cpu_node_selector, "cpu-node-selector")
+    if pool_label:
+        check_label_key(pool_label, "pool-label")
+    default = resources.default.model_dump(exclude_none=True) if resources.default else {}
+    pods: dict[str, dict[str, str]] = {}
+    for stage in STAGES:
+        block = getattr(resources, stage)
+        settings = {**BUILTIN[stage], **default, **(block.model_dump(exclude_none=True) if block else {})}
+        gpu = stage in GPU_STAGES
+        selector = dict(gpu_selector if gpu else cpu_selector)
+        queue = settings.get("queue")
+        if queue:
+            if not pool_label:
+                origin = stage if block is not None and block.queue else "default"
+                raise ValueError(
+                    f"resources.{origin}.queue is {queue!r} but the workflow parameter pool-label "
+                    "is empty: set it to the node label naming node pools (GKE: "
+                    "cloud.google.com/gke-nodepool, EKS: eks.amazonaws.com/nodegroup, AKS: "
+                    "kubernetes.azure.com/agentpool)"
+                )
+            selector[pool_label] = queue
+        pods[stage] = {
+            "cpu": str(settings["nb_cpu"]),
+            "memory": str(settings["ram"]),
+            "gpu": str(settings["nb_gpu"]) if gpu else "0",
+            "deadline": str(settings["walltime"]),
+            "node_selector": json.dumps(selector, sort_keys=True, separators=(",", ":")),
+        }
+    return pods

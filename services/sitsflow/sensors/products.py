@@ -1,0 +1,273 @@
+"""Readers of the real on-disk layouts of THEIA Sentinel-2 L2A / L3A, Sen2Cor and Landsat 8.
+
+Products of a tile are looked for under ``{chain path}/{tile}/`` (iota2's layout), or directly
+under the chain path when that folder does not exist; a product belongs to the tile when its
+folder name holds the tile name. Files are read in place (local or ``s3://``, through GDAL's
+/vsis3/ with windowed reads), never downloaded whole.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+
+from sitsflow import storage
+from sitsflow.errors import BadInputError
+from sitsflow.log import get_logger
+from sitsflow.sensors.base import Grid, Sensor, grid_of, read_on_grid
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Product:
+    """One acquisition: its date, its band files and its mask files.
+
+    Attributes:
+        name: the product folder name.
+        date: YYYYMMDD of the acquisition.
+        order: sort key (date and time of acquisition, then name).
+        bands: band name -> file URI.
+        masks: (file URI, rule) pairs; a rule turns mask values into validity (see ``_valid``).
+        offset: added to the digital numbers before scaling (Sen2Cor baseline >= 04.00: -1000).
+    """
+
+    name: str
+    date: int
+    order: str
+    bands: dict[str, str]
+    masks: tuple[tuple[str, str], ...]
+    offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one product type is laid out on disk."""
+
+    section: str
+    key: str
+    prefix: str
+    ext_name: str
+    bands: tuple[str, ...]
+    roles: dict[str, str]
+    folder: re.Pattern  # groups: date (YYYYMMDD), time
+    band_file: re.Pattern  # group "band"
+    masks: tuple[tuple[re.Pattern, str], ...]
+    nodata: float
+    scale: float = 1e-4
+    grid_band: str = ""
+
+
+_S2_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
+_S2_ROLES = {"red": "B4", "nir": "B8", "swir": "B11"}
+
+LAYOUTS: dict[str, Layout] = {
+    "Sentinel_2": Layout(
+        "Sentinel_2", "s2_theia", "sentinel2", "Sentinel2", _S2_BANDS, _S2_ROLES,
+        re.compile(r"^SENTINEL2[A-D]_(?P<date>\d{8})-(?P<time>\d{6}-\d{3})_L2A_(?P<tile>[A-Z0-9]+)_"),
+        re.compile(r"_FRE_(?P<band>B\d+A?)\.tif$", re.I),
+        (
+            (re.compile(r"/MASKS/[^/]*_CLM_R1\.tif$", re.I), "zero"),
+            (re.compile(r"/MASKS/[^/]*_SAT_R1\.tif$", re.I), "zero"),
+            (re.compile(r"/MASKS/[^/]*_EDG_R1\.tif$", re.I), "zero"),
+        ),
+        nodata=-10000.0,
+        grid_band="B2",
+    ),
+    "Sentinel_2_L3A": Layout(
+        "Sentinel_2_L3A", "s2_l3a", "sentinel2l3a", "Sentinel2L3A", _S2_BANDS, _S2_ROLES,
+        re.compile(r"^SENTINEL2X_(?P<date>\d{8})-(?P<time>\d{6}-\d{3})_L3A_(?P<tile>[A-Z0-9]+)_"),
+        re.compile(r"_FRC_(?P<band>B\d+A?)\.tif$", re.I),
+        ((re.compile(r"/MASKS/[^/]*_FLG_R1\.tif$", re.I), "flg"),),
+        nodata=-10000.0,
+        grid_band="B2",
+    ),
+    "Sentinel_2_S2C": Layout(
+        "Sentinel_2_S2C", "s2_s2c", "sentinel2s2c", "Sentinel2S2C",
+        ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"),
+        {"red": "B04", "nir": "B08", "swir": "B11"},
+        re.compile(r"^S2[A-D]_MSIL2A_(?P<date>\d{8})T(?P<time>\d{6})_N(?P<baseline>\d{4})_R\d{3}_(?P<tile>T[A-Z0-9]+)_"),
+        re.compile(r"_(?P<band>B\d\d|B8A)_(?P<res>10|20|60)m\.(jp2|tif)$", re.I),
+        ((re.compile(r"_SCL_20m\.(jp2|tif)$", re.I), "scl"),),
+        nodata=0.0,
+        grid_band="B02",
+    ),
+    "Landsat8": Layout(
+        "Landsat8", "l8", "landsat8", "Landsat8", ("B1", "B2", "B3", "B4", "B5", "B6", "B7"),
+        {"red": "B4", "nir": "B5", "swir": "B6"},
+        re.compile(r"^LANDSAT8(-OLITIRS-XS)?_(?P<date>\d{8})-(?P<time>\d{6}-\d{3})_L2A_(?P<tile>[A-Z0-9]+)_"),
+        re.compile(r"_FRE_(?P<band>B\d)\.tif$", re.I),
+        (
+            (re.compile(r"/MASKS/[^/]*_CLM_XS\.tif$", re.I), "zero"),
+            (re.compile(r"/MASKS/[^/]*_SAT_XS\.tif$", re.I), "zero"),
+            (re.compile(r"/MASKS/[^/]*_EDG_XS\.tif$", re.I), "zero"),
+        ),
+        nodata=-10000.0,
+        grid_band="B1",
+    ),
+}
+"""The product types, by configuration section."""
+
+CHAIN_KEYS = {"Sentinel_2": "s2_path", "Sentinel_2_L3A": "s2_l3a_path", "Sentinel_2_S2C": "s2_s2c_path",
+              "Landsat8": "l8_path"}
+
+# Sen2Cor scene classification: 0 no data, 1 saturated/defective, 3 cloud shadow, 8/9 cloud,
+# 10 thin cirrus are invalid; 2 dark area, 4 vegetation, 5 bare soil, 6 water, 7 unclassified,
+# 11 snow are valid observations.
+SCL_INVALID = np.array([0, 1, 3, 8, 9, 10])
+
+
+def _valid(rule: str, values: np.ndarray) -> np.ndarray:
+    """Validity from mask values. ``zero``: 0 = valid (THEIA CLM/SAT/EDG, any set bit is invalid);
+    ``flg``: THEIA L3A FLG, 0 = no data and 1 = cloud are invalid (2 snow, 3 water, 4 land valid);
+    ``scl``: Sen2Cor SCL, classes in :data:`SCL_INVALID` are invalid."""
+    if rule == "zero":
+        return values == 0
+    if rule == "flg":
+        return values >= 2
+    if rule == "scl":
+        return ~np.isin(values, SCL_INVALID)
+    raise ValueError(rule)
+
+
+def _product_folder(uri: str, root: str, pattern: re.Pattern) -> tuple[str, re.Match] | None:
+    """The product folder (URI prefix) of a file and the folder name's match, or None."""
+    rel = uri[len(root):].lstrip("/")
+    parts = rel.split("/")
+    prefix = root.rstrip("/")
+    for part in parts[:-1]:
+        prefix = f"{prefix}/{part}"
+        match = pattern.match(part)
+        if match:
+            return prefix, match
+    return None
+
+
+def discover(layout: Layout, root: str, tile: str, where: str) -> list[Product]:
+    """Every product of ``tile`` under ``root`` (sorted by acquisition time)."""
+    tile_root = f"{root.rstrip('/')}/{tile}"
+    files = storage.list_files(tile_root)
+    base = tile_root
+    if not files:
+        files = storage.list_files(root)
+        base = root
+    groups: dict[str, dict] = {}
+    for uri in files:
+        found = _product_folder(uri, base, layout.folder)
+        if found is None:
+            continue
+        folder, match = found
+        if match.group("tile").lstrip("T") != tile.lstrip("T"):
+            continue
+        entry = groups.setdefault(folder, {"match": match, "bands": {}, "res": {}, "masks": []})
+        rel = uri[len(folder):]
+        band = layout.band_file.search(rel)
+        if band:
+            name = band.group("band").upper()
+            name = name if name in layout.bands else None
+            if name is None:
+                continue
+            res = int(band.groupdict().get("res") or 0)
+            best = entry["res"].get(name)
+            # Sen2Cor ships bands at several resolutions: keep the finest one
+            if best is None or (res and res < best):
+                entry["bands"][name] = uri
+                entry["res"][name] = res
+            continue
+        for pattern, rule in layout.masks:
+            if pattern.search(rel):
+                entry["masks"].append((uri, rule))
+    products = []
+    for folder, entry in sorted(groups.items()):
+        match = entry["match"]
+        name = folder.rsplit("/", 1)[-1]
+        missing = [b for b in layout.bands if b not in entry["bands"]]
+        if missing:
+            raise BadInputError(
+                f"{where}: product {folder} lacks the band files {missing} "
+                f"(expected one file per band {list(layout.bands)})"
+            )
+        if len(entry["masks"]) != len(layout.masks):
+            expected = [p.pattern for p, _ in layout.masks]
+            raise BadInputError(f"{where}: product {folder} lacks mask files: expected files matching {expected}")
+        offset = 0.0
+        if "baseline" in match.groupdict() and int(match.group("baseline")) >= 400:
+            offset = -1000.0  # Sen2Cor processing baseline 04.00: BOA_ADD_OFFSET
+        products.append(Product(name, int(match.group("date")), match.group("date") + match.group("time") + name,
+                                dict(entry["bands"]), tuple(sorted(entry["masks"])), offset))
+    products.sort(key=lambda p: p.order)
+    return products
+
+
+class ProductSensor(Sensor):
+    """A sensor read from product folders (one per acquisition)."""
+
+    products: list[Product]
+    layout: Layout
+
+    @classmethod
+    def build(cls, cfg, section: str, tile: str) -> ProductSensor:
+        layout = LAYOUTS[section]
+        chain_key = CHAIN_KEYS[section]
+        root = getattr(cfg.chain, chain_key)
+        opts = getattr(cfg, section)
+        where = f"chain.{chain_key}"
+        products = discover(layout, root, tile, where)
+        if not products:
+            raise BadInputError(
+                f"{where}: no {section} product of tile {tile!r} under {root} (expected folders "
+                f"named like {layout.folder.pattern!r} under {root.rstrip('/')}/{tile}/)"
+            )
+        start, end = opts.start_date, opts.end_date
+        kept = [p for p in products if (start is None or p.date >= start) and (end is None or p.date <= end)]
+        if not kept:
+            raise BadInputError(
+                f"{section}: none of the {len(products)} acquisitions of tile {tile!r} "
+                f"({products[0].date}..{products[-1].date}) lies between start_date {start} and end_date {end}"
+            )
+        indices = [i.lower() for i in cfg.arg_train.features]
+        sensor = cls(
+            key=layout.key, prefix=layout.prefix, ext_name=layout.ext_name, section=section,
+            bands=list(layout.bands), keep=list(opts.keep_bands or layout.bands), roles=dict(layout.roles),
+            indices=indices, raw_dates=[p.date for p in kept], start_date=start, end_date=end,
+            temporal_resolution=int(opts.temporal_resolution), tile=tile,
+            settings={"root": root, "products": [p.name for p in kept]},
+        )
+        sensor.products = kept
+        sensor.layout = layout
+        log.info("tile %s: %s, %d acquisitions kept (%d found) from %s", tile, section, len(kept), len(products), root)
+        return sensor
+
+    def native_grid(self) -> Grid:
+        uri = self.products[0].bands[self.layout.grid_band]
+        with storage.rasterio_env(), rasterio.open(storage.rasterio_path(uri)) as src:
+            return grid_of(src)
+
+    def input_files(self) -> list[str]:
+        return [u for p in self.products for u in (*p.bands.values(), *(m for m, _ in p.masks))]
+
+    def read(self, window: Window, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+        h, w = int(window.height), int(window.width)
+        nb_raw, nb_bands = len(self.products), len(self.bands)
+        values = np.empty((h, w, nb_raw, nb_bands), np.float32)
+        valid = np.ones((h, w, nb_raw), bool)
+        scale = np.float32(self.layout.scale)
+        with storage.rasterio_env():
+            for t, product in enumerate(self.products):
+                for b, band in enumerate(self.bands):
+                    uri = product.bands[band]
+                    with rasterio.open(storage.rasterio_path(uri)) as src:
+                        data, inside = read_on_grid(src, window, grid, [1], uri, fill=self.layout.nodata)
+                    dn = data[0]
+                    valid[:, :, t] &= inside & (dn != np.float32(self.layout.nodata)) & np.isfinite(dn)
+                    values[:, :, t, b] = (dn + np.float32(product.offset)) * scale
+                for uri, rule in product.masks:
+                    with rasterio.open(storage.rasterio_path(uri)) as src:
+                        data, inside = read_on_grid(src, window, grid, [1], uri, fill=0)
+                    valid[:, :, t] &= inside & _valid(rule, data[0])
+        values[~valid] = 0.0
+        return values, valid
