@@ -195,3 +195,28 @@ def test_sensor_configuration_errors(products, tmp_path):
     with pytest.raises(BadInputError, match="no Sentinel_2 product of tile 'T31TCJ'"):
         FeaturePipeline(cfg, "T31TCJ")
     assert load_config(str(cfg_path), [f"chain.l8_path={root}/l8"]).Landsat8.temporal_resolution == 16
+
+
+def test_two_sensors_sample_train_and_classify(products, tmp_path):
+    """Sentinel-2 + Landsat 8 on one date axis: the database names both sensors, the network gets
+    statistics under both keys, and the pipeline classifies with the same features."""
+    import netCDF4
+
+    from sitsflow import inference, layout, merging, sampling, selection, training
+    from sitsflow.planning import plan_inference, plan_selection, plan_training
+
+    root, _ = products
+    cfg = load_config(str(write_theia_config(root, data=str(root), landsat=True, epochs=2)),
+                      [f"chain.output_path={tmp_path / 'out'}", "python_data_managing.number_of_chunks=2"])
+    sampling.run(cfg)
+    with netCDF4.Dataset(layout.samples_learn(cfg.chain.output_path, 1, 0)) as ds:
+        assert ds.sensors.split() == ["s2_theia", "l8"]
+    for t in plan_training(cfg):
+        training.run(cfg, t["region"], t["seed"], t["hyp"])
+    for t in plan_selection(cfg):
+        selection.run(cfg, t["region"], t["seed"])
+    net, desc = inference.load_selected(cfg, 1, 0)
+    assert set(net.stats_dict()) == {"s2_theia", "l8"}
+    for t in plan_inference(cfg):
+        inference.run(cfg, t["tile"], t["chunk"], t["seed"])
+    assert merging.run(cfg)["skipped"] is False

@@ -114,6 +114,8 @@ class SampleSet:
         component_names: band / index names, length nb_components.
         feature_names: ``sensor_band_YYYYMMDD``, date-major, length nb_dates * nb_components.
         sensor: sensor key of the statistics.
+        sensors: every sensor key the features come from (the ``sensors`` attribute of a
+            multi-sensor database); the statistics are registered under each of them.
         classes: every class code of the reference, sorted; index i of the network's output is
             ``classes[i]``.
         class_names: code (as a string) -> name.
@@ -133,6 +135,7 @@ class SampleSet:
     class_names: dict[str, str]
     stats: dict[str, np.ndarray] = field(default_factory=dict)
     fingerprint: str | None = None
+    sensors: tuple[str, ...] = ()
 
     @property
     def n(self) -> int:
@@ -246,6 +249,7 @@ def open_netcdf(path: str, *, lazy: bool) -> SampleSet:
             if f"stats_{key}" in ds.variables
         }
         fp = str(ds.getncattr("fingerprint")) if "fingerprint" in ds.ncattrs() else None
+        sensors = tuple(str(ds.getncattr("sensors")).split()) if "sensors" in ds.ncattrs() else (sensor,)
         features = None if lazy else np.asarray(feats[:], dtype=np.float32)
     reader: FeatureReader = NetCDFReader(path, n) if lazy else ArrayReader(features)  # type: ignore[arg-type]
     samples = SampleSet(
@@ -260,6 +264,7 @@ def open_netcdf(path: str, *, lazy: bool) -> SampleSet:
         class_names=class_names,
         stats=stats,
         fingerprint=fp,
+        sensors=sensors,
     )
     _check(samples, path)
     missing = [k for k in STAT_KEYS if k not in stats]

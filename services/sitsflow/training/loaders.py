@@ -65,7 +65,9 @@ class StreamBatches(IterableDataset):
     chunks in a seeded random order (``set_epoch``), keeps the rows of ``mask`` and passes them
     through a shuffle buffer of ``STREAM_BUFFER_BATCHES`` batches: once full, a random batch is
     drawn from it, so batch contents change from epoch to epoch while at most
-    ``(STREAM_BUFFER_BATCHES + 1) * batch_size`` rows are held. Without shuffling (validation)
+    ``(STREAM_BUFFER_BATCHES + 1) * batch_size`` rows are held. The buffer is one preallocated
+    pool of that many rows: a drawn batch's holes are filled from the pool's tail, so each batch
+    costs O(batch_size) copies, not a copy of the whole buffer. Without shuffling (validation)
     chunks are read in file order and yielded as they are (after masking).
 
     With several workers, worker ``w`` of ``W`` reads chunks ``order[w::W]`` with its own buffer.
@@ -125,35 +127,62 @@ class StreamBatches(IterableDataset):
             for c in chunks.tolist():
                 start, stop = c * bs, min(self.reader.n, (c + 1) * bs)
                 keep = self.mask[start:stop]
-                x = self.reader.read(start, stop)[keep]
-                yield self._emit(x, self.targets[start:stop][keep])
+                x = self.reader.read(start, stop)
+                y = self.targets[start:stop]
+                yield self._emit(x if keep.all() else x[keep], y if keep.all() else y[keep])
             return
         rng = np.random.default_rng([self.buffer_seed, wid])
         capacity = STREAM_BUFFER_BATCHES * bs
-        bx: list[np.ndarray] = []
-        by: list[np.ndarray] = []
+        # the shuffle buffer: rows 0..held-1 of a preallocated pool of capacity + bs rows (a chunk
+        # adds at most bs rows to a buffer holding fewer than capacity)
+        pool_x: np.ndarray | None = None
+        pool_y = np.empty(capacity + bs, dtype=self.targets.dtype)
         held = 0
         for c in chunks.tolist():
             start, stop = c * bs, min(self.reader.n, (c + 1) * bs)
             keep = self.mask[start:stop]
-            bx.append(self.reader.read(start, stop)[keep])
-            by.append(self.targets[start:stop][keep])
-            held += int(keep.sum())
+            x = self.reader.read(start, stop)
+            y = self.targets[start:stop]
+            if not keep.all():
+                x, y = x[keep], y[keep]
+            if pool_x is None:
+                pool_x = np.empty((capacity + bs, *x.shape[1:]), dtype=x.dtype)
+            m = x.shape[0]
+            pool_x[held : held + m] = x
+            pool_y[held : held + m] = y
+            held += m
             self.max_buffered = max(self.max_buffered, held)
             while held >= capacity:
-                x, y = np.concatenate(bx), np.concatenate(by)
-                perm = rng.permutation(held)
-                take, rest = perm[:bs], perm[bs:]
-                yield self._emit(x[take], y[take])
-                bx, by, held = [x[rest]], [y[rest]], held - bs
+                take = rng.permutation(held)[:bs]
+                yield self._emit(pool_x[take], pool_y[take])  # fancy indexing copies the rows
+                held = _fill_holes(pool_x, pool_y, take, held)
         if held:
-            x, y = np.concatenate(bx), np.concatenate(by)
+            assert pool_x is not None
             perm = rng.permutation(held)
             for i in range(0, held, bs):
                 take = perm[i : i + bs]
                 if take.size == 1 and self.drop_single:
                     continue
-                yield self._emit(x[take], y[take])
+                yield self._emit(pool_x[take], pool_y[take])
+
+
+def _fill_holes(pool_x: np.ndarray, pool_y: np.ndarray, taken: np.ndarray, held: int) -> int:
+    """Remove the rows ``taken`` from the first ``held`` rows of the pool; return the new count.
+
+    The rows left in the tail ``[held - len(taken), held)`` move into the holes that ``taken``
+    left before it, so the pool stays contiguous while at most ``len(taken)`` rows are copied
+    (not the whole buffer). Args: pool_x (rows, ...), pool_y (rows,), taken: distinct row
+    indices < held.
+    """
+    new_held = held - taken.shape[0]
+    is_taken = np.zeros(held, dtype=bool)
+    is_taken[taken] = True
+    holes = taken[taken < new_held]
+    movers = new_held + np.flatnonzero(~is_taken[new_held:])
+    if holes.size:
+        pool_x[holes] = pool_x[movers]
+        pool_y[holes] = pool_y[movers]
+    return new_held
 
 
 def make_loader(

@@ -291,8 +291,9 @@ def train(
     weights = torch.from_numpy(weights_np).to(device) if weights_np is not None else None
 
     torch.manual_seed(torch_seed)
-    network = build(stats={samples.sensor: {k: torch.from_numpy(np.asarray(v, dtype=np.float32))
-                                             for k, v in stats.items()}})
+    tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in stats.items()}
+    # a multi-sensor database has one feature vector: its statistics serve every sensor key
+    network = build(stats={key: tensors for key in dict.fromkeys((samples.sensor, *samples.sensors))})
     network.to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=opts.learning_rate)
     scheduler = make_scheduler(optimizer, opts.adaptive_lr)
