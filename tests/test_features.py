@@ -125,3 +125,20 @@ def test_missing_raster_names_the_tile(scene):
     cfg = load_config(str(write_config(folder)), ["chain.list_tile=T9"])
     with pytest.raises(BadInputError, match="T9"):
         FeaturePipeline(cfg, "T9")
+
+
+def test_gapfill_fast_path_for_fully_clear_pixels_matches_linear_interpolation():
+    from sitsflow.features import _gapfill
+
+    rng = np.random.default_rng(0)
+    t_obs = np.array([0.0, 7.0, 9.0, 20.0, 31.0])
+    targets = np.arange(-3.0, 36.0, 4.0)
+    raw = rng.normal(size=(3, 5, 2)).astype(np.float32)
+    valid = np.ones((3, 5), bool)
+    valid[2, 1] = False  # a mixed block: fast path for pixels 0 and 1, general path for pixel 2
+    for v in (np.ones((3, 5), bool), valid):
+        out = _gapfill(raw, v, t_obs, targets)
+        for p in range(3):
+            for b in range(2):
+                keep = v[p]
+                np.testing.assert_allclose(out[p, :, b], np.interp(targets, t_obs[keep], raw[p, keep, b]), rtol=1e-5, atol=1e-6)

@@ -249,9 +249,16 @@ class FeaturePipeline:
             return out
         return _gapfill(raw, valid, st.unique_ordinals, self.target_ordinals)
 
-    def _strip_rows(self, width: int) -> int:
+    def strip_rows(self, width: int) -> int:
+        """Rows read at a time for a window ``width`` pixels wide.
+
+        About :data:`READ_BUDGET_BYTES` of raw data, cut in whole multiples of the sources'
+        internal block rows (at least one block row) so that no compressed block is decoded twice.
+        """
         per_pixel = sum(len(s.raw_dates) * (len(s.bands) + 1) for s in self.sensors) * 4 * 2
-        return max(1, READ_BUDGET_BYTES // max(1, width * per_pixel))
+        rows = max(1, READ_BUDGET_BYTES // max(1, width * per_pixel))
+        align = max(max((s.block_rows for s in self.sensors), default=1), 1)
+        return max(align, rows // align * align)
 
     def features(self, window: Window, select: np.ndarray | None = None, *, count_clear: bool = True) -> FeatureBlock:
         """Features of the pixels of ``window`` that are selected and have a clear date.
@@ -269,7 +276,7 @@ class FeaturePipeline:
         h, w = int(window.height), int(window.width)
         clear = np.zeros((h, w), np.int16)
         values, rows, cols = [], [], []
-        step = self._strip_rows(w)
+        step = self.strip_rows(w)
         for r0 in range(0, h, step):
             r1 = min(h, r0 + step)
             sel = select[r0:r1] if select is not None else None
@@ -353,6 +360,20 @@ def _gapfill(raw: np.ndarray, valid: np.ndarray, t_obs: np.ndarray, targets: np.
         float32 (P, nb_dates, nb_bands).
     """
     nb_pix, nb_obs, _ = raw.shape
+    full = valid.all(axis=1)
+    if full.any():
+        # pixels clear at every observation share one interpolation: gather once per target
+        left = np.clip(np.searchsorted(t_obs, targets, side="right") - 1, 0, nb_obs - 1)
+        right = np.clip(np.searchsorted(t_obs, targets, side="left"), 0, nb_obs - 1)
+        span = t_obs[right] - t_obs[left]
+        w = np.clip(np.where(span > 0, (targets - t_obs[left]) / np.where(span > 0, span, 1.0), 0.0), 0.0, 1.0)
+        if full.all():
+            return _interpolate(raw, left, right, w)
+        out = np.empty((nb_pix, len(targets), raw.shape[2]), np.float32)
+        out[full] = _interpolate(raw[full], left, right, w)
+        rest = ~full
+        out[rest] = _gapfill(raw[rest], valid[rest], t_obs, targets)
+        return out
     idx = np.arange(nb_obs)
     prev_valid = np.maximum.accumulate(np.where(valid, idx, -1), axis=1)  # (P, obs)
     next_valid = np.flip(np.minimum.accumulate(np.flip(np.where(valid, idx, nb_obs), axis=1), axis=1), axis=1)
@@ -377,6 +398,14 @@ def _gapfill(raw: np.ndarray, valid: np.ndarray, t_obs: np.ndarray, targets: np.
     if none.any():
         out[none] = np.nan
     return out
+
+
+def _interpolate(raw: np.ndarray, left: np.ndarray, right: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``raw[:, left] * (1 - w) + raw[:, right] * w`` for (P, nb_obs, nb_bands) -> (P, nb_dates, nb_bands)."""
+    if np.array_equal(left, right) or not w.any():
+        return np.take(raw, left, axis=1)
+    w = w.astype(np.float32)[None, :, None]
+    return np.take(raw, left, axis=1) * (1.0 - w) + np.take(raw, right, axis=1) * w
 
 
 def check_tile_grids(cfg) -> None:

@@ -1,7 +1,7 @@
 """Inference stage: classify one (tile, chunk, seed) with the selected model of each region.
 
-The chunk's window alone is read (local or object storage), window block by window block so
-memory stays bounded; the shared feature pipeline computes the features of the pixels that have
+The chunk's window alone is read (local or object storage), strip by strip so memory stays
+bounded (the next strip is read while the network classifies the current one); the shared feature pipeline computes the features of the pixels that have
 at least one clear acquisition (nodata and fully masked pixels never reach the network); each
 region's selected model (``model/model_R_seed_S.txt``) classifies its region's pixels in batches,
 on the GPU when there is one. Outputs per region model, in ``classif/`` with iota2's names: the
@@ -15,6 +15,7 @@ chunks made by another model or on another window.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import rasterio
@@ -31,7 +32,6 @@ from sitsflow.reference import read_polygons
 log = get_logger(__name__)
 
 STAGE = "inference"
-BLOCK_ROWS = 256  # rows read and classified at a time inside a chunk
 
 
 def task_id(tile: str, chunk: int, seed: int) -> str:
@@ -136,28 +136,39 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     probas = {r: np.zeros((len(model_classes(d)), h, w), np.uint16) for r, (_, d) in models.items()} if prob_map else {}
     clear = np.zeros((h, w), np.int16)
     classified = 0
-    for row in range(0, h, BLOCK_ROWS):
-        sub = Window(window.col_off, window.row_off + row, w, min(BLOCK_ROWS, h - row))
+    step = pipe.strip_rows(w)
+    subs = [Window(window.col_off, window.row_off + row, w, min(step, h - row)) for row in range(0, h, step)]
+
+    def read(sub: Window):
         region_map = _region_map(cfg, pipe, sub, regions)
-        block = pipe.features(sub, select=region_map > 0)
-        clear[row : row + int(sub.height)] = block.clear_dates
-        if not block.rows.size:
-            continue
-        r_local = block.rows - int(window.row_off)
-        c_local = block.cols - int(window.col_off)
-        pix_region = region_map[block.rows - int(sub.row_off), c_local]
-        for region, (net, desc) in models.items():
-            sel = pix_region == region
-            if not sel.any():
+        return sub, region_map, pipe.features(sub, select=region_map > 0)
+
+    # reading and feature computation of the next strip overlap the network on the current one
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sitsflow-read") as pool:
+        pending = pool.submit(read, subs[0])
+        for k in range(len(subs)):
+            sub, region_map, block = pending.result()
+            if k + 1 < len(subs):
+                pending = pool.submit(read, subs[k + 1])
+            row = int(sub.row_off - window.row_off)
+            clear[row : row + int(sub.height)] = block.clear_dates
+            if not block.rows.size:
                 continue
-            proba = nn.predict_proba(net, block.values[sel])
-            best = proba.argmax(axis=1)
-            codes = np.asarray(model_classes(desc), np.uint16)
-            labels[region][r_local[sel], c_local[sel]] = codes[best]
-            confidence[region][r_local[sel], c_local[sel]] = proba[np.arange(best.size), best]
-            if prob_map:
-                probas[region][:, r_local[sel], c_local[sel]] = np.rint(proba.T * 1000).astype(np.uint16)
-            classified += int(sel.sum())
+            r_local = block.rows - int(window.row_off)
+            c_local = block.cols - int(window.col_off)
+            pix_region = region_map[block.rows - int(sub.row_off), c_local]
+            for region, (net, desc) in models.items():
+                sel = pix_region == region
+                if not sel.any():
+                    continue
+                proba = nn.predict_proba(net, block.values[sel] if not sel.all() else block.values)
+                best = proba.argmax(axis=1)
+                codes = np.asarray(model_classes(desc), np.uint16)
+                labels[region][r_local[sel], c_local[sel]] = codes[best]
+                confidence[region][r_local[sel], c_local[sel]] = proba[np.arange(best.size), best]
+                if prob_map:
+                    probas[region][:, r_local[sel], c_local[sel]] = np.rint(proba.T * 1000).astype(np.uint16)
+                classified += int(sel.sum())
     unmodelled = set(np.unique(_region_map(cfg, pipe, window, regions))) - set(models) - {0}
     if unmodelled:
         log.warning("tile %s chunk %d: regions %s have no model (no samples): their pixels stay 0", tile, chunk, sorted(unmodelled))

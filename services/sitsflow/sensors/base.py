@@ -13,6 +13,8 @@ sampling and inference compute bit-identical features for a pixel whatever their
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,7 +50,7 @@ class Grid:
 
 
 @dataclass
-class Sensor:
+class Sensor(ABC):
     """One sensor of one tile.
 
     Attributes:
@@ -78,11 +80,15 @@ class Sensor:
     temporal_resolution: int
     tile: str
     settings: dict = field(default_factory=dict)
+    #: rows of the source rasters' internal blocks: reads are cut in multiples of it, so every
+    #: compressed block is decoded once
+    block_rows: int = 1
 
+    @abstractmethod
     def native_grid(self) -> Grid:
         """The sensor's finest grid for this tile (the tile grid when it is the finest sensor)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read(self, window: Window, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
         """Read one window of the tile grid.
 
@@ -90,11 +96,10 @@ class Sensor:
             values: float32 (h, w, nb_raw, nb_bands), scaled (reflectances), NaN-free where valid.
             valid: bool (h, w, nb_raw): False under clouds, saturation, edges, nodata, off-footprint.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def input_files(self) -> list[str]:
         """Every file read (for fingerprints)."""
-        raise NotImplementedError
 
     def description(self) -> dict:
         """What identifies this sensor's features."""
@@ -161,8 +166,14 @@ def read_on_grid(src, window: Window, grid: Grid, indexes: list[int], what: str,
         return out, inside
     r0, r1 = int(src_rows[in_r].min()), int(src_rows[in_r].max()) + 1
     c0, c1 = int(src_cols[in_c].min()), int(src_cols[in_c].max()) + 1
-    data = src.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0), out_dtype=np.float32)
     rr = np.nonzero(in_r)[0]
     cc = np.nonzero(in_c)[0]
-    out[:, rr[:, None], cc[None, :]] = data[:, (src_rows[rr] - r0)[:, None], (src_cols[cc] - c0)[None, :]]
+    if fx == 1 and fy == 1 and rr.size == h and cc.size == w:
+        # same grid, window wholly inside: the read is the answer (no copy)
+        return src.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0), out_dtype=np.float32), inside
+    data = src.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0), out_dtype=np.float32)
+    # nearest neighbour onto the grid: one take per axis (much cheaper than a 2-D fancy index)
+    data = np.take(data, src_rows[rr] - r0, axis=1)
+    data = np.take(data, src_cols[cc] - c0, axis=2)
+    out[:, rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1] = data
     return out, inside

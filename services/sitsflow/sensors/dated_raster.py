@@ -41,6 +41,7 @@ class DatedRasterSensor(Sensor):
         with storage.rasterio_env(), rasterio.open(storage.rasterio_path(path)) as src:
             count = src.count
             descriptions = list(src.descriptions)
+            block_rows = int(src.block_shapes[0][0]) if src.block_shapes else 1
         bands = list(opts.bands)
         nb_bands = len(bands)
         if count % nb_bands:
@@ -65,6 +66,7 @@ class DatedRasterSensor(Sensor):
         sensor.path, sensor.mask_path = path, mask_path
         sensor.raw_indices = np.array(keep)
         sensor.nodata, sensor.scale = opts.nodata, float(opts.scale)
+        sensor.block_rows = block_rows
         if mask_path is not None:
             if not storage.exists(mask_path):
                 raise BadInputError(f"dated_raster.mask_path: the mask {mask_path} of tile {tile!r} does not exist")
@@ -103,7 +105,8 @@ class DatedRasterSensor(Sensor):
         if self.scale != 1.0:
             data *= np.float32(self.scale)
         data = np.ascontiguousarray(data)
-        data[~valid] = 0.0
+        if not valid.all():
+            data[~valid] = 0.0
         return data, valid
 
 
