@@ -39,6 +39,8 @@ def write_scene(
     duplicate_date: bool = True,
     seed: int = 0,
     tile: str = "T1",
+    origin: tuple[float, float] = ORIGIN,
+    polygons_name: str = "polygons.geojson",
 ) -> dict:
     """Write ``{folder}/{tile}/series.tif`` (bands stacked date-major, dates in the band
     descriptions), ``{tile}/clouds.tif`` (1 = cloud) and ``polygons.geojson`` (field ``code``;
@@ -56,7 +58,7 @@ def write_scene(
     cols_per_poly = width // (nb_cls * polygons_per_class)
     label_map = np.zeros((height, width), np.int32)
     polygon_rows = []
-    transform = from_origin(ORIGIN[0], ORIGIN[1], RES, RES)
+    transform = from_origin(origin[0], origin[1], RES, RES)
     pid = 0
     for ci, code in enumerate(classes):
         for k in range(polygons_per_class):
@@ -99,7 +101,7 @@ def write_scene(
     mask = folder / tile / "clouds.tif"
     with rasterio.open(mask, "w", **(profile | {"dtype": "uint8", "count": nb_dates})) as dst:
         dst.write(clouds)
-    gj = folder / "polygons.geojson"
+    gj = folder / polygons_name
     pyogrio.raw.write(
         str(gj),
         geometry=shapely.to_wkb(np.array([g for g, _ in polygon_rows], dtype=object)),

@@ -117,3 +117,25 @@ def test_rerun_after_retraining_never_merges_stale_chunks(scene, tmp_path):
     for t in plan_inference(cfg2):
         assert inference.run(cfg2, t["tile"], t["chunk"], t["seed"])["skipped"] is False
     assert merging.run(cfg2)["skipped"] is False
+
+
+def test_two_tiles_mosaic_and_two_seeds_report(tmp_path):
+    """Final products are the mosaic of the tiles; RESULTS gives the mean and 95 % interval over seeds."""
+    width = 36
+    write_scene(tmp_path, width=width, height=24, tile="T1")
+    write_scene(tmp_path, width=width, height=24, tile="T2", origin=(300000.0 + width * 10, 5000000.0),
+                polygons_name="t2.geojson")
+    cfg = load_config(str(write_config(tmp_path, runs=2, epochs=3, chunks=2)), ["chain.list_tile='T1 T2'"])
+    assert len(plan_inference(cfg)) == 2 * 2 * 2  # tiles x chunks x seeds
+    _pipeline(cfg)
+    out = cfg.chain.output_path
+    for seed in (0, 1):
+        with rasterio.open(layout.final_classif(out, seed)) as src:
+            assert (src.width, src.height) == (2 * width, 24)
+            data = src.read(1)
+            assert (data[:, width:] > 0).mean() > 0.9  # the second tile is classified too
+        assert cog_validate(layout.final_classif(out, seed))[0]
+    report = json.loads(open(layout.final_results_json(out)).read())
+    assert len(report["seeds"]) == 2 and "summary" in report
+    text = open(layout.final_results(out)).read()
+    assert "over 2 seeds: mean ± 95 % interval" in text
