@@ -255,7 +255,10 @@ class Iota2NeuralNetwork(torch.nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network itself: x (batch, nb_dates, nb_components) -> logits (batch, nb_classes)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _forward(x)")
+        raise BadInputError(
+            f"{type(self).__name__} does not define _forward(x): a network derived from Iota2NeuralNetwork "
+            "must implement _forward(self, x) -> logits (batch, nb_classes)"
+        )
 
     def framework_args(self) -> dict[str, Any]:
         """The JSON-able framework arguments (everything but the statistics)."""
