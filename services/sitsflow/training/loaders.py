@@ -29,8 +29,8 @@ class InMemoryBatches(Dataset):
     """``full`` mode: every selected sample in memory; item ``i`` is batch ``i`` of the current order.
 
     Args:
-        features: float32 tensor (n, nb_dates, nb_components).
-        targets: int64 tensor (n,).
+        features: float32 CPU tensor (n, nb_dates, nb_components).
+        targets: int64 CPU tensor (n,).
         batch_size: samples per batch.
         drop_single: skip a final batch of exactly one sample (BatchNorm cannot train on it).
     """
@@ -54,8 +54,11 @@ class InMemoryBatches(Dataset):
         return full + (1 if rest > (1 if self.drop_single else 0) else 0)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
-        return self.features[idx], self.targets[idx]
+        idx = self.order[i * self.batch_size : (i + 1) * self.batch_size].numpy()
+        # numpy's row gather: the same values as ``features[idx]``, but a memcpy per row where
+        # torch's advanced indexing runs an element-wise kernel (5-20x slower on 2 CPU threads)
+        x = np.take(self.features.numpy(), idx, axis=0)
+        return torch.from_numpy(x), torch.from_numpy(np.take(self.targets.numpy(), idx))
 
 
 class StreamBatches(IterableDataset):

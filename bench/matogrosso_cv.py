@@ -1,0 +1,319 @@
+"""Five-fold cross-validated accuracy of a sitsflow network on the Mato Grosso MODIS samples.
+
+The data set (``samples_mt_4bands.csv``: 1,892 pixel time series, 9 classes, 23 MOD13Q1 dates x
+4 bands NDVI / EVI / NIR / MIR, from the R package ``sits``) is GPL-2 and is not shipped with
+sitsflow: give its path. Each CSV row holds ``label, longitude, latitude, start_date`` then the
+columns ``NDVI_t01 .. NDVI_t23, EVI_t01 .. MIR_t23``.
+
+Conversion to sitsflow's table format (see ``sitsflow.training.load_samples``):
+
+* feature columns ``modis_<band>_YYYYMMDD`` (bands ``ndvi``, ``evi``, ``nir``, ``mir``);
+* the 23 dates are the MOD13Q1 16-day composite dates of one agricultural year: composites start
+  on days of year 1, 17, ..., 353 of every year, so from a start on day of year D the dates are
+  D, D + 16, ... until 353, then 1, 17, ... of the next year. Every sample of the file starts on
+  day of year 257 (13 or 14 September) of its own year; all samples share the calendar of one
+  reference season (``--reference-start``, default: the most frequent ``start_date``), which
+  keeps each value's place in the season (the networks only see day offsets);
+* class names sorted alphabetically -> integer codes 1..9 (``label`` column); no polygon id
+  column, so each sample is its own group in the 80/20 learning / validation split.
+
+Protocol: a stratified, seeded split of the samples into ``--folds`` folds (per class, the
+samples are permuted with ``numpy.random.default_rng(seed)`` and dealt round-robin to the folds).
+For each fold k, the other folds form the training table: it is written as Parquet, read back with
+``sitsflow.training.load_samples`` and trained with ``sitsflow.training.train`` exactly as the
+training stage does it (80/20 learning / validation split drawn from ``seed + k``, one candidate
+per (batch_size, learning_rate) pair of the product of the lists, numbered in that order, each
+keeping its best epoch on validation by ``--criterion``; the candidate chosen by
+``sitsflow.selection.pick`` on those validation values wins). Only then is the winner applied to
+the held-out fold k (OA and Cohen's kappa). With ``--validation-only`` the held-out folds are never
+classified: use it to choose settings on validation scores alone.
+
+    .venv/bin/python bench/matogrosso_cv.py /path/to/samples_mt_4bands.csv
+    .venv/bin/python bench/matogrosso_cv.py CSV --epochs 60 --dl-parameters '{"d_model": 64, ...}'
+
+Prints a plain-text table per fold, the mean OA and kappa, then one JSON line
+(``{"bench": "matogrosso_cv", ...}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import itertools
+import json
+import platform
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sitsflow import nn as sitsnn
+from sitsflow.errors import BadInputError
+from sitsflow.log import get_logger, setup_logging
+from sitsflow.selection import pick
+from sitsflow.training import TrainingOptions, load_samples, train
+from sitsflow.training.metrics import scores
+
+log = get_logger("bench.matogrosso_cv")
+
+SENSOR = "modis"
+BANDS = ("NDVI", "EVI", "NIR", "MIR")
+NB_DATES = 23
+MOD13Q1_STEP = 16
+_COLUMN_RE = re.compile(r"^(?P<band>[A-Za-z]+)_t(?P<t>\d+)$")
+
+DEFAULT_DL_PARAMETERS: dict[str, Any] = {
+    "d_model": 64, "n_head": 8, "d_k": 8, "mlp": [64, 64], "dropout": 0.2, "decoder": [64, 32],
+}
+
+
+def mod13q1_dates(start: dt.date, count: int = NB_DATES) -> list[int]:
+    """The ``count`` MOD13Q1 composite dates from ``start`` on (YYYYMMDD integers).
+
+    Composites start on days of year 1, 17, ..., 353 of every year; ``start`` must be one of them
+    (leap years: the day of year, not the calendar day, is what repeats).
+    """
+    doy = start.timetuple().tm_yday
+    if (doy - 1) % MOD13Q1_STEP:
+        raise BadInputError(f"start date {start} (day of year {doy}) is not a MOD13Q1 composite date")
+    out = []
+    year, day = start.year, doy
+    while len(out) < count:
+        out.append(int((dt.date(year, 1, 1) + dt.timedelta(days=day - 1)).strftime("%Y%m%d")))
+        day += MOD13Q1_STEP
+        if day > 365:
+            year, day = year + 1, 1
+    return out
+
+
+def read_sits_csv(path: str, reference_start: str | None) -> tuple[dict[str, np.ndarray], list[str], list[int]]:
+    """Convert the sits CSV to sitsflow table columns.
+
+    Returns:
+        (columns, class_names, dates): ``columns`` maps ``label`` to int64 codes (n,) and each
+        ``modis_<band>_YYYYMMDD`` to float32 values (n,); ``class_names[code - 1]`` is the name of
+        ``code``; ``dates`` the 23 YYYYMMDD dates of the reference season.
+    """
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows = list(reader)
+    idx = {name: j for j, name in enumerate(header)}
+    for required in ("label", "start_date"):
+        if required not in idx:
+            raise BadInputError(f"{path}: no '{required}' column (columns: {header[:8]} ...)")
+    cols_by_band: dict[str, list[tuple[int, int]]] = {b: [] for b in BANDS}
+    for name, j in idx.items():
+        m = _COLUMN_RE.match(name)
+        if m and m["band"].upper() in cols_by_band:
+            cols_by_band[m["band"].upper()].append((int(m["t"]), j))
+    for band, items in cols_by_band.items():
+        if sorted(t for t, _ in items) != list(range(1, NB_DATES + 1)):
+            raise BadInputError(f"{path}: band {band} lacks some of the columns {band}_t01 .. {band}_t{NB_DATES}")
+    starts = [dt.date.fromisoformat(r[idx["start_date"]]) for r in rows]
+    doys = Counter(s.timetuple().tm_yday for s in starts)
+    if len(doys) != 1:
+        raise BadInputError(f"{path}: samples start on different days of year {dict(doys)}; one season grid is needed")
+    ref = dt.date.fromisoformat(reference_start) if reference_start else Counter(starts).most_common(1)[0][0]
+    dates = mod13q1_dates(ref)
+    class_names = sorted({r[idx["label"]] for r in rows})
+    code = {name: i + 1 for i, name in enumerate(class_names)}
+    columns: dict[str, np.ndarray] = {"label": np.array([code[r[idx["label"]]] for r in rows], dtype=np.int64)}
+    for band in BANDS:
+        for t, j in sorted(cols_by_band[band]):
+            columns[f"{SENSOR}_{band.lower()}_{dates[t - 1]}"] = np.array(
+                [float(r[j]) if r[j].strip() else np.nan for r in rows], dtype=np.float32
+            )
+    return columns, class_names, dates
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold number (0..folds-1) of every sample, shape (n,): per class, a seeded permutation dealt round-robin."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(labels.shape[0], dtype=np.int64)
+    offset = 0
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        perm = members[rng.permutation(members.shape[0])]
+        fold[perm] = (np.arange(perm.shape[0]) + offset) % folds
+        offset += perm.shape[0]  # classes continue the deal where the previous one stopped
+    return fold
+
+
+def write_parquet(path: Path, columns: dict[str, np.ndarray], rows: np.ndarray) -> None:
+    """Write ``rows`` of ``columns`` as a Parquet table (sitsflow's table sample format)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({name: values[rows] for name, values in columns.items()}), str(path))
+
+
+def features_of(columns: dict[str, np.ndarray], rows: np.ndarray, feature_names: list[str]) -> np.ndarray:
+    """(len(rows), nb_dates, nb_components) float32 in the date-major order of ``feature_names``."""
+    flat = np.stack([columns[name][rows] for name in feature_names], axis=1)
+    nb_comp = len(BANDS)
+    return flat.reshape(len(rows), -1, nb_comp)
+
+
+def torch_seed_of(split_seed: int, hyp: int) -> int:
+    """The training stage's seed of initialisation and batch order: ``SeedSequence([split_seed, hyp])``."""
+    return int(np.random.SeedSequence([split_seed, hyp]).generate_state(1, dtype=np.uint32)[0])
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor() or "cpu"
+
+
+def run_fold(
+    k: int, args: argparse.Namespace, columns: dict[str, np.ndarray], fold: np.ndarray, workdir: Path
+) -> dict[str, Any]:
+    """Train on every fold but ``k`` (all hyperparameter pairs, selection on validation), test on fold ``k``."""
+    tic = time.monotonic()
+    train_rows = np.flatnonzero(fold != k)
+    test_rows = np.flatnonzero(fold == k)
+    table = workdir / f"fold_{k}_train.parquet"
+    write_parquet(table, columns, train_rows)
+    samples = load_samples(str(table))
+    split_seed = args.seed + k
+    pairs = list(itertools.product(args.batch_size, args.learning_rate))
+    candidates = []
+    for hyp, (bs, lr) in enumerate(pairs):
+        opts = TrainingOptions(
+            dl_name=args.dl_name, dl_parameters=dict(args.dl_parameters), dl_module=None,
+            model_selection_criterion=args.criterion, epochs=args.epochs,
+            weighted_labels=args.weighted_labels, num_workers=args.num_workers, batch_size=int(bs),
+            learning_rate=float(lr), hyp=hyp, restart_from_checkpoint=False,
+            dataloader_mode="full", enable_early_stop=args.early_stop_patience is not None,
+            epoch_to_trigger=args.epoch_to_trigger, early_stop_patience=args.early_stop_patience or 10,
+            early_stop_tol=args.early_stop_tol, early_stop_metric=args.early_stop_metric,
+            additional_statistics_percentage=None, adaptive_lr=dict(args.adaptive_lr),
+        )
+        opts.validate()
+
+        def build(*, stats: dict[str, dict[str, torch.Tensor]], _opts: TrainingOptions = opts) -> torch.nn.Module:
+            return sitsnn.build_network(
+                _opts.dl_name, _opts.dl_parameters, nb_dates=samples.nb_dates,
+                nb_components=samples.nb_components, nb_classes=len(samples.classes),
+                dates=samples.dates, stats=stats, sensor=samples.sensor,
+            )
+
+        result = train(
+            samples, opts, build=build, split_seed=split_seed, torch_seed=torch_seed_of(split_seed, hyp),
+            fingerprint=f"matogrosso-fold-{k}-hyp-{hyp}",
+            checkpoint_uri=str(workdir / f"fold_{k}_hyp_{hyp}_checkpoint.txt"),
+            device=torch.device("cpu"),
+        )
+        chosen = result.best[args.criterion]
+        row = next(r for r in result.history if r["epoch"] == chosen["epoch"])
+        candidates.append({"hyp": hyp, "batch_size": int(bs), "learning_rate": float(lr),
+                           "value": float(chosen["value"]), "epoch": int(chosen["epoch"]),
+                           "val_oa": float(row["oa"]), "val_kappa": float(row["kappa"]),
+                           "epochs_run": result.epochs_run, "network": result.network})
+        log.info("fold %d hyp %d (batch %d, lr %g): %s %.4f at epoch %d, validation OA %.4f",
+                 k, hyp, bs, lr, args.criterion, chosen["value"], chosen["epoch"], row["oa"])
+    winner, _ = pick({c["hyp"]: c["value"] for c in candidates}, args.criterion)
+    won = candidates[winner]
+    out: dict[str, Any] = {
+        "fold": k, "n_train": int(train_rows.size), "n_test": int(test_rows.size),
+        "hyp": winner, "batch_size": won["batch_size"], "learning_rate": won["learning_rate"],
+        "epoch": won["epoch"], "epochs_run": won["epochs_run"],
+        "val_oa": won["val_oa"], "val_kappa": won["val_kappa"],
+    }
+    if not args.validation_only:
+        x = features_of(columns, test_rows, samples.feature_names)
+        proba = sitsnn.predict_proba(won["network"], x, batch_size=1024, device="cpu")
+        classes = np.asarray(samples.classes)
+        pred = classes[proba.argmax(axis=1)]
+        truth = columns["label"][test_rows]
+        nb = int(max(classes.max(), truth.max())) + 1
+        cm = np.bincount(truth * nb + pred, minlength=nb * nb).reshape(nb, nb)
+        s = scores(cm)
+        out.update({"oa": s["oa"], "kappa": s["kappa"], "fscore": s["fscore"]})
+    out["seconds"] = round(time.monotonic() - tic, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv", help="path of samples_mt_4bands.csv")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds (and, + fold, of the 80/20 split)")
+    parser.add_argument("--dl-name", default="LTAEClassifier")
+    parser.add_argument("--dl-parameters", type=json.loads, default=DEFAULT_DL_PARAMETERS,
+                        help=f"JSON object (default {json.dumps(DEFAULT_DL_PARAMETERS)})")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[64])
+    parser.add_argument("--learning-rate", type=float, nargs="+", default=[0.002])
+    parser.add_argument("--criterion", default="loss", choices=["loss", "fscore", "oa", "kappa"],
+                        help="model_selection_criterion (epoch kept and candidate chosen, on validation)")
+    parser.add_argument("--weighted-labels", action="store_true")
+    parser.add_argument("--adaptive-lr", type=json.loads, default={}, help="ReduceLROnPlateau arguments (JSON)")
+    parser.add_argument("--early-stop-patience", type=int, default=None, help="enable early stop with this patience")
+    parser.add_argument("--epoch-to-trigger", type=int, default=5)
+    parser.add_argument("--early-stop-tol", type=float, default=0.01)
+    parser.add_argument("--early-stop-metric", default="val_loss")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--reference-start", default=None, help="YYYY-MM-DD start of the reference season")
+    parser.add_argument("--only-folds", type=int, nargs="*", default=None, help="run only these folds")
+    parser.add_argument("--validation-only", action="store_true",
+                        help="report the inner validation scores only; never classify the held-out folds")
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tic = time.monotonic()
+    columns, class_names, dates = read_sits_csv(args.csv, args.reference_start)
+    labels = columns["label"]
+    fold = stratified_folds(labels, args.folds, args.seed)
+    folds = args.only_folds if args.only_folds is not None else list(range(args.folds))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="sitsflow-mt-cv-") as tmp:
+        for k in folds:
+            res = run_fold(k, args, columns, fold, Path(tmp))
+            results.append(res)
+            test = "" if args.validation_only else f"  test OA {res['oa']:.4f} kappa {res['kappa']:.4f}"
+            print(f"fold {k}: n_test {res['n_test']:4d}  hyp {res['hyp']} (batch {res['batch_size']}, "
+                  f"lr {res['learning_rate']:g})  epoch {res['epoch']:3d}/{res['epochs_run']}  "
+                  f"val OA {res['val_oa']:.4f}{test}  {res['seconds']:.0f} s", flush=True)
+    seconds = time.monotonic() - tic
+    summary: dict[str, Any] = {
+        "bench": "matogrosso_cv", "samples": int(labels.size), "classes": class_names,
+        "dates": [dates[0], dates[-1]], "folds": args.folds, "folds_run": folds, "seed": args.seed,
+        "dl_name": args.dl_name, "dl_parameters": args.dl_parameters, "epochs": args.epochs,
+        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "criterion": args.criterion,
+        "weighted_labels": args.weighted_labels, "adaptive_lr": args.adaptive_lr,
+        "early_stop_patience": args.early_stop_patience,
+        "mean_val_oa": float(np.mean([r["val_oa"] for r in results])),
+        "per_fold": results, "seconds": round(seconds, 1),
+        "machine": f"{cpu_model()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+    }
+    print(f"mean validation OA {summary['mean_val_oa']:.4f}")
+    if not args.validation_only:
+        oas = np.array([r["oa"] for r in results])
+        kappas = np.array([r["kappa"] for r in results])
+        # pooled OA over every held-out sample (folds differ in size by at most one per class)
+        pooled = float(sum(r["oa"] * r["n_test"] for r in results) / sum(r["n_test"] for r in results))
+        summary.update({"mean_oa": float(oas.mean()), "std_oa": float(oas.std(ddof=1)) if oas.size > 1 else 0.0,
+                        "pooled_oa": pooled, "mean_kappa": float(kappas.mean())})
+        print(f"mean test OA {summary['mean_oa']:.4f} (sd {summary['std_oa']:.4f}, pooled {pooled:.4f}), "
+              f"mean kappa {summary['mean_kappa']:.4f}")
+    print(f"{seconds:.0f} s on {summary['machine']}")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
