@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -302,7 +303,7 @@ def test_with_param_fans_out_over_a_printed_json_list(tmp_path: Path) -> None:
     assert [json.loads(r) for r in summary["scalars"]["results"]] == [["T31TCJ"], ["7"], ["true"]]
     # The fan-out's result, as Argo gathers it: a JSON list of each item's stdout.
     assert json.loads(summary["gather"]["results"][0]) == summary["scalars"]["results"]
-    assert summary["empty"] == {"status": "Skipped", "results": []}
+    assert summary["empty"] == {"status": "Skipped", "results": [], "retries": 0, "pods": []}
     assert summary["after-empty"]["results"] == ["ran"]
     # one stderr log per item
     assert (tmp_path / "logs" / "maps-0.log").exists() and (
@@ -667,6 +668,15 @@ def test_real_workflow_lints_and_is_ordered_as_designed() -> None:
     }
 
 
+def fake_prepared(**blocks: Any) -> dict[str, Any]:
+    """What `sitsflow prepare` prints for a configuration with these resource blocks."""
+    from sitsflow.config.resources import ResourcesSection, stage_pods
+
+    resources = ResourcesSection.model_validate(blocks)
+    pods = stage_pods(resources, pool_label="pool", gpu_node_selector='{"gpu": "yes"}')
+    return {"config": "/runs/resolved.cfg", "resources": pods}
+
+
 FAKE_SITSFLOW = """
 import json, os, sys
 args = sys.argv[1:]
@@ -674,7 +684,7 @@ with open(os.environ["FAKE_CALLS"], "a") as calls:
     calls.write(json.dumps({"args": args, "endpoint": os.environ.get("AWS_ENDPOINT_URL")}) + "\\n")
 stage = " ".join(args[:2]) if args[0] == "plan" else args[0]
 outputs = {
-    "prepare": "/runs/resolved.cfg",
+    "prepare": os.environ["FAKE_PREPARED"],
     "plan training": json.dumps([{"region": 1, "seed": 0, "hyp": 0},
                                  {"region": 2, "seed": 0, "hyp": 1}]),
     "plan selection": json.dumps([{"region": 1, "seed": 0}, {"region": 2, "seed": 0}]),
@@ -693,6 +703,7 @@ def test_real_workflow_wiring_with_a_fake_sitsflow(
     fake.write_text(FAKE_SITSFLOW)
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_CALLS", str(calls))
+    monkeypatch.setenv("FAKE_PREPARED", json.dumps(fake_prepared()))
     doc = load_workflow(REPO / "workflows" / "sitsflow.yaml")
     for template in doc["spec"]["templates"]:
         if "container" in template:
@@ -709,7 +720,10 @@ def test_real_workflow_wiring_with_a_fake_sitsflow(
     summary = run_workflow(path, params, workers=2)
     recorded = [json.loads(line) for line in lines(calls)]
     argv = [" ".join(c["args"]) for c in recorded]
-    assert argv[0] == 'prepare --config /data/run.cfg --overrides ["chain.seed=3"]'
+    assert argv[0] == (
+        'prepare --config /data/run.cfg --overrides ["chain.seed=3"] --pool-label '
+        " --gpu-node-selector {} --cpu-node-selector {}"
+    )
     assert argv[-1] == "merge --config /runs/resolved.cfg"
     assert {c["endpoint"] for c in recorded} == {"http://s3:9000"}
     expected = {
@@ -734,3 +748,337 @@ def test_real_workflow_wiring_with_a_fake_sitsflow(
     assert summary["tasks"]["train"]["status"] == "Succeeded"
     assert len(summary["tasks"]["infer"]["results"]) == 2
     assert os.environ.get("AWS_ENDPOINT_URL") != "http://s3:9000"  # the runner's env is untouched
+    # prepare's per-stage settings reach the pods: GPU stages on GPU nodes, the rest on CPU nodes
+    train_pod = summary["tasks"]["train"]["pods"][0]
+    assert train_pod["resources"]["requests"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    assert train_pod["resources"]["limits"] == {"memory": "16Gi", "nvidia.com/gpu": "1"}
+    assert train_pod["nodeSelector"] == {"gpu": "yes"}
+    assert train_pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert train_pod["activeDeadlineSeconds"] == 86400 and train_pod["volumes"] == ["dshm"]
+    sample_pod = summary["tasks"]["sample"]["pods"][0]
+    assert sample_pod["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
+    assert sample_pod["nodeSelector"] == {} and sample_pod["tolerations"] == []
+    assert summary["tasks"]["prepare"]["pods"][0]["resources"]["requests"]["cpu"] == "500m"
+
+
+# --- retries, deadlines, parallelism, pod settings (what the local runner honours) -----------
+
+# Fails with the exit code of its first argument until it has run as often as the second says,
+# counting its runs in the file given third; then prints the number of runs.
+FLAKY = (
+    "import pathlib, sys\n"
+    "code, succeed_at, counter = int(sys.argv[1]), int(sys.argv[2]), pathlib.Path(sys.argv[3])\n"
+    "runs = int(counter.read_text()) + 1 if counter.exists() else 1\n"
+    "counter.write_text(str(runs))\n"
+    "print(runs)\n"
+    "sys.exit(0 if runs >= succeed_at else code)\n"
+)
+
+#: The rule of the real pipeline: exit 75 or a pod lost to the cluster, never exit 2.
+TRANSIENT_RULE = (
+    "lastRetry.exitCode != '2' && (lastRetry.exitCode == '75' || (lastRetry.status == 'Error' "
+    "&& lastRetry.message matches '(?i)(pod deleted|node shutdown)'))"
+)
+
+
+def flaky_workflow(tmp_path: Path, strategy: dict[str, Any] | None, **spec: Any) -> Path:
+    template = container(
+        "flaky",
+        FLAKY,
+        [
+            "{{workflow.parameters.code}}",
+            "{{workflow.parameters.succeed-at}}",
+            "{{workflow.parameters.counter}}",
+        ],
+    )
+    if strategy is not None:
+        template["retryStrategy"] = strategy
+    params = [
+        {"name": "code", "value": "75"},
+        {"name": "succeed-at", "value": "3"},
+        {"name": "counter"},
+        {"name": "limit", "value": "5"},
+    ]
+    return workflow(tmp_path, [{"name": "flaky", "template": "flaky"}], [template], params, **spec)
+
+
+RETRY = {
+    "limit": "{{workflow.parameters.limit}}",
+    "retryPolicy": "Always",
+    "expression": TRANSIENT_RULE,
+    "backoff": {"duration": "1s", "factor": 2, "maxDuration": "1m"},
+}
+
+
+def test_transient_failure_is_retried_until_it_succeeds(tmp_path: Path) -> None:
+    path = flaky_workflow(tmp_path, RETRY)
+    counter = tmp_path / "runs"
+    summary = run_workflow(
+        path, {"counter": str(counter)}, backoff_scale=0.01, log_dir=tmp_path / "logs"
+    )
+    assert summary["tasks"]["flaky"] == {
+        "status": "Succeeded", "results": ["3"], "retries": 2, "pods": summary["tasks"]["flaky"]["pods"],
+    }  # fmt: skip
+    assert counter.read_text() == "3"
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [
+        "flaky.log", "flaky.retry1.log", "flaky.retry2.log",
+    ]  # fmt: skip
+
+
+def test_retry_limit_is_honoured(tmp_path: Path) -> None:
+    path = flaky_workflow(tmp_path, RETRY)
+    counter = tmp_path / "runs"
+    with pytest.raises(WorkflowFailed, match="exit code 75") as info:
+        run_workflow(path, {"counter": str(counter), "limit": "1"}, backoff_scale=0.01)
+    assert counter.read_text() == "2"  # the first run and one retry
+    assert info.value.exit_code == 75 and info.value.summary["flaky"]["retries"] == 1
+
+
+@pytest.mark.parametrize("code", ["2", "1"])
+def test_permanent_failure_is_never_retried(tmp_path: Path, code: str) -> None:
+    path = flaky_workflow(tmp_path, RETRY)
+    counter = tmp_path / "runs"
+    with pytest.raises(WorkflowFailed, match=f"exit code {code}"):
+        run_workflow(path, {"counter": str(counter), "code": code}, backoff_scale=0.01)
+    assert counter.read_text() == "1"
+
+
+def test_without_retry_strategy_nothing_is_retried(tmp_path: Path) -> None:
+    path = flaky_workflow(tmp_path, None)
+    counter = tmp_path / "runs"
+    with pytest.raises(WorkflowFailed, match="exit code 75"):
+        run_workflow(path, {"counter": str(counter)})
+    assert counter.read_text() == "1"
+
+
+def test_retry_policy_on_error_skips_failures(tmp_path: Path) -> None:
+    """A non-zero exit is Failed, which OnError does not retry (as in Argo)."""
+    path = flaky_workflow(tmp_path, {**RETRY, "retryPolicy": "OnError"})
+    counter = tmp_path / "runs"
+    with pytest.raises(WorkflowFailed):
+        run_workflow(path, {"counter": str(counter)}, backoff_scale=0.01)
+    assert counter.read_text() == "1"
+
+
+def test_backoff_delays_grow_by_factor(tmp_path: Path) -> None:
+    path = flaky_workflow(tmp_path, RETRY)
+    start = time.monotonic()
+    run_workflow(path, {"counter": str(tmp_path / "runs")}, backoff_scale=0.2)
+    # 1 s then 2 s, scaled by 0.2: at least 0.6 s of waiting
+    assert time.monotonic() - start >= 0.6
+
+
+def test_backoff_max_duration_stops_retries(tmp_path: Path) -> None:
+    strategy = {**RETRY, "backoff": {"duration": "10s", "factor": 1, "maxDuration": "5s"}}
+    path = flaky_workflow(tmp_path, strategy)
+    counter = tmp_path / "runs"
+    with pytest.raises(WorkflowFailed):
+        run_workflow(path, {"counter": str(counter)}, backoff_scale=0.01)
+    assert counter.read_text() == "1"  # the first delay alone passes maxDuration
+
+
+def test_retry_expression_sees_errors_and_messages(tmp_path: Path) -> None:
+    """A process killed by a signal is an Error; the rule retries it only for node trouble."""
+    killer = container("killer", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    killer["retryStrategy"] = {**RETRY, "limit": 2}
+    path = workflow(tmp_path, [{"name": "k", "template": "killer"}], [killer])
+    with pytest.raises(WorkflowFailed, match="killed by signal 9") as info:
+        run_workflow(path, {}, backoff_scale=0.01)
+    assert info.value.summary["k"]["retries"] == 0  # "process killed by signal" is not transient
+    killer["retryStrategy"]["expression"] = (
+        "lastRetry.status == 'Error' && lastRetry.exitCode == '137'"
+    )
+    path = workflow(tmp_path, [{"name": "k", "template": "killer"}], [killer])
+    with pytest.raises(WorkflowFailed) as info:
+        run_workflow(path, {}, backoff_scale=0.01)
+    assert info.value.summary["k"]["retries"] == 2
+
+
+def test_active_deadline_kills_the_task(tmp_path: Path) -> None:
+    sleeper = container("sleeper", "import time; time.sleep(30)")
+    sleeper["activeDeadlineSeconds"] = "{{workflow.parameters.deadline}}"
+    sleeper["retryStrategy"] = {**RETRY, "limit": 2}  # a deadline is not transient: no retry
+    params = [{"name": "deadline", "value": "0.5"}]
+    path = workflow(tmp_path, [{"name": "s", "template": "sleeper"}], [sleeper], params)
+    start = time.monotonic()
+    with pytest.raises(WorkflowFailed, match="longer than the specified deadline") as info:
+        run_workflow(path, {})
+    assert time.monotonic() - start < 10
+    assert info.value.summary["s"]["retries"] == 0
+    with pytest.raises(WorkflowFailed, match="activeDeadlineSeconds must be a positive"):
+        run_workflow(path, {"deadline": "soon"})
+
+
+def test_parallelism_caps_workers(tmp_path: Path) -> None:
+    """The barrier tasks need two processes at once: parallelism 1 in the YAML forbids it."""
+    barrier = (
+        "import pathlib, sys, time\n"
+        "d = pathlib.Path(sys.argv[1]); (d / sys.argv[2]).write_text('x')\n"
+        "deadline = time.monotonic() + 1.0\n"
+        "while not (d / sys.argv[3]).exists():\n"
+        "    if time.monotonic() > deadline: sys.exit(3)\n"
+        "    time.sleep(0.01)\n"
+    )
+    wait = container(
+        "wait", barrier,
+        ["{{workflow.parameters.dir}}", "{{inputs.parameters.me}}", "{{inputs.parameters.other}}"],
+        inputs=[{"name": "me"}, {"name": "other"}],
+    )  # fmt: skip
+
+    def task(me: str, other: str) -> dict[str, Any]:
+        params = [{"name": "me", "value": me}, {"name": "other", "value": other}]
+        return {"name": me, "template": "wait", "arguments": {"parameters": params}}
+
+    tasks = [task("left", "right"), task("right", "left")]
+    for parallelism, ok in ((2, True), (1, False)):
+        run_dir = tmp_path / f"p{parallelism}"
+        run_dir.mkdir()
+        path = workflow(
+            tmp_path, tasks, [wait], [{"name": "dir"}], name=f"p{parallelism}.yaml",
+            parallelism=parallelism,
+        )  # fmt: skip
+        if ok:
+            assert run_workflow(path, {"dir": str(run_dir)}, workers=4)["workers"] == 2
+        else:
+            with pytest.raises(WorkflowFailed, match="exit code 3"):
+                run_workflow(path, {"dir": str(run_dir)}, workers=4)
+
+
+def test_pod_spec_patch_and_gpu_visibility(tmp_path: Path) -> None:
+    show = container("show", "import os; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))")
+    show["inputs"] = {"parameters": [{"name": "gpu"}]}
+    show["container"]["resources"] = {"requests": {"cpu": "1", "nvidia.com/gpu": "1"}}
+    show["podSpecPatch"] = (
+        '{"containers": [{"name": "main", "resources": {"requests": '
+        '{"nvidia.com/gpu": "{{inputs.parameters.gpu}}"}, "limits": '
+        '{"nvidia.com/gpu": "{{inputs.parameters.gpu}}"}}}], '
+        '"nodeSelector": {{workflow.parameters.selector}}}'
+    )
+    tasks = [
+        {"name": f"gpu{n}", "template": "show",
+         "arguments": {"parameters": [{"name": "gpu", "value": n}]}}
+        for n in ("0", "1")
+    ]  # fmt: skip
+    params = [{"name": "selector", "value": '{"pool": "a"}'}]
+    path = workflow(tmp_path, tasks, [show], params)
+    summary = run_workflow(path, {})["tasks"]
+    assert summary["gpu0"]["results"] == ["''"]  # no GPU requested: none visible
+    assert summary["gpu1"]["results"] != ["''"]
+    assert summary["gpu1"]["pods"][0]["resources"] == {
+        "requests": {"cpu": "1", "nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"},
+    }  # fmt: skip
+    assert summary["gpu1"]["pods"][0]["nodeSelector"] == {"pool": "a"}
+    with pytest.raises(WorkflowFailed, match="podSpecPatch is not JSON"):
+        run_workflow(path, {"selector": "{pool: a}"})
+
+
+def test_expression_tags_are_evaluated(tmp_path: Path) -> None:
+    echo = container(
+        "echo", "import sys; print(' '.join(sys.argv[1:]))", ["{{inputs.parameters.x}}"],
+        inputs=[{"name": "x"}],
+    )  # fmt: skip
+    emit = container("emit", "print('{\"a\": {\"b\": [10, 20]}, \"s\": \"t\"}')")
+    tasks = [
+        {"name": "emit", "template": "emit"},
+        {
+            "name": "use",
+            "template": "echo",
+            "depends": "emit",
+            "arguments": {"parameters": [{
+                "name": "x",
+                "value": "{{=jsonpath(tasks.emit.outputs.result, '$.a.b[1]') + 1}} "
+                "{{=asInt(workflow.parameters.n) > 2 ? 'big' : 'small'}} "
+                "{{=jsonpath(tasks['emit'].outputs.result, '$.s')}}",
+            }]},
+        },
+    ]  # fmt: skip
+    path = workflow(tmp_path, tasks, [echo, emit], [{"name": "n", "value": "3"}])
+    assert run_workflow(path, {})["tasks"]["use"]["results"] == ["21 big t"]
+    assert run_workflow(path, {"n": "1"})["tasks"]["use"]["results"] == ["21 small t"]
+
+
+# --- the real pipeline's retry rules, scheduling and the YAML as the single source -----------
+
+
+def _real_with_fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_code: str) -> Path:
+    """The committed pipeline YAML with every `sitsflow` container replaced by ``fake_code``."""
+    fake = tmp_path / "fake_sitsflow.py"
+    fake.write_text(fake_code)
+    doc = load_workflow(REPO / "workflows" / "sitsflow.yaml")
+    for template in doc["spec"]["templates"]:
+        if "container" in template:
+            template["container"]["command"] = [PY, str(fake)]
+    path = tmp_path / "sitsflow.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+# A fake sitsflow whose `train` exits with $FAKE_TRAIN_CODE on its first run, then succeeds.
+FLAKY_SITSFLOW = FAKE_SITSFLOW.replace(
+    'stage = " ".join(args[:2]) if args[0] == "plan" else args[0]\n',
+    'stage = " ".join(args[:2]) if args[0] == "plan" else args[0]\n'
+    "import pathlib\n"
+    'mark = pathlib.Path(os.environ["FAKE_CALLS"] + "." + "-".join(args[1:]).replace("/", "_"))\n'
+    'if stage == "train" and not mark.exists():\n'
+    '    mark.write_text("x"); sys.exit(int(os.environ["FAKE_TRAIN_CODE"]))\n',
+)
+
+
+@pytest.mark.parametrize(("code", "retried"), [(75, True), (2, False), (1, False)])
+def test_real_workflow_retries_only_transient_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, retried: bool
+) -> None:
+    path = _real_with_fake(tmp_path, monkeypatch, FLAKY_SITSFLOW)
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("FAKE_PREPARED", json.dumps(fake_prepared()))
+    monkeypatch.setenv("FAKE_TRAIN_CODE", str(code))
+    params = {"config": "/data/run.cfg"}
+    if retried:
+        summary = run_workflow(path, params, workers=2, backoff_scale=0.001)
+        assert summary["tasks"]["train"]["retries"] == 2  # both items failed once
+        assert summary["tasks"]["merge"]["status"] == "Succeeded"
+    else:
+        with pytest.raises(WorkflowFailed, match=f"exit code {code}") as info:
+            run_workflow(path, params, workers=2, backoff_scale=0.001)
+        assert info.value.summary["train"]["retries"] == 0
+
+
+def test_editing_the_rendered_retry_limit_changes_what_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The YAML is the only source: its retry-limit default decides whether a 75 heals locally."""
+    path = _real_with_fake(tmp_path, monkeypatch, FLAKY_SITSFLOW)
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("FAKE_PREPARED", json.dumps(fake_prepared()))
+    monkeypatch.setenv("FAKE_TRAIN_CODE", "75")
+    doc = yaml.safe_load(path.read_text())
+    for param in doc["spec"]["arguments"]["parameters"]:
+        if param["name"] == "retry-limit":
+            param["value"] = "0"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(WorkflowFailed, match="exit code 75"):
+        run_workflow(path, {"config": "/data/run.cfg"}, backoff_scale=0.001)
+
+
+def test_resource_blocks_reach_the_pods(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """iota2 blocks → prepare's JSON → the tasks' pod settings, as the cluster would apply them."""
+    path = _real_with_fake(tmp_path, monkeypatch, FAKE_SITSFLOW)
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
+    blocks = {
+        "default": {"nb_cpu": 3},
+        "train": {"nb_cpu": 10, "ram": "92Gi", "walltime": 43200, "nb_gpu": 2, "queue": "qgpgpu"},
+        "infer": {"nb_gpu": 0},
+        "merge": {"queue": "big-mem"},
+    }
+    monkeypatch.setenv("FAKE_PREPARED", json.dumps(fake_prepared(**blocks)))
+    tasks = run_workflow(path, {"config": "/data/run.cfg"}, workers=2)["tasks"]
+    train = tasks["train"]["pods"][0]
+    assert train["resources"]["requests"] == {"cpu": "10", "memory": "92Gi", "nvidia.com/gpu": "2"}
+    assert train["activeDeadlineSeconds"] == 43200
+    assert train["nodeSelector"] == {"gpu": "yes", "pool": "qgpgpu"}
+    infer = tasks["infer"]["pods"][0]
+    assert infer["resources"]["requests"] == {"cpu": "3", "memory": "16Gi", "nvidia.com/gpu": "0"}
+    assert tasks["merge"]["pods"][0]["nodeSelector"] == {"pool": "big-mem"}
+    assert tasks["select"]["pods"][0]["resources"]["requests"]["cpu"] == "3"

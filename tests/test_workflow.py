@@ -9,6 +9,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,10 @@ from typing import Any
 import pytest
 import yaml
 from sitsflow.runner.validate import argo_schema, hera_schema, lint, schema_errors, strict_schema
+
+from sitsflow.config.resources import BUILTIN as STAGE_RESOURCES
+from sitsflow.config.resources import GPU_STAGES as GPU
+from sitsflow.runner.expr import evaluate_text
 
 REPO = Path(__file__).resolve().parents[1]
 YAML_PATH = REPO / "workflows" / "sitsflow.yaml"
@@ -64,11 +69,14 @@ def _task(doc: dict[str, Any], name: str) -> dict[str, Any]:
 def test_rendered_yaml_is_current() -> None:
     rendered = pipeline.render()
     if os.environ.get("SITSFLOW_REGENERATE") == "1":
-        YAML_PATH.write_text(rendered, encoding="utf-8")
+        pipeline.main([])
     assert YAML_PATH.exists(), "run: python workflows/pipeline.py"
     assert YAML_PATH.read_text(encoding="utf-8") == rendered, (
         "workflows/sitsflow.yaml is stale: run `python workflows/pipeline.py` "
         "(or SITSFLOW_REGENERATE=1 pytest tests/test_workflow.py)"
+    )
+    assert pipeline.CHART_COPY.read_text(encoding="utf-8") == rendered, (
+        "charts/sitsflow/files/sitsflow.yaml is stale: run `python workflows/pipeline.py`"
     )
 
 
@@ -87,7 +95,19 @@ def test_committed_yaml_is_valid(strict_hera: dict[str, Any], strict_argo: dict[
 
 def test_parameters(doc: dict[str, Any]) -> None:
     params = {p["name"]: p for p in doc["spec"]["arguments"]["parameters"]}
-    assert list(params) == ["config", "overrides", "image", "s3-endpoint", "s3-secret"]
+    assert list(params) == [
+        "config", "overrides", "image", "s3-endpoint", "s3-secret", "gpu-node-selector",
+        "gpu-tolerations", "cpu-node-selector", "cpu-tolerations", "pool-label", "retry-limit",
+        "retry-backoff",
+    ]  # fmt: skip
+    assert json.loads(params["gpu-tolerations"]["value"]) == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert params["gpu-node-selector"]["value"] == params["cpu-node-selector"]["value"] == "{}"
+    assert params["retry-limit"]["value"] == "3" and params["retry-backoff"]["value"] == "30s"
+    assert doc["spec"]["parallelism"] == 20
+    assert doc["spec"]["podGC"] == {"strategy": "OnPodSuccess"}
+    assert doc["spec"]["securityContext"]["runAsNonRoot"] is True
     assert "value" not in params["config"]  # required
     assert params["overrides"]["value"] == "[]"
     assert params["image"]["value"] == "sitsflow:0.1.0"
@@ -105,6 +125,12 @@ EXPECTED_ARGS = {
         "{{workflow.parameters.config}}",
         "--overrides",
         "{{workflow.parameters.overrides}}",
+        "--pool-label",
+        "{{workflow.parameters.pool-label}}",
+        "--gpu-node-selector",
+        "{{workflow.parameters.gpu-node-selector}}",
+        "--cpu-node-selector",
+        "{{workflow.parameters.cpu-node-selector}}",
     ],
     "sample": ["sample", "--config", "{{inputs.parameters.config}}"],
     "plan-training": ["plan", "training", "--config", "{{inputs.parameters.config}}"],
@@ -188,13 +214,21 @@ def test_dag_tasks(doc: dict[str, Any], name: str) -> None:
     if name == "prepare":
         assert args == {}
         return
-    assert args["config"] == "{{tasks.prepare.outputs.result}}"
+    assert args.pop("config") == "{{=jsonpath(tasks.prepare.outputs.result, '$.config')}}"
+    stage = name if name in STAGE_RESOURCES else None
+    if stage is not None:
+        keys = ["cpu", "memory", "deadline", "node-selector"] + (["gpu"] if stage in GPU else [])
+        for key in keys:
+            field = "node_selector" if key == "node-selector" else key
+            assert args.pop(key) == (
+                f"{{{{=jsonpath(tasks.prepare.outputs.result, '$.resources.{stage}.{field}')}}}}"
+            )
     if name in EXPECTED_FANOUT:
         plan, keys = EXPECTED_FANOUT[name]
         assert task["withParam"] == f"{{{{tasks.{plan}.outputs.result}}}}"
-        assert args == {"config": args["config"], **{k: f"{{{{item.{k}}}}}" for k in keys}}
+        assert args == {k: f"{{{{item.{k}}}}}" for k in keys}
     else:
-        assert "withParam" not in task and list(args) == ["config"]
+        assert "withParam" not in task and args == {}
 
 
 def test_render_ignores_hera_global_config(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -362,8 +396,8 @@ def test_official_schema_alone_lets_misspelt_keys_through(doc: dict[str, Any]) -
     broken = copy.deepcopy(doc)
     _misspelt_key(broken)
     official = json.loads(ARGO_SCHEMA_PATH.read_text())
-    assert schema_errors(broken, official) == []
-    assert schema_errors(broken, strict_schema(official)) != []
+    assert not any("withParams" in e for e in schema_errors(broken, official))
+    assert any("withParams" in e for e in schema_errors(broken, strict_schema(official)))
 
 
 def test_argo_schema_relaxes_int_or_string(doc: dict[str, Any]) -> None:
@@ -408,3 +442,312 @@ def test_strict_schema_marks_every_object_with_properties() -> None:
     assert "additionalProperties" not in strict["$defs"]["D"]
     assert schema_errors({"x": {"y": "1", "q": 2}}, strict) == []
     assert any("'q' was unexpected" in e for e in schema_errors({"x": {"y": "1"}, "q": 1}, strict))
+
+
+# --- scheduling, retries, robustness -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(STAGE_RESOURCES))
+def test_stage_scheduling(doc: dict[str, Any], name: str) -> None:
+    """GPU stages request nvidia.com/gpu with /dev/shm; every stage applies prepare's settings."""
+    template = _template(doc, name)
+    builtin = STAGE_RESOURCES[name]
+    resources = template["container"]["resources"]
+    assert resources["requests"]["cpu"] == str(builtin["nb_cpu"])
+    assert resources["requests"]["memory"] == resources["limits"]["memory"] == builtin["ram"]
+    assert template["activeDeadlineSeconds"] == "{{inputs.parameters.deadline}}"
+    patch = json.loads(
+        template["podSpecPatch"].replace("{{inputs.parameters.node-selector}}", '{"n": "1"}')
+        .replace("{{workflow.parameters.gpu-tolerations}}", "[1]")
+        .replace("{{workflow.parameters.cpu-tolerations}}", "[0]")
+    )
+    main = patch["containers"][0]
+    assert main["name"] == "main"
+    assert main["resources"]["requests"]["cpu"] == "{{inputs.parameters.cpu}}"
+    assert main["resources"]["limits"]["memory"] == "{{inputs.parameters.memory}}"
+    assert patch["nodeSelector"] == {"n": "1"}
+    if name in GPU:
+        assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "1"
+        assert main["resources"]["limits"]["nvidia.com/gpu"] == "{{inputs.parameters.gpu}}"
+        assert patch["tolerations"] == [1]
+        assert template["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+        assert template["container"]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    else:
+        assert "nvidia.com/gpu" not in json.dumps(template)
+        assert patch["tolerations"] == [0] and "volumes" not in template
+
+
+def test_small_steps_run_on_cpu_nodes(doc: dict[str, Any]) -> None:
+    for name in ("prepare", "plan-training", "plan-selection", "plan-inference"):
+        template = _template(doc, name)
+        assert template["podSpecPatch"] == (
+            '{"nodeSelector": {{workflow.parameters.cpu-node-selector}}, '
+            '"tolerations": {{workflow.parameters.cpu-tolerations}}}'
+        )
+        assert "nvidia.com/gpu" not in json.dumps(template)
+
+
+def _retry(doc: dict[str, Any], name: str = "train") -> dict[str, Any]:
+    return _template(doc, name)["retryStrategy"]
+
+
+def test_every_container_retries_with_backoff_and_the_dag_does_not(doc: dict[str, Any]) -> None:
+    for template in doc["spec"]["templates"]:
+        if "container" in template:
+            assert template["retryStrategy"] == _retry(doc)
+            assert template["container"]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+        else:
+            assert "retryStrategy" not in template
+    strategy = _retry(doc)
+    assert strategy["limit"] == "{{workflow.parameters.retry-limit}}"
+    assert strategy["retryPolicy"] == "Always"
+    assert strategy["backoff"] == {
+        "duration": "{{workflow.parameters.retry-backoff}}", "factor": 2, "maxDuration": "30m",
+    }  # fmt: skip
+
+
+RETRY_CASES = [
+    ("75", "Failed", "Error (exit code 75)", True),
+    ("2", "Failed", "Error (exit code 2)", False),
+    ("1", "Failed", "Error (exit code 1)", False),
+    ("137", "Failed", "OOMKilled (exit code 137)", False),
+    ("-1", "Error", "pod deleted", True),
+    ("-1", "Error", "Pod was terminated in response to imminent node shutdown.", True),
+    ("-1", "Error", "The node was low on resource: memory. Evicted", True),
+    ("143", "Error", "pod deleted during operation", True),
+    ("2", "Error", "pod deleted", False),  # a configuration error is never retried
+    ("-1", "Failed", "Pod was active on the node longer than the specified deadline", False),
+    ("-1", "Error", "failed to pull image", False),
+]
+
+
+@pytest.mark.parametrize(("code", "status", "message", "retried"), RETRY_CASES)
+def test_retry_expression_retries_only_transient_failures(
+    doc: dict[str, Any], code: str, status: str, message: str, retried: bool
+) -> None:
+    env = {"lastRetry": {"exitCode": code, "status": status, "message": message, "duration": "5"}}
+    assert evaluate_text(_retry(doc)["expression"], env) is retried
+
+
+# --- planted errors in the new fields ------------------------------------------------------
+
+
+def _set_template(name: str, key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(d: dict[str, Any]) -> None:
+        _template(d, name)[key] = value
+
+    return mutate
+
+
+def _set_argument(task: str, param: str, value: str) -> Callable[[dict[str, Any]], None]:
+    def mutate(d: dict[str, Any]) -> None:
+        for entry in _task(d, task)["arguments"]["parameters"]:
+            if entry["name"] == param:
+                entry["value"] = value
+
+    return mutate
+
+
+def _retry_field(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(d: dict[str, Any]) -> None:
+        _template(d, "train")["retryStrategy"] = {**_retry(d), key: value}
+
+    return mutate
+
+
+NEW_LINT_ERRORS = {
+    "expression does not parse": (
+        _set_argument("merge", "config", "{{=jsonpath(tasks.prepare.outputs.result, '$.config'}}"),
+        "does not parse",
+    ),
+    "expression reads a task not depended on": (
+        _set_argument("sample", "config", "{{=jsonpath(tasks.merge.outputs.result, '$.config')}}"),
+        "refers to task 'merge', which it does not depend on",
+    ),
+    "expression reads an undeclared workflow parameter": (
+        _set_argument("sample", "cpu", "{{=workflow.parameters.cpus}}"),
+        "{{workflow.parameters.cpus}} is not declared",
+    ),
+    "expression reads an undeclared input": (
+        _set_template("train", "activeDeadlineSeconds", "{{=inputs.parameters.walltime}}"),
+        "{{inputs.parameters.walltime}} is not declared in the inputs of template 'train'",
+    ),
+    "podSpecPatch not JSON": (
+        _set_template("train", "podSpecPatch", '{"nodeSelector": {{inputs.parameters.node-selector}}'),
+        "podSpecPatch: not JSON",
+    ),
+    "podSpecPatch patches another container": (
+        _set_template("train", "podSpecPatch", '{"containers": [{"name": "train"}]}'),
+        "Argo names a template's container 'main'",
+    ),
+    "deadline not a number": (
+        _set_template("merge", "activeDeadlineSeconds", "12h"),
+        "activeDeadlineSeconds: '12h' is neither",
+    ),
+    "retry policy": (_retry_field("retryPolicy", "Sometimes"), "retryPolicy: 'Sometimes'"),
+    "retry limit": (_retry_field("limit", "three"), "limit: 'three' is not a whole number"),
+    "retry backoff duration": (
+        _retry_field("backoff", {"duration": "30 seconds"}),
+        "backoff.duration: '30 seconds' is not a duration",
+    ),
+    "retry expression syntax": (
+        _retry_field("expression", "lastRetry.exitCode == "),
+        "expression does not parse",
+    ),
+    "retry expression reads other variables": (
+        _retry_field("expression", "inputs.parameters.region == '1'"),
+        "reads 'inputs'; a retry expression sees lastRetry",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NEW_LINT_ERRORS))
+def test_lint_catches_planted_error_in_new_fields(doc: dict[str, Any], case: str) -> None:
+    mutate, expected = NEW_LINT_ERRORS[case]
+    broken = copy.deepcopy(doc)
+    mutate(broken)
+    problems = lint(broken)
+    assert any(expected in p for p in problems), problems
+
+
+NEW_SCHEMA_ERRORS = {
+    "misspelt retry key": (_retry_field("limt", "3"), "'limt' was unexpected"),
+    "misspelt pod GC key": (
+        _set(["spec", "podGC"], {"stratgy": "OnPodSuccess"}),
+        "'stratgy' was unexpected",
+    ),
+    "misspelt volume key": (
+        _set_template("train", "volumes", [{"name": "dshm", "emptyDir": {"medum": "Memory"}}]),
+        "'medum' was unexpected",
+    ),
+    "parallelism not an integer": (_set(["spec", "parallelism"], "many"), "is not of type"),
+}
+
+
+@pytest.mark.parametrize("case", list(NEW_SCHEMA_ERRORS))
+@pytest.mark.parametrize("schema_name", ["hera", "argo"])
+def test_schema_catches_planted_error_in_new_fields(
+    doc: dict[str, Any],
+    strict_hera: dict[str, Any],
+    strict_argo: dict[str, Any],
+    case: str,
+    schema_name: str,
+) -> None:
+    mutate, expected = NEW_SCHEMA_ERRORS[case]
+    broken = copy.deepcopy(doc)
+    mutate(broken)
+    schema = strict_hera if schema_name == "hera" else strict_argo
+    errors = schema_errors(broken, schema)
+    assert any(expected in e for e in errors), errors
+
+
+# --- iota2 resource blocks: from the .cfg to prepare's JSON ----------------------------------
+
+RESOURCE_CFG = """
+chain : {
+  output_path : 'out'
+  list_tile : 'T1'
+  ground_truth : 'gt.gpkg'
+  data_field : 'code'
+}
+dated_raster : {
+  path : 'T1.tif'
+  bands : ['ndvi']
+}
+arg_train : { deep_learning_parameters : { dl_name : 'MLPClassifier' } }
+resources : {
+  default : { nb_cpu : 3
+              ram : "8gb" }
+  train : {
+              name:"training"
+              nb_cpu:10
+              ram:"92gb"
+              walltime:"12:00:00"
+              nb_gpu:1 # number of GPUs to use
+              queue:"qgpgpu" # queue containing GPUs
+            }
+}
+"""
+
+
+def test_resource_blocks_are_read_and_mapped(tmp_path: Path) -> None:
+    from sitsflow.config import load_config
+    from sitsflow.config.resources import stage_pods
+
+    path = tmp_path / "run.cfg"
+    path.write_text(RESOURCE_CFG)
+    cfg = load_config(str(path))
+    assert cfg.resources.train is not None and cfg.resources.train.ram == "92Gi"
+    assert cfg.resources.train.walltime == 43200
+    again = tmp_path / "resolved.cfg"
+    again.write_text(cfg.to_cfg())
+    assert load_config(str(again)).resources == cfg.resources  # the resolved file keeps them
+    pods = stage_pods(
+        cfg.resources, pool_label="cloud.google.com/gke-nodepool",
+        gpu_node_selector='{"cloud.google.com/gke-accelerator": "nvidia-l4"}',
+    )  # fmt: skip
+    assert pods["train"] == {
+        "cpu": "10", "memory": "92Gi", "gpu": "1", "deadline": "43200",
+        "node_selector": json.dumps(
+            {"cloud.google.com/gke-accelerator": "nvidia-l4",
+             "cloud.google.com/gke-nodepool": "qgpgpu"}, sort_keys=True, separators=(",", ":"),
+        ),
+    }  # fmt: skip
+    assert pods["sample"] == {
+        "cpu": "3", "memory": "8Gi", "gpu": "0", "deadline": "86400", "node_selector": "{}",
+    }  # fmt: skip
+    assert pods["infer"]["gpu"] == "1" and pods["infer"]["cpu"] == "3"
+    with pytest.raises(ValueError, match="pool-label is empty"):
+        stage_pods(cfg.resources)
+    with pytest.raises(ValueError, match="gpu-node-selector: expected a JSON object"):
+        stage_pods(cfg.resources, pool_label="pool", gpu_node_selector='["a"]')
+    with pytest.raises(ValueError, match="not a Kubernetes label key"):
+        stage_pods(cfg.resources, pool_label="bad key!")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("resources.sample.nb_gpu=1", "resources.sample.nb_gpu: expected 0 (sample runs on CPU"),
+        ("resources.train.ram=lots", "resources.train.ram: expected a memory size"),
+        ("resources.train.walltime='1:99:00'", "minutes and seconds must be below 60"),
+        ("resources.train.nb_cpu=0", "resources.train.nb_cpu: expected an integer >= 1"),
+        ("resources.train.queue='gpu pool'", "resources.train.queue: expected a node pool name"),
+        ("resources.train.cpus=2", "resources.train.cpus: expected unknown key"),
+        ("resources.training={}", "name the block train"),
+    ],
+)
+def test_bad_resource_blocks_are_refused(tmp_path: Path, override: str, message: str) -> None:
+    from sitsflow.config import load_config
+    from sitsflow.errors import ConfigError
+
+    path = tmp_path / "run.cfg"
+    path.write_text(RESOURCE_CFG)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(str(path), [override])
+
+
+def test_prepare_prints_config_and_pod_settings(tmp_path: Path) -> None:
+    """The CLI contract the WorkflowTemplate reads: one JSON object on stdout."""
+    import subprocess
+
+    cfg = REPO / "examples" / "slovenia" / "config.cfg"
+    out = subprocess.run(
+        [sys.executable, "-m", "sitsflow", "prepare", "--config", str(cfg),
+         "--overrides", json.dumps([f"chain.output_path={tmp_path / 'run'}"]),
+         "--gpu-node-selector", '{"accelerator": "nvidia"}'],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    prepared = json.loads(out.stdout)
+    assert prepared["config"] == str(tmp_path / "run" / "config" / "resolved.cfg")
+    assert Path(prepared["config"]).exists()
+    assert prepared["resources"]["train"]["node_selector"] == '{"accelerator":"nvidia"}'
+    assert prepared["resources"]["merge"]["node_selector"] == "{}"
+    bad = subprocess.run(
+        [sys.executable, "-m", "sitsflow", "prepare", "--config", str(cfg),
+         "--overrides", json.dumps([f"chain.output_path={tmp_path / 'run'}"]),
+         "--cpu-node-selector", "{nope"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "cpu-node-selector" in bad.stderr
+    assert "sitsflow prepare failed (exit 2)" in bad.stderr.strip().splitlines()[-1]

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="validate the configuration and write the resolved one next to the outputs; prints its URI")
     _add_config(p)
     p.add_argument("--overrides", default="[]", help='JSON list of "section.key=value" overrides (the WorkflowTemplate\'s parameter)')
+    p.add_argument("--pool-label", default="", help="node label that resource blocks' queue selects (e.g. cloud.google.com/gke-nodepool)")
+    p.add_argument("--gpu-node-selector", default="{}", help="JSON node selector of the GPU stages (train, infer)")
+    p.add_argument("--cpu-node-selector", default="{}", help="JSON node selector of the CPU stages (sample, select, merge)")
 
     p = sub.add_parser("sample", help="sampling stage: extract labelled pixels into the NetCDF sample databases")
     _add_config(p)
@@ -105,6 +108,7 @@ def _emit(obj) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from sitsflow import layout, storage
+    from sitsflow.config.resources import stage_pods
     from sitsflow.features import check_tile_grids
 
     cfg = _load(args)
@@ -114,7 +118,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if not storage.exists(uri) or storage.read_text(uri) != text:
         storage.write_text(uri, text)
     log.info("resolved configuration written to %s", uri)
-    sys.stdout.write(uri + "\n")
+    try:
+        pods = stage_pods(
+            cfg.resources,
+            pool_label=args.pool_label,
+            gpu_node_selector=args.gpu_node_selector,
+            cpu_node_selector=args.cpu_node_selector,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _emit({"config": uri, "resources": pods})
     return 0
 
 
@@ -214,6 +227,15 @@ COMMANDS = {
 }
 
 
+def _stage_label(args: argparse.Namespace) -> str:
+    """``train --region 1 --seed 0 --hyp 2``: the command and the item it works on."""
+    words = [args.command] + ([args.stage] if args.command == "plan" else [])
+    for key in ("tile", "chunk", "region", "seed", "hyp"):
+        if getattr(args, key, None) is not None:
+            words.append(f"--{key} {getattr(args, key)}")
+    return " ".join(words)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sitsflow`` console script; returns the exit code."""
     parser = build_parser()
@@ -222,7 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SitsflowError as exc:
+        # The last line of a failed pod's log becomes its termination message (the WorkflowTemplate
+        # sets FallbackToLogsOnError), so it names the stage and its item.
         log.error("%s", exc)
+        log.error("sitsflow %s failed (exit %d)", _stage_label(args), exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         log.error("interrupted")

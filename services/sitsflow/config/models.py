@@ -173,7 +173,7 @@ class DeepLearningParameters(_Section):
     early_stop_tol: float = 0.01
     """Minimum change in the monitored quantity to qualify as an improvement. If the metric is
     'train_loss' or 'val_loss' the tolerance is in dB: dB = log10(loss_{N-1} / loss_N), with N the
-    current epoch."""
+    current epoch (the previous epoch, not the best so far); for scores: value_N - value_{N-1}."""
     early_stop_metric: Literal["train_loss", "val_loss", "fscore", "oa", "kappa"] = "val_loss"
     """Metric to monitor for early stopping (iota2's 'valid_loss' is read as 'val_loss')."""
     additional_statistics_percentage: float | None = None

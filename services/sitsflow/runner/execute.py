@@ -6,18 +6,30 @@ on them: ``depends``/``dependencies``, ``{{...}}`` substitution, ``withParam``/`
 fan-out, stdout as the task's result (trailing whitespace stripped) and fan-out results gathered
 into a JSON list.
 
+What is honoured locally: ``{{=...}}`` expression tags (:mod:`sitsflow.runner.expr`);
+``retryStrategy`` (``limit``, ``retryPolicy``, ``expression`` on ``lastRetry.exitCode/status/
+message/duration``, ``backoff`` duration/factor/maxDuration, scaled by ``backoff_scale``);
+``activeDeadlineSeconds`` (the process is killed, the node fails as a pod past its deadline does);
+``spec.parallelism`` and the entry DAG's ``parallelism`` (at most that many processes at once);
+``podSpecPatch`` (must be JSON after substitution); a container whose resources (patch included)
+request no ``nvidia.com/gpu`` runs with ``CUDA_VISIBLE_DEVICES=""``, as a pod without a GPU sees
+none. Each node's effective pod settings are reported in the summary (``pods``).
+
 Local differences, on purpose: ``valueFrom`` environment variables (Secrets, ConfigMaps) are
 skipped and the local environment is inherited instead, as is an ``env`` value that is empty after
-substitution; Kubernetes scheduling fields (image, resources, nodeSelector, tolerations, volumes)
-and ``retryStrategy`` are ignored; after the first failure no new task starts (running ones
-finish), so ``A.Failed``-style branches never fire. Features whose meaning would change (``when``,
-``continueOn``, ``templateRef``, steps or script templates, ...) are refused before anything runs.
+substitution; the image, CPU/memory requests, node selectors, tolerations and volumes are reported
+but not enforced; after the first failure (retries exhausted) no new task starts (running ones
+finish), so ``A.Failed``-style branches never fire. Local statuses follow Argo's: a non-zero exit
+is ``Failed``; a process that cannot start or dies from a signal is ``Error``. Features whose
+meaning would change (``when``, ``continueOn``, ``templateRef``, steps or script templates, ...)
+are refused before anything runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import string
 import subprocess
@@ -27,13 +39,14 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sitsflow.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, BadInputError, SitsflowError
 from sitsflow.log import get_logger
 from sitsflow.runner.display import Display, make_display
+from sitsflow.runner.expr import ExprError, evaluate_text
 from sitsflow.runner.document import dag_tasks, load_workflow, templates_by_name
 from sitsflow.runner.expressions import (
     Expr,
@@ -110,6 +123,70 @@ def container_env(env: Sequence[Mapping[str, Any]], base: Mapping[str, str]) -> 
     return result
 
 
+#: Argo's message for a pod stopped at its ``activeDeadlineSeconds``.
+DEADLINE_MESSAGE = "Pod was active on the node longer than the specified deadline"
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A template's ``retryStrategy``, substituted and parsed.
+
+    ``limit``: retries after the first attempt; ``policy``: Argo's ``retryPolicy``;
+    ``expression``: expr-lang text on ``lastRetry``; ``backoff``: first delay (s), ``factor``,
+    ``max_duration`` (s, total time since the first attempt after which no retry starts).
+    """
+
+    limit: int
+    policy: str = "OnFailure"
+    expression: str | None = None
+    backoff: float = 0.0
+    factor: float = 1.0
+    max_duration: float | None = None
+
+    def allows(self, status: str, exit_code: str, message: str, duration: float) -> bool:
+        """Whether a node that ended so may be retried (the limit aside)."""
+        by_policy = {
+            "Always": status in ("Failed", "Error"),
+            "OnFailure": status == "Failed",
+            "OnError": status == "Error",
+            "OnTransientError": status == "Error",
+        }.get(self.policy, False)
+        if not by_policy:
+            return False
+        if self.expression is None:
+            return True
+        env = {"lastRetry": {"exitCode": exit_code, "status": status, "message": message,
+                             "duration": str(int(duration))}}
+        value = evaluate_text(self.expression, env)
+        if not isinstance(value, bool):
+            raise ExprError(f"retryStrategy.expression gives {value!r}, not a boolean")
+        return value
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1 = the first retry)."""
+        return self.backoff * self.factor ** (retry - 1)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+                   "h": 3600.0}
+
+
+def parse_duration(text: Any, where: str) -> float:
+    """A Go duration (``30s``, ``1m30s``, ``2h``) or a number of seconds, in seconds.
+
+    Raises:
+        BadInputError: not a duration, naming ``where``.
+    """
+    raw = format_value(text).strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", raw):
+        return float(raw)
+    pieces = _DURATION.findall(raw)
+    if not pieces or "".join(a + u for a, u in pieces) != raw:
+        raise BadInputError(f"{where}: {raw!r} is not a duration (e.g. 30s, 1m30s, 2h)")
+    return sum(float(amount) * _DURATION_UNITS[unit] for amount, unit in pieces)
+
+
 @dataclass
 class _Node:
     """One execution of a task's container (one fan-out item, or the task itself)."""
@@ -120,6 +197,11 @@ class _Node:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
+    pod: dict[str, Any] = field(default_factory=dict)
+    deadline: float | None = None
+    retry: Retry | None = None
+    attempt: int = 0
+    first_start: float | None = None
 
 
 @dataclass
@@ -128,6 +210,27 @@ class _Outcome:
     stdout: str
     error: str = ""
     seconds: float = 0.0
+    timed_out: bool = False
+
+    @property
+    def status(self) -> str:
+        """Argo's node phase: ``Succeeded``, ``Failed`` (exit code or deadline) or ``Error``."""
+        if self.returncode == 0 and not self.timed_out:
+            return "Succeeded"
+        if self.timed_out or (self.returncode is not None and self.returncode > 0):
+            return "Failed"
+        return "Error"
+
+    @property
+    def message(self) -> str:
+        """What Argo would say about the node."""
+        if self.timed_out:
+            return DEADLINE_MESSAGE
+        if self.returncode is None:
+            return self.error
+        if self.returncode < 0:
+            return f"process killed by signal {-self.returncode}"
+        return f"Error (exit code {self.returncode})"
 
 
 @dataclass
@@ -136,10 +239,15 @@ class _TaskState:
     results: list[str | None] = field(default_factory=list)
     remaining: int = 0
     looped: bool = False
+    retries: int = 0
+    pods: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _run_node(node: _Node) -> _Outcome:
-    """Run a container locally: stdout captured, stderr to the node's log file."""
+    """Run a container locally: stdout captured, stderr to the node's log file.
+
+    A node with a ``deadline`` is killed after that many seconds (``activeDeadlineSeconds``).
+    """
     start = time.monotonic()
     try:
         with open(node.log_path, "wb") as stderr:
@@ -150,7 +258,10 @@ def _run_node(node: _Node) -> _Outcome:
                 stderr=stderr,
                 env=node.env,
                 check=False,
+                timeout=node.deadline,
             )
+    except subprocess.TimeoutExpired:
+        return _Outcome(None, "", DEADLINE_MESSAGE, time.monotonic() - start, timed_out=True)
     except OSError as exc:
         return _Outcome(None, "", f"could not start {node.argv[0]!r}: {exc}")
     stdout = proc.stdout.decode("utf-8", errors="replace").rstrip()
@@ -277,6 +388,122 @@ def _check_supported(tasks: list[dict[str, Any]], templates: Mapping[str, Any]) 
         )
 
 
+def _subst_tree(obj: Any, scope: Mapping[str, str], where: str) -> Any:
+    """``obj`` with every string substituted (maps and lists walked)."""
+    if isinstance(obj, str):
+        return substitute(obj, scope, where)
+    if isinstance(obj, Mapping):
+        return {str(k): _subst_tree(v, scope, where) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_subst_tree(v, scope, where) for v in obj]
+    return obj
+
+
+def _pod_settings(
+    template: Mapping[str, Any], scope: Mapping[str, str], where: str
+) -> tuple[dict[str, Any], float | None]:
+    """The pod a template would get (container resources with ``podSpecPatch`` merged in), and
+    its ``activeDeadlineSeconds`` (None: none).
+
+    Raises:
+        BadInputError: the patch is not a JSON object after substitution, or the deadline is not a
+            positive number of seconds.
+    """
+    container = template.get("container") or {}
+    pod: dict[str, Any] = {
+        "resources": _subst_tree(container.get("resources") or {}, scope, where),
+        "nodeSelector": _subst_tree(template.get("nodeSelector") or {}, scope, where),
+        "tolerations": _subst_tree(template.get("tolerations") or [], scope, where),
+        "volumes": [v.get("name") for v in template.get("volumes") or []],
+    }
+    patch_text = template.get("podSpecPatch")
+    if patch_text:
+        text = substitute(str(patch_text), scope, f"{where} podSpecPatch")
+        try:
+            patch = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"{where}: podSpecPatch is not JSON ({exc}): {text[:300]!r}")
+        if not isinstance(patch, dict):
+            raise BadInputError(f"{where}: podSpecPatch must be a JSON object: {text[:300]!r}")
+        for entry in patch.get("containers") or []:
+            if isinstance(entry, dict) and entry.get("name") == "main":
+                pod["resources"] = _merge(pod["resources"], entry.get("resources") or {})
+        if "nodeSelector" in patch:
+            pod["nodeSelector"] = _merge(pod["nodeSelector"], patch["nodeSelector"] or {})
+        if "tolerations" in patch:
+            pod["tolerations"] = patch["tolerations"] or []
+    deadline: float | None = None
+    if template.get("activeDeadlineSeconds") is not None:
+        raw = substitute(format_value(template["activeDeadlineSeconds"]), scope, where)
+        try:
+            deadline = float(raw)
+        except ValueError:
+            deadline = -1.0
+        if deadline <= 0:
+            raise BadInputError(
+                f"{where}: activeDeadlineSeconds must be a positive number of seconds, got {raw!r}"
+            )
+        pod["activeDeadlineSeconds"] = int(deadline) if deadline.is_integer() else deadline
+    return pod, deadline
+
+
+def _requests_gpu(pod: Mapping[str, Any]) -> bool:
+    """Whether a pod's resources ask for at least one ``nvidia.com/gpu``."""
+    resources = pod.get("resources") or {}
+    for kind in ("limits", "requests"):
+        value = (resources.get(kind) or {}).get("nvidia.com/gpu")
+        if value is not None:
+            try:
+                return float(str(value)) > 0
+            except ValueError:
+                return True
+    return False
+
+
+def _retry(
+    template: Mapping[str, Any], scope: Mapping[str, str], where: str, scale: float
+) -> Retry | None:
+    """A template's ``retryStrategy`` (substituted), None when it has none.
+
+    Raises:
+        BadInputError: a limit, policy, factor or duration Argo would refuse.
+    """
+    strategy = template.get("retryStrategy")
+    if not strategy:
+        return None
+    at = f"{where} retryStrategy"
+    limit_text = substitute(format_value(strategy.get("limit", "0")), scope, at)
+    if not limit_text.strip().isdigit():
+        raise BadInputError(f"{at}: limit must be a whole number, got {limit_text!r}")
+    policy = str(strategy.get("retryPolicy") or "OnFailure")
+    if policy not in ("Always", "OnFailure", "OnError", "OnTransientError"):
+        raise BadInputError(
+            f"{at}: retryPolicy {policy!r}; allowed: Always, OnFailure, OnError, OnTransientError"
+        )
+    backoff = strategy.get("backoff") or {}
+    duration = parse_duration(substitute(format_value(backoff.get("duration", "0")), scope, at),
+                              f"{at}.backoff.duration")
+    factor_text = substitute(format_value(backoff.get("factor", 1)), scope, at)
+    try:
+        factor = float(factor_text)
+    except ValueError:
+        raise BadInputError(f"{at}: backoff.factor must be a number, got {factor_text!r}") from None
+    max_duration = None
+    if backoff.get("maxDuration") is not None:
+        max_duration = scale * parse_duration(
+            substitute(format_value(backoff["maxDuration"]), scope, at), f"{at}.backoff.maxDuration"
+        )
+    expression = strategy.get("expression")
+    return Retry(
+        limit=int(limit_text),
+        policy=policy,
+        expression=str(expression) if expression else None,
+        backoff=duration * scale,
+        factor=factor,
+        max_duration=max_duration,
+    )
+
+
 class _Run:
     """The state of one workflow execution (all state changes happen on the calling thread)."""
 
@@ -286,10 +513,11 @@ class _Run:
         parameters: Mapping[str, str],
         workers: int,
         log_dir: Path,
+        backoff_scale: float = 1.0,
     ) -> None:
         spec = doc["spec"]
-        self.workers = workers
         self.log_dir = log_dir
+        self.backoff_scale = backoff_scale
         self.display: Display = make_display(False)
         defaults = spec.get("templateDefaults") or {}
         self.templates = {
@@ -297,6 +525,16 @@ class _Run:
             for name, template in templates_by_name(doc).items()
         }
         entry = self.templates[spec["entrypoint"]]
+        # Argo's parallelism: the workflow's and the entry DAG's cap the processes run at once.
+        caps = [workers]
+        for where, value in (("spec.parallelism", spec.get("parallelism")),
+                             (f"template {entry.get('name')!r} parallelism",
+                              entry.get("parallelism"))):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise BadInputError(f"{where} must be an integer >= 1, got {value!r}")
+                caps.append(value)
+        self.workers = min(caps)
         if "dag" in entry:
             self.tasks = dag_tasks(entry)
         else:  # a single-template workflow runs as a one-task DAG
@@ -329,6 +567,7 @@ class _Run:
         }
         self.states = {str(t["name"]): _TaskState() for t in self.tasks}
         self.queue: deque[_Node] = deque()
+        self.delayed: list[tuple[float, _Node]] = []  # retries waiting for their backoff
         self.failure_reason: tuple[str, int | None, Path | None, str] | None = None
 
     # -- scheduling ---------------------------------------------------------------------------
@@ -416,13 +655,20 @@ class _Run:
             for var in container.get("env") or []
         ]
         log_name = name if index is None else f"{name}-{index}"
+        pod, deadline = _pod_settings(template, inner, where)
+        environment = container_env(env, os.environ)
+        if not _requests_gpu(pod):  # a pod that requests no GPU sees none
+            environment["CUDA_VISIBLE_DEVICES"] = ""
         return _Node(
             name,
             index,
             label,
             argv,
-            container_env(env, os.environ),
+            environment,
             self.log_dir / f"{log_name}.log",
+            pod=pod,
+            deadline=deadline,
+            retry=_retry(template, inner, where, self.backoff_scale),
         )
 
     def _fail(self, task: str, returncode: int | None, log_path: Path | None, message: str) -> None:
@@ -466,13 +712,53 @@ class _Run:
                     continue
                 state.status = "Running"
                 state.results = [None] * len(nodes)
+                state.pods = [n.pod for n in nodes]
                 state.remaining = len(nodes)
                 self.display.task_started(name, len(nodes))
                 self.queue.extend(nodes)
 
+    def _retry_later(self, node: _Node, outcome: _Outcome) -> bool:
+        """Queue ``node`` again if its retryStrategy allows it; whether it was queued."""
+        retry = node.retry
+        if retry is None or node.attempt >= retry.limit:
+            return False
+        # As a container reports it: a signal is 128 + its number, no process at all is -1.
+        returncode = outcome.returncode
+        code = "-1" if returncode is None else str(128 - returncode if returncode < 0 else returncode)
+        try:
+            allowed = retry.allows(outcome.status, code, outcome.message, outcome.seconds)
+        except BadInputError as exc:
+            self._fail(node.task, outcome.returncode, node.log_path,
+                       f"task {node.label}: retryStrategy: {exc}")
+            return True  # failed for good, with the message above
+        if not allowed:
+            return False
+        now = time.monotonic()
+        delay = retry.delay(node.attempt + 1)
+        first = node.first_start if node.first_start is not None else now - outcome.seconds
+        if retry.max_duration is not None and now + delay - first > retry.max_duration:
+            return False
+        attempt = node.attempt + 1
+        base = node.log_path.name.removesuffix(".log").split(".retry")[0]
+        again = replace(
+            node,
+            attempt=attempt,
+            first_start=first,
+            log_path=node.log_path.with_name(f"{base}.retry{attempt}.log"),
+        )
+        self.states[node.task].retries += 1
+        log.warning(
+            "task %s: %s; retry %d/%d in %.1f s (log: %s)",
+            node.label, outcome.message, attempt, retry.limit, delay, node.log_path,
+        )  # fmt: skip
+        self.delayed.append((now + delay, again))
+        return True
+
     def _finish(self, node: _Node, outcome: _Outcome) -> None:
         state = self.states[node.task]
-        if outcome.returncode == 0:
+        if outcome.status != "Succeeded" and self._retry_later(node, outcome):
+            return
+        if outcome.returncode == 0 and not outcome.timed_out:
             state.results[node.index or 0] = outcome.stdout
             state.remaining -= 1
             self.display.node_done(node.label, outcome.seconds)
@@ -481,7 +767,12 @@ class _Run:
                 self.display.task_done(node.task, "Succeeded")
             return
         state.status = "Failed"
-        if outcome.returncode is None:
+        if outcome.timed_out:
+            message = (
+                f"task {node.label} failed: {DEADLINE_MESSAGE} "
+                f"(activeDeadlineSeconds {node.deadline:g})"
+            )
+        elif outcome.returncode is None:
             message = f"task {node.label} failed: {outcome.error}"
         elif outcome.returncode < 0:
             message = f"task {node.label} was killed by signal {-outcome.returncode}"
@@ -497,7 +788,12 @@ class _Run:
 
     def summary(self) -> dict[str, Any]:
         return {
-            name: {"status": state.status, "results": [r for r in state.results if r is not None]}
+            name: {
+                "status": state.status,
+                "results": [r for r in state.results if r is not None],
+                "retries": state.retries,
+                "pods": state.pods,
+            }
             for name, state in self.states.items()
         }
 
@@ -514,14 +810,25 @@ class _Run:
         ) as pool:
             while True:
                 self._schedule()
+                now = time.monotonic()
+                ready = [entry for entry in self.delayed if entry[0] <= now]
+                self.delayed = [entry for entry in self.delayed if entry[0] > now]
+                self.queue.extendleft(node for _, node in reversed(ready))
                 while self.failure_reason is None and self.queue and len(in_flight) < self.workers:
                     node = self.queue.popleft()
                     log.debug("running %s: %s", node.label, " ".join(node.argv))
                     self.display.node_started(node.label)
                     in_flight[pool.submit(_run_node, node)] = node
-                if not in_flight:
+                pending = self.delayed if self.failure_reason is None else []
+                if not in_flight and not pending:
                     break
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                timeout = (
+                    max(0.0, min(t for t, _ in pending) - time.monotonic()) if pending else None
+                )
+                if not in_flight:
+                    time.sleep(timeout or 0.0)
+                    continue
+                done, _ = wait(in_flight, timeout=timeout, return_when=FIRST_COMPLETED)
                 for future in done:
                     self._finish(in_flight.pop(future), future.result())
         if self.failure_reason is not None:
@@ -539,6 +846,7 @@ def run_workflow(
     workers: int = 1,
     progress: bool | None = None,
     log_dir: Path | None = None,
+    backoff_scale: float | None = None,
 ) -> dict[str, Any]:
     """Execute a rendered Argo Workflow/WorkflowTemplate YAML on this machine.
 
@@ -550,11 +858,17 @@ def run_workflow(
         progress: a rich progress display on stderr (None: when stderr is a terminal; otherwise
             one log line per task start and end).
         log_dir: where each task's stderr goes (``<task>.log``, ``<task>-<index>.log`` for
-            fan-out items); default a new temporary folder.
+            fan-out items, ``<task>-<index>.retry<n>.log`` for retries); default a new temporary
+            folder.
+        backoff_scale: factor on every retry backoff delay (0: retry at once); None reads
+            ``$SITSFLOW_BACKOFF_SCALE``, else 1 (the delays written in the YAML).
 
     Returns:
-        ``{"tasks": {name: {"status": "Succeeded"|"Skipped"|"Omitted", "results": [stdout, ...]}},
-        "duration_s": float, "log_dir": str}``; ``results`` holds one stdout per item.
+        ``{"tasks": {name: {"status": "Succeeded"|"Skipped"|"Omitted", "results": [stdout, ...],
+        "retries": int, "pods": [{...}, ...]}}, "duration_s": float, "log_dir": str,
+        "workers": int}``; ``results`` holds one stdout per item, ``pods`` each item's pod
+        settings (``resources``, ``nodeSelector``, ``tolerations``, ``activeDeadlineSeconds``,
+        ``volumes``), ``workers`` the processes run at once (``workers`` capped by parallelism).
 
     Raises:
         BadInputError: the document fails :func:`sitsflow.runner.validate.lint`, uses features
@@ -563,6 +877,14 @@ def run_workflow(
     """
     if workers < 1:
         raise BadInputError(f"workers must be at least 1, got {workers}")
+    if backoff_scale is None:
+        raw = os.environ.get("SITSFLOW_BACKOFF_SCALE", "1")
+        try:
+            backoff_scale = float(raw)
+        except ValueError:
+            raise BadInputError(f"SITSFLOW_BACKOFF_SCALE must be a number, got {raw!r}") from None
+    if backoff_scale < 0:
+        raise BadInputError(f"backoff_scale must be >= 0, got {backoff_scale}")
     start = time.monotonic()
     doc = load_workflow(path)
     check(doc, source=f"workflow file {path}")
@@ -572,7 +894,7 @@ def run_workflow(
     log_dir.mkdir(parents=True, exist_ok=True)
     if progress is None:
         progress = sys.stderr.isatty()
-    run = _Run(doc, parameters, workers, log_dir)
+    run = _Run(doc, parameters, workers, log_dir, backoff_scale)
     log.info(
         "running %s (%d tasks, %d worker(s)); task logs in %s",
         path, len(run.tasks), workers, log_dir,
@@ -585,4 +907,9 @@ def run_workflow(
         raise
     duration = time.monotonic() - start
     log.info("workflow %s succeeded in %.1f s", path, duration)
-    return {"tasks": tasks, "duration_s": round(duration, 3), "log_dir": str(log_dir)}
+    return {
+        "tasks": tasks,
+        "duration_s": round(duration, 3),
+        "log_dir": str(log_dir),
+        "workers": run.workers,
+    }

@@ -84,18 +84,28 @@ def item_scope(item: Any) -> dict[str, str]:
 def substitute(text: str, scope: Mapping[str, str], where: str) -> str:
     """Replace every ``{{expr}}`` in ``text`` by ``scope[expr]``.
 
+    An expression tag (``{{=jsonpath(tasks.prepare.outputs.result, '$.config')}}``) is evaluated
+    by :mod:`sitsflow.runner.expr` with ``scope`` as Argo's nested variables.
+
     Raises:
-        BadInputError: an expression is not in ``scope`` (message names ``where``), or is an
-            Argo expression template (``{{=...}}``), which the local runner does not evaluate.
+        BadInputError: a variable is not in ``scope`` (message names ``where``), or an expression
+            does not parse or evaluate.
     """
 
+    env: dict[str, Any] | None = None
+
     def replace(match: re.Match[str]) -> str:
+        nonlocal env
         expr = match.group(1)
         if expr.startswith("="):
-            raise BadInputError(
-                f"{where}: expression templates ({match.group(0)}) are not supported by the "
-                "local runner; use plain {{...}} variables"
-            )
+            from sitsflow.runner.expr import ExprError, evaluate_text, nest, to_text
+
+            if env is None:
+                env = nest(scope)
+            try:
+                return to_text(evaluate_text(expr[1:], env))
+            except ExprError as exc:
+                raise BadInputError(f"{where}: {match.group(0)}: {exc}") from None
         if expr not in scope:
             known = ", ".join(sorted(scope)) or "none"
             raise BadInputError(

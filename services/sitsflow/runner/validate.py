@@ -9,6 +9,7 @@ catches misspelt keys and wrong types.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -20,10 +21,11 @@ from sitsflow.runner.document import (
     find_cycle,
     templates_by_name,
 )
+from sitsflow.runner.expr import ExprError, Node, parse, references
 from sitsflow.runner.expressions import (
+    VARIABLE,
     referenced_tasks,
     task_dependencies,
-    variables,
     walk_strings,
 )
 
@@ -42,6 +44,128 @@ _WITH_PARAM = re.compile(
 )
 
 
+def variables(text: str) -> list[str]:
+    """The variables a string reads: plain ``{{x.y}}`` tags, and the variables of expression tags
+    (``{{=jsonpath(tasks.prepare.outputs.result, '$.config')}}`` reads
+    ``tasks.prepare.outputs.result``; ``tasks['plan-training']`` reads ``tasks.plan-training``).
+    Expression tags that do not parse read nothing (:func:`_lint_expressions` reports them).
+    """
+    found: list[str] = []
+    for tag in VARIABLE.findall(text):
+        if not tag.startswith("="):
+            found.append(tag)
+            continue
+        try:
+            node = parse(tag[1:])
+        except ExprError:
+            continue
+        found += references(node)
+    return found
+
+
+def _expression_roots(node: Node) -> set[str]:
+    return {ref.split(".", 1)[0] for ref in references(node)}
+
+
+def _lint_expressions(spec: Mapping[str, Any]) -> list[str]:
+    """Every ``{{=...}}`` tag parses; every ``retryStrategy`` is one Argo can apply."""
+    problems: list[str] = []
+    for path, text in walk_strings(spec, "spec"):
+        for tag in VARIABLE.findall(text):
+            if tag.startswith("="):
+                try:
+                    parse(tag[1:])
+                except ExprError as exc:
+                    problems.append(f"{path}: {{{{{tag}}}}} does not parse: {exc}")
+    for index, template in enumerate(spec.get("templates") or []):
+        if not isinstance(template, dict):
+            continue
+        where = f"spec.templates[{index}] ({template.get('name')})"
+        problems += _lint_retry(template.get("retryStrategy"), f"{where}.retryStrategy")
+        problems += _lint_pod_spec_patch(template.get("podSpecPatch"), f"{where}.podSpecPatch")
+        deadline = template.get("activeDeadlineSeconds")
+        if deadline is not None and not _int_or_tag(deadline, minimum=1):
+            problems.append(
+                f"{where}.activeDeadlineSeconds: {deadline!r} is neither a positive number of "
+                "seconds nor a {{...}} parameter"
+            )
+    if spec.get("templateDefaults"):
+        problems += _lint_retry(
+            (spec["templateDefaults"] or {}).get("retryStrategy"),
+            "spec.templateDefaults.retryStrategy",
+        )
+    return problems
+
+
+def _int_or_tag(value: Any, minimum: int = 0) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= minimum
+    text = str(value).strip()
+    return (text.isdigit() and int(text) >= minimum) or bool(VARIABLE.fullmatch(text))
+
+
+_RETRY_POLICIES = ("Always", "OnFailure", "OnError", "OnTransientError")
+_GO_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+$|^\d+$")
+
+
+def _lint_retry(strategy: Any, where: str) -> list[str]:
+    """limit, retryPolicy, backoff durations and the expression (on ``lastRetry`` only)."""
+    if strategy is None:
+        return []
+    if not isinstance(strategy, dict):
+        return [f"{where}: must be a mapping"]
+    problems = []
+    if "limit" in strategy and not _int_or_tag(strategy["limit"]):
+        problems.append(f"{where}.limit: {strategy['limit']!r} is not a whole number")
+    policy = strategy.get("retryPolicy")
+    if policy is not None and policy not in _RETRY_POLICIES:
+        problems.append(
+            f"{where}.retryPolicy: {policy!r}; allowed: {', '.join(_RETRY_POLICIES)}"
+        )
+    for key in ("duration", "maxDuration", "cap"):
+        value = (strategy.get("backoff") or {}).get(key)
+        if value is not None and not (
+            _GO_DURATION.match(str(value)) or VARIABLE.fullmatch(str(value))
+        ):
+            problems.append(f"{where}.backoff.{key}: {value!r} is not a duration (30s, 1m, 2h)")
+    expression = strategy.get("expression")
+    if expression is not None:
+        try:
+            roots = _expression_roots(parse(str(expression)))
+        except ExprError as exc:
+            problems.append(f"{where}.expression does not parse: {exc}")
+        else:
+            for root in sorted(roots - {"lastRetry"}):
+                problems.append(
+                    f"{where}.expression reads {root!r}; a retry expression sees lastRetry "
+                    "(exitCode, status, duration, message) only"
+                )
+    return problems
+
+
+def _lint_pod_spec_patch(patch: Any, where: str) -> list[str]:
+    """A podSpecPatch is a JSON object once its tags are substituted; it patches ``main``."""
+    if patch is None:
+        return []
+    text = VARIABLE.sub("null", str(patch))  # a tag stands for a value, quoted or not
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return [f"{where}: not JSON once its {{{{...}}}} tags are filled in ({exc})"]
+    if not isinstance(value, dict):
+        return [f"{where}: must be a JSON object (a pod spec patch)"]
+    problems = []
+    for entry in value.get("containers") or []:
+        if not isinstance(entry, dict) or entry.get("name") != "main":
+            problems.append(
+                f"{where}: patches container {entry.get('name') if isinstance(entry, dict) else entry!r}; "
+                "Argo names a template's container 'main'"
+            )
+    return problems
+
+
 def _names(params: Iterable[Any] | None) -> list[str]:
     return [str(p["name"]) for p in params or [] if isinstance(p, dict) and "name" in p]
 
@@ -56,8 +180,6 @@ def _lint_variables(spec: Mapping[str, Any], declared_workflow: set[str]) -> lis
     problems: list[str] = []
     for path, text in walk_strings(spec, "spec"):
         for expr in variables(text):
-            if expr.startswith("="):
-                continue
             root = expr.split(".", 1)[0]
             if root not in KNOWN_VARIABLE_ROOTS:
                 problems.append(f"{path}: unknown variable {{{{{expr}}}}}")
@@ -202,7 +324,11 @@ def lint(doc: Mapping[str, Any]) -> list[str]:
     template and every ``{{workflow.parameters.x}}`` in ``spec.arguments``; every task passes each
     input without a default and nothing undeclared; every ``{{tasks.X...}}`` and ``withParam``
     names a task the referencing task depends on (directly or transitively); ``{{item...}}`` only
-    in looping tasks; no unknown variable roots.
+    in looping tasks; no unknown variable roots. Expression tags (``{{=...}}``) parse, and the
+    variables they read obey the same rules; ``podSpecPatch`` is a JSON object once its tags are
+    filled in and patches the container ``main``; ``activeDeadlineSeconds`` and
+    ``retryStrategy`` (limit, retryPolicy, backoff durations, an expression on ``lastRetry``
+    only) are values Argo accepts.
     """
     spec = doc.get("spec")
     if not isinstance(spec, dict):
@@ -225,6 +351,7 @@ def lint(doc: Mapping[str, Any]) -> list[str]:
         )
     declared = set(_names((spec.get("arguments") or {}).get("parameters")))
     problems += _lint_variables(spec, declared)
+    problems += _lint_expressions(spec)
     for index, template in enumerate(raw_templates):
         if not isinstance(template, dict):
             problems.append(f"spec.templates[{index}] is not a mapping")
