@@ -26,10 +26,24 @@ per (batch_size, learning_rate) pair of the product of the lists, numbered in th
 keeping its best epoch on validation by ``--criterion``; the candidate chosen by
 ``sitsflow.selection.pick`` on those validation values wins). Only then is the winner applied to
 the held-out fold k (OA and Cohen's kappa). With ``--validation-only`` the held-out folds are never
-classified: use it to choose settings on validation scores alone.
+classified: use it to choose settings on validation scores alone (with ``--ensemble N`` it also
+reports the inner validation OA of the N-member ensemble).
+
+Two standard additions, both decided on the inner validation split only:
+
+* ``--refit``: once the pair and the number of epochs E (the epoch the winner kept on validation)
+  are chosen, a fresh network is trained on all the training folds (no validation split) for E
+  epochs, with the learning rate the winner had at each of those epochs (``adaptive_lr``
+  reductions replayed), and that network classifies the held-out fold;
+* ``--ensemble N``: N networks of the same model and pair, differing only by their torch seed
+  (initialisation, dropout, batch order; member 0 has the stage's seed), average their class
+  probabilities. With ``--refit`` each member is refitted for E epochs; without it, members 1..N-1
+  are trained like the winner and each keeps its own best epoch on validation.
 
     .venv/bin/python bench/matogrosso_cv.py /path/to/samples_mt_4bands.csv
     .venv/bin/python bench/matogrosso_cv.py CSV --epochs 60 --dl-parameters '{"d_model": 64, ...}'
+    .venv/bin/python bench/matogrosso_cv.py CSV --ensemble 5 --validation-only   # choose settings
+    .venv/bin/python bench/matogrosso_cv.py CSV --ensemble 5 --refit --threads 1 # the recorded figure
 
 Prints a plain-text table per fold, the mean OA and kappa, then one JSON line
 (``{"bench": "matogrosso_cv", ...}``).
@@ -58,7 +72,8 @@ from sitsflow import nn as sitsnn
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger, setup_logging
 from sitsflow.selection import pick
-from sitsflow.training import TrainingOptions, load_samples, train
+from sitsflow.training import SampleSet, TrainingOptions, class_weights, load_samples, split_learn_validation, train
+from sitsflow.training.loaders import InMemoryBatches
 from sitsflow.training.metrics import scores
 
 log = get_logger("bench.matogrosso_cv")
@@ -175,10 +190,96 @@ def cpu_model() -> str:
         return platform.processor() or "cpu"
 
 
+def member_seed(split_seed: int, hyp: int, member: int) -> int:
+    """Torch seed of ensemble member ``member``: member 0 is the stage's own seed
+    (``SeedSequence([split_seed, hyp])``), member m > 0 ``SeedSequence([split_seed, hyp, m])``."""
+    if member == 0:
+        return torch_seed_of(split_seed, hyp)
+    return int(np.random.SeedSequence([split_seed, hyp, member]).generate_state(1, dtype=np.uint32)[0])
+
+
+def options_of(args: argparse.Namespace, hyp: int, batch_size: int, learning_rate: float) -> TrainingOptions:
+    opts = TrainingOptions(
+        dl_name=args.dl_name, dl_parameters=dict(args.dl_parameters), dl_module=None,
+        model_selection_criterion=args.criterion, epochs=args.epochs,
+        weighted_labels=args.weighted_labels, num_workers=args.num_workers, batch_size=int(batch_size),
+        learning_rate=float(learning_rate), hyp=hyp, restart_from_checkpoint=False,
+        dataloader_mode="full", enable_early_stop=args.early_stop_patience is not None,
+        epoch_to_trigger=args.epoch_to_trigger, early_stop_patience=args.early_stop_patience or 10,
+        early_stop_tol=args.early_stop_tol, early_stop_metric=args.early_stop_metric,
+        additional_statistics_percentage=None, adaptive_lr=dict(args.adaptive_lr),
+    )
+    opts.validate()
+    return opts
+
+
+def builder(samples: SampleSet, opts: TrainingOptions) -> Any:
+    """``build(stats=...)`` as the training stage makes it."""
+    def build(*, stats: dict[str, dict[str, torch.Tensor]]) -> torch.nn.Module:
+        return sitsnn.build_network(
+            opts.dl_name, opts.dl_parameters, nb_dates=samples.nb_dates,
+            nb_components=samples.nb_components, nb_classes=len(samples.classes),
+            dates=samples.dates, stats=stats, sensor=samples.sensor,
+        )
+    return build
+
+
+def refit(samples: SampleSet, opts: TrainingOptions, lrs: list[float], seed: int) -> torch.nn.Module:
+    """Train a fresh network on every sample of ``samples`` (no validation split) for ``len(lrs)``
+    epochs, epoch e at learning rate ``lrs[e - 1]`` (the schedule the selected candidate had, so
+    ``adaptive_lr`` reductions are replayed), then return it (eval mode, CPU).
+
+    Same network, statistics (from the whole table), Adam, cross-entropy, class weights and batch
+    rules as ``sitsflow.training.train`` (a seeded permutation every epoch; a final batch of one
+    sample skipped); ``seed`` seeds initialisation, dropout and batch order.
+    """
+    label_idx = samples.label_indices()
+    nb_classes = len(samples.classes)
+    weights = torch.from_numpy(class_weights(label_idx, nb_classes)) if opts.weighted_labels else None
+    torch.manual_seed(seed)
+    tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in samples.stats.items()}
+    network = builder(samples, opts)(stats={key: tensors for key in dict.fromkeys((samples.sensor, *samples.sensors))})
+    optimizer = torch.optim.Adam(network.parameters(), lr=lrs[0])
+    order_gen = torch.Generator().manual_seed(seed)
+    batches = InMemoryBatches(torch.from_numpy(samples.load_all()), torch.from_numpy(label_idx),
+                              opts.batch_size, drop_single=True)
+    for lr in lrs:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches.set_order(torch.randperm(samples.n, generator=order_gen))
+        network.train()
+        for i in range(len(batches)):
+            x, y = batches[i]
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(network(x), y, weight=weights)
+            loss.backward()
+            optimizer.step()
+    network.eval()
+    return network
+
+
+def ensemble_proba(networks: list[torch.nn.Module], x: np.ndarray) -> np.ndarray:
+    """Mean class probabilities of ``networks`` on ``x`` (n, nb_dates, nb_components): (n, nb_classes)."""
+    return np.mean([sitsnn.predict_proba(net, x, batch_size=1024, device="cpu") for net in networks], axis=0)
+
+
+def oa_of(proba: np.ndarray, truth_idx: np.ndarray) -> float:
+    return float((proba.argmax(axis=1) == truth_idx).mean())
+
+
 def run_fold(
     k: int, args: argparse.Namespace, columns: dict[str, np.ndarray], fold: np.ndarray, workdir: Path
 ) -> dict[str, Any]:
-    """Train on every fold but ``k`` (all hyperparameter pairs, selection on validation), test on fold ``k``."""
+    """Train on every fold but ``k`` (all hyperparameter pairs, selection on validation), test on fold ``k``.
+
+    1. every (batch_size, learning_rate) pair is trained by ``sitsflow.training.train`` (80/20 split
+       drawn from ``seed + k``), keeping its best epoch by ``--criterion``; ``pick`` chooses the pair;
+    2. ``--ensemble N``: members 1..N-1 train the chosen pair with other seeds (``member_seed``);
+    3. ``--refit``: every member is retrained from scratch on all the training folds (no
+       validation split) for the number of epochs the chosen candidate selected on validation,
+       with its learning-rate schedule; otherwise each member is its best epoch on validation;
+    4. the mean of the members' class probabilities classifies the held-out fold.
+    """
     tic = time.monotonic()
     train_rows = np.flatnonzero(fold != k)
     test_rows = np.flatnonzero(fold == k)
@@ -187,41 +288,28 @@ def run_fold(
     samples = load_samples(str(table))
     split_seed = args.seed + k
     pairs = list(itertools.product(args.batch_size, args.learning_rate))
-    candidates = []
-    for hyp, (bs, lr) in enumerate(pairs):
-        opts = TrainingOptions(
-            dl_name=args.dl_name, dl_parameters=dict(args.dl_parameters), dl_module=None,
-            model_selection_criterion=args.criterion, epochs=args.epochs,
-            weighted_labels=args.weighted_labels, num_workers=args.num_workers, batch_size=int(bs),
-            learning_rate=float(lr), hyp=hyp, restart_from_checkpoint=False,
-            dataloader_mode="full", enable_early_stop=args.early_stop_patience is not None,
-            epoch_to_trigger=args.epoch_to_trigger, early_stop_patience=args.early_stop_patience or 10,
-            early_stop_tol=args.early_stop_tol, early_stop_metric=args.early_stop_metric,
-            additional_statistics_percentage=None, adaptive_lr=dict(args.adaptive_lr),
-        )
-        opts.validate()
 
-        def build(*, stats: dict[str, dict[str, torch.Tensor]], _opts: TrainingOptions = opts) -> torch.nn.Module:
-            return sitsnn.build_network(
-                _opts.dl_name, _opts.dl_parameters, nb_dates=samples.nb_dates,
-                nb_components=samples.nb_components, nb_classes=len(samples.classes),
-                dates=samples.dates, stats=stats, sensor=samples.sensor,
-            )
-
+    def inner(hyp: int, opts: TrainingOptions, seed: int, tag: str) -> dict[str, Any]:
         result = train(
-            samples, opts, build=build, split_seed=split_seed, torch_seed=torch_seed_of(split_seed, hyp),
-            fingerprint=f"matogrosso-fold-{k}-hyp-{hyp}",
-            checkpoint_uri=str(workdir / f"fold_{k}_hyp_{hyp}_checkpoint.txt"),
+            samples, opts, build=builder(samples, opts), split_seed=split_seed, torch_seed=seed,
+            fingerprint=f"matogrosso-fold-{k}-{tag}",
+            checkpoint_uri=str(workdir / f"fold_{k}_{tag}_checkpoint.txt"),
             device=torch.device("cpu"),
         )
         chosen = result.best[args.criterion]
         row = next(r for r in result.history if r["epoch"] == chosen["epoch"])
-        candidates.append({"hyp": hyp, "batch_size": int(bs), "learning_rate": float(lr),
-                           "value": float(chosen["value"]), "epoch": int(chosen["epoch"]),
-                           "val_oa": float(row["oa"]), "val_kappa": float(row["kappa"]),
-                           "epochs_run": result.epochs_run, "network": result.network})
+        return {"hyp": hyp, "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
+                "value": float(chosen["value"]), "epoch": int(chosen["epoch"]),
+                "val_oa": float(row["oa"]), "val_kappa": float(row["kappa"]),
+                "epochs_run": result.epochs_run, "network": result.network,
+                "lrs": [float(r["lr"]) for r in result.history], "opts": opts}
+
+    candidates = []
+    for hyp, (bs, lr) in enumerate(pairs):
+        c = inner(hyp, options_of(args, hyp, bs, lr), member_seed(split_seed, hyp, 0), f"hyp-{hyp}")
+        candidates.append(c)
         log.info("fold %d hyp %d (batch %d, lr %g): %s %.4f at epoch %d, validation OA %.4f",
-                 k, hyp, bs, lr, args.criterion, chosen["value"], chosen["epoch"], row["oa"])
+                 k, hyp, bs, lr, args.criterion, c["value"], c["epoch"], c["val_oa"])
     winner, _ = pick({c["hyp"]: c["value"] for c in candidates}, args.criterion)
     won = candidates[winner]
     out: dict[str, Any] = {
@@ -230,9 +318,22 @@ def run_fold(
         "epoch": won["epoch"], "epochs_run": won["epochs_run"],
         "val_oa": won["val_oa"], "val_kappa": won["val_kappa"],
     }
+    members = [won["network"]]
+    if args.ensemble > 1 and (not args.refit or args.validation_only):
+        for m in range(1, args.ensemble):
+            members.append(inner(winner, won["opts"], member_seed(split_seed, winner, m), f"member-{m}")["network"])
+        # the inner validation OA of the ensemble (each member at its own best epoch)
+        _, val = split_learn_validation(samples.labels, samples.polygon_ids, split_seed)
+        out["val_ensemble_oa"] = oa_of(ensemble_proba(members, samples.load_all()[val]),
+                                       samples.label_indices()[val])
+    if args.refit and not args.validation_only:
+        lrs = won["lrs"][: won["epoch"]]
+        members = [refit(samples, won["opts"], lrs, member_seed(split_seed, winner, m))
+                   for m in range(args.ensemble)]
+        out["refit_epochs"] = len(lrs)
     if not args.validation_only:
         x = features_of(columns, test_rows, samples.feature_names)
-        proba = sitsnn.predict_proba(won["network"], x, batch_size=1024, device="cpu")
+        proba = ensemble_proba(members, x)
         classes = np.asarray(samples.classes)
         pred = classes[proba.argmax(axis=1)]
         truth = columns["label"][test_rows]
@@ -267,9 +368,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--reference-start", default=None, help="YYYY-MM-DD start of the reference season")
     parser.add_argument("--only-folds", type=int, nargs="*", default=None, help="run only these folds")
+    parser.add_argument("--ensemble", type=int, default=1,
+                        help="members of the same model and pair trained with different seeds; their mean "
+                        "class probabilities classify (1: a single model)")
+    parser.add_argument("--refit", action="store_true",
+                        help="after choosing the pair and the epoch count on the inner validation split, "
+                        "retrain each member on all the training folds for that many epochs")
     parser.add_argument("--validation-only", action="store_true",
                         help="report the inner validation scores only; never classify the held-out folds")
     args = parser.parse_args(argv)
+    if args.ensemble < 1:
+        parser.error(f"--ensemble must be >= 1, got {args.ensemble}")
     setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -295,12 +404,15 @@ def main(argv: list[str] | None = None) -> int:
         "dl_name": args.dl_name, "dl_parameters": args.dl_parameters, "epochs": args.epochs,
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "criterion": args.criterion,
         "weighted_labels": args.weighted_labels, "adaptive_lr": args.adaptive_lr,
-        "early_stop_patience": args.early_stop_patience,
+        "early_stop_patience": args.early_stop_patience, "ensemble": args.ensemble, "refit": args.refit,
         "mean_val_oa": float(np.mean([r["val_oa"] for r in results])),
         "per_fold": results, "seconds": round(seconds, 1),
         "machine": f"{cpu_model()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
     }
     print(f"mean validation OA {summary['mean_val_oa']:.4f}")
+    if all("val_ensemble_oa" in r for r in results):
+        summary["mean_val_ensemble_oa"] = float(np.mean([r["val_ensemble_oa"] for r in results]))
+        print(f"mean validation OA of the {args.ensemble}-member ensemble {summary['mean_val_ensemble_oa']:.4f}")
     if not args.validation_only:
         oas = np.array([r["oa"] for r in results])
         kappas = np.array([r["kappa"] for r in results])

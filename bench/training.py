@@ -5,7 +5,8 @@ A sample database of ``--samples`` pixels x ``--dates`` dates x ``--bands`` band
 layout the sampling stage writes (``learningSamples/Samples_region_R_seedS_learn.nc``: NetCDF4,
 ``features`` (sample, date, component) float32 chunked by ``SAMPLE_CHUNK`` samples, no
 compression, ``label``, ``polygon_id``, ``date``, ``component_name``, ``feature_name``,
-``stats_*``; polygons of ``--polygon-size`` consecutive pixels). Then, for each mode:
+``stats_*``; polygons of ``--polygon-size`` consecutive pixels) and flushed to disk (fsync), so
+that its writeback does not run during the timings. Then, for each mode:
 
 * **loader**: passes over the learning samples (the best of ``--repeats``), with 0 and with
   ``--num-workers`` workers, through the training stage's own batch sources (``InMemoryBatches`` /
@@ -117,6 +118,13 @@ def generate(path: Path, n: int, nb_dates: int, nb_bands: int, nb_classes: int, 
         ds.region = 1
         ds.seed = 0
         ds.fingerprint = f"bench-{n}-{nb_dates}-{nb_bands}-{seed}"
+    # flush the new file to disk now: its writeback must not run during the timed epochs (a real
+    # database was written by the sampling stage long before training)
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return time.monotonic() - tic
 
 

@@ -277,26 +277,60 @@ def test_scores_of_a_confusion_matrix() -> None:
 
 # --- early stop ------------------------------------------------------------------------------
 def test_early_stop_on_constructed_loss_history() -> None:
-    # dB = log10(best / loss); tol 0.01 dB ~ a 2.3 % drop
-    losses = [5.0, 4.0, 1.0, 0.99, 0.5, 0.499, 0.498, 0.497, 0.3]
+    # the reference: dB = log10(loss_{N-1} / loss_N), N the current epoch; tol 0.01 dB ~ a 2.3 % drop
+    losses = [5.0, 4.0, 1.0, 0.99, 0.5, 0.49, 0.485, 0.48, 0.475, 0.3]
     es = EarlyStopping("val_loss", tol=0.01, patience=3, epoch_to_trigger=2)
     stops = [es.update(e, v) for e, v in enumerate(losses, start=1)]
-    # epoch 2 is the reference (4.0); 3 improves (log10(4)=0.6); 4: log10(1/0.99)=0.0044 no;
-    # 5 improves; 6, 7, 8 do not (vs best 0.5: 0.0009, 0.0017, 0.0026) -> stop after epoch 8
-    assert stops.index(True) == 7 and es.stopped_epoch == 8 and es.best == 0.5 and es.best_epoch == 5
+    # 1-2 not judged; 3: log10(4/1) = 0.6 improves; 4: log10(1/0.99) = 0.0044 no (1); 5: 0.30 yes;
+    # 6: log10(0.5/0.49) = 0.0088 no (1); 7: 0.0045 no (2); 8: 0.0045 no (3) -> stop after epoch 8.
+    # Measured from the best so far (0.5) epoch 8 would improve (log10(0.5/0.48) = 0.018 dB): the
+    # reference's previous-epoch rule stops where best-so-far bookkeeping would go on.
+    assert math.log10(0.5 / 0.48) > 0.01
+    assert stops.index(True) == 7 and es.stopped_epoch == 8 and stops[8:] == [True, True]
+    assert es.previous == 0.48 and es.previous_epoch == 8 and es.wait == 3
+    # a rise resets nothing: the change is negative; the next drop is judged from the risen value
+    es = EarlyStopping("train_loss", tol=0.01, patience=2, epoch_to_trigger=1)
+    stops = [es.update(e, v) for e, v in enumerate([1.0, 0.5, 0.8, 0.6, 0.59, 0.585], start=1)]
+    # 2: +0.30 yes; 3: -0.20 no (1); 4: log10(0.8/0.6) = 0.125 yes (0); 5: 0.007 no (1); 6: 0.004 no (2)
+    assert stops == [False] * 5 + [True] and es.stopped_epoch == 6
+    # a NaN epoch is no improvement, and the epoch after it cannot improve on NaN either
+    es = EarlyStopping("val_loss", tol=0.01, patience=2, epoch_to_trigger=0)
+    stops = [es.update(e, v) for e, v in enumerate([1.0, float("nan"), 0.5], start=1)]
+    assert stops == [False, False, True]
+
+
+def test_early_stop_documented_example() -> None:
+    # docs/training.md: val losses 1.0, 0.8, 0.6, 0.595, 0.59, epoch_to_trigger 2, patience 2, tol 0.01
+    es = EarlyStopping("valid_loss", tol=0.01, patience=2, epoch_to_trigger=2)
+    assert [es.update(e, v) for e, v in enumerate([1.0, 0.8, 0.6, 0.595, 0.59], start=1)] == [False] * 4 + [True]
+    es = EarlyStopping("val_loss", tol=0.01, patience=2, epoch_to_trigger=2)
+    # 0.58 after 0.595: log10(0.595 / 0.58) = 0.011 dB > 0.01 improves, so training goes on
+    assert [es.update(e, v) for e, v in enumerate([1.0, 0.8, 0.6, 0.595, 0.58], start=1)] == [False] * 5
 
 
 def test_early_stop_on_scores_and_trigger() -> None:
     es = EarlyStopping("oa", tol=0.05, patience=2, epoch_to_trigger=3)
     values = [0.1, 0.1, 0.5, 0.52, 0.6, 0.61, 0.64, 0.7]
     stops = [es.update(e, v) for e, v in enumerate(values, start=1)]
-    # 1-2 unmonitored; 3 reference 0.5; 4 +0.02 no (wait 1); 5 +0.1 yes; 6 +0.01 no; 7 +0.04 no -> stop at 7
+    # 1-3 not judged (3 is only the previous epoch of 4); 4: +0.02 no (1); 5: +0.08 yes (0);
+    # 6: +0.01 no (1); 7: +0.03 no (2) -> stop after epoch 7
     assert stops == [False] * 6 + [True, True]
     assert es.stopped_epoch == 7
+    # value_N - value_{N-1}, not value_N - best: steady gains of 0.04 never exceed tol 0.05
+    es = EarlyStopping("kappa", tol=0.05, patience=3, epoch_to_trigger=1)
+    stops = [es.update(e, 0.2 + 0.04 * e) for e in range(1, 6)]
+    assert stops == [False, False, False, True, True] and es.stopped_epoch == 4
+    # epoch_to_trigger: the first judged epoch is epoch_to_trigger + 1
+    es = EarlyStopping("fscore", tol=0.0, patience=1, epoch_to_trigger=3)
+    assert [es.update(e, v) for e, v in enumerate([0.5, 0.4, 0.3, 0.2], start=1)] == [False, False, False, True]
+    es = EarlyStopping("oa", 0.05, 2, 3)
+    for e, v in enumerate(values[:5], start=1):
+        es.update(e, v)
     state = es.state_dict()
     clone = EarlyStopping("oa", 0.05, 2, 3)
     clone.load_state_dict(state)
     assert clone.state_dict() == state
+    assert [clone.update(e, v) for e, v in enumerate(values[5:], start=6)] == [False, True, True]
     with pytest.raises(ConfigError):
         EarlyStopping("accuracy", 0.1, 2, 1)
 
@@ -366,10 +400,13 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path, mode: str) -
         (root / layout.LEARNING_SAMPLES).mkdir(parents=True)
         write_db(layout.samples_learn(str(root), 1, 0), x, y, p)
         roots.append(str(root))
-    opts = {"epochs": 4, "dataloader_mode": mode, "adaptive_lr": {"patience": 0, "factor": 0.5},
-            "enable_early_stop": True, "epoch_to_trigger": 1, "early_stop_patience": 10}
+    # early stop carried through the checkpoint: no epoch can improve by 1e6 dB, so epochs 2, 3
+    # and 4 count and training stops after epoch 4 of 6, with or without the interruption
+    opts = {"epochs": 6, "dataloader_mode": mode, "adaptive_lr": {"patience": 0, "factor": 0.5},
+            "enable_early_stop": True, "epoch_to_trigger": 1, "early_stop_patience": 3,
+            "early_stop_tol": 1e6}
     full_run = run(make_cfg(roots[0], **opts), 1, 0, 0)
-    assert full_run["resumed_from_epoch"] == 0
+    assert full_run["resumed_from_epoch"] == 0 and full_run["stopped_early"] and full_run["epochs_run"] == 4
 
     def stop_after_2(epoch: int, row: dict[str, float]) -> None:
         if epoch == 2:
@@ -380,7 +417,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path: Path, mode: str) -
     assert checkpoint(layout.model_checkpoint(roots[1], 1, 0, 0))["epoch"] == 2
     seen: list[int] = []
     resumed = run(make_cfg(roots[1], **opts), 1, 0, 0, on_epoch_end=lambda e, r: seen.append(e))
-    assert resumed["resumed_from_epoch"] == 2 and seen == [3, 4]
+    assert resumed["resumed_from_epoch"] == 2 and seen == [3, 4] and resumed["stopped_early"]
     a = checkpoint(layout.model_checkpoint(roots[0], 1, 0, 0))
     b = checkpoint(layout.model_checkpoint(roots[1], 1, 0, 0))
     assert_same_state(a["model"], b["model"])
@@ -443,7 +480,6 @@ def test_full_and_stream_train_and_stream_reads_bounded_chunks(out: str, monkeyp
     stream = run(make_cfg(out, dataloader_mode="stream", epochs=2, pairs=((bs,), (0.01,))), 1, 0, 0)
     n = 300
     assert reads and max(stop - start for start, stop in reads) <= bs  # never the whole file
-    assert all(start % bs == 0 for start, _ in reads)
     assert max(buffered) <= (STREAM_BUFFER_BATCHES + 1) * bs < n
     assert stream["selected_value"] < 1.0  # it learned (3 classes: chance ~1.1)
     reads.clear()
@@ -451,6 +487,34 @@ def test_full_and_stream_train_and_stream_reads_bounded_chunks(out: str, monkeyp
     assert not reads  # full mode reads everything at once through netCDF4 directly
     assert full["selected_value"] < 1.0
     assert model_state(stream["outputs"]["model"]).keys() == model_state(full["outputs"]["model"]).keys()
+
+
+def test_stream_validation_reads_only_spans_of_selected_rows() -> None:
+    # 40 polygons of 25 rows, every 5th polygon selected (validation-like, 20 %), batches of 64
+    n, bs = 1000, 64
+    x = np.arange(n, dtype=np.float32).reshape(n, 1, 1)
+    mask = (np.arange(n) // 25) % 5 == 2
+    reads: list[tuple[int, int]] = []
+
+    class Spy(tdata.ArrayReader):
+        def read(self, start: int, stop: int) -> np.ndarray:
+            reads.append((start, stop))
+            return super().read(start, stop)
+
+    ds = StreamBatches(Spy(x), np.arange(n), mask, bs, shuffle=False, drop_single=False)
+    batches = list(ds)
+    rows = [int(v) for b, _ in batches for v in b.reshape(-1)]
+    assert rows == np.flatnonzero(mask).tolist()  # each selected row once, in file order
+    assert [len(y) for _, y in batches] == [bs] * 3 + [200 - 3 * bs]  # packed into full batches
+    assert all(torch.equal(b.reshape(-1).long(), y) for b, y in batches)
+    # one read per selected polygon: only the selected 20 % of the rows is read
+    assert reads == [(p * 25, p * 25 + 25) for p in range(2, 40, 5)]
+    assert ds.max_buffered <= 2 * bs
+    # runs closer than batch_size // 8 rows are read together; reads never exceed a batch
+    ds = StreamBatches(Spy(x), np.arange(n), np.arange(n) % 3 != 0, bs, shuffle=False, drop_single=False)
+    reads.clear()
+    assert sum(len(y) for _, y in ds) == int((np.arange(n) % 3 != 0).sum())
+    assert max(b - a for a, b in reads) <= bs and sum(b - a for a, b in reads) <= n
 
 
 def test_stream_batches_reshuffle_every_epoch() -> None:

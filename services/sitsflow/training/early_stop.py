@@ -1,16 +1,16 @@
 """Early stopping (``enable_early_stop``, ``epoch_to_trigger``, ``early_stop_patience``,
-``early_stop_tol``, ``early_stop_metric``).
+``early_stop_tol``, ``early_stop_metric``), exactly as the reference defines it.
 
 Rules (epochs are numbered from 1):
 
-* epochs before ``epoch_to_trigger`` are not monitored; the value at epoch
-  ``max(epoch_to_trigger, 1)`` becomes the reference ("best so far");
-* at every later epoch N the value is compared to the best so far. For ``train_loss`` and
-  ``val_loss`` the change is measured as in the reference, ``dB = log10(loss_best / loss_N)``
-  (a lower loss gives a positive dB); for ``fscore``, ``oa`` and ``kappa`` it is
-  ``value_N - value_best``. It is an improvement when the change is larger than
-  ``early_stop_tol``; the best is then updated and the count of epochs without improvement reset,
-  otherwise the count grows by one;
+* the monitoring starts after ``epoch_to_trigger``: epochs up to ``max(epoch_to_trigger, 1)``
+  are never judged (their values are only remembered as "the previous epoch");
+* every later epoch N is compared with the previous epoch N - 1 (not with the best so far). For
+  ``train_loss`` and ``val_loss`` the change is in dB as in the reference,
+  ``dB = log10(loss_{N-1} / loss_N)`` (a lower loss gives a positive dB); for ``fscore``, ``oa``
+  and ``kappa`` it is ``value_N - value_{N-1}``. Epoch N improves when the change is larger than
+  ``early_stop_tol``; an improvement resets the count of consecutive epochs without improvement,
+  any other epoch (a NaN value included) adds one to it;
 * training stops after the epoch at which that count reaches ``early_stop_patience``.
 """
 
@@ -23,10 +23,19 @@ from sitsflow.errors import ConfigError
 
 EARLY_STOP_METRICS = ("train_loss", "val_loss", "fscore", "oa", "kappa")
 _ALIASES = {"valid_loss": "val_loss"}
+_TINY = 1e-30  # a loss of exactly 0 is read as this (log10 stays finite)
 
 
 class EarlyStopping:
-    """Decides after each epoch whether training stops; pure (no torch), checkpointable."""
+    """Decides after each epoch whether training stops; pure (no torch), checkpointable.
+
+    Args:
+        metric: one of ``EARLY_STOP_METRICS`` (``valid_loss`` is read as ``val_loss``).
+        tol: the change (dB for losses, absolute for scores) an epoch must exceed to improve.
+        patience: consecutive epochs without improvement after which training stops (>= 1).
+        epoch_to_trigger: the last epoch that is not judged; epoch ``epoch_to_trigger + 1`` is the
+            first one compared with its previous epoch.
+    """
 
     def __init__(self, metric: str, tol: float, patience: int, epoch_to_trigger: int) -> None:
         metric = _ALIASES.get(metric, metric)
@@ -43,8 +52,8 @@ class EarlyStopping:
         self.tol = float(tol)
         self.patience = int(patience)
         self.epoch_to_trigger = int(epoch_to_trigger)
-        self.best: float | None = None
-        self.best_epoch: int | None = None
+        self.previous: float | None = None
+        self.previous_epoch: int | None = None
         self.wait = 0
         self.stopped_epoch: int | None = None
 
@@ -52,25 +61,28 @@ class EarlyStopping:
     def is_loss(self) -> bool:
         return self.metric in ("train_loss", "val_loss")
 
-    def change(self, value: float) -> float:
-        """The change from the best so far to ``value`` (positive = better)."""
-        assert self.best is not None
+    def change(self, previous: float, value: float) -> float:
+        """The change from ``previous`` (epoch N - 1) to ``value`` (epoch N); positive = better.
+
+        Losses: ``log10(previous / value)`` (dB as the reference writes it); scores:
+        ``value - previous``. NaN when either value is NaN.
+        """
         if self.is_loss:
-            tiny = 1e-30
-            return math.log10(max(self.best, tiny) / max(value, tiny))
-        return value - self.best
+            return math.log10(max(previous, _TINY) / max(value, _TINY))
+        return value - previous
 
     def update(self, epoch: int, value: float) -> bool:
         """Record the monitored ``value`` of ``epoch``; return True when training must stop now."""
         if self.stopped_epoch is not None:
             return True
-        if epoch < max(self.epoch_to_trigger, 1):
+        value = float(value)
+        previous, previous_epoch = self.previous, self.previous_epoch
+        self.previous, self.previous_epoch = value, epoch
+        if epoch <= max(self.epoch_to_trigger, 1) or previous is None or previous_epoch != epoch - 1:
             return False
-        if self.best is None:
-            self.best, self.best_epoch = float(value), epoch
-            return False
-        if not math.isnan(value) and self.change(float(value)) > self.tol:
-            self.best, self.best_epoch, self.wait = float(value), epoch, 0
+        change = self.change(previous, value)
+        if not math.isnan(change) and change > self.tol:
+            self.wait = 0
             return False
         self.wait += 1
         if self.wait >= self.patience:
@@ -79,11 +91,11 @@ class EarlyStopping:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+        return {"previous": self.previous, "previous_epoch": self.previous_epoch, "wait": self.wait,
                 "stopped_epoch": self.stopped_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state["best"]
-        self.best_epoch = state["best_epoch"]
+        self.previous = state["previous"]
+        self.previous_epoch = state["previous_epoch"]
         self.wait = int(state["wait"])
         self.stopped_epoch = state["stopped_epoch"]

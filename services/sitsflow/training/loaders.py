@@ -23,6 +23,9 @@ from sitsflow.training.data import FeatureReader
 
 STREAM_BUFFER_BATCHES = 4
 """Capacity of the stream-mode shuffle buffer, in batches."""
+STREAM_GAP_FRACTION = 8
+"""Without shuffling (validation), runs of selected rows closer than ``batch_size // 8`` rows are
+read in one call (the rows between them are read and dropped)."""
 
 
 class InMemoryBatches(Dataset):
@@ -70,10 +73,17 @@ class StreamBatches(IterableDataset):
     drawn from it, so batch contents change from epoch to epoch while at most
     ``(STREAM_BUFFER_BATCHES + 1) * batch_size`` rows are held. The buffer is one preallocated
     pool of that many rows: a drawn batch's holes are filled from the pool's tail, so each batch
-    costs O(batch_size) copies, not a copy of the whole buffer. Without shuffling (validation)
-    chunks are read in file order and yielded as they are (after masking).
+    costs O(batch_size) copies, not a copy of the whole buffer.
 
-    With several workers, worker ``w`` of ``W`` reads chunks ``order[w::W]`` with its own buffer.
+    Without shuffling (validation) only the rows of ``mask`` are read, in file order: the spans of
+    ``row_spans`` (runs of selected rows, merged across gaps shorter than
+    ``batch_size // STREAM_GAP_FRACTION`` rows, at most ``batch_size`` rows per read), packed into
+    full batches of ``batch_size`` rows. A validation set of whole polygons (20 % of L+V) is thus
+    read as 20 % of the file, not as every chunk that holds one of its rows, and crosses to the
+    training process in a fifth of the batches; at most ``2 * batch_size`` rows are held.
+
+    With several workers, worker ``w`` of ``W`` reads chunks ``order[w::W]`` (spans ``[w::W]``
+    without shuffling) with its own buffer.
 
     Args:
         reader: the feature rows, shape (n, nb_dates, nb_components).
@@ -107,6 +117,8 @@ class StreamBatches(IterableDataset):
         per_chunk = np.add.reduceat(mask.astype(np.int64), np.arange(0, n, batch_size)) if n else []
         self.chunks = np.flatnonzero(np.asarray(per_chunk) > 0)
         self.chunk_order = self.chunks.copy()
+        # without shuffling: the selected rows in file order, read span by span (below)
+        self.spans = row_spans(mask, max_rows=batch_size, max_gap=max(1, batch_size // STREAM_GAP_FRACTION))
         self.buffer_seed = 0
         self.max_buffered = 0  # largest number of rows held at once (main-process diagnostics)
 
@@ -124,16 +136,11 @@ class StreamBatches(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if not self.shuffle:
+            yield from self._iter_in_order(self.spans[wid::nw])
+            return
         chunks = self.chunk_order[wid::nw]
         bs = self.batch_size
-        if not self.shuffle:
-            for c in chunks.tolist():
-                start, stop = c * bs, min(self.reader.n, (c + 1) * bs)
-                keep = self.mask[start:stop]
-                x = self.reader.read(start, stop)
-                y = self.targets[start:stop]
-                yield self._emit(x if keep.all() else x[keep], y if keep.all() else y[keep])
-            return
         rng = np.random.default_rng([self.buffer_seed, wid])
         capacity = STREAM_BUFFER_BATCHES * bs
         # the shuffle buffer: rows 0..held-1 of a preallocated pool of capacity + bs rows (a chunk
@@ -167,6 +174,62 @@ class StreamBatches(IterableDataset):
                 if take.size == 1 and self.drop_single:
                     continue
                 yield self._emit(pool_x[take], pool_y[take])
+
+    def _iter_in_order(self, spans: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The selected rows of ``spans`` ((k, 2) [start, stop) row ranges) in file order, packed
+        into full batches of ``batch_size`` rows (the last one may be shorter)."""
+        bs = self.batch_size
+        out_x: np.ndarray | None = None
+        out_y = np.empty(bs, dtype=self.targets.dtype)
+        filled = 0
+        for start, stop in spans.tolist():
+            keep = self.mask[start:stop]
+            x = self.reader.read(start, stop)
+            y = self.targets[start:stop]
+            if not keep.all():
+                x, y = x[keep], y[keep]
+            if out_x is None:
+                out_x = np.empty((bs, *x.shape[1:]), dtype=x.dtype)
+            self.max_buffered = max(self.max_buffered, filled + x.shape[0])
+            pos = 0
+            while pos < x.shape[0]:
+                take = min(bs - filled, x.shape[0] - pos)
+                out_x[filled : filled + take] = x[pos : pos + take]
+                out_y[filled : filled + take] = y[pos : pos + take]
+                filled += take
+                pos += take
+                if filled == bs:
+                    yield torch.from_numpy(out_x), torch.from_numpy(out_y)
+                    # a new buffer per batch: the one just yielded may still be in use
+                    out_x, out_y, filled = np.empty_like(out_x), np.empty_like(out_y), 0
+        if filled and not (filled == 1 and self.drop_single):
+            assert out_x is not None
+            yield torch.from_numpy(out_x[:filled]), torch.from_numpy(out_y[:filled])
+
+
+def row_spans(mask: np.ndarray, *, max_rows: int, max_gap: int) -> np.ndarray:
+    """Row ranges to read so that every selected row is read once, in file order.
+
+    The runs of consecutive selected rows of ``mask`` (shape (n,), bool) are merged when fewer
+    than ``max_gap`` unselected rows separate them (one read of a few extra rows costs less than
+    one more read call), then cut into pieces of at most ``max_rows`` rows. Returns an int64
+    array of shape (k, 2): [start, stop) of each read, increasing, each holding a selected row.
+    """
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(idx) > max_gap) + 1
+    starts = idx[np.concatenate(([0], breaks))]
+    stops = idx[np.concatenate((breaks - 1, [idx.size - 1]))] + 1
+    pieces = (stops - starts + max_rows - 1) // max_rows
+    first = np.repeat(starts, pieces)
+    offset = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    span_start = first + offset * max_rows
+    span_stop = np.minimum(span_start + max_rows, np.repeat(stops, pieces))
+    spans = np.stack([span_start, span_stop], axis=1).astype(np.int64)
+    # a piece cut inside a merged gap may hold no selected row: drop it
+    count = np.add.reduceat(np.concatenate([mask.astype(np.int64), [0]]), spans.ravel())[::2]
+    return spans[count > 0]
 
 
 def _fill_holes(pool_x: np.ndarray, pool_y: np.ndarray, taken: np.ndarray, held: int) -> int:

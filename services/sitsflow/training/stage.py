@@ -51,8 +51,8 @@ from sitsflow.training.metrics import CRITERIA, scores
 log = get_logger(__name__)
 
 STAGE = "training"
-FORMAT_VERSION = 1
-CHECKPOINT_FORMAT = "sitsflow-training-checkpoint/1"
+FORMAT_VERSION = 2  # 2: early stop compares each epoch with the previous one (the reference)
+CHECKPOINT_FORMAT = "sitsflow-training-checkpoint/2"  # 2: early stop compares with epoch N - 1
 _KEY = "arg_train.deep_learning_parameters"
 
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -403,7 +403,8 @@ def train(
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if stopped:
-            log.info("early stop after epoch %d (%s did not improve by more than %g for %d epochs)",
+            log.info("early stop after epoch %d (%s did not improve on its previous epoch by more than %g "
+                     "for %d consecutive epochs)",
                      epoch, opts.early_stop_metric, opts.early_stop_tol, opts.early_stop_patience)
             break
 
