@@ -225,6 +225,9 @@ class FeaturePipeline:
                 {s.ext_name: x for s, x in zip(self.sensors, series)},
                 {s.ext_name: list(s.bands) for s in self.sensors}, self.dates,
             )
+        if len(self.sensors) == 1 and not external and self._components[0] == [b.lower() for b in self.sensors[0].bands]:
+            # the features are the sensor's bands as read: no re-stacking copy
+            return np.ascontiguousarray(series[0], dtype=np.float32)
         parts = []
         for s, x, comps in zip(self.sensors, series, self._components):
             for c in comps:
@@ -292,7 +295,11 @@ class FeaturePipeline:
             r, c = np.nonzero(keep)
             if not r.size:
                 continue
-            values.append(self.compute([x[r, c] for x, _ in reads], [v[r, c] for _, v in reads]))
+            if r.size == keep.size:  # every pixel of the strip: a reshape, not a gather
+                picked = [(x.reshape(r.size, *x.shape[2:]), v.reshape(r.size, *v.shape[2:])) for x, v in reads]
+            else:
+                picked = [(x[r, c], v[r, c]) for x, v in reads]
+            values.append(self.compute([x for x, _ in picked], [v for _, v in picked]))
             rows.append(r + r0 + int(window.row_off))
             cols.append(c + int(window.col_off))
         if values:
@@ -403,6 +410,8 @@ def _gapfill(raw: np.ndarray, valid: np.ndarray, t_obs: np.ndarray, targets: np.
 def _interpolate(raw: np.ndarray, left: np.ndarray, right: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``raw[:, left] * (1 - w) + raw[:, right] * w`` for (P, nb_obs, nb_bands) -> (P, nb_dates, nb_bands)."""
     if np.array_equal(left, right) or not w.any():
+        if left.size == raw.shape[1] and np.array_equal(left, np.arange(left.size)):
+            return raw  # the grid is the acquisitions: nothing to interpolate
         return np.take(raw, left, axis=1)
     w = w.astype(np.float32)[None, :, None]
     return np.take(raw, left, axis=1) * (1.0 - w) + np.take(raw, right, axis=1) * w

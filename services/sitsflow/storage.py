@@ -723,14 +723,16 @@ def rasterio_env() -> Any:
     With a custom endpoint: ``AWS_S3_ENDPOINT=host:port``, ``AWS_HTTPS`` from its scheme,
     ``AWS_VIRTUAL_HOSTING=FALSE``; always ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` and the
     credentials and region of the standard AWS chain (passed through a rasterio ``AWSSession``,
-    as rasterio requires). Without any AWS setting it is a plain ``rasterio.Env()``.
+    as rasterio requires). Always ``GDAL_NUM_THREADS`` (``SITSFLOW_GDAL_THREADS``, default
+    ``ALL_CPUS``): compressed blocks of one read are decoded in parallel.
     """
     import rasterio
     from rasterio.session import AWSSession
 
+    threads = {"GDAL_NUM_THREADS": _env("SITSFLOW_GDAL_THREADS") or "ALL_CPUS"}
     if not _aws_configured():
-        return rasterio.Env()
-    options = _gdal_s3_options()
+        return rasterio.Env(**threads)
+    options = _gdal_s3_options() | threads
     session = AWSSession(
         aws_access_key_id=_env("AWS_ACCESS_KEY_ID"),
         aws_secret_access_key=_env("AWS_SECRET_ACCESS_KEY"),

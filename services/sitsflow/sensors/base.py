@@ -143,13 +143,14 @@ def _placement(src, grid: Grid, what: str) -> tuple[int, int, int, int]:
 
 
 def read_on_grid(src, window: Window, grid: Grid, indexes: list[int], what: str,
-                 fill: float = np.nan) -> tuple[np.ndarray, np.ndarray]:
+                 fill: float = np.nan, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Read bands of ``src`` for a window of ``grid`` (nearest neighbour when ``src`` is coarser).
 
     Only the source pixels under the window are read (a windowed read, /vsis3/ included).
 
     Returns:
-        data: float32 (len(indexes), h, w), ``fill`` off the raster's footprint.
+        data: ``dtype`` (float32 by default) (len(indexes), h, w), ``fill`` off the raster's
+            footprint (0 for an integer ``dtype``, where ``inside`` tells).
         inside: bool (h, w), False off the raster's footprint.
     """
     fx, fy, ox, oy = _placement(src, grid, what)
@@ -161,7 +162,7 @@ def read_on_grid(src, window: Window, grid: Grid, indexes: list[int], what: str,
     in_r = (src_rows >= 0) & (src_rows < src.height)
     in_c = (src_cols >= 0) & (src_cols < src.width)
     inside = in_r[:, None] & in_c[None, :]
-    out = np.full((len(indexes), h, w), fill, np.float32)
+    out = np.full((len(indexes), h, w), fill if np.issubdtype(np.dtype(dtype), np.floating) else 0, dtype)
     if not in_r.any() or not in_c.any():
         return out, inside
     r0, r1 = int(src_rows[in_r].min()), int(src_rows[in_r].max()) + 1
@@ -170,8 +171,8 @@ def read_on_grid(src, window: Window, grid: Grid, indexes: list[int], what: str,
     cc = np.nonzero(in_c)[0]
     if fx == 1 and fy == 1 and rr.size == h and cc.size == w:
         # same grid, window wholly inside: the read is the answer (no copy)
-        return src.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0), out_dtype=np.float32), inside
-    data = src.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0), out_dtype=np.float32)
+        return src.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0), out_dtype=dtype), inside
+    data = src.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0), out_dtype=dtype)
     # nearest neighbour onto the grid: one take per axis (much cheaper than a 2-D fancy index)
     data = np.take(data, src_rows[rr] - r0, axis=1)
     data = np.take(data, src_cols[cc] - c0, axis=2)

@@ -91,22 +91,43 @@ class DatedRasterSensor(Sensor):
         indexes = [int(i) * nb_bands + b + 1 for i in self.raw_indices for b in range(nb_bands)]
         with storage.rasterio_env():
             with rasterio.open(storage.rasterio_path(self.path)) as src:
-                data, inside = read_on_grid(src, window, grid, indexes, self.path)
+                integer = np.issubdtype(np.dtype(src.dtypes[0]), np.integer)
+                data, inside = read_on_grid(src, window, grid, indexes, self.path,
+                                            dtype=src.dtypes[0] if integer else "float32")
+            nb_raw = len(self.raw_indices)
             h, w = data.shape[1:]
-            data = data.reshape(len(self.raw_indices), nb_bands, h, w).transpose(2, 3, 0, 1)
-            valid = np.isfinite(data).all(axis=-1) & inside[:, :, None]
+            raw = data.reshape(nb_raw, nb_bands, h, w)
+            # validity first, on the band-sequential read: (dates, h, w)
+            valid = np.repeat(inside[None], nb_raw, axis=0)
             if self.nodata is not None:
-                valid &= ~(data == np.float32(self.nodata)).any(axis=-1)
+                valid &= ~(raw == raw.dtype.type(self.nodata)).any(axis=1)
+            if not integer:
+                valid &= np.isfinite(raw).all(axis=1)
             if self.mask_path is not None:
                 with rasterio.open(storage.rasterio_path(self.mask_path)) as msk:
                     mask, _ = read_on_grid(msk, window, grid, [int(i) + 1 for i in self.raw_indices],
                                            self.mask_path, fill=1)
-                valid &= mask.transpose(1, 2, 0) == 0
-        if self.scale != 1.0:
-            data *= np.float32(self.scale)
-        data = np.ascontiguousarray(data)
-        if not valid.all():
-            data[~valid] = 0.0
+                valid &= mask == 0
+        clear = valid.any(axis=0)
+        valid = np.ascontiguousarray(valid.transpose(1, 2, 0))  # (h, w, dates)
+        scale = np.float32(self.scale)
+        if clear.all():
+            # one pass: to pixel-major (h, w, dates, bands) and to float32
+            data = raw.transpose(2, 3, 0, 1).astype(np.float32, order="C")
+            if self.scale != 1.0:
+                data *= scale
+            if not valid.all():
+                data[~valid] = 0.0
+            return data, valid
+        # pixels without any clear date (nodata areas) are neither converted nor touched
+        data = np.zeros((h, w, nb_raw, nb_bands), np.float32)
+        r, c = np.nonzero(clear)
+        if r.size:
+            sub = raw[:, :, r, c].transpose(2, 0, 1).astype(np.float32)
+            if self.scale != 1.0:
+                sub *= scale
+            sub[~valid[r, c]] = 0.0
+            data[r, c] = sub
         return data, valid
 
 
