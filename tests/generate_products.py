@@ -177,11 +177,11 @@ def write_products(
     # reference polygons (pixel-aligned rectangles, slightly inset so pixel centres decide)
     geoms, codes = [], []
     for r0, r1, c0, c1, code in boxes:
-        x0, y0 = t10 * (c0 + 0.1, r0 + 0.1)
-        x1, y1 = t10 * (c1 - 0.1, r1 - 0.1)
+        x0, y0 = t10 @ (c0 + 0.1, r0 + 0.1)
+        x1, y1 = t10 @ (c1 - 0.1, r1 - 0.1)
         geoms.append(shapely.box(x0, y1, x1, y0))
         codes.append(code)
-    x0, y0 = t10 * (0, 0)
+    x0, y0 = t10 @ (0, 0)
     geoms.append(shapely.box(x0, y0 - 10, x0 + 10, y0))  # no class
     codes.append(None)
     geoms.append(shapely.box(x0 - 5000, y0 - 1000, x0 - 4000, y0))  # outside the tile

@@ -220,7 +220,7 @@ def _large_tile(folder: Path, size: int, nb_dates: int) -> None:
     geoms, codes = [], []
     for k in range(12):
         r, c = rng.integers(0, size - 20, 2)
-        x0, y0 = transform * (c, r)
+        x0, y0 = transform @ (c, r)
         geoms.append(shapely.box(x0, y0 - 150, x0 + 150, y0))
         codes.append(1 + k % 2)
     pyogrio.raw.write(str(folder / "sparse.geojson"), geometry=shapely.to_wkb(np.array(geoms, dtype=object)),
