@@ -34,6 +34,8 @@ import rasterio.shutil
 from rasterio.transform import from_origin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
+# as `sitsflow infer` does before torch is loaded (see sitsflow.cli.cmd_infer)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from sitsflow import layout, manifest, nn  # noqa: E402
 from sitsflow.config import load_config  # noqa: E402

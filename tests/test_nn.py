@@ -693,3 +693,27 @@ def test_public_names() -> None:
     assert NETWORKS == {"LTAEClassifier": LTAEClassifier, "ANN": ANN, "MLPClassifier": MLPClassifier,
                         "SimpleSelfAttentionClassifier": SimpleSelfAttentionClassifier}
     assert all("dates" in inspect.signature(cls.__init__).parameters for cls in NETWORKS.values())
+
+
+def test_fused_inference_normalisation_matches_imputation_then_standardisation():
+    """Under inference_mode the built-ins normalise in fewer passes; the result must not change."""
+    import torch
+
+    from sitsflow.nn import build_network
+
+    nb_dates, nb_comp = 5, 3
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=nb_dates * nb_comp).astype(np.float32)
+    var = rng.uniform(0.5, 2.0, size=nb_dates * nb_comp).astype(np.float32)
+    mean[2], var[4], var[7] = np.nan, 0.0, np.nan  # statistics falling back to the defaults
+    net = build_network("MLPClassifier", {}, nb_dates=nb_dates, nb_components=nb_comp, nb_classes=2,
+                        dates=[20200101 + i for i in range(nb_dates)], sensor="s",
+                        stats={"s": {"mean": torch.from_numpy(mean), "var": torch.from_numpy(var)}})
+    x = torch.from_numpy(rng.normal(size=(64, nb_dates, nb_comp)).astype(np.float32))
+    x[0, 1, 2] = float("nan")
+    x[3, 0, 0] = float("inf")
+    x[5, 4, 1] = -float("inf")
+    reference = net.normalize_input(x)
+    with torch.inference_mode():
+        fused = net.normalize_input(x)
+    assert torch.equal(fused, reference)
