@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -42,15 +41,8 @@ from sitsflow.config import load_config  # noqa: E402
 from sitsflow.features import FeaturePipeline  # noqa: E402
 from sitsflow.log import setup_logging  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_name  # noqa: E402
 
 
 def make_chunk(path: Path, size: int, nb_dates: int, nb_bands: int, nodata_fraction: float, compress: str, seed: int = 0) -> list[str]:

@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 
 from sitsflow.nn import NETWORKS, auto_batch_size, build_network, predict_proba, resolve_device
 
@@ -28,14 +31,7 @@ NB_DATES, NB_BANDS = 36, 10
 
 def machine(device: torch.device) -> str:
     """A short description of the CPU or GPU that ran the benchmark."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    return f"{model or platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    return describe(device)
 
 
 def main(argv: list[str] | None = None) -> int:

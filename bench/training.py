@@ -31,7 +31,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,6 +40,9 @@ from typing import Any
 import netCDF4
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 
 from sitsflow import layout
 from sitsflow import nn as sitsnn
@@ -206,14 +208,8 @@ def training(path: Path, mode: str, args: argparse.Namespace, device: torch.devi
 
 
 def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    return f"{model or platform.processor() or 'cpu'}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    """A short description of the CPU or GPU that ran the benchmark."""
+    return describe(device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,9 +193,18 @@ class Iota2NeuralNetwork(torch.nn.Module):
         Returns:
             (batch, nb_dates, nb_components), finite wherever ``mean`` or the fallback is.
         """
-        m = self._as_grid(mean, x)
-        m = torch.where(torch.isnan(m), torch.full_like(m, default_mean), m).to(x.dtype)
+        m = self._mean_grid(mean, x, default_mean)
         return torch.where(torch.isfinite(x), x, m.unsqueeze(0))
+
+    def _mean_grid(self, mean: torch.Tensor, x: torch.Tensor, default_mean: float) -> torch.Tensor:
+        """``mean`` as a (nb_dates, nb_components) grid in x's dtype, NaN -> ``default_mean``."""
+        m = self._as_grid(mean, x)
+        return torch.where(torch.isnan(m), torch.full_like(m, default_mean), m).to(x.dtype)
+
+    def _std_grid(self, std: torch.Tensor, x: torch.Tensor, default_std: float) -> torch.Tensor:
+        """``std`` as a grid in x's dtype, NaN, zero or negative -> ``default_std``."""
+        s = self._as_grid(std, x)
+        return torch.where(torch.isnan(s) | (s <= 0), torch.full_like(s, default_std), s).to(x.dtype)
 
     def standardize(
         self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, default_mean: float, default_std: float
@@ -211,11 +220,7 @@ class Iota2NeuralNetwork(torch.nn.Module):
         Returns:
             (batch, nb_dates, nb_components).
         """
-        m = self._as_grid(mean, x)
-        s = self._as_grid(std, x)
-        m = torch.where(torch.isnan(m), torch.full_like(m, default_mean), m)
-        s = torch.where(torch.isnan(s) | (s <= 0), torch.full_like(s, default_std), s)
-        return (x - m.to(x.dtype)) / s.to(x.dtype)
+        return (x - self._mean_grid(mean, x, default_mean)) / self._std_grid(std, x, default_std)
 
     def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Impute missing values with the sensor's mean, then standardise with its mean and sqrt(var).
@@ -230,11 +235,7 @@ class Iota2NeuralNetwork(torch.nn.Module):
             return self.standardize(x, mean, std, self.default_mean, self.default_std)
         # inference: the same result in fewer passes over the batch. A missing value imputed with
         # the mean standardises to exactly 0, so standardise first, then zero the non-finite.
-        m = self._as_grid(mean, x)
-        s = self._as_grid(std, x)
-        m = torch.where(torch.isnan(m), torch.full_like(m, self.default_mean), m).to(x.dtype)
-        s = torch.where(torch.isnan(s) | (s <= 0), torch.full_like(s, self.default_std), s).to(x.dtype)
-        out = (x - m).div_(s)
+        out = (x - self._mean_grid(mean, x, self.default_mean)).div_(self._std_grid(std, x, self.default_std))
         return torch.nan_to_num_(out, nan=0.0, posinf=0.0, neginf=0.0)
 
     # ------------------------------------------------------------------ forward
