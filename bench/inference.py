@@ -34,7 +34,9 @@ from rasterio.transform import from_origin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
 # as `sitsflow infer` does before torch is loaded (see sitsflow.cli.cmd_infer)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from sitsflow.process import tune_for_inference  # noqa: E402
+
+tune_for_inference()
 
 from sitsflow import layout, manifest, nn  # noqa: E402
 from sitsflow.config import load_config  # noqa: E402
@@ -45,8 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_name  # noqa: E402
 
 
-def make_chunk(path: Path, size: int, nb_dates: int, nb_bands: int, nodata_fraction: float, compress: str, seed: int = 0) -> list[str]:
-    """Write a pixel-interleaved int16 COG of nb_dates*nb_bands bands (date-major)."""
+def make_chunk(path: Path, size: int, nb_dates: int, nb_bands: int, nodata_fraction: float, compress: str, seed: int = 0,
+               block: int = 256) -> list[str]:
+    """Write a pixel-interleaved int16 COG of nb_dates*nb_bands bands (date-major), ``block`` px blocks;
+    the top ``nodata_fraction`` of the rows are nodata (outside the swath)."""
     rng = np.random.default_rng(seed)
     dates = [dt.date(2021, 1, 3) + dt.timedelta(days=10 * i) for i in range(nb_dates)]
     yy, xx = np.mgrid[0:size, 0:size]
@@ -62,14 +66,14 @@ def make_chunk(path: Path, size: int, nb_dates: int, nb_bands: int, nodata_fract
         data[:, :rows, :] = -10000  # the top of the chunk is outside the swath
     profile = {"driver": "GTiff", "dtype": "int16", "count": data.shape[0], "width": size, "height": size,
                "crs": "EPSG:32631", "transform": from_origin(300000, 5000000, 10, 10), "nodata": -10000,
-               "tiled": True, "blockxsize": 256, "blockysize": 256, "interleave": "pixel"}
+               "tiled": True, "blockxsize": block, "blockysize": block, "interleave": "pixel"}
     plain = path.with_suffix(".plain.tif")
     with rasterio.open(plain, "w", **profile) as dst:
         dst.write(data)
         for i, d in enumerate(dates):
             for b in range(nb_bands):
                 dst.set_band_description(i * nb_bands + b + 1, d.isoformat())
-    rasterio.shutil.copy(plain, path, driver="COG", compress=compress, blocksize=256, overviews="NONE")
+    rasterio.shutil.copy(plain, path, driver="COG", compress=compress, blocksize=block, overviews="NONE")
     plain.unlink()
     return [d.strftime("%Y%m%d") for d in dates]
 

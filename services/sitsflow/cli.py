@@ -160,9 +160,9 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    # the next strip is read while the network runs: OpenMP threads that sleep instead of
-    # spinning leave the core to the reader (set before torch is imported)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from sitsflow.process import tune_for_inference
+
+    tune_for_inference()  # before torch is imported
     from sitsflow import inference
 
     _emit(inference.run(_load(args), args.tile, args.chunk, args.seed))

@@ -34,17 +34,20 @@ from rasterio.windows import Window
 from sitsflow.errors import BadInputError, ConfigError
 from sitsflow.log import get_logger
 from sitsflow.sensors import Sensor, build_sensors, configured_sensors
-from sitsflow.sensors.base import Grid
+from sitsflow.sensors.base import Grid, ReadBuffers
 from sitsflow.sensors.dates import from_ordinal, parse_date, to_ordinal
 from sitsflow.sensors.external import ExternalFeatures
 
 log = get_logger(__name__)
 
-__all__ = ["FeatureBlock", "FeaturePipeline", "Grid", "check_tile_grids", "from_ordinal", "parse_date",
+__all__ = ["FeatureBlock", "FeaturePipeline", "Grid", "ReadBuffers", "check_tile_grids", "from_ordinal", "parse_date",
            "to_ordinal", "READ_BUDGET_BYTES"]
 
 READ_BUDGET_BYTES = 64 * 1024 * 1024
-"""Raw data read at once by :meth:`FeaturePipeline.features`: larger windows are read in strips."""
+"""Raw data read at once by :meth:`FeaturePipeline.features`: larger windows are read in parts."""
+
+READ_MIN_BLOCKS = 2
+"""Source blocks side by side in one read, at least (see :meth:`FeaturePipeline.read_windows`)."""
 
 
 @dataclass
@@ -252,63 +255,107 @@ class FeaturePipeline:
             return out
         return _gapfill(raw, valid, st.unique_ordinals, self.target_ordinals)
 
-    def strip_rows(self, width: int) -> int:
-        """Rows read at a time for a window ``width`` pixels wide.
+    def read_windows(self, window: Window) -> list[Window]:
+        """The sub-windows ``window`` is read in, row-major.
 
-        About :data:`READ_BUDGET_BYTES` of raw data, cut in whole multiples of the sources'
-        internal block rows (at least one block row) so that no compressed block is decoded twice.
+        Each holds about :data:`READ_BUDGET_BYTES` of raw data, and is cut on the sources' internal
+        blocks (whole blocks; boundaries at multiples of the block size in the tile grid) so that
+        no compressed block is decoded twice: whole-width strips when a block row fits the budget,
+        else tiles one block row high and at least :data:`READ_MIN_BLOCKS` blocks wide (GDAL
+        decodes the blocks of one read in parallel, straight into the array, without its block
+        cache).
         """
+        h, w = int(window.height), int(window.width)
         per_pixel = sum(len(s.raw_dates) * (len(s.bands) + 1) for s in self.sensors) * 4 * 2
-        rows = max(1, READ_BUDGET_BYTES // max(1, width * per_pixel))
-        align = max(max((s.block_rows for s in self.sensors), default=1), 1)
-        return max(align, rows // align * align)
+        budget_px = max(1, READ_BUDGET_BYTES // max(1, per_pixel))
+        block_rows = max(max((s.block_rows for s in self.sensors), default=1), 1)
+        block_cols = max(max((s.block_cols for s in self.sensors), default=1), 1)
+        r0, c0 = int(window.row_off), int(window.col_off)
+        rows = budget_px // max(1, w)
+        cols = max(block_cols * READ_MIN_BLOCKS, budget_px // block_rows // block_cols * block_cols)
+        if rows >= block_rows or cols >= w:
+            step = max(block_rows, rows // block_rows * block_rows)
+            return [Window(c0, a, w, b - a) for a, b in _cuts(r0, h, step)]
+        return [Window(a, r, b - a, e - r) for r, e in _cuts(r0, h, block_rows) for a, b in _cuts(c0, w, cols)]
 
-    def features(self, window: Window, select: np.ndarray | None = None, *, count_clear: bool = True) -> FeatureBlock:
+    def features(self, window: Window, select: np.ndarray | None = None, *, count_clear: bool = True,
+                 buffers: ReadBuffers | None = None, probe: bool = False) -> FeatureBlock:
         """Features of the pixels of ``window`` that are selected and have a clear date.
 
-        The window is read in strips of rows so that at most about :data:`READ_BUDGET_BYTES` of
-        raw data is in memory, whatever the window's size.
+        The window is read in the sub-windows of :meth:`read_windows`, so that about
+        :data:`READ_BUDGET_BYTES` of raw data is in memory at once, whatever the window's size.
 
         Args:
             window: the window to read, in tile pixel coordinates.
             select: optional bool (h, w): only these pixels are computed (labelled pixels when
                 sampling, a region's pixels when classifying).
-            count_clear: when False, strips without any selected pixel are not read at all (their
-                ``clear_dates`` stay 0); sampling uses this.
+            count_clear: when False, sub-windows without any selected pixel are not read at all
+                (their ``clear_dates`` stay 0); sampling uses this.
+            buffers: reusable arrays for a window read at once (one sub-window; see
+                :class:`~sitsflow.sensors.base.ReadBuffers`): the block's ``values`` may then live
+                in them, valid until the next read with the same buffers.
+            probe: first look cheaply whether a sub-window has any valid observation at all
+                (:meth:`~sitsflow.sensors.base.Sensor.surely_empty`), and skip it when not. Worth
+                it inside nodata areas (outside the swath), where it saves most of the read; a
+                waste where there are data. Inference probes after a sub-window without any.
         """
         h, w = int(window.height), int(window.width)
         clear = np.zeros((h, w), np.int16)
         values, rows, cols = [], [], []
-        step = self.strip_rows(w)
-        for r0 in range(0, h, step):
-            r1 = min(h, r0 + step)
-            sel = select[r0:r1] if select is not None else None
+        parts = self.read_windows(window)
+        if len(parts) > 1:
+            buffers = None  # the parts' values are kept until they are concatenated
+        for part in parts:
+            pr, pc = int(part.row_off - window.row_off), int(part.col_off - window.col_off)
+            ph, pw = int(part.height), int(part.width)
+            sel = select[pr : pr + ph, pc : pc + pw] if select is not None else None
             if not count_clear and sel is not None and not sel.any():
                 continue
-            strip = Window(window.col_off, window.row_off + r0, w, r1 - r0)
-            reads = [s.read(strip, self.grid) for s in self.sensors]
-            strip_clear = sum(v.sum(axis=-1) for _, v in reads).astype(np.int16)
-            clear[r0:r1] = strip_clear
-            keep = strip_clear > 0
+            if probe and all(s.surely_empty(part, self.grid) for s in self.sensors):
+                continue  # clear_dates stay 0
+            reads = [s.read(part, self.grid, buffers) for s in self.sensors]
+            part_clear = sum(np.count_nonzero(v, axis=-1) for _, v in reads).astype(np.int16)
+            clear[pr : pr + ph, pc : pc + pw] = part_clear
+            keep = part_clear > 0
             if sel is not None:
                 keep &= sel
             r, c = np.nonzero(keep)
             if not r.size:
                 continue
-            if r.size == keep.size:  # every pixel of the strip: a reshape, not a gather
+            if r.size == keep.size:  # every pixel of the part: a reshape, not a gather
                 picked = [(x.reshape(r.size, *x.shape[2:]), v.reshape(r.size, *v.shape[2:])) for x, v in reads]
             else:
-                picked = [(x[r, c], v[r, c]) for x, v in reads]
+                flat = r * pw + c
+                picked = [(_take(x.reshape(ph * pw, *x.shape[2:]), flat, buffers, f"picked:{k}"),
+                           v.reshape(ph * pw, *v.shape[2:])[flat]) for k, (x, v) in enumerate(reads)]
             values.append(self.compute([x for x, _ in picked], [v for _, v in picked]))
-            rows.append(r + r0 + int(window.row_off))
-            cols.append(c + int(window.col_off))
-        if values:
+            rows.append(r + int(part.row_off))
+            cols.append(c + int(part.col_off))
+        if len(values) == 1:
+            out, rr, cc = values[0], rows[0], cols[0]
+        elif values:
             out = np.concatenate(values)
             rr, cc = np.concatenate(rows), np.concatenate(cols)
+            if int(parts[0].width) < w:
+                order = np.lexsort((cc, rr))  # tiles -> the window's row-major order
+                out, rr, cc = out[order], rr[order], cc[order]
         else:
             out = np.empty((0, len(self.dates), len(self.components)), np.float32)
             rr = cc = np.empty(0, np.int64)
         return FeatureBlock(values=out, rows=rr.astype(np.int32), cols=cc.astype(np.int32), clear_dates=clear)
+
+
+def _cuts(start: int, length: int, step: int) -> list[tuple[int, int]]:
+    """[start, start + length) cut at the multiples of ``step``."""
+    points = [start, *range((start // step + 1) * step, start + length, step), start + length]
+    return list(zip(points[:-1], points[1:]))
+
+
+def _take(x: np.ndarray, index: np.ndarray, buffers: ReadBuffers | None, key: str) -> np.ndarray:
+    """``x[index]`` (rows of a 2-D or more array), into reused memory when there are buffers."""
+    if buffers is None:
+        return x[index]
+    return np.take(x, index, axis=0, out=buffers.get(key, (index.size, *x.shape[1:]), x.dtype))
 
 
 _INDEX_ROLES = {"ndvi": ("red", "nir"), "ndwi": ("nir", "swir"), "brightness": ()}

@@ -1,8 +1,10 @@
 """Inference stage: classify one (tile, chunk, seed) with the selected model of each region.
 
-The chunk's window alone is read (local or object storage), strip by strip so memory stays
-bounded (the next strip is read while the network classifies the current one); the shared feature pipeline computes the features of the pixels that have
-at least one clear acquisition (nodata and fully masked pixels never reach the network); each
+The chunk's window alone is read (local or object storage), in block-aligned sub-windows so that
+memory stays bounded (``FeaturePipeline.read_windows``); reading threads read ahead into reused
+buffers while the network classifies the current sub-window, and nodata areas are skipped after a
+cheap probe. The shared feature pipeline computes the features of the pixels that have at least
+one clear acquisition (nodata and fully masked pixels never reach the network); each
 region's selected model (``model/model_R_seed_S.txt``) classifies its region's pixels in batches,
 on the GPU when there is one. Outputs per region model, in ``classif/`` with iota2's names: the
 classification (class codes, 0 = nodata), the confidence (max probability) and, with
@@ -15,6 +17,7 @@ chunks made by another model or on another window.
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -24,7 +27,7 @@ from rasterio.windows import transform as window_transform
 
 from sitsflow import layout, manifest, nn, storage
 from sitsflow.errors import BadInputError
-from sitsflow.features import FeaturePipeline
+from sitsflow.features import FeaturePipeline, ReadBuffers
 from sitsflow.log import get_logger
 from sitsflow.planning import chunk_windows, sampled_regions
 from sitsflow.reference import read_polygons
@@ -32,6 +35,9 @@ from sitsflow.reference import read_polygons
 log = get_logger(__name__)
 
 STAGE = "inference"
+
+READERS = int(os.environ.get("SITSFLOW_READERS", "0")) or max(1, min(2, os.cpu_count() or 1))
+"""Threads reading ahead of the network (``SITSFLOW_READERS``; default: 2, 1 on one core)."""
 
 
 def task_id(tile: str, chunk: int, seed: int) -> str:
@@ -136,27 +142,34 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     probas = {r: np.zeros((len(model_classes(d)), h, w), np.uint16) for r, (_, d) in models.items()} if prob_map else {}
     clear = np.zeros((h, w), np.int16)
     classified = 0
-    step = pipe.strip_rows(w)
-    subs = [Window(window.col_off, window.row_off + row, w, min(step, h - row)) for row in range(0, h, step)]
+    subs = pipe.read_windows(window)
 
-    def read(sub: Window):
+    def read(sub: Window, buffers: ReadBuffers, probe: bool):
         region_map = _region_map(cfg, pipe, sub, regions)
-        return sub, region_map, pipe.features(sub, select=region_map > 0)
+        return sub, region_map, pipe.features(sub, select=region_map > 0, buffers=buffers, probe=probe)
 
-    # reading and feature computation of the next strip overlap the network on the current one
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sitsflow-read") as pool:
-        pending = pool.submit(read, subs[0])
+    # READERS threads read and compute the features of the next sub-windows while the network
+    # classifies the current one (GDAL decodes each read's blocks on every core). READERS + 1
+    # sets of buffers go round: sub-window k + READERS is submitted once sub-window k - 1 is
+    # classified, so it never reuses a set still in use. Nodata areas are contiguous (outside the
+    # swath): after a sub-window without any valid observation, the next ones are probed cheaply
+    # before they are read.
+    readers = max(1, min(READERS, len(subs)))
+    buffers = [ReadBuffers() for _ in range(readers + 1)]
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sitsflow-read") as pool:
+        pending = {k: pool.submit(read, subs[k], buffers[k], False) for k in range(readers)}
         for k in range(len(subs)):
-            sub, region_map, block = pending.result()
-            if k + 1 < len(subs):
-                pending = pool.submit(read, subs[k + 1])
-            row = int(sub.row_off - window.row_off)
-            clear[row : row + int(sub.height)] = block.clear_dates
+            sub, region_map, block = pending.pop(k).result()
+            nxt = k + readers
+            if nxt < len(subs):
+                pending[nxt] = pool.submit(read, subs[nxt], buffers[nxt % len(buffers)], not block.clear_dates.any())
+            row, col = int(sub.row_off - window.row_off), int(sub.col_off - window.col_off)
+            clear[row : row + int(sub.height), col : col + int(sub.width)] = block.clear_dates
             if not block.rows.size:
                 continue
             r_local = block.rows - int(window.row_off)
             c_local = block.cols - int(window.col_off)
-            pix_region = region_map[block.rows - int(sub.row_off), c_local]
+            pix_region = region_map[block.rows - int(sub.row_off), block.cols - int(sub.col_off)]
             for region, (net, desc) in models.items():
                 sel = pix_region == region
                 if not sel.any():

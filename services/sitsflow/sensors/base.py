@@ -31,6 +31,42 @@ INDEX_ROLES: dict[str, tuple[str, ...]] = {
 }
 
 
+class ReadBuffers:
+    """Arrays reused from one read to the next.
+
+    Reading a strip of a chunk produces arrays of hundreds of MB; allocating them afresh for every
+    strip costs a page fault per 4 KiB (the allocator returns such blocks to the system when they
+    are freed), about as much as decoding the data. A reader given a ``ReadBuffers`` takes its
+    arrays from it instead: :meth:`get` hands out the same memory for the same key.
+
+    Whatever a read returns may therefore live in these buffers: it stays valid until the next
+    read with the same ``ReadBuffers``. Its owner guarantees that (inference alternates two of
+    them: one being filled by the reading thread while the network consumes the other).
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype``, backed by the memory of ``key``."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        store = self._store.get(key)
+        if store is None or store.nbytes < nbytes:
+            store = self._store[key] = np.empty(max(nbytes, 1), np.uint8)
+        return store[:nbytes].view(dtype).reshape(shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held."""
+        return sum(a.nbytes for a in self._store.values())
+
+
+def new_array(buffers: ReadBuffers | None, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``buffers.get(key, shape, dtype)``, or a fresh array when there are no buffers."""
+    return np.empty(shape, dtype) if buffers is None else buffers.get(key, shape, dtype)
+
+
 @dataclass(frozen=True)
 class Grid:
     """The pixel grid of a tile: size, georeferencing and CRS."""
@@ -83,19 +119,33 @@ class Sensor(ABC):
     #: rows of the source rasters' internal blocks: reads are cut in multiples of it, so every
     #: compressed block is decoded once
     block_rows: int = 1
+    #: columns of those blocks
+    block_cols: int = 1
 
     @abstractmethod
     def native_grid(self) -> Grid:
         """The sensor's finest grid for this tile (the tile grid when it is the finest sensor)."""
 
     @abstractmethod
-    def read(self, window: Window, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, window: Window, grid: Grid, buffers: ReadBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Read one window of the tile grid.
 
+        Args:
+            window: the window, in tile pixel coordinates.
+            grid: the tile grid.
+            buffers: reusable arrays to read into (see :class:`ReadBuffers`); fresh arrays when None.
+
         Returns:
-            values: float32 (h, w, nb_raw, nb_bands), scaled (reflectances), NaN-free where valid.
+            values: float32 (h, w, nb_raw, nb_bands), scaled (reflectances), 0 where an observation
+                is invalid; the values of a pixel without any valid observation may be anything
+                (they are never used).
             valid: bool (h, w, nb_raw): False under clouds, saturation, edges, nodata, off-footprint.
         """
+
+    def surely_empty(self, window: Window, grid: Grid) -> bool:
+        """Whether a cheap look shows that ``window`` has no valid observation at all (False when
+        unsure, or when the look would cost about a read)."""
+        return False
 
     @abstractmethod
     def input_files(self) -> list[str]:
@@ -143,18 +193,32 @@ def _placement(src, grid: Grid, what: str) -> tuple[int, int, int, int]:
 
 
 def read_on_grid(src, window: Window, grid: Grid, indexes: list[int], what: str,
-                 fill: float = np.nan, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+                 fill: float = np.nan, dtype: str = "float32", *, pixel_major: bool = False,
+                 out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read bands of ``src`` for a window of ``grid`` (nearest neighbour when ``src`` is coarser).
 
     Only the source pixels under the window are read (a windowed read, /vsis3/ included).
 
+    Args:
+        pixel_major: return (h, w, len(indexes)) instead of (len(indexes), h, w). GDAL then
+            writes each pixel's bands side by side: from a pixel-interleaved source (a COG's
+            default) this is a plain copy, where the band-sequential layout costs a transposition
+            in GDAL and another one back to the networks' pixel-major layout.
+        out: an array of the returned shape and ``dtype`` to read into (reused buffers).
+
     Returns:
-        data: ``dtype`` (float32 by default) (len(indexes), h, w), ``fill`` off the raster's
-            footprint (0 for an integer ``dtype``, where ``inside`` tells).
+        data: ``dtype`` (float32 by default), ``fill`` off the raster's footprint (0 for an
+            integer ``dtype``, where ``inside`` tells).
         inside: bool (h, w), False off the raster's footprint.
     """
     fx, fy, ox, oy = _placement(src, grid, what)
     h, w = int(window.height), int(window.width)
+    shape = (h, w, len(indexes)) if pixel_major else (len(indexes), h, w)
+    if out is None:
+        out = np.empty(shape, dtype)
+    elif out.shape != shape or out.dtype != np.dtype(dtype):
+        raise ValueError(f"out is {out.shape} {out.dtype}, expected {shape} {np.dtype(dtype)}")
+    bands = out.transpose(2, 0, 1) if pixel_major else out  # (n, h, w) view: rasterio honours its strides
     rows = np.arange(int(window.row_off), int(window.row_off) + h) - oy
     cols = np.arange(int(window.col_off), int(window.col_off) + w) - ox
     src_rows = np.floor_divide(rows, fy)
@@ -162,19 +226,20 @@ def read_on_grid(src, window: Window, grid: Grid, indexes: list[int], what: str,
     in_r = (src_rows >= 0) & (src_rows < src.height)
     in_c = (src_cols >= 0) & (src_cols < src.width)
     inside = in_r[:, None] & in_c[None, :]
-    out = np.full((len(indexes), h, w), fill if np.issubdtype(np.dtype(dtype), np.floating) else 0, dtype)
-    if not in_r.any() or not in_c.any():
-        return out, inside
-    r0, r1 = int(src_rows[in_r].min()), int(src_rows[in_r].max()) + 1
-    c0, c1 = int(src_cols[in_c].min()), int(src_cols[in_c].max()) + 1
     rr = np.nonzero(in_r)[0]
     cc = np.nonzero(in_c)[0]
     if fx == 1 and fy == 1 and rr.size == h and cc.size == w:
-        # same grid, window wholly inside: the read is the answer (no copy)
-        return src.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0), out_dtype=dtype), inside
+        # same grid, window wholly inside: read straight into the answer
+        src.read(indexes, window=Window(int(src_cols[0]), int(src_rows[0]), w, h), out=bands)
+        return out, inside
+    bands[...] = fill if np.issubdtype(np.dtype(dtype), np.floating) else 0
+    if not rr.size or not cc.size:
+        return out, inside
+    r0, r1 = int(src_rows[rr[0]]), int(src_rows[rr[-1]]) + 1
+    c0, c1 = int(src_cols[cc[0]]), int(src_cols[cc[-1]]) + 1
     data = src.read(indexes, window=Window(c0, r0, c1 - c0, r1 - r0), out_dtype=dtype)
     # nearest neighbour onto the grid: one take per axis (much cheaper than a 2-D fancy index)
     data = np.take(data, src_rows[rr] - r0, axis=1)
     data = np.take(data, src_cols[cc] - c0, axis=2)
-    out[:, rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1] = data
+    bands[:, rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1] = data
     return out, inside

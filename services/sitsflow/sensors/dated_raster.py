@@ -17,7 +17,7 @@ from sitsflow import storage
 from sitsflow.sensors.dates import parse_date
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
-from sitsflow.sensors.base import Grid, Sensor, grid_of, read_on_grid
+from sitsflow.sensors.base import Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
 
 log = get_logger(__name__)
 
@@ -30,6 +30,7 @@ class DatedRasterSensor(Sensor):
     raw_indices: np.ndarray
     nodata: float | None
     scale: float
+    dtype: str
 
     @classmethod
     def build(cls, cfg, tile: str) -> DatedRasterSensor:
@@ -40,8 +41,9 @@ class DatedRasterSensor(Sensor):
             raise BadInputError(f"dated_raster.path: the raster {path} of tile {tile!r} does not exist")
         with storage.rasterio_env(), rasterio.open(storage.rasterio_path(path)) as src:
             count = src.count
+            dtype = src.dtypes[0]
             descriptions = list(src.descriptions)
-            block_rows = int(src.block_shapes[0][0]) if src.block_shapes else 1
+            block_rows, block_cols = (int(n) for n in src.block_shapes[0]) if src.block_shapes else (1, 1)
         bands = list(opts.bands)
         nb_bands = len(bands)
         if count % nb_bands:
@@ -66,7 +68,8 @@ class DatedRasterSensor(Sensor):
         sensor.path, sensor.mask_path = path, mask_path
         sensor.raw_indices = np.array(keep)
         sensor.nodata, sensor.scale = opts.nodata, float(opts.scale)
-        sensor.block_rows = block_rows
+        sensor.block_rows, sensor.block_cols = block_rows, block_cols
+        sensor.dtype = dtype
         if mask_path is not None:
             if not storage.exists(mask_path):
                 raise BadInputError(f"dated_raster.mask_path: the mask {mask_path} of tile {tile!r} does not exist")
@@ -86,49 +89,91 @@ class DatedRasterSensor(Sensor):
     def input_files(self) -> list[str]:
         return [self.path] + ([self.mask_path] if self.mask_path else [])
 
-    def read(self, window: Window, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-        nb_bands = len(self.bands)
+    def read(self, window: Window, grid: Grid, buffers: ReadBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
+        nb_bands, nb_raw = len(self.bands), len(self.raw_indices)
+        h, w = int(window.height), int(window.width)
         indexes = [int(i) * nb_bands + b + 1 for i in self.raw_indices for b in range(nb_bands)]
+        key = f"dated_raster:{self.path}"
         with storage.rasterio_env():
             with rasterio.open(storage.rasterio_path(self.path)) as src:
                 integer = np.issubdtype(np.dtype(src.dtypes[0]), np.integer)
-                data, inside = read_on_grid(src, window, grid, indexes, self.path,
-                                            dtype=src.dtypes[0] if integer else "float32")
-            nb_raw = len(self.raw_indices)
-            h, w = data.shape[1:]
-            raw = data.reshape(nb_raw, nb_bands, h, w)
-            # validity first, on the band-sequential read: (dates, h, w)
-            valid = np.repeat(inside[None], nb_raw, axis=0)
+                dtype = src.dtypes[0] if integer else "float32"
+                # pixel-major: each pixel's series side by side, as the networks want them
+                raw, inside = read_on_grid(src, window, grid, indexes, self.path, dtype=dtype, pixel_major=True,
+                                           out=new_array(buffers, key + ":raw", (h, w, len(indexes)), dtype))
+            raw = raw.reshape(h, w, nb_raw, nb_bands)
+            valid = new_array(buffers, key + ":valid", (h, w, nb_raw), bool)
+            valid[...] = inside[:, :, None]
+            flags = None
             if self.nodata is not None:
-                valid &= ~(raw == raw.dtype.type(self.nodata)).any(axis=1)
+                flags = new_array(buffers, key + ":flags", raw.shape, bool)
+                np.equal(raw, raw.dtype.type(self.nodata), out=flags)
+                if flags.all():  # nodata everywhere (outside the swath)
+                    valid[...] = False
+                    return new_array(buffers, key + ":data", (h, w, nb_raw, nb_bands), np.float32), valid
+                if flags.any():  # an acquisition is invalid where any of its bands is nodata
+                    valid &= ~_any_band(flags)
             if not integer:
-                valid &= np.isfinite(raw).all(axis=1)
+                if flags is None:
+                    flags = new_array(buffers, key + ":flags", raw.shape, bool)
+                np.isfinite(raw, out=flags)
+                if not flags.all():
+                    valid &= ~_any_band(~flags)
             if self.mask_path is not None:
                 with rasterio.open(storage.rasterio_path(self.mask_path)) as msk:
                     mask, _ = read_on_grid(msk, window, grid, [int(i) + 1 for i in self.raw_indices],
-                                           self.mask_path, fill=1)
+                                           self.mask_path, fill=1, pixel_major=True)
                 valid &= mask == 0
-        clear = valid.any(axis=0)
-        valid = np.ascontiguousarray(valid.transpose(1, 2, 0))  # (h, w, dates)
-        scale = np.float32(self.scale)
-        if clear.all():
-            # one pass: to pixel-major (h, w, dates, bands) and to float32
-            data = raw.transpose(2, 3, 0, 1).astype(np.float32, order="C")
-            if self.scale != 1.0:
-                data *= scale
-            if not valid.all():
-                data[~valid] = 0.0
+        data = new_array(buffers, key + ":data", (h, w, nb_raw, nb_bands), np.float32)
+        # to float32 and scaled, in one pass over the rows that hold a pixel with a clear date
+        # (the rest, nodata areas, is neither converted nor touched)
+        busy = np.nonzero(valid.any(axis=(1, 2)))[0]
+        if not busy.size:
             return data, valid
-        # pixels without any clear date (nodata areas) are neither converted nor touched
-        data = np.zeros((h, w, nb_raw, nb_bands), np.float32)
-        r, c = np.nonzero(clear)
-        if r.size:
-            sub = raw[:, :, r, c].transpose(2, 0, 1).astype(np.float32)
-            if self.scale != 1.0:
-                sub *= scale
-            sub[~valid[r, c]] = 0.0
-            data[r, c] = sub
+        a, b = int(busy[0]), int(busy[-1]) + 1
+        if self.scale != 1.0:
+            np.multiply(raw[a:b], np.float32(self.scale), out=data[a:b])
+        else:
+            np.copyto(data[a:b], raw[a:b], casting="unsafe")
+        if not valid[a:b].all():
+            data[a:b][~valid[a:b]] = 0.0
         return data, valid
+
+
+    def surely_empty(self, window: Window, grid: Grid) -> bool:
+        """The first band of every date alone, one source block after the other: where it is
+        nodata (or NaN) on every date, no acquisition is valid. From a pixel-interleaved raster
+        this costs the blocks' decoding (almost nothing for nodata blocks) but not GDAL's copy of
+        every band; it stops at the first block with a valid value, so that a window with data
+        costs one block's decoding."""
+        if self.nodata is None and np.issubdtype(np.dtype(self.dtype), np.integer):
+            return False
+        nb_bands = len(self.bands)
+        indexes = [int(i) * nb_bands + 1 for i in self.raw_indices]
+        c0, c1 = int(window.col_off), int(window.col_off + window.width)
+        step = max(1, self.block_cols)
+        cuts = [c0, *range((c0 // step + 1) * step, c1, step), c1]
+        with storage.rasterio_env(), rasterio.open(storage.rasterio_path(self.path)) as src:
+            integer = np.issubdtype(np.dtype(src.dtypes[0]), np.integer)
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                piece = Window(a, window.row_off, b - a, window.height)
+                first, inside = read_on_grid(src, piece, grid, indexes, self.path,
+                                             dtype=src.dtypes[0] if integer else "float32", pixel_major=True)
+                invalid = np.zeros(first.shape, bool) if self.nodata is None else first == first.dtype.type(self.nodata)
+                if not integer:
+                    invalid |= ~np.isfinite(first)
+                if not (invalid.all(axis=-1) | ~inside).all():
+                    return False
+        return True
+
+
+def _any_band(flags: np.ndarray) -> np.ndarray:
+    """(h, w, dates, bands) bool -> (h, w, dates): any band set (an OR per band: much faster
+    than ``any(axis=-1)`` over a short last axis)."""
+    out = flags[..., 0].copy()
+    for b in range(1, flags.shape[-1]):
+        out |= flags[..., b]
+    return out
 
 
 def _declared_dates(spec, path: str, descriptions: list, nb_bands: int, nb_raw: int) -> list[int]:

@@ -18,7 +18,7 @@ from rasterio.windows import Window
 from sitsflow import storage
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
-from sitsflow.sensors.base import Grid, Sensor, grid_of, read_on_grid
+from sitsflow.sensors.base import Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
 
 log = get_logger(__name__)
 
@@ -250,11 +250,12 @@ class ProductSensor(Sensor):
     def input_files(self) -> list[str]:
         return [u for p in self.products for u in (*p.bands.values(), *(m for m, _ in p.masks))]
 
-    def read(self, window: Window, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, window: Window, grid: Grid, buffers: ReadBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
         h, w = int(window.height), int(window.width)
         nb_raw, nb_bands = len(self.products), len(self.bands)
-        values = np.empty((h, w, nb_raw, nb_bands), np.float32)
-        valid = np.ones((h, w, nb_raw), bool)
+        values = new_array(buffers, f"{self.section}:values", (h, w, nb_raw, nb_bands), np.float32)
+        valid = new_array(buffers, f"{self.section}:valid", (h, w, nb_raw), bool)
+        valid[...] = True
         scale = np.float32(self.layout.scale)
         with storage.rasterio_env():
             for t, product in enumerate(self.products):

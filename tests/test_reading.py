@@ -1,0 +1,234 @@
+"""How windows are read: pixel-major reads, reused buffers, sub-windows on block boundaries, the
+cheap nodata probe, and the inference stage's read-ahead. Each speed device must leave the
+features and the maps exactly as they were."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+from sitsflow import features as features_module
+from sitsflow import inference, layout
+from sitsflow.config import load_config
+from sitsflow.features import FeaturePipeline, ReadBuffers
+from sitsflow.process import tune_for_inference
+from sitsflow.sensors.base import read_on_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+NODATA = -10000
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "bench" / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_stack(path: Path, *, width=70, height=52, nb_dates=6, nb_bands=3, block=16, dtype="int16", seed=0):
+    """A pixel-interleaved tiled stack: a nodata triangle (outside the swath, every band of every
+    date), scattered nodata bands (their date is invalid) and, for floats, NaNs."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(100, 5000, (nb_dates * nb_bands, height, width)).astype(dtype)
+    yy, xx = np.mgrid[0:height, 0:width]
+    data[:, yy > xx * 0.6 + 20] = NODATA  # lower-left triangle: no data at all
+    holes = rng.random((nb_dates * nb_bands, height, width)) < 0.05
+    data[holes] = NODATA
+    if np.dtype(dtype).kind == "f":
+        data[rng.random(data.shape) < 0.02] = np.nan
+    profile = {"driver": "GTiff", "dtype": dtype, "count": data.shape[0], "width": width, "height": height,
+               "crs": "EPSG:32631", "transform": from_origin(300000, 5000000, 10, 10), "nodata": NODATA,
+               "tiled": True, "blockxsize": block, "blockysize": block, "interleave": "pixel", "compress": "deflate"}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        for t in range(nb_dates):
+            for b in range(nb_bands):
+                dst.set_band_description(t * nb_bands + b + 1, f"2021-{t + 1:02d}-05")
+    return data
+
+
+def stack_config(folder: Path, raster: Path, nb_bands: int = 3, extra: str = "") -> Path:
+    bands = ", ".join(f"'b{i + 1}'" for i in range(nb_bands))
+    cfg = folder / "stack.cfg"
+    cfg.write_text(f"""
+chain : {{
+  output_path : '{folder / "out"}'
+  list_tile : 'T0'
+  ground_truth : 'none.gpkg'
+  data_field : 'code'
+}}
+dated_raster : {{
+  name : 'stack'
+  path : '{raster}'
+  bands : [{bands}]
+  scale : 0.0001
+  nodata : {NODATA}
+  temporal_resolution : 30
+}}
+arg_train : {{ deep_learning_parameters : {{ dl_name : 'MLPClassifier' }} }}
+{extra}
+""")
+    return cfg
+
+
+@pytest.fixture()
+def stack(tmp_path):
+    raster = tmp_path / "stack.tif"
+    data = write_stack(raster)
+    cfg = load_config(str(stack_config(tmp_path, raster)))
+    return cfg, data
+
+
+def test_read_buffers_hand_out_the_same_memory_per_key():
+    buffers = ReadBuffers()
+    a = buffers.get("x", (4, 5), np.float32)
+    b = buffers.get("x", (2, 3), np.int16)  # smaller: the same memory
+    assert np.shares_memory(a, b) and b.shape == (2, 3) and b.dtype == np.int16
+    c = buffers.get("x", (10, 10), np.float64)  # larger: new memory, kept from now on
+    assert not np.shares_memory(a, c) and np.shares_memory(c, buffers.get("x", (10,), np.float64))
+    assert not np.shares_memory(c, buffers.get("y", (10,), np.float64))
+    assert buffers.nbytes >= 800
+
+
+@pytest.mark.parametrize("window", [Window(5, 7, 33, 21), Window(-10, 40, 30, 20), Window(100, 0, 5, 5)])
+def test_pixel_major_reads_equal_band_sequential_ones(tmp_path, window):
+    raster = tmp_path / "s.tif"
+    write_stack(raster, width=60, height=50)
+    coarse = tmp_path / "coarse.tif"  # 20 m pixels on the 10 m grid: nearest neighbour
+    write_stack(coarse, width=30, height=25, seed=1)
+    with rasterio.open(coarse, "r+") as dst:
+        dst.transform = from_origin(300000, 5000000, 20, 20)
+    with rasterio.open(raster) as src:
+        grid = features_module.Grid(src.width, src.height, src.transform, src.crs)
+    for path in (raster, coarse):
+        with rasterio.open(path) as src:
+            bands, inside = read_on_grid(src, window, grid, [1, 5, 7], "s", dtype="int16")
+            pixels, inside2 = read_on_grid(src, window, grid, [1, 5, 7], "s", dtype="int16", pixel_major=True)
+            out = np.full((int(window.height), int(window.width), 3), 7, np.int16)
+            into, _ = read_on_grid(src, window, grid, [1, 5, 7], "s", dtype="int16", pixel_major=True, out=out)
+            with pytest.raises(ValueError, match="expected"):
+                read_on_grid(src, window, grid, [1, 5, 7], "s", dtype="float32", pixel_major=True, out=out)
+        np.testing.assert_array_equal(pixels, bands.transpose(1, 2, 0))
+        np.testing.assert_array_equal(into, pixels)
+        assert into is out and np.array_equal(inside, inside2)
+
+
+def test_read_windows_tile_the_window_on_block_boundaries(stack, monkeypatch):
+    cfg, _ = stack
+    pipe = FeaturePipeline(cfg, "T0")
+    window = Window(3, 5, 61, 44)  # odd offsets: the first parts stop at the next block boundary
+    strips = pipe.read_windows(window)
+    monkeypatch.setattr(features_module, "READ_BUDGET_BYTES", 1)
+    tiles = pipe.read_windows(window)
+    assert all(int(p.width) == 61 for p in strips)
+    assert len(tiles) > len(strips) and any(int(p.width) < 61 for p in tiles)
+    for parts in (strips, tiles):
+        cover = np.zeros((44, 61), int)
+        for p in parts:
+            r, c = int(p.row_off) - 5, int(p.col_off) - 3
+            cover[r : r + int(p.height), c : c + int(p.width)] += 1
+            # every cut is on a block boundary (16 px) or the window's edge
+            assert int(p.row_off) in (5,) or int(p.row_off) % 16 == 0
+            assert int(p.col_off) in (3,) or int(p.col_off) % 16 == 0
+        assert (cover == 1).all()
+    # at least READ_MIN_BLOCKS blocks side by side, so that GDAL decodes them in parallel
+    assert all(int(p.width) >= min(61, 16 * features_module.READ_MIN_BLOCKS) or int(p.col_off) + int(p.width) == 64
+               or int(p.col_off) == 3 for p in tiles)
+
+
+def test_features_do_not_depend_on_parts_buffers_or_probing(stack, monkeypatch):
+    cfg, data = stack
+    pipe = FeaturePipeline(cfg, "T0")
+    window = Window(0, 0, 70, 52)
+    whole = pipe.features(window)
+    # the values are the scaled inputs of the dates where no band is nodata
+    raw = data.reshape(6, 3, 52, 70)
+    valid = ~(raw == NODATA).any(axis=1)
+    assert np.array_equal(whole.clear_dates, valid.sum(axis=0))
+    assert whole.rows.size == int((valid.sum(axis=0) > 0).sum())
+    assert np.all(np.diff(whole.rows.astype(np.int64) * 70 + whole.cols) > 0)  # row-major
+    monkeypatch.setattr(features_module, "READ_BUDGET_BYTES", 1)
+    assert len(pipe.read_windows(window)) > 4
+    for kwargs in ({}, {"probe": True}):
+        tiled = pipe.features(window, **kwargs)
+        for name in ("values", "rows", "cols", "clear_dates"):
+            np.testing.assert_array_equal(getattr(tiled, name), getattr(whole, name))
+    buffers = ReadBuffers()
+    for part in pipe.read_windows(window):
+        one = pipe.features(part, buffers=buffers, probe=True)
+        sel = (whole.rows >= part.row_off) & (whole.rows < part.row_off + part.height) & \
+              (whole.cols >= part.col_off) & (whole.cols < part.col_off + part.width)
+        np.testing.assert_array_equal(one.values, whole.values[sel])
+
+
+def test_the_probe_sees_nodata_areas_and_nothing_else(tmp_path):
+    for dtype in ("int16", "float32"):
+        raster = tmp_path / f"{dtype}.tif"
+        write_stack(raster, dtype=dtype)
+        pipe = FeaturePipeline(load_config(str(stack_config(tmp_path, raster))), "T0")
+        sensor = pipe.sensors[0]
+        assert sensor.surely_empty(Window(0, 40, 16, 12), pipe.grid)  # inside the triangle
+        assert sensor.surely_empty(Window(-50, -50, 10, 10), pipe.grid)  # off the raster
+        assert not sensor.surely_empty(Window(0, 32, 48, 20), pipe.grid)  # data in its second block
+        assert not sensor.surely_empty(Window(40, 0, 16, 16), pipe.grid)
+        empty = pipe.features(Window(0, 40, 16, 12), probe=True)
+        assert empty.rows.size == 0 and not empty.clear_dates.any()
+    # integers without a nodata value: never surely empty (and not worth a look)
+    raster = tmp_path / "int16.tif"
+    cfg = load_config(str(stack_config(tmp_path, raster)), ["dated_raster.nodata=None"])
+    pipe = FeaturePipeline(cfg, "T0")
+    assert not pipe.sensors[0].surely_empty(Window(0, 40, 16, 12), pipe.grid)
+
+
+def test_inference_maps_do_not_depend_on_read_ahead_parts_or_probing(tmp_path, monkeypatch):
+    bench = _bench()
+    raster = tmp_path / "chunk.tif"
+    bench.make_chunk(raster, 96, 5, 3, 0.4, "DEFLATE", block=16)  # the top 40 % is nodata
+    cfg = load_config(str(bench.write_config(tmp_path, raster, 3, tmp_path / "out")),
+                      ["arg_classification.enable_probability_map=True"])
+    bench.install_model(cfg, "MLPClassifier", nb_classes=4)
+
+    def classify(readers: int, budget: int) -> dict:
+        monkeypatch.setattr(inference, "READERS", readers)
+        monkeypatch.setattr(features_module, "READ_BUDGET_BYTES", budget)
+        shutil.rmtree(tmp_path / "out" / "manifests" / "inference", ignore_errors=True)
+        summary = inference.run(cfg, "T0", 0, 0)
+        out = cfg.chain.output_path
+        maps = {}
+        for kind in ("chunk_classif", "chunk_confidence", "chunk_probamap"):
+            with rasterio.open(getattr(layout, kind)(out, "T0", 1, 0, 0)) as src:
+                maps[kind] = src.read()
+        with rasterio.open(layout.chunk_validity(out, "T0", 0)) as src:
+            maps["validity"] = src.read()
+        return summary, maps
+
+    summary, reference = classify(1, 1 << 40)  # one read, no read-ahead
+    assert summary["classified"] == 96 * 96 - int(96 * 0.4) * 96
+    assert (reference["chunk_classif"][0, : int(96 * 0.4)] == 0).all()
+    assert (reference["validity"][0, int(96 * 0.4) :] == 5).all()
+    for readers in (1, 2, 3):
+        again, maps = classify(readers, 1)  # 16 x 32 px parts, read ahead, nodata parts probed
+        assert again["classified"] == summary["classified"]
+        for kind, array in reference.items():
+            np.testing.assert_array_equal(maps[kind], array, err_msg=f"{kind} with {readers} readers")
+
+
+def test_bench_inference_runs_and_reports_both_ratios(tmp_path, capsys):
+    bench = _bench()
+    assert bench.main(["--size", "64", "--dates", "4", "--bands", "3", "--repeat", "1",
+                       "--workdir", str(tmp_path), "--compress", "DEFLATE"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["network_alone_px_s"] > 0 and result["stage_full_px_s"] > 0
+    assert 0 < result["stage_over_network"] and 0 < result["nodata90_cost_over_full"]
+
+
+def test_inference_process_settings():
+    assert tune_for_inference() is True  # glibc: freed memory is kept for reuse
