@@ -18,6 +18,7 @@ from rasterio.windows import Window
 from sitsflow import features as features_module
 from sitsflow import inference, layout
 from sitsflow.config import load_config
+from sitsflow.errors import BadInputError
 from sitsflow.features import FeaturePipeline, ReadBuffers
 from sitsflow.process import tune_for_inference
 from sitsflow.sensors.base import read_on_grid
@@ -197,7 +198,7 @@ def test_inference_maps_do_not_depend_on_read_ahead_parts_or_probing(tmp_path, m
     bench.install_model(cfg, "MLPClassifier", nb_classes=4)
 
     def classify(readers: int, budget: int) -> dict:
-        monkeypatch.setattr(inference, "READERS", readers)
+        monkeypatch.setenv("SITSFLOW_READERS", str(readers))
         monkeypatch.setattr(features_module, "READ_BUDGET_BYTES", budget)
         shutil.rmtree(tmp_path / "out" / "manifests" / "inference", ignore_errors=True)
         summary = inference.run(cfg, "T0", 0, 0)
@@ -230,5 +231,13 @@ def test_bench_inference_runs_and_reports_both_ratios(tmp_path, capsys):
     assert 0 < result["stage_over_network"] and 0 < result["nodata90_cost_over_full"]
 
 
-def test_inference_process_settings():
+def test_inference_process_settings(monkeypatch):
     assert tune_for_inference() is True  # glibc: freed memory is kept for reuse
+    monkeypatch.delenv("SITSFLOW_READERS", raising=False)
+    assert inference.reader_threads() == inference.READERS
+    monkeypatch.setenv("SITSFLOW_READERS", "3")
+    assert inference.reader_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("SITSFLOW_READERS", bad)
+        with pytest.raises(BadInputError, match="SITSFLOW_READERS"):
+            inference.reader_threads()

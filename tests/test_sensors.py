@@ -220,3 +220,15 @@ def test_two_sensors_sample_train_and_classify(products, tmp_path):
     for t in plan_inference(cfg):
         inference.run(cfg, t["tile"], t["chunk"], t["seed"])
     assert merging.run(cfg)["skipped"] is False
+
+
+def test_the_nodata_probe_of_products(products):
+    root, _ = products
+    pipe = _pipe(root)
+    sensor = pipe.sensors[0]
+    assert sensor.surely_empty(Window(-20, -20, 10, 10), pipe.grid)  # off the tile
+    assert not sensor.surely_empty(Window(0, 0, 5, 24), pipe.grid)  # the last date misses it, not the others
+    whole = pipe.features(Window(0, 0, 36, 24))
+    probed = pipe.features(Window(0, 0, 36, 24), probe=True)
+    for name in ("values", "rows", "cols", "clear_dates"):
+        np.testing.assert_array_equal(getattr(probed, name), getattr(whole, name))

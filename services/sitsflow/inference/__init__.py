@@ -36,8 +36,18 @@ log = get_logger(__name__)
 
 STAGE = "inference"
 
-READERS = int(os.environ.get("SITSFLOW_READERS", "0")) or max(1, min(2, os.cpu_count() or 1))
-"""Threads reading ahead of the network (``SITSFLOW_READERS``; default: 2, 1 on one core)."""
+READERS = max(1, min(2, os.cpu_count() or 1))
+"""Threads reading ahead of the network by default (2; 1 on one core); ``SITSFLOW_READERS`` sets it."""
+
+
+def reader_threads() -> int:
+    """``SITSFLOW_READERS`` when set (a positive integer), else :data:`READERS`."""
+    text = os.environ.get("SITSFLOW_READERS", "").strip()
+    if not text:
+        return READERS
+    if not text.isdigit() or int(text) < 1:
+        raise BadInputError(f"SITSFLOW_READERS must be a positive integer (reading threads), got {text!r}")
+    return int(text)
 
 
 def task_id(tile: str, chunk: int, seed: int) -> str:
@@ -154,10 +164,10 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     # classified, so it never reuses a set still in use. Nodata areas are contiguous (outside the
     # swath): after a sub-window without any valid observation, the next ones are probed cheaply
     # before they are read.
-    readers = max(1, min(READERS, len(subs)))
+    readers = max(1, min(reader_threads(), len(subs)))
     buffers = [ReadBuffers() for _ in range(readers + 1)]
     with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sitsflow-read") as pool:
-        pending = {k: pool.submit(read, subs[k], buffers[k], False) for k in range(readers)}
+        pending = {k: pool.submit(read, subs[k], buffers[k], True) for k in range(readers)}
         for k in range(len(subs)):
             sub, region_map, block = pending.pop(k).result()
             nxt = k + readers

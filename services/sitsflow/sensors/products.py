@@ -250,6 +250,20 @@ class ProductSensor(Sensor):
     def input_files(self) -> list[str]:
         return [u for p in self.products for u in (*p.bands.values(), *(m for m, _ in p.masks))]
 
+    def surely_empty(self, window: Window, grid: Grid) -> bool:
+        """The first band of each acquisition alone (one file in ``len(bands)`` + masks): where it
+        is nodata on every date, no acquisition is valid. Stops at the first valid value."""
+        band = self.bands[0]
+        with storage.rasterio_env():
+            for product in self.products:
+                uri = product.bands[band]
+                with rasterio.open(storage.rasterio_path(uri)) as src:
+                    data, inside = read_on_grid(src, window, grid, [1], uri, fill=self.layout.nodata)
+                dn = data[0]
+                if (inside & (dn != np.float32(self.layout.nodata)) & np.isfinite(dn)).any():
+                    return False
+        return True
+
     def read(self, window: Window, grid: Grid, buffers: ReadBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
         h, w = int(window.height), int(window.width)
         nb_raw, nb_bands = len(self.products), len(self.bands)
