@@ -139,3 +139,33 @@ def test_two_tiles_mosaic_and_two_seeds_report(tmp_path):
     assert len(report["seeds"]) == 2 and "summary" in report
     text = open(layout.final_results(out)).read()
     assert "over 2 seeds: mean ± 95 % interval" in text
+
+
+def test_final_products_are_written_in_strips_identical_to_a_whole_mosaic(tmp_path, monkeypatch):
+    from rasterio.merge import merge as rio_merge
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for k, (x0, y0) in enumerate([(300000, 5000000), (300200, 4999800)]):  # overlapping, offset tiles
+        data = rng.random((2, 45, 37)).astype(np.float32)
+        data[:, :5] = 0  # nodata rows: the next source shows through
+        path = tmp_path / f"t{k}.tif"
+        with rasterio.open(path, "w", driver="GTiff", dtype="float32", count=2, width=37, height=45,
+                           crs="EPSG:32631", transform=from_origin(x0, y0, 10, 10)) as dst:
+            dst.write(data)
+        paths.append(str(path))
+    merging._to_cog(paths, str(tmp_path / "whole.tif"), dtype="uint16", nodata=None, scale=1000.0)
+    monkeypatch.setattr(merging, "MOSAIC_BUDGET_BYTES", 1)
+    monkeypatch.setattr(merging, "MOSAIC_ROW_ALIGN", 8)  # 8-row strips
+    merging._to_cog(paths, str(tmp_path / "strips.tif"), dtype="uint16", nodata=None, scale=1000.0)
+    with rasterio.open(tmp_path / "whole.tif") as a, rasterio.open(tmp_path / "strips.tif") as b:
+        assert (a.width, a.height) == (37 + 20, 45 + 20) and a.transform == b.transform
+        whole, strips = a.read(), b.read()
+    np.testing.assert_array_equal(strips, whole)
+    sources = [rasterio.open(p) for p in paths]
+    reference, _ = rio_merge(sources, nodata=0)
+    np.testing.assert_array_equal(whole, np.rint(reference.astype(np.float64) * 1000).astype(np.uint16))
+    for s in sources:
+        s.close()
+    assert cog_validate(str(tmp_path / "strips.tif"))[0]

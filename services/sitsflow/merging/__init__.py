@@ -101,39 +101,66 @@ def _assemble(chunk_uris: list[str], windows: list[Window], dst_uri: str, finger
                     dst.update_tags(SITSFLOW_MODEL_FINGERPRINT=fingerprint)
 
 
+MOSAIC_BUDGET_BYTES = 256 * 1024 * 1024
+"""Mosaic data held at once while a final product is written (it is written in row strips)."""
+
+MOSAIC_ROW_ALIGN = 256
+"""The strips' rows are a multiple of it (the output's block rows)."""
+
+
 def _to_cog(src_paths: list[str], dst_uri: str, *, dtype: str, nodata, scale: float = 1.0,
             method: str = "first", colormap: dict | None = None) -> None:
-    """Mosaic ``src_paths`` (rasterio paths), optionally rescale, and publish a COG at ``dst_uri``."""
-    with storage.rasterio_env():
+    """Mosaic ``src_paths`` (rasterio paths), optionally rescale, and publish a COG at ``dst_uri``.
+
+    The mosaic is written in row strips of about :data:`MOSAIC_BUDGET_BYTES` (a whole tile's
+    probability map can take gigabytes), then GDAL's COG driver copies it (tiles, overviews).
+    """
+    with storage.rasterio_env(), tempfile.TemporaryDirectory(prefix="sitsflow-cog-") as tmpdir:
         sources = [rasterio.open(p) for p in src_paths]
         try:
+            first = sources[0]
             if len(sources) == 1:
-                data = sources[0].read()
-                transform = sources[0].transform
+                transform, width, height = first.transform, first.width, first.height
             else:
-                data, transform = rio_merge(sources, nodata=nodata if nodata is not None else 0, method=method)
-            crs = sources[0].crs
-            descriptions = sources[0].descriptions
+                res = (abs(first.transform.a), abs(first.transform.e))
+                west = min(src.bounds.left for src in sources)
+                north = max(src.bounds.top for src in sources)
+                width = round((max(src.bounds.right for src in sources) - west) / res[0])
+                height = round((north - min(src.bounds.bottom for src in sources)) / res[1])
+                transform = rasterio.Affine(res[0], 0.0, west, 0.0, -res[1], north)
+            count = first.count
+            profile = {"driver": "GTiff", "dtype": dtype, "count": count, "width": width, "height": height,
+                       "crs": first.crs, "transform": transform, "nodata": nodata, "BIGTIFF": "IF_SAFER"}
+            if width >= 256 and height >= 256:
+                profile.update(tiled=True, blockxsize=256, blockysize=256)
+            per_row = width * count * 8  # the float64 rescaling at worst
+            step = max(MOSAIC_ROW_ALIGN, MOSAIC_BUDGET_BYTES // max(1, per_row) // MOSAIC_ROW_ALIGN * MOSAIC_ROW_ALIGN)
+            plain = str(Path(tmpdir) / "plain.tif")
+            with rasterio.open(plain, "w", **profile) as dst:
+                for row in range(0, height, step):
+                    window = Window(0, row, width, min(step, height - row))
+                    if len(sources) == 1:
+                        data = first.read(window=window)
+                    else:
+                        bounds = rasterio.windows.bounds(window, transform)
+                        data, _ = rio_merge(sources, bounds=bounds, res=(abs(transform.a), abs(transform.e)),
+                                            nodata=nodata if nodata is not None else 0, method=method)
+                        if data.shape[1:] != (int(window.height), width):
+                            raise RuntimeError(f"mosaic strip {data.shape} does not match {window}")
+                    if scale != 1.0:
+                        data = np.rint(data.astype(np.float64) * scale)
+                    dst.write(data.astype(dtype), window=window)
+                for i, d in enumerate(first.descriptions, 1):
+                    if d:
+                        dst.set_band_description(i, d)
+                if colormap:
+                    dst.write_colormap(1, colormap)
         finally:
-            for s in sources:
-                s.close()
-    if scale != 1.0:
-        data = np.rint(data.astype(np.float64) * scale)
-    data = data.astype(dtype)
-    profile = {"driver": "GTiff", "dtype": dtype, "count": data.shape[0], "width": data.shape[2],
-               "height": data.shape[1], "crs": crs, "transform": transform, "nodata": nodata}
-    with tempfile.TemporaryDirectory(prefix="sitsflow-cog-") as tmpdir:
-        plain = str(Path(tmpdir) / "plain.tif")
-        with rasterio.open(plain, "w", **profile) as dst:
-            dst.write(data)
-            for i, d in enumerate(descriptions, 1):
-                if d:
-                    dst.set_band_description(i, d)
-            if colormap:
-                dst.write_colormap(1, colormap)
+            for src in sources:
+                src.close()
         with storage.output_path(dst_uri, suffix=".tif") as tmp:
             rasterio.shutil.copy(plain, str(tmp), driver="COG", compress="DEFLATE",
-                                 overview_resampling="nearest", blocksize=256)
+                                 overview_resampling="nearest", blocksize=256, BIGTIFF="IF_SAFER")
 
 
 def _default_colors(codes: list[int]) -> dict[int, tuple[int, int, int]]:
