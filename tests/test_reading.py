@@ -241,3 +241,49 @@ def test_inference_process_settings(monkeypatch):
         monkeypatch.setenv("SITSFLOW_READERS", bad)
         with pytest.raises(BadInputError, match="SITSFLOW_READERS"):
             inference.reader_threads()
+
+
+def _profile(w=40, h=30, count=1, dtype="uint16"):
+    return {"driver": "GTiff", "dtype": dtype, "count": count, "width": w, "height": h, "crs": "EPSG:32631",
+            "transform": from_origin(300000, 5000000, 10, 10), "compress": "deflate"}
+
+
+def test_chunk_writer_writes_parts_and_publishes_all_or_nothing(tmp_path):
+    from sitsflow.inference.writer import ChunkWriter
+
+    a, b = str(tmp_path / "a.tif"), str(tmp_path / "b.tif")
+    data = np.arange(3 * 30 * 40, dtype=np.uint16).reshape(3, 30, 40)
+    with ChunkWriter() as writer:
+        writer.add(a, _profile(), {"K": "v"})
+        writer.add(b, _profile(count=3), {}, ["x", "y", "z"])
+        for r in range(0, 30, 7):  # parts of 7 rows, the last one shorter
+            window = Window(0, r, 40, min(7, 30 - r))
+            writer.write(a, data[0, r : r + 7], window)
+            writer.write(b, data[:, r : r + 7], window)
+        assert not Path(a).exists()  # published on exit only
+    assert writer.uris == [a, b]
+    with rasterio.open(a) as src:
+        np.testing.assert_array_equal(src.read(1), data[0])
+        assert src.tags()["K"] == "v"
+    with rasterio.open(b) as src:
+        np.testing.assert_array_equal(src.read(), data)
+        assert src.descriptions == ("x", "y", "z")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.tif"]
+
+    c, d = str(tmp_path / "c.tif"), str(tmp_path / "d.tif")
+    with pytest.raises(RuntimeError, match="network failed"):  # an error in the loop
+        with ChunkWriter() as writer:
+            writer.add(c, _profile(), {})
+            writer.write(c, data[0], Window(0, 0, 40, 30))
+            raise RuntimeError("network failed")
+    with pytest.raises(ValueError, match="window"):  # a part of the wrong size: GDAL would resample it
+        with ChunkWriter() as writer:
+            writer.add(c, _profile(), {})
+            writer.write(c, data[0, :5], Window(0, 0, 40, 30))
+    with pytest.raises(KeyError):  # an error in the writer thread
+        with ChunkWriter() as writer:
+            writer.add(c, _profile(), {})
+            writer.add(d, _profile(), {})
+            writer.write(c, data[0], Window(0, 0, 40, 30))
+            writer.write(str(tmp_path / "never-added.tif"), data[0], Window(0, 0, 40, 30))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.tif"]  # nothing else, no temp file

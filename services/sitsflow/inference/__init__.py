@@ -28,6 +28,7 @@ from rasterio.windows import transform as window_transform
 from sitsflow import layout, manifest, nn, storage
 from sitsflow.errors import BadInputError
 from sitsflow.features import FeaturePipeline, ReadBuffers
+from sitsflow.inference.writer import ChunkWriter
 from sitsflow.log import get_logger
 from sitsflow.planning import chunk_windows, sampled_regions
 from sitsflow.reference import read_polygons
@@ -99,16 +100,6 @@ def _profile(pipe: FeaturePipeline, window: Window, dtype: str, count: int, noda
     return profile
 
 
-def _write(uri: str, array: np.ndarray, profile: dict, tags: dict, descriptions: list[str] | None = None) -> None:
-    with storage.output_path(uri, suffix=".tif") as tmp:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(array if array.ndim == 3 else array[None])
-            dst.update_tags(**tags)
-            if descriptions:
-                for i, d in enumerate(descriptions, 1):
-                    dst.set_band_description(i, d)
-
-
 def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     """Classify one chunk; return the JSON summary (``skipped`` when already done)."""
     out = cfg.chain.output_path
@@ -147,56 +138,16 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
         regions, _ = read_polygons(cfg.chain.region_path, cfg.chain.region_field, "chain.region_path", crs=pipe.grid.crs)
 
     h, w = int(window.height), int(window.width)
-    labels = {r: np.zeros((h, w), np.uint16) for r in models}
-    confidence = {r: np.zeros((h, w), np.float32) for r in models}
-    probas = {r: np.zeros((len(model_classes(d)), h, w), np.uint16) for r, (_, d) in models.items()} if prob_map else {}
-    clear = np.zeros((h, w), np.int16)
     classified = 0
+    seen_regions: set[int] = set()
     subs = pipe.read_windows(window)
 
     def read(sub: Window, buffers: ReadBuffers, probe: bool):
         region_map = _region_map(cfg, pipe, sub, regions)
         return sub, region_map, pipe.features(sub, select=region_map > 0, buffers=buffers, probe=probe)
 
-    # READERS threads read and compute the features of the next sub-windows while the network
-    # classifies the current one (GDAL decodes each read's blocks on every core). READERS + 1
-    # sets of buffers go round: sub-window k + READERS is submitted once sub-window k - 1 is
-    # classified, so it never reuses a set still in use. Nodata areas are contiguous (outside the
-    # swath): after a sub-window without any valid observation, the next ones are probed cheaply
-    # before they are read.
-    readers = max(1, min(reader_threads(), len(subs)))
-    buffers = [ReadBuffers() for _ in range(readers + 1)]
-    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sitsflow-read") as pool:
-        pending = {k: pool.submit(read, subs[k], buffers[k], True) for k in range(readers)}
-        for k in range(len(subs)):
-            sub, region_map, block = pending.pop(k).result()
-            nxt = k + readers
-            if nxt < len(subs):
-                pending[nxt] = pool.submit(read, subs[nxt], buffers[nxt % len(buffers)], not block.clear_dates.any())
-            row, col = int(sub.row_off - window.row_off), int(sub.col_off - window.col_off)
-            clear[row : row + int(sub.height), col : col + int(sub.width)] = block.clear_dates
-            if not block.rows.size:
-                continue
-            r_local = block.rows - int(window.row_off)
-            c_local = block.cols - int(window.col_off)
-            pix_region = region_map[block.rows - int(sub.row_off), block.cols - int(sub.col_off)]
-            for region, (net, desc) in models.items():
-                sel = pix_region == region
-                if not sel.any():
-                    continue
-                proba = nn.predict_proba(net, block.values[sel] if not sel.all() else block.values)
-                best = proba.argmax(axis=1)
-                codes = np.asarray(model_classes(desc), np.uint16)
-                labels[region][r_local[sel], c_local[sel]] = codes[best]
-                confidence[region][r_local[sel], c_local[sel]] = proba[np.arange(best.size), best]
-                if prob_map:
-                    probas[region][:, r_local[sel], c_local[sel]] = np.rint(proba.T * 1000).astype(np.uint16)
-                classified += int(sel.sum())
-    unmodelled = set(np.unique(_region_map(cfg, pipe, window, regions))) - set(models) - {0}
-    if unmodelled:
-        log.warning("tile %s chunk %d: regions %s have no model (no samples): their pixels stay 0", tile, chunk, sorted(unmodelled))
-
-    outputs = []
+    writer = ChunkWriter()
+    uris = {}
     for region, (_, desc) in models.items():
         tags = {
             "SITSFLOW_MODEL_FINGERPRINT": desc["fingerprint"],
@@ -205,21 +156,65 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
             "SITSFLOW_CHUNK": str(chunk),
             "SITSFLOW_SEED": str(seed),
         }
-        uri = layout.chunk_classif(out, tile, region, seed, chunk)
-        _write(uri, labels[region], _profile(pipe, window, "uint16", 1, 0), tags)
-        outputs.append(uri)
-        uri = layout.chunk_confidence(out, tile, region, seed, chunk)
-        _write(uri, confidence[region], _profile(pipe, window, "float32", 1, None), tags)
-        outputs.append(uri)
+        uris[region, "classif"] = layout.chunk_classif(out, tile, region, seed, chunk)
+        writer.add(uris[region, "classif"], _profile(pipe, window, "uint16", 1, 0), tags)
+        uris[region, "confidence"] = layout.chunk_confidence(out, tile, region, seed, chunk)
+        writer.add(uris[region, "confidence"], _profile(pipe, window, "float32", 1, None), tags)
         if prob_map:
-            uri = layout.chunk_probamap(out, tile, region, seed, chunk)
             codes = [str(c) for c in model_classes(desc)]
-            _write(uri, probas[region], _profile(pipe, window, "uint16", len(codes), None), tags, codes)
-            outputs.append(uri)
+            uris[region, "probamap"] = layout.chunk_probamap(out, tile, region, seed, chunk)
+            writer.add(uris[region, "probamap"], _profile(pipe, window, "uint16", len(codes), None), tags, codes)
     if seed == 0:
-        uri = layout.chunk_validity(out, tile, chunk)
-        _write(uri, clear, _profile(pipe, window, "int16", 1, None), {"SITSFLOW_WINDOW": json.dumps(window_tuple(window))})
-        outputs.append(uri)
+        uris["validity"] = layout.chunk_validity(out, tile, chunk)
+        writer.add(uris["validity"], _profile(pipe, window, "int16", 1, None),
+                   {"SITSFLOW_WINDOW": json.dumps(window_tuple(window))})
+
+    # READERS threads read and compute the features of the next sub-windows while the network
+    # classifies the current one (GDAL decodes each read's blocks on every core), and the writer
+    # thread writes the previous ones. READERS + 1 sets of buffers go round: sub-window
+    # k + READERS is submitted once sub-window k - 1 is classified, so it never reuses a set still
+    # in use. Nodata areas are contiguous (outside the swath): after a sub-window without any valid
+    # observation, the next ones are probed cheaply before they are read (the first ones too).
+    readers = max(1, min(reader_threads(), len(subs)))
+    buffers = [ReadBuffers() for _ in range(readers + 1)]
+    with writer, ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sitsflow-read") as pool:
+        pending = {k: pool.submit(read, subs[k], buffers[k], True) for k in range(readers)}
+        for k in range(len(subs)):
+            sub, region_map, block = pending.pop(k).result()
+            nxt = k + readers
+            if nxt < len(subs):
+                pending[nxt] = pool.submit(read, subs[nxt], buffers[nxt % len(buffers)], not block.clear_dates.any())
+            sh, sw = int(sub.height), int(sub.width)
+            local = Window(int(sub.col_off - window.col_off), int(sub.row_off - window.row_off), sw, sh)
+            if seed == 0:
+                writer.write(uris["validity"], block.clear_dates, local)
+            if regions is not None:
+                seen_regions.update(int(v) for v in np.unique(region_map))
+            rr = block.rows - int(sub.row_off)
+            cc = block.cols - int(sub.col_off)
+            pix_region = region_map[rr, cc]
+            for region, (net, desc) in models.items():
+                labels = np.zeros((sh, sw), np.uint16)
+                confidence = np.zeros((sh, sw), np.float32)
+                probas = np.zeros((len(model_classes(desc)), sh, sw), np.uint16) if prob_map else None
+                sel = pix_region == region
+                if sel.any():
+                    proba = nn.predict_proba(net, block.values[sel] if not sel.all() else block.values)
+                    best = proba.argmax(axis=1)
+                    codes = np.asarray(model_classes(desc), np.uint16)
+                    labels[rr[sel], cc[sel]] = codes[best]
+                    confidence[rr[sel], cc[sel]] = proba[np.arange(best.size), best]
+                    if prob_map:
+                        probas[:, rr[sel], cc[sel]] = np.rint(proba.T * 1000).astype(np.uint16)
+                    classified += int(sel.sum())
+                writer.write(uris[region, "classif"], labels, local)
+                writer.write(uris[region, "confidence"], confidence, local)
+                if prob_map:
+                    writer.write(uris[region, "probamap"], probas, local)
+    unmodelled = seen_regions - set(models) - {0}
+    if unmodelled:
+        log.warning("tile %s chunk %d: regions %s have no model (no samples): their pixels stay 0", tile, chunk, sorted(unmodelled))
+    outputs = writer.uris
     summary = {
         "stage": STAGE,
         "tile": tile,
