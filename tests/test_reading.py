@@ -56,28 +56,9 @@ def write_stack(path: Path, *, width=70, height=52, nb_dates=6, nb_bands=3, bloc
     return data
 
 
-def stack_config(folder: Path, raster: Path, nb_bands: int = 3, extra: str = "") -> Path:
-    bands = ", ".join(f"'b{i + 1}'" for i in range(nb_bands))
-    cfg = folder / "stack.cfg"
-    cfg.write_text(f"""
-chain : {{
-  output_path : '{folder / "out"}'
-  list_tile : 'T0'
-  ground_truth : 'none.gpkg'
-  data_field : 'code'
-}}
-dated_raster : {{
-  name : 'stack'
-  path : '{raster}'
-  bands : [{bands}]
-  scale : 0.0001
-  nodata : {NODATA}
-  temporal_resolution : 30
-}}
-arg_train : {{ deep_learning_parameters : {{ dl_name : 'MLPClassifier' }} }}
-{extra}
-""")
-    return cfg
+def stack_config(folder: Path, raster: Path, nb_bands: int = 3) -> Path:
+    """The benchmark's configuration (scale 0.0001, nodata -10000) for ``raster``."""
+    return _bench().write_config(folder, raster, nb_bands, folder / "out")
 
 
 @pytest.fixture()
