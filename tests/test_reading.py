@@ -268,3 +268,33 @@ def test_chunk_writer_writes_parts_and_publishes_all_or_nothing(tmp_path):
             writer.write(c, data[0], Window(0, 0, 40, 30))
             writer.write(str(tmp_path / "never-added.tif"), data[0], Window(0, 0, 40, 30))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.tif"]  # nothing else, no temp file
+
+
+def test_parts_reach_the_file_as_whole_rows_of_its_blocks():
+    """Parts cut on the sources' blocks need not line up with the output's: each output block row
+    is written once, whole, so no compressed block is re-encoded and appended again."""
+    from sitsflow.inference.writer import _BlockRows
+
+    class Recorder:
+        count, height, width, block_shapes = 2, 70, 45, [(16, 16)]
+
+        def __init__(self):
+            self.writes, self.image = [], np.zeros((2, 70, 45), np.int32)
+
+        def write(self, array, window):
+            self.writes.append((int(window.row_off), int(window.col_off), int(window.height), int(window.width)))
+            self.image[:, window.row_off : window.row_off + window.height, window.col_off : window.col_off + window.width] = array
+
+    dst, rows = Recorder(), None
+    rows = _BlockRows(dst)
+    truth = np.arange(2 * 70 * 45, dtype=np.int32).reshape(2, 70, 45) + 1
+    for r0, r1 in [(0, 11), (11, 27), (27, 43), (43, 59), (59, 70)]:  # rows cut at 11 + 16k, as a chunk at row 5 would be
+        for c0, c1 in [(0, 21), (21, 45)]:
+            rows.write(truth[:, r0:r1, c0:c1], Window(c0, r0, c1 - c0, r1 - r0))
+    rows.flush()
+    assert dst.writes == [(0, 0, 16, 45), (16, 0, 16, 45), (32, 0, 16, 45), (48, 0, 16, 45), (64, 0, 6, 45)]
+    np.testing.assert_array_equal(dst.image, truth)
+    rows = _BlockRows(dst)
+    rows.write(truth[:, 0:5, 0:45], Window(0, 0, 45, 5))
+    rows.flush()  # a block row no part completed is written with zeros where nothing came
+    assert dst.writes[-1] == (0, 0, 16, 45) and not dst.image[:, 5:16].any()

@@ -232,3 +232,27 @@ def test_the_nodata_probe_of_products(products):
     probed = pipe.features(Window(0, 0, 36, 24), probe=True)
     for name in ("values", "rows", "cols", "clear_dates"):
         np.testing.assert_array_equal(getattr(probed, name), getattr(whole, name))
+
+
+def test_product_files_are_opened_once_per_thread(products):
+    from sitsflow.process import open_files_budget
+    from sitsflow.sensors.products import _OpenFiles
+
+    root, info = products
+    sensor = _pipe(root).sensors[0]
+    uris = [p.bands[b] for p in sensor.products for b in sensor.bands][:5]
+    files = _OpenFiles(limit=3)
+    first = files.get(uris[0])
+    assert files.get(uris[0]) is first  # kept open
+    for uri in uris[1:4]:
+        files.get(uri)
+    assert first.closed and len(files.datasets) == 3  # the least recently used went beyond the limit
+    assert not files.get(uris[0]).closed  # and is opened again when needed
+    assert 16 <= open_files_budget() <= 4096
+    import threading
+
+    seen = {}
+    worker = threading.Thread(target=lambda: seen.setdefault("other", sensor._dataset(uris[0])))
+    worker.start()
+    worker.join()
+    assert sensor._dataset(uris[0]) is sensor._dataset(uris[0]) and seen["other"] is not sensor._dataset(uris[0])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import threading
 
 from sitsflow.log import get_logger
 
@@ -35,6 +36,37 @@ def tune_for_inference() -> bool:
         log.debug("no mallopt in this C library: the allocator keeps its defaults")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = bool(mallopt(M_MMAP_THRESHOLD, RETAINED_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, RETAINED_BYTES))
-    log.debug("allocator keeps freed memory: %s", ok)
-    return ok
+    trim = bool(mallopt(M_TRIM_THRESHOLD, RETAINED_BYTES))
+    # glibc before 2.35 refuses a threshold above 32 MiB (HEAP_MAX_SIZE / 2): take that, then
+    mmap = bool(mallopt(M_MMAP_THRESHOLD, RETAINED_BYTES)) or bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))
+    log.debug("allocator keeps freed memory: trim %s, mmap threshold %s", trim, mmap)
+    return trim and mmap
+
+
+_LIMIT_LOCK = threading.Lock()
+_OPEN_FILES_BUDGET: int | None = None
+
+
+def open_files_budget() -> int:
+    """How many datasets a reading thread may keep open.
+
+    Raises the soft limit of open files to the hard one first (once per process; containers
+    usually allow far more than the soft 1024), then allows a quarter of it, less a margin, at
+    most 4096 and at least 16.
+    """
+    global _OPEN_FILES_BUDGET
+    with _LIMIT_LOCK:
+        if _OPEN_FILES_BUDGET is None:
+            soft = 1024
+            try:
+                import resource
+
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                wanted = hard if hard != resource.RLIM_INFINITY else 65536
+                if wanted > soft:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                    soft = wanted
+            except (ImportError, ValueError, OSError):
+                pass
+            _OPEN_FILES_BUDGET = max(16, min(4096, (soft - 256) // 4))
+        return _OPEN_FILES_BUDGET

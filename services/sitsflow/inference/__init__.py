@@ -37,8 +37,15 @@ log = get_logger(__name__)
 
 STAGE = "inference"
 
-READERS = max(1, min(2, os.cpu_count() or 1))
-"""Threads reading ahead of the network by default (2; 1 on one core); ``SITSFLOW_READERS`` sets it."""
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may run on
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+READERS = max(1, min(2, _usable_cpus()))
+"""Threads reading ahead of the network by default (2; 1 on one CPU); ``SITSFLOW_READERS`` sets it."""
 
 
 def reader_threads() -> int:
@@ -100,6 +107,35 @@ def _profile(pipe: FeaturePipeline, window: Window, dtype: str, count: int, noda
     return profile
 
 
+def _add_outputs(writer: ChunkWriter, cfg, pipe: FeaturePipeline, window: Window, models: dict, tile: str,
+                 chunk: int, seed: int) -> dict:
+    """Create the chunk's output rasters in ``writer``; return their URIs by (region, kind) and "validity"."""
+    out = cfg.chain.output_path
+    prob_map = cfg.arg_classification.enable_probability_map
+    uris = {}
+    for region, (_, desc) in models.items():
+        tags = {
+            "SITSFLOW_MODEL_FINGERPRINT": desc["fingerprint"],
+            "SITSFLOW_WINDOW": json.dumps(window_tuple(window)),
+            "SITSFLOW_TILE": tile,
+            "SITSFLOW_CHUNK": str(chunk),
+            "SITSFLOW_SEED": str(seed),
+        }
+        uris[region, "classif"] = layout.chunk_classif(out, tile, region, seed, chunk)
+        writer.add(uris[region, "classif"], _profile(pipe, window, "uint16", 1, 0), tags)
+        uris[region, "confidence"] = layout.chunk_confidence(out, tile, region, seed, chunk)
+        writer.add(uris[region, "confidence"], _profile(pipe, window, "float32", 1, None), tags)
+        if prob_map:
+            codes = [str(c) for c in model_classes(desc)]
+            uris[region, "probamap"] = layout.chunk_probamap(out, tile, region, seed, chunk)
+            writer.add(uris[region, "probamap"], _profile(pipe, window, "uint16", len(codes), None), tags, codes)
+    if seed == 0:
+        uris["validity"] = layout.chunk_validity(out, tile, chunk)
+        writer.add(uris["validity"], _profile(pipe, window, "int16", 1, None),
+                   {"SITSFLOW_WINDOW": json.dumps(window_tuple(window))})
+    return uris
+
+
 def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     """Classify one chunk; return the JSON summary (``skipped`` when already done)."""
     out = cfg.chain.output_path
@@ -146,38 +182,16 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
         region_map = _region_map(cfg, pipe, sub, regions)
         return sub, region_map, pipe.features(sub, select=region_map > 0, buffers=buffers, probe=probe)
 
-    writer = ChunkWriter()
-    uris = {}
-    for region, (_, desc) in models.items():
-        tags = {
-            "SITSFLOW_MODEL_FINGERPRINT": desc["fingerprint"],
-            "SITSFLOW_WINDOW": json.dumps(window_tuple(window)),
-            "SITSFLOW_TILE": tile,
-            "SITSFLOW_CHUNK": str(chunk),
-            "SITSFLOW_SEED": str(seed),
-        }
-        uris[region, "classif"] = layout.chunk_classif(out, tile, region, seed, chunk)
-        writer.add(uris[region, "classif"], _profile(pipe, window, "uint16", 1, 0), tags)
-        uris[region, "confidence"] = layout.chunk_confidence(out, tile, region, seed, chunk)
-        writer.add(uris[region, "confidence"], _profile(pipe, window, "float32", 1, None), tags)
-        if prob_map:
-            codes = [str(c) for c in model_classes(desc)]
-            uris[region, "probamap"] = layout.chunk_probamap(out, tile, region, seed, chunk)
-            writer.add(uris[region, "probamap"], _profile(pipe, window, "uint16", len(codes), None), tags, codes)
-    if seed == 0:
-        uris["validity"] = layout.chunk_validity(out, tile, chunk)
-        writer.add(uris["validity"], _profile(pipe, window, "int16", 1, None),
-                   {"SITSFLOW_WINDOW": json.dumps(window_tuple(window))})
-
+    readers = max(1, min(reader_threads(), len(subs)))
+    buffers = [ReadBuffers() for _ in range(readers + 1)]
     # READERS threads read and compute the features of the next sub-windows while the network
     # classifies the current one (GDAL decodes each read's blocks on every core), and the writer
     # thread writes the previous ones. READERS + 1 sets of buffers go round: sub-window
     # k + READERS is submitted once sub-window k - 1 is classified, so it never reuses a set still
     # in use. Nodata areas are contiguous (outside the swath): after a sub-window without any valid
     # observation, the next ones are probed cheaply before they are read (the first ones too).
-    readers = max(1, min(reader_threads(), len(subs)))
-    buffers = [ReadBuffers() for _ in range(readers + 1)]
-    with writer, ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sitsflow-read") as pool:
+    with ChunkWriter() as writer, ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sitsflow-read") as pool:
+        uris = _add_outputs(writer, cfg, pipe, window, models, tile, chunk, seed)
         pending = {k: pool.submit(read, subs[k], buffers[k], True) for k in range(readers)}
         for k in range(len(subs)):
             sub, region_map, block = pending.pop(k).result()

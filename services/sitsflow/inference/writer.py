@@ -2,8 +2,14 @@
 
 The inference loop hands over each part's arrays as soon as they are classified; GDAL compresses
 and writes them while the network works on the next part, so a chunk's outputs never sit in
-memory whole. Files are written under temporary names and published (atomically, uploaded for S3)
-only when the whole chunk went well; on any error nothing is published.
+memory whole. Parts are gathered into whole rows of the output's blocks before they are written:
+parts are cut on the *sources'* blocks, which need not line up with the output's (a chunk starts
+anywhere), and a compressed block written in pieces would be re-encoded and appended again.
+
+Files are written under temporary names, all closed, then published (atomically, uploaded for
+S3) only when the whole chunk went well; an error before publishing publishes nothing. (An
+error while publishing can leave some published; the chunk's manifest is then not written, so a
+rerun redoes the chunk and merging never takes it.)
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ class ChunkWriter:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sitsflow-write")
-        self._stack = ExitStack()
-        self._datasets: dict[str, rasterio.io.DatasetWriter] = {}
+        self._files = ExitStack()  # the temporary files, published on a clean exit
+        self._open_datasets = ExitStack()  # the GDAL datasets, all closed before any file is published
+        self._datasets: dict[str, _BlockRows] = {}
         self._pending: deque[Future] = deque()
         self.uris: list[str] = []
 
@@ -56,15 +63,20 @@ class ChunkWriter:
         self._pending.append(self._pool.submit(fn, *args))
 
     def _open(self, uri: str, profile: dict, tags: dict, descriptions: list[str] | None) -> None:
-        tmp = self._stack.enter_context(storage.output_path(uri, suffix=".tif"))
-        dst = self._stack.enter_context(rasterio.open(tmp, "w", **profile))
+        tmp = self._files.enter_context(storage.output_path(uri, suffix=".tif"))
+        dst = self._open_datasets.enter_context(rasterio.open(tmp, "w", **profile))
         dst.update_tags(**tags)
         for i, d in enumerate(descriptions or [], 1):
             dst.set_band_description(i, d)
-        self._datasets[uri] = dst
+        self._datasets[uri] = _BlockRows(dst)
 
     def _write(self, uri: str, array: np.ndarray, window: Window) -> None:
-        self._datasets[uri].write(array if array.ndim == 3 else array[None], window=window)
+        self._datasets[uri].write(array if array.ndim == 3 else array[None], window)
+
+    def _finish(self) -> None:
+        for rows in self._datasets.values():
+            rows.flush()
+        self._open_datasets.close()
 
     def __enter__(self) -> ChunkWriter:
         return self
@@ -78,7 +90,12 @@ class ChunkWriter:
                 except BaseException as error:  # a write failed: publish nothing
                     self._close(type(error), error, error.__traceback__)
                     raise
-                self._close(None, None, None)  # closes the files, then publishes them
+                try:
+                    self._pool.submit(self._finish).result()  # every file complete and closed
+                except BaseException as error:
+                    self._close(type(error), error, error.__traceback__)
+                    raise
+                self._close(None, None, None)  # publishes them
             else:
                 for job in self._pending:
                     job.cancel()
@@ -90,4 +107,41 @@ class ChunkWriter:
     def _close(self, exc_type, exc, tb) -> None:
         # in the writer thread, where the files were opened; with an exception, output_path
         # removes the temporary files instead of publishing them
-        self._pool.submit(self._stack.__exit__, exc_type, exc, tb).result()
+        def close() -> None:
+            try:
+                self._open_datasets.__exit__(exc_type, exc, tb)
+            finally:
+                self._files.__exit__(exc_type, exc, tb)
+
+        self._pool.submit(close).result()
+
+
+class _BlockRows:
+    """Gathers the parts written to a dataset into whole rows of its blocks, each written once."""
+
+    def __init__(self, dst) -> None:
+        self.dst = dst
+        self.block_rows = max(1, int(dst.block_shapes[0][0]))
+        self.pending: dict[int, list] = {}  # block row -> [array (count, rows, width), pixels still missing]
+
+    def write(self, array: np.ndarray, window: Window) -> None:
+        r0, c0 = int(window.row_off), int(window.col_off)
+        h, w = int(window.height), int(window.width)
+        for k in range(r0 // self.block_rows, (r0 + h - 1) // self.block_rows + 1):
+            top = k * self.block_rows
+            rows = min(self.block_rows, self.dst.height - top)
+            if k not in self.pending:
+                self.pending[k] = [np.zeros((self.dst.count, rows, self.dst.width), array.dtype), rows * self.dst.width]
+            entry = self.pending[k]
+            a, b = max(r0, top), min(r0 + h, top + rows)
+            entry[0][:, a - top : b - top, c0 : c0 + w] = array[:, a - r0 : b - r0]
+            entry[1] -= (b - a) * w
+            if entry[1] <= 0:
+                self.dst.write(entry[0], window=Window(0, top, self.dst.width, rows))
+                del self.pending[k]
+
+    def flush(self) -> None:
+        """Write the block rows that parts did not fill (zeros where nothing came)."""
+        for k, (array, _) in sorted(self.pending.items()):
+            self.dst.write(array, window=Window(0, k * self.block_rows, self.dst.width, array.shape[1]))
+        self.pending.clear()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 import types
 import warnings
 from collections.abc import Callable
@@ -34,6 +35,9 @@ from sitsflow.errors import BadInputError, ConfigError
 _LABEL = re.compile(r"^(?P<sensor>[A-Za-z0-9]+)_(?P<index>[A-Za-z0-9]+)_(?P<date>\d{8})$")
 _ACCESSOR = re.compile(r"^get_(?P<mode>interpolated|raw)_(?P<sensor>[A-Za-z0-9]+)_(?P<band>[A-Za-z0-9]+)$")
 
+
+_USER_CODE = threading.Lock()
+"""Held while a user's external-feature function runs."""
 
 class DataContainer:
     """What a user function sees as ``self``: the series of the pixels being computed.
@@ -175,7 +179,9 @@ class ExternalFeatures:
         layout = []
         for k, (name, function, kwargs) in enumerate(self.functions):
             data = DataContainer(series, bands, dates, self.raw_mode, name)
-            with warnings.catch_warnings(), np.errstate(all="ignore"):
+            # one call at a time: inference reads with several threads, while users' functions
+            # need not be thread-safe (nor is warnings.catch_warnings)
+            with _USER_CODE, warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore", RuntimeWarning)
                 try:
                     result = function(data, **kwargs)

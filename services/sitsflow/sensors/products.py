@@ -9,6 +9,8 @@ folder name holds the tile name. Files are read in place (local or ``s3://``, th
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,7 @@ from rasterio.windows import Window
 from sitsflow import storage
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
+from sitsflow.process import open_files_budget
 from sitsflow.sensors.base import Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
 
 log = get_logger(__name__)
@@ -119,6 +122,32 @@ CHAIN_KEYS = {"Sentinel_2": "s2_path", "Sentinel_2_L3A": "s2_l3a_path", "Sentine
 # 10 thin cirrus are invalid; 2 dark area, 4 vegetation, 5 bare soil, 6 water, 7 unclassified,
 # 11 snow are valid observations.
 SCL_INVALID = np.array([0, 1, 3, 8, 9, 10])
+
+
+class _OpenFiles:
+    """The datasets one thread keeps open, the least recently used closed beyond ``limit``.
+
+    A product series is hundreds of files (13 per Sentinel-2 date); reading a window opens every
+    one of them, and an open costs a header read (a request or two on S3): opening them once per
+    thread, not once per window, keeps that off the per-window cost.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.datasets: OrderedDict[str, rasterio.io.DatasetReader] = OrderedDict()
+
+    def get(self, uri: str):
+        dataset = self.datasets.pop(uri, None)
+        if dataset is None or dataset.closed:
+            dataset = rasterio.open(storage.rasterio_path(uri))
+        self.datasets[uri] = dataset
+        while len(self.datasets) > self.limit:
+            self.datasets.popitem(last=False)[1].close()
+        return dataset
+
+    def __del__(self) -> None:
+        for dataset in self.datasets.values():
+            dataset.close()
 
 
 def _valid(rule: str, values: np.ndarray) -> np.ndarray:
@@ -239,6 +268,7 @@ class ProductSensor(Sensor):
         )
         sensor.products = kept
         sensor.layout = layout
+        sensor._open_files = threading.local()
         log.info("tile %s: %s, %d acquisitions kept (%d found) from %s", tile, section, len(kept), len(products), root)
         return sensor
 
@@ -250,6 +280,13 @@ class ProductSensor(Sensor):
     def input_files(self) -> list[str]:
         return [u for p in self.products for u in (*p.bands.values(), *(m for m, _ in p.masks))]
 
+    def _dataset(self, uri: str):
+        """The open dataset of ``uri`` for this thread (opened once, see :class:`_OpenFiles`)."""
+        files = getattr(self._open_files, "files", None)
+        if files is None:
+            files = self._open_files.files = _OpenFiles(open_files_budget())
+        return files.get(uri)
+
     def surely_empty(self, window: Window, grid: Grid) -> bool:
         """The first band of each acquisition alone (one file in ``len(bands)`` + masks): where it
         is nodata on every date, no acquisition is valid. Stops at the first valid value."""
@@ -257,8 +294,7 @@ class ProductSensor(Sensor):
         with storage.rasterio_env():
             for product in self.products:
                 uri = product.bands[band]
-                with rasterio.open(storage.rasterio_path(uri)) as src:
-                    data, inside = read_on_grid(src, window, grid, [1], uri, fill=self.layout.nodata)
+                data, inside = read_on_grid(self._dataset(uri), window, grid, [1], uri, fill=self.layout.nodata)
                 dn = data[0]
                 if (inside & (dn != np.float32(self.layout.nodata)) & np.isfinite(dn)).any():
                     return False
@@ -275,14 +311,12 @@ class ProductSensor(Sensor):
             for t, product in enumerate(self.products):
                 for b, band in enumerate(self.bands):
                     uri = product.bands[band]
-                    with rasterio.open(storage.rasterio_path(uri)) as src:
-                        data, inside = read_on_grid(src, window, grid, [1], uri, fill=self.layout.nodata)
+                    data, inside = read_on_grid(self._dataset(uri), window, grid, [1], uri, fill=self.layout.nodata)
                     dn = data[0]
                     valid[:, :, t] &= inside & (dn != np.float32(self.layout.nodata)) & np.isfinite(dn)
                     values[:, :, t, b] = (dn + np.float32(product.offset)) * scale
                 for uri, rule in product.masks:
-                    with rasterio.open(storage.rasterio_path(uri)) as src:
-                        data, inside = read_on_grid(src, window, grid, [1], uri, fill=0)
+                    data, inside = read_on_grid(self._dataset(uri), window, grid, [1], uri, fill=0)
                     valid[:, :, t] &= inside & _valid(rule, data[0])
         values[~valid] = 0.0
         return values, valid
