@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
+
 from sitsflow import layout, nn, storage
 from sitsflow.errors import InputNotFoundError
 from sitsflow.selection import candidate_value, pick, run
 from sitsflow.training import run as train
 from sitsflow.training.plots import history_parquet
-from test_training import make_cfg, make_samples, write_db
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+from test_training import _one_thread, make_cfg, make_samples, write_db  # noqa: F401 (an autouse fixture)
 
 
 def rows(val_loss: list[float], oa: list[float]) -> list[dict[str, float]]:
