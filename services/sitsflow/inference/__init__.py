@@ -182,6 +182,8 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
         region_map = _region_map(cfg, pipe, sub, regions)
         return sub, region_map, pipe.features(sub, select=region_map > 0, buffers=buffers, probe=probe)
 
+    # one predictor per model: the network's inference form (folded; on CUDA compiled, in bf16)
+    predictors = {region: nn.Predictor(net) for region, (net, _) in models.items()}
     readers = max(1, min(reader_threads(), len(subs)))
     buffers = [ReadBuffers() for _ in range(readers + 1)]
     # READERS threads read and compute the features of the next sub-windows while the network
@@ -213,13 +215,13 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
                 probas = np.zeros((len(model_classes(desc)), sh, sw), np.uint16) if prob_map else None
                 sel = pix_region == region
                 if sel.any():
-                    proba = nn.predict_proba(net, block.values[sel] if not sel.all() else block.values)
-                    best = proba.argmax(axis=1)
-                    codes = np.asarray(model_classes(desc), np.uint16)
-                    labels[rr[sel], cc[sel]] = codes[best]
-                    confidence[rr[sel], cc[sel]] = proba[np.arange(best.size), best]
+                    lab, conf, prob = predictors[region].classify(
+                        block.values[sel] if not sel.all() else block.values, model_classes(desc), probabilities=prob_map
+                    )
+                    labels[rr[sel], cc[sel]] = lab
+                    confidence[rr[sel], cc[sel]] = conf
                     if prob_map:
-                        probas[:, rr[sel], cc[sel]] = np.rint(proba.T * 1000).astype(np.uint16)
+                        probas[:, rr[sel], cc[sel]] = prob
                     classified += int(sel.sum())
                 writer.write(uris[region, "classif"], labels, local)
                 writer.write(uris[region, "confidence"], confidence, local)

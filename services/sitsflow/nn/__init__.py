@@ -9,7 +9,9 @@ Public API::
                   nb_dates, nb_components, nb_classes, dates, stats, sensor)
     save_model(network, description) -> bytes
     load_model(data, *, module_source=None) -> (network, description)
-    predict_proba(network, x, *, batch_size=None, device=None) -> (N, nb_classes) float32
+    predict_proba(network, x, *, batch_size=None, device=None, form='inference') -> (N, nb_classes) float32
+    Predictor(network, *, device=None, ...)   # .proba(x), .classify(x, codes): the inference stage's
+    inference_form(network)            # the folded network of the same function (LTAE, ANN, MLP)
 
 See docs/networks.md.
 """
@@ -19,13 +21,15 @@ from sitsflow.nn.base import FRAMEWORK_ARGS, Iota2NeuralNetwork
 from sitsflow.nn.ltae import LTAEClassifier, LTAEEncoder
 from sitsflow.nn.mlp import ANN, MLPClassifier
 from sitsflow.nn.modelfile import fingerprint, load_model, read_model_file, save_model
-from sitsflow.nn.predict import auto_batch_size, predict_proba, resolve_device
+from sitsflow.nn.inference_form import inference_form
+from sitsflow.nn.predict import Predictor, auto_batch_size, predict_proba, resolve_device
 from sitsflow.nn.registry import NETWORKS, build_network, check_dl_parameters, network_parameters, resolve_network
 
 __all__ = [
     "ANN",
     "FRAMEWORK_ARGS",
     "NETWORKS",
+    "Predictor",
     "Iota2NeuralNetwork",
     "LTAEClassifier",
     "LTAEEncoder",
@@ -35,6 +39,7 @@ __all__ = [
     "build_network",
     "check_dl_parameters",
     "fingerprint",
+    "inference_form",
     "load_model",
     "network_parameters",
     "predict_proba",

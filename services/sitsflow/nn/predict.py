@@ -94,24 +94,194 @@ def auto_batch_size(network: Iota2NeuralNetwork, device: torch.device) -> int:
     return int(max(MIN_BATCH, min(MAX_BATCH_CPU, budget // per_pixel)))
 
 
+def _env_choice(name: str, allowed: tuple[str, ...], default: str) -> str:
+    text = os.environ.get(name, "").strip().lower() or default
+    if text not in allowed:
+        raise BadInputError(f"{name} must be one of {', '.join(allowed)}, got {text!r}")
+    return text
+
+
+class Predictor:
+    """Classifies pixel time series with the inference form of a network, batch by batch.
+
+    Built once per model and reused for every part of a chunk. On the CPU the form runs in float32
+    (the machines here have no fast bf16); on CUDA it runs under bfloat16 autocast, compiled with
+    ``torch.compile`` (``SITSFLOW_COMPILE``: ``auto`` = on CUDA only, ``1``, ``0``), on batches of
+    one fixed size (the last one padded, so that one compiled graph serves every batch); inputs go
+    through reused pinned host buffers and are copied on a side stream while the previous batch
+    computes; labels, confidences and probabilities are made on the device and only they come back.
+
+    Args:
+        network: a sitsflow network (moved to ``device``).
+        device: "cpu", "cuda", "cuda:K"; CUDA when available when None.
+        batch_size: pixels per batch; chosen from the device's memory when None.
+        form: "inference" (folded, see :mod:`sitsflow.nn.inference_form`) or "reference" (the
+            training form, under ``torch.inference_mode``).
+        precision: "fp32" or "bf16"; bf16 on CUDA, fp32 on the CPU when None.
+        compile: wrap the form in ``torch.compile``; from ``SITSFLOW_COMPILE`` when None.
+    """
+
+    def __init__(
+        self,
+        network: Iota2NeuralNetwork,
+        *,
+        device: str | torch.device | None = None,
+        batch_size: int | None = None,
+        form: str = "inference",
+        precision: str | None = None,
+        compile: bool | None = None,
+    ) -> None:
+        from sitsflow.nn.inference_form import inference_form
+
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise BadInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if form not in ("inference", "reference"):
+            raise BadInputError(f"form must be 'inference' or 'reference', got {form!r}")
+        self.device = resolve_device(device)
+        cuda = self.device.type == "cuda"
+        self.precision = precision or ("bf16" if cuda else "fp32")
+        if self.precision not in ("fp32", "bf16"):
+            raise BadInputError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if compile is None:
+            choice = _env_choice("SITSFLOW_COMPILE", ("auto", "1", "0"), "auto")
+            compile = cuda if choice == "auto" else choice == "1"
+        self.network = network
+        self.nb_dates, self.nb_components = network.nb_dates, network.nb_components
+        self.nb_classes = network.nb_classes
+        network.to(self.device)
+        self.batch_size = batch_size or auto_batch_size(network, self.device)
+        module = inference_form(network) if form == "inference" else network.eval()
+        self.module = module
+        self.compiled = False
+        if compile:
+            try:
+                module = torch.compile(module, dynamic=False)
+                self.compiled = True
+            except Exception as exc:  # noqa: BLE001 - a missing compiler must not stop the stage
+                log.warning("torch.compile unavailable (%s): running eagerly", exc)
+        self._run = module
+        self._pinned: list[torch.Tensor] = []
+        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Probabilities (float32) of one batch already on the device."""
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                logits = self._run(batch)
+        else:
+            logits = self._run(batch)
+        return torch.softmax(logits.float(), dim=1)
+
+    def _batches(self, x: np.ndarray | torch.Tensor):
+        """Yield (start, stop, batch on the device, float32, padded to batch_size on CUDA)."""
+        n, size = int(x.shape[0]), self.batch_size
+        if self.device.type != "cuda":
+            for start in range(0, n, size):
+                stop = min(n, start + size)
+                chunk = x[start:stop]
+                batch = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chunk))
+                yield start, stop, batch.float()
+            return
+        # CUDA: two pinned host buffers, copies on a side stream overlap the previous batch's compute
+        shape = (size, self.nb_dates, self.nb_components)
+        if not self._pinned:
+            self._pinned = [torch.empty(shape, dtype=torch.float32, pin_memory=True) for _ in range(2)]
+        stream = self._copy_stream
+        assert stream is not None
+        ready: list[torch.cuda.Event | None] = [None, None]
+        pending = None
+        for k, start in enumerate(range(0, n, size)):
+            stop = min(n, start + size)
+            slot = k % 2
+            if ready[slot] is not None:
+                ready[slot].synchronize()  # the copy that last used this host buffer is done
+            host = self._pinned[slot]
+            src = x[start:stop]
+            host[: stop - start].copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src)))
+            if stop - start < size:
+                host[stop - start :].zero_()
+            with torch.cuda.stream(stream):
+                dev = host.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            ready[slot] = event
+            if pending is not None:
+                yield pending
+            torch.cuda.current_stream(self.device).wait_event(event)
+            dev.record_stream(torch.cuda.current_stream(self.device))
+            pending = (start, stop, dev)
+        if pending is not None:
+            yield pending
+
+    def _check(self, x: np.ndarray | torch.Tensor) -> None:
+        if x.ndim != 3 or tuple(x.shape[1:]) != (self.nb_dates, self.nb_components):
+            raise BadInputError(
+                f"predict_proba expects pixels shaped (N, {self.nb_dates}, {self.nb_components}), got {tuple(x.shape)}"
+            )
+
+    def proba(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N, nb_dates, nb_components), NaN = missing -> (N, nb_classes) float32 probabilities."""
+        self._check(x)
+        out = np.empty((int(x.shape[0]), self.nb_classes), dtype=np.float32)
+        with torch.inference_mode():
+            for start, stop, batch in self._batches(x):
+                out[start:stop] = self._forward(batch)[: stop - start].cpu().numpy()
+        return out
+
+    def classify(
+        self, x: np.ndarray | torch.Tensor, codes: np.ndarray, *, probabilities: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Labels, confidence and (optionally) probabilities of N pixels, made on the device.
+
+        Args:
+            x: (N, nb_dates, nb_components) features (NaN = missing).
+            codes: (nb_classes,) class codes in the order of the network's outputs.
+            probabilities: also return the probabilities in iota2's 0-1000 scale.
+
+        Returns:
+            labels (N,) uint16 (the codes), confidence (N,) float32 (the largest probability),
+            probabilities (nb_classes, N) uint16 or None.
+        """
+        self._check(x)
+        n = int(x.shape[0])
+        labels = np.empty(n, np.uint16)
+        confidence = np.empty(n, np.float32)
+        probas = np.empty((self.nb_classes, n), np.uint16) if probabilities else None
+        table = torch.as_tensor(np.asarray(codes, dtype=np.int32), device=self.device)
+        with torch.inference_mode():
+            for start, stop, batch in self._batches(x):
+                m = stop - start
+                p = self._forward(batch)[:m]
+                conf, best = p.max(dim=1)
+                labels[start:stop] = table[best].to(torch.int32).cpu().numpy()
+                confidence[start:stop] = conf.cpu().numpy()
+                if probas is not None:
+                    probas[:, start:stop] = torch.round(p.T * 1000).to(torch.int32).cpu().numpy()
+        return labels, confidence, probas
+
+
 def predict_proba(
     network: Iota2NeuralNetwork,
     x: np.ndarray | torch.Tensor,
     *,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
+    form: str = "inference",
 ) -> np.ndarray:
     """Class probabilities of pixel time series.
 
-    Runs in eval mode under ``torch.inference_mode``, batch by batch; on CUDA with bfloat16
-    autocast, on the CPU in float32. The network is moved to ``device`` (and stays there); its
-    training mode is restored afterwards.
+    Runs the inference form of the network (:mod:`sitsflow.nn.inference_form`; ``form="reference"``
+    runs the training form) in eval mode under ``torch.inference_mode``, batch by batch; on CUDA
+    with bfloat16 autocast, on the CPU in float32 (see :class:`Predictor`, which the inference stage
+    builds once per model; this function builds one per call and never compiles). The network is
+    moved to ``device`` (and stays there); its training mode is restored afterwards.
 
     Args:
         network: a sitsflow network.
         x: (N, nb_dates, nb_components), numpy (any real dtype; NaN = missing) or a tensor.
         batch_size: pixels per batch; chosen from the device's memory when None.
         device: "cpu", "cuda", "cuda:K" ...; CUDA when available when None.
+        form: "inference" or "reference".
 
     Returns:
         (N, nb_classes) float32 probabilities (softmax of the logits; rows sum to 1).
@@ -121,37 +291,13 @@ def predict_proba(
             f"predict_proba expects pixels shaped (N, {network.nb_dates}, {network.nb_components}), "
             f"got {tuple(x.shape)}"
         )
-    dev = resolve_device(device)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise BadInputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    n = int(x.shape[0])
-    out = np.empty((n, network.nb_classes), dtype=np.float32)
-    if n == 0:
-        return out
     was_training = network.training
-    network.to(dev)
-    network.eval()
     try:
-        size = batch_size or auto_batch_size(network, dev)
-        log.debug("predict_proba: %d pixels on %s, batches of %d", n, dev, size)
-        pin = dev.type == "cuda"
-        with torch.inference_mode():
-            for start in range(0, n, size):
-                stop = min(n, start + size)
-                if isinstance(x, torch.Tensor):
-                    batch = x[start:stop]
-                else:
-                    batch = torch.from_numpy(np.ascontiguousarray(x[start:stop]))
-                if pin and batch.device.type == "cpu":
-                    batch = batch.pin_memory()
-                batch = batch.to(dev, non_blocking=pin).float()
-                if dev.type == "cuda":
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        logits = network(batch)
-                else:
-                    logits = network(batch)
-                probs = torch.softmax(logits.float(), dim=1)
-                out[start:stop] = probs.cpu().numpy()
+        predictor = Predictor(network, device=device, batch_size=batch_size, form=form, compile=False)
+        if int(x.shape[0]) == 0:
+            return np.empty((0, network.nb_classes), dtype=np.float32)
+        log.debug("predict_proba: %d pixels on %s, batches of %d", int(x.shape[0]), predictor.device,
+                  predictor.batch_size)
+        return predictor.proba(x)
     finally:
         network.train(was_training)
-    return out
