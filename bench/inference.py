@@ -4,13 +4,19 @@ Generates one chunk (default 1024 x 1024 px, 36 dates x 10 bands, int16, a Cloud
 GeoTIFF: ZSTD by default (--compress), 256 x 256 blocks, pixel-interleaved, nodata -10000), a selected model with random weights (speed does not depend on the
 weights), and measures:
 
-* network alone: ``sitsflow.nn.predict_proba`` on in-memory features of every pixel;
+* network alone: the stage's own ``sitsflow.nn.Predictor`` (the network's inference form; on CUDA
+  bf16 and compiled) classifying in-memory features of every pixel;
 * whole stage: ``sitsflow.inference.run`` on the chunk (windowed read -> masks -> gap filling ->
   network -> GeoTIFF writes), one chunk;
 * the same stage on a chunk whose pixels are 90 % nodata (they must cost almost nothing).
 
     python bench/inference.py [--size 1024] [--dates 36] [--bands 10] [--network MLPClassifier]
-                              [--device cpu|cuda] [--repeat 2] [--json]
+                              [--device cpu|cuda] [--repeat 2] [--readers N] [--tile-px 10980]
+
+The stage's timings say where its time went: ``read_s`` (reading and features, summed over the
+reading threads), ``wait_read_s`` (the main loop waiting for them), ``classify_s`` (the main loop
+classifying: copies, network, results back), ``copy_s``/``compute_s`` (CUDA-side times of the
+copies and the network), ``write_s`` (the writer thread), ``wait_write_s``.
 
 Prints a table and one JSON line; record the figures in docs/benchmarks.md with the machine.
 """
@@ -126,16 +132,19 @@ def install_model(cfg, network_name: str, nb_classes: int = 10) -> object:
     return net
 
 
-def time_stage(cfg, repeat: int) -> float:
+def time_stage(cfg, repeat: int) -> tuple[float, dict]:
+    """The best of ``repeat`` runs of the stage on the chunk: (seconds, that run's timings)."""
     from sitsflow import inference
 
-    best = float("inf")
+    best, timings = float("inf"), {}
     for _ in range(repeat):
         shutil.rmtree(Path(cfg.chain.output_path) / "manifests" / "inference", ignore_errors=True)
         t0 = time.perf_counter()
-        inference.run(cfg, "T0", 0, 0)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        summary = inference.run(cfg, "T0", 0, 0)
+        seconds = time.perf_counter() - t0
+        if seconds < best:
+            best, timings = seconds, summary["timings"]
+    return best, timings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--compress", default="ZSTD", help="COG compression: ZSTD (default), DEFLATE, LZW, NONE")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--readers", type=int, default=None, help="reading threads (SITSFLOW_READERS)")
+    parser.add_argument("--tile-px", type=int, default=10980, help="tile width for the extrapolated tile time")
     args = parser.parse_args(argv)
+    if args.readers:
+        os.environ["SITSFLOW_READERS"] = str(args.readers)
     setup_logging("WARNING")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sitsflow-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -174,15 +187,19 @@ def main(argv: list[str] | None = None) -> int:
 
             block = pipe.features(Window(0, 0, args.size, args.size))
             x = block.values
-            nn.predict_proba(net, x[:4096], device=args.device)  # warm-up
+            # the predictor the stage builds (inference form; on CUDA bf16 and compiled)
+            predictor = nn.Predictor(net, device=args.device)
+            codes = np.arange(1, 11)
+            predictor.classify(x[:4096], codes)  # warm-up (and compilation)
             best = float("inf")
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
-                nn.predict_proba(net, x, device=args.device)
+                predictor.classify(x, codes)
                 best = min(best, time.perf_counter() - t0)
             results["network_alone_px_s"] = round(x.shape[0] / best)
-            del x, block
-        stage_time[label] = time_stage(cfg, args.repeat)
+            results["compiled"] = predictor.compiled
+            del x, block, predictor
+        stage_time[label], results[f"stage_{label}_timings"] = time_stage(cfg, args.repeat)
         results[f"stage_{label}_px_s"] = round(pixels / stage_time[label])
         results[f"stage_{label}_s"] = round(stage_time[label], 2)
     results["stage_over_network"] = round(results["stage_full_px_s"] / results["network_alone_px_s"], 3)
@@ -194,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
           f"= {results['stage_over_network']:.0%} of the network alone")
     print(f"whole stage (90% nd) : {results['stage_nodata90_px_s']:>12,} px/s  ({results['stage_nodata90_s']} s)  "
           f"= {results['nodata90_cost_over_full']:.0%} of a full chunk's time")
+    from sitsflow.inference import reader_threads
+
+    results["readers"] = reader_threads()
+    results["tile_s_extrapolated"] = round(args.tile_px**2 / results["stage_full_px_s"], 1)
+    timings = results["stage_full_timings"]
+    print("where the full chunk's time went (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    print(f"readers {results['readers']}; a {args.tile_px} x {args.tile_px} px tile at this rate: "
+          f"{results['tile_s_extrapolated']} s")
     print(json.dumps(results))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

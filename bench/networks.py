@@ -1,8 +1,12 @@
-"""Inference speed of the built-in networks: pixels per second through ``predict_proba``.
+"""Inference speed of the built-in networks: pixels per second through ``Predictor.proba``.
 
 Each built-in network, with its default parameters, classifies ``--pixels`` random pixel series of
 36 dates x 10 bands (float32 reflectances, 5 % NaN) into ``--classes`` classes, after a warm-up
-batch; the best of ``--repeats`` timed passes counts. Prints a plain-text table, then one JSON line
+batch; the best of ``--repeats`` timed passes counts. Each variant is a form (the training form,
+``reference``, or the folded ``inference`` form), a precision, and on CUDA optionally
+``torch.compile``; "same labels" compares each variant's labels with the first one's. On CUDA the
+rate with the inputs already on the device (labels made, nothing copied) is measured too: the
+host's float32 series cost 1.44 kB a pixel to copy. Prints a plain-text table, then one JSON line
 (``{"bench": "networks", ...}``) for tooling.
 
     .venv/bin/python bench/networks.py                  # CPU here, CUDA when available
@@ -24,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
-from sitsflow.nn import NETWORKS, auto_batch_size, build_network, predict_proba, resolve_device
+from sitsflow.nn import NETWORKS, Predictor, auto_batch_size, build_network, resolve_device
 
 NB_DATES, NB_BANDS = 36, 10
 
@@ -34,19 +38,43 @@ def machine(device: torch.device) -> str:
     return describe(device)
 
 
+VARIANTS = ("reference-fp32", "inference-fp32", "reference-bf16", "inference-bf16", "inference-bf16-compiled")
+"""form-precision[-compiled]: the training form or the folded inference form (sitsflow.nn.inference_form)."""
+
+
+def device_rate(predictor: Predictor, x_dev: torch.Tensor, repeats: int) -> float:
+    """Pixels/s of the network alone on inputs already on the device (labels made, nothing copied)."""
+    size = predictor.batch_size
+    best = float("inf")
+    with torch.inference_mode():
+        for k in range(repeats + 1):  # the first pass warms up (and compiles)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for start in range(0, x_dev.shape[0], size):
+                predictor._forward(x_dev[start : start + size]).argmax(1)
+            torch.cuda.synchronize()
+            if k:
+                best = min(best, time.perf_counter() - t0)
+    return x_dev.shape[0] / best
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:K (default: cuda when available)")
     parser.add_argument("--pixels", type=int, default=None, help="pixels per pass (default 30000 on CPU, 4M on CUDA)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: predict_proba's automatic choice")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the automatic choice")
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per network; the best counts")
     parser.add_argument("--networks", nargs="*", default=list(NETWORKS), choices=list(NETWORKS))
+    parser.add_argument("--variants", nargs="*", default=None, choices=VARIANTS,
+                        help="default: reference-fp32 and inference-fp32 on the CPU, all on CUDA")
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
-    pixels = args.pixels or (4_000_000 if device.type == "cuda" else 30_000)
+    cuda = device.type == "cuda"
+    variants = args.variants or (VARIANTS if cuda else VARIANTS[:2])
+    pixels = args.pixels or (4_000_000 if cuda else 30_000)
     rng = np.random.default_rng(0)
     x = rng.uniform(0.0, 0.6, (pixels, NB_DATES, NB_BANDS)).astype(np.float32)
     x[rng.random(x.shape) < 0.05] = np.nan
@@ -64,31 +92,48 @@ def main(argv: list[str] | None = None) -> int:
         ).eval()
         net.to(device)
         batch = args.batch_size or auto_batch_size(net, device)
-        predict_proba(net, x[: min(pixels, 4 * batch)], batch_size=batch, device=device)  # warm-up
-        best = float("inf")
-        for _ in range(args.repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            predict_proba(net, x, batch_size=batch, device=device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - t0)
-        rows.append({
-            "network": name,
-            "parameters": sum(p.numel() for p in net.parameters()),
-            "batch_size": batch,
-            "seconds": round(best, 4),
-            "pixels_per_second": round(pixels / best),
-        })
+        reference = None
+        for variant in variants:
+            form, precision, *rest = variant.split("-")
+            predictor = Predictor(net, device=device, batch_size=batch, form=form, precision=precision,
+                                  compile=bool(rest))
+            predictor.proba(x[: min(pixels, 2 * batch)])  # warm-up (and compilation)
+            best = float("inf")
+            for _ in range(args.repeats):
+                if cuda:
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                proba = predictor.proba(x)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                best = min(best, time.perf_counter() - t0)
+            labels = proba.argmax(1)
+            if reference is None:
+                reference = labels
+            row = {
+                "network": name, "variant": variant,
+                "parameters": sum(p.numel() for p in net.parameters()),
+                "batch_size": batch,
+                "seconds": round(best, 4),
+                "pixels_per_second": round(pixels / best),
+                "labels_as_first_variant": round(float((labels == reference).mean()), 5),
+            }
+            if cuda:
+                n_dev = max(batch, pixels // batch * batch)
+                x_dev = torch.from_numpy(x[:n_dev]).to(device)
+                row["device_resident_pixels_per_second"] = round(device_rate(predictor, x_dev, args.repeats))
+                del x_dev
+            rows.append(row)
+            del predictor
 
     out = sys.stdout
     out.write(f"device: {device} ({machine(device)}); torch {torch.__version__}; "
               f"{pixels} pixels of {NB_DATES} dates x {NB_BANDS} bands, {args.classes} classes\n")
-    out.write(f"{'network':<32}{'parameters':>12}{'batch':>9}{'seconds':>10}{'pixels/s':>14}\n")
+    out.write(f"{'network':<30}{'variant':<26}{'batch':>9}{'pixels/s':>14}{'on device':>14}{'same labels':>12}\n")
     for r in rows:
-        out.write(f"{r['network']:<32}{r['parameters']:>12,}{r['batch_size']:>9}{r['seconds']:>10.3f}"
-                  f"{r['pixels_per_second']:>14,}\n")
+        dev_rate = r.get("device_resident_pixels_per_second")
+        out.write(f"{r['network']:<30}{r['variant']:<26}{r['batch_size']:>9}{r['pixels_per_second']:>14,}"
+                  f"{(f'{dev_rate:,}' if dev_rate else '-'):>14}{r['labels_as_first_variant']:>12.4f}\n")
     out.write(json.dumps({
         "bench": "networks", "device": str(device), "machine": machine(device), "torch": torch.__version__,
         "pixels": pixels, "dates": NB_DATES, "bands": NB_BANDS, "classes": args.classes, "results": rows,

@@ -132,7 +132,9 @@ def generate(path: Path, n: int, nb_dates: int, nb_bands: int, nb_classes: int, 
 
 def options(mode: str, args: argparse.Namespace) -> TrainingOptions:
     return TrainingOptions(
-        dl_name="MLPClassifier", dl_parameters={"hidden_layers": [args.hidden], "dropout": 0.1},
+        dl_name=args.network,
+        dl_parameters=json.loads(args.dl_parameters) if args.dl_parameters else (
+            {"hidden_layers": [args.hidden], "dropout": 0.1} if args.network == "MLPClassifier" else {}),
         dl_module=None, model_selection_criterion="loss", epochs=args.epochs, weighted_labels=False,
         num_workers=args.num_workers, batch_size=args.batch_size, learning_rate=1e-3, hyp=0,
         restart_from_checkpoint=False, dataloader_mode=mode, enable_early_stop=False,
@@ -222,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64, help="width of the MLP's single hidden layer")
+    parser.add_argument("--network", default="MLPClassifier", choices=list(sitsnn.NETWORKS),
+                        help="the network trained (default: a one-layer MLP, so that the loader's share shows)")
+    parser.add_argument("--dl-parameters", default=None, help="its dl_parameters as JSON (default: its defaults)")
     parser.add_argument("--num-workers", type=int, default=1, help="data-loader workers of the training runs "
                         "(config default: 1); the loader alone is measured with 0 and this many")
     parser.add_argument("--repeats", type=int, default=2, help="passes of the loader alone; the best counts")
@@ -271,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stream / full ({what}): {ratio:.2f}")
     summary = {"bench": "training", "samples": args.samples, "dates": args.dates, "bands": args.bands,
                "batch_size": args.batch_size, "num_workers": args.num_workers, "hidden": args.hidden,
+               "network": args.network,
                "threads": torch.get_num_threads(),
                "device": str(device), "machine": machine(device), "torch": torch.__version__,
                "generation_s": round(gen_s, 1), "database_gb": round(size_gb, 3), **results,

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyogrio
 import shapely
 from rasterio.features import rasterize
 from rasterio.warp import transform_geom
@@ -75,6 +74,8 @@ def read_polygons(uri: str, field: str, key: str, *, crs) -> tuple[Polygons, dic
     Returns:
         The polygons and a report dict (counts of excluded, repaired, dropped polygons).
     """
+    import pyogrio  # here, not at the top: the stages that read no vector (and their images) skip its GDAL
+
     with local_vector(uri) as path:
         try:
             info = pyogrio.read_info(path)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -178,9 +180,16 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     seen_regions: set[int] = set()
     subs = pipe.read_windows(window)
 
+    timings = {"read_s": 0.0, "wait_read_s": 0.0, "classify_s": 0.0}
+    lock = threading.Lock()
+
     def read(sub: Window, buffers: ReadBuffers, probe: bool):
+        tic = time.perf_counter()
         region_map = _region_map(cfg, pipe, sub, regions)
-        return sub, region_map, pipe.features(sub, select=region_map > 0, buffers=buffers, probe=probe)
+        result = sub, region_map, pipe.features(sub, select=region_map > 0, buffers=buffers, probe=probe)
+        with lock:
+            timings["read_s"] += time.perf_counter() - tic
+        return result
 
     # one predictor per model: the network's inference form (folded; on CUDA compiled, in bf16)
     predictors = {region: nn.Predictor(net) for region, (net, _) in models.items()}
@@ -196,7 +205,9 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
         uris = _add_outputs(writer, cfg, pipe, window, models, tile, chunk, seed)
         pending = {k: pool.submit(read, subs[k], buffers[k], True) for k in range(readers)}
         for k in range(len(subs)):
+            tic = time.perf_counter()
             sub, region_map, block = pending.pop(k).result()
+            timings["wait_read_s"] += time.perf_counter() - tic
             nxt = k + readers
             if nxt < len(subs):
                 pending[nxt] = pool.submit(read, subs[nxt], buffers[nxt % len(buffers)], not block.clear_dates.any())
@@ -215,9 +226,11 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
                 probas = np.zeros((len(model_classes(desc)), sh, sw), np.uint16) if prob_map else None
                 sel = pix_region == region
                 if sel.any():
+                    tic = time.perf_counter()
                     lab, conf, prob = predictors[region].classify(
                         block.values[sel] if not sel.all() else block.values, model_classes(desc), probabilities=prob_map
                     )
+                    timings["classify_s"] += time.perf_counter() - tic
                     labels[rr[sel], cc[sel]] = lab
                     confidence[rr[sel], cc[sel]] = conf
                     if prob_map:
@@ -227,6 +240,12 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
                 writer.write(uris[region, "confidence"], confidence, local)
                 if prob_map:
                     writer.write(uris[region, "probamap"], probas, local)
+    timings["write_s"], timings["wait_write_s"] = writer.busy_s, writer.wait_s
+    for key in ("copy_s", "compute_s"):
+        timings[key] = sum(p.seconds[key] for p in predictors.values())
+    timings["parts"] = len(subs)
+    log.info("inference %s: %s", task, ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in timings.items()))
     unmodelled = seen_regions - set(models) - {0}
     if unmodelled:
         log.warning("tile %s chunk %d: regions %s have no model (no samples): their pixels stay 0", tile, chunk, sorted(unmodelled))
@@ -242,4 +261,6 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
         "models": {str(r): d["fingerprint"] for r, (_, d) in models.items()},
     }
     manifest.write_manifest(out, STAGE, task, fp, outputs, {"summary": summary, "models": summary["models"], "window": summary["window"]})
-    return summary | {"skipped": False}
+    # where the time went (not in the manifest: it changes from run to run). read_s is summed over
+    # the reading threads; wait_* are the main loop's waits; copy_s/compute_s are CUDA-side times
+    return summary | {"skipped": False, "timings": {k: round(v, 3) for k, v in timings.items()}}

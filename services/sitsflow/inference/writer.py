@@ -14,6 +14,7 @@ rerun redoes the chunk and merging never takes it.)
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -44,6 +45,8 @@ class ChunkWriter:
         self._datasets: dict[str, _BlockRows] = {}
         self._pending: deque[Future] = deque()
         self.uris: list[str] = []
+        self.busy_s = 0.0  # seconds the writer thread spent creating and writing (for the benchmarks)
+        self.wait_s = 0.0  # seconds the caller waited for the writer to catch up
 
     def add(self, uri: str, profile: dict, tags: dict, descriptions: list[str] | None = None) -> None:
         """Create the output ``uri`` (a GeoTIFF of ``profile``, with ``tags`` and band descriptions)."""
@@ -58,9 +61,18 @@ class ChunkWriter:
         self._submit(self._write, uri, array, window)
 
     def _submit(self, fn, *args) -> None:
+        tic = time.perf_counter()
         while self._pending and (self._pending[0].done() or len(self._pending) >= MAX_PENDING):
             self._pending.popleft().result()  # raises the writer's error here, early
-        self._pending.append(self._pool.submit(fn, *args))
+        self.wait_s += time.perf_counter() - tic
+        self._pending.append(self._pool.submit(self._timed, fn, *args))
+
+    def _timed(self, fn, *args) -> None:
+        tic = time.perf_counter()
+        try:
+            fn(*args)
+        finally:
+            self.busy_s += time.perf_counter() - tic  # one writer thread: no race
 
     def _open(self, uri: str, profile: dict, tags: dict, descriptions: list[str] | None) -> None:
         tmp = self._files.enter_context(storage.output_path(uri, suffix=".tif"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from sitsflow.nn.base import Iota2NeuralNetwork
 log = get_logger(__name__)
 
 #: Bounds of the automatic batch size.
-MIN_BATCH, MAX_BATCH_CPU, MAX_BATCH_CUDA = 64, 16384, 1 << 20
+MIN_BATCH, MAX_BATCH_CPU, MAX_BATCH_CUDA = 64, 16384, 1 << 18
 #: Share of the free device memory the automatic batch size may use.
 CUDA_MEMORY_SHARE = 0.5
 CPU_MEMORY_BUDGET = 8 * 1024 * 1024  # bytes of the largest activation tensor of a CPU batch (cache-sized)
@@ -106,8 +107,8 @@ class Predictor:
 
     Built once per model and reused for every part of a chunk. On the CPU the form runs in float32
     (the machines here have no fast bf16); on CUDA it runs under bfloat16 autocast, compiled with
-    ``torch.compile`` (``SITSFLOW_COMPILE``: ``auto`` = on CUDA only, ``1``, ``0``), on batches of
-    one fixed size (the last one padded, so that one compiled graph serves every batch); inputs go
+    ``torch.compile`` (``SITSFLOW_COMPILE``: ``auto`` = on CUDA only, ``1``, ``0``; with a dynamic
+    batch dimension, so that one compiled graph serves parts of every size); inputs go
     through reused pinned host buffers and are copied on a side stream while the previous batch
     computes; labels, confidences and probabilities are made on the device and only they come back.
 
@@ -155,25 +156,69 @@ class Predictor:
         self.compiled = False
         if compile:
             try:
-                module = torch.compile(module, dynamic=False)
+                module = torch.compile(module, dynamic=True)
                 self.compiled = True
             except Exception as exc:  # noqa: BLE001 - a missing compiler must not stop the stage
                 log.warning("torch.compile unavailable (%s): running eagerly", exc)
         self._run = module
         self._pinned: list[torch.Tensor] = []
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        #: seconds spent copying inputs to the device and computing (CUDA: measured on the device
+        #: with events, so overlapping copies and computations are each counted whole)
+        self.seconds = {"copy_s": 0.0, "compute_s": 0.0}
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def _timed(self, key: str):
+        """A context timing a step into ``self.seconds[key]`` (with CUDA events on the current stream)."""
+        predictor = self
+
+        class _Timer:
+            def __enter__(self):
+                if predictor.device.type == "cuda":
+                    self.start = torch.cuda.Event(enable_timing=True)
+                    self.start.record()
+                else:
+                    self.tic = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if predictor.device.type == "cuda":
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record()
+                    predictor._events.append((key, self.start, end))
+                else:
+                    predictor.seconds[key] += time.perf_counter() - self.tic
+
+        return _Timer()
+
+    def _collect(self) -> None:
+        """Add up the CUDA events of the finished batches."""
+        for key, start, end in self._events:
+            end.synchronize()
+            self.seconds[key] += start.elapsed_time(end) / 1000.0
+        self._events.clear()
+
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self._run(batch)
+        return self._run(batch)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Probabilities (float32) of one batch already on the device."""
-        if self.precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                logits = self._run(batch)
-        else:
-            logits = self._run(batch)
+        try:
+            logits = self._logits(batch)
+        except BadInputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch.compile compiles at the first call
+            if not self.compiled:
+                raise
+            log.warning("torch.compile failed (%s: %s): running eagerly", type(exc).__name__, exc)
+            self._run, self.compiled = self.module, False
+            logits = self._logits(batch)
         return torch.softmax(logits.float(), dim=1)
 
     def _batches(self, x: np.ndarray | torch.Tensor):
-        """Yield (start, stop, batch on the device, float32, padded to batch_size on CUDA)."""
+        """Yield (start, stop, batch on the device, float32)."""
         n, size = int(x.shape[0]), self.batch_size
         if self.device.type != "cuda":
             for start in range(0, n, size):
@@ -195,13 +240,12 @@ class Predictor:
             slot = k % 2
             if ready[slot] is not None:
                 ready[slot].synchronize()  # the copy that last used this host buffer is done
-            host = self._pinned[slot]
+            host = self._pinned[slot][: stop - start]
             src = x[start:stop]
-            host[: stop - start].copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src)))
-            if stop - start < size:
-                host[stop - start :].zero_()
-            with torch.cuda.stream(stream):
+            host.copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src)))
+            with torch.cuda.stream(stream), self._timed("copy_s"):
                 dev = host.to(self.device, non_blocking=True)
+            with torch.cuda.stream(stream):
                 event = torch.cuda.Event()
                 event.record(stream)
             ready[slot] = event
@@ -225,7 +269,10 @@ class Predictor:
         out = np.empty((int(x.shape[0]), self.nb_classes), dtype=np.float32)
         with torch.inference_mode():
             for start, stop, batch in self._batches(x):
-                out[start:stop] = self._forward(batch)[: stop - start].cpu().numpy()
+                with self._timed("compute_s"):
+                    p = self._forward(batch)[: stop - start]
+                out[start:stop] = p.cpu().numpy()
+        self._collect()
         return out
 
     def classify(
@@ -251,12 +298,14 @@ class Predictor:
         with torch.inference_mode():
             for start, stop, batch in self._batches(x):
                 m = stop - start
-                p = self._forward(batch)[:m]
-                conf, best = p.max(dim=1)
+                with self._timed("compute_s"):
+                    p = self._forward(batch)[:m]
+                    conf, best = p.max(dim=1)
                 labels[start:stop] = table[best].to(torch.int32).cpu().numpy()
                 confidence[start:stop] = conf.cpu().numpy()
                 if probas is not None:
                     probas[:, start:stop] = torch.round(p.T * 1000).to(torch.int32).cpu().numpy()
+        self._collect()
         return labels, confidence, probas
 
 
