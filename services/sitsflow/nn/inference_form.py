@@ -126,6 +126,9 @@ class FoldedLTAE(torch.nn.Module):
         dh = d // n_head
         f64 = torch.float64
         self.n_head, self.dh = n_head, dh
+        c1 = network.nb_components + 1
+        #: the largest tensor of the forward pass, in values per pixel (sizes CPU batches)
+        self.floats_per_pixel = network.nb_dates * (n_head + c1)
         self.normalize = NormalizedInput(network)
         eps = enc.in_norm.eps
         self.ln_eps = float(eps)

@@ -34,14 +34,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def activation_floats_per_pixel(network: Iota2NeuralNetwork, probe: int = 4) -> int:
-    """The largest output of any module of ``network``, in float values per pixel.
+def activation_floats_per_pixel(
+    network: Iota2NeuralNetwork, probe: int = 4, module: torch.nn.Module | None = None
+) -> int:
+    """The largest output of any module of ``network`` (or of ``module``, a form of it), in float
+    values per pixel.
 
     Measured with forward hooks on a ``probe``-pixel zero batch, on the network's device, in eval
     mode (the training mode is restored).
     """
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
+    largest_shape = (network.nb_dates, network.nb_components)
     largest = [network.nb_dates * network.nb_components]
+    network = module if module is not None else network
 
     def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
         if isinstance(output, torch.Tensor):
@@ -52,20 +57,22 @@ def activation_floats_per_pixel(network: Iota2NeuralNetwork, probe: int = 4) -> 
     try:
         network.eval()
         with torch.inference_mode():
-            network(torch.zeros((probe, network.nb_dates, network.nb_components), device=device))
+            network(torch.zeros((probe, *map(int, largest_shape)), device=device))
     finally:
         for h in handles:
             h.remove()
         network.train(was_training)
-    return max(largest)
+    return max(*largest, int(getattr(network, "floats_per_pixel", 0)))
 
 
-def auto_batch_size(network: Iota2NeuralNetwork, device: torch.device) -> int:
+def auto_batch_size(network: Iota2NeuralNetwork, device: torch.device, module: torch.nn.Module | None = None) -> int:
     """A batch size that fits the device.
 
-    CUDA: a 256-pixel probe measures the peak memory per pixel; the batch takes
-    ``CUDA_MEMORY_SHARE`` of the free memory. CPU: the largest activation tensor of a batch
-    (``activation_floats_per_pixel``, float32) is kept to ``CPU_MEMORY_BUDGET`` (and a quarter of
+    CUDA: a 256-pixel probe of the training form measures the peak memory per pixel (an upper
+    bound for the inference form); the batch takes
+    ``CUDA_MEMORY_SHARE`` of the free memory. CPU: the largest activation tensor of a batch of
+    ``module`` (the form that will run; the network when None) (``activation_floats_per_pixel``,
+    float32) is kept to ``CPU_MEMORY_BUDGET`` (and a quarter of
     the available RAM): batches whose tensors stay in the caches run fastest on CPUs.
     """
     shape = (network.nb_dates, network.nb_components)
@@ -86,7 +93,7 @@ def auto_batch_size(network: Iota2NeuralNetwork, device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         size = int(CUDA_MEMORY_SHARE * free // per_pixel)
         return int(max(256, min(MAX_BATCH_CUDA, size // 256 * 256)))
-    per_pixel = activation_floats_per_pixel(network) * 4
+    per_pixel = activation_floats_per_pixel(network, module=module) * 4
     budget = CPU_MEMORY_BUDGET
     try:
         budget = min(budget, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
@@ -150,8 +157,8 @@ class Predictor:
         self.nb_dates, self.nb_components = network.nb_dates, network.nb_components
         self.nb_classes = network.nb_classes
         network.to(self.device)
-        self.batch_size = batch_size or auto_batch_size(network, self.device)
         module = inference_form(network) if form == "inference" else network.eval()
+        self.batch_size = batch_size or auto_batch_size(network, self.device, module if not cuda else None)
         self.module = module
         self.compiled = False
         if compile:
