@@ -216,8 +216,10 @@ def test_inference_process_settings(monkeypatch):
     assert tune_for_inference() is True  # glibc: freed memory is kept for reuse
     monkeypatch.delenv("SITSFLOW_READERS", raising=False)
     assert inference.reader_threads() == inference.READERS
+    assert inference.reader_threads(gpu=True) == inference._usable_cpus()  # a GPU network: every core reads
     monkeypatch.setenv("SITSFLOW_READERS", "3")
     assert inference.reader_threads() == 3
+    assert inference.reader_threads(gpu=True) == 3
     for bad in ("0", "two", "-1"):
         monkeypatch.setenv("SITSFLOW_READERS", bad)
         with pytest.raises(BadInputError, match="SITSFLOW_READERS"):
@@ -298,3 +300,18 @@ def test_parts_reach_the_file_as_whole_rows_of_its_blocks():
     rows.write(truth[:, 0:5, 0:45], Window(0, 0, 45, 5))
     rows.flush()  # a block row no part completed is written with zeros where nothing came
     assert dst.writes[-1] == (0, 0, 16, 45) and not dst.image[:, 5:16].any()
+
+
+def test_usable_cpus_follow_the_cgroup_quota(tmp_path, monkeypatch) -> None:
+    from sitsflow import inference
+
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(inference, "CGROUP_CPU_MAX", str(cpu_max))
+    monkeypatch.setattr(inference.os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert inference._usable_cpus() == 16  # no cgroup file
+    cpu_max.write_text("max 100000\n")
+    assert inference._usable_cpus() == 16
+    cpu_max.write_text("400000 100000\n")  # a pod limited to 4 CPUs
+    assert inference._usable_cpus() == 4
+    cpu_max.write_text("50000 100000\n")  # half a CPU
+    assert inference._usable_cpus() == 1

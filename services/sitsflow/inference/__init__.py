@@ -39,22 +39,35 @@ log = get_logger(__name__)
 
 STAGE = "inference"
 
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
 def _usable_cpus() -> int:
+    """The CPUs this process may use: its affinity, bounded by a cgroup v2 CPU quota (a pod's limit)."""
     try:
-        return len(os.sched_getaffinity(0))  # the CPUs this process may run on
+        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may run on
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        with open(CGROUP_CPU_MAX) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 READERS = max(1, min(2, _usable_cpus()))
-"""Threads reading ahead of the network by default (2; 1 on one CPU); ``SITSFLOW_READERS`` sets it."""
+"""Threads reading ahead of the network on the CPU (2; 1 on one CPU): the network needs the cores too."""
 
 
-def reader_threads() -> int:
-    """``SITSFLOW_READERS`` when set (a positive integer), else :data:`READERS`."""
+def reader_threads(gpu: bool = False) -> int:
+    """``SITSFLOW_READERS`` when set (a positive integer); else every usable CPU when a GPU runs the
+    network (reading is then the bound), :data:`READERS` on the CPU."""
     text = os.environ.get("SITSFLOW_READERS", "").strip()
     if not text:
-        return READERS
+        return _usable_cpus() if gpu else READERS
     if not text.isdigit() or int(text) < 1:
         raise BadInputError(f"SITSFLOW_READERS must be a positive integer (reading threads), got {text!r}")
     return int(text)
@@ -193,7 +206,8 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
 
     # one predictor per model: the network's inference form (folded; on CUDA compiled, in bf16)
     predictors = {region: nn.Predictor(net) for region, (net, _) in models.items()}
-    readers = max(1, min(reader_threads(), len(subs)))
+    gpu = any(p.device.type == "cuda" for p in predictors.values())
+    readers = max(1, min(reader_threads(gpu), len(subs)))
     buffers = [ReadBuffers() for _ in range(readers + 1)]
     # READERS threads read and compute the features of the next sub-windows while the network
     # classifies the current one (GDAL decodes each read's blocks on every core), and the writer
