@@ -122,18 +122,18 @@ class _Node:
     pod: dict[str, Any]
 
 
-def _pod_patch(template: Mapping[str, Any], scope: Mapping[str, str], where: str) -> dict[str, Any]:
-    """A template's ``podSpecPatch``, substituted and parsed (``{}`` when it has none)."""
-    if not template.get("podSpecPatch"):
-        return {}
-    text = substitute(str(template["podSpecPatch"]), scope, f"{where} podSpecPatch")
+def _json(
+    text: str, scope: Mapping[str, str], where: str, kind: type[list[Any] | dict[str, Any]]
+) -> Any:
+    """``text`` substituted, then read as a JSON list or object (``where`` names the field)."""
+    text = substitute(text, scope, where)
     try:
-        patch = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BadInputError(f"{where}: podSpecPatch is not JSON ({exc}): {text[:300]!r}") from None
-    if not isinstance(patch, dict):
-        raise BadInputError(f"{where}: podSpecPatch is not a JSON object: {text[:300]!r}")
-    return patch
+        raise BadInputError(f"{where} is not JSON ({exc}): {text[:300]!r}") from None
+    if not isinstance(value, kind):
+        raise BadInputError(f"{where} is not a JSON {kind.__name__}: {text[:300]!r}")
+    return value
 
 
 def _gpus(template: Mapping[str, Any], patch: Mapping[str, Any]) -> float:
@@ -265,14 +265,7 @@ class _Run:
             return [str(i) for i in range(start, end + 1)]
         if "withParam" not in task:
             return None
-        text = substitute(str(task["withParam"]), scope, f"{where} withParam")
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"{where}: withParam is not JSON ({exc}): {text[:200]!r}") from None
-        if not isinstance(items, list):
-            raise BadInputError(f"{where}: withParam is not a JSON list: {text[:200]!r}")
-        return items
+        return list(_json(str(task["withParam"]), scope, f"{where}: withParam", list))
 
     def _node(
         self, task: Mapping[str, Any], index: int | None, item: Any, scope: dict[str, str]
@@ -313,7 +306,8 @@ class _Run:
             value = substitute(format_value(var["value"]), inner, where) if "value" in var else ""
             if value:  # valueFrom (Secrets) and empty values: the local environment's
                 env[str(var["name"])] = value
-        pod = _pod_patch(template, inner, where)
+        patch = template.get("podSpecPatch")
+        pod = _json(str(patch), inner, f"{where}: podSpecPatch", dict) if patch else {}
         if _gpus(template, pod) <= 0:
             env["CUDA_VISIBLE_DEVICES"] = ""
         log_name = name if index is None else f"{name}-{index}"
