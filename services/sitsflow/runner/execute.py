@@ -72,11 +72,12 @@ class WorkflowFailed(SitsflowError):
 
 
 class Interrupted(SitsflowError):
-    """The runner was stopped by a signal; its tasks were stopped too (exit 128 + signal)."""
+    """The runner was stopped by a signal, and its tasks with it: SIGTERM exits 75 (a clean
+    stop, as a stage's; a rerun resumes), SIGINT 130 (the user's Ctrl-C)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}; every task was stopped")
-        self.exit_code = 128 + signum
+        self.exit_code = EXIT_TRANSIENT if signum == signal.SIGTERM else 128 + signum
 
 
 def container_argv(command: Sequence[str], args: Sequence[str]) -> list[str]:
@@ -178,8 +179,10 @@ def send(signum):
             os.killpg(group, signum)
         except OSError:
             pass
-def running(pid):  # a group's first process (pid = pgid) has not ended
+def running(pid):  # a group's first process (pid = pgid) has not ended (zombies have)
     try:
+        if not os.path.isdir("/proc/self"):  # no procfs: the runner reaps its zombies
+            return os.kill(pid, 0) is None
         with open(f"/proc/{{pid}}/stat") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] not in "ZX"
     except OSError:
@@ -224,7 +227,7 @@ class _Signals:
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 class _Run:

@@ -237,7 +237,7 @@ def output_lease(output_path: str) -> Iterator[dict[str, Any]]:
         BadInputError: another live run holds it (the message names its host, pid and start).
     """
     uri = lease_uri(output_path)
-    lease = _S3Lease(uri) if storage.is_s3(uri) else _LocalLease(uri)
+    lease = _S3Lease(uri) if storage.is_s3(uri) else _LocalLease(storage._local(uri))
     record = _record()
     lease.acquire(record)
     log.info("lease %s taken (run %s)", uri, record["run_id"])
