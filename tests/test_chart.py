@@ -18,8 +18,8 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
-from sitsflow.runner import lint, run_workflow
-from sitsflow.runner.validate import argo_schema, hera_schema, schema_errors
+from argo_checks import argo_schema, hera_schema, lint, schema_errors
+from sitsflow.runner import default_workflow_path, run_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "sitsflow"
@@ -181,11 +181,11 @@ def test_optional_resources_can_be_turned_off(chart: helm_python.Chart) -> None:
 
 
 def test_chart_ships_the_rendered_pipeline(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """The chart's template is workflows/sitsflow.yaml; Helm changes only what values set."""
+    """The chart's template is the package's sitsflow.yaml; Helm changes only what values set."""
     assert (CHART / "files" / "sitsflow.yaml").read_text() == (
-        REPO / "workflows" / "sitsflow.yaml"
+        default_workflow_path()
     ).read_text()
-    pipeline = yaml.safe_load((REPO / "workflows" / "sitsflow.yaml").read_text())
+    pipeline = yaml.safe_load(default_workflow_path().read_text())
     template = copy.deepcopy(by_kind(rendered["default"], "WorkflowTemplate")[0])
     assert template["spec"]["templates"] == pipeline["spec"]["templates"]
     for key in ("serviceAccountName", "artifactRepositoryRef", "podGC", "parallelism"):

@@ -1,6 +1,6 @@
 """The pipeline's WorkflowTemplate: the rendered YAML is current, valid and as designed.
 
-``SITSFLOW_REGENERATE=1 pytest tests/test_workflow.py`` rewrites workflows/sitsflow.yaml.
+``SITSFLOW_REGENERATE=1 pytest tests/test_workflow.py`` rewrites services/sitsflow/workflows/sitsflow.yaml.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from typing import Any
 
 import pytest
 import yaml
-from sitsflow.runner.validate import argo_schema, hera_schema, lint, schema_errors, strict_schema
+from argo_checks import argo_schema, evaluate_text, hera_schema, lint, schema_errors, strict_schema
 
 from sitsflow.config.resources import BUILTIN as STAGE_RESOURCES
 from sitsflow.config.resources import GPU_STAGES as GPU
-from sitsflow.runner.expr import evaluate_text
 
 REPO = Path(__file__).resolve().parents[1]
-YAML_PATH = REPO / "workflows" / "sitsflow.yaml"
+YAML_PATH = REPO / "services" / "sitsflow" / "workflows" / "sitsflow.yaml"
 ARGO_SCHEMA_PATH = Path(__file__).with_name("data") / "argo-workflows-schema.json"
 
 
@@ -72,7 +71,7 @@ def test_rendered_yaml_is_current() -> None:
         pipeline.main([])
     assert YAML_PATH.exists(), "run: python workflows/pipeline.py"
     assert YAML_PATH.read_text(encoding="utf-8") == rendered, (
-        "workflows/sitsflow.yaml is stale: run `python workflows/pipeline.py` "
+        f"{YAML_PATH.relative_to(REPO)} is stale: run `python workflows/pipeline.py` "
         "(or SITSFLOW_REGENERATE=1 pytest tests/test_workflow.py)"
     )
     assert pipeline.CHART_COPY.read_text(encoding="utf-8") == rendered, (

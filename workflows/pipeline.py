@@ -1,6 +1,7 @@
 """The sitsflow pipeline, defined once: an Argo WorkflowTemplate built with Hera.
 
-``python workflows/pipeline.py`` renders it to ``workflows/sitsflow.yaml`` (committed). Argo runs
+``python workflows/pipeline.py`` renders it to ``services/sitsflow/workflows/sitsflow.yaml``
+(committed, shipped in the package, so an installed ``sitsflow run`` finds it). Argo runs
 that YAML on a cluster (the Helm chart in ``charts/sitsflow`` installs it); ``sitsflow run``
 executes the same YAML on one machine (``sitsflow.runner``). ``tests/test_workflow.py`` fails when
 the committed YAML is stale (``SITSFLOW_REGENERATE=1`` rewrites it).
@@ -56,9 +57,11 @@ NAME = "sitsflow"
 ENTRYPOINT = "pipeline"
 DEFAULT_IMAGE = "sitsflow:0.1.0"
 DEFAULT_S3_SECRET = "sitsflow-s3"
-YAML_PATH = Path(__file__).with_name("sitsflow.yaml")
+REPO = Path(__file__).resolve().parents[1]
+#: The rendered YAML, package data of sitsflow (``sitsflow.runner.default_workflow_path``).
+YAML_PATH = REPO / "services" / "sitsflow" / "workflows" / "sitsflow.yaml"
 #: The same YAML shipped in the Helm chart (``.Files.Get``), kept identical by :func:`main`.
-CHART_COPY = Path(__file__).resolve().parents[1] / "charts" / "sitsflow" / "files" / "sitsflow.yaml"
+CHART_COPY = REPO / "charts" / "sitsflow" / "files" / "sitsflow.yaml"
 
 #: Pods of the workflow running at once (``spec.parallelism``); the chart's
 #: ``workflow.parallelism`` value and ``argo submit --parallelism`` override it.
@@ -385,12 +388,12 @@ def build() -> WorkflowTemplate:
 
 
 def render() -> str:
-    """The YAML of :func:`build`, as committed in ``workflows/sitsflow.yaml``."""
+    """The YAML of :func:`build`, as committed in :data:`YAML_PATH`."""
     return HEADER + build().to_yaml()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write the rendered YAML to ``workflows/sitsflow.yaml`` and the chart's copy (or to the one
+    """Write the rendered YAML to :data:`YAML_PATH` and the chart's copy (or to the one
     path given)."""
     argv = sys.argv[1:] if argv is None else argv
     paths = [Path(argv[0])] if argv else [YAML_PATH, CHART_COPY]

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline on this machine (executes the rendered WorkflowTemplate)")
     _add_config(p, positional=True)
     p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="tasks run at a time")
-    p.add_argument("--workflow", default=None, help="rendered WorkflowTemplate YAML (default: workflows/sitsflow.yaml)")
+    p.add_argument("--workflow", default=None, help="rendered WorkflowTemplate YAML (default: the one shipped in the package)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress display")
     p.add_argument("--log-dir", default=None, help="folder for the per-task logs (default: a temporary folder)")
     return parser
@@ -181,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from sitsflow import layout, storage
     from sitsflow.features import check_tile_grids
-    from sitsflow.runner import default_workflow_path, run_workflow
+    from sitsflow.runner import default_workflow_path, output_lease, run_workflow
 
     cfg = _load(args)  # validate before any work: a bad configuration exits 2 and writes nothing
     check_tile_grids(cfg)
@@ -189,14 +189,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.workers))))
     source = args.config if storage.is_s3(args.config) else str(Path(args.config).resolve())
     workflow = Path(args.workflow) if args.workflow else default_workflow_path()
-    result = run_workflow(
-        workflow,
-        {"config": source, "overrides": json.dumps(_overrides(args))},
-        workers=args.workers,
-        progress=False if args.no_progress else None,
-        log_dir=Path(args.log_dir) if args.log_dir else None,
-    )
     out = cfg.chain.output_path
+    with output_lease(out):  # a second run on this output path is refused, naming this one
+        result = run_workflow(
+            workflow,
+            {"config": source, "overrides": json.dumps(_overrides(args))},
+            workers=args.workers,
+            progress=False if args.no_progress else None,
+            log_dir=Path(args.log_dir) if args.log_dir else None,
+        )
     skipped = done = 0
     for task in result.get("tasks", {}).values():
         for text in task.get("results", []) or []:

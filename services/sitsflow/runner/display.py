@@ -6,72 +6,23 @@ Every method is called from the thread that schedules the workflow, never from t
 from __future__ import annotations
 
 import sys
-from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, Self
+from typing import Any
 
 from sitsflow.log import get_logger
-
-if TYPE_CHECKING:
-    from rich.progress import TaskID
 
 log = get_logger(__name__)
 
 
-class Display(Protocol):
-    """What the runner tells about the run as it goes."""
+class LogDisplay:
+    """One log line (stderr) per process start and end, and per skipped task."""
 
     def task_started(self, task: str, total: int) -> None:
-        """A DAG task starts ``total`` containers (fan-out items, or 1)."""
-
-    def node_started(self, label: str) -> None:
-        """One container starts (``label``: task, or Argo's item name ``train(0:...)``)."""
-
-    def node_done(self, label: str, seconds: float) -> None:
-        """One container succeeded."""
-
-    def node_failed(self, label: str, returncode: int | None, tail: str) -> None:
-        """One container failed (``tail``: last lines of its stderr)."""
-
-    def task_done(self, task: str, status: str) -> None:
-        """A task ended: Succeeded, Skipped (empty fan-out) or Omitted (depends was false)."""
-
-    def close(self) -> None:
-        """Stop displaying (idempotent)."""
-
-    def __enter__(self) -> Display: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-
-class _Base:
-    def close(self) -> None:
-        """Nothing to stop."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class LogDisplay(_Base):
-    """One log line (stderr) per container start and end, and per skipped task."""
-
-    def task_started(self, task: str, total: int) -> None:
+        """A task starts ``total`` processes (fan-out items, or 1)."""
         if total > 1:
             log.info("%s: %d items", task, total)
 
     def node_started(self, label: str) -> None:
+        """One process starts (``label``: the task, or Argo's item name ``train(0:...)``)."""
         log.info("started %s", label)
 
     def node_done(self, label: str, seconds: float) -> None:
@@ -81,14 +32,22 @@ class LogDisplay(_Base):
         log.warning("failed %s (exit code %s)", label, returncode)
 
     def task_done(self, task: str, status: str) -> None:
+        """A task ended: Succeeded, or Skipped (an empty fan-out)."""
         if status == "Skipped":
             log.info("skipped %s (no items to run)", task)
-        elif status == "Omitted":
-            log.info("omitted %s (its depends expression is false)", task)
+
+    def close(self) -> None:
+        """Stop displaying (idempotent)."""
+
+    def __enter__(self) -> Display:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-class RichDisplay(_Base):
-    """A rich progress bar per DAG task on stderr (items done / items)."""
+class RichDisplay(LogDisplay):
+    """A rich progress bar per task on stderr (items done / items)."""
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -109,11 +68,11 @@ class RichDisplay(_Base):
             TimeElapsedColumn(),
             console=Console(file=sys.stderr),
         )
-        self.rows: dict[str, TaskID] = {}
+        self.rows: dict[str, Any] = {}
         self.progress.start()
         self.stopped = False
 
-    def _row(self, task: str) -> TaskID:
+    def _row(self, task: str) -> Any:
         if task not in self.rows:
             self.rows[task] = self.progress.add_task(task, total=1)
         return self.rows[task]
@@ -132,16 +91,19 @@ class RichDisplay(_Base):
         self.progress.update(row, description=f"[red]{label} failed (exit code {returncode})")
 
     def task_done(self, task: str, status: str) -> None:
-        row = self._row(task)
         if status == "Succeeded":
-            self.progress.update(row, description=f"[green]{task}")
+            self.progress.update(self._row(task), description=f"[green]{task}")
         else:
-            self.progress.update(row, total=0, description=f"[dim]{task} ({status.lower()})")
+            self.progress.update(self._row(task), total=0, description=f"[dim]{task} (skipped)")
 
     def close(self) -> None:
         if not self.stopped:
             self.stopped = True
             self.progress.stop()
+
+
+#: What the runner reports to.
+Display = LogDisplay
 
 
 def make_display(progress: bool) -> Display:
