@@ -1036,9 +1036,10 @@ def _find_damage(path: str) -> tuple[int | None, str] | None:
             except Exception as exc:  # noqa: BLE001
                 where = f"block at row {window.row_off}, column {window.col_off}"
                 text = _gdal_text(exc)
-            for band in range(1, src.count + 1):  # which band: only the failed block again
-                try:
-                    src.read(band, window=window)
+            for band in range(1, src.count + 1):  # which band: only the failed block again, each
+                try:                               # time freshly opened (GDAL keeps failed blocks)
+                    with rasterio.open(path) as again:
+                        again.read(band, window=window)
                 except Exception:  # noqa: BLE001
                     return band, f"{where}: {text}"
             return None, f"{where}: {text}"
@@ -1053,9 +1054,12 @@ def _damage_error(op: str, uris: list[str], culprit: str, locate: Callable[[str,
         if found is None:
             continue
         band, text = found
-        part = locate(uri, band) if (locate is not None and band is not None) else culprit
-        if band is not None and not part:
-            part = f"band {band}"
+        if band is None:
+            part = culprit
+        elif locate is not None:
+            part = locate(uri, band)
+        else:
+            part = f"{culprit}, band {band}" if culprit else f"band {band}"
         named = f"{uri} ({part})" if part else uri
         return BadInputError(f"{op} {named}: damaged or unreadable raster ({text}); replace the file")
     return None
