@@ -320,7 +320,8 @@ def _is_transient(exc: BaseException) -> bool:
         ResponseStreamingError,
         RetriesExceededError,
     )
-    if isinstance(exc, transient_types):
+    # boto3's transfers wrap the cause (S3UploadFailedError from a reset connection)
+    if any(isinstance(e, transient_types) for e in _chain(exc)):
         return True
     info = _client_error_info(exc)
     if info is not None:

@@ -308,12 +308,13 @@ def run(cfg) -> dict:
                 raise BadInputError("no test sample: the test set is empty (every class has a single polygon?); cannot validate")
             per_seed.append(evaluate(np.concatenate(labels), np.concatenate(preds), names))
         write_reports(per_seed, final.path(layout.final_results(out)), final.path(layout.final_results_json(out)))
-        before = manifest.read_manifest(out, STAGE, "all")
         storage.delete(layout.manifest(out, STAGE, "all"))
     outputs += [uri for uri, _ in final.pending]
-    for stale in sorted(set((before or {}).get("outputs", [])) - set(outputs)):
-        log.info("merging: removing %s, a product of the previous merge this one does not make", stale)
-        storage.delete(stale)
+    keep = {uri.rsplit("/", 1)[-1] for uri, _ in final.pending}
+    for stale in storage.list_files(layout.final_results(out).rsplit("/", 1)[0]):
+        if stale.rsplit("/", 1)[-1] not in keep:
+            log.info("merging: removing %s, which is not part of this set of final products", stale)
+            storage.delete(stale)
     summary = {
         "stage": STAGE,
         "tiles": list(plans),
