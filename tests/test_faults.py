@@ -261,6 +261,22 @@ def test_gdal_reads_survive_connection_resets_and_stalls(s3_raster, via_proxy, s
 
 
 @pytest.mark.s3
+def test_gdal_settings_are_built_once_per_process(s3_server, monkeypatch):
+    import rasterio.env
+
+    storage.reset_clients()
+    first = storage._gdal_settings()
+    assert storage._gdal_settings() is first  # no second AWS session, no second parse
+    with storage.rasterio_env():
+        options = rasterio.env.getenv()
+    assert options["GDAL_HTTP_MAX_RETRY"] == "3" and options["GDAL_HTTP_RETRY_DELAY"] == "0.5"
+    assert options["GDAL_HTTP_CONNECTTIMEOUT"] == str(storage.CONNECT_TIMEOUT_S)
+    assert options["AWS_S3_ENDPOINT"] == s3_server.removeprefix("http://")
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "7")  # a changed environment gets its own settings
+    assert storage._gdal_settings() is not first and storage.gdal_options()["GDAL_HTTP_MAX_RETRY"] == "7"
+
+
+@pytest.mark.s3
 def test_boto3_survives_connection_resets(s3_bucket, via_proxy, sleeps, monkeypatch):
     monkeypatch.setenv("SITSFLOW_STORAGE_RETRIES", "8")
     proxy = via_proxy(reset=0.3, seed=3, one_request_per_connection=True)
@@ -373,23 +389,16 @@ def test_disk_trouble_is_classified_once_for_every_writer(tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_merging_crash_while_publishing_leaves_no_manifest_and_the_rerun_replaces_the_set(tmp_path, monkeypatch):
-    from sitsflow import inference, merging, sampling, selection, training
+    from sitsflow import merging
     from sitsflow.config import load_config
-    from sitsflow.planning import plan_inference, plan_selection, plan_training
+    from test_stages import _pipeline
 
     folder, info = _scene(tmp_path)
     out = tmp_path / "out"
     path = write_config(folder, epochs=2, chunks=2)
     cfg = load_config(str(path), [f"chain.output_path={out}", "arg_classification.enable_probability_map=True",
                                   "arg_classification.generate_final_probability_map=True"])
-    sampling.run(cfg)
-    for t in plan_training(cfg):
-        training.run(cfg, t["region"], t["seed"], t["hyp"])
-    for t in plan_selection(cfg):
-        selection.run(cfg, t["region"], t["seed"])
-    for t in plan_inference(cfg):
-        inference.run(cfg, t["tile"], t["chunk"], t["seed"])
-    merging.run(cfg)
+    _pipeline(cfg)  # sampling to merging
     o = str(out)
     first = rasterio.open(layout.final_classif(o, 0)).read()
     assert os.path.exists(layout.final_probamap(o, 0))

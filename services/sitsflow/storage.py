@@ -209,9 +209,11 @@ _clients: dict[tuple[Any, ...], Any] = {}
 
 
 def reset_clients() -> None:
-    """Drop the cached boto3 clients (the next S3 call builds one from the current env)."""
+    """Drop the cached boto3 clients and GDAL settings (the next call builds them from the
+    current environment)."""
     with _client_lock:
         _clients.clear()
+        _gdal_envs.clear()
 
 
 def _client_key() -> tuple[Any, ...]:
@@ -220,32 +222,39 @@ def _client_key() -> tuple[Any, ...]:
     return (os.getpid(), _endpoint_url(), _region(), *(_env(n) for n in names))
 
 
+def _once(store: dict[tuple[Any, ...], Any], key: tuple[Any, ...], build: Callable[[], T]) -> T:
+    """``store[key]``, built by ``build()`` the first time (thread-safe)."""
+    value = store.get(key)
+    if value is None:
+        with _client_lock:
+            value = store.get(key)
+            if value is None:
+                value = store[key] = build()
+    return value
+
+
 def _client() -> Any:
     """The process's S3 client for the current AWS environment (built lazily, thread-safe)."""
-    key = _client_key()
-    client = _clients.get(key)
-    if client is not None:
-        return client
-    with _client_lock:
-        client = _clients.get(key)
-        if client is None:
-            import boto3
-            from botocore.config import Config
+    return _once(_clients, _client_key(), _new_client)
 
-            endpoint = _endpoint_url()
-            config = Config(
-                region_name=_region(),
-                retries={"total_max_attempts": 1, "mode": "standard"},  # _retry decides
-                connect_timeout=CONNECT_TIMEOUT_S,
-                read_timeout=READ_TIMEOUT_S,
-                max_pool_connections=32,
-                s3={"addressing_style": "path" if endpoint else "auto"},
-                ignore_configured_endpoint_urls=True,  # the endpoint is passed explicitly below
-            )
-            session = boto3.session.Session()  # a fresh session: the default one is not thread-safe
-            client = session.client("s3", endpoint_url=endpoint, config=config)
-            log.debug("S3 client created (endpoint=%s, region=%s)", endpoint or "AWS", _region())
-            _clients[key] = client
+
+def _new_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    endpoint = _endpoint_url()
+    config = Config(
+        region_name=_region(),
+        retries={"total_max_attempts": 1, "mode": "standard"},  # _retry decides
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=READ_TIMEOUT_S,
+        max_pool_connections=32,
+        s3={"addressing_style": "path" if endpoint else "auto"},
+        ignore_configured_endpoint_urls=True,  # the endpoint is passed explicitly below
+    )
+    session = boto3.session.Session()  # a fresh session: the default one is not thread-safe
+    client = session.client("s3", endpoint_url=endpoint, config=config)
+    log.debug("S3 client created (endpoint=%s, region=%s)", endpoint or "AWS", _region())
     return client
 
 
@@ -429,6 +438,21 @@ def _retry(op: str, uri: str, fn: Callable[[], T]) -> T:
     ``min(30, base * 2**(n-1)) * U(0.5, 1)`` seconds. Persistent trouble raises
     :class:`TransientError`; permanent failures are mapped to exit-2 errors at once.
     """
+    def judge(exc: Exception, last: bool) -> str:
+        if not _is_transient(exc):
+            mapped = _permanent_error(exc, op, uri)
+            if mapped is None:
+                raise exc
+            raise mapped from exc
+        return f"{type(exc).__name__}: {exc}"
+
+    return _attempts(op, uri, fn, judge)
+
+
+def _attempts(op: str, uri: str, fn: Callable[[], T], judge: Callable[[Exception, bool], str],
+              before_retry: Callable[[], None] | None = None) -> T:
+    """The retry loop of :func:`_retry` and :func:`raster_call`: ``judge(exc, last_attempt)``
+    raises the error of a permanent failure and returns the description of a transient one."""
     attempts, base = _retry_settings()
     for attempt in range(1, attempts + 1):
         try:
@@ -439,12 +463,7 @@ def _retry(op: str, uri: str, fn: Callable[[], T]) -> T:
             trouble = _os_trouble(exc, op, uri)
             if trouble is not None:
                 raise trouble from exc
-            if not _is_transient(exc):
-                mapped = _permanent_error(exc, op, uri)
-                if mapped is None:
-                    raise
-                raise mapped from exc
-            what = f"{type(exc).__name__}: {exc}"
+            what = judge(exc, attempt >= attempts)
             if attempt >= attempts:
                 raise TransientError(
                     f"{op} {uri}: failed after {attempts} attempt(s), last error {what}"
@@ -452,6 +471,8 @@ def _retry(op: str, uri: str, fn: Callable[[], T]) -> T:
             delay = min(MAX_DELAY_S, base * 2 ** (attempt - 1)) * _jitter.uniform(0.5, 1.0)
             log.warning("%s %s failed (%s); attempt %d/%d, retrying in %.2f s",
                         op, uri, what, attempt, attempts, delay)
+            if before_retry is not None:
+                before_retry()
             _sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -890,38 +911,34 @@ def gdal_options() -> dict[str, str]:
 
 def _gdal_settings() -> tuple[dict[str, str], Any]:
     """``(options, AWSSession or None)``, built once per process and AWS environment."""
-    key = (*_client_key(), *(_env(n) for n in _GDAL_KNOBS))
-    cached = _gdal_envs.get(key)
-    if cached is not None:
-        return cached
-    with _client_lock:
-        cached = _gdal_envs.get(key)
-        if cached is None:
-            options = {
-                "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-                "GDAL_NUM_THREADS": _env("SITSFLOW_GDAL_THREADS") or "ALL_CPUS",
-                "GDAL_HTTP_MAX_RETRY": _env("GDAL_HTTP_MAX_RETRY") or GDAL_HTTP_MAX_RETRY,
-                "GDAL_HTTP_RETRY_DELAY": _env("GDAL_HTTP_RETRY_DELAY") or GDAL_HTTP_RETRY_DELAY,
-                "GDAL_HTTP_CONNECTTIMEOUT": str(CONNECT_TIMEOUT_S),
-                "GDAL_HTTP_LOW_SPEED_TIME": str(READ_TIMEOUT_S),
-                "GDAL_HTTP_LOW_SPEED_LIMIT": "1",
-            }
-            session = None
-            if _aws_configured():
-                from rasterio.session import AWSSession
+    return _once(_gdal_envs, (*_client_key(), *(_env(n) for n in _GDAL_KNOBS)), _new_gdal_settings)
 
-                options |= _gdal_s3_options()
-                session = AWSSession(
-                    aws_access_key_id=_env("AWS_ACCESS_KEY_ID"),
-                    aws_secret_access_key=_env("AWS_SECRET_ACCESS_KEY"),
-                    aws_session_token=_env("AWS_SESSION_TOKEN"),
-                    region_name=_region(),
-                    profile_name=None if _env("AWS_ACCESS_KEY_ID") else _env("AWS_PROFILE"),
-                    endpoint_url=options.get("AWS_S3_ENDPOINT"),
-                )
-            cached = _gdal_envs[key] = (options, session)
-            log.debug("GDAL settings built: %s", options)
-    return cached
+
+def _new_gdal_settings() -> tuple[dict[str, str], Any]:
+    options = {
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+        "GDAL_NUM_THREADS": _env("SITSFLOW_GDAL_THREADS") or "ALL_CPUS",
+        "GDAL_HTTP_MAX_RETRY": _env("GDAL_HTTP_MAX_RETRY") or GDAL_HTTP_MAX_RETRY,
+        "GDAL_HTTP_RETRY_DELAY": _env("GDAL_HTTP_RETRY_DELAY") or GDAL_HTTP_RETRY_DELAY,
+        "GDAL_HTTP_CONNECTTIMEOUT": str(CONNECT_TIMEOUT_S),
+        "GDAL_HTTP_LOW_SPEED_TIME": str(READ_TIMEOUT_S),
+        "GDAL_HTTP_LOW_SPEED_LIMIT": "1",
+    }
+    session = None
+    if _aws_configured():
+        from rasterio.session import AWSSession
+
+        options |= _gdal_s3_options()
+        session = AWSSession(
+            aws_access_key_id=_env("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=_env("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=_env("AWS_SESSION_TOKEN"),
+            region_name=_region(),
+            profile_name=None if _env("AWS_ACCESS_KEY_ID") else _env("AWS_PROFILE"),
+            endpoint_url=options.get("AWS_S3_ENDPOINT"),
+        )
+    log.debug("GDAL settings built: %s", options)
+    return options, session
 
 
 def rasterio_env() -> Any:
@@ -1105,44 +1122,34 @@ def raster_call(op: str, uris: str | list[str], fn: Callable[[], T], *, culprit:
     uri_list = [os.fspath(uris)] if isinstance(uris, (str, os.PathLike)) else [os.fspath(u) for u in uris]
     remote = any(is_s3(u) for u in uri_list)
     named = ", ".join(uri_list) + (f" ({culprit})" if culprit else "")
-    attempts, base = _retry_settings()
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below, re-raised otherwise
-            if isinstance(exc, SitsflowError):
-                raise
-            trouble = _os_trouble(exc, op, named)
-            if trouble is not None:
-                raise trouble from exc
-            kind = _gdal_kind(exc)
-            if kind is None:
-                raise
-            text = _gdal_text(exc)
-            if kind == "denied":
-                raise BadInputError(f"{op} {named}: access denied ({text}); check the credentials, the "
-                                    "bucket policy or the file's permissions") from exc
-            if kind == "missing":
-                gone = [u for u in uri_list if not exists(u)]
-                if gone or not remote:
-                    raise InputNotFoundError(f"{op} {named}: no such file or object {(gone or uri_list)[0]}") from exc
-                kind = "transient"  # the object is there: GDAL's failed request made it look absent
-            if kind == "damaged" and not remote:
-                bad = _damage_error(op, uri_list, culprit, locate, {u: _local(u) for u in uri_list})
-                if bad is None:
-                    raise  # every raster decodes: not their fault
+
+    def judge(exc: Exception, last: bool) -> str:
+        kind = _gdal_kind(exc)
+        if kind is None:
+            raise exc
+        text = _gdal_text(exc)
+        if kind == "denied":
+            raise BadInputError(f"{op} {named}: access denied ({text}); check the credentials, the "
+                                "bucket policy or the file's permissions") from exc
+        if kind == "missing":
+            gone = [u for u in uri_list if not exists(u)]
+            if gone or not remote:
+                raise InputNotFoundError(f"{op} {named}: no such file or object {(gone or uri_list)[0]}") from exc
+            kind = "transient"  # the object is there: GDAL's failed request made it look absent
+        if kind == "damaged" and not remote:
+            bad = _damage_error(op, uri_list, culprit, locate, {u: _local(u) for u in uri_list})
+            if bad is None:
+                raise exc  # every raster decodes: not their fault
+            raise bad from exc
+        if kind == "damaged" and last:
+            bad = _verify_remote(op, uri_list, culprit, locate)
+            if bad is not None:
                 raise bad from exc
-            if attempt >= attempts:
-                if kind == "damaged":
-                    bad = _verify_remote(op, uri_list, culprit, locate)
-                    if bad is not None:
-                        raise bad from exc
-                raise TransientError(f"{op} {named}: failed after {attempts} attempt(s), last error {text}") from exc
-            delay = min(MAX_DELAY_S, base * 2 ** (attempt - 1)) * _jitter.uniform(0.5, 1.0)
-            log.warning("%s %s failed (%s); attempt %d/%d, retrying in %.2f s",
-                        op, named, text, attempt, attempts, delay)
-            _clear_gdal_cache(uri_list)
-            if on_retry is not None:
-                on_retry()
-            _sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
+        return text
+
+    def before_retry() -> None:
+        _clear_gdal_cache(uri_list)
+        if on_retry is not None:
+            on_retry()
+
+    return _attempts(op, named, fn, judge, before_retry)
