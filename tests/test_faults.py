@@ -462,6 +462,8 @@ def test_run_on_s3_through_resets_gives_the_clean_maps_or_75_then_completes(s3_b
                 break
         assert codes[-1] == 0, codes
         assert proxy.stats.resets > 10
+        print(f"runs through the proxy: exit codes {codes}; {proxy.stats.connections} connections, "
+              f"{proxy.stats.resets} reset, {proxy.stats.stalls} stalled")
     for name in ("Classif_Seed_0.tif", "Confidence_Seed_0.tif", "ProbabilityMap_seed_0.tif", "PixelsValidity.tif"):
         a, b = (_read_all(f"{s3_bucket}/{run_}/final/{name}") for run_ in ("clean", "faulty"))
         np.testing.assert_array_equal(a, b, err_msg=name)
