@@ -72,7 +72,7 @@ class DatedRasterSensor(Sensor):
                     f"dated_raster.mask_path: {mask_path} is {mask_size[0]}x{mask_size[1]}; expected "
                     f"{size[0]}x{size[1]} like {path}"
                 )
-        _check_band_count(bands, count, path, _dates_declared(opts.dates), mask_count, mask_path)
+        _check_band_count(bands, count, path, mask_count, mask_path)
         if mask_count is not None and mask_count != nb_raw:
             raise BadInputError(
                 f"dated_raster.mask_path: {mask_path} has {mask_count} bands; expected one band per "
@@ -210,21 +210,14 @@ def _any_band(flags: np.ndarray) -> np.ndarray:
     return out
 
 
-def _dates_declared(spec) -> int | None:
-    """How many dates a list in the configuration declares (None: from a file or the raster)."""
-    return None if isinstance(spec, str) else len(spec)
-
-
-def _check_band_count(bands: list[str], count: int, path: str, nb_dates: int | None,
-                      mask_count: int | None, mask_path: str | None) -> None:
-    """Blame ``bands`` when the dates (declared or one mask band each) imply another number of
-    bands per date than declared: a wrong band list otherwise shows up as a date or mask error."""
-    dates, source = (nb_dates, "dated_raster.dates") if nb_dates else (mask_count, f"the mask {mask_path}")
-    if dates and count % dates == 0 and count // dates != len(bands):
+def _check_band_count(bands: list[str], count: int, path: str, mask_count: int | None, mask_path: str | None) -> None:
+    """Blame ``bands`` when the mask (one band per date) implies another number of bands per date
+    than declared: a wrong band list otherwise shows up as a mask error."""
+    if mask_count and count % mask_count == 0 and count // mask_count != len(bands):
         raise BadInputError(
-            f"dated_raster.bands: {len(bands)} band(s) declared ({bands}), but {path} has {count} bands "
-            f"for the {dates} dates of {source}: {count // dates} band(s) per date; declare "
-            f"{count // dates} band name(s)"
+            f"dated_raster.bands: {len(bands)} band(s) declared ({bands}), but {path} has {count} bands for "
+            f"the {mask_count} dates of the mask {mask_path}: {count // mask_count} band(s) per date; declare "
+            f"{count // mask_count} band name(s)"
         )
 
 
