@@ -19,7 +19,20 @@ folders) and in a cluster (object storage).
   :class:`~sitsflow.errors.BadInputError` (exit 2, never retried).
 * Writes are atomic: a local write goes to a hidden temporary file in the destination folder
   (``.<name>.tmp-<uuid>``), is fsynced and renamed over the destination; an S3 put is atomic by
-  nature. :func:`list_files` never returns those temporary files.
+  nature. :func:`list_files` never returns those temporary files. :func:`output_paths` publishes
+  several files as a set, all at the end.
+* Local file-system trouble is classified the same way everywhere: a full disk (ENOSPC, EDQUOT)
+  is :class:`~sitsflow.errors.TransientError` ``no space left on <path>`` at once (the disk does
+  not empty itself in seconds: the orchestrator reschedules the task); a read-only file system
+  (EROFS) or a denied permission (EACCES, EPERM) is a :class:`~sitsflow.errors.BadInputError`
+  naming the path. A writer library that hides the errno (HDF5's "NetCDF: HDF error", GDAL's
+  "Write error") is diagnosed by probing the folder it wrote to (:func:`output_path`,
+  :func:`scratch_dir`).
+* GDAL (rasterio) goes through the same contract: :func:`rasterio_env` carries the GDAL settings,
+  built once per process (S3 endpoint, HTTP retries, timeouts shared with boto3), and
+  :func:`raster_call` runs a raster open/read with retries and classifies what GDAL raises (see
+  there): transient -> retried, then exit 75; missing, denied or damaged rasters -> exit 2
+  naming the file (and the date/band the caller names).
 """
 
 from __future__ import annotations
@@ -63,6 +76,9 @@ __all__ = [
     "output_path",
     "rasterio_path",
     "rasterio_env",
+    "raster_call",
+    "output_paths",
+    "scratch_dir",
     "reset_clients",
 ]
 
@@ -78,6 +94,11 @@ DEFAULT_REGION = "us-east-1"
 _MIB = 1024 * 1024
 MULTIPART_THRESHOLD = 8 * _MIB  # objects at least this large are uploaded/copied in parts
 MULTIPART_CHUNKSIZE = 8 * _MIB
+CONNECT_TIMEOUT_S = 10  # boto3's connect timeout and GDAL's GDAL_HTTP_CONNECTTIMEOUT
+READ_TIMEOUT_S = 60  # boto3's read timeout and GDAL's GDAL_HTTP_LOW_SPEED_TIME (under 1 byte/s)
+GDAL_HTTP_MAX_RETRY = "3"  # GDAL's own retries of HTTP 429/5xx and resets, inside each attempt
+GDAL_HTTP_RETRY_DELAY = "0.5"
+DISK_PROBE_BYTES = 16 * _MIB  # a write of this size failing with ENOSPC means the disk is full
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _TEMP_NAME_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}")
@@ -97,6 +118,10 @@ _DENIED_CODES = frozenset(
 _TRANSIENT_ERRNOS = frozenset(
     {errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.EIO, errno.ESTALE, errno.ETIMEDOUT}
 )
+
+# Local file-system states that retrying cannot mend (see _os_trouble).
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_REFUSED_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 # Sleep used between attempts (a module attribute so tests can observe the delays).
 _sleep: Callable[[float], None] = time.sleep
@@ -184,9 +209,11 @@ _clients: dict[tuple[Any, ...], Any] = {}
 
 
 def reset_clients() -> None:
-    """Drop the cached boto3 clients (the next S3 call builds one from the current env)."""
+    """Drop the cached boto3 clients and GDAL settings (the next call builds them from the
+    current environment)."""
     with _client_lock:
         _clients.clear()
+        _gdal_envs.clear()
 
 
 def _client_key() -> tuple[Any, ...]:
@@ -195,32 +222,39 @@ def _client_key() -> tuple[Any, ...]:
     return (os.getpid(), _endpoint_url(), _region(), *(_env(n) for n in names))
 
 
+def _once(store: dict[tuple[Any, ...], Any], key: tuple[Any, ...], build: Callable[[], T]) -> T:
+    """``store[key]``, built by ``build()`` the first time (thread-safe)."""
+    value = store.get(key)
+    if value is None:
+        with _client_lock:
+            value = store.get(key)
+            if value is None:
+                value = store[key] = build()
+    return value
+
+
 def _client() -> Any:
     """The process's S3 client for the current AWS environment (built lazily, thread-safe)."""
-    key = _client_key()
-    client = _clients.get(key)
-    if client is not None:
-        return client
-    with _client_lock:
-        client = _clients.get(key)
-        if client is None:
-            import boto3
-            from botocore.config import Config
+    return _once(_clients, _client_key(), _new_client)
 
-            endpoint = _endpoint_url()
-            config = Config(
-                region_name=_region(),
-                retries={"total_max_attempts": 1, "mode": "standard"},  # _retry decides
-                connect_timeout=10,
-                read_timeout=60,
-                max_pool_connections=32,
-                s3={"addressing_style": "path" if endpoint else "auto"},
-                ignore_configured_endpoint_urls=True,  # the endpoint is passed explicitly below
-            )
-            session = boto3.session.Session()  # a fresh session: the default one is not thread-safe
-            client = session.client("s3", endpoint_url=endpoint, config=config)
-            log.debug("S3 client created (endpoint=%s, region=%s)", endpoint or "AWS", _region())
-            _clients[key] = client
+
+def _new_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    endpoint = _endpoint_url()
+    config = Config(
+        region_name=_region(),
+        retries={"total_max_attempts": 1, "mode": "standard"},  # _retry decides
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=READ_TIMEOUT_S,
+        max_pool_connections=32,
+        s3={"addressing_style": "path" if endpoint else "auto"},
+        ignore_configured_endpoint_urls=True,  # the endpoint is passed explicitly below
+    )
+    session = boto3.session.Session()  # a fresh session: the default one is not thread-safe
+    client = session.client("s3", endpoint_url=endpoint, config=config)
+    log.debug("S3 client created (endpoint=%s, region=%s)", endpoint or "AWS", _region())
     return client
 
 
@@ -295,7 +329,8 @@ def _is_transient(exc: BaseException) -> bool:
         ResponseStreamingError,
         RetriesExceededError,
     )
-    if isinstance(exc, transient_types):
+    # boto3's transfers wrap the cause (S3UploadFailedError from a reset connection)
+    if any(isinstance(e, transient_types) for e in _chain(exc)):
         return True
     info = _client_error_info(exc)
     if info is not None:
@@ -349,6 +384,52 @@ def _permanent_error(exc: BaseException, op: str, uri: str) -> BaseException | N
     return None
 
 
+def _place(path: str) -> str:
+    """What a message names for ``path``: the folder of a temporary file, else the path."""
+    folder, name = os.path.split(path)
+    return (folder or ".") if _is_temp_name(name) else path
+
+
+def _os_trouble(exc: BaseException, op: str, uri: str) -> SitsflowError | None:
+    """The error of a full (exit 75), read-only or forbidden (exit 2) file system, else None."""
+    if not isinstance(exc, OSError) or exc.errno not in _FULL_ERRNOS | _REFUSED_ERRNOS:
+        return None
+    where = _place(os.fspath(exc.filename)) if exc.filename else uri
+    what = f"{op} {uri}" if where != uri else op
+    if exc.errno in _FULL_ERRNOS:
+        return TransientError(f"no space left on {where} ({what}: {exc.strerror})")
+    if exc.errno == errno.EROFS:
+        return BadInputError(f"{what}: {where} is on a read-only file system; choose a writable path")
+    return BadInputError(f"{what}: permission denied on {where} ({exc.strerror}); choose a path this "
+                         "user may write, or fix its permissions")
+
+
+def _disk_trouble(path: str, op: str, uri: str) -> SitsflowError | None:
+    """Diagnose a failed local write whose library hid the errno (HDF5, GDAL).
+
+    Probes the folder of ``path``: creating a file there (EROFS, EACCES, ENOSPC) and reserving
+    :data:`DISK_PROBE_BYTES` in it (ENOSPC, EDQUOT). Returns the error the file system gives,
+    mapped by :func:`_os_trouble`, or None when the folder takes the probe (the failure was
+    something else).
+    """
+    folder = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
+    probe = _temp_sibling(os.path.join(folder, "sitsflow-probe"))
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        exc.filename = folder
+        return _os_trouble(exc, op, uri)
+    try:
+        os.posix_fallocate(fd, 0, DISK_PROBE_BYTES)
+    except OSError as exc:
+        exc.filename = folder
+        return _os_trouble(exc, op, uri)
+    finally:
+        os.close(fd)
+        _remove_quietly(probe)
+    return None
+
+
 def _retry(op: str, uri: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` (one storage operation on ``uri``), retrying transient failures.
 
@@ -357,6 +438,21 @@ def _retry(op: str, uri: str, fn: Callable[[], T]) -> T:
     ``min(30, base * 2**(n-1)) * U(0.5, 1)`` seconds. Persistent trouble raises
     :class:`TransientError`; permanent failures are mapped to exit-2 errors at once.
     """
+    def judge(exc: Exception, last: bool) -> str:
+        if not _is_transient(exc):
+            mapped = _permanent_error(exc, op, uri)
+            if mapped is None:
+                raise exc
+            raise mapped from exc
+        return f"{type(exc).__name__}: {exc}"
+
+    return _attempts(op, uri, fn, judge)
+
+
+def _attempts(op: str, uri: str, fn: Callable[[], T], judge: Callable[[Exception, bool], str],
+              before_retry: Callable[[], None] | None = None) -> T:
+    """The retry loop of :func:`_retry` and :func:`raster_call`: ``judge(exc, last_attempt)``
+    raises the error of a permanent failure and returns the description of a transient one."""
     attempts, base = _retry_settings()
     for attempt in range(1, attempts + 1):
         try:
@@ -364,12 +460,10 @@ def _retry(op: str, uri: str, fn: Callable[[], T]) -> T:
         except Exception as exc:  # noqa: BLE001 - classified below, re-raised otherwise
             if isinstance(exc, SitsflowError):
                 raise
-            if not _is_transient(exc):
-                mapped = _permanent_error(exc, op, uri)
-                if mapped is None:
-                    raise
-                raise mapped from exc
-            what = f"{type(exc).__name__}: {exc}"
+            trouble = _os_trouble(exc, op, uri)
+            if trouble is not None:
+                raise trouble from exc
+            what = judge(exc, attempt >= attempts)
             if attempt >= attempts:
                 raise TransientError(
                     f"{op} {uri}: failed after {attempts} attempt(s), last error {what}"
@@ -377,6 +471,8 @@ def _retry(op: str, uri: str, fn: Callable[[], T]) -> T:
             delay = min(MAX_DELAY_S, base * 2 ** (attempt - 1)) * _jitter.uniform(0.5, 1.0)
             log.warning("%s %s failed (%s); attempt %d/%d, retrying in %.2f s",
                         op, uri, what, attempt, attempts, delay)
+            if before_retry is not None:
+                before_retry()
             _sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -654,6 +750,41 @@ def local_path(uri: PathLike) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def _diagnosed(folders: list[str], op: str, uri: str) -> Iterator[None]:
+    """Report a failure of the with-block as a full, read-only or forbidden disk when it is one.
+
+    Libraries that write files (HDF5 under netCDF4, GDAL) often hide the errno ("NetCDF: HDF
+    error", "TIFFAppendToStrip: Write error"): the folders written to are probed then.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, SitsflowError):
+            raise
+        trouble = _os_trouble(exc, op, uri)
+        for folder in folders:
+            if trouble is not None:
+                break
+            trouble = _disk_trouble(folder, op, uri)
+        if trouble is None:
+            raise
+        raise trouble from exc
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str = "sitsflow-") -> Iterator[str]:
+    """A private local temporary folder, removed on exit. A failure of the with-block caused by a
+    full, read-only or forbidden disk is reported as such (exit 75 or 2), whatever wrote there."""
+    root = tempfile.gettempdir()
+    folder = _retry("mkdir", root, lambda: tempfile.mkdtemp(prefix=prefix))
+    try:
+        with _diagnosed([folder], "write", folder):
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def output_path(uri: PathLike, suffix: str = "") -> Iterator[str]:
     """A local temporary path to write; published atomically to ``uri`` on a clean exit.
 
@@ -661,31 +792,83 @@ def output_path(uri: PathLike, suffix: str = "") -> Iterator[str]:
     needs, e.g. ``".tif"``). Local: a hidden temp file in the destination folder, fsynced and
     renamed over ``uri``. S3: a file in a private temp folder, uploaded (multipart when large)
     and then removed. If the with-block raises, nothing is published and the temp file is
-    removed. A clean exit without the file having been written is an error.
+    removed; a writer's failure caused by a full, read-only or forbidden disk is reported as
+    such. A clean exit without the file having been written is an error.
     """
-    if is_s3(uri):
-        bucket, key = _s3_object(uri)
-        folder = tempfile.mkdtemp(prefix="sitsflow-out-")
-        path = os.path.join(folder, key.rsplit("/", 1)[-1] + suffix)
-        try:
-            yield path
-            if not os.path.isfile(path):
-                raise SitsflowError(f"output_path {uri}: nothing was written to {path}")
-            _retry("upload", uri,
-                   lambda: _client().upload_file(path, bucket, key, Config=_transfer_config()))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        return
-    dst = _local(uri)
-    _retry("mkdir", str(uri), lambda: os.makedirs(os.path.dirname(dst) or ".", exist_ok=True))
-    tmp = _temp_sibling(dst, suffix)
+    with output_paths() as outputs:
+        yield outputs.path(uri, suffix)
+
+
+class OutputSet:
+    """Temporary paths of files published together by :func:`output_paths`."""
+
+    def __init__(self, scratch: str) -> None:
+        self._scratch = scratch
+        self.pending: list[tuple[str, str]] = []  # (uri, local temporary path)
+
+    def path(self, uri: PathLike, suffix: str = "") -> str:
+        """A local path to write the content of ``uri`` to (it does not exist yet)."""
+        uri = os.fspath(uri)
+        if is_s3(uri):
+            _s3_object(uri)
+            tmp = os.path.join(self._scratch, uuid.uuid4().hex, uri.rsplit("/", 1)[-1] + suffix)
+            os.makedirs(os.path.dirname(tmp))
+        else:
+            dst = _local(uri)
+            _retry("mkdir", uri, lambda: os.makedirs(os.path.dirname(dst) or ".", exist_ok=True))
+            tmp = _temp_sibling(dst, suffix)
+        self.pending.append((uri, tmp))
+        return tmp
+
+    def folders(self) -> list[str]:
+        return sorted({os.path.dirname(tmp) or "." for _, tmp in self.pending})
+
+    def publish(self) -> list[str]:
+        for uri, tmp in self.pending:
+            if not os.path.isfile(tmp):
+                raise SitsflowError(f"output_path {uri}: nothing was written to {tmp}")
+        for uri, tmp in self.pending:
+            if is_s3(uri):
+                bucket, key = _s3_object(uri)
+                _retry("upload", uri, lambda: _client().upload_file(
+                    tmp, bucket, key, Config=_transfer_config()))
+            else:
+                _retry("write", uri, lambda: _publish_local(tmp, _local(uri)))
+        return [uri for uri, _ in self.pending]
+
+    def discard(self) -> None:
+        for _, tmp in self.pending:
+            _remove_quietly(tmp)
+
+
+@contextlib.contextmanager
+def output_paths() -> Iterator[OutputSet]:
+    """Several outputs published as a set: ``outputs.path(uri, suffix)`` gives each a temporary
+    local path; only when the with-block exits cleanly are they published, one after the other
+    in the order asked, with nothing else in between (a task writes its manifest after them).
+
+    If the block raises, nothing is published and every temporary file is removed; a writer's
+    failure caused by a full, read-only or forbidden disk is reported as such (75 or 2).
+    """
+    scratch = tempfile.mkdtemp(prefix="sitsflow-out-")
+    outputs = OutputSet(scratch)
     try:
-        yield tmp
-        if not os.path.isfile(tmp):
-            raise SitsflowError(f"output_path {uri}: nothing was written to {tmp}")
-        _retry("write", str(uri), lambda: _publish_local(tmp, dst))
+        with _diagnosed_set(outputs):
+            yield outputs
+        outputs.publish()
     finally:
-        _remove_quietly(tmp)
+        outputs.discard()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _diagnosed_set(outputs: OutputSet) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        uri = ", ".join(u for u, _ in outputs.pending) or "outputs"
+        with _diagnosed(outputs.folders(), "write", uri):
+            raise exc
 
 
 def rasterio_path(uri: PathLike) -> str:
@@ -698,7 +881,7 @@ def rasterio_path(uri: PathLike) -> str:
 
 def _gdal_s3_options() -> dict[str, str]:
     """GDAL config options for a custom S3 endpoint (none for AWS itself)."""
-    options = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    options = {}
     endpoint = _endpoint_url()
     if endpoint:
         parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -717,28 +900,256 @@ def _aws_configured() -> bool:
     return any(_env(n) for n in names)
 
 
-def rasterio_env() -> Any:
-    """A ``rasterio.Env`` with GDAL's S3 settings derived from the AWS environment.
+_GDAL_KNOBS = ("SITSFLOW_GDAL_THREADS", "GDAL_HTTP_MAX_RETRY", "GDAL_HTTP_RETRY_DELAY")
+_gdal_envs: dict[tuple[Any, ...], tuple[dict[str, str], Any]] = {}
 
+
+def gdal_options() -> dict[str, str]:
+    """The GDAL configuration of this process (see :func:`rasterio_env`)."""
+    return dict(_gdal_settings()[0])
+
+
+def _gdal_settings() -> tuple[dict[str, str], Any]:
+    """``(options, AWSSession or None)``, built once per process and AWS environment."""
+    return _once(_gdal_envs, (*_client_key(), *(_env(n) for n in _GDAL_KNOBS)), _new_gdal_settings)
+
+
+def _new_gdal_settings() -> tuple[dict[str, str], Any]:
+    options = {
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+        "GDAL_NUM_THREADS": _env("SITSFLOW_GDAL_THREADS") or "ALL_CPUS",
+        "GDAL_HTTP_MAX_RETRY": _env("GDAL_HTTP_MAX_RETRY") or GDAL_HTTP_MAX_RETRY,
+        "GDAL_HTTP_RETRY_DELAY": _env("GDAL_HTTP_RETRY_DELAY") or GDAL_HTTP_RETRY_DELAY,
+        "GDAL_HTTP_CONNECTTIMEOUT": str(CONNECT_TIMEOUT_S),
+        "GDAL_HTTP_LOW_SPEED_TIME": str(READ_TIMEOUT_S),
+        "GDAL_HTTP_LOW_SPEED_LIMIT": "1",
+    }
+    session = None
+    if _aws_configured():
+        from rasterio.session import AWSSession
+
+        options |= _gdal_s3_options()
+        session = AWSSession(
+            aws_access_key_id=_env("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=_env("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=_env("AWS_SESSION_TOKEN"),
+            region_name=_region(),
+            profile_name=None if _env("AWS_ACCESS_KEY_ID") else _env("AWS_PROFILE"),
+            endpoint_url=options.get("AWS_S3_ENDPOINT"),
+        )
+    log.debug("GDAL settings built: %s", options)
+    return options, session
+
+
+def rasterio_env() -> Any:
+    """A ``rasterio.Env`` with this process's GDAL settings, built once (per AWS environment).
+
+    Always: ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR``; ``GDAL_NUM_THREADS``
+    (``SITSFLOW_GDAL_THREADS``, default ``ALL_CPUS``: compressed blocks of one read are decoded in
+    parallel); GDAL's own HTTP retries of 429/5xx replies and connection resets
+    (``GDAL_HTTP_MAX_RETRY``, default 3, ``GDAL_HTTP_RETRY_DELAY``, default 0.5 s, taken from
+    the environment when set there), and the timeouts boto3 uses (connect
+    :data:`CONNECT_TIMEOUT_S`, a transfer slower than 1 byte/s for :data:`READ_TIMEOUT_S`).
     With a custom endpoint: ``AWS_S3_ENDPOINT=host:port``, ``AWS_HTTPS`` from its scheme,
-    ``AWS_VIRTUAL_HOSTING=FALSE``; always ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` and the
-    credentials and region of the standard AWS chain (passed through a rasterio ``AWSSession``,
-    as rasterio requires). Always ``GDAL_NUM_THREADS`` (``SITSFLOW_GDAL_THREADS``, default
-    ``ALL_CPUS``): compressed blocks of one read are decoded in parallel.
+    ``AWS_VIRTUAL_HOSTING=FALSE``; with AWS configured, the credentials and region of the
+    standard AWS chain (passed through a rasterio ``AWSSession``, as rasterio requires).
+    GDAL's own failures are classified by :func:`raster_call`.
     """
     import rasterio
-    from rasterio.session import AWSSession
 
-    threads = {"GDAL_NUM_THREADS": _env("SITSFLOW_GDAL_THREADS") or "ALL_CPUS"}
-    if not _aws_configured():
-        return rasterio.Env(**threads)
-    options = _gdal_s3_options() | threads
-    session = AWSSession(
-        aws_access_key_id=_env("AWS_ACCESS_KEY_ID"),
-        aws_secret_access_key=_env("AWS_SECRET_ACCESS_KEY"),
-        aws_session_token=_env("AWS_SESSION_TOKEN"),
-        region_name=_region(),
-        profile_name=None if _env("AWS_ACCESS_KEY_ID") else _env("AWS_PROFILE"),
-        endpoint_url=options.get("AWS_S3_ENDPOINT"),
-    )
-    return rasterio.Env(session=session, **options)
+    options, session = _gdal_settings()
+    return rasterio.Env(session=session, **options) if session is not None else rasterio.Env(**options)
+
+
+# --------------------------------------------------------------------------------------------
+# GDAL failures: transient or bad input
+# --------------------------------------------------------------------------------------------
+_HTTP_CODE_RE = re.compile(r"HTTP (?:response|error) code:?\s*(\d{1,3})", re.I)
+_GDAL_TRANSPORT_RE = re.compile(
+    r"curl|timed? ?out|connection|recv failure|send failure|transfer closed|could ?n[o']t (?:connect|resolve)"
+    r"|slow ?down|reduce your request rate|service unavailable|internal ?error|throttl", re.I)
+_GDAL_MISSING_RE = re.compile(r"no such file|does not exist|nosuchkey|not found", re.I)
+_GDAL_DENIED_RE = re.compile(
+    r"access ?denied|forbidden|invalidaccesskeyid|signaturedoesnotmatch|expiredtoken|permission denied", re.I)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(out) < 12 and cur not in out:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _gdal_text(exc: BaseException) -> str:
+    """GDAL's messages of a failure, most general first (rasterio chains them as causes)."""
+    seen: list[str] = []
+    for e in _chain(exc):
+        text = str(e).strip()
+        if text and "See previous exception" not in text and text not in seen:
+            seen.append(text)
+    return "; ".join(seen)[:600] or type(exc).__name__
+
+
+def _gdal_kind(exc: BaseException) -> str | None:
+    """``transient``, ``missing``, ``denied`` or ``damaged`` for a GDAL failure; None otherwise."""
+    from rasterio._err import CPLE_AWSError, CPLE_BaseError, CPLE_HttpResponseError
+    from rasterio.errors import RasterioError
+
+    chain = _chain(exc)
+    if not any(isinstance(e, (RasterioError, CPLE_BaseError)) for e in chain):
+        return None
+    text = "\n".join(str(e) for e in chain)
+    codes = [int(c) for c in _HTTP_CODE_RE.findall(text)]
+    if 404 in codes:
+        return "missing"
+    if 403 in codes or 401 in codes:
+        return "denied"
+    if any(c == 0 or c == 429 or c >= 500 for c in codes):
+        return "transient"
+    if _GDAL_DENIED_RE.search(text):
+        return "denied"
+    if any(isinstance(e, (CPLE_AWSError, CPLE_HttpResponseError)) for e in chain) or _GDAL_TRANSPORT_RE.search(text):
+        return "transient"
+    if _GDAL_MISSING_RE.search(text):
+        return "missing"
+    return "damaged"
+
+
+_gdal_lib: Any = None
+
+
+def _clear_gdal_cache(uris: list[str]) -> None:
+    """Forget what GDAL's network layer cached of ``uris``: after a connection reset it may hold
+    a truncated block or file size, which every later read would reuse."""
+    global _gdal_lib
+    import ctypes
+
+    import rasterio._env
+
+    if _gdal_lib is None:
+        lib = ctypes.CDLL(rasterio._env.__file__)  # resolves GDAL's symbols through its dependency
+        lib.VSICurlPartialClearCache.argtypes = [ctypes.c_char_p]
+        lib.VSICurlPartialClearCache.restype = None
+        _gdal_lib = lib
+    for uri in uris:
+        if is_s3(uri):
+            _gdal_lib.VSICurlPartialClearCache(rasterio_path(uri).encode())
+
+
+def _find_damage(path: str) -> tuple[int | None, str] | None:
+    """Decode every block of a local raster; ``(band or None, message)`` of the first failure."""
+    import rasterio
+
+    try:
+        src = rasterio.open(path)
+    except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
+        return None, _gdal_text(exc)
+    with src:
+        for _, window in src.block_windows(1):
+            try:
+                src.read(window=window)
+                continue
+            except Exception as exc:  # noqa: BLE001
+                where = f"block at row {window.row_off}, column {window.col_off}"
+                text = _gdal_text(exc)
+            for band in range(1, src.count + 1):  # which band: only the failed block again, each
+                try:                               # time freshly opened (GDAL keeps failed blocks)
+                    with rasterio.open(path) as again:
+                        again.read(band, window=window)
+                except Exception:  # noqa: BLE001
+                    return band, f"{where}: {text}"
+            return None, f"{where}: {text}"
+    return None
+
+
+def _damage_error(op: str, uris: list[str], culprit: str, locate: Callable[[str, int], str] | None,
+                  local: dict[str, str]) -> BadInputError | None:
+    """An exit-2 error naming the damaged raster among ``uris`` (``local``: uri -> local path)."""
+    for uri in uris:
+        found = _find_damage(local[uri])
+        if found is None:
+            continue
+        band, text = found
+        if band is None:
+            part = culprit
+        elif locate is not None:
+            part = locate(uri, band)
+        else:
+            part = f"{culprit}, band {band}" if culprit else f"band {band}"
+        named = f"{uri} ({part})" if part else uri
+        return BadInputError(f"{op} {named}: damaged or unreadable raster ({text}); replace the file")
+    return None
+
+
+def _verify_remote(op: str, uris: list[str], culprit: str, locate: Callable[[str, int], str] | None) -> BadInputError | None:
+    """After GDAL failed on S3 rasters again and again: download them (boto3, retried) and decode
+    them locally. A damaged one is bad input; if all decode, the trouble was the transport."""
+    with scratch_dir("sitsflow-verify-") as folder:
+        local = {}
+        for i, uri in enumerate(uris):
+            if is_s3(uri):
+                local[uri] = os.path.join(folder, f"{i}-{uri.rsplit('/', 1)[-1]}")
+                copy(uri, local[uri])
+            else:
+                local[uri] = _local(uri)
+        return _damage_error(op, uris, culprit, locate, local)
+
+
+def raster_call(op: str, uris: str | list[str], fn: Callable[[], T], *, culprit: str = "",
+                locate: Callable[[str, int], str] | None = None, on_retry: Callable[[], None] | None = None) -> T:
+    """Run ``fn``, a GDAL operation (open, read, mosaic) on the rasters ``uris``, under the contract.
+
+    Failures are classified from GDAL's messages (HTTP status, AWS and curl errors):
+
+    * transient (HTTP 0/429/5xx, resets, timeouts, throttling): retried with the backoff of
+      :func:`_retry`, GDAL's cache of the files cleared and ``on_retry`` called first (to drop
+      datasets held open); then :class:`TransientError` (exit 75);
+    * missing (404 / no such file) or denied (403): exit 2 at once; on S3, a "missing" object
+      that boto3 finds is transport trouble (GDAL mistakes a failed HEAD for absence);
+    * damaged (any other GDAL error: truncated file, corrupt block, unknown format): a local
+      raster is bad input at once when decoding it confirms the damage (else the exception
+      passes through: it is not the file's fault); on S3 the same symptom also comes from a connection reset in
+      the middle of a block, so it is retried, and when it persists the files are downloaded and
+      decoded locally: damaged -> exit 2, intact -> exit 75.
+
+    Exit-2 messages name the raster and ``culprit`` (e.g. the date and band read); for a
+    multi-band raster ``locate(uri, band)`` names the culprit of its damaged band (found by decoding
+    the failed block band by band). A full, read-only or forbidden local disk is reported as
+    such, other exceptions pass through unchanged.
+    """
+    uri_list = [os.fspath(uris)] if isinstance(uris, (str, os.PathLike)) else [os.fspath(u) for u in uris]
+    remote = any(is_s3(u) for u in uri_list)
+    named = ", ".join(uri_list) + (f" ({culprit})" if culprit else "")
+
+    def judge(exc: Exception, last: bool) -> str:
+        kind = _gdal_kind(exc)
+        if kind is None:
+            raise exc
+        text = _gdal_text(exc)
+        if kind == "denied":
+            raise BadInputError(f"{op} {named}: access denied ({text}); check the credentials, the "
+                                "bucket policy or the file's permissions") from exc
+        if kind == "missing":
+            gone = [u for u in uri_list if not exists(u)]
+            if gone or not remote:
+                raise InputNotFoundError(f"{op} {named}: no such file or object {(gone or uri_list)[0]}") from exc
+            kind = "transient"  # the object is there: GDAL's failed request made it look absent
+        if kind == "damaged" and not remote:
+            bad = _damage_error(op, uri_list, culprit, locate, {u: _local(u) for u in uri_list})
+            if bad is None:
+                raise exc  # every raster decodes: not their fault
+            raise bad from exc
+        if kind == "damaged" and last:
+            bad = _verify_remote(op, uri_list, culprit, locate)
+            if bad is not None:
+                raise bad from exc
+        return text
+
+    def before_retry() -> None:
+        _clear_gdal_cache(uri_list)
+        if on_retry is not None:
+            on_retry()
+
+    return _attempts(op, named, fn, judge, before_retry)

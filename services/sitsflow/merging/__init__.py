@@ -14,7 +14,6 @@ validation report ``RESULTS.txt`` / ``RESULTS.json`` measured on the test polygo
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -68,11 +67,20 @@ def _check_chunks(cfg, tile: str, seed: int, windows: list[Window], fingerprints
 
 def _assemble(chunk_uris: list[str], windows: list[Window], dst_uri: str, fingerprint: str) -> None:
     """Write a tile raster from its chunks, window by window (memory: one chunk at a time)."""
-    with storage.rasterio_env():
+    def header():
         with rasterio.open(storage.rasterio_path(chunk_uris[0])) as first:
-            profile = first.profile.copy()
-            descriptions = first.descriptions
-        transform0 = first.transform
+            return first.profile.copy(), first.descriptions, first.transform
+
+    def read_chunk(uri: str, window: Window):
+        with rasterio.open(storage.rasterio_path(uri)) as src:
+            if src.tags().get("SITSFLOW_WINDOW") != json.dumps(window_tuple(window)):
+                raise BadInputError(f"{uri} does not cover the planned window {window_tuple(window)}")
+            if fingerprint and src.tags().get("SITSFLOW_MODEL_FINGERPRINT") != fingerprint:
+                raise BadInputError(f"stale chunk {uri}: its model fingerprint differs from the selected model's")
+            return src.read()
+
+    with storage.rasterio_env():
+        profile, descriptions, transform0 = storage.raster_call("open", chunk_uris[0], header)
         width = max(int(w.col_off + w.width) for w in windows)
         height = max(int(w.row_off + w.height) for w in windows)
         # the chunk's transform is the tile's, shifted by its window: recover the tile origin
@@ -88,12 +96,7 @@ def _assemble(chunk_uris: list[str], windows: list[Window], dst_uri: str, finger
         with storage.output_path(dst_uri, suffix=".tif") as tmp:
             with rasterio.open(tmp, "w", **profile) as dst:
                 for uri, window in zip(chunk_uris, windows):
-                    with rasterio.open(storage.rasterio_path(uri)) as src:
-                        if src.tags().get("SITSFLOW_WINDOW") != json.dumps(window_tuple(window)):
-                            raise BadInputError(f"{uri} does not cover the planned window {window_tuple(window)}")
-                        if fingerprint and src.tags().get("SITSFLOW_MODEL_FINGERPRINT") != fingerprint:
-                            raise BadInputError(f"stale chunk {uri}: its model fingerprint differs from the selected model's")
-                        dst.write(src.read(), window=window)
+                    dst.write(storage.raster_call("read", uri, lambda: read_chunk(uri, window)), window=window)
                 for i, d in enumerate(descriptions, 1):
                     if d:
                         dst.set_band_description(i, d)
@@ -108,15 +111,23 @@ MOSAIC_ROW_ALIGN = 256
 """The strips' rows are a multiple of it (the output's block rows)."""
 
 
-def _to_cog(src_paths: list[str], dst_uri: str, *, dtype: str, nodata, scale: float = 1.0,
+def _to_cog(src_uris: list[str], dst_path: str, *, dtype: str, nodata, scale: float = 1.0,
             method: str = "first", colormap: dict | None = None) -> None:
-    """Mosaic ``src_paths`` (rasterio paths), optionally rescale, and publish a COG at ``dst_uri``.
+    """Mosaic the rasters ``src_uris``, optionally rescale, and write a COG at the local ``dst_path``.
 
     The mosaic is written in row strips of about :data:`MOSAIC_BUDGET_BYTES` (a whole tile's
     probability map can take gigabytes), then GDAL's COG driver copies it (tiles, overviews).
+    Transient read trouble redoes the whole mosaic (see :func:`storage.raster_call`).
     """
-    with storage.rasterio_env(), tempfile.TemporaryDirectory(prefix="sitsflow-cog-") as tmpdir:
-        sources = [rasterio.open(p) for p in src_paths]
+    with storage.rasterio_env():
+        storage.raster_call("mosaic", src_uris, lambda: _mosaic_cog(src_uris, dst_path, dtype=dtype, nodata=nodata,
+                                                                     scale=scale, method=method, colormap=colormap))
+
+
+def _mosaic_cog(src_uris: list[str], dst_path: str, *, dtype: str, nodata, scale: float, method: str,
+                colormap: dict | None) -> None:
+    with storage.scratch_dir("sitsflow-cog-") as tmpdir:
+        sources = [rasterio.open(storage.rasterio_path(u)) for u in src_uris]
         try:
             first = sources[0]
             if len(sources) == 1:
@@ -158,9 +169,8 @@ def _to_cog(src_paths: list[str], dst_uri: str, *, dtype: str, nodata, scale: fl
         finally:
             for src in sources:
                 src.close()
-        with storage.output_path(dst_uri, suffix=".tif") as tmp:
-            rasterio.shutil.copy(plain, str(tmp), driver="COG", compress="DEFLATE",
-                                 overview_resampling="nearest", blocksize=256, BIGTIFF="IF_SAFER")
+        rasterio.shutil.copy(plain, dst_path, driver="COG", compress="DEFLATE",
+                             overview_resampling="nearest", blocksize=256, BIGTIFF="IF_SAFER")
 
 
 def _default_colors(codes: list[int]) -> dict[int, tuple[int, int, int]]:
@@ -170,7 +180,7 @@ def _default_colors(codes: list[int]) -> dict[int, tuple[int, int, int]]:
     return {c: tuple(int(255 * v) for v in cmap(i % 20)[:3]) for i, c in enumerate(sorted(codes))}
 
 
-def _quicklook(classif_uri: str, dst_uri: str, colors: dict, names: dict, seed: int) -> None:
+def _quicklook(classif_path: str, dst_path: str, colors: dict, names: dict, seed: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +188,7 @@ def _quicklook(classif_uri: str, dst_uri: str, colors: dict, names: dict, seed: 
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    with storage.rasterio_env(), rasterio.open(storage.rasterio_path(classif_uri)) as src:
+    with storage.rasterio_env(), rasterio.open(classif_path) as src:
         step = max(1, max(src.width, src.height) // 2000)
         data = src.read(1, out_shape=(max(1, src.height // step), max(1, src.width // step)), resampling=rasterio.enums.Resampling.nearest)
     codes = sorted(int(c) for c in np.unique(data) if c != 0)
@@ -195,9 +205,18 @@ def _quicklook(classif_uri: str, dst_uri: str, colors: dict, names: dict, seed: 
     handles.append(Patch(facecolor="white", edgecolor="black", label="0 no data"))
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="Classes")
     fig.tight_layout()
-    with storage.output_path(dst_uri, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    fig.savefig(dst_path, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)
+
+
+def _read_window(uri: str, window: Window) -> np.ndarray:
+    """Band 1 of ``window`` of the raster ``uri``."""
+    def read():
+        with rasterio.open(storage.rasterio_path(uri)) as src:
+            return src.read(1, window=window)
+
+    with storage.rasterio_env():
+        return storage.raster_call("read", uri, read)
 
 
 def run(cfg) -> dict:
@@ -248,46 +267,54 @@ def run(cfg) -> dict:
             names.setdefault(int(c), n)
     colors = read_color_table(cfg.chain.color_table) or _default_colors(all_codes)
 
-    def paths(fn, seed):
-        return [storage.rasterio_path(fn(out, t, r, seed)) for t in plans for r in regions]
+    def sources(fn, seed):
+        return [fn(out, t, r, seed) for t in plans for r in regions]
 
-    for seed in range(runs):
-        _to_cog(paths(layout.tile_classif, seed), layout.final_classif(out, seed), dtype="uint16", nodata=0)
-        color_dtype = "uint8" if max(all_codes) <= 255 else "uint16"
-        _to_cog(paths(layout.tile_classif, seed), layout.final_classif_color(out, seed), dtype=color_dtype, nodata=0,
-                colormap={0: (255, 255, 255, 255)} | {c: (*colors.get(c, (0, 0, 0)), 255) for c in all_codes})
-        _to_cog(paths(layout.tile_confidence, seed), layout.final_confidence(out, seed), dtype="uint8", nodata=None, scale=100.0)
-        outputs += [layout.final_classif(out, seed), layout.final_classif_color(out, seed), layout.final_confidence(out, seed)]
-        if cfg.arg_classification.generate_final_probability_map:
-            _to_cog(paths(layout.tile_probamap, seed), layout.final_probamap(out, seed), dtype="uint16", nodata=None)
-            outputs.append(layout.final_probamap(out, seed))
-        _quicklook(layout.final_classif(out, seed), layout.final_quicklook(out, seed), colors, names, seed)
-        outputs.append(layout.final_quicklook(out, seed))
-    _to_cog([storage.rasterio_path(layout.tile_validity(out, t)) for t in plans], layout.final_validity(out),
-            dtype="int16", nodata=None, method="max")
-    outputs.append(layout.final_validity(out))
+    # The final products are staged and published as a set, then the manifest: a crash leaves no
+    # manifest (the previous one is removed before publishing), and the rerun replaces the set.
+    with storage.output_paths() as final:
+        for seed in range(runs):
+            classif = final.path(layout.final_classif(out, seed), ".tif")
+            _to_cog(sources(layout.tile_classif, seed), classif, dtype="uint16", nodata=0)
+            color_dtype = "uint8" if max(all_codes) <= 255 else "uint16"
+            _to_cog(sources(layout.tile_classif, seed), final.path(layout.final_classif_color(out, seed), ".tif"),
+                    dtype=color_dtype, nodata=0,
+                    colormap={0: (255, 255, 255, 255)} | {c: (*colors.get(c, (0, 0, 0)), 255) for c in all_codes})
+            _to_cog(sources(layout.tile_confidence, seed), final.path(layout.final_confidence(out, seed), ".tif"),
+                    dtype="uint8", nodata=None, scale=100.0)
+            if cfg.arg_classification.generate_final_probability_map:
+                _to_cog(sources(layout.tile_probamap, seed), final.path(layout.final_probamap(out, seed), ".tif"),
+                        dtype="uint16", nodata=None)
+            _quicklook(classif, final.path(layout.final_quicklook(out, seed), ".png"), colors, names, seed)
+        _to_cog([layout.tile_validity(out, t) for t in plans], final.path(layout.final_validity(out), ".tif"),
+                dtype="int16", nodata=None, method="max")
 
-    # validation on the test polygons (never used in training)
-    per_seed = []
-    for seed in range(runs):
-        labels, preds = [], []
-        for region in regions:
-            samples, meta = read_samples(layout.samples_test(out, region, seed))
-            for tile_index, tile in enumerate(meta["tiles"]):
-                sel = samples.tile == tile_index
-                if not sel.any():
-                    continue
-                with storage.rasterio_env(), rasterio.open(storage.rasterio_path(layout.tile_classif(out, tile, region, seed))) as src:
+        # validation on the test polygons (never used in training)
+        per_seed = []
+        for seed in range(runs):
+            labels, preds = [], []
+            for region in regions:
+                samples, meta = read_samples(layout.samples_test(out, region, seed))
+                for tile_index, tile in enumerate(meta["tiles"]):
+                    sel = samples.tile == tile_index
+                    if not sel.any():
+                        continue
                     rows, cols = samples.row[sel], samples.col[sel]
                     win = Window(int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1))
-                    data = src.read(1, window=win)
-                labels.append(samples.label[sel])
-                preds.append(data[rows - int(win.row_off), cols - int(win.col_off)])
-        if not labels:
-            raise BadInputError("no test sample: the test set is empty (every class has a single polygon?); cannot validate")
-        per_seed.append(evaluate(np.concatenate(labels), np.concatenate(preds), names))
-    write_reports(per_seed, layout.final_results(out), layout.final_results_json(out))
-    outputs += [layout.final_results(out), layout.final_results_json(out)]
+                    data = _read_window(layout.tile_classif(out, tile, region, seed), win)
+                    labels.append(samples.label[sel])
+                    preds.append(data[rows - int(win.row_off), cols - int(win.col_off)])
+            if not labels:
+                raise BadInputError("no test sample: the test set is empty (every class has a single polygon?); cannot validate")
+            per_seed.append(evaluate(np.concatenate(labels), np.concatenate(preds), names))
+        write_reports(per_seed, final.path(layout.final_results(out)), final.path(layout.final_results_json(out)))
+        storage.delete(layout.manifest(out, STAGE, "all"))
+    outputs += [uri for uri, _ in final.pending]
+    keep = {uri.rsplit("/", 1)[-1] for uri, _ in final.pending}
+    for stale in storage.list_files(layout.final_results(out).rsplit("/", 1)[0]):
+        if stale.rsplit("/", 1)[-1] not in keep:
+            log.info("merging: removing %s, which is not part of this set of final products", stale)
+            storage.delete(stale)
     summary = {
         "stage": STAGE,
         "tiles": list(plans),

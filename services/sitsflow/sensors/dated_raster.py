@@ -31,6 +31,7 @@ class DatedRasterSensor(Sensor):
     nodata: float | None
     scale: float
     dtype: str
+    all_dates: list[int]
 
     @classmethod
     def build(cls, cfg, tile: str) -> DatedRasterSensor:
@@ -39,19 +40,44 @@ class DatedRasterSensor(Sensor):
         mask_path = opts.mask_path.replace("{tile}", tile) if opts.mask_path else None
         if not storage.exists(path):
             raise BadInputError(f"dated_raster.path: the raster {path} of tile {tile!r} does not exist")
-        with storage.rasterio_env(), rasterio.open(storage.rasterio_path(path)) as src:
-            count = src.count
-            dtype = src.dtypes[0]
-            descriptions = list(src.descriptions)
-            block_rows, block_cols = (int(n) for n in src.block_shapes[0]) if src.block_shapes else (1, 1)
+        def header():
+            with storage.rasterio_env(), rasterio.open(storage.rasterio_path(path)) as src:
+                blocks = tuple(int(n) for n in src.block_shapes[0]) if src.block_shapes else (1, 1)
+                return src.count, src.dtypes[0], list(src.descriptions), blocks
+
+        count, dtype, descriptions, (block_rows, block_cols) = storage.raster_call(
+            "open", path, header, culprit="dated_raster.path")
         bands = list(opts.bands)
         nb_bands = len(bands)
         if count % nb_bands:
             raise BadInputError(
-                f"dated_raster: {path} has {count} bands, not a multiple of the "
+                f"dated_raster.bands: {path} has {count} bands, not a multiple of the "
                 f"{nb_bands} declared bands {bands} (bands are stacked date-major)"
             )
         nb_raw = count // nb_bands
+        mask_count = None
+        if mask_path is not None:
+            if not storage.exists(mask_path):
+                raise BadInputError(f"dated_raster.mask_path: the mask {mask_path} of tile {tile!r} does not exist")
+
+            def mask_header():
+                with storage.rasterio_env(), rasterio.open(storage.rasterio_path(path)) as src, \
+                        rasterio.open(storage.rasterio_path(mask_path)) as msk:
+                    return (msk.width, msk.height), (src.width, src.height), msk.count
+
+            mask_size, size, mask_count = storage.raster_call(
+                "open", [path, mask_path], mask_header, culprit="dated_raster.mask_path")
+            if mask_size != size:
+                raise BadInputError(
+                    f"dated_raster.mask_path: {mask_path} is {mask_size[0]}x{mask_size[1]}; expected "
+                    f"{size[0]}x{size[1]} like {path}"
+                )
+        _check_band_count(bands, count, path, mask_count, mask_path)
+        if mask_count is not None and mask_count != nb_raw:
+            raise BadInputError(
+                f"dated_raster.mask_path: {mask_path} has {mask_count} bands; expected one band per "
+                f"date of {path} ({nb_raw})"
+            )
         all_dates = _declared_dates(opts.dates, path, descriptions, nb_bands, nb_raw)
         start, end = opts.start_date, opts.end_date
         keep = [i for i, d in enumerate(all_dates) if (start is None or d >= start) and (end is None or d <= end)]
@@ -70,26 +96,31 @@ class DatedRasterSensor(Sensor):
         sensor.nodata, sensor.scale = opts.nodata, float(opts.scale)
         sensor.block_rows, sensor.block_cols = block_rows, block_cols
         sensor.dtype = dtype
-        if mask_path is not None:
-            if not storage.exists(mask_path):
-                raise BadInputError(f"dated_raster.mask_path: the mask {mask_path} of tile {tile!r} does not exist")
-            with storage.rasterio_env(), rasterio.open(storage.rasterio_path(path)) as src, \
-                    rasterio.open(storage.rasterio_path(mask_path)) as msk:
-                if (msk.width, msk.height) != (src.width, src.height) or msk.count != nb_raw:
-                    raise BadInputError(
-                        f"dated_raster.mask_path: {mask_path} is {msk.width}x{msk.height} with {msk.count} "
-                        f"bands; expected {src.width}x{src.height} with one band per date ({nb_raw})"
-                    )
+        sensor.all_dates = all_dates
         return sensor
 
     def native_grid(self) -> Grid:
-        with storage.rasterio_env(), rasterio.open(storage.rasterio_path(self.path)) as src:
-            return grid_of(src)
+        def grid():
+            with storage.rasterio_env(), rasterio.open(storage.rasterio_path(self.path)) as src:
+                return grid_of(src)
+
+        return storage.raster_call("open", self.path, grid, culprit="dated_raster.path")
 
     def input_files(self) -> list[str]:
         return [self.path] + ([self.mask_path] if self.mask_path else [])
 
+    def _culprit(self, uri: str, band: int) -> str:
+        """The date and band of band number ``band`` (1-based) of the raster or of its mask."""
+        if uri == self.mask_path:
+            return f"mask of date {self.all_dates[band - 1]}"
+        nb_bands = len(self.bands)
+        return f"date {self.all_dates[(band - 1) // nb_bands]}, band {self.bands[(band - 1) % nb_bands]}"
+
     def read(self, window: Window, grid: Grid, buffers: ReadBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return storage.raster_call("read", self.input_files(), lambda: self._read(window, grid, buffers),
+                                   locate=self._culprit)
+
+    def _read(self, window: Window, grid: Grid, buffers: ReadBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
         nb_bands, nb_raw = len(self.bands), len(self.raw_indices)
         h, w = int(window.height), int(window.width)
         indexes = [int(i) * nb_bands + b + 1 for i in self.raw_indices for b in range(nb_bands)]
@@ -141,6 +172,9 @@ class DatedRasterSensor(Sensor):
 
 
     def surely_empty(self, window: Window, grid: Grid) -> bool:
+        return storage.raster_call("read", self.path, lambda: self._surely_empty(window, grid), locate=self._culprit)
+
+    def _surely_empty(self, window: Window, grid: Grid) -> bool:
         """The first band of every date alone, one source block after the other: where it is
         nodata (or NaN) on every date, no acquisition is valid. From a pixel-interleaved raster
         this costs the blocks' decoding (almost nothing for nodata blocks) but not GDAL's copy of
@@ -176,6 +210,17 @@ def _any_band(flags: np.ndarray) -> np.ndarray:
     return out
 
 
+def _check_band_count(bands: list[str], count: int, path: str, mask_count: int | None, mask_path: str | None) -> None:
+    """Blame ``bands`` when the mask (one band per date) implies another number of bands per date
+    than declared: a wrong band list otherwise shows up as a mask error."""
+    if mask_count and count % mask_count == 0 and count // mask_count != len(bands):
+        raise BadInputError(
+            f"dated_raster.bands: {len(bands)} band(s) declared ({bands}), but {path} has {count} bands for "
+            f"the {mask_count} dates of the mask {mask_path}: {count // mask_count} band(s) per date; declare "
+            f"{count // mask_count} band name(s)"
+        )
+
+
 def _declared_dates(spec, path: str, descriptions: list, nb_bands: int, nb_raw: int) -> list[int]:
     if isinstance(spec, str) and spec == "descriptions":
         texts = [descriptions[i * nb_bands] for i in range(nb_raw)]
@@ -185,6 +230,12 @@ def _declared_dates(spec, path: str, descriptions: list, nb_bands: int, nb_raw: 
                 "declare the dates in the configuration (a list or a .json/.txt file)"
             )
         where = f"band description of {path}"
+        per_date = [descriptions[i * nb_bands:(i + 1) * nb_bands] for i in range(nb_raw)]
+        if nb_bands > 1 and all(len(set(group)) == nb_bands and all(group) for group in per_date):
+            raise BadInputError(
+                f"dated_raster.bands: {nb_bands} bands declared, but each band of {path} describes another "
+                f"date ({descriptions[0]!r}, {descriptions[1]!r}, ...): one band per date; declare one band name"
+            )
     elif isinstance(spec, str):
         text = storage.read_text(spec)
         texts = json.loads(text) if spec.endswith(".json") else [t for t in text.split() if t.strip()]

@@ -145,6 +145,12 @@ class _OpenFiles:
             self.datasets.popitem(last=False)[1].close()
         return dataset
 
+    def forget(self, uri: str) -> None:
+        """Close the dataset of ``uri`` (after a failed read: the retry opens it afresh)."""
+        dataset = self.datasets.pop(uri, None)
+        if dataset is not None:
+            dataset.close()
+
     def __del__(self) -> None:
         for dataset in self.datasets.values():
             dataset.close()
@@ -274,8 +280,12 @@ class ProductSensor(Sensor):
 
     def native_grid(self) -> Grid:
         uri = self.products[0].bands[self.layout.grid_band]
-        with storage.rasterio_env(), rasterio.open(storage.rasterio_path(uri)) as src:
-            return grid_of(src)
+
+        def grid():
+            with storage.rasterio_env(), rasterio.open(storage.rasterio_path(uri)) as src:
+                return grid_of(src)
+
+        return storage.raster_call("open", uri, grid, culprit=self._culprit(self.products[0], self.layout.grid_band))
 
     def input_files(self) -> list[str]:
         return [u for p in self.products for u in (*p.bands.values(), *(m for m, _ in p.masks))]
@@ -287,6 +297,19 @@ class ProductSensor(Sensor):
             files = self._open_files.files = _OpenFiles(open_files_budget())
         return files.get(uri)
 
+    def _read_file(self, uri: str, window: Window, grid: Grid, fill: float, culprit: str):
+        """``read_on_grid`` of the single-band file ``uri``, under the storage contract."""
+        def forget() -> None:
+            files = getattr(self._open_files, "files", None)
+            if files is not None:
+                files.forget(uri)
+
+        return storage.raster_call("read", uri, lambda: read_on_grid(self._dataset(uri), window, grid, [1], uri, fill=fill),
+                                   culprit=culprit, on_retry=forget)
+
+    def _culprit(self, product: Product, band: str) -> str:
+        return f"{self.section} acquisition {product.date} ({product.name}), band {band}"
+
     def surely_empty(self, window: Window, grid: Grid) -> bool:
         """The first band of each acquisition alone (one file in ``len(bands)`` + masks): where it
         is nodata on every date, no acquisition is valid. Stops at the first valid value."""
@@ -294,7 +317,7 @@ class ProductSensor(Sensor):
         with storage.rasterio_env():
             for product in self.products:
                 uri = product.bands[band]
-                data, inside = read_on_grid(self._dataset(uri), window, grid, [1], uri, fill=self.layout.nodata)
+                data, inside = self._read_file(uri, window, grid, self.layout.nodata, self._culprit(product, band))
                 dn = data[0]
                 if (inside & (dn != np.float32(self.layout.nodata)) & np.isfinite(dn)).any():
                     return False
@@ -311,12 +334,13 @@ class ProductSensor(Sensor):
             for t, product in enumerate(self.products):
                 for b, band in enumerate(self.bands):
                     uri = product.bands[band]
-                    data, inside = read_on_grid(self._dataset(uri), window, grid, [1], uri, fill=self.layout.nodata)
+                    data, inside = self._read_file(uri, window, grid, self.layout.nodata, self._culprit(product, band))
                     dn = data[0]
                     valid[:, :, t] &= inside & (dn != np.float32(self.layout.nodata)) & np.isfinite(dn)
                     values[:, :, t, b] = (dn + np.float32(product.offset)) * scale
                 for uri, rule in product.masks:
-                    data, inside = read_on_grid(self._dataset(uri), window, grid, [1], uri, fill=0)
+                    data, inside = self._read_file(uri, window, grid, 0, f"{self.section} acquisition {product.date} "
+                                                   f"({product.name}), mask {uri.rsplit('/', 1)[-1]}")
                     valid[:, :, t] &= inside & _valid(rule, data[0])
         values[~valid] = 0.0
         return values, valid
