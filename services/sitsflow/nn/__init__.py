@@ -8,7 +8,8 @@ Public API::
     build_network(dl_name, dl_parameters, *, module_source=None, module_uri=None,
                   nb_dates, nb_components, nb_classes, dates, stats, sensor)
     save_model(network, description) -> bytes
-    load_model(data, *, module_source=None) -> (network, description)
+    load_model(data, *, module_source=None, module_uri=None) -> (network, description)
+    read_dl_module(uri) -> text of the configured dl_module (the only code a model runs)
     predict_proba(network, x, *, batch_size=None, device=None) -> (N, nb_classes) float32
 
 See docs/networks.md.
@@ -18,9 +19,16 @@ from sitsflow.nn.attention import SimpleSelfAttentionClassifier
 from sitsflow.nn.base import FRAMEWORK_ARGS, Iota2NeuralNetwork
 from sitsflow.nn.ltae import LTAEClassifier, LTAEEncoder
 from sitsflow.nn.mlp import ANN, MLPClassifier
-from sitsflow.nn.modelfile import fingerprint, load_model, read_model_file, save_model
+from sitsflow.nn.modelfile import fingerprint, load_model, module_sha256, read_model_file, save_model
 from sitsflow.nn.predict import auto_batch_size, predict_proba, resolve_device
-from sitsflow.nn.registry import NETWORKS, build_network, check_dl_parameters, network_parameters, resolve_network
+from sitsflow.nn.registry import (
+    NETWORKS,
+    build_network,
+    check_dl_parameters,
+    network_parameters,
+    read_dl_module,
+    resolve_network,
+)
 
 __all__ = [
     "ANN",
@@ -36,8 +44,10 @@ __all__ = [
     "check_dl_parameters",
     "fingerprint",
     "load_model",
+    "module_sha256",
     "network_parameters",
     "predict_proba",
+    "read_dl_module",
     "read_model_file",
     "resolve_device",
     "resolve_network",

@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sitsflow.errors import ConfigError, SitsflowError
+from sitsflow.errors import BadInputError, ConfigError, SitsflowError
 from sitsflow.log import get_logger
 from sitsflow.nn._layers import DL_PARAMETERS_KEY
 from sitsflow.nn.attention import SimpleSelfAttentionClassifier
@@ -35,6 +35,25 @@ DL_NAME_KEY = "arg_train.deep_learning_parameters.dl_name"
 
 
 # ---------------------------------------------------------------------------- user modules
+def read_dl_module(uri: str | None) -> str | None:
+    """The text of the configured ``dl_module`` (local path or s3:// URI); None when none is set.
+
+    This is the only place a user network's code comes from: model files never carry code
+    (see ``sitsflow.nn.modelfile``).
+
+    Raises:
+        ConfigError: the file is missing or not UTF-8 text (exit 2, naming the key and the file).
+    """
+    if uri is None:
+        return None
+    from sitsflow import storage  # the network bank itself never touches storage
+
+    try:
+        return storage.read_text(uri)
+    except BadInputError as exc:
+        raise ConfigError(f"{DL_MODULE_KEY}: cannot read the network file {uri}: {exc}") from None
+
+
 def load_user_module(module_source: str, module_uri: str | None = None) -> types.ModuleType:
     """Execute the text of a user's ``dl_module`` file as a module (cached by location and content).
 
@@ -318,5 +337,6 @@ __all__ = [
     "check_dl_parameters",
     "load_user_module",
     "network_parameters",
+    "read_dl_module",
     "resolve_network",
 ]

@@ -21,7 +21,6 @@ initialisation, dropout and batch order from ``SeedSequence([random_seed + seed,
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import math
 import time
@@ -453,8 +452,8 @@ def run(cfg: Any, region: int, seed: int, hyp: int, *, on_epoch_end: EpochHook |
             "run the sampling stage first (sitsflow sample)"
         )
     db_stat = storage.stat(db_uri)
-    module_source = storage.read_text(opts.dl_module) if opts.dl_module else None
-    module_sha = hashlib.sha256(module_source.encode()).hexdigest() if module_source is not None else None
+    module_source = sitsnn.read_dl_module(opts.dl_module)
+    module_sha = sitsnn.module_sha256(module_source) if module_source is not None else None
     fp = manifest.fingerprint(
         STAGE, FORMAT_VERSION, opts.fingerprint_parts(),
         {"region": region, "seed": seed, "random_seed": random_seed},
