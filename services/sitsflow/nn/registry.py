@@ -84,14 +84,15 @@ def load_user_module(module_source: str, module_uri: str | None = None) -> types
         exec(code, module.__dict__)  # noqa: S102 - the user's own network file, by design
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure of user code is bad input
         del sys.modules[name]
-        line = _user_line(exc, where)
+        line = user_line(exc, where)
         raise ConfigError(
             f"{DL_MODULE_KEY}: {where}: importing the module failed{line}: {type(exc).__name__}: {exc}"
         ) from exc
     return module
 
 
-def _user_line(exc: BaseException, where: str) -> str:
+def user_line(exc: BaseException, where: str) -> str:
+    """`` at line N``: the last line of the user's file ``where`` in the traceback of ``exc`` ("" if none)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == where]
     return f" at line {frames[-1].lineno}" if frames else ""
 
@@ -311,7 +312,7 @@ def build_network(
         raise
     except Exception as exc:  # noqa: BLE001 - a user constructor may fail in any way
         where = f" ({module_uri or '<dl_module>'})" if module_source is not None else ""
-        line = _user_line(exc, module_uri or "<dl_module>") if module_source is not None else ""
+        line = user_line(exc, module_uri or "<dl_module>") if module_source is not None else ""
         raise ConfigError(
             f"{DL_NAME_KEY}: building network {dl_name}{where} failed{line}: {type(exc).__name__}: {exc}"
         ) from exc
