@@ -640,6 +640,8 @@ def test_load_model_builds_only_from_the_configured_module_it_records() -> None:
     loaded, description = load_model(data, module_source=GOOD, module_uri="/infer/u.py")
     assert loaded.build_info["module_source"] == GOOD
     assert description["module_sha256"] == hashlib.sha256(GOOD.encode()).hexdigest()
+    again = load_model(save_model(loaded, description), module_source=GOOD)[1]
+    assert again["fingerprint"] == description["fingerprint"]
     changed = GOOD + "\nVERSION = 2\n"
     sha = hashlib.sha256(changed.encode()).hexdigest()
     with pytest.raises(BadInputError, match=rf"trained with the dl_module /train/u\.py \(sha256 "

@@ -167,9 +167,11 @@ def read_model_file(data: bytes) -> dict[str, Any]:
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         raise BadInputError(
-            f"refusing the model file: it holds objects other than plain tensors and strings "
-            f"(only sitsflow model files are accepted): {str(exc).splitlines()[0]}"
+            "refusing the model file: it holds objects other than plain tensors and strings"
+            + (f" (it asks for {found.group(1)})" if found else "")
+            + "; nothing in it was unpickled or run (only sitsflow model files are accepted)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, TypeError) as exc:
         raise BadInputError(f"the model file is corrupt or not a sitsflow model: {type(exc).__name__}: {exc}") from None
@@ -301,5 +303,7 @@ def load_model(
         network.load_state_dict(parsed["state_dict"], strict=True)
     except RuntimeError as exc:
         raise BadInputError(f"the model file's weights do not fit network {name!r}: {exc}") from None
+    if source is not None:  # describe it as trained (saving it again gives the same fingerprint)
+        network.build_info["module_uri"] = description.get("module_uri")
     network.eval()
     return network, description

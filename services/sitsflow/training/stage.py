@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -196,6 +197,10 @@ def _load_checkpoint(uri: str, fp: str) -> dict[str, Any] | None:
         return None
     try:
         ckpt = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        log.warning("refusing checkpoint %s: it holds objects other than plain tensors and containers (none was "
+                    "unpickled, nothing in it ran); training from scratch", uri)
+        return None
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is ignored, not fatal
         log.warning("ignoring unreadable checkpoint %s (%s); training from scratch", uri, exc)
         return None
