@@ -424,8 +424,8 @@ def test_hostile_model_files_are_refused_and_run_nothing(trained, tmp_path, case
 
 
 def test_the_genuine_model_still_classifies(trained):
-    path, out, genuine = trained
-    network, description = load_model(genuine)
+    path, _, genuine = trained
+    _, description = load_model(genuine)
     assert description["module_sha256"] is None and "module_source" not in description
     code, text, stdout = sitsflow("infer", "--config", path, "--tile", "T1", "--chunk", "0", "--seed", "0")
     assert code == 0, text

@@ -96,7 +96,7 @@ def check_network(cfg: Any, shape: dict[str, Any], nb_classes: int) -> dict[str,
     try:
         with torch.no_grad():
             logits = network(x)
-    except Exception as exc:  # noqa: BLE001 - a network's forward may fail in any way
+    except Exception as exc:  # a network's forward may fail in any way
         line = user_line(exc, dl.dl_module or "<dl_module>") if source is not None else ""
         raise ConfigError(
             f"{DL_NAME_KEY}: network {dl.dl_name}{where} fails on a dummy batch of {shape_text} (the first "
