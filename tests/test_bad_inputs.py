@@ -290,7 +290,8 @@ def test_prepare_builds_the_network_on_the_first_tiles_layout(scene, tmp_path):
                                            "super().__init__(**framework)\n"
                                            "        open(SEEN, 'a').write(f'{self.nb_dates} {self.nb_components} "
                                            "{self.nb_classes} {self.sensor}\\n')")
-                      .replace("class Net", f"SEEN = {str(tmp_path / 'seen.txt')!r}\n\n\nclass Net"))
+                      .replace("class Net", f"SEEN = {str(tmp_path / 'seen.txt')!r}\nprint('chatty module')\n\n\n"
+                               "class Net"))
     path = config(scene, name="ok.cfg", output=str(tmp_path / "out"), dl_name="Net",
                   dl_extra=f"    dl_module : '{module}'\n")
     code, text, out = sitsflow("prepare", "--config", path)
@@ -300,7 +301,7 @@ def test_prepare_builds_the_network_on_the_first_tiles_layout(scene, tmp_path):
 
     pipe = FeaturePipeline(cfg, "T1")
     assert (tmp_path / "seen.txt").read_text() == f"{len(pipe.dates)} 2 3 {pipe.sensor}\n"
-    assert json.loads(out)["config"].endswith("resolved.cfg")
+    assert json.loads(out)["config"].endswith("resolved.cfg")  # what the module printed went to stderr
 
 
 # ============================================================================ model files

@@ -22,6 +22,8 @@ Every failure is bad input (exit 2) naming the culprit; nothing is written.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from typing import Any
 
@@ -128,14 +130,16 @@ def run(cfg: Any) -> dict[str, Any]:
 
     tic = time.monotonic()
     names, colors = check_class_files(cfg.chain.nomenclature_path, cfg.chain.color_table)
-    # the network's class and parameters first: configuration mistakes before any input is opened
-    source = nn.read_dl_module(cfg.dl.dl_module)
-    cls = nn.resolve_network(cfg.dl.dl_name, source, cfg.dl.dl_module)
-    nn.check_dl_parameters(cls, cfg.dl.dl_parameters, cfg.dl.dl_name)
-    check_tile_grids(cfg)
-    shape = _network_shape(cfg)
-    nb_classes = max(2, len(names))
-    network = check_network(cfg, shape, nb_classes)
+    # stdout carries prepare's JSON: whatever a user's module prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        # the network's class and parameters first: configuration mistakes before any input is opened
+        source = nn.read_dl_module(cfg.dl.dl_module)
+        cls = nn.resolve_network(cfg.dl.dl_name, source, cfg.dl.dl_module)
+        nn.check_dl_parameters(cls, cfg.dl.dl_parameters, cfg.dl.dl_name)
+        check_tile_grids(cfg)
+        shape = _network_shape(cfg)
+        nb_classes = max(2, len(names))
+        network = check_network(cfg, shape, nb_classes)
     summary = {**network, "colours": len(colors), "seconds": round(time.monotonic() - tic, 2)}
     log.info(
         "checks before work passed in %.1f s: network %s builds and runs on %d dates x %d components (tile %s), "
