@@ -464,3 +464,31 @@ def test_a_pickled_checkpoint_is_refused_and_training_starts_afresh(trained, tmp
     assert not marker.exists()
     assert read_model_file(model.read_bytes())["description"]["fingerprint"] == \
         read_model_file(before)["description"]["fingerprint"]  # the same training, from scratch
+
+
+def test_a_user_network_classifies_with_its_module_and_is_refused_once_the_module_changes(trained, tmp_path):
+    path, out, _ = trained
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    module = tmp_path / "net.py"
+    module.write_text(USER_NETWORK)
+    sets = [f"chain.output_path={copy}", "arg_train.deep_learning_parameters.dl_name=Net",
+            f"arg_train.deep_learning_parameters.dl_module={module}"]
+    cfg = load_config(str(path), sets)
+    for t in plan_training(cfg):
+        training.run(cfg, t["region"], t["seed"], t["hyp"])
+    for t in plan_selection(cfg):
+        selection.run(cfg, t["region"], t["seed"])
+    args = ["infer", "--config", path, "--tile", "T1", "--chunk", "0", "--seed", "0"]
+    args += [a for s in sets for a in ("--set", s)]
+    code, text, _ = sitsflow(*args)
+    assert code == 0, text
+    module.write_text(USER_NETWORK + "\n# edited after training\n")
+    shutil.rmtree(copy / "manifests" / "inference")  # so nothing could be skipped as done
+    before = files_under(copy)
+    code, text, _ = sitsflow(*args)
+    trained_sha = hashlib.sha256(USER_NETWORK.encode()).hexdigest()
+    edited_sha = hashlib.sha256(module.read_bytes()).hexdigest()
+    refused(code, text, f"trained with the dl_module {module} (sha256 {trained_sha})",
+            f"not the configured dl_module {module} (sha256 {edited_sha})")
+    assert files_under(copy) == before
