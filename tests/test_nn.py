@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import inspect
 import io
 import json
@@ -444,8 +445,11 @@ def test_example_user_network_builds_trains_and_round_trips() -> None:
         optimizer.step()
     assert torch.isfinite(net.eval()(x)).all()
     data = save_model(net, {"classes": [11, 12, 13, 14]})
-    loaded, description = load_model(data)  # rebuilt from the embedded source alone
-    assert description["module_source"] == source and description["network"] == "MyNetwork"
+    # the file records the module's sha256, never its code: the configured module rebuilds it
+    loaded, description = load_model(data, module_source=source, module_uri=str(EXAMPLE))
+    assert "module_source" not in description and description["network"] == "MyNetwork"
+    assert description["module_sha256"] == hashlib.sha256(source.encode()).hexdigest()
+    assert description["module_uri"] == str(EXAMPLE)
     np.testing.assert_array_equal(predict_proba(net, x), predict_proba(loaded, x))
     # the **framework forwarding lets users set the base class defaults, nothing else
     build_network("MyNetwork", {"default_std": 2.0}, module_source=source, **framework())
@@ -537,7 +541,7 @@ def test_model_round_trip_gives_identical_predictions(name: str) -> None:
     assert description["framework"] == {"nb_dates": 6, "nb_components": 3, "nb_classes": 4,
                                         "dates": make_dates(6), "sensor": SENSOR}
     assert description["classes"] == extra["classes"] and description["class_names"] == extra["class_names"]
-    assert description["module_source"] is None
+    assert description["module_sha256"] is None and "module_source" not in description
     assert re.fullmatch(r"[0-9a-f]{64}", description["fingerprint"])
 
 
@@ -597,7 +601,7 @@ def test_bad_model_files_are_refused() -> None:
         (_bytes_of({"weights": torch.zeros(3)}), "not a sitsflow model file"),
         (_bytes_of({"format": "sitsflow-model", "format_version": 99}), "format version 99 is not supported"),
         (_payload(parsed["description"] | {"network": "MyLSTM"}, parsed["state_dict"], parsed["stats"]),
-         "network 'MyLSTM' is not a built-in network .* embeds no dl_module source"),
+         "network 'MyLSTM' is not a built-in network .* records no dl_module"),
         (_payload(parsed["description"] | {"dl_parameters": {"hidden_1": 999}}, parsed["state_dict"], parsed["stats"]),
          "weights do not fit network 'ANN'"),
         (_payload(parsed["description"] | {"dl_parameters": {"bogus": 1}}, parsed["state_dict"], parsed["stats"]),
@@ -630,12 +634,23 @@ def test_save_model_checks_its_description() -> None:
         save_model(PlainNet(**framework()), {})
 
 
-def test_load_model_prefers_a_given_module_source() -> None:
-    net = build_network("Net", {"width": 8}, module_source=GOOD, **framework())
+def test_load_model_builds_only_from_the_configured_module_it_records() -> None:
+    net = build_network("Net", {"width": 8}, module_source=GOOD, module_uri="/train/u.py", **framework())
     data = save_model(net, {})
+    loaded, description = load_model(data, module_source=GOOD, module_uri="/infer/u.py")
+    assert loaded.build_info["module_source"] == GOOD
+    assert description["module_sha256"] == hashlib.sha256(GOOD.encode()).hexdigest()
+    again = load_model(save_model(loaded, description), module_source=GOOD)[1]
+    assert again["fingerprint"] == description["fingerprint"]
     changed = GOOD + "\nVERSION = 2\n"
-    loaded, description = load_model(data, module_source=changed)
-    assert loaded.build_info["module_source"] == changed and description["module_source"] == GOOD
+    sha = hashlib.sha256(changed.encode()).hexdigest()
+    with pytest.raises(BadInputError, match=rf"trained with the dl_module /train/u\.py \(sha256 "
+                       rf"{description['module_sha256']}\), which is not the configured dl_module "
+                       rf"/infer/u\.py \(sha256 {sha}\)") as info:
+        load_model(data, module_source=changed, module_uri="/infer/u.py")
+    assert info.value.exit_code == 2
+    with pytest.raises(BadInputError, match=r"trained with the dl_module /train/u\.py .* no dl_module is configured"):
+        load_model(data)
 
 
 # ============================================================================ predict_proba

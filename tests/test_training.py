@@ -590,9 +590,10 @@ def test_dl_module_network(out: str, tmp_path: Path) -> None:
     )
     cfg = make_cfg(out, dl_name="TinyNet", dl_parameters={"width": 4}, dl_module=str(module), epochs=2)
     s = run(cfg, 1, 0, 0)
-    net, desc = nn.load_model(storage.read_bytes(s["outputs"]["model"]))
+    net, desc = nn.load_model(storage.read_bytes(s["outputs"]["model"]), module_source=module.read_text())
     assert type(net).__name__ == "TinyNet" and net.out.in_features == 4
     assert desc["dl_name"] == "TinyNet" and desc["dl_module"] == str(module)
+    assert desc["module_sha256"] == nn.module_sha256(module.read_text())  # the code itself is never stored
     assert run(cfg, 1, 0, 0)["skipped"]
     module.write_text(module.read_text().replace("torch.relu", "torch.tanh"))
     assert not run(cfg, 1, 0, 0)["skipped"]  # the module's text is part of the fingerprint

@@ -2,7 +2,8 @@
 
 Logs go to stderr; stdout carries only what an orchestrator reads (JSON, or the resolved
 configuration's URI for ``prepare``). Exit codes: 0 done, 2 bad input (never retried),
-75 transient infrastructure trouble (retried).
+75 transient infrastructure trouble (retried), 1 a bug (an unexpected exception: its traceback and
+a request to report it on stderr).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from sitsflow import __version__
-from sitsflow.errors import ConfigError, SitsflowError
+from sitsflow.errors import EXIT_BUG, ConfigError, SitsflowError
 from sitsflow.log import get_logger, setup_logging
 
 log = get_logger("sitsflow.cli")
@@ -107,12 +108,11 @@ def _emit(obj) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from sitsflow import layout, storage
+    from sitsflow import layout, preflight, storage
     from sitsflow.config.resources import stage_pods
-    from sitsflow.features import check_tile_grids
 
     cfg = _load(args)
-    check_tile_grids(cfg)
+    preflight.run(cfg)  # everything checkable without data, so these mistakes cost no sampling
     uri = layout.resolved_config(cfg.chain.output_path)
     text = cfg.to_cfg()
     if not storage.exists(uri) or storage.read_text(uri) != text:
@@ -179,12 +179,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sitsflow import layout, storage
-    from sitsflow.features import check_tile_grids
+    from sitsflow import layout, preflight, storage
     from sitsflow.runner import default_workflow_path, output_lease, run_workflow
 
     cfg = _load(args)  # validate before any work: a bad configuration exits 2 and writes nothing
-    check_tile_grids(cfg)
+    preflight.run(cfg)  # the checks prepare makes, before the first task starts
     # tasks run side by side: share the cores between them instead of oversubscribing
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.workers))))
     source = args.config if storage.is_s3(args.config) else str(Path(args.config).resolve())
@@ -256,9 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
-    except Exception:  # an unexpected failure is a bug: show it whole
-        log.exception("unexpected error in `sitsflow %s`", args.command)
-        return 1
+    except Exception as exc:  # every expected failure is a SitsflowError: anything else is a bug
+        log.exception("unexpected error in `sitsflow %s`", _stage_label(args))
+        log.error(
+            "sitsflow %s failed (exit %d): %s: %s -- this is a bug in sitsflow %s, not a problem with your inputs; "
+            "please report it with the traceback above",
+            _stage_label(args), EXIT_BUG, type(exc).__name__, exc, __version__,
+        )
+        return EXIT_BUG
 
 
 if __name__ == "__main__":  # pragma: no cover

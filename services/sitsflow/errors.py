@@ -1,7 +1,8 @@
 """The error hierarchy and the exit codes an orchestrator acts on.
 
 Exit codes: 0 done; 2 bad input or configuration (permanent: never retried);
-75 transient infrastructure trouble (EX_TEMPFAIL: an orchestrator may retry).
+75 transient infrastructure trouble (EX_TEMPFAIL: an orchestrator may retry); 1 a bug (an
+exception that is not a SitsflowError: the CLI prints its traceback and asks for a report).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_TRANSIENT = 75
+EXIT_BUG = 1
 
 
 class SitsflowError(Exception):

@@ -59,6 +59,10 @@ class Polygons:
     geoms: np.ndarray
 
 
+def _no_feature(key: str, uri: str) -> BadInputError:
+    return BadInputError(f"{key}: vector file {uri} holds no feature (0 polygons); it must hold polygons")
+
+
 def read_polygons(uri: str, field: str, key: str, *, crs) -> tuple[Polygons, dict]:
     """Read polygons with an integer attribute ``field`` and reproject them to ``crs``.
 
@@ -81,13 +85,20 @@ def read_polygons(uri: str, field: str, key: str, *, crs) -> tuple[Polygons, dic
             info = pyogrio.read_info(path)
         except Exception as exc:  # pyogrio raises DataSourceError and others
             raise BadInputError(f"{key}: cannot read vector file {uri}: {exc}") from None
+        if int(info.get("features") or 0) == 0:  # -1: the driver cannot count them cheaply
+            raise _no_feature(key, uri)
         fields = [str(f) for f in info["fields"]]
         if field not in fields:
             raise BadInputError(f"{key}: {uri} has no field {field!r}; its fields are {fields}")
-        meta, _, wkb, columns = pyogrio.raw.read(path, columns=[field])
+        try:
+            meta, _, wkb, columns = pyogrio.raw.read(path, columns=[field])
+        except Exception as exc:  # noqa: BLE001 - a file OGR cannot read is bad input, whatever OGR says
+            raise BadInputError(f"{key}: cannot read the features of vector file {uri}: {exc}") from None
     raw = columns[0]
     src_crs = meta.get("crs")
     n = len(wkb)
+    if n == 0:
+        raise _no_feature(key, uri)
     values = np.zeros(n, np.int64)
     excluded = []
     for i, v in enumerate(raw):
@@ -107,7 +118,10 @@ def read_polygons(uri: str, field: str, key: str, *, crs) -> tuple[Polygons, dic
             excluded.append(i)
         elif values[i] < 0:
             raise BadInputError(f"{key}: polygon {i} of {uri} has {field}={v!r}; values must be positive (0 = no class)")
-    geoms = shapely.from_wkb(wkb)
+    try:
+        geoms = shapely.from_wkb(wkb)
+    except shapely.errors.GEOSException as exc:
+        raise BadInputError(f"{key}: vector file {uri} holds a geometry that cannot be decoded: {exc}") from None
     keep = np.ones(n, bool)
     keep[excluded] = False
     missing = np.array([g is None for g in geoms])
@@ -162,46 +176,103 @@ def rasterize_values(polygons: Polygons, grid: Grid) -> np.ndarray:
 
 
 _LINE = re.compile(r"^\s*(.*?)\s*:\s*(.*?)\s*$")
+NOMENCLATURE_KEY = "chain.nomenclature_path"
+COLOR_TABLE_KEY = "chain.color_table"
 
 
 def read_nomenclature(uri: str | None) -> dict[int, str]:
     """Read class names: one ``name:code`` line per class (iota2's format; ``code:name`` also works).
 
     Returns {} when ``uri`` is None.
+
+    Raises:
+        BadInputError: a line that is not ``name:code``, a class code or a class name given twice
+            (file, line, the duplicate and the line it first appears on), or no class at all.
     """
     if uri is None:
         return {}
     names: dict[int, str] = {}
+    code_line: dict[int, int] = {}
+    name_line: dict[str, int] = {}
     for lineno, line in enumerate(storage.read_text(uri).splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
+        where = f"{NOMENCLATURE_KEY}: {uri}:{lineno}"
         match = _LINE.match(line)
         if not match:
-            raise BadInputError(f"chain.nomenclature_path: {uri}:{lineno}: expected 'name:code', got {line!r}")
+            raise BadInputError(f"{where}: expected 'name:code', got {line!r}")
         left, right = match.groups()
         if right.lstrip("-").isdigit():
-            names[int(right)] = left
+            code, name = int(right), left
         elif left.lstrip("-").isdigit():
-            names[int(left)] = right
+            code, name = int(left), right
         else:
-            raise BadInputError(f"chain.nomenclature_path: {uri}:{lineno}: no integer class code in {line!r}")
+            raise BadInputError(f"{where}: no integer class code in {line!r}")
+        if code in code_line:
+            raise BadInputError(
+                f"{where}: class code {code} is given twice (line {code_line[code]} names it {names[code]!r}, this "
+                f"line {name!r}); each code names one class"
+            )
+        if name in name_line:
+            raise BadInputError(
+                f"{where}: class name {name!r} is given twice (line {name_line[name]} with code "
+                f"{next(c for c, n in names.items() if n == name)}, this line with code {code}); each class has "
+                f"its own name"
+            )
+        names[code], code_line[code], name_line[name] = name, lineno, lineno
+    if not names:
+        raise BadInputError(f"{NOMENCLATURE_KEY}: {uri} lists no class (expected one 'name:code' line per class)")
     return names
 
 
 def read_color_table(uri: str | None) -> dict[int, tuple[int, int, int]]:
-    """Read a colour table: one ``code R G B`` line per class (iota2's format). {} when None."""
+    """Read a colour table: one ``code R G B`` line per class (iota2's format). {} when None.
+
+    Raises:
+        BadInputError: a malformed line, a component outside 0..255, a code given twice (file,
+            line, the code and the line it first appears on), or no colour at all.
+    """
     if uri is None:
         return {}
     colors: dict[int, tuple[int, int, int]] = {}
+    code_line: dict[int, int] = {}
     for lineno, line in enumerate(storage.read_text(uri).splitlines(), 1):
         parts = line.replace(",", " ").replace(":", " ").split()
         if not parts or parts[0].startswith("#"):
             continue
+        where = f"{COLOR_TABLE_KEY}: {uri}:{lineno}"
         try:
             code, r, g, b = (int(p) for p in parts[:4])
         except ValueError:
-            raise BadInputError(f"chain.color_table: {uri}:{lineno}: expected 'code R G B', got {line!r}") from None
+            raise BadInputError(f"{where}: expected 'code R G B', got {line!r}") from None
         if not all(0 <= c <= 255 for c in (r, g, b)):
-            raise BadInputError(f"chain.color_table: {uri}:{lineno}: colour components must be 0..255")
-        colors[code] = (r, g, b)
+            raise BadInputError(f"{where}: colour components must be 0..255, got {line.strip()!r}")
+        if code in code_line:
+            raise BadInputError(
+                f"{where}: class code {code} is given twice (first at line {code_line[code]}); each code has one colour"
+            )
+        colors[code], code_line[code] = (r, g, b), lineno
+    if not colors:
+        raise BadInputError(f"{COLOR_TABLE_KEY}: {uri} lists no colour (expected one 'code R G B' line per class)")
     return colors
+
+
+def check_class_files(
+    nomenclature_uri: str | None, color_table_uri: str | None
+) -> tuple[dict[int, str], dict[int, tuple[int, int, int]]]:
+    """Read the nomenclature and the colour table and check they agree: when both are given, every
+    class of the nomenclature has a colour. Returns ``(names, colours)`` as the readers do.
+
+    Raises:
+        BadInputError: what the readers raise, or nomenclature codes without a colour (listed).
+    """
+    names = read_nomenclature(nomenclature_uri)
+    colors = read_color_table(color_table_uri)
+    missing = [c for c in names if colors and c not in colors]
+    if missing:
+        listed = ", ".join(f"{c} ({names[c]})" for c in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise BadInputError(
+            f"{COLOR_TABLE_KEY}: {color_table_uri} has no colour for {len(missing)} class(es) of "
+            f"{nomenclature_uri}: {listed}; add a 'code R G B' line for each"
+        )
+    return names, colors

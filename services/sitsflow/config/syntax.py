@@ -19,8 +19,8 @@ from typing import Any
 
 from config import Config
 from config import ConfigError as _PackageConfigError
-from config.parser import MappingBody, Parser
-from config.tokens import RecognizerError
+from config.parser import MappingBody, Parser, ParserError
+from config.tokens import EOF, NEWLINE, RecognizerError, Tokenizer
 
 from sitsflow.errors import ConfigError
 
@@ -81,34 +81,155 @@ def _collect_lines(
 ) -> None:
     """Record the line of every key of a parsed mapping, nested mappings included.
 
-    Raises :class:`ConfigError` for a key given twice in the same mapping.
+    Raises :class:`ConfigError` for a key (or a section) given twice in the same mapping, with the
+    line and column of the second one.
     """
     for key_token, value in node:
         path = (*prefix, str(key_token.value))
-        line = int(key_token.start[0])
+        line, col = int(key_token.start[0]), int(key_token.start[1])
         if path in out:
+            what = "section" if len(path) == 1 else "key"
             raise ConfigError(
-                f"duplicate key {'.'.join(path)!r} ({label}:{line}); it is first given at line "
-                f"{out[path]}: keep only one"
+                f"duplicate {what} {'.'.join(path)!r} in {label}:{line} (line {line}, column {col}); it is "
+                f"first given at line {out[path]}: keep only one"
             )
         out[path] = line
         if isinstance(value, MappingBody):
             _collect_lines(value, path, out, label)
 
 
+_PAIRS = {"{": "}", "[": "]", "(": ")"}
+_CLOSERS = {v: k for k, v in _PAIRS.items()}
+
+
+def _bracket_culprit(text: str) -> tuple[int, int, str] | None:
+    """Find the bracket that most likely breaks an unbalanced text: ``(line, column, explanation)``.
+
+    The parser notices a missing or extra bracket only where the text stops making sense, often
+    at the end of the file. This scan pairs every bracket (strings and comments are skipped by the
+    package's own tokenizer) and, when they do not balance, points at the first pair whose layout
+    betrays the slip: a block opened at the end of a line and closed in the middle of another (an
+    extra closer), a value opened in a line and closed by a closer indented less than that line (a
+    missing closer), a closer indented unlike the line of its opener. Failing those: the first
+    opener closed by a bracket of another kind, the first closer with nothing to close, or the
+    innermost opener never closed. None when the brackets balance.
+    """
+    tokens = []
+    tokenizer = Tokenizer(io.StringIO(text))
+    try:
+        while True:
+            token = tokenizer.get_token()
+            if token.kind == EOF:
+                break
+            if token.kind != NEWLINE:
+                tokens.append(token)
+    except RecognizerError:
+        return None
+    lines = text.splitlines()
+
+    def indent(line: int) -> int:
+        body = lines[line - 1] if 0 < line <= len(lines) else ""
+        return len(body) - len(body.lstrip())
+
+    def first_on_line(i: int) -> bool:
+        return i == 0 or tokens[i - 1].end[0] != tokens[i].start[0]
+
+    def last_on_line(i: int) -> bool:
+        return i == len(tokens) - 1 or tokens[i + 1].start[0] != tokens[i].end[0]
+
+    def at(i: int) -> str:
+        return f"line {tokens[i].start[0]}, column {tokens[i].start[1]}"
+
+    stack: list[int] = []
+    layout: list[tuple[int, str]] = []  # (index of the culprit token, explanation)
+    wrong_kind: list[tuple[int, str]] = []
+    stray: list[tuple[int, str]] = []
+    for i, token in enumerate(tokens):
+        kind = token.kind
+        if kind in _PAIRS:
+            stack.append(i)
+            continue
+        if kind not in _CLOSERS:
+            continue
+        if not stack:
+            stray.append((i, f"this '{kind}' closes nothing (an extra '{kind}'?)"))
+            continue
+        o = stack.pop()
+        opener = tokens[o].kind
+        if _PAIRS[opener] != kind:
+            if stack and _PAIRS[tokens[stack[-1]].kind] == kind:  # the opener was left open
+                wrong_kind.append((o, f"this '{opener}' is never closed: the '{kind}' at {at(i)} comes first"))
+                stack.pop()
+            else:  # the closer is extra
+                stack.append(o)
+                wrong_kind.append((i, f"this '{kind}' closes nothing: the '{opener}' at {at(o)} is open"))
+            continue
+        opener_line, closer_line = tokens[o].start[0], token.start[0]
+        if opener_line == closer_line:
+            continue
+        if last_on_line(o) and not first_on_line(i):
+            layout.append((i, f"this '{kind}' closes the block '{opener}' opened at {at(o)}: an extra '{kind}'?"))
+        elif not last_on_line(o) and first_on_line(i) and indent(closer_line) < indent(opener_line):
+            why = f"this '{opener}' seems never closed: the '{kind}' at {at(i)}, indented less, closes it"
+            layout.append((o, why))
+        elif last_on_line(o) and first_on_line(i) and indent(closer_line) != indent(opener_line):
+            why = (f"this '{kind}' closes the '{opener}' opened at {at(o)}, a line indented differently: a "
+                   "bracket missing or extra before it?")
+            layout.append((i, why))
+    unclosed = [(o, f"this '{tokens[o].kind}' is never closed") for o in stack[-1:]]
+    if not (wrong_kind or stray or unclosed):
+        return None
+    for found in (layout, wrong_kind, stray, unclosed):
+        if found:
+            i, why = min(found, key=lambda item: tuple(tokens[item[0]].start))
+            return int(tokens[i].start[0]), int(tokens[i].start[1]), why
+    return None  # pragma: no cover - one of the lists is not empty
+
+
+def _show(text: str, line: int, col: int) -> str:
+    """The line of the text and a caret under the column (empty when there is no such line)."""
+    lines = text.splitlines()
+    shown = lines[line - 1].rstrip() if 0 < line <= len(lines) else ""
+    return f"\n    {shown}\n    {' ' * max(col - 1, 0)}^" if shown else ""
+
+
+_LEFTOVER = "after the last section"
+#: Parser messages of a bracket found missing or extra only later than where the slip is.
+_LATE_NOTICES = ("Expected '}'", "Expected ']'", "Expected ')'", "unexpected '}' " + _LEFTOVER,
+                 "unexpected ']' " + _LEFTOVER, "unexpected ')' " + _LEFTOVER)
+
+
 def _syntax_error(label: str, text: str, exc: BaseException) -> ConfigError:
+    """A ConfigError at the culprit's line and column (a misplaced bracket when one is found)."""
     location = getattr(exc, "location", None)
     message = str(exc.args[0]) if exc.args else str(exc)
-    if location:
-        message = re.sub(r"(?: at| when looking for value:)? \(\d+, \d+\)$", "", message)
-        line, col = int(location[0]), int(location[1])
-        lines = text.splitlines()
-        shown = lines[line - 1].rstrip() if 0 < line <= len(lines) else ""
-        detail = f"\n    {shown}\n    {' ' * max(col - 1, 0)}^" if shown else ""
+    if not location:
+        return ConfigError(f"syntax error in {label}: {message}")
+    message = re.sub(r"(?: at| when looking for value:)? \(\d+, \d+\)$", "", message)
+    line, col = int(location[0]), int(location[1])
+    # a missing or extra bracket is noticed later than where it is: look for it
+    culprit = _bracket_culprit(text) if message.startswith(_LATE_NOTICES) else None
+    if culprit is not None and culprit[:2] != (line, col):
+        c_line, c_col, why = culprit
         return ConfigError(
-            f"syntax error in {label}:{line} (line {line}, column {col}): {message}{detail}"
+            f"syntax error in {label}:{c_line} (line {c_line}, column {c_col}): {why} (the parser stopped at "
+            f"line {line}, column {col}: {message}){_show(text, c_line, c_col)}"
         )
-    return ConfigError(f"syntax error in {label}: {message}")
+    if culprit is not None:
+        message = f"{message}: {culprit[2]}"
+    return ConfigError(f"syntax error in {label}:{line} (line {line}, column {col}): {message}{_show(text, line, col)}")
+
+
+def _parse_tree(text: str) -> Any:
+    """The package's parse tree of the whole text; a ParserError for anything left after it."""
+    parser = Parser(io.StringIO(text))
+    tree = parser.container()
+    if not parser.at_end:  # the package's parser stops silently at a closing bracket
+        token = parser.token
+        error = ParserError(f"unexpected {token.text!r} {_LEFTOVER}")
+        error.location = token.start
+        raise error
+    return tree
 
 
 def parse_text(
@@ -121,7 +242,7 @@ def parse_text(
     the line and column of a syntax error.
     """
     try:
-        tree = Parser(io.StringIO(text)).container()
+        tree = _parse_tree(text)
     except RecognizerError as exc:
         raise _syntax_error(label, text, exc) from None
     lines: dict[Location, int] = {}
@@ -154,6 +275,7 @@ def parse_value(text: str) -> Any:
     if not stripped:
         return text
     try:
+        _parse_tree(f"value : {stripped}\n")  # refuses trailing text the package would drop
         values = _SafeConfig(io.StringIO(f"value : {stripped}\n")).as_dict()
     except Exception:  # anything the package raises means "not a value": keep the text
         return text

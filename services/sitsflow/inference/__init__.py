@@ -86,7 +86,9 @@ def load_selected(cfg, region: int, seed: int):
     uri = layout.model_selected(cfg.chain.output_path, region, seed)
     if not storage.exists(uri):
         raise BadInputError(f"no selected model {uri}: run the selection stage (sitsflow select) first")
-    return nn.load_model(storage.read_bytes(uri))
+    # the network's code comes only from the configured dl_module, never from the model file
+    return nn.load_model(storage.read_bytes(uri), module_source=nn.read_dl_module(cfg.dl.dl_module),
+                         module_uri=cfg.dl.dl_module)
 
 
 def model_classes(description: dict) -> list[int]:

@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sitsflow.errors import ConfigError, SitsflowError
+from sitsflow.errors import BadInputError, ConfigError, SitsflowError
 from sitsflow.log import get_logger
 from sitsflow.nn._layers import DL_PARAMETERS_KEY
 from sitsflow.nn.attention import SimpleSelfAttentionClassifier
@@ -35,6 +35,25 @@ DL_NAME_KEY = "arg_train.deep_learning_parameters.dl_name"
 
 
 # ---------------------------------------------------------------------------- user modules
+def read_dl_module(uri: str | None) -> str | None:
+    """The text of the configured ``dl_module`` (local path or s3:// URI); None when none is set.
+
+    This is the only place a user network's code comes from: model files never carry code
+    (see ``sitsflow.nn.modelfile``).
+
+    Raises:
+        ConfigError: the file is missing or not UTF-8 text (exit 2, naming the key and the file).
+    """
+    if uri is None:
+        return None
+    from sitsflow import storage  # the network bank itself never touches storage
+
+    try:
+        return storage.read_text(uri)
+    except BadInputError as exc:
+        raise ConfigError(f"{DL_MODULE_KEY}: cannot read the network file {uri}: {exc}") from None
+
+
 def load_user_module(module_source: str, module_uri: str | None = None) -> types.ModuleType:
     """Execute the text of a user's ``dl_module`` file as a module (cached by location and content).
 
@@ -65,14 +84,15 @@ def load_user_module(module_source: str, module_uri: str | None = None) -> types
         exec(code, module.__dict__)  # noqa: S102 - the user's own network file, by design
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure of user code is bad input
         del sys.modules[name]
-        line = _user_line(exc, where)
+        line = user_line(exc, where)
         raise ConfigError(
             f"{DL_MODULE_KEY}: {where}: importing the module failed{line}: {type(exc).__name__}: {exc}"
         ) from exc
     return module
 
 
-def _user_line(exc: BaseException, where: str) -> str:
+def user_line(exc: BaseException, where: str) -> str:
+    """`` at line N``: the last line of the user's file ``where`` in the traceback of ``exc`` ("" if none)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == where]
     return f" at line {frames[-1].lineno}" if frames else ""
 
@@ -292,7 +312,7 @@ def build_network(
         raise
     except Exception as exc:  # noqa: BLE001 - a user constructor may fail in any way
         where = f" ({module_uri or '<dl_module>'})" if module_source is not None else ""
-        line = _user_line(exc, module_uri or "<dl_module>") if module_source is not None else ""
+        line = user_line(exc, module_uri or "<dl_module>") if module_source is not None else ""
         raise ConfigError(
             f"{DL_NAME_KEY}: building network {dl_name}{where} failed{line}: {type(exc).__name__}: {exc}"
         ) from exc
@@ -318,5 +338,6 @@ __all__ = [
     "check_dl_parameters",
     "load_user_module",
     "network_parameters",
+    "read_dl_module",
     "resolve_network",
 ]

@@ -21,9 +21,9 @@ initialisation, dropout and batch order from ``SeedSequence([random_seed + seed,
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import math
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -197,6 +197,10 @@ def _load_checkpoint(uri: str, fp: str) -> dict[str, Any] | None:
         return None
     try:
         ckpt = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        log.warning("refusing checkpoint %s: it holds objects other than plain tensors and containers (none was "
+                    "unpickled, nothing in it ran); training from scratch", uri)
+        return None
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is ignored, not fatal
         log.warning("ignoring unreadable checkpoint %s (%s); training from scratch", uri, exc)
         return None
@@ -453,8 +457,8 @@ def run(cfg: Any, region: int, seed: int, hyp: int, *, on_epoch_end: EpochHook |
             "run the sampling stage first (sitsflow sample)"
         )
     db_stat = storage.stat(db_uri)
-    module_source = storage.read_text(opts.dl_module) if opts.dl_module else None
-    module_sha = hashlib.sha256(module_source.encode()).hexdigest() if module_source is not None else None
+    module_source = sitsnn.read_dl_module(opts.dl_module)
+    module_sha = sitsnn.module_sha256(module_source) if module_source is not None else None
     fp = manifest.fingerprint(
         STAGE, FORMAT_VERSION, opts.fingerprint_parts(),
         {"region": region, "seed": seed, "random_seed": random_seed},
