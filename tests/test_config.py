@@ -18,7 +18,7 @@ from sitsflow.config import (
     SitsflowConfig,
     load_config,
 )
-from sitsflow.config.checks import resolve_path
+from sitsflow.config.schema import resolve_path
 from sitsflow.config.syntax import format_key, format_value
 from sitsflow.errors import EXIT_BAD_INPUT, ConfigError, InputNotFoundError
 

@@ -1,0 +1,491 @@
+"""The building blocks of the configuration schema: field types, rules between keys, and the text
+saying what a field allows.
+
+A constraint is declared once, on a field's type (``Annotated[int, Field(ge=1)]``, ``Literal``,
+:func:`ListOf`, :func:`PathOf`, ...). :func:`describe` turns that type into the "what is allowed"
+text that both the error messages (:mod:`sitsflow.config.report`) and the reference page
+(:mod:`sitsflow.config.docs`) print. Validators report problems with three error types:
+
+* ``invalid`` (:func:`invalid`): the value is not what the field allows; the message says
+  ``expected <describe(field)>[; why], got <value>``;
+* ``expected`` (:func:`expected`): the same with a text of its own instead of the field's;
+* ``detail`` (:func:`detail`): a whole sentence about the key.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import itertools
+import math
+import os
+import posixpath
+import re
+import string
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import annotated_types
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    PlainSerializer,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
+from typing_extensions import is_typeddict
+
+_TEMPLATES = {"invalid": "{why}", "expected": "{expected}", "detail": "{detail}"}
+
+
+def invalid(why: str = "") -> PydanticCustomError:
+    """The value is not what its field allows (``why``: an optional precision)."""
+    return PydanticCustomError("invalid", _TEMPLATES["invalid"], {"why": why})
+
+
+def expected(text: str) -> PydanticCustomError:
+    """The value is not ``text`` (said instead of the field's own description)."""
+    return PydanticCustomError("expected", _TEMPLATES["expected"], {"expected": text})
+
+
+def detail(text: str) -> PydanticCustomError:
+    """A whole message about the key."""
+    return PydanticCustomError("detail", _TEMPLATES["detail"], {"detail": text})
+
+
+def shown(value: Any, limit: int = 100) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def suggest(word: str, allowed: Iterable[str]) -> str | None:
+    """The closest allowed word (difflib), case-insensitively, or None."""
+    lowered = {o.lower(): o for o in allowed}
+    if word.lower() in lowered:
+        return lowered[word.lower()]
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    if close:
+        return lowered[close[0]]
+    if len(word) >= 3:
+        containing = [o for low, o in lowered.items() if word.lower() in low]
+        if len(containing) == 1:
+            return containing[0]
+    return None
+
+
+# --- what a field allows ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Expect:
+    """Metadata of a field type: the text saying what the field allows, when its type does not
+    say it well by itself (paths, patterns, lists)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ListMarker:
+    """Metadata of a :func:`ListOf` type: problems inside the list are reported for the list."""
+
+    noun: str
+
+
+def _parts(tp: Any) -> tuple[Any, list[Any]]:
+    """A type without its ``Annotated`` layers, and their metadata (FieldInfo objects expanded)."""
+    metadata: list[Any] = []
+    while typing.get_origin(tp) is Annotated:
+        tp, *extra = typing.get_args(tp)
+        metadata[:0] = extra
+    flat: list[Any] = []
+    for item in metadata:
+        flat.extend(item.metadata if isinstance(item, FieldInfo) else [item])
+    return tp, flat
+
+
+def markers(tp: Any) -> list[Any]:
+    """The metadata of a field type, that of ``X`` in ``X | None`` included."""
+    base, metadata = _parts(tp)
+    arm = optional_arm(base)
+    return metadata + (_parts(arm)[1] if arm is not None else [])
+
+
+def core(tp: Any) -> Any:
+    """A field type without its metadata and its ``None`` arm (``int`` for ``Annotated[int, ...] | None``)."""
+    base, _ = _parts(tp)
+    return _parts(optional_arm(base) or base)[0]
+
+
+def field_type(info: FieldInfo) -> Any:
+    """A pydantic field's type with its constraints, as one ``Annotated`` type."""
+    return Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+
+
+def optional_arm(tp: Any) -> Any | None:
+    """``X`` for ``X | None``, else None."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(arms) == 1 and len(typing.get_args(tp)) == 2:
+            return arms[0]
+    return None
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def describe(tp: Any, name: str = "value") -> str:
+    """What a value of type ``tp`` (a field named ``name``) may be, in words."""
+    base, metadata = _parts(tp)
+    texts = [m.text for m in metadata if isinstance(m, Expect)]
+    if texts:
+        return texts[-1]
+    arm = optional_arm(base)
+    if arm is not None:
+        return "None or " + describe(arm, name)
+    if base is bool:
+        return "True or False (a boolean, not 0/1 or a string)"
+    if typing.get_origin(base) is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(base))
+    if base in (int, float):
+        low = next((m for m in metadata if isinstance(m, annotated_types.Ge | annotated_types.Gt)), None)
+        high = next((m for m in metadata if isinstance(m, annotated_types.Le | annotated_types.Lt)), None)
+        what = "an integer" if base is int else "a number"
+        low_op = (">=", _number(low.ge)) if isinstance(low, annotated_types.Ge) else (
+            (">", _number(low.gt)) if low is not None else None)
+        high_op = ("<=", _number(high.le)) if isinstance(high, annotated_types.Le) else (
+            ("<", _number(high.lt)) if high is not None else None)
+        if low_op and high_op:
+            flip = {">=": "<=", ">": "<"}[low_op[0]]
+            return f"{what} {low_op[1]} {flip} {name} {high_op[0]} {high_op[1]}"
+        bound = low_op or high_op
+        return f"{what} {bound[0]} {bound[1]}" if bound else what
+    if isinstance(base, type) and issubclass(base, Section):
+        return "a section { key : value }"
+    if is_typeddict(base) or (isinstance(base, type) and issubclass(base, BaseModel)):
+        return f"a dict with keys among {', '.join(fields_of(base))}"
+    if base is dict or typing.get_origin(base) is dict:
+        return "a dict"
+    if base is str:
+        return "a string"
+    return getattr(base, "__name__", str(base))
+
+
+def fields_of(owner: Any) -> dict[str, Any]:
+    """The fields of a model or TypedDict: name -> type (with its metadata)."""
+    if isinstance(owner, type) and issubclass(owner, BaseModel):
+        return {name: field_type(info) for name, info in owner.model_fields.items()}
+    if is_typeddict(owner):
+        return typing.get_type_hints(owner, include_extras=True)
+    return {}
+
+
+def field_doc(owner: Any, name: str) -> str:
+    """The docstring of a field of a model or TypedDict, on one line, without reST markup."""
+    if isinstance(owner, type) and issubclass(owner, BaseModel):
+        text = owner.model_fields[name].description or ""
+    else:
+        text = TypeAdapter(owner).json_schema()["properties"][name].get("description", "")
+    return " ".join(text.split())
+
+
+# --- base classes ----------------------------------------------------------------------------
+Rule = tuple[tuple[str, ...], Callable[[Any], Iterable[tuple[tuple[Any, ...], Any, PydanticCustomError]]]]
+"""A rule between keys: the keys it reads, and a check of the model yielding (loc, value, error)."""
+
+
+def _rebuilt(error: Any) -> dict[str, Any]:
+    """An ``errors()`` item as the line error it was made from."""
+    kind = error["type"]
+    ctx = error.get("ctx")
+    if kind in _TEMPLATES:
+        kind = PydanticCustomError(kind, _TEMPLATES[kind], ctx)
+    line = {"type": kind, "loc": error["loc"], "input": error["input"]}
+    if ctx is not None and not isinstance(kind, PydanticCustomError):
+        line["ctx"] = ctx
+    return line
+
+
+class Inline(BaseModel):
+    """A dict of fixed keys written inline (``{"batch_size": [8]}``): immutable, no unknown key."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", strict=True, use_attribute_docstrings=True
+    )
+    __iota2__: ClassVar[dict[str, str]] = {}
+    """iota2 keys sitsflow does not support yet -> what to use instead ("" when nothing)."""
+    __refused__: ClassVar[dict[str, str]] = {}
+    """Keys that cannot be set -> why."""
+    __rules__: ClassVar[tuple[Rule, ...]] = ()
+    """Rules between the keys, checked once the keys they read are valid (every error at once)."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _with_rules(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            model = handler(data)
+        except ValidationError as exc:
+            errors = [_rebuilt(e) for e in exc.errors()]
+            if cls.__rules__ and isinstance(data, dict):
+                bad = {e["loc"][0] for e in errors if e["loc"]}
+                try:  # the keys valid by themselves, the others left to their defaults
+                    partial = handler({k: v for k, v in data.items() if k not in bad})
+                except ValidationError:
+                    partial = None
+                if partial is not None:
+                    errors += cls._broken(partial, bad)
+            raise ValidationError.from_exception_data(cls.__name__, errors) from None
+        errors = cls._broken(model, set())
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return model
+
+    @classmethod
+    def _broken(cls, model: Any, skip: set[Any]) -> list[dict[str, Any]]:
+        return [
+            {"type": error, "loc": loc, "input": value}
+            for keys, rule in cls.__rules__
+            if not skip.intersection(keys)
+            for loc, value, error in rule(model)
+        ]
+
+
+class Section(Inline):
+    """A section (``name : { key : value ... }``)."""
+
+
+# --- field types -----------------------------------------------------------------------------
+def _tuple_of_items(one_ok: bool) -> Callable[[Any], Any]:
+    def before(value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(value)
+        if one_ok and not isinstance(value, tuple | dict) and value is not None:
+            return (value,)
+        return value
+
+    return before
+
+
+def ListOf(  # noqa: N802 - a type factory
+    item: Any,
+    text: str | None = None,
+    *,
+    noun: str = "value",
+    one_ok: bool = True,
+    empty_ok: bool = False,
+) -> Any:
+    """A list (a tuple once checked) of unique ``item``s; ``text`` says what it allows (by
+    default: what the item type allows).
+
+    ``one_ok``: one value stands for a one-element list. A problem with an item is reported for the
+    whole list, with ``text``.
+    """
+    if text is None:
+        text = (
+            f"a {'' if empty_ok else 'non-empty '}list of unique {noun}s"
+            f"{' (or one ' + noun + ')' if one_ok else ''}, each {describe(item)}"
+        )
+
+    def after(value: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not value and not empty_ok:
+            raise invalid()
+        if len(set(value)) != len(value):
+            raise invalid(f"a {noun} is listed twice")
+        return value
+
+    return Annotated[
+        tuple[item, ...],
+        BeforeValidator(_tuple_of_items(one_ok)),
+        AfterValidator(after),
+        Expect(text),
+        ListMarker(noun),
+    ]
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise invalid()
+    return value
+
+
+def Text(text: str = "a non-empty string", pattern: str | None = None) -> Any:  # noqa: N802
+    """A non-blank string (matching ``pattern`` in full when given)."""
+    regex = re.compile(pattern) if pattern else None
+
+    def check(value: str) -> str:
+        if regex is not None and not regex.fullmatch(value):
+            raise invalid()
+        return value
+
+    return Annotated[str, AfterValidator(_non_blank), AfterValidator(check), Expect(text)]
+
+
+@dataclass(frozen=True)
+class IsPath:
+    """Metadata of a path field: relative values are resolved against the configuration's folder
+    (:func:`sitsflow.config.report.validate`)."""
+
+    unless: tuple[str, ...] = ()
+    """Values that are not paths (``"descriptions"`` for ``dated_raster.dates``)."""
+
+
+def PathOf(text: str, *, pattern: bool = False, suffixes: tuple[str, ...] = ()) -> Any:  # noqa: N802
+    """A local path or ``s3://`` URI of ``text`` (e.g. "the path of a .py file").
+
+    ``pattern``: may hold ``{tile}`` (and no other placeholder); ``suffixes``: allowed endings.
+    The value is checked here and resolved to an absolute one by the loader.
+    """
+
+    def check(value: str) -> str:
+        if suffixes and not value.lower().endswith(suffixes):
+            raise invalid()
+        if pattern:
+            check_placeholders(value)
+        elif "{tile}" in value:
+            raise invalid("{tile} is not replaced in this key")
+        scheme = _SCHEME.match(value)
+        if scheme and scheme.group(1) != "s3":
+            raise expected("a local path or an s3:// URI (other URI schemes are not supported)")
+        if scheme:
+            normalise_s3(value)
+        return value
+
+    return Annotated[str, AfterValidator(_non_blank), AfterValidator(check), Expect(text), IsPath()]
+
+
+def check_placeholders(value: str) -> None:
+    """Raise ``invalid`` unless ``{tile}`` is the only placeholder of ``value``."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+    except ValueError as exc:
+        raise invalid(f"unbalanced braces: {exc}") from None
+    bad = [f for f in fields if f != "tile"]
+    if bad:
+        raise invalid(f"unknown placeholder {{{bad[0]}}} (only {{tile}} is replaced)")
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/.*)?$")
+
+
+def normalise_s3(uri: str) -> str:
+    """``s3://bucket/key`` with the key normalised (no ``.``/``..``/double or trailing slashes).
+
+    Raises ``expected`` (a PydanticCustomError saying what is expected).
+    """
+    match = _S3_URI.match(uri)
+    if not match:
+        raise expected("an s3://bucket/key URI with a valid bucket name")
+    bucket, key = match.group(1), (match.group(2) or "").lstrip("/")
+    key = posixpath.normpath(key) if key else "."
+    if key == ".":
+        return f"s3://{bucket}"
+    if key.startswith(".."):
+        raise expected("a path that stays inside the bucket")
+    return f"s3://{bucket}/{key}"
+
+
+def resolve_path(value: str, base: str) -> str:
+    """Resolve ``value`` against ``base`` (a local folder or an ``s3://`` prefix).
+
+    Absolute local paths and ``s3://`` URIs are kept (normalised); ``~`` is expanded.
+    """
+    if _SCHEME.match(value):
+        return normalise_s3(value)
+    value = os.path.expanduser(value)
+    if os.path.isabs(value):
+        return os.path.normpath(value)
+    if base.startswith("s3://"):
+        return normalise_s3(f"{base.rstrip('/')}/{value}")
+    return os.path.normpath(os.path.join(base, value))
+
+
+AS_IS = PlainSerializer(lambda value: value, return_type=Any)
+"""Serialise a value by what it is (for types whose validator chooses among several shapes)."""
+
+
+# --- dates -----------------------------------------------------------------------------------
+DATE_FORMS = "YYYYMMDD, YYYY-MM-DD or an ISO datetime"
+
+
+def parse_date(value: Any) -> int:
+    """A date as a YYYYMMDD int from "YYYYMMDD", "YYYY-MM-DD", an ISO datetime or a YYYYMMDD int.
+
+    Raises ``expected`` (a PydanticCustomError).
+    """
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(value)
+        raw = str(value).strip()
+        if re.fullmatch(r"\d{8}", raw):
+            day = datetime.datetime.strptime(raw, "%Y%m%d").date()
+        elif re.fullmatch(r"\d{4}-\d{2}-\d{2}", raw):
+            day = datetime.date.fromisoformat(raw)
+        else:
+            iso = raw[:-1] + "+00:00" if raw.endswith("Z") else raw
+            day = datetime.datetime.fromisoformat(iso).date()
+    except ValueError:
+        raise expected(f"a date ({DATE_FORMS})") from None
+    return day.year * 10000 + day.month * 100 + day.day
+
+
+Date = Annotated[int, PlainValidator(parse_date), Expect(f"a date ({DATE_FORMS})")]
+"""A date, given as YYYYMMDD, YYYY-MM-DD or an ISO datetime, held as a YYYYMMDD integer."""
+
+_DATE_LIST = TypeAdapter(tuple[Date, ...])
+_DATES_TEXT = (
+    f"'descriptions', a list of dates ({DATE_FORMS}) or the path of a .json or .txt file of dates"
+)
+_DATES_FILE = TypeAdapter(PathOf(_DATES_TEXT, suffixes=(".json", ".txt")))
+
+
+def _dates(value: Any) -> str | tuple[int, ...]:
+    if value == "descriptions":
+        return "descriptions"
+    if isinstance(value, str) and value.strip().lower().endswith((".json", ".txt")):
+        return str(_DATES_FILE.validate_python(value.strip()))
+    if not isinstance(value, list | tuple) or not value:
+        raise invalid()
+    out = _DATE_LIST.validate_python(tuple(value))  # a bad item is reported at its index
+    if any(b <= a for a, b in itertools.pairwise(out)):
+        raise detail(f"dates must be unique and in increasing order, got {list(out)}")
+    return out
+
+
+Dates = Annotated[
+    Literal["descriptions"] | tuple[int, ...] | str,
+    PlainValidator(_dates),
+    AS_IS,
+    Expect(_DATES_TEXT),
+    IsPath(unless=("descriptions",)),
+]
+"""``"descriptions"``, a list of increasing dates, or the path of a ``.json``/``.txt`` of dates."""
+
+
+# --- plain JSON values -----------------------------------------------------------------------
+def json_value(value: Any, where: str) -> Any:
+    """Check that ``value`` is made of str, int, float, bool, None, lists and str-keyed dicts."""
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise detail(f"finite numbers only in {where}")
+        return value
+    if isinstance(value, list | tuple):
+        return [json_value(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_value(v, where) for k, v in value.items()}
+    raise detail(f"unsupported value {shown(value)} ({type(value).__name__}) in {where}")
+
+
+def JsonDict(text: str, where: str) -> Any:  # noqa: N802
+    """A dict of plain values (``where`` names it in messages)."""
+    return Annotated[dict[str, Any], AfterValidator(lambda v: json_value(v, where)), Expect(text)]
