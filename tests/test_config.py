@@ -204,6 +204,21 @@ def test_every_field_is_documented_in_its_docstring_and_in_the_reference_page() 
             assert f"`{key}`" in page, key
 
 
+def test_configuration_reference_is_generated_from_the_models() -> None:
+    """docs/configuration.md's reference part is the models' (SITSFLOW_REGENERATE=1 rewrites it)."""
+    from sitsflow.config import docs
+
+    page = docs.PAGE.read_text(encoding="utf-8")
+    if os.environ.get("SITSFLOW_REGENERATE") == "1":
+        docs.main([])
+    assert page == docs.render(page), (
+        "docs/configuration.md is stale: run `python -m sitsflow.config.docs` "
+        "(or SITSFLOW_REGENERATE=1 pytest tests/test_config.py)"
+    )
+    assert "`hyperparameters_solver` | `{\"batch_size\" : [1000]" in page  # a generated cell
+    assert "a number 0 < ratio < 1" in page  # the text the error messages print
+
+
 def test_full_config_with_every_section(tmp_path: Path) -> None:
     (tmp_path / "dates.txt").write_text("20180101\n20180111\n")
     config = with_values(

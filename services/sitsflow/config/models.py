@@ -14,6 +14,7 @@ integers, tuples instead of lists. Assigning an attribute raises.
 from __future__ import annotations
 
 import itertools
+import typing
 import re
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
@@ -55,7 +56,7 @@ BUILTIN_NETWORKS: tuple[str, ...] = (
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=0)]
-_FIELD_NAME = Text("a non-empty field name")
+FieldName = Annotated[str, Text("a non-empty field name")]
 
 
 def _date_order(section: Any) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
@@ -96,14 +97,21 @@ TileList = Annotated[
         "(e.g. 'T31TCJ T31TDJ')"
     ),
 ]
-_FOLDER = PathOf("a folder (local or s3:// URI)")
+Folder = Annotated[str, PathOf("a folder (local or s3:// URI)")]
+TextFile = Annotated[str, PathOf("the path of a text file")]
+PyFile = Annotated[str, PathOf("the path of a .py file", suffixes=(".py",))]
 _SENSOR_HINT = "describe the images with a dated_raster section instead"
 _GRID_HINT = "sitsflow works in the grid (projection and resolution) of the dated rasters"
 _RERUN_HINT = "sitsflow runs every stage; a rerun skips the tasks already done"
 
 
 class ChainSection(Section):
-    """The ``chain`` section: where the inputs are and where the outputs go."""
+    """The ``chain`` section: where the inputs are and where the outputs go.
+
+    At least one sensor is required: one of the four product folders (``s2_path``,
+    ``s2_l3a_path``, ``s2_s2c_path``, ``l8_path``) or a ``dated_raster`` section (else "no
+    sensor: ..."). Several sensors can be combined (docs/sensors.md).
+    """
 
     __iota2__ = {
         **dict.fromkeys(
@@ -125,33 +133,33 @@ class ChainSection(Section):
         ),
     }
 
-    output_path: PathOf("a local folder or an s3:// URI")
+    output_path: Annotated[str, PathOf("a local folder or an s3:// URI")]
     """Root of every output (local folder or ``s3://bucket/prefix``), iota2's output tree."""
     list_tile: TileList
     """The tiles to process, iota2 style: names separated by spaces (``"T31TCJ T31TDJ"``)."""
-    ground_truth: PathOf("the path of a vector file (or s3:// URI)")
+    ground_truth: Annotated[str, PathOf("the path of a vector file (or s3:// URI)")]
     """Reference polygons (a vector file readable by OGR) with the class code in ``data_field``."""
-    data_field: _FIELD_NAME
+    data_field: FieldName
     """Name of the integer attribute of ``ground_truth`` that holds the class codes."""
-    region_path: PathOf("the path of a vector file") | None = None
+    region_path: Annotated[str, PathOf("the path of a vector file")] | None = None
     """Optional vector file of eco-climatic regions: one model is trained per region."""
-    region_field: _FIELD_NAME = "region"
+    region_field: FieldName = "region"
     """Attribute of ``region_path`` (and of the samples) holding the region number."""
-    nomenclature_path: PathOf("the path of a text file") | None = None
+    nomenclature_path: TextFile | None = None
     """Optional text file ``name:code`` per line, naming the classes in reports."""
-    color_table: PathOf("the path of a text file") | None = None
+    color_table: TextFile | None = None
     """Optional text file ``code R G B`` per line, for the colour-indexed final map."""
-    s2_path: _FOLDER | None = None
+    s2_path: Folder | None = None
     """Folder of Sentinel-2 THEIA L2A products, one sub-folder per tile (``{s2_path}/T31TCJ/``)
     holding one folder per acquisition (``SENTINEL2A_YYYYMMDD-..._L2A_T31TCJ_...``); enables the
     ``Sentinel_2`` sensor."""
-    s2_l3a_path: _FOLDER | None = None
+    s2_l3a_path: Folder | None = None
     """Folder of Sentinel-2 THEIA L3A monthly syntheses, one sub-folder per tile; enables
     ``Sentinel_2_L3A``."""
-    s2_s2c_path: _FOLDER | None = None
+    s2_s2c_path: Folder | None = None
     """Folder of Sentinel-2 Sen2Cor L2A products (``.SAFE`` folders), one sub-folder per tile;
     enables ``Sentinel_2_S2C``."""
-    l8_path: _FOLDER | None = None
+    l8_path: Folder | None = None
     """Folder of Landsat 8 THEIA L2A products, one sub-folder per tile; enables ``Landsat8``."""
 
     @property
@@ -172,18 +180,20 @@ class DatedRasterSection(Section):
 
     __rules__ = (_DATE_ORDER,)
 
-    name: Text("a lower-case name matching [a-z][a-z0-9]* (e.g. 'sentinel2')", r"[a-z][a-z0-9]*") = (
-        "generic"
-    )
+    name: Annotated[
+        str, Text("a lower-case name matching [a-z][a-z0-9]* (e.g. 'sentinel2')", r"[a-z][a-z0-9]*")
+    ] = "generic"
     """Sensor key used in feature names (``{name}_{band}_{YYYYMMDD}``) and statistics."""
-    path: PathOf("a path or s3:// URI of a raster (may contain {tile})", pattern=True)
+    path: Annotated[str, PathOf("a path or s3:// URI of a raster (may contain {tile})", pattern=True)]
     """Path pattern of the raster of each tile; ``{tile}`` is replaced by the tile name (it is
     needed when several tiles are listed)."""
-    bands: ListOf(
-        Annotated[str, Field(pattern=r"^[a-z0-9]+$")],
-        "a non-empty list of unique lower-case band names made of [a-z0-9] (e.g. ['ndvi'])",
-        noun="band",
-    )
+    bands: Annotated[
+        tuple[Annotated[str, Field(pattern=r"^[a-z0-9]+$")], ...],
+        ListOf(
+            "band",
+            "a non-empty list of unique lower-case band names made of [a-z0-9] (e.g. ['ndvi'])",
+        ),
+    ]
     """Band (component) names in the order they are stacked for each date, e.g. ``["ndvi"]``; a
     single string is one band."""
     dates: Dates = "descriptions"
@@ -194,7 +204,10 @@ class DatedRasterSection(Section):
     """Raw values are multiplied by ``scale`` (e.g. 0.0001 for reflectances stored as int16)."""
     nodata: float | None = None
     """Raw value meaning "no data" (such pixels are invalid at that date); None: none."""
-    mask_path: PathOf("a path or s3:// URI of a mask raster (may contain {tile})", pattern=True) | None = None
+    mask_path: (
+        Annotated[str, PathOf("a path or s3:// URI of a mask raster (may contain {tile})", pattern=True)]
+        | None
+    ) = None
     """Optional path pattern (with ``{tile}``) of a validity mask raster: one band per date,
     nonzero = invalid (cloud, shadow, saturation, edge)."""
     start_date: Date | None = None
@@ -234,7 +247,10 @@ class OpticalSensorSection(Section):
     end_date: Date | None = None
     """Last date (``>= start_date``) of the acquisitions used and of the gap-filling grid; None:
     the last acquisition."""
-    keep_bands: ListOf(str, "a non-empty list of unique bands of the sensor", noun="band") | None = None
+    keep_bands: (
+        Annotated[tuple[str, ...], ListOf("band", "a non-empty list of unique bands of the sensor")]
+        | None
+    ) = None
     """Bands fed to the network (any case), put in the sensor's order (e.g. ``["B2", "B3", "B4",
     "B8"]``); None: every band of the sensor. Spectral indices are computed from all bands either
     way."""
@@ -295,9 +311,9 @@ class HyperparametersSolver(Inline):
     """iota2's ``hyperparameters_solver``: the lists of batch sizes and learning rates to try; a
     missing key takes its default list."""
 
-    batch_size: ListOf(PositiveInt) = (1000,)
+    batch_size: Annotated[tuple[PositiveInt, ...], ListOf()] = (1000,)
     """Batch sizes to try."""
-    learning_rate: ListOf(Annotated[float, Field(gt=0)]) = (0.00001,)
+    learning_rate: Annotated[tuple[Annotated[float, Field(gt=0)], ...], ListOf()] = (0.00001,)
     """Learning rates to try."""
 
 
@@ -352,13 +368,13 @@ class DeepLearningParameters(Section):
 
     __rules__ = ((("dl_name", "dl_module"), _network),)
 
-    dl_name: Text("the class name of a network (e.g. 'LTAEClassifier')")
+    dl_name: Annotated[str, Text("the class name of a network (e.g. 'LTAEClassifier')")]
     """Available neural network's architecture (class name), currently 'LTAEClassifier', 'ANN',
     'MLPClassifier' or 'SimpleSelfAttentionClassifier'; with ``dl_module``, any class name (a
     Python identifier) of that module."""
-    dl_parameters: JsonDict("a dict of constructor arguments, e.g. {'d_model': 64}", "dl_parameters") = Field(
-        default_factory=dict
-    )
+    dl_parameters: Annotated[
+        dict[str, Any], JsonDict("a dict of constructor arguments, e.g. {'d_model': 64}", "dl_parameters")
+    ] = Field(default_factory=dict)
     """Set of key/value to create the neural network instance (constructor parameters)."""
     model_selection_criterion: Literal["loss", "fscore", "oa", "kappa"] = "loss"
     """Select the model which maximizes one of these metrics computed on the validation set during
@@ -374,7 +390,7 @@ class DeepLearningParameters(Section):
     hyperparameters_solver: HyperparametersSolver = Field(default_factory=HyperparametersSolver)
     """Key/value of hyperparameters to use to build models: one model per
     (batch_size, learning_rate) pair of the product of the two lists."""
-    dl_module: PathOf("the path of a .py file", suffixes=(".py",)) | None = None
+    dl_module: PyFile | None = None
     """Path to a user python module containing custom neural networks (classes derived from
     Iota2NeuralNetwork)."""
     restart_from_checkpoint: bool = True
@@ -451,11 +467,10 @@ class ArgTrainSection(Section):
     """Seed of the first split; run ``r`` uses ``random_seed + r``."""
     features_from_raw_dates: bool = False
     """Feed the networks the raw acquisition dates instead of the gap-filled regular date grid."""
-    features: ListOf(
-        Annotated[Literal[SPECTRAL_INDICES], BeforeValidator(_index_name)],  # type: ignore[valid-type]
-        noun="name",
-        empty_ok=True,
-    ) = SPECTRAL_INDICES
+    features: Annotated[
+        tuple[Annotated[Literal[SPECTRAL_INDICES], BeforeValidator(_index_name)], ...],  # type: ignore[valid-type]
+        ListOf("name", empty_ok=True),
+    ] = SPECTRAL_INDICES
     """Spectral indices computed per date for the optical sensors (Sentinel-2, Landsat 8) after
     their bands (any case); [] turns them off. Not applied to dated_raster."""
     deep_learning_parameters: DeepLearningParameters
@@ -545,7 +560,7 @@ class ExternalFeaturesSection(Section):
 
     __iota2__ = dict.fromkeys(("no_data_value", "exogeneous_data", "output_name"), "")
 
-    module: PathOf("the path of a .py file", suffixes=(".py",))
+    module: PyFile
     """Path of the user's Python module (.py) defining the functions."""
     functions: Annotated[
         tuple[tuple[str, dict[str, Any]], ...], PlainValidator(_functions), AS_IS, Expect(_FUNCTIONS_TEXT)
@@ -717,7 +732,7 @@ class SitsflowConfig(Section):
 
 
 SECTION_MODELS: dict[str, type[Inline]] = {
-    name: optional_arm(info.annotation) or info.annotation
+    name: typing.cast(type[Inline], optional_arm(info.annotation) or info.annotation)
     for name, info in SitsflowConfig.model_fields.items()
     if name != "source"
 }

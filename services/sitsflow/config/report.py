@@ -19,8 +19,8 @@ from pydantic_core import PydanticCustomError
 
 from sitsflow.config.models import SECTION_MODELS, SitsflowConfig
 from sitsflow.config.schema import (
-    IsPath,
-    ListMarker,
+    ListOf,
+    PathOf,
     core,
     describe,
     field_doc,
@@ -104,7 +104,12 @@ def _dotted(loc: Loc) -> str:
 
 def _at(raw: Any, loc: Loc) -> Any:
     for part in loc:
-        raw = raw[part] if isinstance(raw, dict | list | tuple) else None
+        if isinstance(raw, dict):
+            raw = raw.get(part)
+        elif isinstance(raw, list | tuple) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            return None
     return raw
 
 
@@ -176,7 +181,7 @@ def message(error: Any, raw: Any, origins: Origins) -> str:
             f"({origins.where(section)})" + (f": {meaning}" if meaning else "")
         )
     value = error["input"]
-    if depth < len(loc) and any(isinstance(m, ListMarker) for m in markers(tp)):
+    if depth < len(loc) and any(isinstance(m, ListOf) for m in markers(tp)):
         loc, value = loc[:depth], _at(raw, loc[:depth])  # an item of a list: the list is wrong
     path, where = _dotted(loc), origins.where(loc)
     if kind == "detail":
@@ -196,8 +201,8 @@ def message(error: Any, raw: Any, origins: Origins) -> str:
 
 
 # --- paths -----------------------------------------------------------------------------------
-def _is_path(tp: Any) -> IsPath | None:
-    return next((m for m in markers(tp) if isinstance(m, IsPath)), None)
+def _is_path(tp: Any) -> PathOf | None:
+    return next((m for m in markers(tp) if isinstance(m, PathOf)), None)
 
 
 def _resolved(model: Any, loc: Loc, origins: Origins, errors: list[str]) -> Any:

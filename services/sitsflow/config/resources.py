@@ -126,7 +126,7 @@ def _parsed(parse: Any) -> Any:
 class StageResources(Inline):
     """One iota2 resource block; a key left out keeps the default (``default`` block, built-in)."""
 
-    name: Text("a non-empty string (iota2's job name)") | None = None
+    name: Annotated[str, Text("a non-empty string (iota2's job name)")] | None = None
     """iota2's PBS job name; kept for compatibility, Argo names the pods after the tasks."""
     nb_cpu: Annotated[int, Field(ge=1)] | None = None
     """CPU cores requested (``resources.requests.cpu``)."""
@@ -137,11 +137,17 @@ class StageResources(Inline):
     """Seconds a pod may run (``activeDeadlineSeconds``) before Argo stops it."""
     nb_gpu: Annotated[int, Field(ge=0)] | None = None
     """GPUs requested (``nvidia.com/gpu``); train and infer only."""
-    queue: Text(
-        "a node pool name: a Kubernetes label value (letters, digits, '-', '_', '.', at most 63 "
-        "characters)",
-        _QUEUE.pattern,
-    ) | None = None
+    queue: (
+        Annotated[
+            str,
+            Text(
+                "a node pool name: a Kubernetes label value (letters, digits, '-', '_', '.', at "
+                "most 63 characters)",
+                _QUEUE.pattern,
+            ),
+        ]
+        | None
+    ) = None
     """Node pool: the pods get the node selector ``{<pool-label parameter>: queue}``."""
 
 
@@ -163,8 +169,8 @@ class ResourcesSection(Section):
 
     They set what each stage's pods request on Kubernetes (``docs/deploy.md``, "iota2 resource
     blocks"). A stage's block wins over ``default`` key by key; a key left out keeps the built-in
-    default (sample: 2 CPUs, 8Gi, 24 h; train: 4 CPUs, 16Gi, 24 h, 1 GPU; select: 1 CPU, 4Gi,
-    6 h; infer: 4 CPUs, 16Gi, 24 h, 1 GPU; merge: 2 CPUs, 8Gi, 12 h).
+    setting (:data:`BUILTIN`). iota2 step names (``training``, ``classifications``, ``mosaic``,
+    ...) are refused with the stage word to use.
     """
 
     __iota2__ = IOTA2_STEP_HINTS

@@ -2,7 +2,7 @@
 saying what a field allows.
 
 A constraint is declared once, on a field's type (``Annotated[int, Field(ge=1)]``, ``Literal``,
-:func:`ListOf`, :func:`PathOf`, ...). :func:`describe` turns that type into the "what is allowed"
+:class:`ListOf`, :class:`PathOf`, ...). :func:`describe` turns that type into the "what is allowed"
 text that both the error messages (:mod:`sitsflow.config.report`) and the reference page
 (:mod:`sitsflow.config.docs`) print. Validators report problems with three error types:
 
@@ -30,10 +30,9 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 import annotated_types
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
+    GetCoreSchemaHandler,
     PlainSerializer,
     PlainValidator,
     TypeAdapter,
@@ -41,7 +40,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, core_schema
 from typing_extensions import is_typeddict
 
 _TEMPLATES = {"invalid": "{why}", "expected": "{expected}", "detail": "{detail}"}
@@ -92,13 +91,6 @@ class Expect:
     text: str
 
 
-@dataclass(frozen=True)
-class ListMarker:
-    """Metadata of a :func:`ListOf` type: problems inside the list are reported for the list."""
-
-    noun: str
-
-
 def _parts(tp: Any) -> tuple[Any, list[Any]]:
     """A type without its ``Annotated`` layers, and their metadata (FieldInfo objects expanded)."""
     metadata: list[Any] = []
@@ -138,16 +130,18 @@ def optional_arm(tp: Any) -> Any | None:
     return None
 
 
-def _number(value: float) -> str:
+def _number(value: Any) -> str:
     return f"{value:g}"
 
 
 def describe(tp: Any, name: str = "value") -> str:
     """What a value of type ``tp`` (a field named ``name``) may be, in words."""
     base, metadata = _parts(tp)
-    texts = [m.text for m in metadata if isinstance(m, Expect)]
-    if texts:
-        return texts[-1]
+    for marker in reversed(metadata):
+        if isinstance(marker, ListOf):
+            return marker.describe(typing.get_args(base)[0])
+        if isinstance(marker, Expect | Text | PathOf | JsonDict):
+            return marker.text
     arm = optional_arm(base)
     if arm is not None:
         return "None or " + describe(arm, name)
@@ -202,7 +196,7 @@ Rule = tuple[tuple[str, ...], Callable[[Any], Iterable[tuple[tuple[Any, ...], An
 """A rule between keys: the keys it reads, and a check of the model yielding (loc, value, error)."""
 
 
-def _rebuilt(error: Any) -> dict[str, Any]:
+def _rebuilt(error: Any) -> Any:
     """An ``errors()`` item as the line error it was made from."""
     kind = error["type"]
     ctx = error.get("ctx")
@@ -249,7 +243,7 @@ class Inline(BaseModel):
         return model
 
     @classmethod
-    def _broken(cls, model: Any, skip: set[Any]) -> list[dict[str, Any]]:
+    def _broken(cls, model: Any, skip: set[Any]) -> list[Any]:
         return [
             {"type": error, "loc": loc, "input": value}
             for keys, rule in cls.__rules__
@@ -262,92 +256,93 @@ class Section(Inline):
     """A section (``name : { key : value ... }``)."""
 
 
-# --- field types -----------------------------------------------------------------------------
-def _tuple_of_items(one_ok: bool) -> Callable[[Any], Any]:
-    def before(value: Any) -> Any:
-        if isinstance(value, list):
-            return tuple(value)
-        if one_ok and not isinstance(value, tuple | dict) and value is not None:
-            return (value,)
+# --- field types: markers used in Annotated[...] ---------------------------------------------
+class Checked:
+    """Base of the markers that add checks to the type they annotate: ``before`` runs on the raw
+    value, ``after`` on the value the type accepted."""
+
+    def before(self, value: Any) -> Any:
         return value
 
-    return before
-
-
-def ListOf(  # noqa: N802 - a type factory
-    item: Any,
-    text: str | None = None,
-    *,
-    noun: str = "value",
-    one_ok: bool = True,
-    empty_ok: bool = False,
-) -> Any:
-    """A list (a tuple once checked) of unique ``item``s; ``text`` says what it allows (by
-    default: what the item type allows).
-
-    ``one_ok``: one value stands for a one-element list. A problem with an item is reported for the
-    whole list, with ``text``.
-    """
-    if text is None:
-        text = (
-            f"a {'' if empty_ok else 'non-empty '}list of unique {noun}s"
-            f"{' (or one ' + noun + ')' if one_ok else ''}, each {describe(item)}"
-        )
-
-    def after(value: tuple[Any, ...]) -> tuple[Any, ...]:
-        if not value and not empty_ok:
-            raise invalid()
-        if len(set(value)) != len(value):
-            raise invalid(f"a {noun} is listed twice")
+    def after(self, value: Any) -> Any:
         return value
 
-    return Annotated[
-        tuple[item, ...],
-        BeforeValidator(_tuple_of_items(one_ok)),
-        AfterValidator(after),
-        Expect(text),
-        ListMarker(noun),
-    ]
-
-
-def _non_blank(value: str) -> str:
-    if not value.strip():
-        raise invalid()
-    return value
-
-
-def Text(text: str = "a non-empty string", pattern: str | None = None) -> Any:  # noqa: N802
-    """A non-blank string (matching ``pattern`` in full when given)."""
-    regex = re.compile(pattern) if pattern else None
-
-    def check(value: str) -> str:
-        if regex is not None and not regex.fullmatch(value):
-            raise invalid()
-        return value
-
-    return Annotated[str, AfterValidator(_non_blank), AfterValidator(check), Expect(text)]
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        inner = core_schema.no_info_after_validator_function(self.after, handler(source))
+        return core_schema.no_info_before_validator_function(self.before, inner)
 
 
 @dataclass(frozen=True)
-class IsPath:
-    """Metadata of a path field: relative values are resolved against the configuration's folder
-    (:func:`sitsflow.config.report.validate`)."""
+class ListOf(Checked):
+    """``Annotated[tuple[X, ...], ListOf(...)]``: a list (a tuple once checked) of unique items.
 
-    unless: tuple[str, ...] = ()
-    """Values that are not paths (``"descriptions"`` for ``dated_raster.dates``)."""
-
-
-def PathOf(text: str, *, pattern: bool = False, suffixes: tuple[str, ...] = ()) -> Any:  # noqa: N802
-    """A local path or ``s3://`` URI of ``text`` (e.g. "the path of a .py file").
-
-    ``pattern``: may hold ``{tile}`` (and no other placeholder); ``suffixes``: allowed endings.
-    The value is checked here and resolved to an absolute one by the loader.
+    ``one_ok``: one value stands for a one-element list. A problem with an item is reported for the
+    whole list, with ``text`` (by default: what the item type allows).
     """
 
-    def check(value: str) -> str:
-        if suffixes and not value.lower().endswith(suffixes):
+    noun: str = "value"
+    text: str | None = None
+    one_ok: bool = True
+    empty_ok: bool = False
+
+    def before(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(value)
+        if self.one_ok and not isinstance(value, tuple | dict) and value is not None:
+            return (value,)
+        return value
+
+    def after(self, value: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not value and not self.empty_ok:
             raise invalid()
-        if pattern:
+        if len(set(value)) != len(value):
+            raise invalid(f"a {self.noun} is listed twice")
+        return value
+
+    def describe(self, item: Any) -> str:
+        """What the list allows."""
+        if self.text is not None:
+            return self.text
+        return (
+            f"a {'' if self.empty_ok else 'non-empty '}list of unique {self.noun}s"
+            f"{f' (or one {self.noun})' if self.one_ok else ''}, each {describe(item)}"
+        )
+
+
+@dataclass(frozen=True)
+class Text(Checked):
+    """``Annotated[str, Text(...)]``: a non-blank string (matching ``pattern`` in full)."""
+
+    text: str = "a non-empty string"
+    pattern: str | None = None
+
+    def after(self, value: str) -> str:
+        if not value.strip() or (self.pattern and not re.fullmatch(self.pattern, value)):
+            raise invalid()
+        return value
+
+
+@dataclass(frozen=True)
+class PathOf(Checked):
+    """``Annotated[str, PathOf(...)]``: a local path or ``s3://`` URI of ``text`` ("the path of
+    a .py file"), checked here and resolved to an absolute one by
+    :func:`sitsflow.config.report.validate`.
+
+    ``pattern``: may hold ``{tile}`` (and no other placeholder); ``suffixes``: allowed endings;
+    ``unless``: values of the field that are not paths.
+    """
+
+    text: str
+    pattern: bool = False
+    suffixes: tuple[str, ...] = ()
+    unless: tuple[str, ...] = ()
+
+    def after(self, value: Any) -> Any:
+        if not isinstance(value, str) or value in self.unless:
+            return value
+        if not value.strip() or (self.suffixes and not value.lower().endswith(self.suffixes)):
+            raise invalid()
+        if self.pattern:
             check_placeholders(value)
         elif "{tile}" in value:
             raise invalid("{tile} is not replaced in this key")
@@ -358,7 +353,18 @@ def PathOf(text: str, *, pattern: bool = False, suffixes: tuple[str, ...] = ()) 
             normalise_s3(value)
         return value
 
-    return Annotated[str, AfterValidator(_non_blank), AfterValidator(check), Expect(text), IsPath()]
+
+@dataclass(frozen=True)
+class JsonDict(Checked):
+    """``Annotated[dict[str, Any], JsonDict(...)]``: a dict of plain values (``where`` names it
+    in messages)."""
+
+    text: str
+    where: str
+
+    def after(self, value: dict[str, Any]) -> dict[str, Any]:
+        checked: dict[str, Any] = json_value(value, self.where)
+        return checked
 
 
 def check_placeholders(value: str) -> None:
@@ -444,7 +450,7 @@ _DATE_LIST = TypeAdapter(tuple[Date, ...])
 _DATES_TEXT = (
     f"'descriptions', a list of dates ({DATE_FORMS}) or the path of a .json or .txt file of dates"
 )
-_DATES_FILE = TypeAdapter(PathOf(_DATES_TEXT, suffixes=(".json", ".txt")))
+_DATES_FILE = TypeAdapter(Annotated[str, PathOf(_DATES_TEXT, suffixes=(".json", ".txt"))])
 
 
 def _dates(value: Any) -> str | tuple[int, ...]:
@@ -464,8 +470,7 @@ Dates = Annotated[
     Literal["descriptions"] | tuple[int, ...] | str,
     PlainValidator(_dates),
     AS_IS,
-    Expect(_DATES_TEXT),
-    IsPath(unless=("descriptions",)),
+    PathOf(_DATES_TEXT, unless=("descriptions",)),
 ]
 """``"descriptions"``, a list of increasing dates, or the path of a ``.json``/``.txt`` of dates."""
 
@@ -484,8 +489,3 @@ def json_value(value: Any, where: str) -> Any:
     if isinstance(value, dict):
         return {str(k): json_value(v, where) for k, v in value.items()}
     raise detail(f"unsupported value {shown(value)} ({type(value).__name__}) in {where}")
-
-
-def JsonDict(text: str, where: str) -> Any:  # noqa: N802
-    """A dict of plain values (``where`` names it in messages)."""
-    return Annotated[dict[str, Any], AfterValidator(lambda v: json_value(v, where)), Expect(text)]

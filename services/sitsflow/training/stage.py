@@ -25,7 +25,7 @@ import hashlib
 import io
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +83,7 @@ def fingerprint_parts(dl: DeepLearningParameters, hyp: int) -> dict[str, Any]:
     return {**parts, "batch_size": batch_size, "learning_rate": learning_rate, "hyp": int(hyp)}
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, adaptive_lr: dict[str, Any]) -> Any:
+def make_scheduler(optimizer: torch.optim.Optimizer, adaptive_lr: Mapping[str, Any]) -> Any:
     """``ReduceLROnPlateau(optimizer, mode="min", **adaptive_lr)``, or None when ``adaptive_lr`` is {}.
 
     ``verbose`` is dropped (PyTorch no longer accepts it; learning rates are in the history).
