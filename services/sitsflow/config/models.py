@@ -375,10 +375,12 @@ class DeepLearningParameters(Section):
     dl_parameters: Annotated[
         dict[str, Any], JsonDict("a dict of constructor arguments, e.g. {'d_model': 64}", "dl_parameters")
     ] = Field(default_factory=dict)
-    """Set of key/value to create the neural network instance (constructor parameters)."""
+    """Set of key/value to create the neural network instance (constructor parameters; see
+    docs/networks.md)."""
     model_selection_criterion: Literal["loss", "fscore", "oa", "kappa"] = "loss"
     """Select the model which maximizes one of these metrics computed on the validation set during
-    the training process: "loss", "fscore", "oa", "kappa" (for "loss": the lowest loss)."""
+    the training process: "loss", "fscore", "oa", "kappa" (for "loss": the lowest loss). It decides
+    both the epoch each candidate keeps and the winner among the hyperparameter pairs."""
     epochs: PositiveInt = 100
     """Number of epochs for the learning stage."""
     weighted_labels: bool = False
