@@ -130,10 +130,6 @@ def optional_arm(tp: Any) -> Any | None:
     return None
 
 
-def _number(value: Any) -> str:
-    return f"{value:g}"
-
-
 def describe(tp: Any, name: str = "value") -> str:
     """What a value of type ``tp`` (a field named ``name``) may be, in words."""
     base, metadata = _parts(tp)
@@ -150,18 +146,18 @@ def describe(tp: Any, name: str = "value") -> str:
     if typing.get_origin(base) is Literal:
         return "one of " + ", ".join(repr(v) for v in typing.get_args(base))
     if base in (int, float):
-        low = next((m for m in metadata if isinstance(m, annotated_types.Ge | annotated_types.Gt)), None)
-        high = next((m for m in metadata if isinstance(m, annotated_types.Le | annotated_types.Lt)), None)
         what = "an integer" if base is int else "a number"
-        low_op = (">=", _number(low.ge)) if isinstance(low, annotated_types.Ge) else (
-            (">", _number(low.gt)) if low is not None else None)
-        high_op = ("<=", _number(high.le)) if isinstance(high, annotated_types.Le) else (
-            ("<", _number(high.lt)) if high is not None else None)
-        if low_op and high_op:
-            flip = {">=": "<=", ">": "<"}[low_op[0]]
-            return f"{what} {low_op[1]} {flip} {name} {high_op[0]} {high_op[1]}"
-        bound = low_op or high_op
-        return f"{what} {bound[0]} {bound[1]}" if bound else what
+        bounds = [
+            (op, f"{getattr(m, attr):g}")
+            for m in metadata
+            for op, attr in ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt"))
+            if isinstance(m, getattr(annotated_types, attr.capitalize()))
+        ]
+        low = next((b for b in bounds if b[0][0] == ">"), None)
+        high = next((b for b in bounds if b[0][0] == "<"), None)
+        if low and high:
+            return f"{what} {low[1]} {low[0].replace('>', '<')} {name} {high[0]} {high[1]}"
+        return " ".join([what, *(low or high or ())])
     if isinstance(base, type) and issubclass(base, Section):
         return "a section { key : value }"
     if is_typeddict(base) or (isinstance(base, type) and issubclass(base, BaseModel)):
@@ -212,7 +208,7 @@ class Inline(BaseModel):
     """A dict of fixed keys written inline (``{"batch_size": [8]}``): immutable, no unknown key."""
 
     model_config = ConfigDict(
-        frozen=True, extra="forbid", strict=True, use_attribute_docstrings=True
+        frozen=True, extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True
     )
     __iota2__: ClassVar[dict[str, str]] = {}
     """iota2 keys sitsflow does not support yet -> what to use instead ("" when nothing)."""
@@ -224,11 +220,13 @@ class Inline(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _with_rules(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
+        if not cls.__rules__:
+            return handler(data)
         try:
             model = handler(data)
         except ValidationError as exc:
             errors = [_rebuilt(e) for e in exc.errors()]
-            if cls.__rules__ and isinstance(data, dict):
+            if isinstance(data, dict):
                 bad = {e["loc"][0] for e in errors if e["loc"]}
                 try:  # the keys valid by themselves, the others left to their defaults
                     partial = handler({k: v for k, v in data.items() if k not in bad})
