@@ -54,6 +54,13 @@ BUILTIN_NETWORKS: tuple[str, ...] = (
 )
 """The networks of iota2's ``torch_nn_bank.py`` that ``dl_name`` may name without ``dl_module``."""
 
+Criterion = Literal["loss", "fscore", "oa", "kappa"]
+"""The values of ``model_selection_criterion``."""
+EarlyStopMetric = Literal["train_loss", "val_loss", "fscore", "oa", "kappa"]
+"""The values of ``early_stop_metric``."""
+METRIC_ALIASES = {"valid_loss": "val_loss"}
+"""iota2's other spellings of early-stop metrics."""
+
 PositiveInt = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=0)]
 FieldName = Annotated[str, Text("a non-empty field name")]
@@ -377,7 +384,7 @@ class DeepLearningParameters(Section):
     ] = Field(default_factory=dict)
     """Set of key/value to create the neural network instance (constructor parameters; see
     docs/networks.md)."""
-    model_selection_criterion: Literal["loss", "fscore", "oa", "kappa"] = "loss"
+    model_selection_criterion: Criterion = "loss"
     """Select the model which maximizes one of these metrics computed on the validation set during
     the training process: "loss", "fscore", "oa", "kappa" (for "loss": the lowest loss). It decides
     both the epoch each candidate keeps and the winner among the hyperparameter pairs."""
@@ -411,8 +418,7 @@ class DeepLearningParameters(Section):
     'train_loss' or 'val_loss' the tolerance is in dB: dB = log10(loss_{N-1} / loss_N), with N the
     current epoch (the previous epoch, not the best so far); for scores: value_N - value_{N-1}."""
     early_stop_metric: Annotated[
-        Literal["train_loss", "val_loss", "fscore", "oa", "kappa"],
-        BeforeValidator(lambda v: "val_loss" if v == "valid_loss" else v),
+        EarlyStopMetric, BeforeValidator(lambda v: METRIC_ALIASES.get(v, v) if isinstance(v, str) else v)
     ] = "val_loss"
     """Metric to monitor for early stopping (iota2's 'valid_loss' is read as 'val_loss')."""
     additional_statistics_percentage: Annotated[float, Field(gt=0, le=1)] | None = None
