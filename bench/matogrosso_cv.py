@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import itertools
 import json
 import platform
 import re
@@ -72,7 +71,9 @@ from sitsflow import nn as sitsnn
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger, setup_logging
 from sitsflow.selection import pick
-from sitsflow.training import SampleSet, TrainingOptions, class_weights, load_samples, split_learn_validation, train
+from sitsflow.config import DeepLearningParameters, HyperparametersSolver
+from sitsflow.training import SampleSet, class_weights, load_samples, split_learn_validation, train
+from sitsflow.training.stage import candidate
 from sitsflow.training.loaders import InMemoryBatches
 from sitsflow.training.metrics import scores
 
@@ -198,22 +199,25 @@ def member_seed(split_seed: int, hyp: int, member: int) -> int:
     return int(np.random.SeedSequence([split_seed, hyp, member]).generate_state(1, dtype=np.uint32)[0])
 
 
-def options_of(args: argparse.Namespace, hyp: int, batch_size: int, learning_rate: float) -> TrainingOptions:
-    opts = TrainingOptions(
-        dl_name=args.dl_name, dl_parameters=dict(args.dl_parameters), dl_module=None,
+def options_of(args: argparse.Namespace) -> DeepLearningParameters:
+    """The deep-learning parameters of the arguments (candidate ``hyp``: pair ``hyp`` of
+    ``itertools.product(args.batch_size, args.learning_rate)``)."""
+    return DeepLearningParameters(
+        dl_name=args.dl_name, dl_parameters=dict(args.dl_parameters),
         model_selection_criterion=args.criterion, epochs=args.epochs,
-        weighted_labels=args.weighted_labels, num_workers=args.num_workers, batch_size=int(batch_size),
-        learning_rate=float(learning_rate), hyp=hyp, restart_from_checkpoint=False,
-        dataloader_mode="full", enable_early_stop=args.early_stop_patience is not None,
+        weighted_labels=args.weighted_labels, num_workers=args.num_workers,
+        hyperparameters_solver=HyperparametersSolver(
+            batch_size=tuple(args.batch_size), learning_rate=tuple(args.learning_rate)
+        ),
+        restart_from_checkpoint=False, dataloader_mode="full",
+        enable_early_stop=args.early_stop_patience is not None,
         epoch_to_trigger=args.epoch_to_trigger, early_stop_patience=args.early_stop_patience or 10,
         early_stop_tol=args.early_stop_tol, early_stop_metric=args.early_stop_metric,
-        additional_statistics_percentage=None, adaptive_lr=dict(args.adaptive_lr),
+        adaptive_lr=dict(args.adaptive_lr),
     )
-    opts.validate()
-    return opts
 
 
-def builder(samples: SampleSet, opts: TrainingOptions) -> Any:
+def builder(samples: SampleSet, opts: DeepLearningParameters) -> Any:
     """``build(stats=...)`` as the training stage makes it."""
     def build(*, stats: dict[str, dict[str, torch.Tensor]]) -> torch.nn.Module:
         return sitsnn.build_network(
@@ -224,7 +228,7 @@ def builder(samples: SampleSet, opts: TrainingOptions) -> Any:
     return build
 
 
-def refit(samples: SampleSet, opts: TrainingOptions, lrs: list[float], seed: int) -> torch.nn.Module:
+def refit(samples: SampleSet, opts: DeepLearningParameters, batch_size: int, lrs: list[float], seed: int) -> torch.nn.Module:
     """Train a fresh network on every sample of ``samples`` (no validation split) for ``len(lrs)``
     epochs, epoch e at learning rate ``lrs[e - 1]`` (the schedule the selected candidate had, so
     ``adaptive_lr`` reductions are replayed), then return it (eval mode, CPU).
@@ -242,7 +246,7 @@ def refit(samples: SampleSet, opts: TrainingOptions, lrs: list[float], seed: int
     optimizer = torch.optim.Adam(network.parameters(), lr=lrs[0])
     order_gen = torch.Generator().manual_seed(seed)
     batches = InMemoryBatches(torch.from_numpy(samples.load_all()), torch.from_numpy(label_idx),
-                              opts.batch_size, drop_single=True)
+                              batch_size, drop_single=True)
     for lr in lrs:
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -287,26 +291,29 @@ def run_fold(
     write_parquet(table, columns, train_rows)
     samples = load_samples(str(table))
     split_seed = args.seed + k
-    pairs = list(itertools.product(args.batch_size, args.learning_rate))
 
-    def inner(hyp: int, opts: TrainingOptions, seed: int, tag: str) -> dict[str, Any]:
+    opts = options_of(args)
+    pairs = opts.hyperparameter_pairs()
+
+    def inner(hyp: int, seed: int, tag: str) -> dict[str, Any]:
         result = train(
-            samples, opts, build=builder(samples, opts), split_seed=split_seed, torch_seed=seed,
+            samples, opts, hyp, build=builder(samples, opts), split_seed=split_seed, torch_seed=seed,
             fingerprint=f"matogrosso-fold-{k}-{tag}",
             checkpoint_uri=str(workdir / f"fold_{k}_{tag}_checkpoint.txt"),
             device=torch.device("cpu"),
         )
         chosen = result.best[args.criterion]
         row = next(r for r in result.history if r["epoch"] == chosen["epoch"])
-        return {"hyp": hyp, "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
+        batch_size, learning_rate = candidate(opts, hyp)
+        return {"hyp": hyp, "batch_size": batch_size, "learning_rate": learning_rate,
                 "value": float(chosen["value"]), "epoch": int(chosen["epoch"]),
                 "val_oa": float(row["oa"]), "val_kappa": float(row["kappa"]),
                 "epochs_run": result.epochs_run, "network": result.network,
-                "lrs": [float(r["lr"]) for r in result.history], "opts": opts}
+                "lrs": [float(r["lr"]) for r in result.history]}
 
     candidates = []
     for hyp, (bs, lr) in enumerate(pairs):
-        c = inner(hyp, options_of(args, hyp, bs, lr), member_seed(split_seed, hyp, 0), f"hyp-{hyp}")
+        c = inner(hyp, member_seed(split_seed, hyp, 0), f"hyp-{hyp}")
         candidates.append(c)
         log.info("fold %d hyp %d (batch %d, lr %g): %s %.4f at epoch %d, validation OA %.4f",
                  k, hyp, bs, lr, args.criterion, c["value"], c["epoch"], c["val_oa"])
@@ -321,14 +328,14 @@ def run_fold(
     members = [won["network"]]
     if args.ensemble > 1 and (not args.refit or args.validation_only):
         for m in range(1, args.ensemble):
-            members.append(inner(winner, won["opts"], member_seed(split_seed, winner, m), f"member-{m}")["network"])
+            members.append(inner(winner, member_seed(split_seed, winner, m), f"member-{m}")["network"])
         # the inner validation OA of the ensemble (each member at its own best epoch)
         _, val = split_learn_validation(samples.labels, samples.polygon_ids, split_seed)
         out["val_ensemble_oa"] = oa_of(ensemble_proba(members, samples.load_all()[val]),
                                        samples.label_indices()[val])
     if args.refit and not args.validation_only:
         lrs = won["lrs"][: won["epoch"]]
-        members = [refit(samples, won["opts"], lrs, member_seed(split_seed, winner, m))
+        members = [refit(samples, opts, won["batch_size"], lrs, member_seed(split_seed, winner, m))
                    for m in range(args.ensemble)]
         out["refit_epochs"] = len(lrs)
     if not args.validation_only:

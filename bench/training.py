@@ -48,7 +48,8 @@ from sitsflow import layout
 from sitsflow import nn as sitsnn
 from sitsflow.log import get_logger, setup_logging
 from sitsflow.sampling.database import SAMPLE_CHUNK
-from sitsflow.training import TrainingOptions, split_learn_validation, train
+from sitsflow.config import DeepLearningParameters, HyperparametersSolver
+from sitsflow.training import split_learn_validation, train
 from sitsflow.training.data import open_netcdf
 from sitsflow.training.loaders import InMemoryBatches, StreamBatches, make_loader
 
@@ -130,16 +131,15 @@ def generate(path: Path, n: int, nb_dates: int, nb_bands: int, nb_classes: int, 
     return time.monotonic() - tic
 
 
-def options(mode: str, args: argparse.Namespace) -> TrainingOptions:
-    return TrainingOptions(
+def options(mode: str, args: argparse.Namespace) -> DeepLearningParameters:
+    """The deep-learning parameters of the benchmark (one candidate: hyp 0)."""
+    return DeepLearningParameters(
         dl_name=args.network,
         dl_parameters=json.loads(args.dl_parameters) if args.dl_parameters else (
             {"hidden_layers": [args.hidden], "dropout": 0.1} if args.network == "MLPClassifier" else {}),
-        dl_module=None, model_selection_criterion="loss", epochs=args.epochs, weighted_labels=False,
-        num_workers=args.num_workers, batch_size=args.batch_size, learning_rate=1e-3, hyp=0,
-        restart_from_checkpoint=False, dataloader_mode=mode, enable_early_stop=False,
-        epoch_to_trigger=1, early_stop_patience=10, early_stop_tol=0.01, early_stop_metric="val_loss",
-        additional_statistics_percentage=None, adaptive_lr={},
+        epochs=args.epochs, num_workers=args.num_workers, restart_from_checkpoint=False,
+        dataloader_mode=mode, epoch_to_trigger=1,
+        hyperparameters_solver=HyperparametersSolver(batch_size=(args.batch_size,), learning_rate=(1e-3,)),
     )
 
 
@@ -194,7 +194,7 @@ def training(path: Path, mode: str, args: argparse.Namespace, device: torch.devi
                 dates=samples.dates, stats=stats, sensor=samples.sensor,
             )
 
-        result = train(samples, opts, build=build, split_seed=0, torch_seed=0, fingerprint=f"bench-{mode}",
+        result = train(samples, opts, 0, build=build, split_seed=0, torch_seed=0, fingerprint=f"bench-{mode}",
                        checkpoint_uri=str(workdir / f"checkpoint_{mode}.txt"), device=device,
                        on_epoch_end=lambda e, r: ends.append(time.monotonic()))
     finally:

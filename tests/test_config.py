@@ -18,7 +18,7 @@ from sitsflow.config import (
     SitsflowConfig,
     load_config,
 )
-from sitsflow.config.checks import resolve_path
+from sitsflow.config.schema import resolve_path
 from sitsflow.config.syntax import format_key, format_value
 from sitsflow.errors import EXIT_BAD_INPUT, ConfigError, InputNotFoundError
 
@@ -202,6 +202,21 @@ def test_every_field_is_documented_in_its_docstring_and_in_the_reference_page() 
         for key, info in model.model_fields.items():
             assert info.description and len(info.description) > 10, (model.__name__, key)
             assert f"`{key}`" in page, key
+
+
+def test_configuration_reference_is_generated_from_the_models() -> None:
+    """docs/configuration.md's reference part is the models' (SITSFLOW_REGENERATE=1 rewrites it)."""
+    from sitsflow.config import docs
+
+    page = docs.PAGE.read_text(encoding="utf-8")
+    if os.environ.get("SITSFLOW_REGENERATE") == "1":
+        docs.main([])
+    assert page == docs.render(page), (
+        "docs/configuration.md is stale: run `python -m sitsflow.config.docs` "
+        "(or SITSFLOW_REGENERATE=1 pytest tests/test_config.py)"
+    )
+    assert "`hyperparameters_solver` | `{\"batch_size\" : [1000]" in page  # a generated cell
+    assert "a number 0 < ratio < 1" in page  # the text the error messages print
 
 
 def test_full_config_with_every_section(tmp_path: Path) -> None:
@@ -1087,3 +1102,63 @@ def test_keys_inside_multi_line_dicts_get_their_own_line(tmp_path: Path) -> None
     )
     assert f"{DL}.adaptive_lr.mode: cannot be set" in message
     assert f"({path}:{line_of(path, 'mode')})" in message
+
+
+# --- the models are the schema ---------------------------------------------------------------
+def test_rules_between_keys_are_reported_with_the_other_errors(tmp_path: Path) -> None:
+    """A rule runs on the keys valid by themselves: every error at once, not one round each."""
+    config = with_values(
+        {
+            "dated_raster.scale": -1,
+            "dated_raster.start_date": 20190101,
+            "dated_raster.end_date": 20180101,
+            f"{DL}.dl_name": "LTAE",
+            f"{DL}.epochs": 0,
+        }
+    )
+    lines = load_error(tmp_path, config).splitlines()
+    assert lines[0].startswith("4 problems")
+    assert any("dated_raster.end_date: end_date 20180101 is before" in line for line in lines)
+    assert any(f"{DL}.dl_name: expected one of" in line for line in lines)
+    # a rule reading an invalid key is not run (its error would only echo the first one)
+    config = with_values({f"{DL}.dl_name": "MyNet", f"{DL}.dl_module": "net.txt"})
+    message = load_error(tmp_path, config)
+    assert "dl_module: expected None or the path of a .py file" in message
+    assert "\n" not in message
+
+
+def test_models_validate_python_values_too() -> None:
+    """Building a model in Python checks it as the loader does (the same schema)."""
+    with pytest.raises(ValidationError):
+        DeepLearningParameters(dl_name="LTAEClassifier", epochs=0)
+    with pytest.raises(ValidationError):
+        DeepLearningParameters(dl_name="NoSuchNet")
+    with pytest.raises(ValidationError):
+        DeepLearningParameters(dl_name="ANN", adaptive_lr={"mode": "max"})
+    dl = DeepLearningParameters(dl_name="ANN", hyperparameters_solver={"batch_size": [8, 16]})
+    assert dl.hyperparameter_pairs() == [(8, 0.00001), (16, 0.00001)]
+
+
+def test_non_finite_numbers_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    with pytest.raises(ConfigError, match=r"dated_raster.scale: expected a number > 0, got inf"):
+        load_config(str(path), ["dated_raster.scale=1e999"])
+
+
+def test_sensor_facts_come_from_the_catalogue(tmp_path: Path) -> None:
+    from sitsflow.config.models import ChainSection
+    from sitsflow.sensors.catalogue import OPTICAL_SENSORS
+
+    for section, sensor in OPTICAL_SENSORS.items():
+        assert sensor.chain_key in ChainSection.model_fields
+        assert section in SECTION_MODELS
+    gt = tmp_path / "l8"
+    cfg = load_config(
+        str(write(tmp_path, with_values({"dated_raster": _DELETE, "chain.l8_path": str(gt)}))),
+        ["Landsat8.keep_bands=['b5', 'B4']"],
+    )
+    assert cfg.Landsat8 is not None and cfg.Landsat8.temporal_resolution == 16  # iota2's default
+    assert cfg.Landsat8.keep_bands == ("B4", "B5")  # the sensor's spelling and order
+    message = load_error(tmp_path, with_values({"Landsat8": {"keep_bands": ["B8"]}, "chain.l8_path": "x"}))
+    assert "Landsat8.keep_bands: expected a non-empty list of unique bands among ['B1'" in message
+    assert "unknown band 'B8'" in message

@@ -35,6 +35,7 @@ from sitsflow.errors import BadInputError, ConfigError
 from sitsflow.log import get_logger
 from sitsflow.sensors import Sensor, build_sensors, configured_sensors
 from sitsflow.sensors.base import Grid, ReadBuffers
+from sitsflow.sensors.catalogue import INDEX_ROLES
 from sitsflow.sensors.dates import from_ordinal, parse_date, to_ordinal
 from sitsflow.sensors.external import ExternalFeatures
 
@@ -134,7 +135,7 @@ class FeaturePipeline:
         if not any(self._components):
             raise BadInputError("the configuration yields no feature (no band kept and no index)")
         for s in self.sensors:
-            missing = [r for i in s.indices for r in _INDEX_ROLES[i] if s.roles and r not in s.roles]
+            missing = [r for i in s.indices for r in INDEX_ROLES[i] if s.roles and r not in s.roles]
             if missing:
                 raise BadInputError(f"{s.section}: no band for {missing}")
 
@@ -356,9 +357,6 @@ def _take(x: np.ndarray, index: np.ndarray, buffers: ReadBuffers | None, key: st
     if buffers is None:
         return x[index]
     return np.take(x, index, axis=0, out=buffers.get(key, (index.size, *x.shape[1:]), x.dtype))
-
-
-_INDEX_ROLES = {"ndvi": ("red", "nir"), "ndwi": ("nir", "swir"), "brightness": ()}
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:

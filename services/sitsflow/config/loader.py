@@ -6,8 +6,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from sitsflow.config.checks import Invalid, Origins, check_config, normalise_s3
+from pydantic_core import PydanticCustomError
+
 from sitsflow.config.models import SitsflowConfig
+from sitsflow.config.report import Origins, validate
+from sitsflow.config.schema import normalise_s3
 from sitsflow.config.syntax import Location, parse_text, parse_value
 from sitsflow.errors import ConfigError, InputNotFoundError
 from sitsflow.log import get_logger
@@ -20,8 +23,10 @@ def _read(source: str) -> tuple[str, str, str]:
     if source.startswith("s3://"):
         try:
             uri = normalise_s3(source)
-        except Invalid as problem:
-            raise ConfigError(f"configuration URI {source!r}: expected {problem}") from None
+        except PydanticCustomError as problem:
+            raise ConfigError(
+                f"configuration URI {source!r}: expected {problem.context['expected']}"  # type: ignore[index]
+            ) from None
         from sitsflow import storage  # only S3 sources need the storage layer
 
         text = storage.read_text(uri)
@@ -101,13 +106,12 @@ def load_config(source: str, overrides: Sequence[str] = ()) -> SitsflowConfig:
     raw, lines = parse_text(text, label, rootdir=None if where.startswith("s3://") else folder)
     origins = Origins(label=label, base=folder, lines=lines)
     apply_overrides(raw, list(overrides), origins)
-    values, errors = check_config(raw, origins)
-    if errors:
+    config, errors = validate(raw, origins, where)
+    if config is None:
         if len(errors) == 1:
             raise ConfigError(errors[0])
         raise ConfigError(
             f"{len(errors)} problems in the configuration {label}:\n" + "\n".join(errors)
         )
-    config = SitsflowConfig.model_validate({"source": where, **values})
     log.debug("configuration read from %s with %d override(s)", where, len(overrides))
     return config

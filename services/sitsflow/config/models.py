@@ -1,20 +1,50 @@
-"""The validated configuration: frozen pydantic models, one per section.
+"""The configuration schema: frozen pydantic models, one per section.
 
-Instances are built by :func:`sitsflow.config.load_config`, which checks every value itself and
-reports every problem at once (key path, value given, what is allowed, file and line). The models
-hold normalised values only: absolute paths or ``s3://`` URIs, dates as ``YYYYMMDD`` integers,
-tuples instead of lists. Assigning an attribute raises.
+The models are the schema: each field's type says what it allows (types, ranges, choices, see
+:mod:`sitsflow.config.schema`), its default is iota2's, its docstring is iota2's documentation of
+the key, and the rules between keys are the ``__rules__`` of their section. The loader
+(:func:`sitsflow.config.load_config`) validates a parsed file against :class:`SitsflowConfig` and
+:mod:`sitsflow.config.report` turns pydantic's errors into sitsflow's messages; the reference page
+``docs/configuration.md`` is generated from these models (``python -m sitsflow.config.docs``).
+
+The models hold normalised values only: absolute paths or ``s3://`` URIs, dates as ``YYYYMMDD``
+integers, tuples instead of lists. Assigning an attribute raises.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Literal
+import typing
+import re
+from collections.abc import Iterator
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BeforeValidator, ConfigDict, Field, PlainValidator, field_validator, model_validator, with_config
+from typing_extensions import TypedDict
 
-from sitsflow.config.syntax import format_key, format_value
 from sitsflow.config.resources import ResourcesSection
+from sitsflow.config.schema import (
+    AS_IS,
+    Date,
+    Dates,
+    Expect,
+    Inline,
+    JsonDict,
+    ListOf,
+    PathOf,
+    Rule,
+    Section,
+    Text,
+    detail,
+    expected,
+    invalid,
+    json_value,
+    optional_arm,
+    shown,
+    suggest,
+)
+from sitsflow.config.syntax import format_key, format_value
+from sitsflow.sensors.catalogue import OPTICAL_SENSORS, SPECTRAL_INDICES
 
 BUILTIN_NETWORKS: tuple[str, ...] = (
     "LTAEClassifier",
@@ -24,41 +54,120 @@ BUILTIN_NETWORKS: tuple[str, ...] = (
 )
 """The networks of iota2's ``torch_nn_bank.py`` that ``dl_name`` may name without ``dl_module``."""
 
+Criterion = Literal["loss", "fscore", "oa", "kappa"]
+"""The values of ``model_selection_criterion``."""
+EarlyStopMetric = Literal["train_loss", "val_loss", "fscore", "oa", "kappa"]
+"""The values of ``early_stop_metric``."""
+METRIC_ALIASES = {"valid_loss": "val_loss"}
+"""iota2's other spellings of early-stop metrics."""
 
-class _Section(BaseModel):
-    """Base of every section: immutable, no unknown attribute, one docstring per field."""
+PositiveInt = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0)]
+FieldName = Annotated[str, Text("a non-empty field name")]
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+def _date_order(section: Any) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    start, end = section.start_date, section.end_date
+    if start is not None and end is not None and start > end:
+        yield ("end_date",), end, detail(
+            f"end_date {end} is before start_date {start}; start_date <= end_date is required"
+        )
 
 
-class ChainSection(_Section):
-    """The ``chain`` section: where the inputs are and where the outputs go."""
+_DATE_ORDER: Rule = (("start_date", "end_date"), _date_order)
 
-    output_path: str
+
+# --- chain -----------------------------------------------------------------------------------
+_TILE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _tiles(value: Any) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        names = [n for v in value for n in v.split()]
+    elif isinstance(value, str):
+        names = value.split()
+    else:
+        raise invalid()
+    if not names or not all(_TILE.fullmatch(n) for n in names):
+        raise invalid()
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise detail(f"tile {duplicates[0]!r} is listed twice in {shown(value)}")
+    return " ".join(names)
+
+
+TileList = Annotated[
+    str,
+    PlainValidator(_tiles),
+    Expect(
+        "tile names separated by spaces, each made of letters, digits, '_' or '-' "
+        "(e.g. 'T31TCJ T31TDJ')"
+    ),
+]
+Folder = Annotated[str, PathOf("a folder (local or s3:// URI)")]
+TextFile = Annotated[str, PathOf("the path of a text file")]
+PyFile = Annotated[str, PathOf("the path of a .py file", suffixes=(".py",))]
+_SENSOR_HINT = "describe the images with a dated_raster section instead"
+_GRID_HINT = "sitsflow works in the grid (projection and resolution) of the dated rasters"
+_RERUN_HINT = "sitsflow runs every stage; a rerun skips the tasks already done"
+
+
+class ChainSection(Section):
+    """The ``chain`` section: where the inputs are and where the outputs go.
+
+    At least one sensor is required: one of the four product folders (``s2_path``,
+    ``s2_l3a_path``, ``s2_s2c_path``, ``l8_path``) or a ``dated_raster`` section (else "no
+    sensor: ..."). Several sensors can be combined (docs/sensors.md).
+    """
+
+    __iota2__ = {
+        **dict.fromkeys(
+            "s2_output_path s2_l3a_output_path s2_s2c_output_path l8_path_old l8_usgs_path "
+            "l8_usgs_optical_path l8_usgs_thermal_path l8_usgs_infrared_path l7_usgs_path "
+            "l5_path_old s1_path user_feat_path".split(),
+            _SENSOR_HINT,
+        ),
+        "spatial_resolution": _GRID_HINT,
+        "proj": _GRID_HINT,
+        "first_step": _RERUN_HINT,
+        "last_step": _RERUN_HINT,
+        "logger_level": "set the SITSFLOW_LOG_LEVEL environment variable instead",
+        "check_inputs": "sitsflow always checks the configuration before any work",
+        **dict.fromkeys(
+            "remove_output_path cloud_threshold minimum_required_dates enable_autocontext "
+            "srtm_path worldclim_path grasslands".split(),
+            "",
+        ),
+    }
+
+    output_path: Annotated[str, PathOf("a local folder or an s3:// URI")]
     """Root of every output (local folder or ``s3://bucket/prefix``), iota2's output tree."""
-    list_tile: str
+    list_tile: TileList
     """The tiles to process, iota2 style: names separated by spaces (``"T31TCJ T31TDJ"``)."""
-    ground_truth: str
+    ground_truth: Annotated[str, PathOf("the path of a vector file (or s3:// URI)")]
     """Reference polygons (a vector file readable by OGR) with the class code in ``data_field``."""
-    data_field: str
+    data_field: FieldName
     """Name of the integer attribute of ``ground_truth`` that holds the class codes."""
-    region_path: str | None = None
+    region_path: Annotated[str, PathOf("the path of a vector file")] | None = None
     """Optional vector file of eco-climatic regions: one model is trained per region."""
-    region_field: str = "region"
+    region_field: FieldName = "region"
     """Attribute of ``region_path`` (and of the samples) holding the region number."""
-    nomenclature_path: str | None = None
+    nomenclature_path: TextFile | None = None
     """Optional text file ``name:code`` per line, naming the classes in reports."""
-    color_table: str | None = None
+    color_table: TextFile | None = None
     """Optional text file ``code R G B`` per line, for the colour-indexed final map."""
-    s2_path: str | None = None
+    s2_path: Folder | None = None
     """Folder of Sentinel-2 THEIA L2A products, one sub-folder per tile (``{s2_path}/T31TCJ/``)
-    holding one folder per acquisition (``SENTINEL2A_YYYYMMDD-..._L2A_T31TCJ_...``)."""
-    s2_l3a_path: str | None = None
-    """Folder of Sentinel-2 THEIA L3A monthly syntheses, one sub-folder per tile."""
-    s2_s2c_path: str | None = None
-    """Folder of Sentinel-2 Sen2Cor L2A products (``.SAFE`` folders), one sub-folder per tile."""
-    l8_path: str | None = None
-    """Folder of Landsat 8 THEIA L2A products, one sub-folder per tile."""
+    holding one folder per acquisition (``SENTINEL2A_YYYYMMDD-..._L2A_T31TCJ_...``); enables the
+    ``Sentinel_2`` sensor."""
+    s2_l3a_path: Folder | None = None
+    """Folder of Sentinel-2 THEIA L3A monthly syntheses, one sub-folder per tile; enables
+    ``Sentinel_2_L3A``."""
+    s2_s2c_path: Folder | None = None
+    """Folder of Sentinel-2 Sen2Cor L2A products (``.SAFE`` folders), one sub-folder per tile;
+    enables ``Sentinel_2_S2C``."""
+    l8_path: Folder | None = None
+    """Folder of Landsat 8 THEIA L2A products, one sub-folder per tile; enables ``Landsat8``."""
 
     @property
     def tiles(self) -> tuple[str, ...]:
@@ -66,35 +175,54 @@ class ChainSection(_Section):
         return tuple(self.list_tile.split())
 
 
-class DatedRasterSection(_Section):
+# --- sensors ---------------------------------------------------------------------------------
+class DatedRasterSection(Section):
     """The ``dated_raster`` section: the generic dated-raster sensor.
 
     One raster per tile (``path``, where ``{tile}`` is replaced by the tile name) stacks
     ``len(dates) * len(bands)`` bands, date-major: all bands of the first date, then the next date.
+    It serves any product the dedicated readers do not (e.g. the Slovenia NDVI example). No
+    spectral index is computed for it.
     """
 
-    name: str = "generic"
+    __rules__ = (_DATE_ORDER,)
+
+    name: Annotated[
+        str, Text("a lower-case name matching [a-z][a-z0-9]* (e.g. 'sentinel2')", r"[a-z][a-z0-9]*")
+    ] = "generic"
     """Sensor key used in feature names (``{name}_{band}_{YYYYMMDD}``) and statistics."""
-    path: str
-    """Path pattern of the raster of each tile; ``{tile}`` is replaced by the tile name."""
-    bands: tuple[str, ...]
-    """Band (component) names in the order they are stacked for each date, e.g. ``("ndvi",)``."""
-    dates: Literal["descriptions"] | tuple[int, ...] | str = "descriptions"
-    """Acquisition dates: ``"descriptions"`` (read from the raster's band descriptions), a tuple of
-    YYYYMMDD integers (one per date, increasing), or the path of a ``.json`` (list of strings)
-    or ``.txt`` (one date per line) file."""
-    scale: float = 1.0
+    path: Annotated[str, PathOf("a path or s3:// URI of a raster (may contain {tile})", pattern=True)]
+    """Path pattern of the raster of each tile; ``{tile}`` is replaced by the tile name (it is
+    needed when several tiles are listed)."""
+    bands: Annotated[
+        tuple[Annotated[str, Field(pattern=r"^[a-z0-9]+$")], ...],
+        ListOf(
+            "band",
+            "a non-empty list of unique lower-case band names made of [a-z0-9] (e.g. ['ndvi'])",
+        ),
+    ]
+    """Band (component) names in the order they are stacked for each date, e.g. ``["ndvi"]``; a
+    single string is one band."""
+    dates: Dates = "descriptions"
+    """Acquisition dates: ``"descriptions"`` (read from the raster's band descriptions), a list of
+    dates (one per date-layer, increasing; normalised to YYYYMMDD integers), or the path of a
+    ``.json`` (list of strings) or ``.txt`` (one date per line) file."""
+    scale: Annotated[float, Field(gt=0)] = 1.0
     """Raw values are multiplied by ``scale`` (e.g. 0.0001 for reflectances stored as int16)."""
     nodata: float | None = None
     """Raw value meaning "no data" (such pixels are invalid at that date); None: none."""
-    mask_path: str | None = None
+    mask_path: (
+        Annotated[str, PathOf("a path or s3:// URI of a mask raster (may contain {tile})", pattern=True)]
+        | None
+    ) = None
     """Optional path pattern (with ``{tile}``) of a validity mask raster: one band per date,
     nonzero = invalid (cloud, shadow, saturation, edge)."""
-    start_date: int | None = None
-    """First date (YYYYMMDD) of the gap-filling grid and of the dates used; None: first date."""
-    end_date: int | None = None
-    """Last date (YYYYMMDD) of the gap-filling grid and of the dates used; None: last date."""
-    temporal_resolution: int = 10
+    start_date: Date | None = None
+    """First date of the gap-filling grid and of the dates used; None: the first date."""
+    end_date: Date | None = None
+    """Last date (``>= start_date``) of the gap-filling grid and of the dates used; None: the last
+    date."""
+    temporal_resolution: PositiveInt = 10
     """Interval in days of the regular date grid the series are gap-filled onto."""
 
     @property
@@ -105,58 +233,173 @@ class DatedRasterSection(_Section):
         return "descriptions" if self.dates == "descriptions" else "file"
 
 
-class OpticalSensorSection(_Section):
+class OpticalSensorSection(Section):
     """An iota2 sensor section (``Sentinel_2``, ``Sentinel_2_L3A``, ``Sentinel_2_S2C``,
     ``Landsat8``): which dates and bands of the products under the sensor's ``chain`` path are
-    used."""
+    used. A section needs its ``chain`` path; a path without its section uses the defaults."""
 
-    start_date: int | None = None
-    """First date (YYYYMMDD) of the acquisitions used and of the gap-filling grid; None: the first
+    sensor: ClassVar[str]
+    """The section's entry of :data:`sitsflow.sensors.catalogue.OPTICAL_SENSORS`."""
+    __iota2__ = {
+        "additional_features": "use the external_features section",
+        "write_reproject_resampled_input_dates_stack": "",
+        "patterns": "",
+        "arbo": "",
+    }
+    __rules__ = (_DATE_ORDER,)
+
+    start_date: Date | None = None
+    """First date of the acquisitions used and of the gap-filling grid; None: the first
     acquisition."""
-    end_date: int | None = None
-    """Last date (YYYYMMDD) of the acquisitions used and of the gap-filling grid; None: the last
-    acquisition."""
-    keep_bands: tuple[str, ...] | None = None
-    """Bands fed to the network, in the sensor's order (e.g. ``["B2", "B3", "B4", "B8"]``); None:
-    every band of the sensor. Spectral indices are computed from all bands either way."""
-    temporal_resolution: int = 10
+    end_date: Date | None = None
+    """Last date (``>= start_date``) of the acquisitions used and of the gap-filling grid; None:
+    the last acquisition."""
+    keep_bands: (
+        Annotated[tuple[str, ...], ListOf("band", "a non-empty list of unique bands of the sensor")]
+        | None
+    ) = None
+    """Bands fed to the network (any case), put in the sensor's order (e.g. ``["B2", "B3", "B4",
+    "B8"]``); None: every band of the sensor. Spectral indices are computed from all bands either
+    way."""
+    temporal_resolution: PositiveInt = 10
     """Interval in days of the regular date grid the series are gap-filled onto (iota2's default:
-    10 for Sentinel-2, 16 for Landsat 8)."""
+    16 for Landsat 8, 10 for the others)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sensor_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "temporal_resolution" not in data:
+            return {**data, "temporal_resolution": OPTICAL_SENSORS[cls.sensor].temporal_resolution}
+        return data
+
+    @field_validator("keep_bands")
+    @classmethod
+    def _bands_of_the_sensor(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        bands = OPTICAL_SENSORS[cls.sensor].bands
+        text = f"a non-empty list of unique bands among {list(bands)}"
+        canon = {b.upper(): b for b in bands}
+        unknown = [b for b in value if b.upper() not in canon]
+        if unknown:
+            raise expected(f"{text}; unknown band {unknown[0]!r}")
+        names = {canon[b.upper()] for b in value}
+        if len(names) != len(value):
+            raise expected(f"{text}; a band is listed twice")
+        return tuple(b for b in bands if b in names)
 
 
-class HyperparametersSolver(_Section):
-    """iota2's ``hyperparameters_solver``: the lists of batch sizes and learning rates to try."""
+class Sentinel2Section(OpticalSensorSection):
+    """The ``Sentinel_2`` section (THEIA L2A products under ``chain.s2_path``)."""
 
-    batch_size: tuple[int, ...] = (1000,)
-    """Batch sizes to try (each >= 1)."""
-    learning_rate: tuple[float, ...] = (0.00001,)
-    """Learning rates to try (each > 0)."""
+    sensor = "Sentinel_2"
 
 
-class DeepLearningParameters(_Section):
-    """``arg_train.deep_learning_parameters``: the 17 parameters of iota2's deep-learning mode."""
+class Sentinel2L3ASection(OpticalSensorSection):
+    """The ``Sentinel_2_L3A`` section (THEIA L3A syntheses under ``chain.s2_l3a_path``)."""
 
-    dl_name: str
+    sensor = "Sentinel_2_L3A"
+
+
+class Sentinel2S2CSection(OpticalSensorSection):
+    """The ``Sentinel_2_S2C`` section (Sen2Cor L2A products under ``chain.s2_s2c_path``)."""
+
+    sensor = "Sentinel_2_S2C"
+
+
+class Landsat8Section(OpticalSensorSection):
+    """The ``Landsat8`` section (THEIA L2A products under ``chain.l8_path``)."""
+
+    sensor = "Landsat8"
+
+
+# --- arg_train -------------------------------------------------------------------------------
+class HyperparametersSolver(Inline):
+    """iota2's ``hyperparameters_solver``: the lists of batch sizes and learning rates to try; a
+    missing key takes its default list."""
+
+    batch_size: Annotated[tuple[PositiveInt, ...], ListOf()] = (1000,)
+    """Batch sizes to try."""
+    learning_rate: Annotated[tuple[Annotated[float, Field(gt=0)], ...], ListOf()] = (0.00001,)
+    """Learning rates to try."""
+
+
+@with_config(ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True))
+class AdaptiveLR(TypedDict, total=False):
+    """Keyword arguments of PyTorch's ``ReduceLROnPlateau``."""
+
+    patience: Count
+    """Number of epochs with no improvement after which the learning rate is reduced."""
+    factor: Annotated[float, Field(gt=0, lt=1)]
+    """Factor by which the learning rate is reduced: new_lr = lr * factor."""
+    threshold: Annotated[float, Field(ge=0)]
+    """Threshold for measuring the new optimum, to only focus on significant changes."""
+    threshold_mode: Literal["rel", "abs"]
+    """'rel': dynamic_threshold = best * (1 - threshold); 'abs': best - threshold."""
+    cooldown: Count
+    """Number of epochs to wait before resuming normal operation after the rate was reduced."""
+    min_lr: Annotated[float, Field(ge=0)]
+    """A lower bound on the learning rate."""
+    eps: Annotated[float, Field(ge=0)]
+    """Minimal decay applied to the learning rate: a smaller update is ignored."""
+    verbose: bool
+    """Accepted for iota2 compatibility; the learning rates are in the training history."""
+
+
+_FORCED = (
+    "cannot be set: mode is forced to 'min' (the validation loss is monitored) "
+    "and the optimizer is the training optimizer"
+)
+AdaptiveLR.__refused__ = {"mode": _FORCED, "optimizer": _FORCED}  # type: ignore[attr-defined]
+
+
+def _network(dl: DeepLearningParameters) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    name = dl.dl_name
+    if dl.dl_module is None and name not in BUILTIN_NETWORKS:
+        close = suggest(name, BUILTIN_NETWORKS)
+        yield ("dl_name",), name, expected(
+            "one of "
+            + ", ".join(repr(n) for n in BUILTIN_NETWORKS)
+            + (f" (did you mean {close!r}?)" if close else "")
+            + ", or a class of the module given by dl_module"
+        )
+    elif dl.dl_module is not None and not name.isidentifier():
+        yield ("dl_name",), name, expected(
+            "the class name (a Python identifier) of a network in dl_module"
+        )
+
+
+class DeepLearningParameters(Section):
+    """``arg_train.deep_learning_parameters``: the 17 parameters of iota2's deep-learning mode,
+    with its defaults and meanings."""
+
+    __rules__ = ((("dl_name", "dl_module"), _network),)
+
+    dl_name: Annotated[str, Text("the class name of a network (e.g. 'LTAEClassifier')")]
     """Available neural network's architecture (class name), currently 'LTAEClassifier', 'ANN',
-    'MLPClassifier' or 'SimpleSelfAttentionClassifier'; with ``dl_module``, a class of that
-    module."""
-    dl_parameters: dict[str, Any] = Field(default_factory=dict)
-    """Set of key/value to create the neural network instance (constructor parameters)."""
-    model_selection_criterion: Literal["loss", "fscore", "oa", "kappa"] = "loss"
+    'MLPClassifier' or 'SimpleSelfAttentionClassifier'; with ``dl_module``, any class name (a
+    Python identifier) of that module."""
+    dl_parameters: Annotated[
+        dict[str, Any], JsonDict("a dict of constructor arguments, e.g. {'d_model': 64}", "dl_parameters")
+    ] = Field(default_factory=dict)
+    """Set of key/value to create the neural network instance (constructor parameters; see
+    docs/networks.md)."""
+    model_selection_criterion: Criterion = "loss"
     """Select the model which maximizes one of these metrics computed on the validation set during
-    the training process: "loss", "fscore", "oa", "kappa" (for "loss": the lowest loss)."""
-    epochs: int = 100
+    the training process: "loss", "fscore", "oa", "kappa" (for "loss": the lowest loss). It decides
+    both the epoch each candidate keeps and the winner among the hyperparameter pairs."""
+    epochs: PositiveInt = 100
     """Number of epochs for the learning stage."""
     weighted_labels: bool = False
     """Apply weights to samples according to the proportion of each class in the computation of the
     loss function (weight of a class = 1 / its proportion in the learning + validation database)."""
-    num_workers: int = 1
+    num_workers: Count = 1
     """How many sub-processes to use for data loading. 0 means that the data will be loaded in the
     main process."""
     hyperparameters_solver: HyperparametersSolver = Field(default_factory=HyperparametersSolver)
     """Key/value of hyperparameters to use to build models: one model per
     (batch_size, learning_rate) pair of the product of the two lists."""
-    dl_module: str | None = None
+    dl_module: PyFile | None = None
     """Path to a user python module containing custom neural networks (classes derived from
     Iota2NeuralNetwork)."""
     restart_from_checkpoint: bool = True
@@ -166,23 +409,25 @@ class DeepLearningParameters(_Section):
     ('stream')."""
     enable_early_stop: bool = False
     """Flag to enable early stop during learning phase."""
-    epoch_to_trigger: int = 5
+    epoch_to_trigger: PositiveInt = 5
     """Epoch number after which the monitoring of the metric trend starts."""
-    early_stop_patience: int = 10
+    early_stop_patience: PositiveInt = 10
     """Number of epochs without improvement after which training will be stopped."""
-    early_stop_tol: float = 0.01
+    early_stop_tol: Annotated[float, Field(ge=0)] = 0.01
     """Minimum change in the monitored quantity to qualify as an improvement. If the metric is
     'train_loss' or 'val_loss' the tolerance is in dB: dB = log10(loss_{N-1} / loss_N), with N the
     current epoch (the previous epoch, not the best so far); for scores: value_N - value_{N-1}."""
-    early_stop_metric: Literal["train_loss", "val_loss", "fscore", "oa", "kappa"] = "val_loss"
+    early_stop_metric: Annotated[
+        EarlyStopMetric, BeforeValidator(lambda v: METRIC_ALIASES.get(v, v) if isinstance(v, str) else v)
+    ] = "val_loss"
     """Metric to monitor for early stopping (iota2's 'valid_loss' is read as 'val_loss')."""
-    additional_statistics_percentage: float | None = None
+    additional_statistics_percentage: Annotated[float, Field(gt=0, le=1)] | None = None
     """Percentage ]0;1] of samples to use from the incoming database to compute quantiles
     (quantile_0.1, quantile_0.5, quantile_0.95); None: no quantiles."""
-    adaptive_lr: dict[str, Any] = Field(default_factory=dict)
+    adaptive_lr: AdaptiveLR = Field(default_factory=lambda: AdaptiveLR())
     """Allow the use of adaptive learning rate across epochs: keyword arguments of PyTorch's
-    ReduceLROnPlateau (patience, factor, threshold, threshold_mode, cooldown, min_lr, eps, verbose),
-    which monitors the validation loss (mode 'min') with the training optimizer. {}: disabled."""
+    ReduceLROnPlateau, which monitors the validation loss (mode 'min') with the training
+    optimizer. {}: disabled."""
 
     def hyperparameter_pairs(self) -> list[tuple[int, float]]:
         """The (batch_size, learning_rate) pairs to train, in hyperparameter-number order.
@@ -196,28 +441,73 @@ class DeepLearningParameters(_Section):
         return list(itertools.product(solver.batch_size, solver.learning_rate))
 
 
-class ArgTrainSection(_Section):
+def _index_name(value: Any) -> Any:
+    canon = {name.lower(): name for name in SPECTRAL_INDICES}
+    return canon.get(value.lower(), value) if isinstance(value, str) else value
+
+
+class ArgTrainSection(Section):
     """The ``arg_train`` section: sample split and training."""
 
-    runs: int = 1
+    __iota2__ = {
+        **dict.fromkeys(
+            "sample_selection split_ground_truth sample_augmentation sample_management crop_mix "
+            "cropMix prev_features output_prev_features annual_crop a_crop_label_replacement "
+            "samples_classif_mix annual_classes_extraction_source validity_threshold "
+            "mode_outside_regionsplit learning_samples_extension enable_autocontext "
+            "autocontext_iterations force_standard_labels sampling_validation "
+            "dempster_shafer_sm".split(),
+            "",
+        ),
+        **dict.fromkeys(
+            ("classifier", "otb_classifier_options"),
+            "sitsflow trains deep-learning models only: set arg_train.deep_learning_parameters.dl_name",
+        ),
+    }
+
+    runs: PositiveInt = 1
     """Number of random learning/test splits (seeds); each gives a full classification."""
-    ratio: float = 0.5
-    """Fraction of the reference polygons of each (region, class) used for learning + validation;
-    the rest is the test set."""
-    random_seed: int = 0
+    ratio: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    """Fraction of the reference polygons of each (region, class) used for learning + validation
+    (L+V); the rest is the test set. Inside training, 80 % of L+V trains and 20 % validates,
+    polygon-wise."""
+    random_seed: Count = 0
     """Seed of the first split; run ``r`` uses ``random_seed + r``."""
     features_from_raw_dates: bool = False
     """Feed the networks the raw acquisition dates instead of the gap-filled regular date grid."""
-    features: tuple[str, ...] = ("NDVI", "NDWI", "Brightness")
+    features: Annotated[
+        tuple[Annotated[Literal[SPECTRAL_INDICES], BeforeValidator(_index_name)], ...],  # type: ignore[valid-type]
+        ListOf("name", empty_ok=True),
+    ] = SPECTRAL_INDICES
     """Spectral indices computed per date for the optical sensors (Sentinel-2, Landsat 8) after
-    their bands, among "NDVI", "NDWI", "Brightness"; [] turns them off. Not applied to
-    dated_raster."""
+    their bands (any case); [] turns them off. Not applied to dated_raster."""
     deep_learning_parameters: DeepLearningParameters
     """The deep-learning parameters (a section)."""
 
 
-class ArgClassificationSection(_Section):
+# --- classification --------------------------------------------------------------------------
+def _final_probability(section: ArgClassificationSection) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    if section.generate_final_probability_map and not section.enable_probability_map:
+        yield ("generate_final_probability_map",), True, detail(
+            "True requires arg_classification.enable_probability_map : True "
+            "(the final probability map is merged from the per-chunk probability maps)"
+        )
+
+
+class ArgClassificationSection(Section):
     """The ``arg_classification`` section."""
+
+    __iota2__ = dict.fromkeys(
+        "classif_mode fusion_options no_label_management dempstershafer_mob "
+        "merge_final_classifications merge_final_classifications_method "
+        "merge_final_classifications_ratio merge_final_classifications_undecidedlabel "
+        "fusionofclassification_all_samples_validation keep_runs_results "
+        "enable_boundary_fusion".split(),
+        "",
+    )
+    __rules__ = (
+        (("enable_probability_map", "generate_final_probability_map"), _final_probability),
+    )
 
     enable_probability_map: bool = False
     """Write a probability raster per chunk and tile (one band per class)."""
@@ -226,45 +516,66 @@ class ArgClassificationSection(_Section):
     ``enable_probability_map``."""
 
 
-class PythonDataManagingSection(_Section):
+class PythonDataManagingSection(Section):
     """The ``python_data_managing`` section: how tiles are cut into chunks for inference."""
+
+    __iota2__ = dict.fromkeys(
+        ("padding_size_x", "padding_size_y", "data_mode_access", "fill_missing_dates"), ""
+    )
 
     chunk_size_mode: Literal["split_number", "user_fixed"] = "split_number"
     """'split_number': ``number_of_chunks`` full-width horizontal strips; 'user_fixed': a grid of
     ``chunk_size_x`` x ``chunk_size_y`` pixel blocks."""
-    number_of_chunks: int = 50
+    number_of_chunks: PositiveInt = 50
     """Number of strips per tile in 'split_number' mode."""
-    chunk_size_x: int = 50
+    chunk_size_x: PositiveInt = 50
     """Block width in pixels in 'user_fixed' mode."""
-    chunk_size_y: int = 50
+    chunk_size_y: PositiveInt = 50
     """Block height in pixels in 'user_fixed' mode."""
 
 
-class ExternalFeaturesSection(_Section):
+_FUNCTIONS_TEXT = (
+    "a non-empty list of function names (or one space-separated string); an entry may be "
+    "[name, {keyword: value}]"
+)
+
+
+def _functions(value: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
+    entries = value.split() if isinstance(value, str) else value
+    if not isinstance(entries, list) or not entries:
+        raise invalid()
+    out: list[tuple[str, dict[str, Any]]] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            name, kwargs = entry, {}
+        elif (
+            isinstance(entry, list | tuple)
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], dict)
+        ):
+            name, kwargs = entry[0], json_value(entry[1], "functions")
+        else:
+            raise invalid(f"bad entry {shown(entry)}")
+        if not name.isidentifier():
+            raise invalid(f"{name!r} is not a Python function name")
+        out.append((name, kwargs))
+    return tuple(out)
+
+
+class ExternalFeaturesSection(Section):
     """The optional ``external_features`` section: user functions adding per-date features."""
 
-    module: str
+    __iota2__ = dict.fromkeys(("no_data_value", "exogeneous_data", "output_name"), "")
+
+    module: PyFile
     """Path of the user's Python module (.py) defining the functions."""
-    functions: tuple[tuple[str, dict[str, Any]], ...]
-    """The functions to call, in order, each as (name, keyword arguments)."""
+    functions: Annotated[
+        tuple[tuple[str, dict[str, Any]], ...], PlainValidator(_functions), AS_IS, Expect(_FUNCTIONS_TEXT)
+    ]
+    """The functions to call, in order, each stored as (name, keyword arguments)."""
     concat_mode: bool = True
     """True: the new features are appended to the sensor's bands; False: they replace them."""
-
-
-SECTION_MODELS: dict[str, type[_Section]] = {
-    "chain": ChainSection,
-    "dated_raster": DatedRasterSection,
-    "Sentinel_2": OpticalSensorSection,
-    "Sentinel_2_L3A": OpticalSensorSection,
-    "Sentinel_2_S2C": OpticalSensorSection,
-    "Landsat8": OpticalSensorSection,
-    "arg_train": ArgTrainSection,
-    "arg_classification": ArgClassificationSection,
-    "python_data_managing": PythonDataManagingSection,
-    "external_features": ExternalFeaturesSection,
-    "resources": ResourcesSection,
-}
-"""Top-level sections, in the order they are written."""
 
 
 def _write_section(lines: list[str], name: str, values: dict[str, Any], depth: int) -> None:
@@ -279,14 +590,70 @@ def _write_section(lines: list[str], name: str, values: dict[str, Any], depth: i
 
 
 _NESTED_SECTIONS = {"deep_learning_parameters"}
+"""Sub-sections written as sections (``name : { ... }``) by ``to_cfg``; other dicts are inline."""
 
 
-class SitsflowConfig(_Section):
+_OPTICAL_SECTIONS = tuple(OPTICAL_SENSORS)
+
+
+def _sensors(cfg: SitsflowConfig) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    """An iota2 sensor section needs its chain path; at least one sensor is needed."""
+    for name, sensor in OPTICAL_SENSORS.items():
+        if getattr(cfg, name) is not None and getattr(cfg.chain, sensor.chain_key) is None:
+            yield (name,), None, detail(
+                f"the {name} section describes a sensor whose products are not given: "
+                f"set chain.{sensor.chain_key} (the folder of its products) or remove the section"
+            )
+    if cfg.dated_raster is None and all(getattr(cfg, n) is None for n in _OPTICAL_SECTIONS):
+        keys = ", ".join(f"chain.{s.chain_key}" for s in OPTICAL_SENSORS.values())
+        yield (), None, detail(
+            f"no sensor: set {keys} (with optional {' / '.join(_OPTICAL_SECTIONS)} sections), "
+            "or add a dated_raster section"
+        )
+
+
+def _tile_placeholder(cfg: SitsflowConfig) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    """Several tiles cannot read the same raster."""
+    tiles = cfg.chain.tiles
+    raster = cfg.dated_raster
+    if len(tiles) > 1 and raster is not None:
+        for key in ("path", "mask_path"):
+            pattern = getattr(raster, key)
+            if pattern is not None and "{tile}" not in pattern:
+                yield ("dated_raster", key), pattern, detail(
+                    f"{len(tiles)} tiles are listed in chain.list_tile but {pattern!r} has no "
+                    "{tile} placeholder: every tile would read the same file"
+                )
+
+
+class SitsflowConfig(Section):
     """The whole validated configuration.
 
     Two configurations are equal when all their settings are equal, wherever they were read from
     (``source`` is not compared).
     """
+
+    __iota2__ = {
+        **dict.fromkeys(
+            "Landsat8_old Landsat5_old Landsat8_usgs Landsat8_usgs_optical Landsat8_usgs_thermal "
+            "Landsat8_usgs_infrared Landsat7_usgs Sentinel_1 userFeat".split(),
+            "it is an iota2 sensor section; describe the images with a dated_raster section",
+        ),
+        "sensors_data_interpolation": (
+            "gap-filling is set by dated_raster.temporal_resolution and "
+            "arg_train.features_from_raw_dates"
+        ),
+        "task_retry_limits": (
+            "retries are set on the workflow (Argo retryStrategy), not in the configuration"
+        ),
+        "scikit_models_parameters": "sitsflow trains deep-learning models only",
+        "builders": "sitsflow runs the deep-learning workflow only",
+        **dict.fromkeys(("obia", "coregistration", "slurm", "multi_run_fusion", "sar"), ""),
+    }
+    __rules__ = (
+        (("chain", "dated_raster", *_OPTICAL_SECTIONS), _sensors),
+        (("chain", "dated_raster"), _tile_placeholder),
+    )
 
     source: str
     """Where the configuration was read (absolute local path or ``s3://`` URI)."""
@@ -294,14 +661,14 @@ class SitsflowConfig(_Section):
     """The ``chain`` section."""
     dated_raster: DatedRasterSection | None = None
     """The ``dated_raster`` section (the generic dated-raster sensor), None when absent."""
-    Sentinel_2: OpticalSensorSection | None = None
+    Sentinel_2: Sentinel2Section | None = None
     """The ``Sentinel_2`` section (THEIA L2A); defaults apply when ``chain.s2_path`` is set
     without it; None when the sensor is not used."""
-    Sentinel_2_L3A: OpticalSensorSection | None = None
+    Sentinel_2_L3A: Sentinel2L3ASection | None = None
     """The ``Sentinel_2_L3A`` section (THEIA L3A syntheses), as ``Sentinel_2``."""
-    Sentinel_2_S2C: OpticalSensorSection | None = None
+    Sentinel_2_S2C: Sentinel2S2CSection | None = None
     """The ``Sentinel_2_S2C`` section (Sen2Cor L2A), as ``Sentinel_2``."""
-    Landsat8: OpticalSensorSection | None = None
+    Landsat8: Landsat8Section | None = None
     """The ``Landsat8`` section (THEIA L2A), as ``Sentinel_2``."""
     arg_train: ArgTrainSection
     """The ``arg_train`` section, ``deep_learning_parameters`` included."""
@@ -315,6 +682,20 @@ class SitsflowConfig(_Section):
     """The ``external_features`` section, None when absent."""
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     """iota2's per-step resource blocks (``sitsflow.config.resources``): the pods' requests."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sensor_sections(cls, data: Any) -> Any:
+        """A sensor whose chain path is set gets its section (with its defaults) when absent."""
+        chain = data.get("chain") if isinstance(data, dict) else None
+        if not isinstance(chain, dict):
+            return data
+        absent = [
+            name
+            for name, sensor in OPTICAL_SENSORS.items()
+            if chain.get(sensor.chain_key) is not None and data.get(name) is None
+        ]
+        return {**data, **dict.fromkeys(absent, {})} if absent else data
 
     @property
     def dl(self) -> DeepLearningParameters:
@@ -356,3 +737,11 @@ class SitsflowConfig(_Section):
 
     def __hash__(self) -> int:
         return hash(self.to_cfg().split("\n", 1)[1])
+
+
+SECTION_MODELS: dict[str, type[Inline]] = {
+    name: typing.cast(type[Inline], optional_arm(info.annotation) or info.annotation)
+    for name, info in SitsflowConfig.model_fields.items()
+    if name != "source"
+}
+"""Top-level sections and their models, in the order they are written."""

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BeforeValidator, Field
+
+from sitsflow.config.schema import Expect, Inline, Section, Text
+from sitsflow.config.schema import expected as expected_text
 
 #: The stages whose pods request GPUs (and go to GPU nodes); the others run on CPU nodes.
 GPU_STAGES: tuple[str, ...] = ("train", "infer")
@@ -61,13 +64,17 @@ _LABEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$")
 
 
+_RAM_TEXT = 'a memory size such as "92gb" (PBS, binary units) or "16Gi" (Kubernetes)'
+_WALLTIME_TEXT = 'a walltime "HH:MM:SS" (hours may exceed 24) or a number of seconds'
+
+
 def parse_ram(value: Any) -> str:
     """iota2/PBS memory (``"92gb"``, ``"512mb"``) or a Kubernetes quantity → a quantity string.
 
     PBS units are binary (1 gb = 1024³ bytes), so ``"92gb"`` is ``"92Gi"``; Kubernetes forms pass
     through (``"16Gi"``, ``"500M"``, ``"4G"``); a bare number is bytes. Raises ValueError.
     """
-    expected = 'a memory size such as "92gb" (PBS, binary units) or "16Gi" (Kubernetes)'
+    expected = _RAM_TEXT
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise ValueError(expected)
     text = str(value).strip()
@@ -85,7 +92,7 @@ def parse_ram(value: Any) -> str:
 
 def parse_walltime(value: Any) -> int:
     """PBS walltime ``[[hours:]minutes:]seconds`` (``"12:00:00"``) or seconds → seconds (> 0)."""
-    expected = 'a walltime "HH:MM:SS" (hours may exceed 24) or a number of seconds'
+    expected = _WALLTIME_TEXT
     if isinstance(value, bool):
         raise ValueError(expected)
     if isinstance(value, int):
@@ -104,29 +111,70 @@ def parse_walltime(value: Any) -> int:
     return seconds
 
 
-class _Block(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+def _parsed(parse: Any) -> Any:
+    """A validator from a ``parse_*`` function (its ValueError says what is expected)."""
+
+    def check(value: Any) -> Any:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise expected_text(str(exc)) from None
+
+    return BeforeValidator(check)
 
 
-class StageResources(_Block):
+class StageResources(Inline):
     """One iota2 resource block; a key left out keeps the default (``default`` block, built-in)."""
 
-    name: str | None = None
+    name: Annotated[str, Text("a non-empty string (iota2's job name)")] | None = None
     """iota2's PBS job name; kept for compatibility, Argo names the pods after the tasks."""
-    nb_cpu: int | None = None
+    nb_cpu: Annotated[int, Field(ge=1)] | None = None
     """CPU cores requested (``resources.requests.cpu``)."""
-    ram: str | None = None
-    """Memory requested and limited (``resources.requests/limits.memory``), a Kubernetes quantity."""
-    walltime: int | None = None
+    ram: Annotated[str, _parsed(parse_ram), Expect(_RAM_TEXT)] | None = None
+    """Memory requested and limited (``resources.requests/limits.memory``): a PBS size
+    (``"92gb"``, binary units: 92Gi) or a Kubernetes quantity (``"16Gi"``, ``"500M"``)."""
+    walltime: Annotated[int, _parsed(parse_walltime), Expect(_WALLTIME_TEXT)] | None = None
     """Seconds a pod may run (``activeDeadlineSeconds``) before Argo stops it."""
-    nb_gpu: int | None = None
+    nb_gpu: Annotated[int, Field(ge=0)] | None = None
     """GPUs requested (``nvidia.com/gpu``); train and infer only."""
-    queue: str | None = None
+    queue: (
+        Annotated[
+            str,
+            Text(
+                "a node pool name: a Kubernetes label value (letters, digits, '-', '_', '.', at "
+                "most 63 characters)",
+                _QUEUE.pattern,
+            ),
+        ]
+        | None
+    ) = None
     """Node pool: the pods get the node selector ``{<pool-label parameter>: queue}``."""
 
 
-class ResourcesSection(_Block):
-    """The ``resources`` section: iota2's per-step resource blocks, one per stage."""
+def _no_gpu(stage: str) -> Any:
+    """The rule that ``stage`` (a CPU stage) requests no GPU."""
+
+    def check(resources: ResourcesSection) -> Any:
+        block = getattr(resources, stage)
+        if block is not None and block.nb_gpu:
+            yield (stage, "nb_gpu"), block.nb_gpu, expected_text(
+                f"0 ({stage} runs on CPU nodes; only {' and '.join(GPU_STAGES)} take GPUs)"
+            )
+
+    return ((stage,), check)
+
+
+class ResourcesSection(Section):
+    """The ``resources`` section: iota2's per-step resource blocks, one per stage.
+
+    They set what each stage's pods request on Kubernetes (``docs/deploy.md``, "iota2 resource
+    blocks"). A stage's block wins over ``default`` key by key; a key left out keeps the built-in
+    setting (:data:`BUILTIN`). iota2 step names (``training``, ``classifications``, ``mosaic``,
+    ...) are refused with the stage word to use.
+    """
+
+    __iota2__ = IOTA2_STEP_HINTS
+    __rules__ = tuple(_no_gpu(stage) for stage in STAGES if stage not in GPU_STAGES)
 
     default: StageResources | None = None
     """Applies to every stage (its nb_gpu to train and infer only); a stage's block wins."""
@@ -140,62 +188,6 @@ class ResourcesSection(_Block):
     """Inference pods, one per (tile, chunk, seed) (GPU nodes)."""
     merge: StageResources | None = None
     """Merging pod (CPU nodes)."""
-
-
-def parse_block(value: Any, stage: str) -> dict[str, Any] | None:
-    """Check one raw resource block; the normalised values (None for ``None``).
-
-    Raises:
-        ValueError: one message per problem, joined by newlines, each naming the key.
-    """
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise ValueError(
-            "a block { nb_cpu : 4  ram : \"16gb\"  walltime : \"12:00:00\"  nb_gpu : 1  "
-            "queue : \"gpu-pool\" }"
-        )
-    fields = StageResources.model_fields
-    problems: list[str] = []
-    out: dict[str, Any] = {}
-    for key, raw in value.items():
-        try:
-            if key not in fields:
-                raise ValueError(f"unknown key; allowed: {', '.join(fields)}")
-            if raw is None:  # left out (as the resolved configuration writes it)
-                continue
-            if key == "name":
-                if not isinstance(raw, str) or not raw:
-                    raise ValueError("a non-empty string (iota2's job name)")
-                out[key] = raw
-            elif key == "nb_cpu":
-                if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
-                    raise ValueError("an integer >= 1")
-                out[key] = raw
-            elif key == "nb_gpu":
-                if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-                    raise ValueError("an integer >= 0")
-                if raw > 0 and stage not in (*GPU_STAGES, "default"):
-                    raise ValueError(
-                        f"0 ({stage} runs on CPU nodes; only {' and '.join(GPU_STAGES)} take GPUs)"
-                    )
-                out[key] = raw
-            elif key == "ram":
-                out[key] = parse_ram(raw)
-            elif key == "walltime":
-                out[key] = parse_walltime(raw)
-            elif key == "queue":
-                if not isinstance(raw, str) or not _QUEUE.match(raw):
-                    raise ValueError(
-                        "a node pool name: a Kubernetes label value (letters, digits, '-', '_', "
-                        "'.', at most 63 characters)"
-                    )
-                out[key] = raw
-        except ValueError as exc:
-            problems.append(f"{key}: expected {exc}, got {raw!r}")
-    if problems:
-        raise ValueError("\n".join(problems))
-    return out
 
 
 def label_selector(text: str, what: str) -> dict[str, str]:

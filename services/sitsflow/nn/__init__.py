@@ -21,11 +21,17 @@ from sitsflow.nn.attention import SimpleSelfAttentionClassifier
 from sitsflow.nn.base import FRAMEWORK_ARGS, Iota2NeuralNetwork
 from sitsflow.nn.ltae import LTAEClassifier, LTAEEncoder
 from sitsflow.nn.mlp import ANN, MLPClassifier
-    load_model(data, *, module_source=None, module_uri=None) -> (network, description)
-    read_dl_module(uri) -> text of the configured dl_module (the only code a model runs)
-    predict_proba(network, x, *, batch_size=None, device=None, form='inference') -> (N, nb_classes) float32
-    Predictor(network, *, device=None, ...)   # .proba(x), .classify(x, codes): the inference stage's
-    inference_form(network)            # the folded network of the same function (LTAE, ANN, MLP)
+from sitsflow.nn.inference_form import inference_form
+from sitsflow.nn.modelfile import fingerprint, load_model, module_sha256, read_model_file, save_model
+from sitsflow.nn.predict import Predictor, auto_batch_size, predict_proba, resolve_device
+from sitsflow.nn.registry import (
+    NETWORKS,
+    build_network,
+    check_dl_parameters,
+    network_parameters,
+    read_dl_module,
+    resolve_network,
+)
 
 __all__ = [
     "ANN",

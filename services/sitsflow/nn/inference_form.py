@@ -124,7 +124,6 @@ class FoldedLTAE(torch.nn.Module):
         enc = network.encoder
         d, n_head, d_k = enc.d_model, enc.n_head, enc.d_k
         dh = d // n_head
-        f64 = torch.float64
         self.n_head, self.dh = n_head, dh
         c1 = network.nb_components + 1
         #: the largest tensor of the forward pass, in values per pixel (sizes CPU batches)

@@ -18,9 +18,10 @@ import math
 from typing import Any
 
 from sitsflow import layout, manifest, storage
+from sitsflow.config import SitsflowConfig
 from sitsflow.errors import BadInputError, InputNotFoundError
 from sitsflow.log import get_logger
-from sitsflow.training.metrics import CRITERIA, CRITERION_COLUMN, minimise
+from sitsflow.training.metrics import CRITERION_COLUMN, minimise
 from sitsflow.training.plots import read_history
 
 __all__ = ["run", "candidate_value", "pick"]
@@ -63,12 +64,10 @@ def pick(values: dict[int, float], criterion: str) -> tuple[int, float | None]:
     return ranked[0][0], margin
 
 
-def run(cfg: Any, region: int, seed: int) -> dict:
+def run(cfg: SitsflowConfig, region: int, seed: int) -> dict:
     """Select the model of region ``region``, seed ``seed``; return a JSON-able summary."""
     out = cfg.chain.output_path
     criterion = cfg.dl.model_selection_criterion
-    if criterion not in CRITERIA:
-        raise BadInputError(f"model_selection_criterion '{criterion}' is not one of {list(CRITERIA)}")
     pairs = cfg.dl.hyperparameter_pairs()
     candidates = []
     for hyp, (batch_size, lr) in enumerate(pairs):

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from sitsflow.sensors.base import Grid, Sensor
 from sitsflow.sensors.dated_raster import DatedRasterSensor
-from sitsflow.sensors.products import CHAIN_KEYS, LAYOUTS, ProductSensor
+from sitsflow.sensors.catalogue import CHAIN_KEYS, OPTICAL_SENSORS
+from sitsflow.sensors.products import LAYOUTS, ProductSensor
 
-SENSOR_ORDER: tuple[str, ...] = ("Sentinel_2", "Sentinel_2_L3A", "Sentinel_2_S2C", "Landsat8", "dated_raster")
+SENSOR_ORDER: tuple[str, ...] = (*OPTICAL_SENSORS, "dated_raster")
 """The order sensors are stacked in (components of one date: Sentinel-2 first)."""
 
 

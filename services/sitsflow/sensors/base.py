@@ -23,14 +23,6 @@ from rasterio.windows import Window
 
 from sitsflow.errors import BadInputError
 
-# spectral index -> the roles of the bands it needs
-INDEX_ROLES: dict[str, tuple[str, ...]] = {
-    "ndvi": ("red", "nir"),
-    "ndwi": ("nir", "swir"),
-    "brightness": (),
-}
-
-
 class ReadBuffers:
     """Arrays reused from one read to the next.
 

@@ -21,6 +21,7 @@ from sitsflow import storage
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
 from sitsflow.process import open_files_budget
+from sitsflow.sensors.catalogue import OPTICAL_SENSORS, OpticalSensor
 from sitsflow.sensors.base import Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
 
 log = get_logger(__name__)
@@ -49,14 +50,9 @@ class Product:
 
 @dataclass(frozen=True)
 class Layout:
-    """How one product type is laid out on disk."""
+    """How one product type (of a sensor of the catalogue) is laid out on disk."""
 
-    section: str
-    key: str
-    prefix: str
-    ext_name: str
-    bands: tuple[str, ...]
-    roles: dict[str, str]
+    sensor: OpticalSensor
     folder: re.Pattern  # groups: date (YYYYMMDD), time
     band_file: re.Pattern  # group "band"
     masks: tuple[tuple[re.Pattern, str], ...]
@@ -65,12 +61,9 @@ class Layout:
     grid_band: str = ""
 
 
-_S2_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
-_S2_ROLES = {"red": "B4", "nir": "B8", "swir": "B11"}
-
 LAYOUTS: dict[str, Layout] = {
     "Sentinel_2": Layout(
-        "Sentinel_2", "s2_theia", "sentinel2", "Sentinel2", _S2_BANDS, _S2_ROLES,
+        OPTICAL_SENSORS["Sentinel_2"],
         re.compile(r"^SENTINEL2[A-D]_(?P<date>\d{8})-(?P<time>\d{6}-\d{3})_L2A_(?P<tile>[A-Z0-9]+)_"),
         re.compile(r"_FRE_(?P<band>B\d+A?)\.tif$", re.I),
         (
@@ -82,7 +75,7 @@ LAYOUTS: dict[str, Layout] = {
         grid_band="B2",
     ),
     "Sentinel_2_L3A": Layout(
-        "Sentinel_2_L3A", "s2_l3a", "sentinel2l3a", "Sentinel2L3A", _S2_BANDS, _S2_ROLES,
+        OPTICAL_SENSORS["Sentinel_2_L3A"],
         re.compile(r"^SENTINEL2X_(?P<date>\d{8})-(?P<time>\d{6}-\d{3})_L3A_(?P<tile>[A-Z0-9]+)_"),
         re.compile(r"_FRC_(?P<band>B\d+A?)\.tif$", re.I),
         ((re.compile(r"/MASKS/[^/]*_FLG_R1\.tif$", re.I), "flg"),),
@@ -90,9 +83,7 @@ LAYOUTS: dict[str, Layout] = {
         grid_band="B2",
     ),
     "Sentinel_2_S2C": Layout(
-        "Sentinel_2_S2C", "s2_s2c", "sentinel2s2c", "Sentinel2S2C",
-        ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"),
-        {"red": "B04", "nir": "B08", "swir": "B11"},
+        OPTICAL_SENSORS["Sentinel_2_S2C"],
         re.compile(r"^S2[A-D]_MSIL2A_(?P<date>\d{8})T(?P<time>\d{6})_N(?P<baseline>\d{4})_R\d{3}_(?P<tile>T[A-Z0-9]+)_"),
         re.compile(r"_(?P<band>B\d\d|B8A)_(?P<res>10|20|60)m\.(jp2|tif)$", re.I),
         ((re.compile(r"_SCL_20m\.(jp2|tif)$", re.I), "scl"),),
@@ -100,8 +91,7 @@ LAYOUTS: dict[str, Layout] = {
         grid_band="B02",
     ),
     "Landsat8": Layout(
-        "Landsat8", "l8", "landsat8", "Landsat8", ("B1", "B2", "B3", "B4", "B5", "B6", "B7"),
-        {"red": "B4", "nir": "B5", "swir": "B6"},
+        OPTICAL_SENSORS["Landsat8"],
         re.compile(r"^LANDSAT8(-OLITIRS-XS)?_(?P<date>\d{8})-(?P<time>\d{6}-\d{3})_L2A_(?P<tile>[A-Z0-9]+)_"),
         re.compile(r"_FRE_(?P<band>B\d)\.tif$", re.I),
         (
@@ -115,8 +105,6 @@ LAYOUTS: dict[str, Layout] = {
 }
 """The product types, by configuration section."""
 
-CHAIN_KEYS = {"Sentinel_2": "s2_path", "Sentinel_2_L3A": "s2_l3a_path", "Sentinel_2_S2C": "s2_s2c_path",
-              "Landsat8": "l8_path"}
 
 # Sen2Cor scene classification: 0 no data, 1 saturated/defective, 3 cloud shadow, 8/9 cloud,
 # 10 thin cirrus are invalid; 2 dark area, 4 vegetation, 5 bare soil, 6 water, 7 unclassified,
@@ -203,7 +191,7 @@ def discover(layout: Layout, root: str, tile: str, where: str) -> list[Product]:
         band = layout.band_file.search(rel)
         if band:
             name = band.group("band").upper()
-            name = name if name in layout.bands else None
+            name = name if name in layout.sensor.bands else None
             if name is None:
                 continue
             res = int(band.groupdict().get("res") or 0)
@@ -220,11 +208,11 @@ def discover(layout: Layout, root: str, tile: str, where: str) -> list[Product]:
     for folder, entry in sorted(groups.items()):
         match = entry["match"]
         name = folder.rsplit("/", 1)[-1]
-        missing = [b for b in layout.bands if b not in entry["bands"]]
+        missing = [b for b in layout.sensor.bands if b not in entry["bands"]]
         if missing:
             raise BadInputError(
                 f"{where}: product {folder} lacks the band files {missing} "
-                f"(expected one file per band {list(layout.bands)})"
+                f"(expected one file per band {list(layout.sensor.bands)})"
             )
         if len(entry["masks"]) != len(layout.masks):
             expected = [p.pattern for p, _ in layout.masks]
@@ -247,7 +235,8 @@ class ProductSensor(Sensor):
     @classmethod
     def build(cls, cfg, section: str, tile: str) -> ProductSensor:
         layout = LAYOUTS[section]
-        chain_key = CHAIN_KEYS[section]
+        facts = layout.sensor
+        chain_key = facts.chain_key
         root = getattr(cfg.chain, chain_key)
         opts = getattr(cfg, section)
         where = f"chain.{chain_key}"
@@ -266,8 +255,8 @@ class ProductSensor(Sensor):
             )
         indices = [i.lower() for i in cfg.arg_train.features]
         sensor = cls(
-            key=layout.key, prefix=layout.prefix, ext_name=layout.ext_name, section=section,
-            bands=list(layout.bands), keep=list(opts.keep_bands or layout.bands), roles=dict(layout.roles),
+            key=facts.key, prefix=facts.prefix, ext_name=facts.ext_name, section=section,
+            bands=list(facts.bands), keep=list(opts.keep_bands or facts.bands), roles=dict(facts.roles),
             indices=indices, raw_dates=[p.date for p in kept], start_date=start, end_date=end,
             temporal_resolution=int(opts.temporal_resolution), tile=tile,
             settings={"root": root, "products": [p.name for p in kept]},

@@ -8,14 +8,13 @@ database readers (``load_samples`` accepts NetCDF, Parquet and CSV), and
 from sitsflow.training.data import SampleSet, class_weights, load_samples, split_learn_validation
 from sitsflow.training.early_stop import EarlyStopping
 from sitsflow.training.metrics import CRITERIA, CRITERION_COLUMN
-from sitsflow.training.stage import TrainingOptions, run, train
+from sitsflow.training.stage import run, train
 
 __all__ = [
     "CRITERIA",
     "CRITERION_COLUMN",
     "EarlyStopping",
     "SampleSet",
-    "TrainingOptions",
     "class_weights",
     "load_samples",
     "run",

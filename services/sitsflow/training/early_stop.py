@@ -17,12 +17,14 @@ Rules (epochs are numbered from 1):
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any
 
+from sitsflow.config.models import METRIC_ALIASES, EarlyStopMetric
 from sitsflow.errors import ConfigError
 
-EARLY_STOP_METRICS = ("train_loss", "val_loss", "fscore", "oa", "kappa")
-_ALIASES = {"valid_loss": "val_loss"}
+EARLY_STOP_METRICS: tuple[str, ...] = typing.get_args(EarlyStopMetric)
+_ALIASES = METRIC_ALIASES
 _TINY = 1e-30  # a loss of exactly 0 is read as this (log10 stays finite)
 
 

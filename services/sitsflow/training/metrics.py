@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 
-CRITERIA = ("loss", "fscore", "oa", "kappa")
+from sitsflow.config.models import Criterion
+
+CRITERIA: tuple[str, ...] = typing.get_args(Criterion)
 """The values of ``model_selection_criterion``: the minimum validation loss, or the maximum of the others."""
 
 CRITERION_COLUMN = {"loss": "val_loss", "fscore": "fscore", "oa": "oa", "kappa": "kappa"}

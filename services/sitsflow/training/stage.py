@@ -25,8 +25,8 @@ import io
 import math
 import pickle
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ import torch
 
 from sitsflow import layout, manifest, storage
 from sitsflow import nn as sitsnn
+from sitsflow.config import DeepLearningParameters, SitsflowConfig
 from sitsflow.errors import BadInputError, ConfigError, InputNotFoundError
 from sitsflow.log import get_logger
 from sitsflow.training import plots
@@ -59,95 +60,30 @@ EpochHook = Callable[[int, dict[str, float]], None]
 """Called after each epoch (once its checkpoint is written) with the epoch number and its history row."""
 
 
-@dataclass(frozen=True)
-class TrainingOptions:
-    """The deep-learning parameters of one candidate (one hyperparameter pair)."""
+def candidate(dl: DeepLearningParameters, hyp: int) -> tuple[int, float]:
+    """(batch_size, learning_rate) of pair ``hyp`` of ``dl.hyperparameter_pairs()``.
 
-    dl_name: str
-    dl_parameters: dict[str, Any]
-    dl_module: str | None
-    model_selection_criterion: str
-    epochs: int
-    weighted_labels: bool
-    num_workers: int
-    batch_size: int
-    learning_rate: float
-    hyp: int
-    restart_from_checkpoint: bool
-    dataloader_mode: str
-    enable_early_stop: bool
-    epoch_to_trigger: int
-    early_stop_patience: int
-    early_stop_tol: float
-    early_stop_metric: str
-    additional_statistics_percentage: float | None
-    adaptive_lr: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_config(cls, dl: Any, hyp: int) -> TrainingOptions:
-        """Options of pair ``hyp`` of ``dl.hyperparameter_pairs()`` (ConfigError when out of range)."""
-        pairs = dl.hyperparameter_pairs()
-        if isinstance(hyp, bool) or not 0 <= int(hyp) < len(pairs):
-            raise ConfigError(
-                f"hyperparameter pair {hyp} does not exist: {_KEY}.hyperparameters_solver gives "
-                f"{len(pairs)} pair(s), numbered 0..{len(pairs) - 1}"
-            )
-        batch_size, lr = pairs[int(hyp)]
-        opts = cls(
-            dl_name=dl.dl_name,
-            dl_parameters=dict(dl.dl_parameters),
-            dl_module=dl.dl_module,
-            model_selection_criterion=dl.model_selection_criterion,
-            epochs=int(dl.epochs),
-            weighted_labels=bool(dl.weighted_labels),
-            num_workers=int(dl.num_workers),
-            batch_size=int(batch_size),
-            learning_rate=float(lr),
-            hyp=int(hyp),
-            restart_from_checkpoint=bool(dl.restart_from_checkpoint),
-            dataloader_mode=str(dl.dataloader_mode),
-            enable_early_stop=bool(dl.enable_early_stop),
-            epoch_to_trigger=int(dl.epoch_to_trigger),
-            early_stop_patience=int(dl.early_stop_patience),
-            early_stop_tol=float(dl.early_stop_tol),
-            early_stop_metric=str(dl.early_stop_metric),
-            additional_statistics_percentage=dl.additional_statistics_percentage,
-            adaptive_lr=dict(dl.adaptive_lr),
+    Raises:
+        ConfigError: there is no pair ``hyp``.
+    """
+    pairs = dl.hyperparameter_pairs()
+    if isinstance(hyp, bool) or not 0 <= int(hyp) < len(pairs):
+        raise ConfigError(
+            f"hyperparameter pair {hyp} does not exist: {_KEY}.hyperparameters_solver gives "
+            f"{len(pairs)} pair(s), numbered 0..{len(pairs) - 1}"
         )
-        opts.validate()
-        return opts
-
-    def validate(self) -> None:
-        """Check the values the configuration layer may not have checked (ConfigError)."""
-        if self.model_selection_criterion not in CRITERIA:
-            raise ConfigError(f"{_KEY}.model_selection_criterion: '{self.model_selection_criterion}' "
-                              f"is not one of {list(CRITERIA)}")
-        if self.epochs < 1:
-            raise ConfigError(f"{_KEY}.epochs must be >= 1, got {self.epochs}")
-        if self.num_workers < 0:
-            raise ConfigError(f"{_KEY}.num_workers must be >= 0, got {self.num_workers}")
-        if self.batch_size < 1 or not self.learning_rate > 0:
-            raise ConfigError(f"{_KEY}.hyperparameters_solver: batch_size must be >= 1 and "
-                              f"learning_rate > 0, got ({self.batch_size}, {self.learning_rate})")
-        if self.dataloader_mode not in ("full", "stream"):
-            raise ConfigError(f"{_KEY}.dataloader_mode: '{self.dataloader_mode}' is not 'full' or 'stream'")
-        p = self.additional_statistics_percentage
-        if p is not None and not 0.0 < float(p) <= 1.0:
-            raise ConfigError(f"{_KEY}.additional_statistics_percentage must be in ]0, 1] or None, got {p}")
-        if "mode" in self.adaptive_lr:
-            raise ConfigError(f"{_KEY}.adaptive_lr: 'mode' cannot be set (it is forced to 'min', on the "
-                              "validation loss)")
-        EarlyStopping(self.early_stop_metric, self.early_stop_tol, self.early_stop_patience,
-                      self.epoch_to_trigger)
-
-    def fingerprint_parts(self) -> dict[str, Any]:
-        """Everything the trained weights depend on (not ``restart_from_checkpoint``)."""
-        parts = asdict(self)
-        parts.pop("restart_from_checkpoint")
-        return parts
+    return pairs[int(hyp)]
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, adaptive_lr: dict[str, Any]) -> Any:
+def fingerprint_parts(dl: DeepLearningParameters, hyp: int) -> dict[str, Any]:
+    """Everything the trained weights of candidate ``hyp`` depend on: every deep-learning
+    parameter but ``restart_from_checkpoint`` and the other candidates' pairs."""
+    batch_size, learning_rate = candidate(dl, hyp)
+    parts = dl.model_dump(mode="json", exclude={"restart_from_checkpoint", "hyperparameters_solver"})
+    return {**parts, "batch_size": batch_size, "learning_rate": learning_rate, "hyp": int(hyp)}
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, adaptive_lr: Mapping[str, Any]) -> Any:
     """``ReduceLROnPlateau(optimizer, mode="min", **adaptive_lr)``, or None when ``adaptive_lr`` is {}.
 
     ``verbose`` is dropped (PyTorch no longer accepts it; learning rates are in the history).
@@ -256,7 +192,8 @@ def evaluate(
 
 def train(
     samples: SampleSet,
-    opts: TrainingOptions,
+    dl: DeepLearningParameters,
+    hyp: int,
     *,
     build: Callable[..., torch.nn.Module],
     split_seed: int,
@@ -270,7 +207,8 @@ def train(
 
     Args:
         samples: the L+V database (features read through ``samples.reader``).
-        opts: the candidate's options.
+        dl: the deep-learning parameters.
+        hyp: the candidate: pair ``hyp`` of ``dl.hyperparameter_pairs()``.
         build: ``build(stats=...) -> network``; the network maps (batch, nb_dates, nb_components)
             to logits (batch, nb_classes).
         split_seed: seed of the learning/validation split and of the quantile subsample.
@@ -281,6 +219,7 @@ def train(
         device: defaults to CUDA when available, else the CPU.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch_size, learning_rate = candidate(dl, hyp)
     label_idx = samples.label_indices()
     nb_classes = len(samples.classes)
     learn, val = split_learn_validation(samples.labels, samples.polygon_ids, split_seed)
@@ -288,10 +227,10 @@ def train(
              samples.n, int(learn.sum()), int(val.sum()), nb_classes)
 
     stats = {k: v for k, v in samples.stats.items()}
-    if opts.additional_statistics_percentage is not None:
-        stats.update(quantile_stats(samples.reader, float(opts.additional_statistics_percentage),
-                                    split_seed, chunk=max(opts.batch_size, 1024)))
-    weights_np = class_weights(label_idx, nb_classes) if opts.weighted_labels else None
+    if dl.additional_statistics_percentage is not None:
+        stats.update(quantile_stats(samples.reader, float(dl.additional_statistics_percentage),
+                                    split_seed, chunk=max(batch_size, 1024)))
+    weights_np = class_weights(label_idx, nb_classes) if dl.weighted_labels else None
     weights = torch.from_numpy(weights_np).to(device) if weights_np is not None else None
 
     torch.manual_seed(torch_seed)
@@ -299,15 +238,15 @@ def train(
     # a multi-sensor database has one feature vector: its statistics serve every sensor key
     network = build(stats={key: tensors for key in dict.fromkeys((samples.sensor, *samples.sensors))})
     network.to(device)
-    optimizer = torch.optim.Adam(network.parameters(), lr=opts.learning_rate)
-    scheduler = make_scheduler(optimizer, opts.adaptive_lr)
+    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
+    scheduler = make_scheduler(optimizer, dl.adaptive_lr)
     data_gen = torch.Generator().manual_seed(torch_seed)
-    early = (EarlyStopping(opts.early_stop_metric, opts.early_stop_tol, opts.early_stop_patience,
-                           opts.epoch_to_trigger) if opts.enable_early_stop else None)
+    early = (EarlyStopping(dl.early_stop_metric, dl.early_stop_tol, dl.early_stop_patience,
+                           dl.epoch_to_trigger) if dl.enable_early_stop else None)
 
     pin = device.type == "cuda"
-    bs = opts.batch_size
-    if opts.dataloader_mode == "full":
+    bs = batch_size
+    if dl.dataloader_mode == "full":
         x_all = torch.from_numpy(samples.load_all())
         y_all = torch.from_numpy(label_idx)
         learn_t, val_t = torch.from_numpy(learn), torch.from_numpy(val)
@@ -317,14 +256,14 @@ def train(
     else:
         train_ds = StreamBatches(samples.reader, label_idx, learn, bs, shuffle=True, drop_single=True)
         val_ds = StreamBatches(samples.reader, label_idx, val, bs, shuffle=False, drop_single=False)
-    val_loader = make_loader(val_ds, num_workers=opts.num_workers,
+    val_loader = make_loader(val_ds, num_workers=dl.num_workers,
                              generator=torch.Generator().manual_seed(0), pin_memory=pin)
 
     history: list[dict[str, float]] = []
     best: dict[str, dict[str, Any]] = {}
     start_epoch = 0
     stopped = False
-    ckpt = _load_checkpoint(checkpoint_uri, fingerprint) if opts.restart_from_checkpoint else None
+    ckpt = _load_checkpoint(checkpoint_uri, fingerprint) if dl.restart_from_checkpoint else None
     if ckpt is not None:
         network.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -341,19 +280,19 @@ def train(
         start_epoch = int(ckpt["epoch"])
         stopped = bool(ckpt["stopped"])
         log.info("resuming %s after epoch %d", checkpoint_uri, start_epoch)
-    elif not opts.restart_from_checkpoint and storage.exists(checkpoint_uri):
+    elif not dl.restart_from_checkpoint and storage.exists(checkpoint_uri):
         log.info("restart_from_checkpoint is False: ignoring %s, training from scratch", checkpoint_uri)
 
-    for epoch in range(start_epoch + 1, opts.epochs + 1):
+    for epoch in range(start_epoch + 1, dl.epochs + 1):
         if stopped:
             break
         tic = time.monotonic()
         lr = float(optimizer.param_groups[0]["lr"])
-        if opts.dataloader_mode == "full":
+        if dl.dataloader_mode == "full":
             train_ds.set_order(torch.randperm(len(train_ds.targets), generator=data_gen))
         else:
             train_ds.set_epoch(data_gen)
-        loader = make_loader(train_ds, num_workers=opts.num_workers, generator=data_gen, pin_memory=pin)
+        loader = make_loader(train_ds, num_workers=dl.num_workers, generator=data_gen, pin_memory=pin)
         network.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         count = 0
@@ -388,7 +327,7 @@ def train(
         if early is not None:
             stopped = early.update(epoch, row[early.metric])
         log.info("epoch %d/%d: train loss %.4f, val loss %.4f, OA %.4f, kappa %.4f, F %.4f, lr %.3g",
-                 epoch, opts.epochs, train_loss, row["val_loss"], row["oa"], row["kappa"], row["fscore"], lr)
+                 epoch, dl.epochs, train_loss, row["val_loss"], row["oa"], row["kappa"], row["fscore"], lr)
         _save_checkpoint(checkpoint_uri, {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": fingerprint,
@@ -409,10 +348,10 @@ def train(
         if stopped:
             log.info("early stop after epoch %d (%s did not improve on its previous epoch by more than %g "
                      "for %d consecutive epochs)",
-                     epoch, opts.early_stop_metric, opts.early_stop_tol, opts.early_stop_patience)
+                     epoch, dl.early_stop_metric, dl.early_stop_tol, dl.early_stop_patience)
             break
 
-    crit = opts.model_selection_criterion
+    crit = dl.model_selection_criterion
     if crit not in best:
         raise BadInputError(f"no validation result to select a model by '{crit}' (empty validation set?)")
     network.load_state_dict(best[crit]["state"])
@@ -439,7 +378,7 @@ def _seeds(random_seed: int, seed: int, hyp: int) -> tuple[int, int]:
     return split_seed, torch_seed
 
 
-def run(cfg: Any, region: int, seed: int, hyp: int, *, on_epoch_end: EpochHook | None = None) -> dict:
+def run(cfg: SitsflowConfig, region: int, seed: int, hyp: int, *, on_epoch_end: EpochHook | None = None) -> dict:
     """Train candidate ``hyp`` of region ``region``, seed ``seed``; return a JSON-able summary.
 
     A rerun whose manifest matches (same parameters, pair and sample database) does nothing and
@@ -447,8 +386,9 @@ def run(cfg: Any, region: int, seed: int, hyp: int, *, on_epoch_end: EpochHook |
     """
     tic = time.monotonic()
     out = cfg.chain.output_path
-    opts = TrainingOptions.from_config(cfg.dl, hyp)
-    random_seed = int(getattr(cfg.arg_train, "random_seed", 0) or 0)
+    dl = cfg.dl
+    batch_size, learning_rate = candidate(dl, hyp)
+    random_seed = cfg.arg_train.random_seed
     split_seed, torch_seed = _seeds(random_seed, seed, hyp)
     db_uri = layout.samples_learn(out, region, seed)
     if not storage.exists(db_uri):
@@ -457,10 +397,10 @@ def run(cfg: Any, region: int, seed: int, hyp: int, *, on_epoch_end: EpochHook |
             "run the sampling stage first (sitsflow sample)"
         )
     db_stat = storage.stat(db_uri)
-    module_source = sitsnn.read_dl_module(opts.dl_module)
+    module_source = sitsnn.read_dl_module(dl.dl_module)
     module_sha = sitsnn.module_sha256(module_source) if module_source is not None else None
     fp = manifest.fingerprint(
-        STAGE, FORMAT_VERSION, opts.fingerprint_parts(),
+        STAGE, FORMAT_VERSION, fingerprint_parts(dl, hyp),
         {"region": region, "seed": seed, "random_seed": random_seed},
         {"samples": db_uri, "stat": db_stat, "dl_module_sha256": module_sha},
     )
@@ -478,27 +418,27 @@ def run(cfg: Any, region: int, seed: int, hyp: int, *, on_epoch_end: EpochHook |
         "history": layout.model_history(out, region, seed, hyp),
     }
     with storage.local_path(db_uri) as local:
-        samples = open_netcdf(str(local), lazy=opts.dataloader_mode == "stream")
+        samples = open_netcdf(str(local), lazy=dl.dataloader_mode == "stream")
         try:
             def build(*, stats: dict[str, dict[str, torch.Tensor]]) -> torch.nn.Module:
                 return sitsnn.build_network(
-                    opts.dl_name, opts.dl_parameters, module_source=module_source,
-                    module_uri=opts.dl_module, nb_dates=samples.nb_dates,
+                    dl.dl_name, dl.dl_parameters, module_source=module_source,
+                    module_uri=dl.dl_module, nb_dates=samples.nb_dates,
                     nb_components=samples.nb_components, nb_classes=len(samples.classes),
                     dates=samples.dates, stats=stats, sensor=samples.sensor,
                 )
 
-            result = train(samples, opts, build=build, split_seed=split_seed, torch_seed=torch_seed,
+            result = train(samples, dl, hyp, build=build, split_seed=split_seed, torch_seed=torch_seed,
                            fingerprint=fp, checkpoint_uri=uris["checkpoint"], on_epoch_end=on_epoch_end)
         finally:
             samples.reader.close()
 
-    crit = opts.model_selection_criterion
+    crit = dl.model_selection_criterion
     selected = result.best[crit]
     data_fp = samples.fingerprint or manifest.fingerprint(db_uri, db_stat)
     description = {
-        "dl_name": opts.dl_name,
-        "dl_module": opts.dl_module,
+        "dl_name": dl.dl_name,
+        "dl_module": dl.dl_module,
         "classes": samples.classes,
         "class_names": samples.class_names,
         "feature_names": samples.feature_names,
@@ -510,13 +450,13 @@ def run(cfg: Any, region: int, seed: int, hyp: int, *, on_epoch_end: EpochHook |
         "nb_classes": len(samples.classes),
         "region": region,
         "seed": seed,
-        "hyperparameters": {"batch_size": opts.batch_size, "learning_rate": opts.learning_rate, "hyp": hyp},
+        "hyperparameters": {"batch_size": batch_size, "learning_rate": learning_rate, "hyp": hyp},
         "selection": {"criterion": crit, "epoch": int(selected["epoch"]), "value": float(selected["value"])},
         "training_data": {"uri": db_uri, "fingerprint": data_fp},
         "training_fingerprint": fp,
     }
     storage.write_bytes(uris["model"], sitsnn.save_model(result.network, description))
-    title = f"model {region}, seed {seed}, hyp {hyp} (batch {opts.batch_size}, lr {opts.learning_rate:g})"
+    title = f"model {region}, seed {seed}, hyp {hyp} (batch {batch_size}, lr {learning_rate:g})"
     storage.write_bytes(uris["loss_plot"], plots.loss_plot(result.history, f"Loss - {title}", int(selected["epoch"])))
     storage.write_bytes(uris["metrics_plot"],
                         plots.metrics_plot(result.history, f"Validation metrics - {title}", int(selected["epoch"])))
@@ -527,8 +467,8 @@ def run(cfg: Any, region: int, seed: int, hyp: int, *, on_epoch_end: EpochHook |
         "region": region,
         "seed": seed,
         "hyp": hyp,
-        "batch_size": opts.batch_size,
-        "learning_rate": opts.learning_rate,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
         "criterion": crit,
         "selected_epoch": int(selected["epoch"]),
         "selected_value": float(selected["value"]),
@@ -540,7 +480,7 @@ def run(cfg: Any, region: int, seed: int, hyp: int, *, on_epoch_end: EpochHook |
         "nb_validation": result.nb_validation,
         "class_weights": result.class_weights,
         "stats": result.stats_keys,
-        "dataloader_mode": opts.dataloader_mode,
+        "dataloader_mode": dl.dataloader_mode,
         "device": result.device,
         "outputs": uris,
         "seconds": round(time.monotonic() - tic, 3),

@@ -1,0 +1,230 @@
+"""Validation of a parsed configuration against the schema, and pydantic's errors in sitsflow's
+words: every problem at once, one line each, naming the key path, where the key is (``file:line``
+or ``from --set``), the value given and what is allowed (with the closest key or choice when one
+is close).
+
+This is the one place that words errors: the schema (:mod:`sitsflow.config.models`) only says
+what a field allows (:func:`sitsflow.config.schema.describe`).
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
+
+from sitsflow.config.models import SECTION_MODELS, SitsflowConfig
+from sitsflow.config.schema import (
+    ListOf,
+    PathOf,
+    core,
+    describe,
+    field_doc,
+    field_type,
+    fields_of,
+    markers,
+    resolve_path,
+    shown,
+    suggest,
+)
+from sitsflow.config.syntax import Location
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass
+class Origins:
+    """Where each key came from: a file line, or an override (``--set``)."""
+
+    label: str
+    """The configuration's name in messages (the source as the user gave it)."""
+    base: str
+    """Folder (local or ``s3://bucket/prefix``) relative paths in the file are resolved against."""
+    lines: dict[Location, int] = field(default_factory=dict)
+    """Line of each key path in the file."""
+    overridden: set[Location] = field(default_factory=set)
+    """Key paths set by overrides (everything under them too)."""
+
+    def set_by_override(self, path: Location) -> None:
+        """Record that ``path`` (and everything under it) now comes from an override."""
+        for known in [p for p in self.lines if p[: len(path)] == path]:
+            del self.lines[known]
+        self.overridden = {p for p in self.overridden if p[: len(path)] != path}
+        self.overridden.add(path)
+
+    def from_override(self, path: Loc) -> bool:
+        """Whether the value at ``path`` was given by an override."""
+        return any(path[:n] in self.overridden for n in range(len(path), 0, -1))
+
+    def where(self, path: Loc) -> str:
+        """``"file:line"``, ``"from --set"``, or the file alone when no line is known."""
+        for n in range(len(path), 0, -1):
+            prefix = path[:n]
+            if prefix in self.overridden:
+                return "from --set"
+            if prefix in self.lines:
+                return f"{self.label}:{self.lines[prefix]}"  # type: ignore[index]
+        return self.label
+
+
+def validate(raw: Any, origins: Origins, source: str) -> tuple[SitsflowConfig | None, list[str]]:
+    """The configuration of a parsed file (paths resolved), or every problem in it."""
+    if not isinstance(raw, dict):
+        return None, [f"{origins.label}: the configuration must be a mapping of sections"]
+    errors: list[str] = []
+    if "source" in raw:
+        errors.append(_unknown_key(SitsflowConfig, ("source",), origins))
+    try:
+        config = SitsflowConfig.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        return None, errors + [message(error, raw, origins) for error in exc.errors()]
+    config = _resolved(config, (), origins, errors)
+    return (None if errors else config), errors
+
+
+# --- one message per pydantic error ----------------------------------------------------------
+def _model(tp: Any) -> Any:
+    """The model or TypedDict a field type holds (``X | None`` included), else None."""
+    base = core(tp)
+    if isinstance(base, type) and issubclass(base, BaseModel):
+        return base
+    return base if fields_of(base) else None
+
+
+def _dotted(loc: Loc) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _at(raw: Any, loc: Loc) -> Any:
+    for part in loc:
+        if isinstance(raw, dict):
+            raw = raw.get(part)
+        elif isinstance(raw, list | tuple) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            return None
+    return raw
+
+
+def _unknown_key(owner: Any, loc: Loc, origins: Origins) -> str:
+    key, path, where = str(loc[-1]), _dotted(loc), origins.where(loc)
+    if owner is SitsflowConfig:
+        if key in owner.__iota2__:
+            hint = owner.__iota2__[key]
+            return (
+                f"section {key!r} ({where}) is an iota2 parameter that sitsflow does not "
+                "support yet" + (f"; {hint}" if hint else "")
+            )
+        close = suggest(key, SECTION_MODELS)
+        return (
+            f"unknown section {key!r} ({where}); "
+            + (f"did you mean {close!r}? " if close else "")
+            + f"Allowed sections: {', '.join(SECTION_MODELS)}"
+        )
+    refused = getattr(owner, "__refused__", {})
+    if key in refused:
+        return f"{path}: {refused[key]} ({where})"
+    iota2 = getattr(owner, "__iota2__", {})
+    if key in iota2:
+        hint = iota2[key]
+        return (
+            f"{path} is an iota2 parameter that sitsflow does not support yet ({where})"
+            + (f"; {hint}" if hint else "")
+        )
+    allowed = fields_of(owner)
+    close = suggest(key, allowed)
+    return (
+        f"unknown key {path!r} ({where}); "
+        + (f"did you mean {close!r}? " if close else "")
+        + f"Allowed keys: {', '.join(allowed)}"
+    )
+
+
+def _required(model: Any, prefix: str = "") -> list[str]:
+    """The required keys of a section, sub-sections' included (``a.b``)."""
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        if info.is_required():
+            sub = _model(info.annotation)
+            out += _required(sub, f"{prefix}{name}.") if sub is not None else [prefix + name]
+    return out
+
+
+def message(error: Any, raw: Any, origins: Origins) -> str:
+    """One pydantic error (an item of ``ValidationError.errors()``) as a sitsflow message."""
+    loc: Loc = tuple(error["loc"])
+    kind, ctx = error["type"], error.get("ctx") or {}
+    # the deepest field named by loc: its owner (model or TypedDict), name and type
+    owner, name, tp, depth = None, None, SitsflowConfig, 0
+    for part in loc:
+        model = _model(tp)
+        if model is None or not isinstance(part, str) or part not in fields_of(model):
+            break
+        owner, name, tp, depth = model, part, fields_of(model)[part], depth + 1
+    if kind == "extra_forbidden":
+        return _unknown_key(_model(tp), loc, origins)
+    if kind == "missing":
+        section = loc[:-1]
+        if owner is SitsflowConfig:
+            needs = ", ".join(_required(_model(tp)))
+            return f"{name}: missing required section {name!r} ({origins.label}): it needs {needs}"
+        meaning = field_doc(owner, str(name)).replace("``", "")
+        return (
+            f"{_dotted(loc)}: missing required key {name!r} in section {_dotted(section)!r} "
+            f"({origins.where(section)})" + (f": {meaning}" if meaning else "")
+        )
+    value = error["input"]
+    if depth < len(loc) and any(isinstance(m, ListOf) for m in markers(tp)):
+        loc, value = loc[:depth], _at(raw, loc[:depth])  # an item of a list: the list is wrong
+    path, where = _dotted(loc), origins.where(loc)
+    if kind == "detail":
+        return f"{path}: {ctx['detail']} ({where})" if path else f"{ctx['detail']} ({where})"
+    if kind == "expected":
+        allowed = ctx["expected"]
+    else:
+        allowed = describe(tp, str(name))
+        if kind == "invalid" and ctx.get("why"):
+            allowed += f"; {ctx['why']}"
+        base = core(tp)
+        if typing.get_origin(base) is Literal and isinstance(value, str):
+            close = suggest(value, [str(v) for v in typing.get_args(base)])
+            if close:
+                allowed += f" (did you mean {close!r}?)"
+    return f"{path}: expected {allowed}, got {shown(value)} ({type(value).__name__}) ({where})"
+
+
+# --- paths -----------------------------------------------------------------------------------
+def _is_path(tp: Any) -> PathOf | None:
+    return next((m for m in markers(tp) if isinstance(m, PathOf)), None)
+
+
+def _resolved(model: Any, loc: Loc, origins: Origins, errors: list[str]) -> Any:
+    """``model`` with every relative path resolved: against the configuration's folder, or the
+    current directory for a path given by an override."""
+    updates: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        value, here = getattr(model, name), (*loc, name)
+        if isinstance(value, BaseModel):
+            new = _resolved(value, here, origins, errors)
+        elif isinstance(value, str) and (mark := _is_path(field_type(info))):
+            if value in mark.unless:
+                continue
+            base = os.getcwd() if origins.from_override(here) else origins.base
+            try:
+                new = resolve_path(value, base)
+            except PydanticCustomError as exc:
+                error = {"type": exc.type, "loc": here, "input": value, "ctx": exc.context}
+                errors.append(message(error, {}, origins))
+                continue
+        else:
+            continue
+        if new is not value:
+            updates[name] = new
+    return model.model_copy(update=updates) if updates else model
