@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
-from sitsflow.nn import NETWORKS, Predictor, auto_batch_size, build_network, resolve_device
+from sitsflow.nn import NETWORKS, Predictor, build_network, resolve_device
 
 NB_DATES, NB_BANDS = 36, 10
 
@@ -91,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             stats=stats, sensor="s2_theia",
         ).eval()
         net.to(device)
-        batch = args.batch_size or auto_batch_size(net, device)
         reference = None
         for variant in variants:
             form, precision, *rest = variant.split("-")
-            predictor = Predictor(net, device=device, batch_size=batch, form=form, precision=precision,
-                                  compile=bool(rest))
+            predictor = Predictor(net, device=device, batch_size=args.batch_size, form=form, precision=precision,
+                                  compile=bool(rest))  # each form's own automatic batch size
+            batch = predictor.batch_size
             predictor.proba(x[: min(pixels, 2 * batch)])  # warm-up (and compilation)
             best = float("inf")
             for _ in range(args.repeats):
