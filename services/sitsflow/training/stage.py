@@ -36,6 +36,7 @@ from sitsflow import layout, manifest, storage
 from sitsflow import nn as sitsnn
 from sitsflow.errors import BadInputError, ConfigError, InputNotFoundError
 from sitsflow.log import get_logger
+from sitsflow.process import stop_deferred
 from sitsflow.training import plots
 from sitsflow.training.data import (
     SampleSet,
@@ -188,7 +189,8 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _save_checkpoint(uri: str, payload: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
-    storage.write_bytes(uri, buf.getvalue())
+    with stop_deferred():  # a SIGTERM meanwhile stops training once the checkpoint is written
+        storage.write_bytes(uri, buf.getvalue())
 
 
 def _load_checkpoint(uri: str, fp: str) -> dict[str, Any] | None:
