@@ -112,6 +112,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def stop_on_sigterm() -> None:
     """Turn SIGTERM into :class:`Stopped` in the main thread (call once, from the main thread)."""
     if threading.current_thread() is threading.main_thread():
+        _STOP["requested"] = False
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 

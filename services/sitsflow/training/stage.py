@@ -34,6 +34,7 @@ import torch
 
 from sitsflow import layout, manifest, storage
 from sitsflow import nn as sitsnn
+from sitsflow.device import choose as device_choose
 from sitsflow.errors import BadInputError, ConfigError, InputNotFoundError
 from sitsflow.log import get_logger
 from sitsflow.process import stop_deferred
@@ -276,9 +277,9 @@ def train(
         fingerprint: written into the checkpoint; a checkpoint with another one is ignored.
         checkpoint_uri: where the checkpoint is written after every epoch.
         on_epoch_end: optional hook called after each epoch's checkpoint is written.
-        device: defaults to CUDA when available, else the CPU.
+        device: defaults to :func:`sitsflow.device.choose`'s (CUDA when available, else the CPU).
     """
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_choose(device)  # a pod given a GPU it cannot use fails here (exit 2)
     label_idx = samples.label_indices()
     nb_classes = len(samples.classes)
     learn, val = split_learn_validation(samples.labels, samples.polygon_ids, split_seed)
