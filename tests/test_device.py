@@ -46,3 +46,17 @@ def test_bad_gpu_count_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SITSFLOW_GPUS", "one")
     with pytest.raises(BadInputError, match="SITSFLOW_GPUS='one'"):
         device.gpus_given()
+
+
+def test_the_code_version_is_part_of_every_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sitsflow import __version__, manifest
+
+    monkeypatch.delenv("SITSFLOW_REVISION", raising=False)
+    assert manifest.code_version() == __version__
+    before = manifest.fingerprint({"epochs": 3})
+    monkeypatch.setenv("SITSFLOW_REVISION", "1a2b3c4")  # an image built from other code
+    assert manifest.code_version() == f"{__version__}+1a2b3c4"
+    assert manifest.fingerprint({"epochs": 3}) != before
+    monkeypatch.setattr("sitsflow.manifest.__version__", "9.9.9")
+    monkeypatch.delenv("SITSFLOW_REVISION")
+    assert manifest.fingerprint({"epochs": 3}) != before
