@@ -105,7 +105,7 @@ def test_parameters(doc: dict[str, Any]) -> None:
     assert params["gpu-node-selector"]["value"] == params["cpu-node-selector"]["value"] == "{}"
     assert params["retry-limit"]["value"] == "3" and params["retry-backoff"]["value"] == "30s"
     assert params["retry-backoff-cap"]["value"] == "10m"
-    assert "value" not in params["output-path"]  # required: it keys the run's mutex
+    assert params["output-path"]["value"] == ""  # empty: the .cfg's; runs without one queue
     assert doc["spec"]["synchronization"] == {
         "mutexes": [{"name": "sitsflow-{{workflow.parameters.output-path}}"}]
     }

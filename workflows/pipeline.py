@@ -107,7 +107,9 @@ RETRY_EXPRESSION = (
     f" || lastRetry.message matches '(?i)({TRANSIENT_MESSAGES})')"
 )
 #: The run's Argo mutex (``spec.synchronization``, Argo >= 3.6): two workflows writing to one
-#: output path never run at once (the second waits), whatever their names or configurations.
+#: output path never run at once (the second waits), whatever their names or configurations. The
+#: output path must be known when the workflow starts, before ``prepare`` reads the .cfg: runs that
+#: leave the ``output-path`` parameter empty all share the mutex ``sitsflow-`` (they queue, safe).
 RUN_MUTEX = "sitsflow-{{workflow.parameters.output-path}}"
 #: Every container passes the Pod Security "restricted" profile (with the pod's non-root user).
 CONTAINER_SECURITY = models.SecurityContext(
@@ -334,7 +336,9 @@ def _parameters() -> list[Parameter]:
             "output-path",
             "where the run writes (local path or s3://bucket/prefix; replaces the .cfg's "
             "chain.output_path); also the key of the run's mutex: two workflows with the same "
-            "output-path never run at once",
+            "output-path never run at once. Empty: the .cfg's output path, and the run queues "
+            "behind every other run that leaves output-path empty",
+            "",
         ),
         param(
             "overrides",
