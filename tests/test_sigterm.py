@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sitsflow import cli, inference, layout, manifest, nn, sampling, selection, storage, training
+from sitsflow import cli, inference, layout, manifest, nn, process, sampling, selection, storage, training
 from sitsflow.config import load_config
 from sitsflow.planning import plan_inference, plan_selection, plan_training
 from sitsflow.training import stage as training_stage
@@ -30,6 +30,7 @@ def _restore_sigterm() -> Iterator[None]:
     previous = signal.getsignal(signal.SIGTERM)
     yield
     signal.signal(signal.SIGTERM, previous)
+    assert not process._STOP["requested"] and not process._STOP["deferred"]  # nothing left over
 
 
 @pytest.fixture

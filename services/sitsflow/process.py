@@ -125,4 +125,5 @@ def stop_deferred() -> Iterator[None]:
     finally:
         _STOP["deferred"] -= 1
     if _STOP["requested"] and not _STOP["deferred"]:
+        _STOP["requested"] = False  # raised once, as the signal handler would have
         raise Stopped("stopped by signal SIGTERM after the write it interrupted was complete")
