@@ -43,7 +43,8 @@ def cuda_problem() -> str | None:
     except Exception as exc:  # noqa: BLE001 - torch's message names the driver/runtime problem
         return (
             f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot initialise CUDA: {exc} "
-            "(the node's NVIDIA driver must support this CUDA version; see docs/deploy.md)"
+            "(the node's NVIDIA driver must support this CUDA version, and the GPU must be visible "
+            "to the container: NVIDIA device plugin, NVIDIA_VISIBLE_DEVICES; see docs/deploy.md)"
         )
     if torch.cuda.device_count() == 0:
         return (
