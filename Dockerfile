@@ -15,6 +15,8 @@
 ARG BASE=python:3.11-slim
 
 # -- build: a virtual environment in /opt/venv with torch and sitsflow -------------------------
+# Dependencies are installed before the code is copied: a code change rebuilds only the last,
+# small layer, never the torch one.
 FROM ${BASE} AS build
 ARG TORCH_SPEC="torch==2.13.0+cpu"
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -25,20 +27,25 @@ WORKDIR /tmp/src
 # The glob keeps this COPY valid when the context has no build-extra/ folder.
 COPY pyproject.toml build-extr[a] /tmp/extra/
 COPY pyproject.toml README.md ./
-COPY services ./services
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} -U pip \
  && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} \
       --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}" \
- && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} /tmp/src \
+ && /opt/venv/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" > /tmp/requirements.txt \
+ && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} -r /tmp/requirements.txt \
+ && rm -rf /tmp/extra
+COPY services ./services
+RUN /opt/venv/bin/python -m pip install -q --no-deps /tmp/src \
  && /opt/venv/bin/python -m pip uninstall -q -y pip \
  && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} + \
- && rm -rf /tmp/src /tmp/extra
+ && rm -rf /tmp/src
 
 # -- runtime: the base plus an unprivileged user, running sitsflow ----------------------------
 FROM ${BASE} AS runtime
+# The source revision (e.g. the git commit) is part of every output fingerprint (manifest.py).
+ARG REVISION=""
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/home/sitsflow MPLCONFIGDIR=/tmp/matplotlib
+    HOME=/home/sitsflow MPLCONFIGDIR=/tmp/matplotlib SITSFLOW_REVISION=${REVISION}
 RUN useradd --create-home --home-dir /home/sitsflow --uid 10001 --user-group sitsflow
 WORKDIR /home/sitsflow
 USER 10001:10001
@@ -51,19 +58,36 @@ CMD ["--help"]
 FROM runtime AS cpu
 COPY --from=build /opt/venv /opt/venv
 
-# -- gpu: CUDA torch from PyPI (its wheels bring the CUDA runtime; the node brings the driver) --
-FROM build AS build-gpu
-ARG TORCH_GPU_SPEC="torch==2.13.0"
+# -- gpu: a CUDA build of torch, chosen explicitly from PyTorch's per-CUDA wheel index ----------
+# TORCH_CUDA=cu128 (CUDA 12.8): NVIDIA driver R570 or newer on the nodes; GPUs of compute
+# capability 7.0 to 12.0 (Volta V100, Turing T4, Ampere A100/A10, Ada L4/L40S, Hopper H100/H200,
+# Blackwell B200). PyPI's default torch is a CUDA 13 build instead: driver R580+, no Volta.
+# The wheels bring the CUDA runtime; the node brings the driver (docs/deploy.md).
+FROM ${BASE} AS build-gpu
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_CUDA=cu128
 ARG PIP_CERT=""
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+SHELL ["/bin/sh", "-eu", "-c"]
+WORKDIR /tmp/src
 COPY pyproject.toml build-extr[a] /tmp/extra/
-RUN /opt/venv/bin/python -m ensurepip -q \
+COPY pyproject.toml README.md ./
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} -U pip \
  && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} \
-      --force-reinstall --no-deps "${TORCH_GPU_SPEC}" \
- && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} "${TORCH_GPU_SPEC}" \
+      --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" "torch==${TORCH_VERSION}+${TORCH_CUDA}" \
+ && /opt/venv/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" > /tmp/requirements.txt \
+ && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} -r /tmp/requirements.txt \
+ && rm -rf /tmp/extra
+COPY services ./services
+RUN /opt/venv/bin/python -m pip install -q --no-deps /tmp/src \
  && /opt/venv/bin/python -m pip uninstall -q -y pip \
  && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} + \
- && rm -rf /tmp/extra
+ && rm -rf /tmp/src
 
 FROM runtime AS gpu
-ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# No NVIDIA_VISIBLE_DEVICES=all: a pod that requests no GPU (nb_gpu : 0) must see none; the
+# NVIDIA device plugin sets it for the GPUs a pod was given. SITSFLOW_GPUS (set by the
+# WorkflowTemplate) makes a pod given a GPU that torch cannot use fail with exit 2.
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=build-gpu /opt/venv /opt/venv

@@ -108,6 +108,7 @@ DOCKER_BUILDKIT=0 "$DOCKER" build --network host --target cpu \
   --build-arg BASE="$BASE_IMAGE" \
   --build-arg TORCH_SPEC="/tmp/extra/$(basename "$TORCH_WHEEL")" \
   --build-arg PIP_CERT=/tmp/extra/ca.crt \
+  --build-arg REVISION="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || true)" \
   -t "$IMAGE" "$CTX" >"$WORK/build.log" 2>&1 \
   || { tail -40 "$WORK/build.log" >&2; die "docker build"; }
 rm -rf "$CTX"

@@ -67,7 +67,7 @@ def parameters(template: dict[str, Any]) -> dict[str, str]:
 
 
 def test_scenarios_exist() -> None:
-    assert SCENARIOS == ["default", "external-s3", "gpu-cluster"]
+    assert SCENARIOS == ["default", "eks-irsa", "external-s3", "gpu-cluster", "onprem-s3"]
 
 
 def test_chart_lints(chart: helm_python.Chart) -> None:
@@ -77,7 +77,7 @@ def test_chart_lints(chart: helm_python.Chart) -> None:
         assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
 
 
-@pytest.mark.parametrize("name", ["default", "external-s3", "gpu-cluster"])
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_scenario_renders_and_validates(
     rendered: dict[str, list[dict[str, Any]]], strict_argo: dict[str, Any], name: str
 ) -> None:
@@ -115,11 +115,16 @@ def test_default_scenario(rendered: dict[str, list[dict[str, Any]]]) -> None:
     }  # fmt: skip
     params = parameters(template)
     assert params["image"] == "ghcr.io/sitsflow/sitsflow:0.1.0"
+    assert params["gpu-image"] == "ghcr.io/sitsflow/sitsflow:0.1.0-gpu"
+    assert template["spec"]["activeDeadlineSeconds"] == 604800
+    for key in ("podMetadata", "podPriorityClassName", "imagePullSecrets"):
+        assert key not in template["spec"]
     assert params["s3-secret"] == "sitsflow-s3" and params["s3-endpoint"] == ""
     assert json.loads(params["gpu-tolerations"]) == [
         {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}
     ]
     assert params["retry-limit"] == "3" and params["retry-backoff"] == "30s"
+    assert params["retry-backoff-cap"] == "10m"
     assert "value" not in next(
         p for p in template["spec"]["arguments"]["parameters"] if p["name"] == "config"
     )
@@ -148,9 +153,26 @@ def test_gpu_cluster_scenario(rendered: dict[str, list[dict[str, Any]]]) -> None
     assert json.loads(params["gpu-tolerations"])[0]["value"] == "present"
     assert json.loads(params["cpu-node-selector"]) == {"cloud.google.com/gke-nodepool": "cpu-pool"}
     assert params["pool-label"] == "cloud.google.com/gke-nodepool"
-    assert params["image"].endswith(":0.1.0-gpu")
+    assert params["image"] == "europe-docker.pkg.dev/my-project/sitsflow/sitsflow:0.1.0"
+    assert params["gpu-image"] == "europe-docker.pkg.dev/my-project/sitsflow/sitsflow:0.1.0-gpu"
     assert params["retry-limit"] == "5" and params["retry-backoff"] == "1m"
+    assert params["retry-backoff-cap"] == "5m"
     assert template["spec"]["parallelism"] == 8
+    assert template["spec"]["activeDeadlineSeconds"] == 259200
+    assert template["spec"]["imagePullSecrets"] == [{"name": "artifact-registry"}]
+    assert template["spec"]["podPriorityClassName"] == "batch-high"
+    assert template["spec"]["podMetadata"] == {
+        "labels": {"team": "landcover", "kueue.x-k8s.io/queue-name": "gpu-queue"},
+        "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+    }
+    for entry in template["spec"]["templates"]:  # the extra environment reaches every step
+        if "container" in entry:
+            env = {v["name"]: v.get("value") for v in entry["container"]["env"]}
+            assert env["SITSFLOW_READERS"] == "4" and env["GDAL_CACHEMAX"] == "512"
+            assert env["AWS_REGION"] == "auto" and "AWS_ACCESS_KEY_ID" in env
+    repository = yaml.safe_load(by_kind(rendered["gpu-cluster"], "ConfigMap")[0]["data"]["sitsflow-s3"])
+    assert repository["s3"]["endpoint"] == "storage.googleapis.com"  # HMAC keys, S3 XML API
+    assert repository["s3"]["accessKeySecret"]["name"] == "gcs-hmac-keys"
     account = by_kind(rendered["gpu-cluster"], "ServiceAccount")[0]
     assert account["metadata"]["annotations"] == {
         "iam.gke.io/gcp-service-account": "sitsflow@my-project.iam.gserviceaccount.com"
@@ -174,6 +196,114 @@ def test_external_s3_scenario(rendered: dict[str, list[dict[str, Any]]]) -> None
     assert repository["s3"]["keyFormat"] == "logs/{{workflow.name}}/{{pod.name}}"
 
 
+def test_eks_irsa_scenario_is_keyless(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """No Secret anywhere: the artifact repository uses the SDK's credentials (Argo mounts an
+    artifact repository's key Secrets as non-optional volumes) and no container references one."""
+    docs = rendered["eks-irsa"]
+    template = by_kind(docs, "WorkflowTemplate")[0]
+    params = parameters(template)
+    assert params["image"].endswith("/sitsflow@sha256:" + "4f1a3c9e0b7d2a6c8e5f1b3d7a9c0e2f4b6d8a1c3e5f7091b2d4f6a8c0e1f3a5")
+    assert "@sha256:9e8d7c6b" in params["gpu-image"] and ":0.1.0" not in params["gpu-image"]
+    assert "secretKeyRef" not in json.dumps(template)
+    for entry in template["spec"]["templates"]:
+        if "container" in entry:
+            env = {v["name"]: v.get("value") for v in entry["container"]["env"]}
+            assert env["AWS_REGION"] == "eu-west-1"
+    repository = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["sitsflow-s3"])
+    assert repository["s3"]["useSDKCreds"] is True
+    assert "accessKeySecret" not in repository["s3"] and "secretKeySecret" not in repository["s3"]
+    assert repository["s3"]["region"] == "eu-west-1"
+    account = by_kind(docs, "ServiceAccount")[0]
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    assert template["spec"]["podMetadata"] == {"annotations": {"karpenter.sh/do-not-disrupt": "true"}}
+
+
+def test_onprem_s3_scenario(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["onprem-s3"]
+    params = parameters(by_kind(docs, "WorkflowTemplate")[0])
+    assert params["s3-endpoint"] == "http://minio.storage.svc.cluster.local:9000"
+    assert json.loads(params["gpu-tolerations"]) == []
+    repository = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["sitsflow-s3"])
+    assert repository["s3"]["endpoint"] == "minio.storage.svc.cluster.local:9000"
+    assert repository["s3"]["insecure"] is True
+    assert repository["s3"]["secretKeySecret"] == {"name": "minio-sitsflow", "key": "AWS_SECRET_ACCESS_KEY"}
+
+
+# --- Pod Security Standards, "restricted" profile ------------------------------------------------
+
+#: Volume types the restricted profile allows.
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+    "projected", "secret",
+}  # fmt: skip
+
+
+def restricted_violations(spec: dict[str, Any], template: dict[str, Any]) -> list[str]:
+    """The rules of the Pod Security "restricted" profile (Kubernetes 1.33) that the pod of one
+    container template breaks, the workflow's pod-level settings (``spec.securityContext``,
+    ``spec.hostNetwork``...) merged in as Argo does."""
+    problems: list[str] = []
+    pod = spec.get("securityContext") or {}
+    container = template["container"].get("securityContext") or {}
+    name = template["name"]
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key) or template.get(key):
+            problems.append(f"{name}: {key}")
+    if container.get("privileged"):
+        problems.append(f"{name}: privileged")
+    if container.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{name}: allowPrivilegeEscalation must be false")
+    caps = container.get("capabilities") or {}
+    if "ALL" not in (caps.get("drop") or []):
+        problems.append(f"{name}: capabilities.drop must include ALL")
+    if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+        problems.append(f"{name}: capabilities.add beyond NET_BIND_SERVICE")
+    if container.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True:
+        problems.append(f"{name}: runAsNonRoot must be true")
+    if container.get("runAsUser", pod.get("runAsUser")) == 0:
+        problems.append(f"{name}: runAsUser 0")
+    seccomp = container.get("seccompProfile") or pod.get("seccompProfile") or {}
+    if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
+        problems.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+    for port in template["container"].get("ports") or []:
+        if port.get("hostPort"):
+            problems.append(f"{name}: hostPort")
+    for volume in (template.get("volumes") or []) + (spec.get("volumes") or []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            problems.append(f"{name}: volume {volume['name']} of type {sorted(kinds)}")
+    return problems
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_rendered_pods_pass_the_restricted_profile(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    template = by_kind(rendered[name], "WorkflowTemplate")[0]
+    containers = [t for t in template["spec"]["templates"] if "container" in t]
+    assert len(containers) == 9
+    for entry in containers:
+        assert restricted_violations(template["spec"], entry) == []
+
+
+def test_restricted_check_catches_planted_violations(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    spec = copy.deepcopy(by_kind(rendered["default"], "WorkflowTemplate")[0]["spec"])
+    train = next(t for t in spec["templates"] if t["name"] == "train")
+    train["container"]["securityContext"]["allowPrivilegeEscalation"] = True
+    train["container"]["securityContext"]["capabilities"] = {"add": ["SYS_ADMIN"]}
+    train["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    spec["securityContext"].pop("seccompProfile")
+    train["container"]["securityContext"].pop("seccompProfile")
+    spec["securityContext"]["runAsNonRoot"] = False
+    train["container"]["securityContext"].pop("runAsNonRoot")
+    problems = restricted_violations(spec, train)
+    for expected in ("allowPrivilegeEscalation", "drop must include ALL", "beyond NET_BIND",
+                     "hostPath", "seccompProfile", "runAsNonRoot"):
+        assert any(expected in p for p in problems), (expected, problems)
+
+
 def test_optional_resources_can_be_turned_off(chart: helm_python.Chart) -> None:
     docs = render(chart, {"rbac": {"create": False}, "s3": {"artifactRepository": {"enabled": False}}})
     assert sorted(d["kind"] for d in docs) == ["ServiceAccount", "WorkflowTemplate"]
@@ -188,7 +318,8 @@ def test_chart_ships_the_rendered_pipeline(rendered: dict[str, list[dict[str, An
     pipeline = yaml.safe_load(default_workflow_path().read_text())
     template = copy.deepcopy(by_kind(rendered["default"], "WorkflowTemplate")[0])
     assert template["spec"]["templates"] == pipeline["spec"]["templates"]
-    for key in ("serviceAccountName", "artifactRepositoryRef", "podGC", "parallelism"):
+    for key in ("serviceAccountName", "artifactRepositoryRef", "podGC", "parallelism",
+                "activeDeadlineSeconds"):
         template["spec"].pop(key)
         pipeline["spec"].pop(key, None)
     template["spec"].pop("arguments")
@@ -223,6 +354,17 @@ BAD_VALUES = {
     "node selector value": ({"gpu": {"nodeSelector": {"pool": 3}}}, "/gpu/nodeSelector/pool"),
     "pool label": ({"poolLabel": "not a label"}, "/poolLabel"),
     "image tag": ({"image": {"tag": "0.1 gpu"}}, "/image/tag"),
+    "image digest": ({"image": {"digest": "sha256:abc"}}, "/image/digest"),
+    "gpu image digest": ({"gpuImage": {"digest": "md5:" + "0" * 32}}, "/gpuImage/digest"),
+    "pull secret": ({"imagePullSecrets": ["registry"]}, "/imagePullSecrets/0"),
+    "pod label": ({"pod": {"labels": {"team": "land cover"}}}, "/pod/labels/team"),
+    "priority class": ({"pod": {"priorityClassName": "High!"}}, "/pod/priorityClassName"),
+    "env without value": ({"pod": {"env": [{"name": "GDAL_CACHEMAX"}]}}, "/pod/env/0"),
+    "env owned by the chart": (
+        {"pod": {"env": [{"name": "SITSFLOW_GPUS", "value": "2"}]}}, "/pod/env/0/name",
+    ),
+    "run deadline": ({"workflowTemplate": {"activeDeadlineSeconds": 0}}, "/workflowTemplate/activeDeadlineSeconds"),
+    "backoff cap": ({"workflowTemplate": {"retryBackoffCap": "ten"}}, "/workflowTemplate/retryBackoffCap"),
 }
 
 
@@ -306,10 +448,68 @@ def test_chart_workflow_template_runs_locally(
         pool_label=params["pool-label"],
         gpu_node_selector=params["gpu-node-selector"],
         cpu_node_selector=params["cpu-node-selector"],
+        gpu_tolerations=params["gpu-tolerations"],
+        cpu_tolerations=params["cpu-tolerations"],
     )
     monkeypatch.setenv("FAKE_PODS", json.dumps(pods))
-    tasks = run_workflow(path, {"config": "/c.cfg"})["tasks"]
+    tasks = run_workflow(path, {"config": "/c.cfg", "output-path": "/out"})["tasks"]
     train = tasks["train"]["pods"][0]
     assert train["tolerations"] == json.loads(params["gpu-tolerations"])
     assert train["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
     assert tasks["merge"]["pods"][0]["nodeSelector"] == {"cloud.google.com/gke-nodepool": "cpu-pool"}
+
+
+# --- server-side validation by a real Kubernetes API server with Argo's full CRDs ---------------
+
+
+def _server_side_apply(kube_server: Any, namespace: str, doc: dict[str, Any]) -> Any:
+    """Server-side apply (dry run) with strict field validation: what `kubectl apply
+    --server-side --dry-run=server --validate=strict` asks of the API server."""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(kube_server.api_client())
+    response = custom.patch_namespaced_custom_object(
+        "argoproj.io", "v1alpha1", namespace, "workflowtemplates", doc["metadata"]["name"], doc,
+        field_manager="sitsflow-tests", force=True, dry_run="All", field_validation="Strict",
+        _content_type="application/apply-patch+yaml", _preload_content=False,
+    )  # fmt: skip
+    return json.loads(response.data)  # the object as the server would store it
+
+
+@pytest.mark.kube
+def test_api_server_accepts_the_template_and_every_scenario(
+    kube_server: Any, kube_namespace: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    committed = yaml.safe_load((REPO / "workflows" / "sitsflow.yaml").read_text())
+    applied = _server_side_apply(kube_server, kube_namespace, committed)
+    assert applied["spec"]["synchronization"] == committed["spec"]["synchronization"]
+    for name in SCENARIOS:
+        template = by_kind(rendered[name], "WorkflowTemplate")[0]
+        applied = _server_side_apply(kube_server, kube_namespace, template)
+        assert applied["spec"]["templates"] == template["spec"]["templates"], name
+
+
+BROKEN_FOR_THE_SERVER = {
+    "unknown field": (lambda t: t["spec"]["templates"][1]["container"].update(agrs=["x"]), "agrs"),
+    "deadline on a DAG": (
+        lambda t: next(x for x in t["spec"]["templates"] if "dag" in x).update(activeDeadlineSeconds=60),
+        "activeDeadlineSeconds",
+    ),
+    "parallelism text": (lambda t: t["spec"].update(parallelism="many"), "parallelism"),
+}
+
+
+@pytest.mark.kube
+@pytest.mark.parametrize("case", list(BROKEN_FOR_THE_SERVER))
+def test_api_server_refuses_a_broken_template(kube_server: Any, kube_namespace: str, case: str) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    mutate, where = BROKEN_FOR_THE_SERVER[case]
+    broken = yaml.safe_load((REPO / "workflows" / "sitsflow.yaml").read_text())
+    mutate(broken)
+    with pytest.raises(ApiException) as info:
+        _server_side_apply(kube_server, kube_namespace, broken)
+    # a field the schema does not declare or of the wrong type fails server-side apply's typed patch
+    # ("failed to create typed patch object", HTTP 500); a CEL rule answers 422
+    assert info.value.status in (422, 500), (info.value.status, info.value.body)
+    assert where in str(info.value.body) and "Failure" in str(info.value.body)

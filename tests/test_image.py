@@ -63,12 +63,33 @@ def test_multi_stage_with_base_argument_and_both_targets() -> None:
     assert re.search(r"^ARG BASE=", text, re.M)
     found = stages()
     assert {"build", "runtime", "cpu", "build-gpu", "gpu"} <= set(found)
-    assert found["build"] == found["runtime"] == "${BASE}"
+    assert found["build"] == found["runtime"] == found["build-gpu"] == "${BASE}"
     # the legacy builder builds every stage up to the target: CUDA stages come after cpu
     order = list(found)
     assert order.index("cpu") < order.index("build-gpu") < order.index("gpu")
     assert "torch==2.13.0+cpu" in stage_body("build")
-    assert 'TORCH_GPU_SPEC="torch==2.13.0"' in stage_body("build-gpu")
+    # the CUDA build is chosen explicitly from PyTorch's per-CUDA index (not PyPI's default)
+    gpu = stage_body("build-gpu")
+    assert "ARG TORCH_CUDA=cu128" in gpu
+    assert '--index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in gpu
+    assert '"torch==${TORCH_VERSION}+${TORCH_CUDA}"' in gpu
+
+
+@pytest.mark.parametrize("stage", ["build", "build-gpu"])
+def test_dependencies_are_installed_before_the_code_is_copied(stage: str) -> None:
+    """A code change must not re-ship the multi-GB torch layer."""
+    body = stage_body(stage)
+    deps = body.index("-r /tmp/requirements.txt")
+    code = body.index("COPY services ./services")
+    assert deps < code
+    assert "--no-deps /tmp/src" in body[code:]
+
+
+def test_gpu_image_does_not_expose_every_gpu_and_records_the_revision() -> None:
+    assert "NVIDIA_VISIBLE_DEVICES" not in "".join(
+        line for line in stage_body("gpu").splitlines() if not line.startswith("#")
+    )
+    assert "SITSFLOW_REVISION=${REVISION}" in stage_body("runtime")
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])

@@ -894,15 +894,17 @@ def test_the_pipeline_ships_in_the_package(monkeypatch: pytest.MonkeyPatch, tmp_
     assert default_workflow_path() == tmp_path / "other.yaml"
 
 
+#: The WorkflowTemplate's default tolerations of pods with GPUs (parameter gpu-tolerations).
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
 def fake_prepared(**blocks: Any) -> dict[str, Any]:
     """What `sitsflow prepare` prints for a configuration with these resource blocks."""
     from sitsflow.config.resources import ResourcesSection, stage_pods
 
-    pods = stage_pods(
-        ResourcesSection.model_validate(blocks),
-        pool_label="pool",
-        gpu_node_selector='{"gpu": "yes"}',
-    )
+    resources = ResourcesSection.model_validate(blocks)
+    pods = stage_pods(resources, pool_label="pool", gpu_node_selector='{"gpu": "yes"}',
+                      gpu_tolerations=json.dumps(GPU_TOLERATIONS))
     return {"config": "/runs/resolved.cfg", "resources": pods}
 
 
@@ -956,8 +958,9 @@ def test_pipeline_wiring_with_a_fake_sitsflow(
     recorded = [json.loads(line) for line in lines(tmp_path / "calls.jsonl")]
     argv = [" ".join(c["args"]) for c in recorded]
     assert argv[0] == (
-        'prepare --config /data/run.cfg --overrides ["chain.seed=3"] --pool-label '
-        " --gpu-node-selector {} --cpu-node-selector {}"
+        'prepare --config /data/run.cfg --overrides ["chain.seed=3"] --output-path  --pool-label '
+        " --gpu-node-selector {} --cpu-node-selector {} --gpu-tolerations "
+        + json.dumps(GPU_TOLERATIONS) + " --cpu-tolerations []"
     )
     assert argv[-1] == "merge --config /runs/resolved.cfg"
     assert {c["endpoint"] for c in recorded} == {"http://s3:9000"}

@@ -95,21 +95,29 @@ def test_committed_yaml_is_valid(strict_hera: dict[str, Any], strict_argo: dict[
 def test_parameters(doc: dict[str, Any]) -> None:
     params = {p["name"]: p for p in doc["spec"]["arguments"]["parameters"]}
     assert list(params) == [
-        "config", "overrides", "image", "s3-endpoint", "s3-secret", "gpu-node-selector",
-        "gpu-tolerations", "cpu-node-selector", "cpu-tolerations", "pool-label", "retry-limit",
-        "retry-backoff",
+        "config", "output-path", "overrides", "image", "gpu-image", "s3-endpoint", "s3-secret",
+        "gpu-node-selector", "gpu-tolerations", "cpu-node-selector", "cpu-tolerations",
+        "pool-label", "retry-limit", "retry-backoff", "retry-backoff-cap",
     ]  # fmt: skip
     assert json.loads(params["gpu-tolerations"]["value"]) == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
     assert params["gpu-node-selector"]["value"] == params["cpu-node-selector"]["value"] == "{}"
     assert params["retry-limit"]["value"] == "3" and params["retry-backoff"]["value"] == "30s"
+    assert params["retry-backoff-cap"]["value"] == "10m"
+    assert params["output-path"]["value"] == ""  # empty: the .cfg's; runs without one queue
+    assert doc["spec"]["synchronization"] == {
+        "mutexes": [{"name": "sitsflow-{{workflow.parameters.output-path}}"}]
+    }
+    assert doc["spec"]["activeDeadlineSeconds"] == 7 * 86400
+    assert doc["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert doc["spec"]["parallelism"] == 20
     assert doc["spec"]["podGC"] == {"strategy": "OnPodSuccess"}
     assert doc["spec"]["securityContext"]["runAsNonRoot"] is True
     assert "value" not in params["config"]  # required
     assert params["overrides"]["value"] == "[]"
     assert params["image"]["value"] == "sitsflow:0.1.0"
+    assert params["gpu-image"]["value"] == "sitsflow:0.1.0-gpu"
     assert params["s3-endpoint"]["value"] == ""
     assert params["s3-secret"]["value"] == "sitsflow-s3"
     assert doc["kind"] == "WorkflowTemplate"
@@ -124,12 +132,18 @@ EXPECTED_ARGS = {
         "{{workflow.parameters.config}}",
         "--overrides",
         "{{workflow.parameters.overrides}}",
+        "--output-path",
+        "{{workflow.parameters.output-path}}",
         "--pool-label",
         "{{workflow.parameters.pool-label}}",
         "--gpu-node-selector",
         "{{workflow.parameters.gpu-node-selector}}",
         "--cpu-node-selector",
         "{{workflow.parameters.cpu-node-selector}}",
+        "--gpu-tolerations",
+        "{{workflow.parameters.gpu-tolerations}}",
+        "--cpu-tolerations",
+        "{{workflow.parameters.cpu-tolerations}}",
     ],
     "sample": ["sample", "--config", "{{inputs.parameters.config}}"],
     "plan-training": ["plan", "training", "--config", "{{inputs.parameters.config}}"],
@@ -188,13 +202,27 @@ EXPECTED_FANOUT = {
 }
 
 
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
 @pytest.mark.parametrize("name", list(EXPECTED_ARGS))
 def test_container_templates(doc: dict[str, Any], name: str) -> None:
     container = _template(doc, name)["container"]
     assert container["command"] == ["sitsflow"]
     assert container["args"] == EXPECTED_ARGS[name]
-    assert container["image"] == "{{workflow.parameters.image}}"
+    image = "gpu-image" if name in GPU else "image"
+    assert container["image"] == f"{{{{workflow.parameters.{image}}}}}"
+    assert container["securityContext"] == RESTRICTED_CONTAINER
     env = {var["name"]: var for var in container["env"]}
+    if name in GPU:  # the GPUs the pod was given: a GPU it cannot use is an error (device.py)
+        assert env["SITSFLOW_GPUS"] == {"name": "SITSFLOW_GPUS", "value": "{{inputs.parameters.gpu}}"}
+    else:
+        assert "SITSFLOW_GPUS" not in env
     assert env["AWS_ENDPOINT_URL"]["value"] == "{{workflow.parameters.s3-endpoint}}"
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[key]["valueFrom"]["secretKeyRef"] == {
@@ -216,7 +244,8 @@ def test_dag_tasks(doc: dict[str, Any], name: str) -> None:
     assert args.pop("config") == "{{=jsonpath(tasks.prepare.outputs.result, '$.config')}}"
     stage = name if name in STAGE_RESOURCES else None
     if stage is not None:
-        keys = ["cpu", "memory", "deadline", "node-selector"] + (["gpu"] if stage in GPU else [])
+        keys = ["cpu", "memory", "deadline", "node-selector", "tolerations"]
+        keys += ["gpu"] if stage in GPU else []
         for key in keys:
             field = "node_selector" if key == "node-selector" else key
             assert args.pop(key) == (
@@ -457,23 +486,22 @@ def test_stage_scheduling(doc: dict[str, Any], name: str) -> None:
     assert template["activeDeadlineSeconds"] == "{{inputs.parameters.deadline}}"
     patch = json.loads(
         template["podSpecPatch"].replace("{{inputs.parameters.node-selector}}", '{"n": "1"}')
-        .replace("{{workflow.parameters.gpu-tolerations}}", "[1]")
-        .replace("{{workflow.parameters.cpu-tolerations}}", "[0]")
+        .replace("{{inputs.parameters.tolerations}}", "[1]")
     )
     main = patch["containers"][0]
     assert main["name"] == "main"
     assert main["resources"]["requests"]["cpu"] == "{{inputs.parameters.cpu}}"
     assert main["resources"]["limits"]["memory"] == "{{inputs.parameters.memory}}"
     assert patch["nodeSelector"] == {"n": "1"}
+    assert patch["tolerations"] == [1]  # prepare's: GPU ones for a pod with GPUs, else CPU ones
     if name in GPU:
         assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "1"
         assert main["resources"]["limits"]["nvidia.com/gpu"] == "{{inputs.parameters.gpu}}"
-        assert patch["tolerations"] == [1]
         assert template["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
         assert template["container"]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
     else:
         assert "nvidia.com/gpu" not in json.dumps(template)
-        assert patch["tolerations"] == [0] and "volumes" not in template
+        assert "volumes" not in template
 
 
 def test_small_steps_run_on_cpu_nodes(doc: dict[str, Any]) -> None:
@@ -500,32 +528,70 @@ def test_every_container_retries_with_backoff_and_the_dag_does_not(doc: dict[str
     strategy = _retry(doc)
     assert strategy["limit"] == "{{workflow.parameters.retry-limit}}"
     assert strategy["retryPolicy"] == "Always"
+    # a count and a capped backoff bound the retries; no maxDuration, which Argo counts from the
+    # first attempt's start and would also cut a long step's retried deadline
     assert strategy["backoff"] == {
-        "duration": "{{workflow.parameters.retry-backoff}}", "factor": 2, "maxDuration": "30m",
+        "duration": "{{workflow.parameters.retry-backoff}}", "factor": 2,
+        "cap": "{{workflow.parameters.retry-backoff-cap}}",
     }  # fmt: skip
 
 
+#: What Argo's controller hands the retry expression (``buildRetryStrategyLocalScope``, expanded
+#: into nested maps by ``env.GetFuncMap``): every value a string; exitCode "-1" when the pod left
+#: none; the message is the node's (a Failed pod's own status message when it has one, else
+#: "<reason> (exit code N)"; "pod deleted" for a pod that vanished).
+KUBELET_EVICTION = (
+    "The node was low on resource: memory. Threshold quantity: 100Mi, available: 81404Ki. "
+    "Container main was using 15Gi, request is 16Gi, has larger consumption of memory."
+)
 RETRY_CASES = [
-    ("75", "Failed", "Error (exit code 75)", True),
-    ("2", "Failed", "Error (exit code 2)", False),
-    ("1", "Failed", "Error (exit code 1)", False),
-    ("137", "Failed", "OOMKilled (exit code 137)", False),
-    ("-1", "Error", "pod deleted", True),
-    ("-1", "Error", "Pod was terminated in response to imminent node shutdown.", True),
-    ("-1", "Error", "The node was low on resource: memory. Evicted", True),
-    ("143", "Error", "pod deleted during operation", True),
+    # (exitCode, status, message, retried)
+    ("75", "Failed", "main: Error (exit code 75)", True),  # storage trouble or SIGTERM
+    ("2", "Failed", "main: Error (exit code 2)", False),  # bad input: never
+    ("1", "Failed", "main: Error (exit code 1)", False),  # a bug: retrying will not fix it
+    ("137", "Failed", "main: OOMKilled (exit code 137)", False),  # same memory, same end
+    ("-1", "Error", "pod deleted", True),  # deleted, preempted by the scheduler, node lost
     ("2", "Error", "pod deleted", False),  # a configuration error is never retried
+    ("137", "Failed", KUBELET_EVICTION, True),  # kubelet eviction: Failed, no "evicted" in it
+    ("75", "Failed", KUBELET_EVICTION, True),  # ... after sitsflow's clean stop on SIGTERM
+    ("-1", "Failed", "Pod was terminated in response to imminent node shutdown.", True),
+    ("143", "Error", "Pod was terminated in response to imminent node shutdown.", True),
+    ("-1", "Failed", "Preempted in order to admit critical pod", True),
+    ("-1", "Failed", "The node had condition: [DiskPressure]. Evicted", True),
+    # the kubelet's SIGTERM at the deadline makes sitsflow exit 75: still never retried
+    ("75", "Failed", "Pod was active on the node longer than the specified deadline", False),
     ("-1", "Failed", "Pod was active on the node longer than the specified deadline", False),
-    ("-1", "Error", "failed to pull image", False),
+    ("-1", "Failed", "Step exceeded its deadline", False),
+    ("-1", "Error", "Pod failed before main container starts due to ErrImagePull: x", False),
 ]
 
 
+@pytest.fixture(scope="module")
+def expr_lang() -> Any:
+    """Argo's expression language itself: github.com/expr-lang/expr (v1.17, as in Argo 3.7-4.x),
+    compiled into the enchanter-golem wheel; Argo compiles and runs the retry expression with
+    ``expr.Compile(input, expr.Env(env))`` on exactly such a map."""
+    golem = pytest.importorskip("golem")
+    return golem.Engine(strict_vars=False)
+
+
 @pytest.mark.parametrize(("code", "status", "message", "retried"), RETRY_CASES)
-def test_retry_expression_retries_only_transient_failures(
-    doc: dict[str, Any], code: str, status: str, message: str, retried: bool
+def test_retry_expression_truth_table(
+    doc: dict[str, Any], expr_lang: Any, code: str, status: str, message: str, retried: bool
 ) -> None:
     env = {"lastRetry": {"exitCode": code, "status": status, "message": message, "duration": "5"}}
-    assert evaluate_text(_retry(doc)["expression"], env) is retried
+    assert expr_lang.eval(_retry(doc)["expression"], env) is retried
+
+
+def test_expr_lang_evaluator_is_real(expr_lang: Any) -> None:
+    """The evaluator parses and fails as Go's expr does (no stand-in that accepts anything)."""
+    import golem
+
+    with pytest.raises(golem.CompileError, match="unexpected token"):
+        expr_lang.eval("lastRetry.exitCode == ", {"lastRetry": {}})
+    env = {"lastRetry": {"message": "Pod Deleted"}}
+    assert expr_lang.eval("lastRetry.message matches '(?i)pod deleted'", env) is True
+    assert expr_lang.eval("lastRetry.message matches 'pod deleted'", env) is False
 
 
 # --- planted errors in the new fields ------------------------------------------------------
@@ -684,6 +750,8 @@ def test_resource_blocks_are_read_and_mapped(tmp_path: Path) -> None:
     pods = stage_pods(
         cfg.resources, pool_label="cloud.google.com/gke-nodepool",
         gpu_node_selector='{"cloud.google.com/gke-accelerator": "nvidia-l4"}',
+        cpu_node_selector='{"pool": "cpu"}', gpu_tolerations='[{"key": "gpu"}]',
+        cpu_tolerations='[{"key": "cpu"}]',
     )  # fmt: skip
     assert pods["train"] == {
         "cpu": "10", "memory": "92Gi", "gpu": "1", "deadline": "43200",
@@ -691,11 +759,15 @@ def test_resource_blocks_are_read_and_mapped(tmp_path: Path) -> None:
             {"cloud.google.com/gke-accelerator": "nvidia-l4",
              "cloud.google.com/gke-nodepool": "qgpgpu"}, sort_keys=True, separators=(",", ":"),
         ),
+        "tolerations": '[{"key":"gpu"}]',
     }  # fmt: skip
     assert pods["sample"] == {
-        "cpu": "3", "memory": "8Gi", "gpu": "0", "deadline": "86400", "node_selector": "{}",
+        "cpu": "3", "memory": "8Gi", "gpu": "0", "deadline": "86400",
+        "node_selector": '{"pool":"cpu"}', "tolerations": '[{"key":"cpu"}]',
     }  # fmt: skip
     assert pods["infer"]["gpu"] == "1" and pods["infer"]["cpu"] == "3"
+    with pytest.raises(ValueError, match="gpu-tolerations: expected a JSON list"):
+        stage_pods(cfg.resources, pool_label="pool", gpu_tolerations='{"key": "gpu"}')
     with pytest.raises(ValueError, match="pool-label is empty"):
         stage_pods(cfg.resources)
     with pytest.raises(ValueError, match="gpu-node-selector: expected a JSON object"):
@@ -704,10 +776,30 @@ def test_resource_blocks_are_read_and_mapped(tmp_path: Path) -> None:
         stage_pods(cfg.resources, pool_label="bad key!")
 
 
+def test_nb_gpu_0_makes_a_cpu_pod(tmp_path: Path) -> None:
+    """train/infer with nb_gpu 0: no GPU request, the CPU node selector and tolerations."""
+    from sitsflow.config import load_config
+    from sitsflow.config.resources import stage_pods
+
+    path = tmp_path / "run.cfg"
+    path.write_text(RESOURCE_CFG)
+    cfg = load_config(str(path), ["resources.infer={nb_gpu : 0}"])
+    pods = stage_pods(
+        cfg.resources, pool_label="pool", gpu_node_selector='{"accelerator": "l4"}',
+        cpu_node_selector='{"pool": "cpu"}', gpu_tolerations='[{"key": "gpu"}]',
+    )  # fmt: skip
+    assert pods["infer"]["gpu"] == "0"
+    assert pods["infer"]["node_selector"] == '{"pool":"cpu"}'
+    assert pods["infer"]["tolerations"] == "[]"
+    assert pods["train"]["gpu"] == "1" and pods["train"]["tolerations"] == '[{"key":"gpu"}]'
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("resources.sample.nb_gpu=1", "resources.sample.nb_gpu: expected 0 (sample runs on CPU"),
+        ("resources.train.nb_gpu=2", "multi-GPU training and inference are not implemented"),
+        ("resources.default.nb_gpu=4", "resources.default.nb_gpu: expected 0 or 1"),
         ("resources.train.ram=lots", "resources.train.ram: expected a memory size"),
         ("resources.train.walltime='1:99:00'", "minutes and seconds must be below 60"),
         ("resources.train.nb_cpu=0", "resources.train.nb_cpu: expected None or an integer >= 1"),

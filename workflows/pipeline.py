@@ -52,10 +52,14 @@ from hera.workflows import (
     models,
 )
 from sitsflow.config.resources import BUILTIN, GPU_STAGES
+from sitsflow.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
 
 NAME = "sitsflow"
 ENTRYPOINT = "pipeline"
+#: The Dockerfile's ``cpu`` target (prepare, sample, the plans, select, merge) and ``gpu`` target
+#: (train, infer: CUDA torch, which also runs on a CPU node when a block sets ``nb_gpu: 0``).
 DEFAULT_IMAGE = "sitsflow:0.1.0"
+DEFAULT_GPU_IMAGE = "sitsflow:0.1.0-gpu"
 DEFAULT_S3_SECRET = "sitsflow-s3"
 REPO = Path(__file__).resolve().parents[1]
 #: The rendered YAML, package data of sitsflow (``sitsflow.runner.default_workflow_path``).
@@ -64,27 +68,58 @@ YAML_PATH = REPO / "services" / "sitsflow" / "workflows" / "sitsflow.yaml"
 CHART_COPY = REPO / "charts" / "sitsflow" / "files" / "sitsflow.yaml"
 
 #: Pods of the workflow running at once (``spec.parallelism``); the chart's
-#: ``workflow.parallelism`` value and ``argo submit --parallelism`` override it.
+#: ``workflowTemplate.parallelism`` value overrides it (``argo submit`` has no flag for it).
 PARALLELISM = 20
-#: Transient failures are retried this many times (workflow parameter ``retry-limit``).
+#: The whole run's deadline (``spec.activeDeadlineSeconds``, 7 days): pods that can never be
+#: scheduled (no GPU node) end the run instead of waiting for ever. The chart's
+#: ``workflowTemplate.activeDeadlineSeconds`` overrides it.
+WORKFLOW_DEADLINE = 7 * 86400
+#: Failure model (Argo >= 3.7). Each attempt has its own deadline, the stage's iota2 walltime
+#: (``activeDeadlineSeconds`` of the template, from prepare's ``resources``); a failed attempt is
+#: retried at most ``retry-limit`` times, after ``retry-backoff`` doubled at each retry and capped
+#: at ``retry-backoff-cap`` (``backoff.cap``, Argo 3.7). No ``backoff.maxDuration``: Argo counts it
+#: from the first attempt's start and also cuts the retried pod's deadline to it, so a step that
+#: fails after running longer than it would never be retried.
 RETRY_LIMIT = "3"
-#: First retry delay, doubled at each retry up to ``RETRY_MAX_DURATION`` in all.
 RETRY_BACKOFF = "30s"
 RETRY_FACTOR = 2
-RETRY_MAX_DURATION = "30m"
-#: Exit code of sitsflow's transient errors (storage or node trouble), retried.
-EXIT_TRANSIENT = 75
-#: What Kubernetes/Argo say when a pod dies for reasons outside the program: deleted, evicted,
-#: preempted, its node shut down or lost. Matched case-insensitively against lastRetry.message.
+RETRY_BACKOFF_CAP = "10m"
+# sitsflow's exit codes (sitsflow.errors): EXIT_BAD_INPUT (2) is never retried, EXIT_TRANSIENT
+# (75: storage trouble that outlived its own retries, or SIGTERM: the pod was deleted, evicted or
+# preempted) is.
+#: What Kubernetes and Argo write in a node's message when a pod dies for reasons outside the
+#: program, matched case-insensitively against ``lastRetry.message`` whatever the node's status:
+#: Argo marks a pod that the kubelet evicted or that a node shutdown killed ``Failed`` with the
+#: pod's own status message ("The node was low on resource: memory. ...", "Pod was terminated in
+#: response to imminent node shutdown.", "Preempted in order to admit critical pod"), and a pod
+#: that vanished (deleted, preempted by the scheduler, its node lost) ``Error`` with "pod deleted".
 TRANSIENT_MESSAGES = (
-    "pod deleted|evicted|preempt|node shutdown|imminent node shutdown|node lost|nodelost"
-    "|node is not ready|node not ready|spot"
+    "pod deleted|node was low on resource|evict|preempt|node shutdown|node is shutting down"
+    "|node lost|nodelost|node is not ready|node not ready"
 )
-#: The retry rule: exit 75, or an Error (not a program failure) with a transient message; never
-#: exit code 2 (bad input or configuration), whatever the message.
+#: Never retried, whatever else matches: an attempt stopped at its deadline ("Pod was active on the
+#: node longer than the specified deadline", "Step exceeded its deadline": the kubelet's SIGTERM
+#: makes sitsflow exit 75 there too) would only run out of time again.
+NEVER_RETRIED_MESSAGES = "deadline"
+#: The retry rule (``retryStrategy.expression``, Argo's expr-lang; ``lastRetry.message`` needs Argo
+#: >= 3.5): exit 75, or a transient message; never exit 2 nor a deadline exceeded.
 RETRY_EXPRESSION = (
-    f"lastRetry.exitCode != '2' && (lastRetry.exitCode == '{EXIT_TRANSIENT}' || "
-    f"(lastRetry.status == 'Error' && lastRetry.message matches '(?i)({TRANSIENT_MESSAGES})'))"
+    f"lastRetry.exitCode != '{EXIT_BAD_INPUT}'"
+    f" && !(lastRetry.message matches '(?i)({NEVER_RETRIED_MESSAGES})')"
+    f" && (lastRetry.exitCode == '{EXIT_TRANSIENT}'"
+    f" || lastRetry.message matches '(?i)({TRANSIENT_MESSAGES})')"
+)
+#: The run's Argo mutex (``spec.synchronization``, Argo >= 3.6): two workflows writing to one
+#: output path never run at once (the second waits), whatever their names or configurations. The
+#: output path must be known when the workflow starts, before ``prepare`` reads the .cfg: runs that
+#: leave the ``output-path`` parameter empty all share the mutex ``sitsflow-`` (they queue, safe).
+RUN_MUTEX = "sitsflow-{{workflow.parameters.output-path}}"
+#: Every container passes the Pod Security "restricted" profile (with the pod's non-root user).
+CONTAINER_SECURITY = models.SecurityContext(
+    allow_privilege_escalation=False,
+    capabilities=models.Capabilities(drop=["ALL"]),
+    run_as_non_root=True,
+    seccomp_profile=models.SeccompProfile(type="RuntimeDefault"),
 )
 
 HEADER = (
@@ -140,14 +175,20 @@ MERGE = Stage("merge", ("merge",), resources="merge")
 STAGES = (SAMPLE, PLAN_TRAINING, TRAIN, PLAN_SELECTION, SELECT, PLAN_INFERENCE, INFER, MERGE)
 
 #: The pod-setting inputs of a stage template, filled from prepare's ``resources.<stage>``.
-POD_INPUTS = ("cpu", "memory", "gpu", "deadline", "node-selector")
+POD_INPUTS = ("cpu", "memory", "gpu", "deadline", "node-selector", "tolerations")
+#: The JSON field of prepare's ``resources.<stage>`` behind each pod input.
+POD_FIELDS = {"node-selector": "node_selector"}
 
 
-def _env() -> list[Env | SecretEnv]:
-    """The S3 endpoint (a workflow parameter) and credentials (an optional Secret)."""
+def _env(gpu: bool = False) -> list[Env | SecretEnv]:
+    """The S3 endpoint (a workflow parameter) and credentials (an optional Secret: without it the
+    pod's cloud identity is used); for GPU stages the GPUs the pod was given (``SITSFLOW_GPUS``,
+    which makes a pod that got a GPU it cannot use fail instead of running on the CPU)."""
     env: list[Env | SecretEnv] = [
         Env(name="AWS_ENDPOINT_URL", value="{{workflow.parameters.s3-endpoint}}")
     ]
+    if gpu:
+        env.append(Env(name="SITSFLOW_GPUS", value="{{inputs.parameters.gpu}}"))
     env += [
         SecretEnv(
             name=key,
@@ -167,11 +208,11 @@ def _pod_spec_patch(stage: Stage | None) -> str:
     requests, node selectors and tolerations must go through ``podSpecPatch`` (``main`` is the
     name Argo gives a template's container).
     """
-    kind = "gpu" if stage is not None and stage.gpu else "cpu"
-    tolerations = f"{{{{workflow.parameters.{kind}-tolerations}}}}"
     if stage is None or stage.resources is None:
-        selector = f"{{{{workflow.parameters.{kind}-node-selector}}}}"
-        return f'{{"nodeSelector": {selector}, "tolerations": {tolerations}}}'
+        return (
+            '{"nodeSelector": {{workflow.parameters.cpu-node-selector}}, '
+            '"tolerations": {{workflow.parameters.cpu-tolerations}}}'
+        )
     requests = {"cpu": "{{inputs.parameters.cpu}}", "memory": "{{inputs.parameters.memory}}"}
     limits = {"memory": "{{inputs.parameters.memory}}"}
     if stage.gpu:
@@ -179,7 +220,8 @@ def _pod_spec_patch(stage: Stage | None) -> str:
     container = {"name": "main", "resources": {"requests": requests, "limits": limits}}
     return (
         f'{{"containers": [{json.dumps(container)}], '
-        f'"nodeSelector": {{{{inputs.parameters.node-selector}}}}, "tolerations": {tolerations}}}'
+        '"nodeSelector": {{inputs.parameters.node-selector}}, '
+        '"tolerations": {{inputs.parameters.tolerations}}}'
     )
 
 
@@ -202,12 +244,13 @@ def _container(
     gpu = stage is not None and stage.gpu
     return Container(
         name=name,
-        image="{{workflow.parameters.image}}",
+        image="{{workflow.parameters.gpu-image}}" if gpu else "{{workflow.parameters.image}}",
         image_pull_policy="IfNotPresent",
         command=["sitsflow"],
         args=args,
         inputs=inputs or None,
-        env=_env(),
+        env=_env(gpu),
+        security_context=CONTAINER_SECURITY,
         resources=_default_resources(stage),
         pod_spec_patch=_pod_spec_patch(stage),
         active_deadline_seconds=(
@@ -243,19 +286,25 @@ def _prepare_container() -> Container:
         "{{workflow.parameters.config}}",
         "--overrides",
         "{{workflow.parameters.overrides}}",
+        "--output-path",
+        "{{workflow.parameters.output-path}}",
         "--pool-label",
         "{{workflow.parameters.pool-label}}",
         "--gpu-node-selector",
         "{{workflow.parameters.gpu-node-selector}}",
         "--cpu-node-selector",
         "{{workflow.parameters.cpu-node-selector}}",
+        "--gpu-tolerations",
+        "{{workflow.parameters.gpu-tolerations}}",
+        "--cpu-tolerations",
+        "{{workflow.parameters.cpu-tolerations}}",
     ]
     return _container("prepare", args, [])
 
 
 def _pod_argument(stage: Stage, key: str) -> str:
     """``{{=jsonpath(tasks.prepare.outputs.result, '$.resources.train.cpu')}}``."""
-    field = "node_selector" if key == "node-selector" else key
+    field = POD_FIELDS.get(key, key)
     return f"{{{{=jsonpath({PREPARED}, '$.resources.{stage.resources}.{field}')}}}}"
 
 
@@ -287,11 +336,28 @@ def _parameters() -> list[Parameter]:
     return [
         param("config", "URI (local path or s3://bucket/key) of the iota2 .cfg file"),
         param(
+            "output-path",
+            "where the run writes (local path or s3://bucket/prefix; replaces the .cfg's "
+            "chain.output_path); also the key of the run's mutex: two workflows with the same "
+            "output-path never run at once. Empty: the .cfg's output path, and the run queues "
+            "behind every other run that leaves output-path empty",
+            "",
+        ),
+        param(
             "overrides",
             'JSON list of "section.key=value" strings applied to the configuration',
             "[]",
         ),
-        param("image", "sitsflow container image (the gpu target's, for GPU nodes)", DEFAULT_IMAGE),
+        param(
+            "image",
+            "sitsflow image of the CPU steps (the Dockerfile's cpu target)",
+            DEFAULT_IMAGE,
+        ),
+        param(
+            "gpu-image",
+            "sitsflow image of train and infer (the Dockerfile's gpu target)",
+            DEFAULT_GPU_IMAGE,
+        ),
         param("s3-endpoint", "S3 endpoint URL (AWS_ENDPOINT_URL); empty for AWS's default", ""),
         param(
             "s3-secret",
@@ -320,14 +386,19 @@ def _parameters() -> list[Parameter]:
         ),
         param(
             "retry-limit",
-            "retries of a step after a transient failure (exit 75, pod deleted or evicted, "
-            "node shutdown); exit 2 is never retried",
+            "retries of a step after a transient failure (exit 75, pod deleted, evicted or "
+            "preempted, node shutdown); never exit 2 nor a deadline exceeded",
             RETRY_LIMIT,
         ),
         param(
             "retry-backoff",
-            f"delay before the first retry (doubled each time, {RETRY_MAX_DURATION} at most in all)",
+            "delay before the first retry (a Go duration), doubled at each retry",
             RETRY_BACKOFF,
+        ),
+        param(
+            "retry-backoff-cap",
+            "longest delay before a retry (a Go duration; backoff.cap, Argo >= 3.7)",
+            RETRY_BACKOFF_CAP,
         ),
     ]
 
@@ -340,7 +411,7 @@ def _retry_strategy() -> models.RetryStrategy:
         backoff=models.Backoff(
             duration="{{workflow.parameters.retry-backoff}}",
             factor=RETRY_FACTOR,
-            max_duration=RETRY_MAX_DURATION,
+            cap="{{workflow.parameters.retry-backoff-cap}}",
         ),
     )
 
@@ -352,12 +423,18 @@ def build() -> WorkflowTemplate:
         entrypoint=ENTRYPOINT,
         arguments=_parameters(),
         parallelism=PARALLELISM,
+        active_deadline_seconds=WORKFLOW_DEADLINE,
+        synchronization=models.Synchronization(mutexes=[models.Mutex(name=RUN_MUTEX)]),
         pod_gc=models.PodGC(strategy="OnPodSuccess"),
         ttl_strategy=models.TTLStrategy(
             seconds_after_success=7 * 86400, seconds_after_failure=14 * 86400
         ),
         security_context=models.PodSecurityContext(
-            run_as_non_root=True, run_as_user=10001, run_as_group=10001, fs_group=10001
+            run_as_non_root=True,
+            run_as_user=10001,
+            run_as_group=10001,
+            fs_group=10001,
+            seccomp_profile=models.SeccompProfile(type="RuntimeDefault"),
         ),
     ) as template:
         templates = {"prepare": _prepare_container()}

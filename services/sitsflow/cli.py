@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from sitsflow import __version__
 from sitsflow.errors import EXIT_BUG, ConfigError, SitsflowError
 from sitsflow.log import get_logger, setup_logging
+from sitsflow.process import Stopped, stop_on_sigterm
 
 log = get_logger("sitsflow.cli")
 
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-label", default="", help="node label that resource blocks' queue selects (e.g. cloud.google.com/gke-nodepool)")
     p.add_argument("--gpu-node-selector", default="{}", help="JSON node selector of the GPU stages (train, infer)")
     p.add_argument("--cpu-node-selector", default="{}", help="JSON node selector of the CPU stages (sample, select, merge)")
+    p.add_argument("--gpu-tolerations", default="[]", help="JSON tolerations of pods with GPUs")
+    p.add_argument("--cpu-tolerations", default="[]", help="JSON tolerations of every other pod")
+    p.add_argument("--output-path", default="", help="the run's output path (replaces chain.output_path; empty: the .cfg's)")
 
     p = sub.add_parser("sample", help="sampling stage: extract labelled pixels into the NetCDF sample databases")
     _add_config(p)
@@ -93,7 +97,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--overrides: expected a JSON list of \"section.key=value\" strings, got {raw!r} ({exc})") from None
     if not isinstance(extra, list) or not all(isinstance(s, str) for s in extra):
         raise ConfigError(f"--overrides: expected a JSON list of strings, got {raw!r}")
-    return extra + sets
+    output = getattr(args, "output_path", "")  # prepare's --output-path (the workflow's parameter)
+    return extra + sets + ([f"chain.output_path={output}"] if output else [])
 
 
 def _load(args: argparse.Namespace):
@@ -124,6 +129,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             pool_label=args.pool_label,
             gpu_node_selector=args.gpu_node_selector,
             cpu_node_selector=args.cpu_node_selector,
+            gpu_tolerations=args.gpu_tolerations,
+            cpu_tolerations=args.cpu_tolerations,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -192,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with output_lease(out):  # a second run on this output path is refused, naming this one
         result = run_workflow(
             workflow,
-            {"config": source, "overrides": json.dumps(_overrides(args))},
+            {"config": source, "overrides": json.dumps(_overrides(args)), "output-path": out},
             workers=args.workers,
             progress=False if args.no_progress else None,
             log_dir=Path(args.log_dir) if args.log_dir else None,
@@ -244,8 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    stop_on_sigterm()
     try:
         return COMMANDS[args.command](args)
+    except Stopped as exc:  # SIGTERM: a clean stop, retried (exit 75)
+        log.error("%s", exc)
+        log.error("sitsflow %s failed (exit %d)", _stage_label(args), exc.exit_code)
+        return exc.exit_code
     except SitsflowError as exc:
         # The last line of a failed pod's log becomes its termination message (the WorkflowTemplate
         # sets FallbackToLogsOnError), so it names the stage and its item.

@@ -1,7 +1,7 @@
 """Fingerprints and per-task manifests: how stages skip finished work and never mix outputs.
 
-A stage task computes a fingerprint of everything its outputs depend on (the configuration keys
-that matter, the identity of its input objects, upstream fingerprints). It writes its outputs
+A stage task computes a fingerprint of everything its outputs depend on (the version of the code,
+the configuration keys that matter, the identity of its input objects, upstream fingerprints). It writes its outputs
 atomically, then, last, a manifest ``manifests/<stage>/<task>.json`` holding that fingerprint and
 the list of outputs. A rerun whose fingerprint matches a manifest whose outputs all exist does
 nothing; any other rerun redoes the work and overwrites the outputs under the same deterministic
@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from typing import Any
 
-from sitsflow import layout, storage
+from sitsflow import __version__, layout, storage
 from sitsflow.log import get_logger
 
 log = get_logger(__name__)
@@ -34,9 +35,19 @@ def _canonical(obj: Any) -> Any:
     return obj
 
 
+def code_version() -> str:
+    """The version of the code that makes the outputs: the package version, plus the source
+    revision the image was built from (``SITSFLOW_REVISION``, set by the Dockerfile's ``REVISION``
+    build argument) when there is one. Part of every fingerprint: a rerun with other code redoes
+    the work instead of reusing outputs the old code made."""
+    revision = os.environ.get("SITSFLOW_REVISION", "").strip()
+    return f"{__version__}+{revision}" if revision else __version__
+
+
 def fingerprint(*parts: Any) -> str:
-    """Return the sha256 hex digest of the canonical JSON of ``parts``."""
-    text = json.dumps(_canonical(list(parts)), sort_keys=True, separators=(",", ":"), default=str)
+    """Return the sha256 hex digest of the canonical JSON of the code version and ``parts``."""
+    text = json.dumps(_canonical([code_version(), *parts]), sort_keys=True, separators=(",", ":"),
+                      default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -34,6 +34,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The CPU and GPU images: repository@digest when a digest is given, else repository:tag. */}}
 {{- define "sitsflow.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "sitsflow.gpuImage" -}}
+{{- $repository := default .Values.image.repository .Values.gpuImage.repository }}
+{{- if .Values.gpuImage.digest }}
+{{- printf "%s@%s" $repository .Values.gpuImage.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (default (printf "%s-gpu" .Chart.AppVersion) .Values.gpuImage.tag) }}
+{{- end }}
 {{- end }}

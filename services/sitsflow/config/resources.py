@@ -33,6 +33,8 @@ from sitsflow.config.schema import expected as expected_text
 
 #: The stages whose pods request GPUs (and go to GPU nodes); the others run on CPU nodes.
 GPU_STAGES: tuple[str, ...] = ("train", "infer")
+#: GPUs one train or infer pod can use (multi-GPU is not implemented: ``nb_gpu`` above is refused).
+MAX_GPUS = 1
 #: Every stage a block can name, in pipeline order.
 STAGES: tuple[str, ...] = ("sample", "train", "select", "infer", "merge")
 
@@ -135,8 +137,18 @@ class StageResources(Inline):
     (``"92gb"``, binary units: 92Gi) or a Kubernetes quantity (``"16Gi"``, ``"500M"``)."""
     walltime: Annotated[int, _parsed(parse_walltime), Expect(_WALLTIME_TEXT)] | None = None
     """Seconds a pod may run (``activeDeadlineSeconds``) before Argo stops it."""
-    nb_gpu: Annotated[int, Field(ge=0)] | None = None
-    """GPUs requested (``nvidia.com/gpu``); train and infer only."""
+    nb_gpu: (
+        Annotated[
+            int,
+            Field(ge=0, le=MAX_GPUS),
+            Expect(
+                f"0 or {MAX_GPUS} (a step uses one GPU at most: multi-GPU training and inference are not "
+                "implemented; more inference chunks spread a run over more GPUs)"
+            ),
+        ]
+        | None
+    ) = None
+    """GPUs requested (``nvidia.com/gpu``); train and infer only; 0 makes a CPU pod on CPU nodes."""
     queue: (
         Annotated[
             str,
@@ -222,20 +234,40 @@ def check_label_key(key: str, what: str) -> str:
     return key
 
 
+def tolerations_list(text: str, what: str) -> list[dict[str, Any]]:
+    """A JSON list of Kubernetes tolerations (objects), checked loosely (the API server checks
+    the fields).
+
+    Raises:
+        ValueError: not a JSON list of objects, naming ``what``.
+    """
+    try:
+        value = json.loads(text or "[]")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what}: expected a JSON list of tolerations, got {text!r} ({exc})")
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ValueError(f"{what}: expected a JSON list of toleration objects, got {text!r}")
+    return value
+
+
 def stage_pods(
     resources: ResourcesSection,
     *,
     pool_label: str = "",
     gpu_node_selector: str = "{}",
     cpu_node_selector: str = "{}",
+    gpu_tolerations: str = "[]",
+    cpu_tolerations: str = "[]",
 ) -> dict[str, dict[str, str]]:
     """Each stage's pod settings, as the WorkflowTemplate reads them from ``prepare``'s output.
 
     Built-in defaults (:data:`BUILTIN`) ← the ``default`` block ← the stage's block. Returns
     ``{stage: {"cpu": "10", "memory": "92Gi", "gpu": "1", "deadline": "43200",
-    "node_selector": '{"pool": "qgpgpu"}'}}``, every value a string (Argo parameters are
-    strings; ``node_selector`` is JSON text). ``gpu`` is "0" for CPU stages. A block's ``queue``
-    adds ``{pool_label: queue}`` to the stage's default selector (GPU or CPU).
+    "node_selector": '{"pool": "qgpgpu"}', "tolerations": "[...]"}}``, every value a string
+    (Argo parameters are strings; ``node_selector`` and ``tolerations`` are JSON text). ``gpu``
+    is "0" for CPU stages. A pod with GPUs gets the GPU node selector and tolerations; every other
+    pod (CPU stages, and train or infer with ``nb_gpu : 0``) the CPU ones. A block's ``queue`` adds
+    ``{pool_label: queue}`` to that selector.
 
     Raises:
         ValueError: a selector or the pool label is malformed, or a queue is set while
@@ -243,6 +275,8 @@ def stage_pods(
     """
     gpu_selector = label_selector(gpu_node_selector, "gpu-node-selector")
     cpu_selector = label_selector(cpu_node_selector, "cpu-node-selector")
+    gpu_toleration = tolerations_list(gpu_tolerations, "gpu-tolerations")
+    cpu_toleration = tolerations_list(cpu_tolerations, "cpu-tolerations")
     if pool_label:
         check_label_key(pool_label, "pool-label")
     default = resources.default.model_dump(exclude_none=True) if resources.default else {}
@@ -250,7 +284,7 @@ def stage_pods(
     for stage in STAGES:
         block = getattr(resources, stage)
         settings = {**BUILTIN[stage], **default, **(block.model_dump(exclude_none=True) if block else {})}
-        gpu = stage in GPU_STAGES
+        gpu = stage in GPU_STAGES and settings["nb_gpu"] > 0
         selector = dict(gpu_selector if gpu else cpu_selector)
         queue = settings.get("queue")
         if queue:
@@ -269,5 +303,7 @@ def stage_pods(
             "gpu": str(settings["nb_gpu"]) if gpu else "0",
             "deadline": str(settings["walltime"]),
             "node_selector": json.dumps(selector, sort_keys=True, separators=(",", ":")),
+            "tolerations": json.dumps(gpu_toleration if gpu else cpu_toleration,
+                                      separators=(",", ":")),
         }
     return pods

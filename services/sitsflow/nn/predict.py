@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 
+from sitsflow.device import choose
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
 from sitsflow.nn.base import Iota2NeuralNetwork
@@ -22,9 +23,10 @@ CPU_MEMORY_BUDGET = 8 * 1024 * 1024  # bytes of the largest activation tensor of
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CUDA when available, else the CPU; anything else is checked."""
+    """``None`` -> :func:`sitsflow.device.choose` (CUDA when available, else the CPU); anything
+    else is checked."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return choose()  # CUDA when available; a pod given a GPU it cannot use fails (exit 2)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:

@@ -35,8 +35,10 @@ import torch
 from sitsflow import layout, manifest, storage
 from sitsflow import nn as sitsnn
 from sitsflow.config import DeepLearningParameters, SitsflowConfig
+from sitsflow.device import choose as device_choose
 from sitsflow.errors import BadInputError, ConfigError, InputNotFoundError
 from sitsflow.log import get_logger
+from sitsflow.process import stop_deferred
 from sitsflow.training import plots
 from sitsflow.training.data import (
     SampleSet,
@@ -124,7 +126,8 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _save_checkpoint(uri: str, payload: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
-    storage.write_bytes(uri, buf.getvalue())
+    with stop_deferred():  # a SIGTERM meanwhile stops training once the checkpoint is written
+        storage.write_bytes(uri, buf.getvalue())
 
 
 def _load_checkpoint(uri: str, fp: str) -> dict[str, Any] | None:
@@ -216,9 +219,9 @@ def train(
         fingerprint: written into the checkpoint; a checkpoint with another one is ignored.
         checkpoint_uri: where the checkpoint is written after every epoch.
         on_epoch_end: optional hook called after each epoch's checkpoint is written.
-        device: defaults to CUDA when available, else the CPU.
+        device: defaults to :func:`sitsflow.device.choose`'s (CUDA when available, else the CPU).
     """
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_choose(device)  # a pod given a GPU it cannot use fails here (exit 2)
     batch_size, learning_rate = candidate(dl, hyp)
     label_idx = samples.label_indices()
     nb_classes = len(samples.classes)
