@@ -104,3 +104,7 @@ def s3_bucket(s3_server: str) -> str:
     )
     client.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+# The real Kubernetes API server (etcd + apiextensions-apiserver with Argo's CRDs): tests/kube.py.
+from kube import kube_namespace, kube_server  # noqa: E402,F401
