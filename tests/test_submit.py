@@ -315,6 +315,7 @@ def test_local_inputs_and_local_output_are_refused_before_any_cluster_call(tmp_p
     proc = _run("submit", str(cfg), env=env)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "chain.ground_truth" in proc.stderr and "the cluster cannot read files of this machine" in proc.stderr
+    assert f"dated_raster.path = '{tmp_path}/{{tile}}/series.tif'" in proc.stderr  # a template path too
     proc = _run("submit", str(cfg), "--set", f"chain.output_path={tmp_path / 'out'}", env=env)
     assert proc.returncode == 2 and "chain.output_path" in proc.stderr and "s3://" in proc.stderr
 

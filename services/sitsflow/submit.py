@@ -278,14 +278,15 @@ def _dns_label(text: str) -> str:
 
 
 def _local_inputs(section: str, value: Any, key: str = "") -> Iterator[tuple[str, str]]:
-    """``(key path, value)`` of each string that names a file or folder on this machine."""
+    """``(key path, value)`` of each absolute local path: relative paths were resolved against the
+    configuration's folder, so every input not in object storage is one (``{tile}`` templates too)."""
     if isinstance(value, dict):
         for k, v in value.items():
             yield from _local_inputs(section, v, f"{key}.{k}" if key else k)
     elif isinstance(value, list):
         for i, v in enumerate(value):
             yield from _local_inputs(section, v, f"{key}[{i}]")
-    elif isinstance(value, str) and os.path.isabs(value) and os.path.exists(value):
+    elif isinstance(value, str) and os.path.isabs(value):
         yield f"{section}.{key}", value
 
 
