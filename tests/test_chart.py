@@ -480,7 +480,7 @@ def _server_side_apply(kube_server: Any, namespace: str, doc: dict[str, Any]) ->
 def test_api_server_accepts_the_template_and_every_scenario(
     kube_server: Any, kube_namespace: str, rendered: dict[str, list[dict[str, Any]]]
 ) -> None:
-    committed = yaml.safe_load((REPO / "workflows" / "sitsflow.yaml").read_text())
+    committed = yaml.safe_load((REPO / "services" / "sitsflow" / "workflows" / "sitsflow.yaml").read_text())
     applied = _server_side_apply(kube_server, kube_namespace, committed)
     assert applied["spec"]["synchronization"] == committed["spec"]["synchronization"]
     for name in SCENARIOS:
@@ -505,7 +505,7 @@ def test_api_server_refuses_a_broken_template(kube_server: Any, kube_namespace: 
     from kubernetes.client.exceptions import ApiException
 
     mutate, where = BROKEN_FOR_THE_SERVER[case]
-    broken = yaml.safe_load((REPO / "workflows" / "sitsflow.yaml").read_text())
+    broken = yaml.safe_load((REPO / "services" / "sitsflow" / "workflows" / "sitsflow.yaml").read_text())
     mutate(broken)
     with pytest.raises(ApiException) as info:
         _server_side_apply(kube_server, kube_namespace, broken)

@@ -85,7 +85,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workflow", default=None, help="rendered WorkflowTemplate YAML (default: the one shipped in the package)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress display")
     p.add_argument("--log-dir", default=None, help="folder for the per-task logs (default: a temporary folder)")
+    _add_cluster_commands(sub)
     return parser
+
+
+def _add_cluster_commands(sub) -> None:
+    """``submit``, ``status``, ``logs``: runs on a cluster through the Kubernetes API (sitsflow.submit)."""
+
+    def cluster_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-n", "--namespace", default=None, help="namespace of the chart (default: the kubeconfig context's)")
+        p.add_argument("--context", default=None, help="kubeconfig context (default: the current one; $KUBECONFIG names the file)")
+
+    def wait_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                       help="stop waiting after this long (exit 75; the workflow goes on)")
+        p.add_argument("--interval", type=float, default=10.0, metavar="SECONDS", help="seconds between status reads")
+        p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress display")
+
+    p = sub.add_parser("submit", help="validate, upload and start a run on the cluster (an Argo Workflow from the WorkflowTemplate)")
+    _add_config(p, positional=True)
+    cluster_options(p)
+    p.add_argument("--template", default="sitsflow", help="WorkflowTemplate name (the chart's workflowTemplate.name)")
+    p.add_argument("--name", default=None, help="Workflow name (default: sitsflow-<config>-<fingerprint>)")
+    p.add_argument("--wait", action="store_true", help="follow the run to its end: exit 0 succeeded, 1 failed")
+    wait_options(p)
+
+    p = sub.add_parser("status", help="per-stage view of a submitted run; prints the JSON summary")
+    p.add_argument("name", help="Workflow name (printed by submit)")
+    cluster_options(p)
+    p.add_argument("--wait", action="store_true", help="follow the run to its end (like submit --wait)")
+    wait_options(p)
+
+    p = sub.add_parser("logs", help="the logs of a submitted run's pods (on stderr)")
+    p.add_argument("name", help="Workflow name")
+    cluster_options(p)
+    p.add_argument("--stage", default=None, help="only this stage's pods (a DAG task: sample, train, infer ...)")
+    p.add_argument("--tail", type=int, default=None, metavar="LINES", help="last LINES lines of each log (default: all)")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -225,6 +260,46 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from sitsflow import submit
+
+    run = submit.prepare_run(args.config, args.sets, args.name)  # before touching the cluster
+    cluster = submit.Cluster(args.namespace, args.context)
+    wf, created = submit.submit_run(cluster, run, args.template)
+    name = wf["metadata"]["name"]
+    if not args.wait:
+        _emit({"workflow": name, "namespace": cluster.namespace, "created": created, "output_path": run.output_path,
+               "config": run.config_uri, "phase": submit.snapshot(wf).phase})
+        return 0
+    _emit_follow(submit, cluster, name, args, run.output_path)
+    return 0
+
+
+def _emit_follow(submit, cluster, name: str, args: argparse.Namespace, output_path: str | None) -> None:
+    progress = False if args.no_progress else sys.stderr.isatty()
+    _emit(submit.follow(cluster, name, output_path=output_path, timeout=args.timeout, interval=args.interval,
+                        progress=progress))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sitsflow import submit
+
+    cluster = submit.Cluster(args.namespace, args.context)
+    if args.wait:
+        _emit_follow(submit, cluster, args.name, args, None)
+        return 0
+    _emit(submit.show_status(cluster, args.name))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from sitsflow import submit
+
+    cluster = submit.Cluster(args.namespace, args.context)
+    submit.show_logs(cluster, args.name, args.stage, args.tail)
+    return 0
+
+
 COMMANDS = {
     "prepare": cmd_prepare,
     "sample": cmd_sample,
@@ -234,6 +309,9 @@ COMMANDS = {
     "infer": cmd_infer,
     "merge": cmd_merge,
     "run": cmd_run,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "logs": cmd_logs,
 }
 
 
