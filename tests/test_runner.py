@@ -998,7 +998,7 @@ def test_resource_blocks_reach_the_pods(tmp_path: Path, monkeypatch: pytest.Monk
     them."""
     blocks = {
         "default": {"nb_cpu": 3},
-        "train": {"nb_cpu": 10, "ram": "92Gi", "walltime": 43200, "nb_gpu": 2, "queue": "qgpgpu"},
+        "train": {"nb_cpu": 10, "ram": "92Gi", "walltime": 43200, "nb_gpu": 1, "queue": "qgpgpu"},
         "infer": {"nb_gpu": 0},
         "merge": {"queue": "big-mem"},
     }
@@ -1009,7 +1009,7 @@ def test_resource_blocks_reach_the_pods(tmp_path: Path, monkeypatch: pytest.Monk
     assert train["containers"][0]["resources"]["requests"] == {
         "cpu": "10",
         "memory": "92Gi",
-        "nvidia.com/gpu": "2",
+        "nvidia.com/gpu": "1",
     }
     assert train["nodeSelector"] == {"gpu": "yes", "pool": "qgpgpu"}
     assert tasks["train"]["inputs"][0]["deadline"] == "43200"

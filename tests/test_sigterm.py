@@ -100,16 +100,16 @@ def test_sigterm_during_inference_publishes_nothing_exits_75_and_the_rerun_compl
     args = _stage(path, out, "infer") + [
         "--tile", task["tile"], "--chunk", str(task["chunk"]), "--seed", str(task["seed"]),
     ]  # fmt: skip
-    real_predict = nn.predict_proba
+    real_classify = nn.Predictor.classify
     calls: list[int] = []
 
-    def predict_proba(*a: object, **k: object) -> object:
+    def classify(self: object, *a: object, **k: object) -> object:
         calls.append(1)
         if len(calls) == 1:  # in the middle of the chunk
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_predict(*a, **k)
+        return real_classify(self, *a, **k)
 
-    monkeypatch.setattr(nn, "predict_proba", predict_proba)
+    monkeypatch.setattr(nn.Predictor, "classify", classify)
     task_id = inference.task_id(task["tile"], task["chunk"], task["seed"])
     assert cli.main(args) == 75
     assert "stopped by signal SIGTERM" in capsys.readouterr().err
@@ -117,7 +117,7 @@ def test_sigterm_during_inference_publishes_nothing_exits_75_and_the_rerun_compl
     chunk_dir = Path(layout.manifest(out, inference.STAGE, task_id)).parents[2]
     leftovers = [p for p in chunk_dir.rglob("*.tif")]
     assert leftovers == []  # no half chunk under a final name
-    monkeypatch.setattr(nn, "predict_proba", real_predict)
+    monkeypatch.setattr(nn.Predictor, "classify", real_classify)
     assert cli.main(args) == 0
     result = _last_json(capsys)
     assert result["skipped"] is False

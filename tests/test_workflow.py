@@ -799,7 +799,7 @@ def test_nb_gpu_0_makes_a_cpu_pod(tmp_path: Path) -> None:
     [
         ("resources.sample.nb_gpu=1", "resources.sample.nb_gpu: expected 0 (sample runs on CPU"),
         ("resources.train.nb_gpu=2", "multi-GPU training and inference are not implemented"),
-        ("resources.default.nb_gpu=4", "resources.default.nb_gpu: expected 0 or 1"),
+        ("resources.default.nb_gpu=4", "resources.default.nb_gpu: expected None or 0 or 1"),
         ("resources.train.ram=lots", "resources.train.ram: expected a memory size"),
         ("resources.train.walltime='1:99:00'", "minutes and seconds must be below 60"),
         ("resources.train.nb_cpu=0", "resources.train.nb_cpu: expected None or an integer >= 1"),

@@ -9,13 +9,26 @@ import sys
 _CONFIGURED = False
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (not the stream of
+    the moment it was made: a caller, or a test harness, may replace sys.stderr)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: str | None = None) -> None:
     """Send every ``sitsflow`` log record to stderr, once per process."""
     global _CONFIGURED
     if _CONFIGURED:
         return
     level = (level or os.environ.get("SITSFLOW_LOG_LEVEL") or "INFO").upper()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("sitsflow")
     root.addHandler(handler)
