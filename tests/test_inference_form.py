@@ -19,17 +19,10 @@ import torch
 
 from sitsflow.nn import LTAEClassifier, Predictor, build_network, inference_form, predict_proba
 from sitsflow.nn.inference_form import FoldedLTAE, FoldedPerceptron
+from test_nn import _one_thread  # noqa: F401 - the module-wide one-thread fixture
 
 SLOVENIA = Path(__file__).resolve().parents[1] / "examples" / "slovenia" / "data"
 FOLDED = ("LTAEClassifier", "ANN", "MLPClassifier")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_dates(n: int, step: int = 10) -> list[int]:
