@@ -32,13 +32,13 @@ RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} \
       --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}" \
  && /opt/venv/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" > /tmp/requirements.txt \
- && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} -r /tmp/requirements.txt \
- && rm -rf /tmp/extra
+ && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} -r /tmp/requirements.txt
 COPY services ./services
+# building the package fetches its build backend (setuptools): the CA bundle is still needed here
 RUN /opt/venv/bin/python -m pip install -q --no-deps /tmp/src \
  && /opt/venv/bin/python -m pip uninstall -q -y pip \
  && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} + \
- && rm -rf /tmp/src
+ && rm -rf /tmp/src /tmp/extra
 
 # -- runtime: the base plus an unprivileged user, running sitsflow ----------------------------
 FROM ${BASE} AS runtime
@@ -77,13 +77,13 @@ RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} \
       --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" "torch==${TORCH_VERSION}+${TORCH_CUDA}" \
  && /opt/venv/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" > /tmp/requirements.txt \
- && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} -r /tmp/requirements.txt \
- && rm -rf /tmp/extra
+ && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} -r /tmp/requirements.txt
 COPY services ./services
+# building the package fetches its build backend (setuptools): the CA bundle is still needed here
 RUN /opt/venv/bin/python -m pip install -q --no-deps /tmp/src \
  && /opt/venv/bin/python -m pip uninstall -q -y pip \
  && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} + \
- && rm -rf /tmp/src
+ && rm -rf /tmp/src /tmp/extra
 
 FROM runtime AS gpu
 # No NVIDIA_VISIBLE_DEVICES=all: a pod that requests no GPU (nb_gpu : 0) must see none; the

@@ -107,6 +107,7 @@ log "docker build --target cpu"
 DOCKER_BUILDKIT=0 "$DOCKER" build --network host --target cpu \
   --build-arg BASE="$BASE_IMAGE" \
   --build-arg TORCH_SPEC="/tmp/extra/$(basename "$TORCH_WHEEL")" \
+  --build-arg TORCH_INDEX=https://pypi.org/simple \
   --build-arg PIP_CERT=/tmp/extra/ca.crt \
   --build-arg REVISION="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || true)" \
   -t "$IMAGE" "$CTX" >"$WORK/build.log" 2>&1 \
