@@ -8,7 +8,8 @@ from rasterio.windows import Window
 
 from sitsflow.config import load_config
 from sitsflow.errors import BadInputError
-from sitsflow.features import FeaturePipeline, _merge_same_day, from_ordinal, to_ordinal
+from sitsflow.features import FeaturePipeline, from_ordinal, to_ordinal
+from sitsflow.features.compute import _merge_same_day
 
 from synthetic import write_config, write_scene
 
@@ -78,7 +79,7 @@ def test_same_day_acquisitions_are_averaged_over_valid_ones(scene):
     raw[0, 2] = 1.0
     raw[0, 3] = 3.0  # same day as index 2
     valid = np.ones((1, nb_raw), bool)
-    st = pipe._times[0]
+    st = pipe.axis.times[0]
     merged, mvalid = _merge_same_day(raw, valid, st.day_group, len(st.unique_dates))
     assert merged.shape[1] == nb_raw - 1 and merged[0, 2, 0] == 2.0
     valid[0, 3] = False
@@ -128,7 +129,7 @@ def test_missing_raster_names_the_tile(scene):
 
 
 def test_gapfill_fast_path_for_fully_clear_pixels_matches_linear_interpolation():
-    from sitsflow.features import _gapfill
+    from sitsflow.features.compute import _gapfill
 
     rng = np.random.default_rng(0)
     t_obs = np.array([0.0, 7.0, 9.0, 20.0, 31.0])
@@ -142,3 +143,19 @@ def test_gapfill_fast_path_for_fully_clear_pixels_matches_linear_interpolation()
             for b in range(2):
                 keep = v[p]
                 np.testing.assert_allclose(out[p, :, b], np.interp(targets, t_obs[keep], raw[p, keep, b]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_tile_grid_needs_no_user_code(scene):
+    """Planning reads the tile grid only: sensor headers, never the user's external features module."""
+    from sitsflow.features import tile_grid
+    from sitsflow.planning import tile_chunks
+
+    folder, _ = scene
+    (folder / "feat.py").write_text("raise RuntimeError('user code ran')\n\ndef get_soi(self):\n    return None\n")
+    extra = "external_features:\n{\n  module : 'feat.py'\n  functions : 'get_soi'\n}\n"
+    cfg = load_config(str(write_config(folder, extra=extra)))
+    grid = tile_grid(cfg, "T1")
+    assert (grid.width, grid.height) == (24, 12)
+    assert sum(int(w.width) * int(w.height) for w in tile_chunks(cfg, "T1")) == 24 * 12
+    with pytest.raises(Exception, match="user code ran"):
+        FeaturePipeline(cfg, "T1")  # the features themselves do need it

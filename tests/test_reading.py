@@ -108,7 +108,7 @@ def test_read_windows_tile_the_window_on_block_boundaries(stack, monkeypatch):
     pipe = FeaturePipeline(cfg, "T0")
     window = Window(3, 5, 61, 44)  # odd offsets: the first parts stop at the next block boundary
     strips = pipe.read_windows(window)
-    monkeypatch.setattr(features_module, "READ_BUDGET_BYTES", 1)
+    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 1)
     tiles = pipe.read_windows(window)
     assert all(int(p.width) == 61 for p in strips)
     assert len(tiles) > len(strips) and any(int(p.width) < 61 for p in tiles)
@@ -122,7 +122,7 @@ def test_read_windows_tile_the_window_on_block_boundaries(stack, monkeypatch):
             assert int(p.col_off) in (3,) or int(p.col_off) % 16 == 0
         assert (cover == 1).all()
     # at least READ_MIN_BLOCKS blocks side by side, so that GDAL decodes them in parallel
-    assert all(int(p.width) >= min(61, 16 * features_module.READ_MIN_BLOCKS) or int(p.col_off) + int(p.width) == 64
+    assert all(int(p.width) >= min(61, 16 * features_module.reader.READ_MIN_BLOCKS) or int(p.col_off) + int(p.width) == 64
                or int(p.col_off) == 3 for p in tiles)
 
 
@@ -137,7 +137,7 @@ def test_features_do_not_depend_on_parts_buffers_or_probing(stack, monkeypatch):
     assert np.array_equal(whole.clear_dates, valid.sum(axis=0))
     assert whole.rows.size == int((valid.sum(axis=0) > 0).sum())
     assert np.all(np.diff(whole.rows.astype(np.int64) * 70 + whole.cols) > 0)  # row-major
-    monkeypatch.setattr(features_module, "READ_BUDGET_BYTES", 1)
+    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 1)
     assert len(pipe.read_windows(window)) > 4
     for kwargs in ({}, {"probe": True}):
         tiled = pipe.features(window, **kwargs)
@@ -180,7 +180,7 @@ def test_inference_maps_do_not_depend_on_read_ahead_parts_or_probing(tmp_path, m
 
     def classify(readers: int, budget: int) -> dict:
         monkeypatch.setenv("SITSFLOW_READERS", str(readers))
-        monkeypatch.setattr(features_module, "READ_BUDGET_BYTES", budget)
+        monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", budget)
         shutil.rmtree(tmp_path / "out" / "manifests" / "inference", ignore_errors=True)
         summary = inference.run(cfg, "T0", 0, 0)
         out = cfg.chain.output_path

@@ -13,7 +13,7 @@ from rasterio.windows import Window
 
 from sitsflow import manifest
 from sitsflow.errors import BadInputError
-from sitsflow.features import FeaturePipeline
+from sitsflow.features import tile_grid
 
 
 def chunk_windows(cfg, width: int, height: int) -> list[Window]:
@@ -31,7 +31,7 @@ def chunk_windows(cfg, width: int, height: int) -> list[Window]:
 
 def tile_chunks(cfg, tile: str) -> list[Window]:
     """The chunks of one tile (reads only the raster's metadata)."""
-    grid = FeaturePipeline(cfg, tile).grid
+    grid = tile_grid(cfg, tile)
     return chunk_windows(cfg, grid.width, grid.height)
 
 

@@ -1,0 +1,157 @@
+"""The windowed reader: a window of a tile read from every sensor in block-aligned parts of bounded
+memory, its valid observations counted, the selected pixels with a clear date picked and handed
+to the feature computation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from rasterio.windows import Window
+
+from sitsflow.sensors import Sensor
+from sitsflow.sensors.base import Grid, ReadBuffers
+
+READ_BUDGET_BYTES = 64 * 1024 * 1024
+"""Raw data read at once by :meth:`FeaturePipeline.features`: larger windows are read in parts."""
+
+READ_MIN_BLOCKS = 2
+"""Source blocks side by side in one read, at least (see :meth:`FeaturePipeline.read_windows`)."""
+
+
+@dataclass
+class FeatureBlock:
+    """Features of the selected pixels of one window.
+
+    Attributes:
+        values: float32 (nb_pixels, nb_dates, nb_components), NaN where a raw-date value is masked.
+        rows, cols: int32 (nb_pixels,) pixel coordinates in the tile grid (row-major order).
+        clear_dates: int16 (window height, window width), number of clear (valid) acquisitions
+            per pixel of the whole window, all sensors together (0 = no valid date: such pixels
+            are never returned).
+    """
+
+    values: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    clear_dates: np.ndarray
+
+
+class WindowReader:
+    """Reads windows of one tile from its sensors, on the tile grid.
+
+    Args:
+        sensors: the sensors, in stacking order.
+        grid: the tile grid.
+    """
+
+    def __init__(self, sensors: list[Sensor], grid: Grid) -> None:
+        self.sensors = sensors
+        self.grid = grid
+
+    def read_windows(self, window: Window) -> list[Window]:
+        """The sub-windows ``window`` is read in, row-major.
+
+        Each holds about :data:`READ_BUDGET_BYTES` of raw data, and is cut on the sources' internal
+        blocks (whole blocks; boundaries at multiples of the block size in the tile grid) so that
+        no compressed block is decoded twice: whole-width strips when a block row fits the budget,
+        else tiles one block row high and at least :data:`READ_MIN_BLOCKS` blocks wide (GDAL
+        decodes the blocks of one read in parallel, straight into the array, without its block
+        cache).
+        """
+        h, w = int(window.height), int(window.width)
+        per_pixel = sum(len(s.raw_dates) * (len(s.bands) + 1) for s in self.sensors) * 4 * 2
+        budget_px = max(1, READ_BUDGET_BYTES // max(1, per_pixel))
+        block_rows = max(max((s.block_rows for s in self.sensors), default=1), 1)
+        block_cols = max(max((s.block_cols for s in self.sensors), default=1), 1)
+        r0, c0 = int(window.row_off), int(window.col_off)
+        rows = budget_px // max(1, w)
+        cols = max(block_cols * READ_MIN_BLOCKS, budget_px // block_rows // block_cols * block_cols)
+        if rows >= block_rows or cols >= w:
+            step = max(block_rows, rows // block_rows * block_rows)
+            return [Window(c0, a, w, b - a) for a, b in _cuts(r0, h, step)]
+        return [Window(a, r, b - a, e - r) for r, e in _cuts(r0, h, block_rows) for a, b in _cuts(c0, w, cols)]
+
+    def features(self, window: Window, compute: Callable[[list, list], np.ndarray], empty_shape: tuple[int, int],
+                 select: np.ndarray | None = None, *, count_clear: bool = True,
+                 buffers: ReadBuffers | None = None, probe: bool = False) -> FeatureBlock:
+        """Features of the pixels of ``window`` that are selected and have a clear date.
+
+        The window is read in the sub-windows of :meth:`read_windows`, so that about
+        :data:`READ_BUDGET_BYTES` of raw data is in memory at once, whatever the window's size.
+
+        Args:
+            window: the window to read, in tile pixel coordinates.
+            compute: turns the raw observations of the picked pixels (per sensor) into features
+                (:meth:`~sitsflow.features.compute.FeatureComputer.compute`).
+            empty_shape: (nb_dates, nb_components), for a window without any pixel.
+            select: optional bool (h, w): only these pixels are computed (labelled pixels when
+                sampling, a region's pixels when classifying).
+            count_clear: when False, sub-windows without any selected pixel are not read at all
+                (their ``clear_dates`` stay 0); sampling uses this.
+            buffers: reusable arrays for a window read at once (one sub-window; see
+                :class:`~sitsflow.sensors.base.ReadBuffers`): the block's ``values`` may then live
+                in them, valid until the next read with the same buffers.
+            probe: first look cheaply whether a sub-window has any valid observation at all
+                (:meth:`~sitsflow.sensors.base.Sensor.surely_empty`), and skip it when not. Worth
+                it inside nodata areas (outside the swath), where it saves most of the read; a
+                waste where there are data. Inference probes after a sub-window without any.
+        """
+        h, w = int(window.height), int(window.width)
+        clear = np.zeros((h, w), np.int16)
+        values, rows, cols = [], [], []
+        parts = self.read_windows(window)
+        if len(parts) > 1:
+            buffers = None  # the parts' values are kept until they are concatenated
+        for part in parts:
+            pr, pc = int(part.row_off - window.row_off), int(part.col_off - window.col_off)
+            ph, pw = int(part.height), int(part.width)
+            sel = select[pr : pr + ph, pc : pc + pw] if select is not None else None
+            if not count_clear and sel is not None and not sel.any():
+                continue
+            if probe and all(s.surely_empty(part, self.grid) for s in self.sensors):
+                continue  # clear_dates stay 0
+            reads = [s.read(part, self.grid, buffers) for s in self.sensors]
+            part_clear = sum(np.count_nonzero(v, axis=-1) for _, v in reads).astype(np.int16)
+            clear[pr : pr + ph, pc : pc + pw] = part_clear
+            keep = part_clear > 0
+            if sel is not None:
+                keep &= sel
+            r, c = np.nonzero(keep)
+            if not r.size:
+                continue
+            if r.size == keep.size:  # every pixel of the part: a reshape, not a gather
+                picked = [(x.reshape(r.size, *x.shape[2:]), v.reshape(r.size, *v.shape[2:])) for x, v in reads]
+            else:
+                flat = r * pw + c
+                picked = [(_take(x.reshape(ph * pw, *x.shape[2:]), flat, buffers, f"picked:{k}"),
+                           v.reshape(ph * pw, *v.shape[2:])[flat]) for k, (x, v) in enumerate(reads)]
+            values.append(compute([x for x, _ in picked], [v for _, v in picked]))
+            rows.append(r + int(part.row_off))
+            cols.append(c + int(part.col_off))
+        if len(values) == 1:
+            out, rr, cc = values[0], rows[0], cols[0]
+        elif values:
+            out = np.concatenate(values)
+            rr, cc = np.concatenate(rows), np.concatenate(cols)
+            if int(parts[0].width) < w:
+                order = np.lexsort((cc, rr))  # tiles -> the window's row-major order
+                out, rr, cc = out[order], rr[order], cc[order]
+        else:
+            out = np.empty((0, *empty_shape), np.float32)
+            rr = cc = np.empty(0, np.int64)
+        return FeatureBlock(values=out, rows=rr.astype(np.int32), cols=cc.astype(np.int32), clear_dates=clear)
+
+
+def _cuts(start: int, length: int, step: int) -> list[tuple[int, int]]:
+    """[start, start + length) cut at the multiples of ``step``."""
+    points = [start, *range((start // step + 1) * step, start + length, step), start + length]
+    return list(zip(points[:-1], points[1:]))
+
+
+def _take(x: np.ndarray, index: np.ndarray, buffers: ReadBuffers | None, key: str) -> np.ndarray:
+    """``x[index]`` (rows of a 2-D or more array), into reused memory when there are buffers."""
+    if buffers is None:
+        return x[index]
+    return np.take(x, index, axis=0, out=buffers.get(key, (index.size, *x.shape[1:]), x.dtype))
