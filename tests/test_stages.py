@@ -13,7 +13,8 @@ from rio_cogeo.cogeo import cog_validate
 from sitsflow import inference, layout, merging, sampling, selection, training
 from sitsflow.config import load_config
 from sitsflow.errors import BadInputError
-from sitsflow.merging.report import evaluate, summarize
+from sitsflow.accuracy import evaluate
+from sitsflow.merging.report import summarize
 from sitsflow.planning import plan_inference, plan_selection, plan_training
 
 from synthetic import write_config, write_scene
