@@ -24,7 +24,6 @@ lower case, date-major (all components of date 1, then date 2 ...).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 

@@ -27,7 +27,7 @@ import shapely
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
-from sitsflow import layout, manifest, nn, storage
+from sitsflow import layout, manifest, nn
 from sitsflow.errors import BadInputError
 from sitsflow.features import FeaturePipeline, ReadBuffers
 from sitsflow.inference.writer import ChunkWriter
