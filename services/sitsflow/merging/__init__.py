@@ -23,9 +23,10 @@ from rasterio.merge import merge as rio_merge
 from rasterio.windows import Window
 
 from sitsflow import layout, manifest, storage
+from sitsflow.accuracy import area_weighted, evaluate
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
-from sitsflow.merging.report import area_weighted, evaluate, write_reports
+from sitsflow.merging.report import write_reports
 from sitsflow.planning import sampled_regions, tile_chunks
 from sitsflow.reference import read_color_table, read_nomenclature
 from sitsflow.samples import load_samples

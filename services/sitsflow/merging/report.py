@@ -16,9 +16,6 @@ import math
 import numpy as np
 
 from sitsflow import storage
-from sitsflow.accuracy import area_weighted, evaluate
-
-__all__ = ["evaluate", "area_weighted", "summarize", "write_reports"]
 
 # two-sided 95 % Student t quantiles for 1..30 degrees of freedom (beyond: 1.96)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
