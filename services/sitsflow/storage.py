@@ -654,71 +654,56 @@ def delete(uri: PathLike) -> None:
 
 
 # --- conditional requests on object storage (the run lease) ------------------------------------
-def _condition_failed(exc: BaseException) -> bool:
-    """A conditional request refused: 412, or 404 (If-Match on no object)."""
-    return (_client_error_info(exc) or ("", 0))[1] in (404, 412)
+def _conditional(op: str, uri: str, request: Callable[[], T], refused: T) -> T:
+    """Run the S3 ``request`` under :func:`_retry`; ``refused`` when S3 answers 404 (no object, or
+    If-Match on no object) or 412 (the condition failed)."""
+    from botocore.exceptions import ClientError
+
+    def call() -> T:
+        try:
+            return request()
+        except ClientError as exc:
+            if (_client_error_info(exc) or ("", 0))[1] in (404, 412):
+                return refused
+            raise
+
+    return _retry(op, uri, call)
 
 
 def put_if(uri: str, body: bytes, *, if_match: str | None = None, if_none_match: bool = False,
            content_type: str = "application/octet-stream", op: str = "put") -> str | None:
     """Write the S3 object ``uri`` only if its ETag is ``if_match`` / only if it does not exist
-    (``if_none_match``). Returns the new ETag, or None when the condition failed. Transient
-    failures are retried as every storage operation (:func:`_retry`, named ``op``)."""
-    from botocore.exceptions import ClientError
-
+    (``if_none_match``). Returns the new ETag, or None when the condition failed (retried as
+    every storage operation, named ``op``)."""
     bucket, key = _s3_object(uri)
     condition = {"IfNoneMatch": "*"} if if_none_match else {}
     if if_match is not None:
         condition["IfMatch"] = if_match
-
-    def put() -> str | None:
-        try:
-            response = _client().put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type,
-                                            **condition)
-        except ClientError as exc:
-            if _condition_failed(exc):
-                return None
-            raise
-        return str(response["ETag"])
-
-    return _retry(op, uri, put)
+    return _conditional(op, uri, lambda: str(_client().put_object(
+        Bucket=bucket, Key=key, Body=body, ContentType=content_type, **condition)["ETag"]), None)
 
 
 def get_with_etag(uri: str, *, op: str = "get") -> tuple[bytes, str] | None:
     """``(body, ETag)`` of the S3 object ``uri``, or None when it does not exist (retried)."""
-    from botocore.exceptions import ClientError
-
     bucket, key = _s3_object(uri)
 
-    def get() -> tuple[bytes, str] | None:
-        try:
-            response = _client().get_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if (_client_error_info(exc) or ("", 0))[1] == 404:
-                return None
-            raise
+    def get() -> tuple[bytes, str]:
+        response = _client().get_object(Bucket=bucket, Key=key)
         return response["Body"].read(), str(response["ETag"])
 
-    return _retry(op, uri, get)
+    return _conditional(op, uri, get, None)
 
 
 def delete_if(uri: str, etag: str, *, op: str = "delete") -> bool:
-    """Delete the S3 object ``uri`` only if its ETag is ``etag``; False when the condition failed
-    (another writer changed or removed it). Retried."""
-    from botocore.exceptions import ClientError
-
+    """Delete the S3 object ``uri`` only if its ETag is ``etag``; False when another writer changed
+    or removed it (retried)."""
     bucket, key = _s3_object(uri)
 
     def delete() -> bool:
-        try:
-            _client().delete_object(Bucket=bucket, Key=key, IfMatch=etag)
-        except ClientError as exc:
-            if _condition_failed(exc):
-                return False
-            raise
+        _client().delete_object(Bucket=bucket, Key=key, IfMatch=etag)
         return True
 
-    return _retry(op, uri, delete)
+    return _conditional(op, uri, delete, False)
 
 
 def stat(uri: PathLike) -> dict[str, Any]:
