@@ -89,11 +89,17 @@ def test_area_weighted_estimates_reproduce_olofsson_2014_example():
     assert got["unsampled"] == [] and got["excluded_samples"] == 0
 
 
-def test_area_weighted_with_unsampled_map_class_and_unclassified_samples():
-    labels = np.array([1, 1, 1, 2, 2, 2, 1])
-    preds = np.array([1, 1, 2, 2, 2, 2, 0])
-    classes = [0, 1, 2]
+def test_area_weighted_with_unsampled_map_class_unmapped_reference_class_and_unclassified_samples():
+    labels = np.array([1, 1, 1, 2, 2, 2, 1, 4])
+    preds = np.array([1, 1, 2, 2, 2, 2, 0, 2])
+    classes = [0, 1, 2, 4]
     got = area_weighted(confusion(labels, preds, classes), classes, {1: 50, 2: 50, 3: 10})
     assert got["unsampled"] == [3] and got["excluded_samples"] == 1 and got["strata"] == [1, 2]
-    # W = 0.5, 0.5 over the sampled strata; OA = 0.5 * 2/2 + 0.5 * 3/4
-    assert got["overall_accuracy"]["estimate"] == pytest.approx(0.875)
+    # W = 0.5, 0.5 over the sampled strata (n_1. = 2, n_2. = 5); OA = 0.5 * 2/2 + 0.5 * 3/5
+    assert got["overall_accuracy"]["estimate"] == pytest.approx(0.8)
+    # class 4 is never mapped: producer's accuracy 0, its area is estimated from map class 2's samples
+    c4 = got["per_class"]["4"]
+    assert c4["map_area"] == 0 and c4["users_accuracy"]["estimate"] is None
+    assert c4["producers_accuracy"]["estimate"] == 0.0
+    assert c4["area"]["estimate"] == pytest.approx(0.5 * 1 / 5 * 100)
+    assert sum(e["area"]["estimate"] for e in got["per_class"].values()) == pytest.approx(100)

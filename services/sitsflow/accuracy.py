@@ -149,57 +149,59 @@ def area_weighted(cm: np.ndarray, classes: list[int], map_pixels: dict[int, int]
         pixel_area: area of a pixel, in the unit the areas are reported in.
 
     Returns:
-        ``overall_accuracy`` and per class ``users_accuracy``, ``producers_accuracy`` and
-        ``area`` (each ``{"estimate", "se", "ci95"}``, ``ci95`` = 1.96 SE, None where undefined),
-        ``map_area`` and ``weight`` (``W_i``), and ``strata``: the map classes used. A map class
-        without test sample cannot be estimated: it is listed in ``unsampled`` and the
-        estimate covers the sampled strata's area only (their weights are renormalised).
-        Test samples whose map class is not a stratum (e.g. 0) are counted in
-        ``excluded_samples``.
+        ``overall_accuracy`` and, per class (every map stratum and every reference class found
+        in them), ``users_accuracy`` (strata only), ``producers_accuracy`` and ``area`` (each
+        ``{"estimate", "se", "ci95"}``, ``ci95`` = 1.96 SE, None where undefined), ``map_area``
+        and ``weight`` (``W_i``, 0 for a class the map never shows); ``strata``: the map classes
+        used. A map class without test sample cannot be estimated: it is listed in ``unsampled``
+        and the estimate covers the sampled strata's area only (their weights renormalised).
+        Test samples whose map class is not a stratum (e.g. 0) count in ``excluded_samples``.
     """
     cm = np.asarray(cm, np.float64)
     index = {c: i for i, c in enumerate(classes)}
-    # n[i, j]: samples of map class i and reference class j (the paper's orientation)
-    sampled = [c for c in classes if c != 0 and map_pixels.get(c, 0) > 0 and cm[:, index[c]].sum() > 0]
-    unsampled = sorted(c for c, v in map_pixels.items() if c != 0 and v > 0 and c not in sampled)
-    strata = sampled
-    k = len(strata)
-    n = np.array([[cm[index[j], index[i]] if j in index else 0.0 for j in strata] for i in strata]).reshape(k, k)
-    # reference classes that are not strata still count in the rows' totals
-    row_total = np.array([cm[:, index[i]].sum() for i in strata])
+    strata = [c for c in classes if c != 0 and map_pixels.get(c, 0) > 0 and cm[:, index[c]].sum() > 0]
+    unsampled = sorted(c for c, v in map_pixels.items() if c != 0 and v > 0 and c not in strata)
+    # n[i, j]: samples of map class strata[i] and reference class refs[j] (the paper's orientation)
+    found = [c for c in classes if any(cm[index[c], index[m]] > 0 for m in strata)]
+    refs = sorted(set(strata) | set(found))
+    n = np.array([[cm[index[r], index[m]] if r in index else 0.0 for r in refs] for m in strata]).reshape(len(strata), len(refs))
+    row_total = n.sum(axis=1)
     excluded = int(cm.sum() - row_total.sum())
-    N = np.array([float(map_pixels[c]) for c in strata])
-    area_total = N.sum() * pixel_area
-    if k == 0:
+    if not strata:
         return {"strata": [], "unsampled": unsampled, "excluded_samples": excluded,
                 "overall_accuracy": _estimate(float("nan"), float("nan")), "per_class": {}}
+    N = np.array([float(map_pixels[c]) for c in strata])
     W = N / N.sum()
+    diag = [refs.index(c) for c in strata]  # column of each stratum's own class
+    rows = np.arange(len(strata))
     with np.errstate(invalid="ignore", divide="ignore"):
         frac = n / row_total[:, None]  # n_ij / n_i.
         p = W[:, None] * frac  # eq. 4: p_ij = W_i n_ij / n_i.
         dof = np.where(row_total > 1, row_total - 1, np.nan)
-        users = np.diag(frac)  # eq. 2 with eq. 4
-        oa = float(np.trace(p))  # eq. 1
+        users = frac[rows, diag]  # eq. 2
+        oa = float(p[rows, diag].sum())  # eq. 1
         oa_var = float(np.sum(W**2 * users * (1 - users) / dof))  # eq. 5
-        col = p.sum(axis=0)  # p_.j, the estimated area proportion of class j
-        producers = np.diag(p) / col  # eq. 3
-        users_var = users * (1 - users) / dof  # eq. 6
-        Nj = (N[:, None] * frac).sum(axis=0)  # estimated reference pixels of class j
-        producers_var = np.empty(k)
-        for j in range(k):  # eq. 7
-            others = sum(N[i] ** 2 * frac[i, j] * (1 - frac[i, j]) / dof[i] for i in range(k) if i != j)
-            producers_var[j] = (N[j] ** 2 * (1 - producers[j]) ** 2 * users[j] * (1 - users[j]) / dof[j]
-                                + producers[j] ** 2 * others) / Nj[j] ** 2
+        col = p.sum(axis=0)  # p_.j, the estimated area proportion of reference class j (eq. 9)
         area_se = np.sqrt(np.sum(W[:, None] ** 2 * frac * (1 - frac) / dof[:, None], axis=0))  # eq. 10
-    out = {}
-    for j, c in enumerate(strata):
-        out[str(c)] = {
-            "map_area": float(N[j] * pixel_area),
-            "weight": float(W[j]),
-            "users_accuracy": _estimate(users[j], math.sqrt(users_var[j])),
-            "producers_accuracy": _estimate(producers[j], math.sqrt(producers_var[j])),
-            "area": _estimate(col[j] * area_total, area_se[j] * area_total),  # eq. 9 and 11
-        }
+        Nj = (N[:, None] * frac).sum(axis=0)  # estimated reference pixels of class j
+        out = {}
+        for j, c in enumerate(refs):
+            i = strata.index(c) if c in strata else None
+            if i is None:  # never mapped: producer's accuracy 0, with no sampling error
+                ua, ua_var, pa, pa_var, Ni = float("nan"), float("nan"), 0.0, 0.0, 0.0
+            else:
+                ua, Ni = users[i], N[i]
+                pa = p[i, j] / col[j]  # eq. 3
+                ua_var = ua * (1 - ua) / dof[i]  # eq. 6
+                others = sum(N[k] ** 2 * frac[k, j] * (1 - frac[k, j]) / dof[k] for k in rows if k != i)
+                pa_var = (Ni**2 * (1 - pa) ** 2 * ua * (1 - ua) / dof[i] + pa**2 * others) / Nj[j] ** 2  # eq. 7
+            out[str(c)] = {
+                "map_area": float(Ni * pixel_area),
+                "weight": float(W[i]) if i is not None else 0.0,
+                "users_accuracy": _estimate(ua, math.sqrt(ua_var)),
+                "producers_accuracy": _estimate(pa, math.sqrt(pa_var)),
+                "area": _estimate(col[j] * N.sum() * pixel_area, area_se[j] * N.sum() * pixel_area),  # eq. 9, 11
+            }
     return {"strata": strata, "unsampled": unsampled, "excluded_samples": excluded,
             "overall_accuracy": _estimate(oa, math.sqrt(oa_var)), "per_class": out}
 
