@@ -46,11 +46,10 @@ from machine import describe  # noqa: E402
 
 from sitsflow import layout
 from sitsflow import nn as sitsnn
-from sitsflow.log import get_logger, setup_logging
-from sitsflow.sampling.database import SAMPLE_CHUNK
 from sitsflow.config import DeepLearningParameters, HyperparametersSolver
+from sitsflow.log import get_logger, setup_logging
+from sitsflow.samples import SAMPLE_CHUNK, open_netcdf
 from sitsflow.training import split_learn_validation, train
-from sitsflow.training.data import open_netcdf
 from sitsflow.training.loaders import InMemoryBatches, StreamBatches, make_loader
 
 log = get_logger("bench.training")

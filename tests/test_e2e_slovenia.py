@@ -63,18 +63,18 @@ def test_run_local_end_to_end_then_rerun_does_nothing(tmp_path):
     report = json.loads((out / "final/RESULTS.json").read_text())["seeds"][0]
     text = (out / "final/RESULTS.txt").read_text()
     assert "Overall accuracy" in text and "Kappa" in text and "F-score" in text and "forest" in text
-    from sitsflow.sampling.database import read_samples
+    from sitsflow.samples import load_samples
 
-    test, _ = read_samples(str(out / "learningSamples/Samples_region_1_seed0_test.nc"))
-    learn, _ = read_samples(str(out / "learningSamples/Samples_region_1_seed0_learn.nc"))
-    single = {int(p) for p in set(test.polygon_id) & set(learn.polygon_id)}
+    test = load_samples(str(out / "learningSamples/Samples_region_1_seed0_test.nc"))
+    learn = load_samples(str(out / "learningSamples/Samples_region_1_seed0_learn.nc"))
+    single = {int(p) for p in set(test.polygon_ids) & set(learn.polygon_ids)}
     assert report["samples"] == len(test)
     with rasterio.open(out / "final/Classif_Seed_0.tif") as src:
         pred = src.read(1)[test.row, test.col]
-    assert report["overall_accuracy"] == pytest.approx(float((pred == test.label).mean()))
+    assert report["overall_accuracy"] == pytest.approx(float((pred == test.labels).mean()))
     # only single-polygon classes may share polygons between learning and test
     for pid in single:
-        assert (test.label[test.polygon_id == pid][0] == learn.label).sum() == (learn.polygon_id == pid).sum()
+        assert (test.labels[test.polygon_ids == pid][0] == learn.labels).sum() == (learn.polygon_ids == pid).sum()
     assert report["overall_accuracy"] > 0.6
 
     # a second identical run does no work

@@ -12,7 +12,7 @@ import pytest
 
 from sitsflow import layout, storage
 from sitsflow.config import load_config
-from sitsflow.sampling.database import read_samples
+from sitsflow.samples import load_samples
 
 from generate_products import upload, write_products, write_theia_config
 
@@ -31,8 +31,8 @@ def _run(cfg_uri: str) -> dict:
 def _check(cfg_uri: str) -> None:
     cfg = load_config(cfg_uri)
     out = cfg.chain.output_path
-    learn, meta = read_samples(layout.samples_learn(out, 1, 0))
-    assert meta["sensor"] == "s2_theia" and meta["components"][-3:] == ["ndvi", "ndwi", "brightness"]
+    learn = load_samples(layout.samples_learn(out, 1, 0))
+    assert learn.sensor == "s2_theia" and learn.component_names[-3:] == ["ndvi", "ndwi", "brightness"]
     assert storage.exists(layout.final_classif(out, 0))
     results = json.loads(storage.read_text(layout.final_results_json(out)))
     oa = results["seeds"][0]["overall_accuracy"]

@@ -844,7 +844,7 @@ def test_s3_lease_renewal_is_conditional_on_still_holding_it(s3_bucket: str) -> 
     lease.acquire(record)
     before = record["expires"]
     assert lease.renew(record) and record["expires"] >= before
-    bucket, key = lease.bucket, lease.key
+    bucket, key = lease.uri.removeprefix("s3://").split("/", 1)
     boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b"{}")  # another run took it
     assert not lease.renew(record)
 

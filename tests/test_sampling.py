@@ -15,7 +15,7 @@ from sitsflow.config import load_config
 from sitsflow.errors import BadInputError
 from sitsflow.planning import chunk_windows
 from sitsflow.sampling import split_polygons
-from sitsflow.sampling.database import read_samples
+from sitsflow.samples import load_samples
 
 from synthetic import write_config, write_scene
 
@@ -73,29 +73,29 @@ def test_database_layout_split_and_statistics(sampled):
     folder, info, cfg, summary = sampled
     out = cfg.chain.output_path
     assert summary["regions"] == [1] and summary["seeds"] == [0, 1]
-    learn, meta = read_samples(layout.samples_learn(out, 1, 0))
-    test, _ = read_samples(layout.samples_test(out, 1, 0))
+    learn = load_samples(layout.samples_learn(out, 1, 0))
+    test = load_samples(layout.samples_test(out, 1, 0))
     # every labelled pixel with a clear date is sampled, in one set (no single-polygon class here)
     labelled = info["label_map"] > 0
     assert len(learn) + len(test) == int(labelled.sum())
-    assert not set(learn.polygon_id) & set(test.polygon_id)
-    assert set(learn.label) == {1, 2, 3} and set(test.label) == {1, 2, 3}
+    assert not set(learn.polygon_ids) & set(test.polygon_ids)
+    assert set(learn.labels) == {1, 2, 3} and set(test.labels) == {1, 2, 3}
     # labels and coordinates agree with the scene
-    assert (info["label_map"][learn.row, learn.col] == learn.label).all()
+    assert (info["label_map"][learn.row, learn.col] == learn.labels).all()
     with netCDF4.Dataset(str(layout.samples_learn(out, 1, 0))) as ds:
         names = [str(n) for n in ds["feature_name"][:]]
-        assert names[0] == f"synth_red_{meta['dates'][0]}" and names[1] == f"synth_nir_{meta['dates'][0]}"
+        assert names[0] == f"synth_red_{learn.dates[0]}" and names[1] == f"synth_nir_{learn.dates[0]}"
         assert ds["features"].chunking()[0] <= 1024
-        np.testing.assert_allclose(ds["stats_mean"][:], np.nanmean(learn.features.reshape(len(learn), -1), 0), rtol=1e-5)
-        np.testing.assert_allclose(ds["stats_var"][:], np.nanvar(learn.features.reshape(len(learn), -1), 0), rtol=1e-4)
+        np.testing.assert_allclose(ds["stats_mean"][:], np.nanmean(learn.load_all().reshape(len(learn), -1), 0), rtol=1e-5)
+        np.testing.assert_allclose(ds["stats_var"][:], np.nanvar(learn.load_all().reshape(len(learn), -1), 0), rtol=1e-4)
         assert json.loads(ds.classes) == [1, 2, 3]
     # the split table records every polygon; the unlabelled polygon (code 0) is excluded
     rows = list(csv.DictReader(open(layout.split_table(out, 0))))
     assert len(rows) == 12 and {r["set"] for r in rows} == {"learn", "test"}
     assert summary["polygons"]["T1"]["without_class"] == 1
     # another seed, another split
-    learn1, _ = read_samples(layout.samples_learn(out, 1, 1))
-    assert set(learn1.polygon_id) != set(learn.polygon_id)
+    learn1 = load_samples(layout.samples_learn(out, 1, 1))
+    assert set(learn1.polygon_ids) != set(learn.polygon_ids)
 
 
 def test_rerun_skips_and_changed_inputs_redo(sampled):
@@ -105,9 +105,9 @@ def test_rerun_skips_and_changed_inputs_redo(sampled):
     cfg2 = load_config(str(folder / "config.cfg"), ["arg_train.ratio=0.75"])
     redo = sampling.run(cfg2)
     assert redo["skipped"] is False
-    learn, _ = read_samples(layout.samples_learn(cfg.chain.output_path, 1, 0))
+    learn = load_samples(layout.samples_learn(cfg.chain.output_path, 1, 0))
     # round(4 * 0.75) = 3 learning polygons per class now
-    assert len(set(learn.polygon_id)) == 9
+    assert len(set(learn.polygon_ids)) == 9
 
 
 def test_non_integer_class_is_a_clear_error(tmp_path):
@@ -141,7 +141,7 @@ from rasterio.transform import from_origin  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
 
 from sitsflow.features import FeaturePipeline  # noqa: E402
-from sitsflow.sampling.database import statistics  # noqa: E402
+from sitsflow.samples import ArrayReader, compute_stats  # noqa: E402
 
 from generate_products import upload, write_products, write_theia_config  # noqa: E402
 
@@ -149,27 +149,27 @@ from generate_products import upload, write_products, write_theia_config  # noqa
 def _check_theia_database(cfg, info) -> dict:
     out = cfg.chain.output_path
     pipe = FeaturePipeline(cfg, "T31TCJ")
-    learn, meta = read_samples(layout.samples_learn(out, 1, 0))
-    test, _ = read_samples(layout.samples_test(out, 1, 0))
-    assert meta["dates"] == pipe.dates and meta["components"] == pipe.components
-    assert meta["sensor"] == "s2_theia" and meta["classes"] == [1, 2, 3]
+    learn = load_samples(layout.samples_learn(out, 1, 0))
+    test = load_samples(layout.samples_test(out, 1, 0))
+    assert learn.dates == pipe.dates and learn.component_names == pipe.components
+    assert learn.sensor == "s2_theia" and learn.classes == [1, 2, 3]
     with storage_local(layout.samples_learn(out, 1, 0)) as path, netCDF4.Dataset(path) as ds:
         names = [str(n) for n in ds["feature_name"][:]]
         assert names == pipe.feature_names and names[0] == "sentinel2_b2_20180101"
         assert ds.sensors == "s2_theia"
-        for key, values in statistics(learn.features).items():
+        for key, values in compute_stats(ArrayReader(learn.load_all()), chunk=len(learn)).items():
             np.testing.assert_allclose(ds[f"stats_{key}"][:], values, rtol=1e-5)
         assert ds["features"].chunking()[0] == min(1024, len(learn))
     # polygon-wise split: no polygon in both sets (each class has 4 polygons)
-    assert not set(learn.polygon_id.tolist()) & set(test.polygon_id.tolist())
+    assert not set(learn.polygon_ids.tolist()) & set(test.polygon_ids.tolist())
     # 12 rectangles + the repaired bow-tie (class 3, 5 polygons: round(2.5) = 2 learn)
-    assert len(np.unique(learn.polygon_id)) + len(np.unique(test.polygon_id)) == 13
-    assert len(np.unique(learn.polygon_id)) == 6
+    assert len(np.unique(learn.polygon_ids)) + len(np.unique(test.polygon_ids)) == 13
+    assert len(np.unique(learn.polygon_ids)) == 6
     # labels agree with the generated map, pixel coordinates included (the bow-tie is off the map)
     on_map = info["label_map"][learn.row, learn.col] > 0
     assert on_map.sum() == len(learn) - 1
-    np.testing.assert_array_equal(info["label_map"][learn.row, learn.col][on_map], learn.label[on_map])
-    assert np.isfinite(learn.features).all()
+    np.testing.assert_array_equal(info["label_map"][learn.row, learn.col][on_map], learn.labels[on_map])
+    assert np.isfinite(learn.load_all()).all()
     return {"learn": learn, "test": test}
 
 
@@ -198,8 +198,8 @@ def test_theia_sampling_reads_products_in_place_on_s3(tmp_path, s3_bucket):
     remote = _check_theia_database(cfg, info)
     cfg_local = load_config(str(write_theia_config(tmp_path, data=str(tmp_path))))
     sampling.run(cfg_local)
-    local, _ = read_samples(layout.samples_learn(cfg_local.chain.output_path, 1, 0))
-    np.testing.assert_array_equal(remote["learn"].features, local.features)
+    local = load_samples(layout.samples_learn(cfg_local.chain.output_path, 1, 0))
+    np.testing.assert_array_equal(remote["learn"].load_all(), local.load_all())
 
 
 def _large_tile(folder: Path, size: int, nb_dates: int) -> None:

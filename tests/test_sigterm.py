@@ -110,7 +110,7 @@ def test_sigterm_during_inference_publishes_nothing_exits_75_and_the_rerun_compl
         return real_classify(self, *a, **k)
 
     monkeypatch.setattr(nn.Predictor, "classify", classify)
-    task_id = inference.task_id(task["tile"], task["chunk"], task["seed"])
+    task_id = layout.inference_task(task["tile"], task["chunk"], task["seed"])
     assert cli.main(args) == 75
     assert "stopped by signal SIGTERM" in capsys.readouterr().err
     assert manifest.read_manifest(out, inference.STAGE, task_id) is None

@@ -13,7 +13,8 @@ from rio_cogeo.cogeo import cog_validate
 from sitsflow import inference, layout, merging, sampling, selection, training
 from sitsflow.config import load_config
 from sitsflow.errors import BadInputError
-from sitsflow.merging.report import evaluate, summarize
+from sitsflow.accuracy import evaluate
+from sitsflow.merging.report import summarize
 from sitsflow.planning import plan_inference, plan_selection, plan_training
 
 from synthetic import write_config, write_scene
@@ -96,7 +97,20 @@ def test_outputs_are_cogs_on_the_input_grid_and_accurate(scene, tmp_path):
         assert src.colormap(1)[1][:3] != (0, 0, 0)
     report = json.loads(open(layout.final_results_json(out)).read())
     assert report["seeds"][0]["overall_accuracy"] > 0.9  # the classes are separable
-    assert "Kappa" in open(layout.final_results(out)).read()
+    text = open(layout.final_results(out)).read()
+    assert "Kappa" in text and "F-score, macro" in text and "Area-weighted estimates" in text
+    # the area-weighted estimates take the final map's class areas as strata weights
+    seed0 = report["seeds"][0]
+    with rasterio.open(layout.final_classif(out, 0)) as src:
+        codes, counts = np.unique(src.read(1), return_counts=True)
+    mapped = {str(c): int(n) for c, n in zip(codes, counts) if c != 0}
+    aw = seed0["area_weighted"]
+    assert {c: e["map_area"] for c, e in aw["per_class"].items() if e["map_area"]} == mapped
+    assert sum(e["area"]["estimate"] for e in aw["per_class"].values()) == pytest.approx(sum(mapped.values()))
+    assert 0.9 < aw["overall_accuracy"]["estimate"] <= 1 and aw["overall_accuracy"]["se"] >= 0
+    assert 0 < seed0["fscore_macro"] <= 1 and 0 < seed0["fscore_weighted"] <= 1
+    lo, hi = seed0["per_class"]["1"]["producers_accuracy_ci95"]
+    assert lo <= seed0["per_class"]["1"]["recall"] <= hi
 
 
 def test_rerun_after_retraining_never_merges_stale_chunks(scene, tmp_path):

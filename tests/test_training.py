@@ -31,9 +31,9 @@ from sitsflow.training import (
     run,
     split_learn_validation,
 )
-from sitsflow.training import data as tdata
+from sitsflow import samples as sdb
 from sitsflow.training.loaders import STREAM_BUFFER_BATCHES, StreamBatches
-from sitsflow.training.metrics import scores
+from sitsflow.accuracy import scores
 from sitsflow.training.plots import HISTORY_COLUMNS, read_history
 from sitsflow.training.stage import evaluate, make_scheduler
 
@@ -254,7 +254,7 @@ def test_load_samples_tables_and_netcdf(tmp_path: Path) -> None:
 def test_chunked_stats_match_numpy() -> None:
     x, _, _ = make_samples({1: 3, 2: 4}, pixels=7)
     x[:, 2, 1] = np.nan  # a feature with no value at all
-    got = tdata.compute_stats(tdata.ArrayReader(x), chunk=5)
+    got = sdb.compute_stats(sdb.ArrayReader(x), chunk=5)
     flat = x.reshape(len(x), -1).astype(np.float64)
     ok = ~np.isnan(flat).all(axis=0)
     assert ok.sum() == flat.shape[1] - 1
@@ -461,13 +461,13 @@ def test_adaptive_lr_lowers_the_learning_rate_on_a_plateau(out: str) -> None:
 
 def test_full_and_stream_train_and_stream_reads_bounded_chunks(out: str, monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[tuple[int, int]] = []
-    original = tdata.NetCDFReader.read
+    original = sdb.NetCDFReader.read
 
-    def spy(self: tdata.NetCDFReader, start: int, stop: int) -> np.ndarray:
+    def spy(self: sdb.NetCDFReader, start: int, stop: int) -> np.ndarray:
         reads.append((start, stop))
         return original(self, start, stop)
 
-    monkeypatch.setattr(tdata.NetCDFReader, "read", spy)
+    monkeypatch.setattr(sdb.NetCDFReader, "read", spy)
     buffered: list[int] = []
     original_iter = StreamBatches.__iter__
 
@@ -496,7 +496,7 @@ def test_stream_validation_reads_only_spans_of_selected_rows() -> None:
     mask = (np.arange(n) // 25) % 5 == 2
     reads: list[tuple[int, int]] = []
 
-    class Spy(tdata.ArrayReader):
+    class Spy(sdb.ArrayReader):
         def read(self, start: int, stop: int) -> np.ndarray:
             reads.append((start, stop))
             return super().read(start, stop)
@@ -523,7 +523,7 @@ def test_stream_batches_reshuffle_every_epoch() -> None:
     targets = np.zeros(n, dtype=np.int64)
     mask = np.ones(n, dtype=bool)
     mask[::7] = False
-    ds = StreamBatches(tdata.ArrayReader(x), targets, mask, bs, shuffle=True, drop_single=False)
+    ds = StreamBatches(sdb.ArrayReader(x), targets, mask, bs, shuffle=True, drop_single=False)
     gen = torch.Generator().manual_seed(5)
 
     def epoch() -> list[list[int]]:

@@ -143,3 +143,34 @@ def chunk_validity(out: str, tile: str, chunk: int) -> str:
 
 def tile_validity(out: str, tile: str) -> str:
     return join(out, CLASSIF, f"PixelsValidity_{tile}.tif")
+
+
+# --- task ids (manifest names) and GeoTIFF tags ----------------------------------------------
+ALL = "all"
+"""Task id of the stages that run once per run (sampling, merging)."""
+
+
+def training_task(region: int, seed: int, hyp: int) -> str:
+    return f"region_{region}_seed_{seed}_hyp_{hyp}"
+
+
+def selection_task(region: int, seed: int) -> str:
+    return f"region_{region}_seed_{seed}"
+
+
+def inference_task(tile: str, chunk: int, seed: int) -> str:
+    return f"{tile}_seed_{seed}_chunk_{chunk}"
+
+
+TAG_MODEL_FINGERPRINT = "SITSFLOW_MODEL_FINGERPRINT"
+"""GeoTIFF tag of chunk and tile maps: the fingerprint of the model that made them."""
+TAG_WINDOW = "SITSFLOW_WINDOW"
+"""GeoTIFF tag of chunk rasters: their window in the tile, JSON of :func:`window_tuple`."""
+TAG_TILE = "SITSFLOW_TILE"
+TAG_CHUNK = "SITSFLOW_CHUNK"
+TAG_SEED = "SITSFLOW_SEED"
+
+
+def window_tuple(window) -> list[int]:
+    """``[col_off, row_off, width, height]`` of a rasterio ``Window`` (manifests and tags)."""
+    return [int(window.col_off), int(window.row_off), int(window.width), int(window.height)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from rasterio.windows import Window
 
-from sitsflow import manifest
+from sitsflow import layout, manifest
 from sitsflow.errors import BadInputError
 from sitsflow.features import tile_grid
 
@@ -37,7 +37,7 @@ def tile_chunks(cfg, tile: str) -> list[Window]:
 
 def sampled_regions(cfg) -> list[int]:
     """The regions that have samples, from the sampling stage's manifest."""
-    m = manifest.read_manifest(cfg.chain.output_path, "sampling", "all")
+    m = manifest.read_manifest(cfg.chain.output_path, "sampling", layout.ALL)
     if m is None:
         raise BadInputError(
             f"no sampling manifest under {cfg.chain.output_path}: run the sampling stage (sitsflow sample) first"

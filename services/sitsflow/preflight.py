@@ -53,7 +53,7 @@ def _network_shape(cfg: Any) -> dict[str, Any]:
 def _dummy_stats(cfg: Any, size: int, sensors: list[str]) -> dict[str, dict[str, Any]]:
     import torch
 
-    from sitsflow.training.data import QUANTILES
+    from sitsflow.samples import QUANTILES
 
     stats = {"min": -torch.ones(size), "max": torch.ones(size), "mean": torch.zeros(size), "var": torch.ones(size)}
     if cfg.dl.additional_statistics_percentage is not None:

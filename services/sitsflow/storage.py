@@ -156,8 +156,12 @@ def _s3_object(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _local(uri: PathLike) -> str:
-    """The local path of a local URI (``file://`` stripped); other schemes are refused."""
+def local_file(uri: PathLike) -> str:
+    """The local path of a local URI (``file://`` stripped); other schemes are refused.
+
+    Raises:
+        BadInputError: another scheme, or an empty path.
+    """
     path = os.fspath(uri)
     match = _SCHEME_RE.match(path)
     if match:
@@ -545,7 +549,7 @@ def read_bytes(uri: PathLike) -> bytes:
                 body.close()
 
         return _retry("read", uri, get)
-    path = _local(uri)
+    path = local_file(uri)
 
     def read() -> bytes:
         with open(path, "rb") as fh:
@@ -570,7 +574,7 @@ def write_bytes(uri: PathLike, data: bytes) -> None:
         bucket, key = _s3_object(uri)
         _retry("write", uri, lambda: _client().put_object(Bucket=bucket, Key=key, Body=data))
         return
-    path = _local(uri)
+    path = local_file(uri)
     _retry("write", str(uri), lambda: _atomic_local_write(path, data))
 
 
@@ -597,7 +601,7 @@ def exists(uri: PathLike) -> bool:
             return True
 
         return _retry("exists", uri, head)
-    path = _local(uri)
+    path = local_file(uri)
     return _retry("exists", str(uri), lambda: os.path.isfile(path))
 
 
@@ -626,7 +630,7 @@ def list_files(prefix: PathLike) -> list[str]:
             return sorted(out)
 
         return _retry("list", prefix, listing)
-    root = _local(prefix)
+    root = local_file(prefix)
 
     def walk() -> list[str]:
         out: list[str] = []
@@ -645,8 +649,61 @@ def delete(uri: PathLike) -> None:
         bucket, key = _s3_object(uri)
         _retry("delete", uri, lambda: _client().delete_object(Bucket=bucket, Key=key))
         return
-    path = _local(uri)
+    path = local_file(uri)
     _retry("delete", str(uri), lambda: _remove_quietly(path))
+
+
+# --- conditional requests on object storage (the run lease) ------------------------------------
+def _conditional(op: str, uri: str, request: Callable[[], T], refused: T) -> T:
+    """Run the S3 ``request`` under :func:`_retry`; ``refused`` when S3 answers 404 (no object, or
+    If-Match on no object) or 412 (the condition failed)."""
+    from botocore.exceptions import ClientError
+
+    def call() -> T:
+        try:
+            return request()
+        except ClientError as exc:
+            if (_client_error_info(exc) or ("", 0))[1] in (404, 412):
+                return refused
+            raise
+
+    return _retry(op, uri, call)
+
+
+def put_if(uri: str, body: bytes, *, if_match: str | None = None, if_none_match: bool = False,
+           content_type: str = "application/octet-stream", op: str = "put") -> str | None:
+    """Write the S3 object ``uri`` only if its ETag is ``if_match`` / only if it does not exist
+    (``if_none_match``). Returns the new ETag, or None when the condition failed (retried as
+    every storage operation, named ``op``)."""
+    bucket, key = _s3_object(uri)
+    condition = {"IfNoneMatch": "*"} if if_none_match else {}
+    if if_match is not None:
+        condition["IfMatch"] = if_match
+    return _conditional(op, uri, lambda: str(_client().put_object(
+        Bucket=bucket, Key=key, Body=body, ContentType=content_type, **condition)["ETag"]), None)
+
+
+def get_with_etag(uri: str, *, op: str = "get") -> tuple[bytes, str] | None:
+    """``(body, ETag)`` of the S3 object ``uri``, or None when it does not exist (retried)."""
+    bucket, key = _s3_object(uri)
+
+    def get() -> tuple[bytes, str]:
+        response = _client().get_object(Bucket=bucket, Key=key)
+        return response["Body"].read(), str(response["ETag"])
+
+    return _conditional(op, uri, get, None)
+
+
+def delete_if(uri: str, etag: str, *, op: str = "delete") -> bool:
+    """Delete the S3 object ``uri`` only if its ETag is ``etag``; False when another writer changed
+    or removed it (retried)."""
+    bucket, key = _s3_object(uri)
+
+    def delete() -> bool:
+        _client().delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+        return True
+
+    return _conditional(op, uri, delete, False)
 
 
 def stat(uri: PathLike) -> dict[str, Any]:
@@ -655,7 +712,7 @@ def stat(uri: PathLike) -> dict[str, Any]:
         bucket, key = _s3_object(uri)
         head = _retry("stat", uri, lambda: _client().head_object(Bucket=bucket, Key=key))
         return {"size": int(head["ContentLength"]), "version": str(head["ETag"]).strip('"')}
-    path = _local(uri)
+    path = local_file(uri)
     st = _retry("stat", str(uri), lambda: os.stat(path))
     if not os.path.isfile(path):
         raise BadInputError(f"stat {uri}: not a file")
@@ -673,7 +730,7 @@ def copy(src_uri: PathLike, dst_uri: PathLike) -> None:
             lambda: _client().copy({"Bucket": sb, "Key": sk}, db, dk, Config=_transfer_config()),
         )
     elif is_s3(dst):
-        path = _local(src)
+        path = local_file(src)
         if not os.path.isfile(path):
             raise InputNotFoundError(f"copy {src} -> {dst}: source {src!r} is not a file")
         db, dk = _s3_object(dst)
@@ -681,7 +738,7 @@ def copy(src_uri: PathLike, dst_uri: PathLike) -> None:
                lambda: _client().upload_file(path, db, dk, Config=_transfer_config()))
     elif is_s3(src):
         sb, sk = _s3_object(src)
-        path = _local(dst)
+        path = local_file(dst)
 
         def download() -> None:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -695,7 +752,7 @@ def copy(src_uri: PathLike, dst_uri: PathLike) -> None:
 
         _retry("copy", f"{src} -> {dst}", download)
     else:
-        s, d = _local(src), _local(dst)
+        s, d = local_file(src), local_file(dst)
         if not os.path.isfile(s):
             raise InputNotFoundError(f"copy {src} -> {dst}: source {src!r} is not a file")
         _retry("copy", f"{src} -> {dst}", lambda: _atomic_local_copy(s, d))
@@ -709,7 +766,7 @@ def upload_tree(local_dir: PathLike, uri_prefix: PathLike) -> list[str]:
     src = os.fspath(local_dir)
     if is_s3(src):
         raise BadInputError(f"upload_tree: the source {src!r} must be a local folder")
-    root = _local(src)
+    root = local_file(src)
     if not os.path.isdir(root):
         raise InputNotFoundError(f"upload_tree: local folder {src!r} does not exist")
     base = os.fspath(uri_prefix).rstrip("/")
@@ -730,7 +787,7 @@ def local_path(uri: PathLike) -> Iterator[str]:
     temporary file (same base name), removed when the context exits.
     """
     if not is_s3(uri):
-        path = _local(uri)
+        path = local_file(uri)
         if not _retry("open", str(uri), lambda: os.path.exists(path)):
             raise InputNotFoundError(f"open {uri}: no such file")
         yield path
@@ -814,7 +871,7 @@ class OutputSet:
             tmp = os.path.join(self._scratch, uuid.uuid4().hex, uri.rsplit("/", 1)[-1] + suffix)
             os.makedirs(os.path.dirname(tmp))
         else:
-            dst = _local(uri)
+            dst = local_file(uri)
             _retry("mkdir", uri, lambda: os.makedirs(os.path.dirname(dst) or ".", exist_ok=True))
             tmp = _temp_sibling(dst, suffix)
         self.pending.append((uri, tmp))
@@ -833,7 +890,7 @@ class OutputSet:
                 _retry("upload", uri, lambda: _client().upload_file(
                     tmp, bucket, key, Config=_transfer_config()))
             else:
-                _retry("write", uri, lambda: _publish_local(tmp, _local(uri)))
+                _retry("write", uri, lambda: _publish_local(tmp, local_file(uri)))
         return [uri for uri, _ in self.pending]
 
     def discard(self) -> None:
@@ -876,7 +933,7 @@ def rasterio_path(uri: PathLike) -> str:
     if is_s3(uri):
         bucket, key = _s3_object(uri)
         return f"/vsis3/{bucket}/{key}"
-    return _local(uri)
+    return local_file(uri)
 
 
 def _gdal_s3_options() -> dict[str, str]:
@@ -1093,12 +1150,13 @@ def _verify_remote(op: str, uris: list[str], culprit: str, locate: Callable[[str
                 local[uri] = os.path.join(folder, f"{i}-{uri.rsplit('/', 1)[-1]}")
                 copy(uri, local[uri])
             else:
-                local[uri] = _local(uri)
+                local[uri] = local_file(uri)
         return _damage_error(op, uris, culprit, locate, local)
 
 
 def raster_call(op: str, uris: str | list[str], fn: Callable[[], T], *, culprit: str = "",
-                locate: Callable[[str, int], str] | None = None, on_retry: Callable[[], None] | None = None) -> T:
+                locate: Callable[[str, int], str] | None = None, on_retry: Callable[[], None] | None = None,
+                incomplete: Callable[[T], bool] | None = None) -> T:
     """Run ``fn``, a GDAL operation (open, read, mosaic) on the rasters ``uris``, under the contract.
 
     Failures are classified from GDAL's messages (HTTP status, AWS and curl errors):
@@ -1118,9 +1176,22 @@ def raster_call(op: str, uris: str | list[str], fn: Callable[[], T], *, culprit:
     multi-band raster ``locate(uri, band)`` names the culprit of its damaged band (found by decoding
     the failed block band by band). A full, read-only or forbidden local disk is reported as
     such, other exceptions pass through unchanged.
+
+    ``incomplete(result)`` flags a result that a connection reset may have truncated without an
+    error (GDAL only warns when it loses e.g. a TIFF's band descriptions while opening): on object
+    storage such a result is read once more from a cleared cache, and the second one is returned.
     """
     uri_list = [os.fspath(uris)] if isinstance(uris, (str, os.PathLike)) else [os.fspath(u) for u in uris]
     remote = any(is_s3(u) for u in uri_list)
+    if incomplete is not None and remote:
+        once = fn
+
+        def fn() -> T:
+            found = once()
+            if incomplete(found):
+                _clear_gdal_cache(uri_list)
+                found = once()
+            return found
     named = ", ".join(uri_list) + (f" ({culprit})" if culprit else "")
 
     def judge(exc: Exception, last: bool) -> str:
@@ -1137,7 +1208,7 @@ def raster_call(op: str, uris: str | list[str], fn: Callable[[], T], *, culprit:
                 raise InputNotFoundError(f"{op} {named}: no such file or object {(gone or uri_list)[0]}") from exc
             kind = "transient"  # the object is there: GDAL's failed request made it look absent
         if kind == "damaged" and not remote:
-            bad = _damage_error(op, uri_list, culprit, locate, {u: _local(u) for u in uri_list})
+            bad = _damage_error(op, uri_list, culprit, locate, {u: local_file(u) for u in uri_list})
             if bad is None:
                 raise exc  # every raster decodes: not their fault
             raise bad from exc

@@ -23,17 +23,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import rasterio
+import shapely
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
-from sitsflow import layout, manifest, nn, storage
+from sitsflow import layout, manifest, nn
 from sitsflow.errors import BadInputError
 from sitsflow.features import FeaturePipeline, ReadBuffers
 from sitsflow.inference.writer import ChunkWriter
 from sitsflow.log import get_logger
 from sitsflow.planning import chunk_windows, sampled_regions
-from sitsflow.reference import read_polygons
+from sitsflow.reference import burn, read_polygons
+from sitsflow.selection import load_selected
 
 log = get_logger(__name__)
 
@@ -73,37 +74,9 @@ def reader_threads(gpu: bool = False) -> int:
     return int(text)
 
 
-def task_id(tile: str, chunk: int, seed: int) -> str:
-    return f"{tile}_seed_{seed}_chunk_{chunk}"
-
-
-def window_tuple(window: Window) -> list[int]:
-    return [int(window.col_off), int(window.row_off), int(window.width), int(window.height)]
-
-
-def load_selected(cfg, region: int, seed: int):
-    """Load the selected model of (region, seed): (network, description)."""
-    uri = layout.model_selected(cfg.chain.output_path, region, seed)
-    if not storage.exists(uri):
-        raise BadInputError(f"no selected model {uri}: run the selection stage (sitsflow select) first")
-    # the network's code comes only from the configured dl_module, never from the model file
-    return nn.load_model(storage.read_bytes(uri), module_source=nn.read_dl_module(cfg.dl.dl_module),
-                         module_uri=cfg.dl.dl_module)
-
-
 def model_classes(description: dict) -> list[int]:
     """Class codes in the order of the network's outputs."""
     return [int(c) for c in description["classes"]]
-
-
-def _region_map(cfg, pipe: FeaturePipeline, window: Window, regions) -> np.ndarray:
-    h, w = int(window.height), int(window.width)
-    if regions is None:
-        return np.ones((h, w), np.int64)
-    from rasterio.features import rasterize
-
-    shapes = ((g, int(v)) for g, v in zip(regions.geoms, regions.values))
-    return rasterize(shapes, out_shape=(h, w), transform=window_transform(window, pipe.grid.transform), fill=0, dtype="int64")
 
 
 def _profile(pipe: FeaturePipeline, window: Window, dtype: str, count: int, nodata) -> dict:
@@ -132,11 +105,11 @@ def _add_outputs(writer: ChunkWriter, cfg, pipe: FeaturePipeline, window: Window
     uris = {}
     for region, (_, desc) in models.items():
         tags = {
-            "SITSFLOW_MODEL_FINGERPRINT": desc["fingerprint"],
-            "SITSFLOW_WINDOW": json.dumps(window_tuple(window)),
-            "SITSFLOW_TILE": tile,
-            "SITSFLOW_CHUNK": str(chunk),
-            "SITSFLOW_SEED": str(seed),
+            layout.TAG_MODEL_FINGERPRINT: desc["fingerprint"],
+            layout.TAG_WINDOW: json.dumps(layout.window_tuple(window)),
+            layout.TAG_TILE: tile,
+            layout.TAG_CHUNK: str(chunk),
+            layout.TAG_SEED: str(seed),
         }
         uris[region, "classif"] = layout.chunk_classif(out, tile, region, seed, chunk)
         writer.add(uris[region, "classif"], _profile(pipe, window, "uint16", 1, 0), tags)
@@ -149,7 +122,7 @@ def _add_outputs(writer: ChunkWriter, cfg, pipe: FeaturePipeline, window: Window
     if seed == 0:
         uris["validity"] = layout.chunk_validity(out, tile, chunk)
         writer.add(uris["validity"], _profile(pipe, window, "int16", 1, None),
-                   {"SITSFLOW_WINDOW": json.dumps(window_tuple(window))})
+                   {layout.TAG_WINDOW: json.dumps(layout.window_tuple(window))})
     return uris
 
 
@@ -169,12 +142,12 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     fp = manifest.fingerprint(
         STAGE,
         {r: d["fingerprint"] for r, (_, d) in models.items()},
-        window_tuple(window),
+        layout.window_tuple(window),
         pipe.description(),
         cfg.section_dict("dated_raster"),
         prob_map,
     )
-    task = task_id(tile, chunk, seed)
+    task = layout.inference_task(tile, chunk, seed)
     previous = manifest.done(out, STAGE, task, fp)
     if previous:
         log.info("inference %s: up to date", task)
@@ -186,9 +159,10 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
                 f"({len(desc.get('feature_names', []))} features) than tile {tile!r} yields "
                 f"({len(pipe.feature_names)}): rerun sampling and training"
             )
-    regions = None
+    regions = region_tree = None
     if cfg.chain.region_path:
         regions, _ = read_polygons(cfg.chain.region_path, cfg.chain.region_field, "chain.region_path", crs=pipe.grid.crs)
+        region_tree = shapely.STRtree(regions.geoms)
 
     h, w = int(window.height), int(window.width)
     classified = 0
@@ -200,7 +174,8 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
 
     def read(sub: Window, buffers: ReadBuffers, probe: bool):
         tic = time.perf_counter()
-        region_map = _region_map(cfg, pipe, sub, regions)
+        region_map = (burn(regions, sub, pipe.grid.transform, tree=region_tree) if regions is not None
+                      else np.ones((int(sub.height), int(sub.width)), np.int64))
         result = sub, region_map, pipe.features(sub, select=region_map > 0, buffers=buffers, probe=probe)
         with lock:
             timings["read_s"] += time.perf_counter() - tic
@@ -271,7 +246,7 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
         "tile": tile,
         "chunk": chunk,
         "seed": seed,
-        "window": window_tuple(window),
+        "window": layout.window_tuple(window),
         "pixels": h * w,
         "classified": classified,
         "models": {str(r): d["fingerprint"] for r, (_, d) in models.items()},

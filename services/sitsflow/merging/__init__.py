@@ -23,13 +23,14 @@ from rasterio.merge import merge as rio_merge
 from rasterio.windows import Window
 
 from sitsflow import layout, manifest, storage
+from sitsflow.accuracy import area_weighted, evaluate
 from sitsflow.errors import BadInputError
-from sitsflow.inference import load_selected, task_id, window_tuple
 from sitsflow.log import get_logger
-from sitsflow.merging.report import evaluate, write_reports
+from sitsflow.merging.report import write_reports
 from sitsflow.planning import sampled_regions, tile_chunks
 from sitsflow.reference import read_color_table, read_nomenclature
-from sitsflow.sampling.database import read_samples
+from sitsflow.samples import load_samples
+from sitsflow.selection import load_selected
 
 log = get_logger(__name__)
 
@@ -48,12 +49,12 @@ def _check_chunks(cfg, tile: str, seed: int, windows: list[Window], fingerprints
     out = cfg.chain.output_path
     manifests = []
     for k, window in enumerate(windows):
-        task = task_id(tile, k, seed)
+        task = layout.inference_task(tile, k, seed)
         m = manifest.read_manifest(out, "inference", task)
         if m is None or not all(storage.exists(u) for u in m["outputs"]):
             raise BadInputError(f"chunk {k} of tile {tile!r} (seed {seed}) has not been classified: run `sitsflow infer --tile {tile} --chunk {k} --seed {seed}`")
-        if m["window"] != window_tuple(window):
-            raise BadInputError(f"chunk {k} of tile {tile!r} covers window {m['window']}, but the plan says {window_tuple(window)}: rerun inference")
+        if m["window"] != layout.window_tuple(window):
+            raise BadInputError(f"chunk {k} of tile {tile!r} covers window {m['window']}, but the plan says {layout.window_tuple(window)}: rerun inference")
         stale = {r: fp for r, fp in fingerprints.items() if m["models"].get(str(r)) != fp}
         if stale:
             raise BadInputError(
@@ -73,9 +74,9 @@ def _assemble(chunk_uris: list[str], windows: list[Window], dst_uri: str, finger
 
     def read_chunk(uri: str, window: Window):
         with rasterio.open(storage.rasterio_path(uri)) as src:
-            if src.tags().get("SITSFLOW_WINDOW") != json.dumps(window_tuple(window)):
-                raise BadInputError(f"{uri} does not cover the planned window {window_tuple(window)}")
-            if fingerprint and src.tags().get("SITSFLOW_MODEL_FINGERPRINT") != fingerprint:
+            if src.tags().get(layout.TAG_WINDOW) != json.dumps(layout.window_tuple(window)):
+                raise BadInputError(f"{uri} does not cover the planned window {layout.window_tuple(window)}")
+            if fingerprint and src.tags().get(layout.TAG_MODEL_FINGERPRINT) != fingerprint:
                 raise BadInputError(f"stale chunk {uri}: its model fingerprint differs from the selected model's")
             return src.read()
 
@@ -101,7 +102,7 @@ def _assemble(chunk_uris: list[str], windows: list[Window], dst_uri: str, finger
                     if d:
                         dst.set_band_description(i, d)
                 if fingerprint:
-                    dst.update_tags(SITSFLOW_MODEL_FINGERPRINT=fingerprint)
+                    dst.update_tags(**{layout.TAG_MODEL_FINGERPRINT: fingerprint})
 
 
 MOSAIC_BUDGET_BYTES = 256 * 1024 * 1024
@@ -209,6 +210,21 @@ def _quicklook(classif_path: str, dst_path: str, colors: dict, names: dict, seed
     plt.close(fig)
 
 
+def _class_pixels(path: str) -> dict[int, int]:
+    """Pixel count of every class code of a local classification raster (0 = no data left out),
+    read block row by block row: the strata sizes of the area-weighted estimates."""
+    counts = np.zeros(1, np.int64)
+    with storage.rasterio_env(), rasterio.open(path) as src:
+        step = max(1, MOSAIC_BUDGET_BYTES // max(1, src.width * 8))
+        for row in range(0, src.height, step):
+            data = src.read(1, window=Window(0, row, src.width, min(step, src.height - row)))
+            part = np.bincount(data.ravel().astype(np.int64))
+            if part.size > counts.size:
+                counts = np.pad(counts, (0, part.size - counts.size))
+            counts[: part.size] += part
+    return {c: int(v) for c, v in enumerate(counts.tolist()) if c and v}
+
+
 def _read_window(uri: str, window: Window) -> np.ndarray:
     """Band 1 of ``window`` of the raster ``uri``."""
     def read():
@@ -239,7 +255,7 @@ def run(cfg) -> dict:
         cfg.chain.nomenclature_path and storage.stat(cfg.chain.nomenclature_path),
         cfg.chain.color_table and storage.stat(cfg.chain.color_table),
     )
-    previous = manifest.done(out, STAGE, "all", fp)
+    previous = manifest.done(out, STAGE, layout.ALL, fp)
     if previous:
         log.info("merging: outputs are up to date")
         return previous["summary"] | {"skipped": True}
@@ -272,10 +288,12 @@ def run(cfg) -> dict:
 
     # The final products are staged and published as a set, then the manifest: a crash leaves no
     # manifest (the previous one is removed before publishing), and the rerun replaces the set.
+    map_pixels: dict[int, dict[int, int]] = {}
     with storage.output_paths() as final:
         for seed in range(runs):
             classif = final.path(layout.final_classif(out, seed), ".tif")
             _to_cog(sources(layout.tile_classif, seed), classif, dtype="uint16", nodata=0)
+            map_pixels[seed] = _class_pixels(classif)
             color_dtype = "uint8" if max(all_codes) <= 255 else "uint16"
             _to_cog(sources(layout.tile_classif, seed), final.path(layout.final_classif_color(out, seed), ".tif"),
                     dtype=color_dtype, nodata=0,
@@ -294,21 +312,24 @@ def run(cfg) -> dict:
         for seed in range(runs):
             labels, preds = [], []
             for region in regions:
-                samples, meta = read_samples(layout.samples_test(out, region, seed))
-                for tile_index, tile in enumerate(meta["tiles"]):
+                samples = load_samples(layout.samples_test(out, region, seed), empty_ok=True)
+                for tile_index, tile in enumerate(samples.tiles):
                     sel = samples.tile == tile_index
                     if not sel.any():
                         continue
                     rows, cols = samples.row[sel], samples.col[sel]
                     win = Window(int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1))
                     data = _read_window(layout.tile_classif(out, tile, region, seed), win)
-                    labels.append(samples.label[sel])
+                    labels.append(samples.labels[sel])
                     preds.append(data[rows - int(win.row_off), cols - int(win.col_off)])
             if not labels:
                 raise BadInputError("no test sample: the test set is empty (every class has a single polygon?); cannot validate")
-            per_seed.append(evaluate(np.concatenate(labels), np.concatenate(preds), names))
+            report = evaluate(np.concatenate(labels), np.concatenate(preds), names)
+            report["area_weighted"] = area_weighted(np.asarray(report["confusion_matrix"]), report["classes"],
+                                                    map_pixels[seed])
+            per_seed.append(report)
         write_reports(per_seed, final.path(layout.final_results(out)), final.path(layout.final_results_json(out)))
-        storage.delete(layout.manifest(out, STAGE, "all"))
+        storage.delete(layout.manifest(out, STAGE, layout.ALL))
     outputs += [uri for uri, _ in final.pending]
     keep = {uri.rsplit("/", 1)[-1] for uri, _ in final.pending}
     for stale in storage.list_files(layout.final_results(out).rsplit("/", 1)[0]):
@@ -323,5 +344,5 @@ def run(cfg) -> dict:
         "kappa": [round(r["kappa"], 4) for r in per_seed],
         "outputs": len(outputs),
     }
-    manifest.write_manifest(out, STAGE, "all", fp, outputs, {"summary": summary})
+    manifest.write_manifest(out, STAGE, layout.ALL, fp, outputs, {"summary": summary})
     return summary | {"skipped": False}

@@ -1,7 +1,11 @@
-"""The validation report: confusion matrix, overall accuracy, kappa, per-class precision/recall/F-score.
+"""The validation report RESULTS.txt / RESULTS.json, measured on the test samples (polygons never
+used for training or validation); the measures are :mod:`sitsflow.accuracy`'s.
 
-Measured on the test samples (polygons never used for training or validation). With several
-runs (seeds), the report adds the mean and the 95 % confidence interval over seeds (Student's t).
+Per seed: the confusion matrix, OA, kappa, macro and weighted F-score, per class precision
+(user's accuracy) and recall (producer's accuracy) with their 95 % intervals and the F-score,
+and the area-weighted estimates of Olofsson et al. (2014) with the final map's class areas as
+weights. With several runs (seeds), the report adds the mean and the 95 % confidence interval
+over seeds (Student's t).
 """
 
 from __future__ import annotations
@@ -19,42 +23,6 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.052, 2.048, 2.045, 2.042]
 
 
-def evaluate(labels: np.ndarray, predictions: np.ndarray, names: dict[int, str]) -> dict:
-    """Confusion matrix and scores. ``labels``/``predictions``: (n,) class codes (0 = not classified)."""
-    labels = np.asarray(labels, np.int64)
-    predictions = np.asarray(predictions, np.int64)
-    classes = sorted(set(labels.tolist()) | set(predictions.tolist()))
-    index = {c: i for i, c in enumerate(classes)}
-    cm = np.zeros((len(classes), len(classes)), np.int64)
-    np.add.at(cm, (np.vectorize(index.get)(labels), np.vectorize(index.get)(predictions)), 1)
-    total = cm.sum()
-    oa = float(np.trace(cm) / total) if total else 0.0
-    expected = float((cm.sum(0) * cm.sum(1)).sum() / total**2) if total else 0.0
-    kappa = (oa - expected) / (1 - expected) if expected < 1 else 1.0
-    per_class = {}
-    for c in classes:
-        i = index[c]
-        tp = cm[i, i]
-        precision = tp / cm[:, i].sum() if cm[:, i].sum() else 0.0
-        recall = tp / cm[i, :].sum() if cm[i, :].sum() else 0.0
-        f = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[str(c)] = {
-            "name": names.get(c, "no data" if c == 0 else str(c)),
-            "precision": float(precision),
-            "recall": float(recall),
-            "fscore": float(f),
-            "reference_samples": int(cm[i, :].sum()),
-        }
-    return {
-        "classes": classes,
-        "confusion_matrix": cm.tolist(),
-        "overall_accuracy": oa,
-        "kappa": float(kappa),
-        "per_class": per_class,
-        "samples": int(total),
-    }
-
-
 def _interval(values: list[float]) -> dict:
     n = len(values)
     mean = float(np.mean(values))
@@ -65,13 +33,46 @@ def _interval(values: list[float]) -> dict:
 
 
 def summarize(per_seed: list[dict]) -> dict:
-    """Mean and 95 % interval over seeds of OA, kappa and per-class F-score."""
+    """Mean and 95 % interval over seeds of OA, kappa, macro and weighted F-score and per-class F-score."""
     codes = sorted({c for r in per_seed for c in r["per_class"]}, key=int)
-    return {
+    out = {
         "overall_accuracy": _interval([r["overall_accuracy"] for r in per_seed]),
         "kappa": _interval([r["kappa"] for r in per_seed]),
         "fscore": {c: _interval([r["per_class"].get(c, {}).get("fscore", 0.0) for r in per_seed]) for c in codes},
     }
+    for key in ("fscore_macro", "fscore_weighted"):
+        values = [r[key] for r in per_seed if r.get(key) is not None]
+        if len(values) == len(per_seed):
+            out[key] = _interval(values)
+    return out
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _interval_text(ci) -> str:
+    return f"[{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]"
+
+
+def _area_text(aw: dict, names: dict, width: int) -> list[str]:
+    lines = ["Area-weighted estimates (Olofsson et al. 2014; weights: the map's class areas in pixels;",
+             "± = 95 % interval, 1.96 standard errors)"]
+    oa = aw["overall_accuracy"]
+    lines.append(f"Overall accuracy : {_fmt(oa['estimate'])} ± {_fmt(oa['ci95'])} (SE {_fmt(oa['se'])})")
+    lines.append(f"{'class':<{width}}{'map pixels':>12}{'user':>16}{'producer':>16}{'area (pixels)':>24}")
+    for c, e in aw["per_class"].items():
+        ua, pa, area = e["users_accuracy"], e["producers_accuracy"], e["area"]
+        lines.append(f"{c} {names.get(int(c), '')}".ljust(width)
+                     + f"{e['map_area']:>12.0f}"
+                     + f"{_fmt(ua['estimate'], 3) + ' ± ' + _fmt(ua['ci95'], 3):>16}"
+                     + f"{_fmt(pa['estimate'], 3) + ' ± ' + _fmt(pa['ci95'], 3):>16}"
+                     + f"{_fmt(area['estimate'], 0) + ' ± ' + _fmt(area['ci95'], 0):>24}")
+    if aw["unsampled"]:
+        lines.append(f"Map classes without test sample (left out of the estimate): {aw['unsampled']}")
+    if aw["excluded_samples"]:
+        lines.append(f"Test samples on unclassified pixels (left out of the estimate): {aw['excluded_samples']}")
+    return lines
 
 
 def _text(per_seed: list[dict]) -> str:
@@ -88,17 +89,30 @@ def _text(per_seed: list[dict]) -> str:
         lines.append("")
         lines.append(f"Overall accuracy : {r['overall_accuracy']:.4f}")
         lines.append(f"Kappa            : {r['kappa']:.4f}")
+        if "fscore_macro" in r:
+            lines.append(f"F-score, macro   : {_fmt(r['fscore_macro'])}")
+            lines.append(f"F-score, weighted: {_fmt(r['fscore_weighted'])}")
         lines.append("")
-        lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'F-score':>10}{'samples':>10}")
+        lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'F-score':>10}{'samples':>10}"
+                     f"{'user 95 % interval':>22}{'producer 95 % interval':>24}")
         for c in classes:
             pc = r["per_class"][str(c)]
-            lines.append(f"{c} {pc['name']}".ljust(width) + f"{pc['precision']:>10.4f}{pc['recall']:>10.4f}{pc['fscore']:>10.4f}{pc['reference_samples']:>10}")
+            lines.append(f"{c} {pc['name']}".ljust(width) + f"{pc['precision']:>10.4f}{pc['recall']:>10.4f}{pc['fscore']:>10.4f}{pc['reference_samples']:>10}"
+                         + f"{_interval_text(pc['users_accuracy_ci95']) if 'users_accuracy_ci95' in pc else '':>22}"
+                         + f"{_interval_text(pc['producers_accuracy_ci95']) if 'producers_accuracy_ci95' in pc else '':>24}")
+        lines.append("(precision = user's accuracy, recall = producer's accuracy; intervals: Wilson score, pixels taken as independent)")
+        if r.get("area_weighted"):
+            lines.append("")
+            lines.extend(_area_text(r["area_weighted"], names, width))
         lines.append("")
     if len(per_seed) > 1:
         s = summarize(per_seed)
         lines.append(f"===== over {len(per_seed)} seeds: mean ± 95 % interval =====")
         lines.append(f"Overall accuracy : {s['overall_accuracy']['mean']:.4f} ± {s['overall_accuracy']['ci95']:.4f}")
         lines.append(f"Kappa            : {s['kappa']['mean']:.4f} ± {s['kappa']['ci95']:.4f}")
+        for key, label in (("fscore_macro", "F-score, macro   "), ("fscore_weighted", "F-score, weighted")):
+            if key in s:
+                lines.append(f"{label}: {s[key]['mean']:.4f} ± {s[key]['ci95']:.4f}")
         for c, v in s["fscore"].items():
             lines.append(f"F-score {c:<8}: {v['mean']:.4f} ± {v['ci95']:.4f}")
     return "\n".join(lines) + "\n"

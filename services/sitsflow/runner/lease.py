@@ -129,59 +129,31 @@ class _LocalLease:
             self.fd = None
 
 
-def _status(exc: BaseException) -> int:
-    return (storage._client_error_info(exc) or ("", 0))[1]
-
-
 class _S3Lease:
     """A lock object written with conditional requests."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        self.bucket, self.key = storage._s3_object(uri)
         self.etag: str | None = None
 
-    def _put(self, record: dict[str, Any], **condition: str) -> str | None:
-        """Write ``record`` under ``condition``; its ETag, or None when the condition failed."""
-        from botocore.exceptions import ClientError
-
-        def put() -> str | None:
-            try:
-                response = storage._client().put_object(
-                    Bucket=self.bucket,
-                    Key=self.key,
-                    Body=json.dumps(record).encode(),
-                    ContentType="application/json",
-                    **condition,
-                )
-            except ClientError as exc:
-                if _status(exc) in (404, 412):  # the condition failed, or If-Match on no object
-                    return None
-                raise
-            return str(response["ETag"])
-
-        return storage._retry("lease", self.uri, put)
+    def _put(self, record: dict[str, Any], *, if_match: str | None = None, if_none_match: bool = False) -> str | None:
+        """Write ``record`` under the condition; its ETag, or None when the condition failed."""
+        return storage.put_if(self.uri, json.dumps(record).encode(), if_match=if_match, if_none_match=if_none_match,
+                              content_type="application/json", op="lease")
 
     def _read(self) -> tuple[dict[str, Any] | None, str | None]:
-        from botocore.exceptions import ClientError
-
-        def get() -> tuple[dict[str, Any] | None, str | None]:
-            try:
-                response = storage._client().get_object(Bucket=self.bucket, Key=self.key)
-            except ClientError as exc:
-                if _status(exc) == 404:
-                    return None, None
-                raise
-            try:
-                return dict(json.loads(response["Body"].read())), str(response["ETag"])
-            except (ValueError, TypeError):
-                return {}, str(response["ETag"])
-
-        return storage._retry("lease", self.uri, get)
+        found = storage.get_with_etag(self.uri, op="lease")
+        if found is None:
+            return None, None
+        body, etag = found
+        try:
+            return dict(json.loads(body)), etag
+        except (ValueError, TypeError):
+            return {}, etag
 
     def acquire(self, record: dict[str, Any]) -> None:
         for _ in range(5):
-            self.etag = self._put(record, IfNoneMatch="*")
+            self.etag = self._put(record, if_none_match=True)
             if self.etag is not None:
                 return
             holder, etag = self._read()
@@ -199,14 +171,14 @@ class _S3Lease:
                     f"{TTL_S:.0f} s after the last renewal)",
                 )
             log.warning("taking over the stale lease %s of %s", self.uri, _describe(holder))
-            self.etag = self._put(record, IfMatch=etag)
+            self.etag = self._put(record, if_match=etag)
             if self.etag is not None:
                 return
         raise BadInputError(f"could not take the lease {self.uri}: other runs keep changing it")
 
     def renew(self, record: dict[str, Any]) -> bool:
         record["expires"] = time.time() + TTL_S
-        etag = self._put(record, IfMatch=self.etag or "")
+        etag = self._put(record, if_match=self.etag or "")
         if etag is None:
             return False
         self.etag = etag
@@ -215,17 +187,8 @@ class _S3Lease:
     def release(self) -> None:
         if self.etag is None:
             return
-        from botocore.exceptions import ClientError
-
-        def delete() -> None:
-            try:
-                storage._client().delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
-            except ClientError as exc:
-                if _status(exc) not in (404, 412):
-                    raise
-                log.error("lease %s was no longer ours when this run ended", self.uri)
-
-        storage._retry("lease", self.uri, delete)
+        if not storage.delete_if(self.uri, self.etag, op="lease"):
+            log.error("lease %s was no longer ours when this run ended", self.uri)
         self.etag = None
 
 
@@ -237,7 +200,7 @@ def output_lease(output_path: str) -> Iterator[dict[str, Any]]:
         BadInputError: another live run holds it (the message names its host, pid and start).
     """
     uri = lease_uri(output_path)
-    lease = _S3Lease(uri) if storage.is_s3(uri) else _LocalLease(storage._local(uri))
+    lease = _S3Lease(uri) if storage.is_s3(uri) else _LocalLease(storage.local_file(uri))
     record = _record()
     lease.acquire(record)
     log.info("lease %s taken (run %s)", uri, record["run_id"])

@@ -18,16 +18,14 @@ from collections import defaultdict
 
 import numpy as np
 import shapely
-from rasterio.features import rasterize
 from rasterio.windows import Window, bounds as window_bounds
-from rasterio.windows import transform as window_transform
 
 from sitsflow import layout, manifest, storage
 from sitsflow.errors import BadInputError
 from sitsflow.features import FeaturePipeline
 from sitsflow.log import get_logger
-from sitsflow.reference import Polygons, read_nomenclature, read_polygons
-from sitsflow.sampling.database import SampleSet, write_samples
+from sitsflow.reference import burn, read_nomenclature, read_polygons
+from sitsflow.samples import ArrayReader, SampleSet, write_samples
 
 log = get_logger(__name__)
 
@@ -75,17 +73,6 @@ def _windows(width: int, height: int, block: int = BLOCK):
             yield Window(col, row, min(block, width - col), min(block, height - row))
 
 
-def _burn(polys: Polygons, tree: shapely.STRtree, window: Window, grid, values: np.ndarray) -> np.ndarray:
-    """Burn ``values`` of the polygons intersecting ``window``; 0 elsewhere. int64 (h, w)."""
-    h, w = int(window.height), int(window.width)
-    box = shapely.box(*window_bounds(window, grid.transform))
-    hits = tree.query(box, predicate="intersects")
-    if hits.size == 0:
-        return np.zeros((h, w), np.int64)
-    shapes = ((polys.geoms[i], int(values[i])) for i in hits)
-    return rasterize(shapes, out_shape=(h, w), transform=window_transform(window, grid.transform), fill=0, dtype="int64")
-
-
 def extract(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> tuple[dict, dict]:
     """Extract the features of every labelled pixel of every tile.
 
@@ -122,12 +109,12 @@ def extract(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> tuple[d
             regions, _ = read_polygons(chain.region_path, chain.region_field, "chain.region_path", crs=pipe.grid.crs)
             region_tree = shapely.STRtree(regions.geoms)
         for window in _windows(pipe.grid.width, pipe.grid.height):
-            burnt = _burn(polys, tree, window, pipe.grid, position + 1)
+            burnt = burn(polys, window, pipe.grid.transform, position + 1, tree=tree)
             labelled = burnt > 0
             if not labelled.any():
                 continue
             if chain.region_path:
-                region_map = _burn(regions, region_tree, window, pipe.grid, regions.values)
+                region_map = burn(regions, window, pipe.grid.transform, tree=region_tree)
                 labelled &= region_map > 0
             else:
                 region_map = np.ones(burnt.shape, np.int64)
@@ -188,8 +175,10 @@ def split_polygons(polygon_class: dict[int, int], polygon_region: dict[int, int]
     return sets
 
 
-def _subset(arrays: dict, mask: np.ndarray) -> SampleSet:
-    return SampleSet(**{k: v[mask] for k, v in arrays.items()})
+def _subset(arrays: dict, mask: np.ndarray, **meta) -> SampleSet:
+    return SampleSet(reader=ArrayReader(arrays["features"][mask]), labels=arrays["label"][mask],
+                     polygon_ids=arrays["polygon_id"][mask], region=arrays["region"][mask],
+                     tile=arrays["tile"][mask], row=arrays["row"][mask], col=arrays["col"][mask], **meta)
 
 
 def run(cfg) -> dict:
@@ -197,9 +186,9 @@ def run(cfg) -> dict:
     out = cfg.chain.output_path
     pipelines = {tile: FeaturePipeline(cfg, tile) for tile in cfg.chain.tiles}
     fp = fingerprint(cfg, pipelines)
-    previous = manifest.done(out, STAGE, "all", fp)
+    previous = manifest.done(out, STAGE, layout.ALL, fp)
     if previous:
-        log.info("sampling: outputs are up to date (manifest %s)", layout.manifest(out, STAGE, "all"))
+        log.info("sampling: outputs are up to date (manifest %s)", layout.manifest(out, STAGE, layout.ALL))
         return previous["summary"] | {"skipped": True}
     arrays, meta = extract(cfg, pipelines)
     desc = meta["description"]
@@ -231,15 +220,17 @@ def run(cfg) -> dict:
             learn = in_region & np.isin(pset, ["learn", "both"])
             test = in_region & np.isin(pset, ["test", "both"])
             classes = sorted({int(c) for c in arrays["label"][learn]})
-            names = {c: class_names.get(c, str(c)) for c in classes}
+            names = {str(c): class_names.get(c, str(c)) for c in classes}
             common = {
                 "dates": desc["dates"],
-                "components": desc["components"],
+                "component_names": desc["components"],
                 "feature_names": desc["feature_names"],
                 "tiles": list(cfg.chain.tiles),
                 "sensor": desc["sensor"],
+                "sensors": tuple(desc["sensor_keys"]),
                 "classes": classes,
                 "class_names": names,
+                "fingerprint": fp,
             }
             for kind, mask, uri in (
                 ("learn", learn, layout.samples_learn(out, region, run_index)),
@@ -247,10 +238,8 @@ def run(cfg) -> dict:
             ):
                 write_samples(
                     uri,
-                    _subset(arrays, mask),
-                    **common,
-                    attrs={"region": int(region), "seed": int(run_index), "random_seed": int(seed),
-                           "set": kind, "fingerprint": fp, "sensors": " ".join(desc["sensor_keys"])},
+                    _subset(arrays, mask, **common),
+                    attrs={"region": int(region), "seed": int(run_index), "random_seed": int(seed), "set": kind},
                 )
                 outputs.append(uri)
             counts[f"region_{region}_seed_{run_index}"] = {"learn": int(learn.sum()), "test": int(test.sum())}
@@ -264,5 +253,5 @@ def run(cfg) -> dict:
         "nb_dates": len(desc["dates"]),
         "components": desc["components"],
     }
-    manifest.write_manifest(out, STAGE, "all", fp, outputs, {"summary": summary, "regions": regions})
+    manifest.write_manifest(out, STAGE, layout.ALL, fp, outputs, {"summary": summary, "regions": regions})
     return summary | {"skipped": False}

@@ -24,12 +24,24 @@ from sitsflow.log import get_logger
 from sitsflow.training.metrics import CRITERION_COLUMN, minimise
 from sitsflow.training.plots import read_history
 
-__all__ = ["run", "candidate_value", "pick"]
+__all__ = ["run", "candidate_value", "pick", "load_selected"]
 
 log = get_logger(__name__)
 
 STAGE = "selection"
 FORMAT_VERSION = 1
+
+
+def load_selected(cfg, region: int, seed: int):
+    """Load the selected model of (region, seed): (network, description)."""
+    from sitsflow import nn
+
+    uri = layout.model_selected(cfg.chain.output_path, region, seed)
+    if not storage.exists(uri):
+        raise BadInputError(f"no selected model {uri}: run the selection stage (sitsflow select) first")
+    # the network's code comes only from the configured dl_module, never from the model file
+    return nn.load_model(storage.read_bytes(uri), module_source=nn.read_dl_module(cfg.dl.dl_module),
+                         module_uri=cfg.dl.dl_module)
 
 
 def candidate_value(history: list[dict[str, Any]], criterion: str) -> tuple[float, int]:
@@ -88,7 +100,7 @@ def run(cfg: SitsflowConfig, region: int, seed: int) -> dict:
         [{"hyp": c["hyp"], "model": storage.stat(c["model"]), "history": storage.stat(c["history"])}
          for c in candidates],
     )
-    task = f"region_{region}_seed_{seed}"
+    task = layout.selection_task(region, seed)
     previous = manifest.done(out, STAGE, task, fp)
     if previous is not None and "summary" in previous:
         log.info("selection %s already done (manifest matches): skipped", task)

@@ -45,18 +45,11 @@ class DatedRasterSensor(Sensor):
                 blocks = tuple(int(n) for n in src.block_shapes[0]) if src.block_shapes else (1, 1)
                 return src.count, src.dtypes[0], list(src.descriptions), blocks
 
-        def header_checked():
-            # GDAL reads the band descriptions (the TIFF's GDAL_METADATA tag) while opening, and a
-            # connection reset during that read loses them with a mere warning: on object storage,
-            # descriptions missing are read once more, from a cleared cache, before they count
-            found = header()
-            if storage.is_s3(path) and not all(found[2]):
-                storage._clear_gdal_cache([path])
-                found = header()
-            return found
-
+        # GDAL reads the band descriptions (the TIFF's GDAL_METADATA tag) while opening, and a
+        # connection reset during that read loses them with a mere warning: on object storage,
+        # descriptions missing are read once more, from a cleared cache, before they count
         count, dtype, descriptions, (block_rows, block_cols) = storage.raster_call(
-            "open", path, header_checked, culprit="dated_raster.path")
+            "open", path, header, culprit="dated_raster.path", incomplete=lambda found: not all(found[2]))
         bands = list(opts.bands)
         nb_bands = len(bands)
         if count % nb_bands:

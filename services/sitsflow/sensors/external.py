@@ -174,7 +174,6 @@ class ExternalFeatures:
 
     def _run(self, series, bands, dates):
         nb_pix = next(iter(series.values())).shape[0]
-        nb_dates = len(dates)
         values: dict[str, dict[str, np.ndarray]] = {}
         layout = []
         for k, (name, function, kwargs) in enumerate(self.functions):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from sitsflow.training.data import FeatureReader
+from sitsflow.samples import FeatureReader
 
 STREAM_BUFFER_BATCHES = 4
 """Capacity of the stream-mode shuffle buffer, in batches."""

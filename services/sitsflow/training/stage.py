@@ -34,22 +34,18 @@ import torch
 
 from sitsflow import layout, manifest, storage
 from sitsflow import nn as sitsnn
+from sitsflow.accuracy import scores
 from sitsflow.config import DeepLearningParameters, SitsflowConfig
 from sitsflow.device import choose as device_choose
 from sitsflow.errors import BadInputError, ConfigError, InputNotFoundError
 from sitsflow.log import get_logger
 from sitsflow.process import stop_deferred
+from sitsflow.samples import SampleSet, open_netcdf, quantile_stats
 from sitsflow.training import plots
-from sitsflow.training.data import (
-    SampleSet,
-    class_weights,
-    open_netcdf,
-    quantile_stats,
-    split_learn_validation,
-)
+from sitsflow.training.data import class_weights, split_learn_validation
 from sitsflow.training.early_stop import EarlyStopping
 from sitsflow.training.loaders import InMemoryBatches, StreamBatches, make_loader
-from sitsflow.training.metrics import CRITERIA, scores
+from sitsflow.training.metrics import CRITERIA
 
 log = get_logger(__name__)
 
@@ -407,7 +403,7 @@ def run(cfg: SitsflowConfig, region: int, seed: int, hyp: int, *, on_epoch_end: 
         {"region": region, "seed": seed, "random_seed": random_seed},
         {"samples": db_uri, "stat": db_stat, "dl_module_sha256": module_sha},
     )
-    task = f"region_{region}_seed_{seed}_hyp_{hyp}"
+    task = layout.training_task(region, seed, hyp)
     previous = manifest.done(out, STAGE, task, fp)
     if previous is not None and "summary" in previous:
         log.info("training %s already done (manifest matches): skipped", task)
