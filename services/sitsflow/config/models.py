@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BeforeValidator, ConfigDict, Field, PlainValidator, field_validator, model_validator, with_config
 from typing_extensions import TypedDict
 
-from sitsflow.config.resources import ResourcesSection
+from sitsflow.config.resources import IOTA2_STEPS, ResourcesSection
 from sitsflow.config.schema import (
     AS_IS,
     Date,
@@ -696,6 +696,22 @@ class SitsflowConfig(Section):
             if chain.get(sensor.chain_key) is not None and data.get(name) is None
         ]
         return {**data, **dict.fromkeys(absent, {})} if absent else data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _iota2_resource_blocks(cls, data: Any) -> Any:
+        """iota2's resource blocks at the top level (``training : {...}``) go to ``resources``."""
+        if not isinstance(data, dict) or not any(k in IOTA2_STEPS for k in data):
+            return data
+        resources = data.get("resources", {})
+        if not isinstance(resources, dict):
+            return data
+        steps = {k: v for k, v in data.items() if k in IOTA2_STEPS}
+        twice = sorted(set(steps) & set(resources))
+        if twice:
+            raise detail(f"the iota2 resource block {twice[0]} is given twice, at the top level and in resources")
+        rest = {k: v for k, v in data.items() if k not in IOTA2_STEPS}
+        return {**rest, "resources": {**resources, **steps}}
 
     @property
     def dl(self) -> DeepLearningParameters:
