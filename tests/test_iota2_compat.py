@@ -136,3 +136,44 @@ def test_a_network_file_written_for_iota2_trains_and_classifies_through_sitsflow
     with rasterio.open(layout.final_classif(str(out), 0)) as src:
         labels = src.read(1)
     assert set(np.unique(labels)) - {0} and set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+# ---------------------------------------------------------------------------- resource blocks
+IOTA2_RESOURCES = """
+training : {
+              name:"training"
+              nb_cpu:10
+              ram:"92gb"
+              walltime:"12:00:00"
+              nb_gpu:1 # number of GPUs to use
+              queue:"qgpgpu" # queue containing GPUs
+            }
+resources : {
+    samplesSelection : { name:"samplesSelection", nb_cpu:2, ram:"40gb", walltime:"01:00:00" }
+    samplesExtraction : {
+        name:"samplesExtraction"
+        nb_cpu:8
+        ram:"20gb"
+        walltime:"02:00:00"
+    }
+    mosaic : { nb_cpu:3 }
+}
+"""
+
+
+def test_iota2_resource_blocks_are_accepted_as_written(tmp_path):
+    from sitsflow.config import load_config
+    from sitsflow.errors import ConfigError
+
+    write_scene(tmp_path, width=24, height=12, nb_dates=5)
+    path = write_config(tmp_path, extra=IOTA2_RESOURCES)
+    cfg = load_config(str(path))
+    train = cfg.resources.train
+    assert (train.name, train.nb_cpu, train.ram, train.walltime, train.nb_gpu, train.queue) == (
+        "training", 10, "92Gi", 43200, 1, "qgpgpu")
+    # two iota2 steps of sitsflow's sample stage: the largest request of each key
+    sample = cfg.resources.sample
+    assert (sample.name, sample.nb_cpu, sample.ram, sample.walltime) == ("samplesSelection", 8, "40Gi", 7200)
+    assert cfg.resources.merge.nb_cpu == 3
+    with pytest.raises(ConfigError, match="given twice, at the top level and in resources"):
+        load_config(str(path), ["resources.training={nb_cpu : 1}"])
