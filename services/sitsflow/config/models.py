@@ -401,9 +401,13 @@ class DeepLearningParameters(Section):
     (batch_size, learning_rate) pair of the product of the two lists."""
     dl_module: PyFile | None = None
     """Path to a user python module containing custom neural networks (classes derived from
-    Iota2NeuralNetwork)."""
+    Iota2NeuralNetwork); iota2's imports of it (``from iota2.learning.pytorch.torch_nn_bank import
+    Iota2NeuralNetwork``, ``from torch_nn_bank import ...``) work unchanged (docs/networks.md)."""
     restart_from_checkpoint: bool = True
-    """If existing, restart learning from the checkpoint (saved after each epoch)."""
+    """If existing, restart learning from the checkpoint (saved after each epoch). It is continued
+    across more epochs and other num_workers, dataloader_mode or early-stop settings; another
+    network, dl_parameters, sample database, batch size, learning rate, weighted_labels or
+    adaptive_lr (or other code) restarts from epoch 1, the log saying why (docs/training.md)."""
     dataloader_mode: Literal["stream", "full"] = "stream"
     """During the learning stage, load the full data-set into memory ('full') or by batch
     ('stream')."""
@@ -416,7 +420,9 @@ class DeepLearningParameters(Section):
     early_stop_tol: Annotated[float, Field(ge=0)] = 0.01
     """Minimum change in the monitored quantity to qualify as an improvement. If the metric is
     'train_loss' or 'val_loss' the tolerance is in dB: dB = log10(loss_{N-1} / loss_N), with N the
-    current epoch (the previous epoch, not the best so far); for scores: value_N - value_{N-1}."""
+    current epoch (the previous epoch, not the best so far); for scores: value_N - value_{N-1}.
+    This "dB" is the reference's (no factor 10); the loss plots use 10 log10(loss), on which a
+    tolerance t is a drop of 10 t between two epochs."""
     early_stop_metric: Annotated[
         EarlyStopMetric, BeforeValidator(lambda v: METRIC_ALIASES.get(v, v) if isinstance(v, str) else v)
     ] = "val_loss"
