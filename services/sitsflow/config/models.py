@@ -120,6 +120,14 @@ class ChainSection(Section):
     sensor: ..."). Several sensors can be combined (docs/sensors.md).
     """
 
+    __ignored__ = {
+        "first_step": _RERUN_HINT,
+        "last_step": _RERUN_HINT,
+        "logger_level": "the SITSFLOW_LOG_LEVEL environment variable",
+        "check_inputs": "sitsflow always checks the configuration and the network before any work",
+        "remove_output_path": "outputs are rewritten under the same names; a rerun redoes only what changed",
+    }
+
     __iota2__ = {
         **dict.fromkeys(
             "s2_output_path s2_l3a_output_path s2_s2c_output_path l8_path_old l8_usgs_path "
@@ -129,13 +137,8 @@ class ChainSection(Section):
         ),
         "spatial_resolution": _GRID_HINT,
         "proj": _GRID_HINT,
-        "first_step": _RERUN_HINT,
-        "last_step": _RERUN_HINT,
-        "logger_level": "set the SITSFLOW_LOG_LEVEL environment variable instead",
-        "check_inputs": "sitsflow always checks the configuration before any work",
         **dict.fromkeys(
-            "remove_output_path cloud_threshold minimum_required_dates enable_autocontext "
-            "srtm_path worldclim_path grasslands".split(),
+            "cloud_threshold minimum_required_dates enable_autocontext srtm_path worldclim_path grasslands".split(),
             "",
         ),
     }
@@ -649,12 +652,12 @@ class SitsflowConfig(Section):
             "gap-filling is set by dated_raster.temporal_resolution and "
             "arg_train.features_from_raw_dates"
         ),
-        "task_retry_limits": (
-            "retries are set on the workflow (Argo retryStrategy), not in the configuration"
-        ),
         "scikit_models_parameters": "sitsflow trains deep-learning models only",
         "builders": "sitsflow runs the deep-learning workflow only",
         **dict.fromkeys(("obia", "coregistration", "slurm", "multi_run_fusion", "sar"), ""),
+    }
+    __ignored__ = {
+        "task_retry_limits": "retries are Argo's: the WorkflowTemplate's retryStrategy (docs/deploy.md)",
     }
     __rules__ = (
         (("chain", "dated_raster", *_OPTICAL_SECTIONS), _sensors),
