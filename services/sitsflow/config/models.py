@@ -468,11 +468,11 @@ class ArgTrainSection(Section):
             "dempster_shafer_sm".split(),
             "",
         ),
-        **dict.fromkeys(
-            ("classifier", "otb_classifier_options"),
-            "sitsflow trains deep-learning models only: set arg_train.deep_learning_parameters.dl_name",
-        ),
     }
+    __ignored__ = dict.fromkeys(
+        ("classifier", "otb_classifier_options"),
+        "deep_learning_parameters.dl_name selects the deep-learning workflow, as in iota2, which does not use it",
+    )
 
     runs: PositiveInt = 1
     """Number of random learning/test splits (seeds); each gives a full classification."""
@@ -528,8 +528,10 @@ class ArgClassificationSection(Section):
 class PythonDataManagingSection(Section):
     """The ``python_data_managing`` section: how tiles are cut into chunks for inference."""
 
-    __iota2__ = dict.fromkeys(
-        ("padding_size_x", "padding_size_y", "data_mode_access", "fill_missing_dates"), ""
+    __iota2__ = dict.fromkeys(("data_mode_access", "fill_missing_dates"), "")
+    __ignored__ = dict.fromkeys(
+        ("padding_size_x", "padding_size_y"),
+        "the networks are pixel-wise (no neighbour is read), so a chunk's padding changes nothing in the maps",
     )
 
     chunk_size_mode: Literal["split_number", "user_fixed"] = "split_number"

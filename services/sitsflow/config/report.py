@@ -91,8 +91,8 @@ def validate(raw: Any, origins: Origins, source: str) -> tuple[SitsflowConfig | 
 
 
 def _without_ignored(raw: dict[str, Any], origins: Origins) -> dict[str, Any]:
-    """``raw`` without the iota2 keys that only steer iota2's scheduler or files (``__ignored__``
-    of the top level and of each section), named in one warning with what replaces them."""
+    """``raw`` without the iota2 keys that have no effect here (``__ignored__`` of the top level and
+    of each section), named in one warning with what replaces them or why."""
     found: list[str] = []
     out = dict(raw)
     for key in [k for k in out if k in SitsflowConfig.__ignored__]:
@@ -105,7 +105,7 @@ def _without_ignored(raw: dict[str, Any], origins: Origins) -> dict[str, Any]:
             out[name] = {k: v for k, v in section.items() if k not in ignored}
             found += [f"{name}.{k} ({origins.where((name, k))}; {ignored[k]})" for k in section if k in ignored]
     if found:
-        log.warning("iota2 keys accepted and ignored, they steer iota2's own scheduler or files: %s", "; ".join(found))
+        log.warning("iota2 keys accepted and ignored (no effect here): %s", "; ".join(found))
     return out
 
 

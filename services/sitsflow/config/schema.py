@@ -215,8 +215,9 @@ class Inline(BaseModel):
     __refused__: ClassVar[dict[str, str]] = {}
     """Keys that cannot be set -> why."""
     __ignored__: ClassVar[dict[str, str]] = {}
-    """iota2 keys that only steer iota2's own scheduler or file handling -> what replaces them here:
-    accepted, left out of the configuration, and named in one warning."""
+    """iota2 keys without effect here (they steer iota2's own scheduler or files, or have no
+    effect on sitsflow's maps) -> what replaces them or why: accepted, left out of the
+    configuration, and named in one warning."""
     __rules__: ClassVar[tuple[Rule, ...]] = ()
     """Rules between the keys, checked once the keys they read are valid (every error at once)."""
 
