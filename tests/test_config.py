@@ -109,6 +109,8 @@ def test_minimal_config_loads_with_every_default(tmp_path: Path) -> None:
         "s2_l3a_path": None,
         "s2_s2c_path": None,
         "l8_path": None,
+        "spatial_resolution": None,
+        "proj": None,
     }
     assert cfg.dated_raster.model_dump() == {
         "name": "generic",
@@ -630,7 +632,6 @@ def test_unknown_section_suggests_the_right_one(tmp_path: Path) -> None:
     ("key", "hint"),
     [
         ("chain.user_feat_path", "dated_raster"),
-        ("chain.spatial_resolution", "grid"),
         ("arg_train.sample_selection", ""),
         ("arg_train.split_ground_truth", ""),
     ],

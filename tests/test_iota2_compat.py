@@ -177,3 +177,41 @@ def test_iota2_resource_blocks_are_accepted_as_written(tmp_path):
     assert cfg.resources.merge.nb_cpu == 3
     with pytest.raises(ConfigError, match="given twice, at the top level and in resources"):
         load_config(str(path), ["resources.training={nb_cpu : 1}"])
+
+
+# ---------------------------------------------------------------------------- chain.spatial_resolution, proj
+def _prepare(path: Path, *sets: str) -> tuple[int, str]:
+    import contextlib
+    import io
+    import logging
+
+    from sitsflow import cli
+
+    logs = io.StringIO()
+    handler = logging.StreamHandler(logs)
+    logging.getLogger("sitsflow").addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = cli.main(["prepare", "--config", str(path), *[a for s in sets for a in ("--set", s)]])
+    finally:
+        logging.getLogger("sitsflow").removeHandler(handler)
+    return code, logs.getvalue()
+
+
+def test_spatial_resolution_and_proj_of_the_inputs_grid_are_accepted_others_exit_2(tmp_path):
+    write_scene(tmp_path, width=24, height=12, nb_dates=5)
+    with rasterio.open(tmp_path / "T1" / "series.tif") as src:
+        res, crs = src.res, src.crs.to_string()
+    path = write_config(tmp_path, output=str(tmp_path / "out"))
+    code, text = _prepare(path, f"chain.spatial_resolution={res[0]}", f"chain.proj='{crs}'")
+    assert code == 0, text
+    code, text = _prepare(path, f"chain.spatial_resolution=[{res[0]}, {res[1]}]")
+    assert code == 0, text
+    for setting, culprit in ((f"chain.spatial_resolution={res[0] * 2}", "sitsflow does not resample yet"),
+                             ("chain.proj='EPSG:4326'", "sitsflow does not reproject yet"),
+                             ("chain.proj='not a crs'", "chain.proj 'not a crs' is not a CRS"),
+                             ("chain.spatial_resolution=[1, 2, 3]", "chain.spatial_resolution: expected None or a pixel size")):
+        out = tmp_path / "bad"
+        code, text = _prepare(path, f"chain.output_path={out}", setting)
+        assert code == 2 and culprit in text, text[-2000:]
+        assert not out.exists() or not any(out.rglob("*.*"))

@@ -109,6 +109,7 @@ class FeaturePipeline:
                     f"tile {tile!r}: {s.section} is in {g.crs} but {self.sensors[finest].section} in "
                     f"{self.grid.crs}; the sensors of a tile must share one CRS"
                 )
+        check_target_grid(cfg, tile, self.grid)
         self.sensor = self.sensors[0].key
         self._times = [self._sensor_time(s) for s in self.sensors]
         self.dates: list[int] = self._date_axis()
@@ -460,6 +461,33 @@ def _interpolate(raw: np.ndarray, left: np.ndarray, right: np.ndarray, w: np.nda
         return np.take(raw, left, axis=1)
     w = w.astype(np.float32)[None, :, None]
     return np.take(raw, left, axis=1) * (1.0 - w) + np.take(raw, right, axis=1) * w
+
+
+def check_target_grid(cfg, tile: str, grid: Grid) -> None:
+    """Refuse ``chain.spatial_resolution`` / ``chain.proj`` when they are not the inputs' grid
+    (sitsflow does not resample: the maps would not be on the grid asked)."""
+    import rasterio.crs
+
+    wanted = cfg.chain.spatial_resolution
+    if wanted is not None:
+        have = (float(abs(grid.transform.a)), float(abs(grid.transform.e)))
+        if any(abs(w - h) > 1e-6 * max(h, 1.0) for w, h in zip(wanted, have, strict=True)):
+            raise ConfigError(
+                f"chain.spatial_resolution is {list(wanted)} but the inputs of tile {tile!r} are on a grid of "
+                f"{have[0]:g} x {have[1]:g} (the finest sensor's): sitsflow does not resample yet, so the maps "
+                f"would not be at the size asked; remove the key or set it to {have[0]:g}"
+            )
+    if cfg.chain.proj is not None:
+        try:
+            crs = rasterio.crs.CRS.from_user_input(cfg.chain.proj)
+        except rasterio.errors.CRSError as exc:
+            raise ConfigError(f"chain.proj {cfg.chain.proj!r} is not a CRS: {exc}") from None
+        if crs != grid.crs:
+            raise ConfigError(
+                f"chain.proj is {cfg.chain.proj!r} but the inputs of tile {tile!r} are in {grid.crs}: sitsflow does "
+                "not reproject yet, so the maps would not be in the projection asked; remove the key or set it "
+                f"to {grid.crs.to_string()!r}"
+            )
 
 
 def check_tile_grids(cfg) -> None:

@@ -108,8 +108,19 @@ Folder = Annotated[str, PathOf("a folder (local or s3:// URI)")]
 TextFile = Annotated[str, PathOf("the path of a text file")]
 PyFile = Annotated[str, PathOf("the path of a .py file", suffixes=(".py",))]
 _SENSOR_HINT = "describe the images with a dated_raster section instead"
-_GRID_HINT = "sitsflow works in the grid (projection and resolution) of the dated rasters"
 _RERUN_HINT = "sitsflow runs every stage; a rerun skips the tasks already done"
+
+
+_RESOLUTION_TEXT = "a pixel size > 0 (in the CRS's units), or a list [x, y] of two"
+
+
+def _resolution(value: Any) -> tuple[float, float]:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = [value, value]
+    if (not isinstance(value, list | tuple) or len(value) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise invalid()
+    return (float(value[0]), float(value[1]))
 
 
 class ChainSection(Section):
@@ -135,8 +146,6 @@ class ChainSection(Section):
             "l5_path_old s1_path user_feat_path".split(),
             _SENSOR_HINT,
         ),
-        "spatial_resolution": _GRID_HINT,
-        "proj": _GRID_HINT,
         **dict.fromkeys(
             "cloud_threshold minimum_required_dates enable_autocontext srtm_path worldclim_path grasslands".split(),
             "",
@@ -171,6 +180,16 @@ class ChainSection(Section):
     enables ``Sentinel_2_S2C``."""
     l8_path: Folder | None = None
     """Folder of Landsat 8 THEIA L2A products, one sub-folder per tile; enables ``Landsat8``."""
+    spatial_resolution: (
+        Annotated[tuple[float, float], PlainValidator(_resolution), AS_IS, Expect(_RESOLUTION_TEXT)] | None
+    ) = None
+    """iota2's output pixel size (a number, or [x, y]). sitsflow works in the grid of the inputs
+    (the finest sensor of each tile) and does not resample yet: the key is accepted when it is
+    that grid's pixel size, and refused (exit 2, before any work) otherwise, since the maps would
+    not be at the size asked."""
+    proj: Annotated[str, Text("a CRS such as 'EPSG:2154'")] | None = None
+    """iota2's output projection (``"EPSG:2154"``). As ``spatial_resolution``: accepted when it is
+    the CRS of the inputs, refused (exit 2, before any work) otherwise."""
 
     @property
     def tiles(self) -> tuple[str, ...]:
