@@ -109,6 +109,8 @@ def test_minimal_config_loads_with_every_default(tmp_path: Path) -> None:
         "s2_l3a_path": None,
         "s2_s2c_path": None,
         "l8_path": None,
+        "spatial_resolution": None,
+        "proj": None,
     }
     assert cfg.dated_raster.model_dump() == {
         "name": "generic",
@@ -630,20 +632,35 @@ def test_unknown_section_suggests_the_right_one(tmp_path: Path) -> None:
     ("key", "hint"),
     [
         ("chain.user_feat_path", "dated_raster"),
-        ("chain.spatial_resolution", "grid"),
-        ("chain.logger_level", "SITSFLOW_LOG_LEVEL"),
-        ("chain.first_step", ""),
-        ("chain.remove_output_path", ""),
-        ("arg_train.classifier", "dl_name"),
         ("arg_train.sample_selection", ""),
         ("arg_train.split_ground_truth", ""),
-        ("python_data_managing.padding_size_x", ""),
     ],
 )
 def test_iota2_keys_not_supported_yet(tmp_path: Path, key: str, hint: str) -> None:
     message = load_error(tmp_path, with_values({key: "x"}))
     assert f"{key} is an iota2 parameter that sitsflow does not support yet" in message
     assert hint in message
+
+
+def test_iota2_scheduler_keys_are_accepted_with_one_warning(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    config = with_values({"chain.first_step": "init", "chain.last_step": "validation", "chain.check_inputs": False,
+                          "chain.remove_output_path": True, "chain.logger_level": "DEBUG",
+                          "task_retry_limits": {"allowed_retry": 0, "maximum_ram": 180.0},
+                          "arg_train.classifier": "sharkrf", "python_data_managing.padding_size_x": 10,
+                          "python_data_managing.padding_size_y": 10})
+    path = write(tmp_path, config)
+    caplog.set_level("WARNING", logger="sitsflow")
+    cfg = load_config(str(path))
+    assert cfg == load_config(str(write(tmp_path, with_values({}), "plain.cfg")))  # nothing of them is kept
+    warnings = [r.getMessage() for r in caplog.records if "accepted and ignored" in r.getMessage()]
+    assert len(warnings) == 1
+    for fragment in (f"chain.first_step ({path}:{line_of(path, 'first_step')}; sitsflow runs every stage",
+                     "chain.last_step (", "chain.check_inputs (", "chain.remove_output_path (",
+                     "chain.logger_level (", "SITSFLOW_LOG_LEVEL", "task_retry_limits (", "retryStrategy",
+                     "arg_train.classifier (", "selects the deep-learning workflow",
+                     "python_data_managing.padding_size_x (", "python_data_managing.padding_size_y (", "pixel-wise"):
+        assert fragment in warnings[0], fragment
 
 
 def test_iota2_sensor_section_without_products_names_the_chain_key(tmp_path: Path) -> None:

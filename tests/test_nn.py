@@ -488,7 +488,7 @@ GOOD = HEADER + (
          "        raise ValueError('width too small')\n", "Net",
          r"building network Net \(/tmp/u\.py\) failed at line 6: ValueError: width too small"),
         (HEADER + "class Net(Iota2NeuralNetwork):\n    def __init__(self):\n        super().__init__()\n", "Net",
-         r"building network Net \(/tmp/u\.py\) failed: TypeError"),
+         r"building network Net \(/tmp/u\.py\) failed at line 5: TypeError: .*missing 6 required keyword-only"),
         (HEADER + "class Net(Iota2NeuralNetwork):\n    def __init__(self, **fw):\n"
          "        torch.nn.Module.__init__(self)\n",
          "Net", r"did not call Iota2NeuralNetwork\.__init__"),

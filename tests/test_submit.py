@@ -320,6 +320,27 @@ def test_local_inputs_and_local_output_are_refused_before_any_cluster_call(tmp_p
     assert proc.returncode == 2 and "chain.output_path" in proc.stderr and "s3://" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("setting", "culprit"),
+    [
+        ("dl_parameters={'hidden_layer': [8]}", "dl_parameters.hidden_layer: network MLPClassifier has no parameter"),
+        ("dl_module=missing_net.py", "missing_net.py"),
+        ("dl_name=NoSuchNet", "class 'NoSuchNet' not found in"),
+    ],
+    ids=["bad dl_parameters key", "missing dl_module", "unknown class"],
+)
+def test_network_mistakes_exit_2_in_submit_before_anything_else(tmp_path, setting, culprit):
+    write_scene(tmp_path)
+    cfg = write_config(tmp_path, output="s3://bucket/out")  # local inputs: refused, but only after these checks
+    sets = ["--set", f"arg_train.deep_learning_parameters.{setting}"]
+    if setting.startswith("dl_name"):  # a dl_module without that class
+        (tmp_path / "net.py").write_text("from sitsflow.nn import MLPClassifier\n")
+        sets += ["--set", f"arg_train.deep_learning_parameters.dl_module={tmp_path / 'net.py'}"]
+    proc = _run("submit", str(cfg), *sets, env={"KUBECONFIG": str(tmp_path / "none")})
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert culprit in proc.stderr and "the cluster cannot read files" not in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.s3
 def test_unreachable_cluster_exits_75_after_retries(tmp_path, run_config):
     import socket

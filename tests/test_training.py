@@ -446,6 +446,97 @@ def test_restart_from_checkpoint_false_restarts(out: str) -> None:
     assert seen == [1, 2, 3, 4] and s["resumed_from_epoch"] == 0
 
 
+def _two_trees(tmp_path: Path) -> list[str]:
+    x, y, p = make_samples({1: 6, 2: 6}, pixels=9)
+    roots = []
+    for name in ("a", "b"):
+        root = tmp_path / name
+        (root / layout.LEARNING_SAMPLES).mkdir(parents=True)
+        write_db(layout.samples_learn(str(root), 1, 0), x, y, p)
+        roots.append(str(root))
+    return roots
+
+
+def test_more_epochs_continue_the_checkpoint_bit_identically(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """3 epochs, then 5 with restart_from_checkpoint (and other loader and early-stop settings):
+    exactly the weights of an uninterrupted 5-epoch training."""
+    roots = _two_trees(tmp_path)
+    opts = {"adaptive_lr": {"patience": 0, "factor": 0.5}}
+    run(make_cfg(roots[0], epochs=5, **opts), 1, 0, 0)
+    first = run(make_cfg(roots[1], epochs=3, **opts), 1, 0, 0)
+    assert first["epochs_run"] == 3
+    seen: list[int] = []
+    caplog.set_level("INFO", logger="sitsflow")
+    # early stop enabled but never triggered (patience 10 > 5 epochs): its settings do not matter
+    more = run(make_cfg(roots[1], epochs=5, num_workers=1, enable_early_stop=True, early_stop_patience=10,
+                        restart_from_checkpoint=True, **opts),
+               1, 0, 0, on_epoch_end=lambda e, r: seen.append(e))
+    assert more["resumed_from_epoch"] == 3 and seen == [4, 5] and not more["skipped"]
+    assert "epochs 3 -> 5" in caplog.text and "num_workers 0 -> 1" in caplog.text
+    a = checkpoint(layout.model_checkpoint(roots[0], 1, 0, 0))
+    b = checkpoint(layout.model_checkpoint(roots[1], 1, 0, 0))
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(model_state(layout.model_candidate(roots[0], 1, 0, 0)),
+                      model_state(layout.model_candidate(roots[1], 1, 0, 0)))
+    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+    assert [h["lr"] for h in a["history"]] == [h["lr"] for h in b["history"]]
+
+
+@pytest.mark.parametrize(
+    ("change", "group", "said"),
+    [
+        ({"dl_parameters": {"hidden_layers": [8], "dropout": 0.2}}, "network", "dl_parameters"),
+        ({"dl_name": "ANN", "dl_parameters": {"hidden_1": 8, "hidden_2": 8}}, "network", "dl_name"),
+        ({"pairs": ((16,), (0.01,))}, "optimisation", "batch_size 32 -> 16"),
+        ({"pairs": ((32,), (0.001,))}, "optimisation", "learning_rate 0.01 -> 0.001"),
+        ({"weighted_labels": True}, "optimisation", "weighted_labels false -> true"),
+    ],
+    ids=["parameters", "network", "batch size", "learning rate", "weighted labels"],
+)
+def test_incompatible_checkpoint_restarts_saying_why(out: str, caplog: pytest.LogCaptureFixture,
+                                                     change: dict[str, Any], group: str, said: str) -> None:
+    run(make_cfg(out, epochs=2), 1, 0, 0)
+    seen: list[int] = []
+    caplog.set_level("INFO", logger="sitsflow")
+    s = run(make_cfg(out, **{"epochs": 3, **change}), 1, 0, 0, on_epoch_end=lambda e, r: seen.append(e))
+    assert seen == [1, 2, 3] and s["resumed_from_epoch"] == 0
+    assert f"the {group} changed" in caplog.text and said in caplog.text, caplog.text
+
+
+def test_changed_data_or_code_restarts(out: str, caplog: pytest.LogCaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    run(make_cfg(out, epochs=2), 1, 0, 0)
+    caplog.set_level("INFO", logger="sitsflow")
+    monkeypatch.setenv("SITSFLOW_REVISION", "other-code")  # issue 12: other code never continues old state
+    s = run(make_cfg(out, epochs=3), 1, 0, 0)
+    assert s["resumed_from_epoch"] == 0 and "the code changed (code_version" in caplog.text
+    caplog.clear()
+    x, y, p = make_samples({11: 10, 12: 10, 31: 10}, seed=5)
+    write_db(layout.samples_learn(out, 1, 0), x, y, p)  # new samples
+    s = run(make_cfg(out, epochs=4), 1, 0, 0)
+    assert s["resumed_from_epoch"] == 0 and "the data changed (stat" in caplog.text
+
+
+def test_fewer_epochs_than_the_checkpoint_restart(out: str, caplog: pytest.LogCaptureFixture) -> None:
+    run(make_cfg(out, epochs=3), 1, 0, 0)
+    caplog.set_level("INFO", logger="sitsflow")
+    s = run(make_cfg(out, epochs=2), 1, 0, 0)
+    assert s["resumed_from_epoch"] == 0 and s["epochs_run"] == 2
+    assert "past the configured epochs (3 epochs done, epochs is now 2)" in caplog.text
+
+
+def test_early_stop_settings_are_replayed_on_the_checkpoint_history(out: str) -> None:
+    # stopped early after epoch 3 (no epoch improves by 1e6 dB) ...
+    opts = {"enable_early_stop": True, "epoch_to_trigger": 1, "early_stop_patience": 2, "early_stop_tol": 1e6}
+    s = run(make_cfg(out, epochs=6, **opts), 1, 0, 0)
+    assert s["stopped_early"] and s["epochs_run"] == 3
+    # ... early stop disabled: the training goes on from epoch 4
+    seen: list[int] = []
+    s = run(make_cfg(out, epochs=5), 1, 0, 0, on_epoch_end=lambda e, r: seen.append(e))
+    assert s["resumed_from_epoch"] == 3 and seen == [4, 5] and not s["stopped_early"]
+
+
 def test_adaptive_lr_lowers_the_learning_rate_on_a_plateau(out: str) -> None:
     # threshold 10 (rel): no validation loss can count as an improvement -> a plateau every epoch
     cfg = make_cfg(out, adaptive_lr={"patience": 0, "factor": 0.5, "threshold": 10.0, "verbose": False})

@@ -805,7 +805,8 @@ def test_nb_gpu_0_makes_a_cpu_pod(tmp_path: Path) -> None:
         ("resources.train.nb_cpu=0", "resources.train.nb_cpu: expected None or an integer >= 1"),
         ("resources.train.queue='gpu pool'", "resources.train.queue: expected None or a node pool name"),
         ("resources.train.cpus=2", "unknown key 'resources.train.cpus' (from --set); did you mean"),
-        ("resources.training={}", "name the block train"),
+        ("resources.iota2_chain={}", "the whole chain is an Argo workflow"),
+        ("resources.training={nb_cpu : 2}", "the train stage is given both as resources.train and as iota2's training"),
     ],
 )
 def test_bad_resource_blocks_are_refused(tmp_path: Path, override: str, message: str) -> None:

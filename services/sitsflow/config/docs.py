@@ -88,6 +88,9 @@ def _unsupported(owner: Any) -> list[str]:
     lines = []
     if getattr(owner, "__iota2__", {}):
         lines += ["", f"iota2 keys not supported yet (an error says so): {_grouped(owner.__iota2__)}."]
+    if getattr(owner, "__ignored__", {}):
+        lines += ["", "iota2 keys accepted and ignored with a warning (no effect here; what replaces them or why): "
+                  f"{_grouped(owner.__ignored__)}."]
     if getattr(owner, "__refused__", {}):
         lines += ["", f"Refused keys: {_grouped(owner.__refused__)}."]
     return lines

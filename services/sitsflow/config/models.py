@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BeforeValidator, ConfigDict, Field, PlainValidator, field_validator, model_validator, with_config
 from typing_extensions import TypedDict
 
-from sitsflow.config.resources import ResourcesSection
+from sitsflow.config.resources import IOTA2_STEPS, ResourcesSection
 from sitsflow.config.schema import (
     AS_IS,
     Date,
@@ -108,8 +108,19 @@ Folder = Annotated[str, PathOf("a folder (local or s3:// URI)")]
 TextFile = Annotated[str, PathOf("the path of a text file")]
 PyFile = Annotated[str, PathOf("the path of a .py file", suffixes=(".py",))]
 _SENSOR_HINT = "describe the images with a dated_raster section instead"
-_GRID_HINT = "sitsflow works in the grid (projection and resolution) of the dated rasters"
 _RERUN_HINT = "sitsflow runs every stage; a rerun skips the tasks already done"
+
+
+_RESOLUTION_TEXT = "a pixel size > 0 (in the CRS's units), or a list [x, y] of two"
+
+
+def _resolution(value: Any) -> tuple[float, float]:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = [value, value]
+    if (not isinstance(value, list | tuple) or len(value) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise invalid()
+    return (float(value[0]), float(value[1]))
 
 
 class ChainSection(Section):
@@ -120,6 +131,14 @@ class ChainSection(Section):
     sensor: ..."). Several sensors can be combined (docs/sensors.md).
     """
 
+    __ignored__ = {
+        "first_step": _RERUN_HINT,
+        "last_step": _RERUN_HINT,
+        "logger_level": "the SITSFLOW_LOG_LEVEL environment variable",
+        "check_inputs": "sitsflow always checks the configuration and the network before any work",
+        "remove_output_path": "outputs are rewritten under the same names; a rerun redoes only what changed",
+    }
+
     __iota2__ = {
         **dict.fromkeys(
             "s2_output_path s2_l3a_output_path s2_s2c_output_path l8_path_old l8_usgs_path "
@@ -127,15 +146,8 @@ class ChainSection(Section):
             "l5_path_old s1_path user_feat_path".split(),
             _SENSOR_HINT,
         ),
-        "spatial_resolution": _GRID_HINT,
-        "proj": _GRID_HINT,
-        "first_step": _RERUN_HINT,
-        "last_step": _RERUN_HINT,
-        "logger_level": "set the SITSFLOW_LOG_LEVEL environment variable instead",
-        "check_inputs": "sitsflow always checks the configuration before any work",
         **dict.fromkeys(
-            "remove_output_path cloud_threshold minimum_required_dates enable_autocontext "
-            "srtm_path worldclim_path grasslands".split(),
+            "cloud_threshold minimum_required_dates enable_autocontext srtm_path worldclim_path grasslands".split(),
             "",
         ),
     }
@@ -168,6 +180,16 @@ class ChainSection(Section):
     enables ``Sentinel_2_S2C``."""
     l8_path: Folder | None = None
     """Folder of Landsat 8 THEIA L2A products, one sub-folder per tile; enables ``Landsat8``."""
+    spatial_resolution: (
+        Annotated[tuple[float, float], PlainValidator(_resolution), AS_IS, Expect(_RESOLUTION_TEXT)] | None
+    ) = None
+    """iota2's output pixel size (a number, or [x, y]). sitsflow works in the grid of the inputs
+    (the finest sensor of each tile) and does not resample yet: the key is accepted when it is
+    that grid's pixel size, and refused (exit 2, before any work) otherwise, since the maps would
+    not be at the size asked."""
+    proj: Annotated[str, Text("a CRS such as 'EPSG:2154'")] | None = None
+    """iota2's output projection (``"EPSG:2154"``). As ``spatial_resolution``: accepted when it is
+    the CRS of the inputs, refused (exit 2, before any work) otherwise."""
 
     @property
     def tiles(self) -> tuple[str, ...]:
@@ -401,9 +423,13 @@ class DeepLearningParameters(Section):
     (batch_size, learning_rate) pair of the product of the two lists."""
     dl_module: PyFile | None = None
     """Path to a user python module containing custom neural networks (classes derived from
-    Iota2NeuralNetwork)."""
+    Iota2NeuralNetwork); iota2's imports of it (``from iota2.learning.pytorch.torch_nn_bank import
+    Iota2NeuralNetwork``, ``from torch_nn_bank import ...``) work unchanged (docs/networks.md)."""
     restart_from_checkpoint: bool = True
-    """If existing, restart learning from the checkpoint (saved after each epoch)."""
+    """If existing, restart learning from the checkpoint (saved after each epoch). It is continued
+    across more epochs and other num_workers, dataloader_mode or early-stop settings; another
+    network, dl_parameters, sample database, batch size, learning rate, weighted_labels or
+    adaptive_lr (or other code) restarts from epoch 1, the log saying why (docs/training.md)."""
     dataloader_mode: Literal["stream", "full"] = "stream"
     """During the learning stage, load the full data-set into memory ('full') or by batch
     ('stream')."""
@@ -416,7 +442,9 @@ class DeepLearningParameters(Section):
     early_stop_tol: Annotated[float, Field(ge=0)] = 0.01
     """Minimum change in the monitored quantity to qualify as an improvement. If the metric is
     'train_loss' or 'val_loss' the tolerance is in dB: dB = log10(loss_{N-1} / loss_N), with N the
-    current epoch (the previous epoch, not the best so far); for scores: value_N - value_{N-1}."""
+    current epoch (the previous epoch, not the best so far); for scores: value_N - value_{N-1}.
+    This "dB" is the reference's (no factor 10); the loss plots use 10 log10(loss), on which a
+    tolerance t is a drop of 10 t between two epochs."""
     early_stop_metric: Annotated[
         EarlyStopMetric, BeforeValidator(lambda v: METRIC_ALIASES.get(v, v) if isinstance(v, str) else v)
     ] = "val_loss"
@@ -459,11 +487,11 @@ class ArgTrainSection(Section):
             "dempster_shafer_sm".split(),
             "",
         ),
-        **dict.fromkeys(
-            ("classifier", "otb_classifier_options"),
-            "sitsflow trains deep-learning models only: set arg_train.deep_learning_parameters.dl_name",
-        ),
     }
+    __ignored__ = dict.fromkeys(
+        ("classifier", "otb_classifier_options"),
+        "deep_learning_parameters.dl_name selects the deep-learning workflow, as in iota2, which does not use it",
+    )
 
     runs: PositiveInt = 1
     """Number of random learning/test splits (seeds); each gives a full classification."""
@@ -519,8 +547,10 @@ class ArgClassificationSection(Section):
 class PythonDataManagingSection(Section):
     """The ``python_data_managing`` section: how tiles are cut into chunks for inference."""
 
-    __iota2__ = dict.fromkeys(
-        ("padding_size_x", "padding_size_y", "data_mode_access", "fill_missing_dates"), ""
+    __iota2__ = dict.fromkeys(("data_mode_access", "fill_missing_dates"), "")
+    __ignored__ = dict.fromkeys(
+        ("padding_size_x", "padding_size_y"),
+        "the networks are pixel-wise (no neighbour is read), so a chunk's padding changes nothing in the maps",
     )
 
     chunk_size_mode: Literal["split_number", "user_fixed"] = "split_number"
@@ -643,12 +673,12 @@ class SitsflowConfig(Section):
             "gap-filling is set by dated_raster.temporal_resolution and "
             "arg_train.features_from_raw_dates"
         ),
-        "task_retry_limits": (
-            "retries are set on the workflow (Argo retryStrategy), not in the configuration"
-        ),
         "scikit_models_parameters": "sitsflow trains deep-learning models only",
         "builders": "sitsflow runs the deep-learning workflow only",
         **dict.fromkeys(("obia", "coregistration", "slurm", "multi_run_fusion", "sar"), ""),
+    }
+    __ignored__ = {
+        "task_retry_limits": "retries are Argo's: the WorkflowTemplate's retryStrategy (docs/deploy.md)",
     }
     __rules__ = (
         (("chain", "dated_raster", *_OPTICAL_SECTIONS), _sensors),
@@ -696,6 +726,22 @@ class SitsflowConfig(Section):
             if chain.get(sensor.chain_key) is not None and data.get(name) is None
         ]
         return {**data, **dict.fromkeys(absent, {})} if absent else data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _iota2_resource_blocks(cls, data: Any) -> Any:
+        """iota2's resource blocks at the top level (``training : {...}``) go to ``resources``."""
+        if not isinstance(data, dict) or not any(k in IOTA2_STEPS for k in data):
+            return data
+        resources = data.get("resources", {})
+        if not isinstance(resources, dict):
+            return data
+        steps = {k: v for k, v in data.items() if k in IOTA2_STEPS}
+        twice = sorted(set(steps) & set(resources))
+        if twice:
+            raise detail(f"the iota2 resource block {twice[0]} is given twice, at the top level and in resources")
+        rest = {k: v for k, v in data.items() if k not in IOTA2_STEPS}
+        return {**rest, "resources": {**resources, **steps}}
 
     @property
     def dl(self) -> DeepLearningParameters:

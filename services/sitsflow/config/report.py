@@ -32,6 +32,9 @@ from sitsflow.config.schema import (
     suggest,
 )
 from sitsflow.config.syntax import Location
+from sitsflow.log import get_logger
+
+log = get_logger(__name__)
 
 Loc = tuple[str | int, ...]
 
@@ -76,6 +79,7 @@ def validate(raw: Any, origins: Origins, source: str) -> tuple[SitsflowConfig | 
     if not isinstance(raw, dict):
         return None, [f"{origins.label}: the configuration must be a mapping of sections"]
     errors: list[str] = []
+    raw = _without_ignored(raw, origins)
     if "source" in raw:
         errors.append(_unknown_key(SitsflowConfig, ("source",), origins))
     try:
@@ -84,6 +88,25 @@ def validate(raw: Any, origins: Origins, source: str) -> tuple[SitsflowConfig | 
         return None, errors + [message(error, raw, origins) for error in exc.errors()]
     config = _resolved(config, (), origins, errors)
     return (None if errors else config), errors
+
+
+def _without_ignored(raw: dict[str, Any], origins: Origins) -> dict[str, Any]:
+    """``raw`` without the iota2 keys that have no effect here (``__ignored__`` of the top level and
+    of each section), named in one warning with what replaces them or why."""
+    found: list[str] = []
+    out = dict(raw)
+    for key in [k for k in out if k in SitsflowConfig.__ignored__]:
+        del out[key]
+        found.append(f"{key} ({origins.where((key,))}; {SitsflowConfig.__ignored__[key]})")
+    for name, model in SECTION_MODELS.items():
+        section = out.get(name)
+        ignored = getattr(model, "__ignored__", {})
+        if isinstance(section, dict) and ignored and any(k in ignored for k in section):
+            out[name] = {k: v for k, v in section.items() if k not in ignored}
+            found += [f"{name}.{k} ({origins.where((name, k))}; {ignored[k]})" for k in section if k in ignored]
+    if found:
+        log.warning("iota2 keys accepted and ignored (no effect here): %s", "; ".join(found))
+    return out
 
 
 # --- one message per pydantic error ----------------------------------------------------------

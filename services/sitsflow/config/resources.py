@@ -18,6 +18,14 @@ WorkflowTemplate applies: ``nb_cpu`` → CPU request, ``ram`` → memory request
 ``queue`` → a node selector ``{<pool label>: <queue>}`` on top of the stage's default selector.
 ``name`` is iota2's PBS job name: checked, kept in the resolved configuration, and otherwise
 unused (Argo names the pods after the tasks).
+
+iota2's own spelling is accepted as written: a block named after an iota2 step (``training``,
+``classifications``, ``mosaic``, ... :data:`IOTA2_STEPS`), inside ``resources`` or at the top
+level of the configuration (where iota2's resource file has them), is the block of the sitsflow
+stage that does that step's work. Several iota2 steps done by one stage (``samplesSelection``
+and ``samplesExtraction`` are both ``sample``) give that stage, key by key, the largest of their
+requests (``name`` and ``queue`` from the first one). A stage given both under its own name and
+an iota2 step name is refused (exit 2), naming both.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import json
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, model_validator
 
 from sitsflow.config.schema import Expect, Inline, Section, Text
 from sitsflow.config.schema import expected as expected_text
@@ -47,15 +55,18 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "merge": {"nb_cpu": 2, "ram": "8Gi", "walltime": 43200, "nb_gpu": 0, "queue": None},
 }
 
-#: iota2 step names that users may paste, with the sitsflow stage to name instead.
+#: iota2 step names accepted as resource blocks, with the sitsflow stage doing that step's work.
+IOTA2_STEPS: dict[str, str] = {
+    "training": "train",
+    "classifications": "infer",
+    "cmdClassifications": "infer",
+    "mosaic": "merge",
+    "vectorSampler": "sample",
+    "samplesExtraction": "sample",
+    "samplesSelection": "sample",
+}
+#: iota2 block names that are refused, with what to write instead.
 IOTA2_STEP_HINTS: dict[str, str] = {
-    "training": "name the block train (sitsflow's stage word)",
-    "classifications": "name the block infer (sitsflow's stage word)",
-    "cmdClassifications": "name the block infer (sitsflow's stage word)",
-    "mosaic": "name the block merge (sitsflow's stage word)",
-    "vectorSampler": "name the block sample (sitsflow's stage word)",
-    "samplesExtraction": "name the block sample (sitsflow's stage word)",
-    "samplesSelection": "name the block sample (sitsflow's stage word)",
     "iota2_chain": "the whole chain is an Argo workflow; name a stage or default",
 }
 
@@ -111,6 +122,56 @@ def parse_walltime(value: Any) -> int:
     if seconds <= 0:
         raise ValueError(expected + "; it must be more than 0 seconds")
     return seconds
+
+
+def _ram_bytes(text: str) -> float:
+    """Bytes of a quantity returned by :func:`parse_ram` (to compare two of them)."""
+    match = _K8S_RAM.fullmatch(text)
+    assert match is not None
+    factor = {None: 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "Ki": 2**10, "Mi": 2**20,
+              "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}[match.group(2)]
+    return float(match.group(1)) * factor
+
+
+_LARGEST = {"nb_cpu": lambda v: v, "nb_gpu": lambda v: v, "ram": lambda v: _ram_bytes(parse_ram(v)),
+            "walltime": parse_walltime}
+
+
+def _merged(blocks: list[Any]) -> Any:
+    """One block from several iota2 step blocks of one stage: the largest request of each key."""
+    if len(blocks) == 1 or not all(isinstance(b, dict) for b in blocks):
+        return blocks[0]
+    out: dict[str, Any] = {}
+    for block in blocks:
+        for key, value in block.items():
+            if key not in out:
+                out[key] = value
+            elif key in _LARGEST:
+                try:
+                    if _LARGEST[key](value) > _LARGEST[key](out[key]):
+                        out[key] = value
+                except (TypeError, ValueError):
+                    out[key] = value  # a bad value is reported by validation
+    return out
+
+
+def iota2_blocks(data: Any) -> Any:
+    """``data`` (the raw ``resources`` dict) with iota2 step blocks renamed to their stages."""
+    if not isinstance(data, dict) or not any(k in IOTA2_STEPS for k in data):
+        return data
+    out = {k: v for k, v in data.items() if k not in IOTA2_STEPS}
+    by_stage: dict[str, list[str]] = {}
+    for key in data:
+        if key in IOTA2_STEPS:
+            by_stage.setdefault(IOTA2_STEPS[key], []).append(key)
+    for stage, steps in by_stage.items():
+        if stage in out:
+            raise expected_text(
+                f"one block per stage: the {stage} stage is given both as resources.{stage} and as iota2's "
+                f"{' and '.join(steps)}; keep one"
+            )
+        out[stage] = _merged([data[k] for k in steps])
+    return out
 
 
 def _parsed(parse: Any) -> Any:
@@ -182,7 +243,7 @@ class ResourcesSection(Section):
     They set what each stage's pods request on Kubernetes (``docs/deploy.md``, "iota2 resource
     blocks"). A stage's block wins over ``default`` key by key; a key left out keeps the built-in
     setting (:data:`BUILTIN`). iota2 step names (``training``, ``classifications``, ``mosaic``,
-    ...) are refused with the stage word to use.
+    ...) are read as the block of the stage doing that step (:data:`IOTA2_STEPS`).
     """
 
     __iota2__ = IOTA2_STEP_HINTS
@@ -200,6 +261,11 @@ class ResourcesSection(Section):
     """Inference pods, one per (tile, chunk, seed) (GPU nodes)."""
     merge: StageResources | None = None
     """Merging pod (CPU nodes)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _iota2_steps(cls, data: Any) -> Any:
+        return iota2_blocks(data)
 
 
 def label_selector(text: str, what: str) -> dict[str, str]:

@@ -214,6 +214,10 @@ class Inline(BaseModel):
     """iota2 keys sitsflow does not support yet -> what to use instead ("" when nothing)."""
     __refused__: ClassVar[dict[str, str]] = {}
     """Keys that cannot be set -> why."""
+    __ignored__: ClassVar[dict[str, str]] = {}
+    """iota2 keys without effect here (they steer iota2's own scheduler or files, or have no
+    effect on sitsflow's maps) -> what replaces them or why: accepted, left out of the
+    configuration, and named in one warning."""
     __rules__: ClassVar[tuple[Rule, ...]] = ()
     """Rules between the keys, checked once the keys they read are valid (every error at once)."""
 

@@ -38,7 +38,7 @@ from rasterio.windows import Window
 from sitsflow.errors import BadInputError
 from sitsflow.features.compute import FeatureComputer
 from sitsflow.features.dates import DateAxis
-from sitsflow.features.grid import check_tile_grids, finest_grid, tile_grid
+from sitsflow.features.grid import check_target_grid, check_tile_grids, finest_grid, tile_grid
 from sitsflow.features.reader import READ_BUDGET_BYTES, FeatureBlock, WindowReader
 from sitsflow.sensors import Sensor, build_sensors
 from sitsflow.sensors.base import Grid, ReadBuffers
@@ -47,7 +47,7 @@ from sitsflow.sensors.dates import from_ordinal, parse_date, to_ordinal
 from sitsflow.sensors.external import ExternalFeatures
 
 __all__ = ["DateAxis", "FeatureBlock", "FeatureComputer", "FeaturePipeline", "Grid", "ReadBuffers", "WindowReader",
-           "check_tile_grids", "from_ordinal", "parse_date", "tile_grid", "to_ordinal", "READ_BUDGET_BYTES"]
+           "check_target_grid", "check_tile_grids", "from_ordinal", "parse_date", "tile_grid", "to_ordinal", "READ_BUDGET_BYTES"]
 
 
 class FeaturePipeline:
@@ -71,6 +71,7 @@ class FeaturePipeline:
         self.raw_dates_mode = bool(cfg.arg_train.features_from_raw_dates)
         self.sensors: list[Sensor] = build_sensors(cfg, tile)
         self.grid: Grid = finest_grid(self.sensors, tile)
+        check_target_grid(cfg, tile, self.grid)
         self.sensor = self.sensors[0].key
         self.axis = DateAxis(self.sensors, self.raw_dates_mode, tile)
         self.dates: list[int] = self.axis.dates

@@ -19,7 +19,8 @@ _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {"relu": torch.nn.ReLU, "gelu":
 
 
 class ANN(Iota2NeuralNetwork):
-    """iota2's small perceptron (the network of the reference's statistics example).
+    """A small perceptron modelled on the reference's statistics example (not exactly it: no ReLU on
+    the standardised input, widths of its own; docs/networks.md, "ANN").
 
     (batch, nb_dates, nb_components) -> normalize_input -> flatten (batch, nb_dates * nb_components)
     -> Linear(hidden_1) -> BatchNorm -> ReLU -> Linear(hidden_2) -> BatchNorm -> ReLU ->

@@ -16,6 +16,7 @@ from sitsflow.errors import BadInputError, ConfigError, SitsflowError
 from sitsflow.log import get_logger
 from sitsflow.nn._layers import DL_PARAMETERS_KEY
 from sitsflow.nn.attention import SimpleSelfAttentionClassifier
+from sitsflow.nn import iota2_compat
 from sitsflow.nn.base import FRAMEWORK_ARGS, Iota2NeuralNetwork
 from sitsflow.nn.ltae import LTAEClassifier
 from sitsflow.nn.mlp import ANN, MLPClassifier
@@ -81,7 +82,8 @@ def load_user_module(module_source: str, module_uri: str | None = None) -> types
     module.__file__ = where
     sys.modules[name] = module  # dataclasses, typing and pickling look modules up there
     try:
-        exec(code, module.__dict__)  # noqa: S102 - the user's own network file, by design
+        with iota2_compat.iota2_imports():  # `from iota2.learning.pytorch.torch_nn_bank import ...` works
+            exec(code, module.__dict__)  # noqa: S102 - the user's own network file, by design
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure of user code is bad input
         del sys.modules[name]
         line = user_line(exc, where)
@@ -97,11 +99,16 @@ def user_line(exc: BaseException, where: str) -> str:
     return f" at line {frames[-1].lineno}" if frames else ""
 
 
+_BASES = (Iota2NeuralNetwork, iota2_compat.Iota2NeuralNetwork)
+#: Constructor arguments the framework supplies: sitsflow's, and the ones iota2 passes.
+SUPPLIED: tuple[str, ...] = FRAMEWORK_ARGS + iota2_compat.IOTA2_ARGS
+
+
 def _networks_in(module: types.ModuleType) -> list[str]:
     return sorted(
         n
         for n, v in vars(module).items()
-        if isinstance(v, type) and issubclass(v, Iota2NeuralNetwork) and v is not Iota2NeuralNetwork
+        if isinstance(v, type) and issubclass(v, Iota2NeuralNetwork) and v not in _BASES
     )
 
 
@@ -126,7 +133,7 @@ def resolve_network(
         other = sorted(
             n
             for n, v in vars(module).items()
-            if isinstance(v, type) and n not in found and v is not Iota2NeuralNetwork and not n.startswith("_")
+            if isinstance(v, type) and n not in found and v not in _BASES and not n.startswith("_")
         )
         raise ConfigError(
             f"{DL_NAME_KEY}: class {dl_name!r} not found in {where}; networks found there: "
@@ -200,11 +207,12 @@ def network_parameters(cls: type[Iota2NeuralNetwork]) -> dict[str, inspect.Param
         hints = {}
     out: dict[str, inspect.Parameter] = {}
     var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
-    if var_keyword and cls is not Iota2NeuralNetwork:
+    if var_keyword and cls not in _BASES:
         # ``**kwargs`` is taken as forwarding to Iota2NeuralNetwork.__init__ (its defaults become settable)
-        out.update(network_parameters(Iota2NeuralNetwork))
+        out.update(network_parameters(iota2_compat.Iota2NeuralNetwork if issubclass(
+            cls, iota2_compat.Iota2NeuralNetwork) else Iota2NeuralNetwork))
     for name, param in signature.parameters.items():
-        if name == "self" or name in FRAMEWORK_ARGS:
+        if name == "self" or name in SUPPLIED:
             continue
         if param.kind in (
             inspect.Parameter.VAR_POSITIONAL,
@@ -241,10 +249,10 @@ def check_dl_parameters(
         for n, p in accepted.items()
     )
     for key, value in dl_parameters.items():
-        if key in FRAMEWORK_ARGS:
+        if key in SUPPLIED:
             raise ConfigError(
                 f"{DL_PARAMETERS_KEY}.{key}: network {dl_name}: {key!r} is supplied by sitsflow from the sample "
-                f"database ({', '.join(FRAMEWORK_ARGS)}) and cannot be set; accepted parameters: {listing or 'none'}"
+                f"database ({', '.join(SUPPLIED)}) and cannot be set; accepted parameters: {listing or 'none'}"
             )
         if key not in accepted:
             raise ConfigError(
@@ -266,6 +274,19 @@ def check_dl_parameters(
 
 
 # ---------------------------------------------------------------------------- build
+def _supplied(cls: type[Iota2NeuralNetwork], framework: Mapping[str, Any]) -> dict[str, Any]:
+    """The framework arguments to pass to ``cls``: those its constructor names (sitsflow's and
+    iota2's, ``iota2_compat.IOTA2_ARGS``); with ``**kwargs``, sitsflow's ones it does not name
+    (forwarded to the base class)."""
+    parameters = inspect.signature(cls.__init__).parameters
+    named = {n for n, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY)}
+    values = {**framework, **iota2_compat.iota2_values(framework)} if named & set(iota2_compat.IOTA2_ARGS) else framework
+    out = {name: values[name] for name in SUPPLIED if name in named}
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        out.update({name: framework[name] for name in FRAMEWORK_ARGS if name not in out})
+    return out
+
+
 def build_network(
     dl_name: str,
     dl_parameters: Mapping[str, Any] | None,
@@ -307,7 +328,8 @@ def build_network(
         "sensor": sensor,
     }
     try:
-        network = cls(**framework, **params)
+        with iota2_compat.building(framework):
+            network = cls(**_supplied(cls, framework), **params)
     except SitsflowError:
         raise
     except Exception as exc:  # noqa: BLE001 - a user constructor may fail in any way

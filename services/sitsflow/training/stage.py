@@ -41,6 +41,7 @@ from sitsflow.errors import BadInputError, ConfigError, InputNotFoundError
 from sitsflow.log import get_logger
 from sitsflow.process import stop_deferred
 from sitsflow.samples import SampleSet, open_netcdf, quantile_stats
+from sitsflow.training import checkpoint as ckpt_compat
 from sitsflow.training import plots
 from sitsflow.training.data import class_weights, split_learn_validation
 from sitsflow.training.early_stop import EarlyStopping
@@ -51,7 +52,7 @@ log = get_logger(__name__)
 
 STAGE = "training"
 FORMAT_VERSION = 2  # 2: early stop compares each epoch with the previous one (the reference)
-CHECKPOINT_FORMAT = "sitsflow-training-checkpoint/2"  # 2: early stop compares with epoch N - 1
+CHECKPOINT_FORMAT = "sitsflow-training-checkpoint/3"  # 3: what may change when continuing (checkpoint.py)
 _KEY = "arg_train.deep_learning_parameters"
 
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -126,8 +127,9 @@ def _save_checkpoint(uri: str, payload: dict[str, Any]) -> None:
         storage.write_bytes(uri, buf.getvalue())
 
 
-def _load_checkpoint(uri: str, fp: str) -> dict[str, Any] | None:
-    """The checkpoint at ``uri`` if it exists, is readable and was written for fingerprint ``fp``."""
+def _load_checkpoint(uri: str, compat: str, options: str, epochs: int) -> dict[str, Any] | None:
+    """The checkpoint at ``uri`` if it exists, is readable and may be continued by a training
+    described by ``(compat, options)`` (``sitsflow.training.checkpoint``) of ``epochs`` epochs."""
     if not storage.exists(uri):
         return None
     try:
@@ -142,9 +144,12 @@ def _load_checkpoint(uri: str, fp: str) -> dict[str, Any] | None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         log.warning("ignoring checkpoint %s of unknown format; training from scratch", uri)
         return None
-    if ckpt.get("fingerprint") != fp:
-        log.warning("ignoring checkpoint %s written for other parameters or data; training from scratch", uri)
+    ok, why = ckpt_compat.verdict(ckpt, compat, options, epochs)
+    if not ok:
+        log.warning("not continuing checkpoint %s: %s; training from epoch 1", uri, why)
         return None
+    if why:
+        log.info("checkpoint %s is continued: what changed does not affect its state (%s)", uri, why)
     return ckpt
 
 
@@ -201,6 +206,7 @@ def train(
     checkpoint_uri: str,
     on_epoch_end: EpochHook | None = None,
     device: torch.device | None = None,
+    identity: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train one candidate on ``samples``; resume from ``checkpoint_uri`` when allowed and valid.
 
@@ -212,8 +218,11 @@ def train(
             to logits (batch, nb_classes).
         split_seed: seed of the learning/validation split and of the quantile subsample.
         torch_seed: seed of initialisation, dropout and batch order.
-        fingerprint: written into the checkpoint; a checkpoint with another one is ignored.
+        fingerprint: identifies the data and the run when ``identity`` is not given.
         checkpoint_uri: where the checkpoint is written after every epoch.
+        identity: what the weights depend on besides ``dl`` (data, region, seed, dl_module hash);
+            a checkpoint is continued only when it and the parameters outside
+            ``checkpoint.CONTINUABLE`` are the same (``sitsflow.training.checkpoint``).
         on_epoch_end: optional hook called after each epoch's checkpoint is written.
         device: defaults to :func:`sitsflow.device.choose`'s (CUDA when available, else the CPU).
     """
@@ -262,7 +271,9 @@ def train(
     best: dict[str, dict[str, Any]] = {}
     start_epoch = 0
     stopped = False
-    ckpt = _load_checkpoint(checkpoint_uri, fingerprint) if dl.restart_from_checkpoint else None
+    compat, options = ckpt_compat.describe(
+        fingerprint_parts(dl, hyp), identity if identity is not None else {"fingerprint": fingerprint})
+    ckpt = _load_checkpoint(checkpoint_uri, compat, options, dl.epochs) if dl.restart_from_checkpoint else None
     if ckpt is not None:
         network.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -274,10 +285,10 @@ def train(
         data_gen.set_state(ckpt["rng"]["data"])
         best = ckpt["best"]
         history = list(ckpt["history"])
-        if early is not None and ckpt["early_stop"] is not None:
-            early.load_state_dict(ckpt["early_stop"])
+        # the early-stop state is replayed from the history, under the current settings
+        for row in history if early is not None else ():
+            stopped = early.update(int(row["epoch"]), row[early.metric])
         start_epoch = int(ckpt["epoch"])
-        stopped = bool(ckpt["stopped"])
         log.info("resuming %s after epoch %d", checkpoint_uri, start_epoch)
     elif not dl.restart_from_checkpoint and storage.exists(checkpoint_uri):
         log.info("restart_from_checkpoint is False: ignoring %s, training from scratch", checkpoint_uri)
@@ -329,7 +340,8 @@ def train(
                  epoch, dl.epochs, train_loss, row["val_loss"], row["oa"], row["kappa"], row["fscore"], lr)
         _save_checkpoint(checkpoint_uri, {
             "format": CHECKPOINT_FORMAT,
-            "fingerprint": fingerprint,
+            "compat": compat,
+            "options": options,
             "epoch": epoch,
             "stopped": stopped,
             "model": _cpu_state(network),
@@ -398,6 +410,8 @@ def run(cfg: SitsflowConfig, region: int, seed: int, hyp: int, *, on_epoch_end: 
     db_stat = storage.stat(db_uri)
     module_source = sitsnn.read_dl_module(dl.dl_module)
     module_sha = sitsnn.module_sha256(module_source) if module_source is not None else None
+    identity = {"region": region, "seed": seed, "random_seed": random_seed, "samples": db_uri, "stat": db_stat,
+                "dl_module_sha256": module_sha}
     fp = manifest.fingerprint(
         STAGE, FORMAT_VERSION, fingerprint_parts(dl, hyp),
         {"region": region, "seed": seed, "random_seed": random_seed},
@@ -428,7 +442,8 @@ def run(cfg: SitsflowConfig, region: int, seed: int, hyp: int, *, on_epoch_end: 
                 )
 
             result = train(samples, dl, hyp, build=build, split_seed=split_seed, torch_seed=torch_seed,
-                           fingerprint=fp, checkpoint_uri=uris["checkpoint"], on_epoch_end=on_epoch_end)
+                           fingerprint=fp, checkpoint_uri=uris["checkpoint"], on_epoch_end=on_epoch_end,
+                           identity=identity)
         finally:
             samples.reader.close()
 
