@@ -27,6 +27,8 @@ SMALL = {  # small widths keep the CPU test fast; every other parameter keeps it
     "ANN": "{}",
     "MLPClassifier": "{}",
     "SimpleSelfAttentionClassifier": "{'d_model': 32, 'n_head': 2, 'n_layers': 1, 'dim_feedforward': 64}",
+    "TempCNN": "{'filters': 16, 'dense': 32}",
+    "InceptionTime": "{'filters': 8, 'bottleneck': 8, 'kernel_sizes': [19, 9, 5], 'depth': 3}",
 }
 
 pytestmark = pytest.mark.e2e

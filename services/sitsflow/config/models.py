@@ -51,8 +51,11 @@ BUILTIN_NETWORKS: tuple[str, ...] = (
     "ANN",
     "MLPClassifier",
     "SimpleSelfAttentionClassifier",
+    "TempCNN",
+    "InceptionTime",
 )
-"""The networks of iota2's ``torch_nn_bank.py`` that ``dl_name`` may name without ``dl_module``."""
+"""The built-in networks ``dl_name`` may name without ``dl_module``: the four of iota2's
+``torch_nn_bank.py``, then sitsflow's TempCNN and InceptionTime (docs/networks.md)."""
 
 Criterion = Literal["loss", "fscore", "oa", "kappa"]
 """The values of ``model_selection_criterion``."""
@@ -377,8 +380,9 @@ class DeepLearningParameters(Section):
 
     dl_name: Annotated[str, Text("the class name of a network (e.g. 'LTAEClassifier')")]
     """Available neural network's architecture (class name), currently 'LTAEClassifier', 'ANN',
-    'MLPClassifier' or 'SimpleSelfAttentionClassifier'; with ``dl_module``, any class name (a
-    Python identifier) of that module."""
+    'MLPClassifier' or 'SimpleSelfAttentionClassifier' (iota2's), 'TempCNN' or 'InceptionTime'
+    (sitsflow's, see docs/networks.md); with ``dl_module``, any class name (a Python identifier)
+    of that module."""
     dl_parameters: Annotated[
         dict[str, Any], JsonDict("a dict of constructor arguments, e.g. {'d_model': 64}", "dl_parameters")
     ] = Field(default_factory=dict)
