@@ -34,7 +34,12 @@ SMALL = {  # small widths keep the CPU test fast; every other parameter keeps it
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("name", sorted(NETWORKS))
+# TempCNN and InceptionTime took over 20 s each here (3-4 min on a loaded 2-core machine): slow
+SLOW = ("TempCNN", "InceptionTime")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in sorted(NETWORKS)])
 def test_each_network_runs_through_sitsflow_run_on_slovenia(name, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
