@@ -2,8 +2,9 @@
 
 ``run(cfg, region, seed, hyp)`` reads ``learningSamples/Samples_region_R_seedS_learn.nc`` (L+V),
 splits it polygon-wise into learning (80 %) and validation (20 %), trains the network
-``cfg.dl.dl_name`` with Adam and the cross-entropy loss for ``cfg.dl.epochs`` epochs (or until
-early stop) and writes, under ``model/``:
+``cfg.dl.dl_name`` with Adam and the cross-entropy loss (as changed by ``arg_train.training_options``,
+see :mod:`sitsflow.training.options`) for ``cfg.dl.epochs`` epochs (or until early stop) and
+writes, under ``model/``:
 
 * ``model_R_seed_S_hyp_H.txt``: the network state that was best on validation for
   ``model_selection_criterion`` (``sitsflow.nn.save_model`` bytes with a JSON description);
