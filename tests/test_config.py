@@ -16,6 +16,7 @@ from sitsflow.config import (
     DeepLearningParameters,
     HyperparametersSolver,
     SitsflowConfig,
+    TrainingOptions,
     load_config,
 )
 from sitsflow.config.schema import resolve_path
@@ -127,6 +128,10 @@ def test_minimal_config_loads_with_every_default(tmp_path: Path) -> None:
     assert cfg.dated_raster.dates_kind == "descriptions"
     train = cfg.arg_train.model_dump()
     dl = train.pop("deep_learning_parameters")
+    assert train.pop("training_options") == {  # sitsflow's, outside iota2's keys: all off
+        "label_smoothing": 0.0, "weight_decay": 0.0, "lr_schedule": "constant", "warmup_epochs": 0.0,
+        "date_dropout": 0.0, "time_shift": 0, "gaussian_noise": 0.0, "balanced_sampling": False,
+    }
     assert train == {"runs": 1, "ratio": 0.5, "random_seed": 0, "features_from_raw_dates": False,
                      "features": ("NDVI", "NDWI", "Brightness")}
     assert dl == {
@@ -199,7 +204,7 @@ def test_every_field_is_documented_in_its_docstring_and_in_the_reference_page() 
     page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text(
         encoding="utf-8"
     )
-    models = [*SECTION_MODELS.values(), DeepLearningParameters, HyperparametersSolver]
+    models = [*SECTION_MODELS.values(), DeepLearningParameters, HyperparametersSolver, TrainingOptions]
     for model in models:
         for key, info in model.model_fields.items():
             assert info.description and len(info.description) > 10, (model.__name__, key)

@@ -27,12 +27,19 @@ SMALL = {  # small widths keep the CPU test fast; every other parameter keeps it
     "ANN": "{}",
     "MLPClassifier": "{}",
     "SimpleSelfAttentionClassifier": "{'d_model': 32, 'n_head': 2, 'n_layers': 1, 'dim_feedforward': 64}",
+    "TempCNN": "{'filters': 16, 'dense': 32}",
+    "InceptionTime": "{'filters': 8, 'bottleneck': 8, 'kernel_sizes': [19, 9, 5], 'depth': 3}",
 }
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("name", sorted(NETWORKS))
+# TempCNN and InceptionTime took over 20 s each here (3-4 min on a loaded 2-core machine): slow
+SLOW = ("TempCNN", "InceptionTime")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in sorted(NETWORKS)])
 def test_each_network_runs_through_sitsflow_run_on_slovenia(name, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(

@@ -18,11 +18,15 @@ import rasterio
 import torch
 
 from sitsflow.nn import LTAEClassifier, Predictor, build_network, inference_form, predict_proba
-from sitsflow.nn.inference_form import FoldedLTAE, FoldedPerceptron
+from sitsflow.nn.inference_form import FoldedInceptionTime, FoldedLTAE, FoldedPerceptron, FoldedTempCNN
 from test_nn import _one_thread  # noqa: F401 - the module-wide one-thread fixture
 
 SLOVENIA = Path(__file__).resolve().parents[1] / "examples" / "slovenia" / "data"
-FOLDED = ("LTAEClassifier", "ANN", "MLPClassifier")
+FORMS = {"LTAEClassifier": FoldedLTAE, "ANN": FoldedPerceptron, "MLPClassifier": FoldedPerceptron,
+         "TempCNN": FoldedTempCNN, "InceptionTime": FoldedInceptionTime}
+FOLDED = tuple(FORMS)
+# the float64 and float32 checks run the default InceptionTime with 3 modules (one residual), to stay quick
+QUICK = {"InceptionTime": {"depth": 3}}
 
 
 def make_dates(n: int, step: int = 10) -> list[int]:
@@ -76,10 +80,10 @@ def trained_like(name: str, x: np.ndarray, nb_classes: int = 7, seed: int = 0, *
 @pytest.mark.parametrize("dates,comps", [(7, 2), (23, 4), (68, 1)])
 def test_fold_is_exact_in_float64(name: str, dates: int, comps: int) -> None:
     x = series(400, dates, comps)
-    net = trained_like(name, x)
+    net = trained_like(name, x, **QUICK.get(name, {}))
     ref64 = copy.deepcopy(net).double()
     form = inference_form(net, dtype=torch.float64)
-    assert isinstance(form, FoldedLTAE if name == "LTAEClassifier" else FoldedPerceptron)
+    assert isinstance(form, FORMS[name])
     with torch.inference_mode():
         expected = ref64(torch.from_numpy(x).double())
         got = form(torch.from_numpy(x).double())
@@ -90,7 +94,7 @@ def test_fold_is_exact_in_float64(name: str, dates: int, comps: int) -> None:
 @pytest.mark.parametrize("name", FOLDED)
 def test_fold_agrees_in_float32(name: str) -> None:
     x = series(2000, 36, 10, seed=1)
-    net = trained_like(name, x, nb_classes=12)
+    net = trained_like(name, x, nb_classes=12, **QUICK.get(name, {}))
     reference = predict_proba(net, x, form="reference", batch_size=512)
     folded = predict_proba(net, x, batch_size=512)
     assert np.abs(folded - reference).max() < 2e-5
@@ -138,7 +142,9 @@ def fit(net: torch.nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 40) -> 
 
 
 SMALL = {"LTAEClassifier": {"d_model": 64, "n_head": 8, "mlp": [64, 32], "decoder": [32, 16]},
-         "ANN": {"hidden_1": 64, "hidden_2": 32}, "MLPClassifier": {"hidden_layers": [64, 32]}}
+         "ANN": {"hidden_1": 64, "hidden_2": 32}, "MLPClassifier": {"hidden_layers": [64, 32]},
+         "TempCNN": {"filters": 32, "dense": 64},
+         "InceptionTime": {"filters": 16, "bottleneck": 16, "kernel_sizes": [19, 9, 5], "depth": 3}}
 
 
 def _bf16_agreement(net: torch.nn.Module, x: np.ndarray) -> float:
@@ -147,9 +153,14 @@ def _bf16_agreement(net: torch.nn.Module, x: np.ndarray) -> float:
     return float((low.argmax(1) == reference.argmax(1)).mean())
 
 
+# bf16 convolutions run emulated (slowly) on the CPU: the convolutional networks are checked on
+# fewer generated pixels, and not on the Slovenia series (minutes on a shared CPU)
+CONV = ("TempCNN", "InceptionTime")
+
+
 @pytest.mark.parametrize("name", FOLDED)
 def test_bf16_labels_agree_on_generated_series(name: str) -> None:
-    x, y = structured(4000, 36, 10, seed=2)
+    x, y = structured(1500 if name in CONV else 4000, 36, 10, seed=2)
     net = fit(trained_like(name, x[:1000], nb_classes=10, seed=3, **SMALL[name]), x[:1000], y[:1000])
     assert _bf16_agreement(net, x) >= 0.995
 
@@ -164,7 +175,7 @@ def test_bf16_labels_agree_on_the_slovenia_series() -> None:
     # classes: quintiles of the pixel's mean NDVI, something a network can learn from the series
     mean = np.nanmean(np.where(np.isfinite(x[..., 0]), x[..., 0], np.nan), axis=1)
     y = np.searchsorted(np.nanquantile(mean, [0.2, 0.4, 0.6, 0.8]), np.nan_to_num(mean))
-    for name in FOLDED:
+    for name in (n for n in FOLDED if n not in CONV):
         net = fit(trained_like(name, x, nb_classes=5, seed=4, **SMALL[name]), x[::4], y[::4])
         assert _bf16_agreement(net, x) >= 0.995, name
 

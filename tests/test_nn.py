@@ -18,11 +18,13 @@ from sitsflow.errors import BadInputError, ConfigError
 from sitsflow.nn import (
     ANN,
     NETWORKS,
+    InceptionTime,
     Iota2NeuralNetwork,
     LTAEClassifier,
     LTAEEncoder,
     MLPClassifier,
     SimpleSelfAttentionClassifier,
+    TempCNN,
     auto_batch_size,
     build_network,
     fingerprint,
@@ -52,6 +54,8 @@ SMALL: dict[str, dict] = {
     "ANN": {"hidden_1": 32, "hidden_2": 16},
     "MLPClassifier": {"hidden_layers": [32, 16]},
     "SimpleSelfAttentionClassifier": {"d_model": 16, "n_head": 2, "n_layers": 1, "dim_feedforward": 32},
+    "TempCNN": {"filters": 8, "dense": 16},
+    "InceptionTime": {"filters": 4, "bottleneck": 4, "kernel_sizes": [9, 5, 3], "depth": 3},
 }
 
 
@@ -262,6 +266,46 @@ def test_ltae_encoder_parameter_count() -> None:
     assert n_params(net.decoder) == (128 * 64 + 64) + 128 + (64 * 32 + 32) + 64 + (32 * 20 + 20)
 
 
+def test_tempcnn_is_the_papers_architecture() -> None:
+    # Pelletier et al. 2019: 3 x [Conv1d(64, kernel 5) + BatchNorm + ReLU + Dropout(0.2)], flatten,
+    # Dense(256) + BatchNorm + ReLU + Dropout(0.2), softmax layer
+    t, c, k = 24, 10, 7
+    net = build_network("TempCNN", {}, **framework(t=t, c=c, k=k, stats=make_stats(t, c)))
+    convs = [m for m in net.conv if isinstance(m, torch.nn.Conv1d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size) for m in convs] == [(c, 64, (5,)), (64, 64, (5,)),
+                                                                               (64, 64, (5,))]
+    assert [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)] == [0.2] * 4
+    conv = (c * 64 * 5 + 64) + 2 * (64 * 64 * 5 + 64) + 3 * 2 * 64
+    head = (64 * t * 256 + 256) + 2 * 256 + (256 * k + k)
+    assert n_params(net) == conv + head
+    # "mean" pooling: the weights no longer depend on the number of dates
+    means = [build_network("TempCNN", {"pooling": "mean"}, **framework(t=n, c=c, k=k, stats=make_stats(n, c)))
+             for n in (5, 40)]
+    assert n_params(means[0]) == n_params(means[1]) == conv + (64 * 256 + 256) + 2 * 256 + (256 * k + k)
+
+
+def test_inception_time_is_the_papers_architecture() -> None:
+    # Ismail Fawaz et al. 2020: 6 inception modules (bottleneck 32, kernels 39/19/9, max-pool
+    # branch, 32 filters each -> 128 channels, BatchNorm, ReLU), residual every 3, GAP, Linear
+    t, c, k = 24, 10, 7
+    net = build_network("InceptionTime", {}, **framework(t=t, c=c, k=k, stats=make_stats(t, c)))
+    assert len(net.blocks) == 6 and len(net.shortcuts) == 2
+    branches = 32 * 32 * (39 + 19 + 9)
+    first = c * 32 + branches + c * 32 + 2 * 128
+    other = 128 * 32 + branches + 128 * 32 + 2 * 128
+    shortcuts = (c * 128 + 2 * 128) + (128 * 128 + 2 * 128)
+    assert n_params(net) == first + 5 * other + shortcuts + (128 * k + k)
+    with torch.no_grad():
+        assert net.eval().features(torch.zeros(2, c, t)).shape == (2, 128, t)
+    # a single input channel (an NDVI series): the first module has no bottleneck, as in the authors' code
+    one = build_network("InceptionTime", {}, **framework(t=t, c=1, k=k, stats=make_stats(t, 1)))
+    assert isinstance(one.blocks[0].bottleneck, torch.nn.Identity)
+    assert [m.in_channels for m in one.blocks[0].convs] == [1, 1, 1]
+    # the weights do not depend on the number of dates
+    other_t = build_network("InceptionTime", {}, **framework(t=5, c=c, k=k, stats=make_stats(5, c)))
+    assert n_params(other_t) == n_params(net)
+
+
 @pytest.mark.parametrize("name", ["LTAEClassifier", "SimpleSelfAttentionClassifier"])
 def test_attention_networks_use_the_acquisition_dates(name: str) -> None:
     t, c = 9, 3
@@ -335,6 +379,25 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "dim_feedforward": {"dim_feedforward": 48},
         "dropout": {"dropout": 0.6},
         "T": {"T": 10.0},
+        "default_mean": {"default_mean": 5.0},
+        "default_std": {"default_std": 3.0},
+    },
+    "TempCNN": {
+        "filters": {"filters": 12},
+        "kernel_size": {"kernel_size": 3},
+        "n_layers": {"n_layers": 2},
+        "dense": {"dense": 24},
+        "dropout": {"dropout": 0.6},
+        "pooling": {"pooling": "mean"},
+        "default_mean": {"default_mean": 5.0},
+        "default_std": {"default_std": 3.0},
+    },
+    "InceptionTime": {
+        "filters": {"filters": 6},
+        "bottleneck": {"bottleneck": 0},
+        "kernel_sizes": {"kernel_sizes": [7, 5, 3]},
+        "depth": {"depth": 4},
+        "residual_every": {"residual_every": 0},
         "default_mean": {"default_mean": 5.0},
         "default_std": {"default_std": 3.0},
     },
@@ -703,10 +766,12 @@ def test_public_names() -> None:
     import sitsflow.nn as nn
 
     for name in ("Iota2NeuralNetwork", "build_network", "save_model", "load_model", "predict_proba",
-                 "LTAEClassifier", "ANN", "MLPClassifier", "SimpleSelfAttentionClassifier"):
+                 "LTAEClassifier", "ANN", "MLPClassifier", "SimpleSelfAttentionClassifier", "TempCNN",
+                 "InceptionTime"):
         assert name in nn.__all__
     assert NETWORKS == {"LTAEClassifier": LTAEClassifier, "ANN": ANN, "MLPClassifier": MLPClassifier,
-                        "SimpleSelfAttentionClassifier": SimpleSelfAttentionClassifier}
+                        "SimpleSelfAttentionClassifier": SimpleSelfAttentionClassifier, "TempCNN": TempCNN,
+                        "InceptionTime": InceptionTime}
     assert all("dates" in inspect.signature(cls.__init__).parameters for cls in NETWORKS.values())
 
 

@@ -21,6 +21,7 @@ from sitsflow.config.models import (
     HyperparametersSolver,
     PythonDataManagingSection,
     SitsflowConfig,
+    TrainingOptions,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "HyperparametersSolver",
     "PythonDataManagingSection",
     "SitsflowConfig",
+    "TrainingOptions",
     "load_config",
     "parse_override",
 ]

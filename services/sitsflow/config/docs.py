@@ -24,6 +24,7 @@ from sitsflow.config.models import (
     DeepLearningParameters,
     HyperparametersSolver,
     OpticalSensorSection,
+    TrainingOptions,
 )
 from sitsflow.config.resources import BUILTIN, StageResources
 from sitsflow.config.schema import PathOf, describe, field_doc, fields_of, markers
@@ -130,6 +131,7 @@ def reference() -> str:
             lines += _section(f"`{key}`", DeepLearningParameters, "###")
             lines += _section(f"`{key}.hyperparameters_solver`", HyperparametersSolver, "####")
             lines += _section(f"`{key}.adaptive_lr`", AdaptiveLR, "####")
+            lines += _section("`arg_train.training_options`", TrainingOptions, "###")
         if name == "resources":
             lines += _section("keys of a resource block", StageResources, "###")
             keys = list(next(iter(BUILTIN.values())))

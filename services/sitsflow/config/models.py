@@ -51,8 +51,11 @@ BUILTIN_NETWORKS: tuple[str, ...] = (
     "ANN",
     "MLPClassifier",
     "SimpleSelfAttentionClassifier",
+    "TempCNN",
+    "InceptionTime",
 )
-"""The networks of iota2's ``torch_nn_bank.py`` that ``dl_name`` may name without ``dl_module``."""
+"""The built-in networks ``dl_name`` may name without ``dl_module``: the four of iota2's
+``torch_nn_bank.py``, then sitsflow's TempCNN and InceptionTime (docs/networks.md)."""
 
 Criterion = Literal["loss", "fscore", "oa", "kappa"]
 """The values of ``model_selection_criterion``."""
@@ -399,8 +402,9 @@ class DeepLearningParameters(Section):
 
     dl_name: Annotated[str, Text("the class name of a network (e.g. 'LTAEClassifier')")]
     """Available neural network's architecture (class name), currently 'LTAEClassifier', 'ANN',
-    'MLPClassifier' or 'SimpleSelfAttentionClassifier'; with ``dl_module``, any class name (a
-    Python identifier) of that module."""
+    'MLPClassifier' or 'SimpleSelfAttentionClassifier' (iota2's), 'TempCNN' or 'InceptionTime'
+    (sitsflow's, see docs/networks.md); with ``dl_module``, any class name (a Python identifier)
+    of that module."""
     dl_parameters: Annotated[
         dict[str, Any], JsonDict("a dict of constructor arguments, e.g. {'d_model': 64}", "dl_parameters")
     ] = Field(default_factory=dict)
@@ -469,6 +473,69 @@ class DeepLearningParameters(Section):
         return list(itertools.product(solver.batch_size, solver.learning_rate))
 
 
+class TrainingOptions(Section):
+    """``arg_train.training_options``: sitsflow's training options for rare classes and small data,
+    outside iota2's deep-learning parameters (whose keys and defaults are unchanged).
+
+    The defaults change nothing: a configuration without this section trains as iota2 does. Each
+    option is described in docs/training.md; every value set here is part of the training
+    fingerprint, so changing one retrains."""
+
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Label smoothing epsilon of the training loss (PyTorch's ``cross_entropy(label_smoothing)``:
+    the target is (1 - epsilon) on the true class plus epsilon / nb_classes on every class). The
+    validation loss stays the plain cross-entropy."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """Decoupled weight decay (the optimizer becomes AdamW with this decay; 0: iota2's Adam)."""
+    lr_schedule: Literal["constant", "cosine", "one_cycle"] = "constant"
+    """Learning rate per step, the candidate's learning rate being the peak: 'constant' (iota2's,
+    after the warm-up if any); 'cosine': linear warm-up from 0 over ``warmup_epochs``, then cosine
+    decay to 0 at the last step of ``epochs``; 'one_cycle': Smith's one-cycle as PyTorch's
+    OneCycleLR (cosine rise from lr / 25 to lr over ``warmup_epochs``, cosine fall to
+    lr / 250000; momentum not cycled). Not with ``adaptive_lr``."""
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
+    """Length of the warm-up, in epochs (fractions allowed); below ``epochs``; 'one_cycle' needs
+    more than 0."""
+    date_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Augmentation: probability that a date of a training series is marked missing (all its
+    components NaN; the network imputes it as any missing value)."""
+    time_shift: Annotated[int, Field(ge=0)] = 0
+    """Augmentation: each training series is shifted by a whole number of dates drawn uniformly in
+    [-time_shift, time_shift]; the dates shifted in are missing."""
+    gaussian_noise: Annotated[float, Field(ge=0)] = 0.0
+    """Augmentation: Gaussian noise added to every training value, its standard deviation this
+    factor times the feature's standard deviation in the training statistics."""
+    balanced_sampling: bool = False
+    """Class-balanced sampling: every class is drawn equally often ('full' mode: each epoch draws
+    as many samples as the learning set holds, with replacement, with probability 1 / count of
+    its class; 'stream' mode: each batch is redrawn from itself with those weights). Not with
+    ``weighted_labels``."""
+
+
+def _training_options(section: ArgTrainSection) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    """The training options against iota2's deep-learning parameters."""
+    dl, opts = section.deep_learning_parameters, section.training_options
+    if opts.lr_schedule != "constant" or opts.warmup_epochs > 0:
+        if dl.adaptive_lr:
+            yield ("training_options", "lr_schedule"), opts.lr_schedule, detail(
+                "a learning-rate schedule or warm-up cannot be combined with "
+                "deep_learning_parameters.adaptive_lr (both set the learning rate): remove one"
+            )
+    if opts.warmup_epochs >= dl.epochs:
+        yield ("training_options", "warmup_epochs"), opts.warmup_epochs, expected(
+            f"fewer epochs than deep_learning_parameters.epochs = {dl.epochs}"
+        )
+    if opts.lr_schedule == "one_cycle" and opts.warmup_epochs <= 0:
+        yield ("training_options", "warmup_epochs"), opts.warmup_epochs, expected(
+            "a number > 0 with lr_schedule 'one_cycle' (the rising phase, e.g. 0.3 x epochs)"
+        )
+    if opts.balanced_sampling and dl.weighted_labels:
+        yield ("training_options", "balanced_sampling"), True, detail(
+            "balanced_sampling and deep_learning_parameters.weighted_labels both correct for the "
+            "class proportions; together they over-correct: set one of them"
+        )
+
+
 def _index_name(value: Any) -> Any:
     canon = {name.lower(): name for name in SPECTRAL_INDICES}
     return canon.get(value.lower(), value) if isinstance(value, str) else value
@@ -476,6 +543,8 @@ def _index_name(value: Any) -> Any:
 
 class ArgTrainSection(Section):
     """The ``arg_train`` section: sample split and training."""
+
+    __rules__ = ((("deep_learning_parameters", "training_options"), _training_options),)
 
     __iota2__ = {
         **dict.fromkeys(
@@ -511,6 +580,8 @@ class ArgTrainSection(Section):
     their bands (any case); [] turns them off. Not applied to dated_raster."""
     deep_learning_parameters: DeepLearningParameters
     """The deep-learning parameters (a section)."""
+    training_options: TrainingOptions = Field(default_factory=TrainingOptions)
+    """sitsflow's training options for rare classes and small data (a section, not iota2's)."""
 
 
 # --- classification --------------------------------------------------------------------------
@@ -619,7 +690,7 @@ def _write_section(lines: list[str], name: str, values: dict[str, Any], depth: i
     lines.append(f"{pad}}}")
 
 
-_NESTED_SECTIONS = {"deep_learning_parameters"}
+_NESTED_SECTIONS = {"deep_learning_parameters", "training_options"}
 """Sub-sections written as sections (``name : { ... }``) by ``to_cfg``; other dicts are inline."""
 
 

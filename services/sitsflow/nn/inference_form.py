@@ -29,6 +29,13 @@ fp32 and bf16 differences); nothing is retrained and model files do not change.
   ``nb_dates x d_model``, and the operation count drops about fourfold (36 dates x 10 bands,
   defaults: about 75 k multiply-adds per pixel instead of about 300 k).
 
+* **TempCNN** (:class:`FoldedTempCNN`) and **InceptionTime** (:class:`FoldedInceptionTime`): each
+  BatchNorm is folded into the convolution (or Linear) before it, per output channel
+  (``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``). In an inception
+  module the BatchNorm follows the concatenation of the four branches: each branch's convolution
+  takes its slice of the channels. The convolutions pad with zeros and the BatchNorm acts after
+  them, so the fold is exact at the series' ends too.
+
 Other networks (the self-attention classifier, users' networks) have no fold here: their inference
 form is the network itself, run under ``torch.inference_mode`` (whose normalisation is already
 fused).
@@ -43,6 +50,7 @@ from collections.abc import Callable
 import torch
 
 from sitsflow.nn.base import Iota2NeuralNetwork
+from sitsflow.nn.inception import run_stack
 
 
 class NormalizedInput(torch.nn.Module):
@@ -111,6 +119,104 @@ class FoldedPerceptron(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, T, C) -> logits (batch, nb_classes)."""
         return self.layers(self.normalize(x).flatten(1))
+
+
+def fold_conv_bn(
+    conv: torch.nn.Conv1d, bn: torch.nn.BatchNorm1d | None, channels: slice | None = None
+) -> torch.nn.Conv1d:
+    """``bn(conv(x))`` as one Conv1d with a bias, in fp64 (BatchNorm in eval mode).
+
+    ``channels``: the slice of ``bn``'s channels that ``conv``'s outputs are (a branch of a
+    concatenation); all of them when None.
+    """
+    w = conv.weight.detach().double()
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    if bn is not None:
+        part = channels if channels is not None else slice(0, w.shape[0])
+        scale = bn.weight.detach().double()[part] / torch.sqrt(bn.running_var.detach().double()[part] + bn.eps)
+        w = w * scale[:, None, None]
+        b = (b - bn.running_mean.detach().double()[part]) * scale + bn.bias.detach().double()[part]
+    out = torch.nn.Conv1d(w.shape[1], w.shape[0], w.shape[2], padding=conv.padding, dilation=conv.dilation,
+                          dtype=torch.float64)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        out.bias.copy_(b)
+    return out
+
+
+def _fold_conv_sequence(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Fold each ``Conv1d`` with the ``BatchNorm1d`` right after it; drop dropouts; keep the rest."""
+    out: list[torch.nn.Module] = []
+    k = 0
+    while k < len(modules):
+        m = modules[k]
+        if isinstance(m, torch.nn.Conv1d):
+            nxt = modules[k + 1] if k + 1 < len(modules) else None
+            bn = nxt if isinstance(nxt, torch.nn.BatchNorm1d) else None
+            out.append(fold_conv_bn(m, bn))
+            k += 2 if bn is not None else 1
+            continue
+        if not isinstance(m, torch.nn.Dropout):
+            out.append(m)
+        k += 1
+    return out
+
+
+class FoldedTempCNN(torch.nn.Module):
+    """Inference form of ``TempCNN``: normalisation, convolutions and the dense layer with their
+    BatchNorm folded in. (batch, T, C) -> logits (batch, nb_classes)."""
+
+    def __init__(self, network: Iota2NeuralNetwork) -> None:
+        super().__init__()
+        self.normalize = NormalizedInput(network)
+        self.conv = torch.nn.Sequential(*_fold_conv_sequence(list(network.conv))).double()
+        self.flatten = network.pooling == "flatten"
+        self.head = torch.nn.Sequential(*fold_sequential(list(network.head))).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, T, C) -> logits (batch, nb_classes)."""
+        h = self.conv(self.normalize(x).transpose(1, 2))
+        return self.head(h.flatten(1) if self.flatten else h.mean(dim=2))
+
+
+class _FoldedInceptionModule(torch.nn.Module):
+    """An inception module whose BatchNorm is folded into its four branch convolutions."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        bb = module.bottleneck
+        self.bottleneck = fold_conv_bn(bb, None) if isinstance(bb, torch.nn.Conv1d) else torch.nn.Identity()
+        f = module.pool_conv.out_channels
+        self.convs = torch.nn.ModuleList(
+            fold_conv_bn(conv, module.bn, slice(i * f, (i + 1) * f)) for i, conv in enumerate(module.convs)
+        )
+        n = len(module.convs)
+        self.pool = copy.deepcopy(module.pool)
+        self.pool_conv = fold_conv_bn(module.pool_conv, module.bn, slice(n * f, (n + 1) * f))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, in_channels, T) -> (batch, 4 * filters, T)."""
+        z = self.bottleneck(x)
+        branches = [conv(z) for conv in self.convs] + [self.pool_conv(self.pool(x))]
+        return torch.relu(torch.cat(branches, dim=1))
+
+
+class FoldedInceptionTime(torch.nn.Module):
+    """Inference form of ``InceptionTime``: normalisation, then the modules and the residual
+    shortcuts with their BatchNorm folded in. (batch, T, C) -> logits (batch, nb_classes)."""
+
+    def __init__(self, network: Iota2NeuralNetwork) -> None:
+        super().__init__()
+        self.normalize = NormalizedInput(network)
+        self.blocks = torch.nn.ModuleList(_FoldedInceptionModule(m) for m in network.blocks)
+        self.shortcuts = torch.nn.ModuleList(fold_conv_bn(s.conv, s.bn) for s in network.shortcuts)
+        self.residual_every = network.residual_every
+        self.head = fold_linear_bn(network.head, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, T, C) -> logits (batch, nb_classes)."""
+        h = run_stack(self.blocks, self.shortcuts, self.residual_every, self.normalize(x).transpose(1, 2))
+        return self.head(h.mean(dim=2))
 
 
 class FoldedLTAE(torch.nn.Module):
@@ -202,12 +308,22 @@ def _mlp(network: Iota2NeuralNetwork) -> torch.nn.Module:
     return FoldedPerceptron(network, list(network.layers))
 
 
+def _tempcnn(network: Iota2NeuralNetwork) -> torch.nn.Module:
+    return FoldedTempCNN(network)
+
+
+def _inception(network: Iota2NeuralNetwork) -> torch.nn.Module:
+    return FoldedInceptionTime(network)
+
+
 #: Networks with a folded inference form, by class name (only the exact built-in classes: a user
 #: subclass may change ``_forward``).
 FOLDS: dict[str, Callable[[Iota2NeuralNetwork], torch.nn.Module]] = {
     "LTAEClassifier": _ltae,
     "ANN": _ann,
     "MLPClassifier": _mlp,
+    "TempCNN": _tempcnn,
+    "InceptionTime": _inception,
 }
 
 
@@ -223,7 +339,8 @@ def inference_form(network: Iota2NeuralNetwork, dtype: torch.dtype = torch.float
 
     The folds are computed in float64, then cast to ``dtype`` (float64 shows that they are exact).
 
-    Folded for ``LTAEClassifier``, ``ANN`` and ``MLPClassifier``; the network itself otherwise. The
+    Folded for ``LTAEClassifier``, ``ANN``, ``MLPClassifier``, ``TempCNN`` and ``InceptionTime``;
+    the network itself otherwise. The
     form is a snapshot: it does not follow later changes of the network's weights.
     """
     fold = FOLDS.get(type(network).__name__)

@@ -18,8 +18,10 @@ from sitsflow.nn._layers import DL_PARAMETERS_KEY
 from sitsflow.nn.attention import SimpleSelfAttentionClassifier
 from sitsflow.nn import iota2_compat
 from sitsflow.nn.base import FRAMEWORK_ARGS, Iota2NeuralNetwork
+from sitsflow.nn.inception import InceptionTime
 from sitsflow.nn.ltae import LTAEClassifier
 from sitsflow.nn.mlp import ANN, MLPClassifier
+from sitsflow.nn.tempcnn import TempCNN
 
 log = get_logger(__name__)
 
@@ -29,6 +31,8 @@ NETWORKS: dict[str, type[Iota2NeuralNetwork]] = {
     "ANN": ANN,
     "MLPClassifier": MLPClassifier,
     "SimpleSelfAttentionClassifier": SimpleSelfAttentionClassifier,
+    "TempCNN": TempCNN,
+    "InceptionTime": InceptionTime,
 }
 
 DL_MODULE_KEY = "arg_train.deep_learning_parameters.dl_module"

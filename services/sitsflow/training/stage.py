@@ -2,8 +2,9 @@
 
 ``run(cfg, region, seed, hyp)`` reads ``learningSamples/Samples_region_R_seedS_learn.nc`` (L+V),
 splits it polygon-wise into learning (80 %) and validation (20 %), trains the network
-``cfg.dl.dl_name`` with Adam and the cross-entropy loss for ``cfg.dl.epochs`` epochs (or until
-early stop) and writes, under ``model/``:
+``cfg.dl.dl_name`` with Adam and the cross-entropy loss (as changed by ``arg_train.training_options``,
+see :mod:`sitsflow.training.options`) for ``cfg.dl.epochs`` epochs (or until early stop) and
+writes, under ``model/``:
 
 * ``model_R_seed_S_hyp_H.txt``: the network state that was best on validation for
   ``model_selection_criterion`` (``sitsflow.nn.save_model`` bytes with a JSON description);
@@ -35,7 +36,7 @@ import torch
 from sitsflow import layout, manifest, storage
 from sitsflow import nn as sitsnn
 from sitsflow.accuracy import scores
-from sitsflow.config import DeepLearningParameters, SitsflowConfig
+from sitsflow.config import DeepLearningParameters, SitsflowConfig, TrainingOptions
 from sitsflow.device import choose as device_choose
 from sitsflow.errors import BadInputError, ConfigError, InputNotFoundError
 from sitsflow.log import get_logger
@@ -47,6 +48,8 @@ from sitsflow.training.data import class_weights, split_learn_validation
 from sitsflow.training.early_stop import EarlyStopping
 from sitsflow.training.loaders import InMemoryBatches, StreamBatches, make_loader
 from sitsflow.training.metrics import CRITERIA
+from sitsflow.training.options import TrainingExtras
+from sitsflow.training.options import fingerprint_part as options_fingerprint
 
 log = get_logger(__name__)
 
@@ -80,6 +83,12 @@ def fingerprint_parts(dl: DeepLearningParameters, hyp: int) -> dict[str, Any]:
     batch_size, learning_rate = candidate(dl, hyp)
     parts = dl.model_dump(mode="json", exclude={"restart_from_checkpoint", "hyperparameters_solver"})
     return {**parts, "batch_size": batch_size, "learning_rate": learning_rate, "hyp": int(hyp)}
+
+
+def _options_part(options: TrainingOptions) -> dict[str, Any]:
+    """``{"training_options": {...}}`` with the options set away from their defaults; ``{}`` when none."""
+    part = options_fingerprint(options)
+    return {"training_options": part} if part else {}
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, adaptive_lr: Mapping[str, Any]) -> Any:
@@ -207,6 +216,7 @@ def train(
     on_epoch_end: EpochHook | None = None,
     device: torch.device | None = None,
     identity: Mapping[str, Any] | None = None,
+    options: TrainingOptions | None = None,
 ) -> TrainResult:
     """Train one candidate on ``samples``; resume from ``checkpoint_uri`` when allowed and valid.
 
@@ -225,6 +235,7 @@ def train(
             ``checkpoint.CONTINUABLE`` are the same (``sitsflow.training.checkpoint``).
         on_epoch_end: optional hook called after each epoch's checkpoint is written.
         device: defaults to :func:`sitsflow.device.choose`'s (CUDA when available, else the CPU).
+        options: ``arg_train.training_options`` (:mod:`sitsflow.training.options`); None: defaults.
     """
     device = device_choose(device)  # a pod given a GPU it cannot use fails here (exit 2)
     batch_size, learning_rate = candidate(dl, hyp)
@@ -246,7 +257,11 @@ def train(
     # a multi-sensor database has one feature vector: its statistics serve every sensor key
     network = build(stats={key: tensors for key in dict.fromkeys((samples.sensor, *samples.sensors))})
     network.to(device)
-    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
+    extras = TrainingExtras(options or TrainingOptions(), learning_rate=learning_rate, epochs=dl.epochs,
+                            steps_per_epoch=-(-int(learn.sum()) // batch_size), learn_labels=label_idx[learn],
+                            nb_classes=nb_classes, stats=stats, nb_dates=samples.nb_dates,
+                            nb_components=samples.nb_components, stream=dl.dataloader_mode == "stream")
+    optimizer = extras.optimizer(network.parameters())
     scheduler = make_scheduler(optimizer, dl.adaptive_lr)
     data_gen = torch.Generator().manual_seed(torch_seed)
     early = (EarlyStopping(dl.early_stop_metric, dl.early_stop_tol, dl.early_stop_patience,
@@ -297,22 +312,25 @@ def train(
         if stopped:
             break
         tic = time.monotonic()
+        extras.set_lr(optimizer, epoch, 0)
         lr = float(optimizer.param_groups[0]["lr"])
         if dl.dataloader_mode == "full":
-            train_ds.set_order(torch.randperm(len(train_ds.targets), generator=data_gen))
+            train_ds.set_order(extras.epoch_order(train_ds.targets, data_gen))
         else:
             train_ds.set_epoch(data_gen)
         loader = make_loader(train_ds, num_workers=dl.num_workers, generator=data_gen, pin_memory=pin)
         network.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         count = 0
-        for x, y in loader:
+        for index, (x, y) in enumerate(loader):
+            x, y = extras.batch(x, y, data_gen)
+            extras.set_lr(optimizer, epoch, index)
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device):
                 logits = network(x)
-            loss = torch.nn.functional.cross_entropy(logits.float(), y, weight=weights)
+            loss = extras.loss(logits.float(), y, weights)
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach().double() * y.shape[0]
@@ -412,8 +430,9 @@ def run(cfg: SitsflowConfig, region: int, seed: int, hyp: int, *, on_epoch_end: 
     module_sha = sitsnn.module_sha256(module_source) if module_source is not None else None
     identity = {"region": region, "seed": seed, "random_seed": random_seed, "samples": db_uri, "stat": db_stat,
                 "dl_module_sha256": module_sha}
+    options = cfg.arg_train.training_options
     fp = manifest.fingerprint(
-        STAGE, FORMAT_VERSION, fingerprint_parts(dl, hyp),
+        STAGE, FORMAT_VERSION, {**fingerprint_parts(dl, hyp), **_options_part(options)},
         {"region": region, "seed": seed, "random_seed": random_seed},
         {"samples": db_uri, "stat": db_stat, "dl_module_sha256": module_sha},
     )
@@ -443,7 +462,7 @@ def run(cfg: SitsflowConfig, region: int, seed: int, hyp: int, *, on_epoch_end: 
 
             result = train(samples, dl, hyp, build=build, split_seed=split_seed, torch_seed=torch_seed,
                            fingerprint=fp, checkpoint_uri=uris["checkpoint"], on_epoch_end=on_epoch_end,
-                           identity=identity)
+                           identity=identity, options=options)
         finally:
             samples.reader.close()
 
