@@ -143,3 +143,9 @@ def chunk_validity(out: str, tile: str, chunk: int) -> str:
 
 def tile_validity(out: str, tile: str) -> str:
     return join(out, CLASSIF, f"PixelsValidity_{tile}.tif")
+
+
+# --- plans -----------------------------------------------------------------------------------
+def plan(out: str, stage: str) -> str:
+    """The stored task list of a fan-out (``sitsflow plan <stage>``); its shards read it."""
+    return join(out, "plans", f"{stage}.json")
