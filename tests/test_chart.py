@@ -419,9 +419,10 @@ args = sys.argv[1:]
 stage = " ".join(args[:2]) if args[0] == "plan" else args[0]
 out = {
     "prepare": json.dumps({"config": "/r.cfg", "resources": json.loads(os.environ["FAKE_PODS"])}),
-    "plan training": '[{"region": 1, "seed": 0, "hyp": 0}]',
-    "plan selection": '[{"region": 1, "seed": 0}]',
-    "plan inference": '[{"tile": "T1", "chunk": 0, "seed": 0}]',
+    # a plan of one task (sitsflow.shards.write_plan)
+    "plan training": '{"items": 1, "shards": "1", "per_shard": 1, "deadline": "3600"}',
+    "plan selection": '{"items": 1, "shards": "1", "per_shard": 1, "deadline": "3600"}',
+    "plan inference": '{"items": 1, "shards": "1", "per_shard": 1, "deadline": "3600"}',
 }
 print(out.get(stage, "{}"))
 """

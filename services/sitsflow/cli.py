@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workflow", default=None, help="rendered WorkflowTemplate YAML (default: the one shipped in the package)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress display")
     p.add_argument("--log-dir", default=None, help="folder for the per-task logs (default: a temporary folder)")
+    p.add_argument("--max-shards", type=int, default=MAX_SHARDS,
+                   help=f"most tasks of each fan-out (the workflow parameter max-shards; default {MAX_SHARDS})")
     _add_cluster_commands(sub)
     return parser
 
@@ -263,6 +265,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sitsflow import layout, preflight, storage
     from sitsflow.runner import default_workflow_path, output_lease, run_workflow
 
+    from sitsflow.shards import shard_count
+
+    shard_count(0, args.max_shards)  # a bad bound exits 2 before anything runs
     cfg = _load(args)  # validate before any work: a bad configuration exits 2 and writes nothing
     preflight.run(cfg)  # the checks prepare makes, before the first task starts
     # tasks run side by side: share the cores between them instead of oversubscribing
@@ -273,7 +278,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with output_lease(out):  # a second run on this output path is refused, naming this one
         result = run_workflow(
             workflow,
-            {"config": source, "overrides": json.dumps(_overrides(args)), "output-path": out},
+            {"config": source, "overrides": json.dumps(_overrides(args)), "output-path": out,
+             "max-shards": str(args.max_shards)},
             workers=args.workers,
             progress=False if args.no_progress else None,
             log_dir=Path(args.log_dir) if args.log_dir else None,
