@@ -201,3 +201,19 @@ def test_a_shard_without_its_plan_exits_2_naming_it(
     (tmp_path / "plans" / "training.json").write_text('{"stage": "inference", "shards": 1, "items": []}')
     code, _, err = _cli(capsys, "train", *_example(tmp_path), "--shard", "0")
     assert code == EXIT_BAD_INPUT and "is not a sitsflow training plan" in err
+
+
+def test_run_summaries_count_the_tasks_of_shards_and_single_tasks() -> None:
+    from sitsflow.shards import count_tasks
+
+    results = [
+        '{"config": "x", "resources": {}}',  # prepare
+        '{"plan": "p", "items": 9, "shards": "2", "per_shard": 5, "deadline": "5"}',
+        '{"stage": "infer", "shard": 0, "items": 5, "done": 3, "skipped": 2}',
+        '{"stage": "infer", "shard": 1, "items": 4, "done": 0, "skipped": 4}',
+        '{"skipped": false, "tile": "T"}',
+        '{"skipped": true}',
+        "not json",
+        None,
+    ]
+    assert count_tasks(results) == (3 + 1, 2 + 4 + 1)

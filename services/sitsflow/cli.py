@@ -265,7 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sitsflow import layout, preflight, storage
     from sitsflow.runner import default_workflow_path, output_lease, run_workflow
 
-    from sitsflow.shards import shard_count
+    from sitsflow.shards import count_tasks, shard_count
 
     shard_count(0, args.max_shards)  # a bad bound exits 2 before anything runs
     cfg = _load(args)  # validate before any work: a bad configuration exits 2 and writes nothing
@@ -284,19 +284,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress=False if args.no_progress else None,
             log_dir=Path(args.log_dir) if args.log_dir else None,
         )
-    skipped = done = 0
-    for task in result.get("tasks", {}).values():
-        for text in task.get("results", []) or []:
-            try:
-                doc = json.loads(text) if text else None
-            except (TypeError, json.JSONDecodeError):
-                continue
-            if isinstance(doc, dict) and "shard" in doc:  # a shard: the counts of its tasks
-                skipped += int(doc["skipped"])
-                done += int(doc["done"])
-            elif isinstance(doc, dict) and "skipped" in doc:
-                skipped += bool(doc["skipped"])
-                done += not doc["skipped"]
+    done, skipped = count_tasks(
+        text for task in result.get("tasks", {}).values() for text in task.get("results", []) or []
+    )
     _emit({
         "output_path": out,
         "results": layout.final_results(out),

@@ -107,3 +107,19 @@ def read_shard(cfg, stage: str, shard: int) -> list[dict]:
             f"{uri} is not a sitsflow {stage} plan ({exc}): rerun `sitsflow plan {stage}`"
         ) from None
     return [items[i] for i in shard_range(len(items), shards, shard)]
+
+
+def count_tasks(results) -> tuple[int, int]:
+    """``(done, skipped)`` stage tasks of a run, from its steps' stdout texts: a shard reports its
+    counts, a single task ``{"skipped": bool}``; anything else (plans, prepare) counts nothing."""
+    done = skipped = 0
+    for text in results:
+        try:
+            doc = json.loads(text) if text else None
+        except (TypeError, json.JSONDecodeError):
+            continue
+        if isinstance(doc, dict) and "shard" in doc:
+            done, skipped = done + int(doc["done"]), skipped + int(doc["skipped"])
+        elif isinstance(doc, dict) and "skipped" in doc:
+            done, skipped = done + (not doc["skipped"]), skipped + bool(doc["skipped"])
+    return done, skipped
