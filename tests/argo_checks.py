@@ -12,6 +12,7 @@ the part of Argo the pipeline uses and refuses the rest; these checks cover the 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -159,6 +160,8 @@ def parse(text: str) -> Node:
                 expect("]")
                 node = Node("index", (node, index))
             elif take_op("("):
+                if node.kind == "member" and node.args[0] == Node("var", ("sprig",)):
+                    node = Node("var", (f"sprig.{node.args[1]}",))  # Argo's sprig.<function>
                 if node.kind != "var":
                     raise ExprError(f"expression {text!r}: only named functions can be called")
                 args: list[Node] = []
@@ -285,6 +288,8 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "upper": lambda value: str(value).upper(),
     "trim": lambda value: str(value).strip(),
     "len": len,
+    # Argo's expression environment has sprig's functions under ``sprig.``
+    "sprig.sha256sum": lambda value: hashlib.sha256(str(value).encode()).hexdigest(),
 }
 
 
@@ -832,10 +837,12 @@ def _lint_template_inputs(template: Mapping[str, Any], where: str) -> list[str]:
 
 
 def _lint_items_outside_loops(template: Mapping[str, Any], where: str) -> list[str]:
-    """``{{item...}}`` appears only inside DAG tasks that have withParam/withItems."""
+    """``{{item...}}`` appears only inside DAG tasks that have withParam/withItems/withSequence."""
     problems = []
     looping = {
-        id(task) for task in dag_tasks(template) if "withParam" in task or "withItems" in task
+        id(task)
+        for task in dag_tasks(template)
+        if {"withParam", "withItems", "withSequence"} & set(task)
     }
     pieces: list[tuple[str, Any]] = [
         (f"{where}.{key}", value) for key, value in template.items() if key != "dag"
@@ -849,7 +856,7 @@ def _lint_items_outside_loops(template: Mapping[str, Any], where: str) -> list[s
                 if expr == "item" or expr.startswith("item."):
                     problems.append(
                         f"{path}: {{{{{expr}}}}} is only valid in a DAG task with "
-                        "withParam or withItems"
+                        "withParam, withItems or withSequence"
                     )
     return problems
 
@@ -905,8 +912,25 @@ def _lint_dag(
                     f"{at}.withParam: {value!r} must be one reference to a task output "
                     "({{tasks.X.outputs.result}}) or to a parameter"
                 )
-        if "withParam" in task and "withItems" in task:
-            problems.append(f"{at}: use either withParam or withItems, not both")
+        loops = [key for key in ("withParam", "withItems", "withSequence") if key in task]
+        if len(loops) > 1:
+            problems.append(f"{at}: use one of {', '.join(loops)}, not several")
+        if "withSequence" in task:
+            problems += _lint_sequence(task["withSequence"], f"{at}.withSequence")
+    return problems
+
+
+def _lint_sequence(sequence: Any, at: str) -> list[str]:
+    """``withSequence``: ``count`` or ``end`` (not both; Argo's expandSequence), each value an
+    integer or one ``{{...}}`` tag that Argo substitutes before it parses the integer."""
+    if not isinstance(sequence, dict):
+        return [f"{at}: {sequence!r} is not a mapping"]
+    problems = []
+    if ("count" in sequence) == ("end" in sequence):
+        problems.append(f"{at}: give exactly one of count and end")
+    for key in ("count", "start", "end"):
+        if key in sequence and not _int_or_tag(sequence[key]):
+            problems.append(f"{at}.{key}: {sequence[key]!r} is neither an integer nor a {{{{...}}}} tag")
     return problems
 
 

@@ -125,6 +125,7 @@ def test_default_scenario(rendered: dict[str, list[dict[str, Any]]]) -> None:
     ]
     assert params["retry-limit"] == "3" and params["retry-backoff"] == "30s"
     assert params["retry-backoff-cap"] == "10m"
+    assert params["max-shards"] == "100"
     assert "value" not in next(
         p for p in template["spec"]["arguments"]["parameters"] if p["name"] == "config"
     )
@@ -157,6 +158,7 @@ def test_gpu_cluster_scenario(rendered: dict[str, list[dict[str, Any]]]) -> None
     assert params["gpu-image"] == "europe-docker.pkg.dev/my-project/sitsflow/sitsflow:0.1.0-gpu"
     assert params["retry-limit"] == "5" and params["retry-backoff"] == "1m"
     assert params["retry-backoff-cap"] == "5m"
+    assert params["max-shards"] == "400"  # a cluster with more GPUs than 100 shards keep busy
     assert template["spec"]["parallelism"] == 8
     assert template["spec"]["activeDeadlineSeconds"] == 259200
     assert template["spec"]["imagePullSecrets"] == [{"name": "artifact-registry"}]
@@ -342,6 +344,7 @@ BAD_VALUES = {
     "parallelism text": ({"workflowTemplate": {"parallelism": "many"}}, "/workflowTemplate/parallelism"),
     "pod GC strategy": ({"workflowTemplate": {"podGC": "Never"}}, "/workflowTemplate/podGC"),
     "retry limit": ({"workflowTemplate": {"retryLimit": -1}}, "/workflowTemplate/retryLimit"),
+    "max shards": ({"workflowTemplate": {"maxShards": 0}}, "/workflowTemplate/maxShards"),
     "retry backoff": ({"workflowTemplate": {"retryBackoff": "soon"}}, "/workflowTemplate/retryBackoff"),
     "bucket name": ({"s3": {"bucket": "My_Bucket"}}, "/s3/bucket"),
     "endpoint scheme": ({"s3": {"endpoint": "s3.example.org"}}, "/s3/endpoint"),
@@ -419,9 +422,10 @@ args = sys.argv[1:]
 stage = " ".join(args[:2]) if args[0] == "plan" else args[0]
 out = {
     "prepare": json.dumps({"config": "/r.cfg", "resources": json.loads(os.environ["FAKE_PODS"])}),
-    "plan training": '[{"region": 1, "seed": 0, "hyp": 0}]',
-    "plan selection": '[{"region": 1, "seed": 0}]',
-    "plan inference": '[{"tile": "T1", "chunk": 0, "seed": 0}]',
+    # a plan of one task (sitsflow.shards.write_plan)
+    "plan training": '{"items": 1, "shards": "1", "per_shard": 1, "deadline": "3600"}',
+    "plan selection": '{"items": 1, "shards": "1", "per_shard": 1, "deadline": "3600"}',
+    "plan inference": '{"items": 1, "shards": "1", "per_shard": 1, "deadline": "3600"}',
 }
 print(out.get(stage, "{}"))
 """

@@ -38,4 +38,9 @@ def test_bad_value_exits_2_and_plan_prints_json(tmp_path):
     assert proc.returncode == 2 and "python_data_managing.number_of_chunks" in proc.stderr
     proc = _sitsflow("plan", "inference", "--config", str(EXAMPLE), "--set", f"chain.output_path={tmp_path}")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == [{"tile": "slovenia", "chunk": k, "seed": 0} for k in range(4)]
+    summary = json.loads(proc.stdout)  # the plan is stored; stdout says where, and its shards
+    assert summary["items"] == 4 and summary["shards"] == "4" and summary["per_shard"] == 1
+    assert summary["plan"] == f"{tmp_path}/plans/inference.json"
+    assert json.loads((tmp_path / "plans" / "inference.json").read_text())["items"] == [
+        {"tile": "slovenia", "chunk": k, "seed": 0} for k in range(4)
+    ]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from sitsflow import layout
+from sitsflow import layout, storage
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "slovenia" / "config.cfg"
@@ -77,10 +77,13 @@ def test_run_local_end_to_end_then_rerun_does_nothing(tmp_path):
         assert (test.labels[test.polygon_ids == pid][0] == learn.labels).sum() == (learn.polygon_ids == pid).sum()
     assert report["overall_accuracy"] > 0.6
 
-    # a second identical run does no work
-    again = sitsflow("run", str(EXAMPLE), "--set", f"chain.output_path={out}", *FAST, "--workers", "2", "--no-progress")
+    # a second identical run does no work, however its fan-outs are sharded: one shard per stage
+    # here, each reading its stored plan and skipping every task whose manifest says it is done
+    again = sitsflow("run", str(EXAMPLE), "--set", f"chain.output_path={out}", *FAST, "--workers", "2", "--no-progress",
+                     "--max-shards", "1")
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
+    assert summary["tasks"]["train"] == summary["tasks"]["infer"] == 1
     assert summary["stage_tasks_done"] == 0 and summary["stage_tasks_skipped"] == 9
 
 
@@ -121,4 +124,4 @@ def test_run_on_s3_leaves_the_output_tree_in_the_bucket(s3_bucket):
     # each stage also runs on its own, as a container would, reading the resolved config from S3
     proc = sitsflow("plan", "inference", "--config", layout.resolved_config(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(json.loads(proc.stdout)) == 4
+    assert json.loads(proc.stdout)["items"] == 4 and storage.exists(f"{out}/plans/inference.json")

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from sitsflow.config.resources import BUILTIN
 from sitsflow.errors import BadInputError, SitsflowError
 from sitsflow.runner import (
     WorkflowFailed,
@@ -916,13 +917,15 @@ with open(os.environ["FAKE_CALLS"], "a") as calls:
                             "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\\n")
 stage = " ".join(args[:2]) if args[0] == "plan" else args[0]
 tiles = int(os.environ.get("FAKE_TILES", "1"))
-outputs = {
-    "prepare": os.environ["FAKE_PREPARED"],
-    "plan training": json.dumps([{"region": r, "seed": 0, "hyp": r - 1} for r in (1, 2)]),
-    "plan selection": json.dumps([{"region": 1, "seed": 0}, {"region": 2, "seed": 0}]),
-    "plan inference": json.dumps([{"tile": f"T{t:05d}", "chunk": c, "seed": 0}
-                                  for t in range(tiles) for c in range(2)]),
-}
+outputs = {"prepare": os.environ["FAKE_PREPARED"]}
+if args[0] == "plan":  # what sitsflow.shards.write_plan prints for a plan of that many tasks
+    from sitsflow.shards import PLAN_STAGES, largest_shard, shard_count
+    items = {"training": 2, "selection": 2, "inference": 2 * tiles}[args[1]]
+    shards = shard_count(items, int(args[args.index("--max-shards") + 1]))
+    walltime = json.loads(os.environ["FAKE_PREPARED"])["resources"][PLAN_STAGES[args[1]]]["deadline"]
+    outputs[stage] = json.dumps({"plan": f"/runs/plans/{args[1]}.json", "items": items,
+                                 "shards": str(shards), "per_shard": largest_shard(items, shards),
+                                 "deadline": str(int(walltime) * largest_shard(items, shards))})
 if stage == os.environ.get("FAKE_FAILS"):
     sys.exit(3)
 print(outputs.get(stage, json.dumps({"stage": stage})))
@@ -966,15 +969,15 @@ def test_pipeline_wiring_with_a_fake_sitsflow(
     assert {c["endpoint"] for c in recorded} == {"http://s3:9000"}
     expected = {
         "sample --config /runs/resolved.cfg",
-        "plan training --config /runs/resolved.cfg",
-        "train --config /runs/resolved.cfg --region 1 --seed 0 --hyp 0",
-        "train --config /runs/resolved.cfg --region 2 --seed 0 --hyp 1",
-        "plan selection --config /runs/resolved.cfg",
-        "select --config /runs/resolved.cfg --region 1 --seed 0",
-        "select --config /runs/resolved.cfg --region 2 --seed 0",
-        "plan inference --config /runs/resolved.cfg",
-        "infer --config /runs/resolved.cfg --tile T00000 --chunk 0 --seed 0",
-        "infer --config /runs/resolved.cfg --tile T00000 --chunk 1 --seed 0",
+        "plan training --config /runs/resolved.cfg --max-shards 100",
+        "train --config /runs/resolved.cfg --shard 0",
+        "train --config /runs/resolved.cfg --shard 1",
+        "plan selection --config /runs/resolved.cfg --max-shards 100",
+        "select --config /runs/resolved.cfg --shard 0",
+        "select --config /runs/resolved.cfg --shard 1",
+        "plan inference --config /runs/resolved.cfg --max-shards 100",
+        "infer --config /runs/resolved.cfg --shard 0",
+        "infer --config /runs/resolved.cfg --shard 1",
     }
     assert set(argv[1:-1]) == expected and len(argv) == len(expected) + 2
     first = {
@@ -1022,16 +1025,38 @@ def test_resource_blocks_reach_the_pods(tmp_path: Path, monkeypatch: pytest.Monk
     assert cuda["infer"] == "" and cuda["train"] != ""  # nb_gpu 0: infer sees no GPU locally either
 
 
-def test_a_plan_too_long_for_argo_fails_here(
+@pytest.mark.parametrize("max_shards", [None, "7"])
+def test_a_plan_of_any_size_fans_out_to_at_most_max_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_shards: str | None
+) -> None:
+    """4,000 tiles × 2 chunks: the plan step prints a few bytes (the list stays in storage), and
+    infer runs max-shards tasks (the default 100, or the parameter's), each with the deadline of
+    its shard (the per-task walltime times the tasks of the largest shard)."""
+    monkeypatch.setenv("FAKE_TILES", "4000")
+    params = {"config": "/data/run.cfg"} | ({"max-shards": max_shards} if max_shards else {})
+    tasks = run_workflow(_pipeline_with_fake(tmp_path, monkeypatch), params, workers=2)["tasks"]
+    shards = int(max_shards or 100)
+    (plan,) = tasks["plan-inference"]["results"]
+    assert len(plan) < 200 and json.loads(plan)["items"] == 8000
+    assert [i["shard"] for i in tasks["infer"]["inputs"]] == [str(k) for k in range(shards)]
+    walltime = BUILTIN["infer"]["walltime"]
+    assert {i["deadline"] for i in tasks["infer"]["inputs"]} == {str(walltime * -(-8000 // shards))}
+    assert len(tasks["train"]["inputs"]) == 2  # small plans: one task per shard
+    assert tasks["train"]["inputs"][0]["deadline"] == str(BUILTIN["train"]["walltime"])
+
+
+def test_a_result_too_long_for_argo_still_fails_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The inference plan is read from stdout: 4,000 tiles × 2 chunks would be cut on a cluster."""
-    monkeypatch.setenv("FAKE_TILES", "4000")
-    monkeypatch.setenv("FAKE_FAILS", "infer")  # were the plan accepted, the run would end at once
+    """The runner keeps enforcing Argo's 256 KiB limit on results other tasks read: a plan step
+    that printed its list again would fail here, as it would be cut on a cluster."""
+    path = _pipeline_with_fake(tmp_path, monkeypatch)
+    fake = tmp_path / "fake_sitsflow.py"
+    fake.write_text(fake.read_text().replace(
+        "if stage == os.environ.get", "if stage == 'plan inference': print('x' * 300_000)\nif stage == os.environ.get"
+    ))  # fmt: skip
     with pytest.raises(WorkflowFailed, match="task plan-inference printed") as info:
-        run_workflow(
-            _pipeline_with_fake(tmp_path, monkeypatch), {"config": "/data/run.cfg"}, workers=2
-        )
+        run_workflow(path, {"config": "/data/run.cfg"}, workers=2)
     assert info.value.exit_code == 2 and info.value.summary["infer"]["status"] == "Pending"
 
 

@@ -22,6 +22,7 @@ from argo_checks import argo_schema, evaluate_text, hera_schema, lint, schema_er
 
 from sitsflow.config.resources import BUILTIN as STAGE_RESOURCES
 from sitsflow.config.resources import GPU_STAGES as GPU
+from sitsflow.shards import MAX_SHARDS
 
 REPO = Path(__file__).resolve().parents[1]
 YAML_PATH = REPO / "services" / "sitsflow" / "workflows" / "sitsflow.yaml"
@@ -97,8 +98,9 @@ def test_parameters(doc: dict[str, Any]) -> None:
     assert list(params) == [
         "config", "output-path", "overrides", "image", "gpu-image", "s3-endpoint", "s3-secret",
         "gpu-node-selector", "gpu-tolerations", "cpu-node-selector", "cpu-tolerations",
-        "pool-label", "retry-limit", "retry-backoff", "retry-backoff-cap",
+        "pool-label", "max-shards", "retry-limit", "retry-backoff", "retry-backoff-cap",
     ]  # fmt: skip
+    assert params["max-shards"]["value"] == str(MAX_SHARDS) == "100"
     assert json.loads(params["gpu-tolerations"]["value"]) == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
@@ -107,7 +109,7 @@ def test_parameters(doc: dict[str, Any]) -> None:
     assert params["retry-backoff-cap"]["value"] == "10m"
     assert params["output-path"]["value"] == ""  # empty: the .cfg's; runs without one queue
     assert doc["spec"]["synchronization"] == {
-        "mutexes": [{"name": "sitsflow-{{workflow.parameters.output-path}}"}]
+        "mutexes": [{"name": "sitsflow-{{=sprig.sha256sum(workflow.parameters['output-path'])}}"}]
     }
     assert doc["spec"]["activeDeadlineSeconds"] == 7 * 86400
     assert doc["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -146,39 +148,38 @@ EXPECTED_ARGS = {
         "{{workflow.parameters.cpu-tolerations}}",
     ],
     "sample": ["sample", "--config", "{{inputs.parameters.config}}"],
-    "plan-training": ["plan", "training", "--config", "{{inputs.parameters.config}}"],
+    "plan-training": [
+        "plan", "training", "--config", "{{inputs.parameters.config}}",
+        "--max-shards", "{{workflow.parameters.max-shards}}",
+    ],  # fmt: skip
     "train": [
         "train",
         "--config",
         "{{inputs.parameters.config}}",
-        "--region",
-        "{{inputs.parameters.region}}",
-        "--seed",
-        "{{inputs.parameters.seed}}",
-        "--hyp",
-        "{{inputs.parameters.hyp}}",
+        "--shard",
+        "{{inputs.parameters.shard}}",
     ],
-    "plan-selection": ["plan", "selection", "--config", "{{inputs.parameters.config}}"],
+    "plan-selection": [
+        "plan", "selection", "--config", "{{inputs.parameters.config}}",
+        "--max-shards", "{{workflow.parameters.max-shards}}",
+    ],  # fmt: skip
     "select": [
         "select",
         "--config",
         "{{inputs.parameters.config}}",
-        "--region",
-        "{{inputs.parameters.region}}",
-        "--seed",
-        "{{inputs.parameters.seed}}",
+        "--shard",
+        "{{inputs.parameters.shard}}",
     ],
-    "plan-inference": ["plan", "inference", "--config", "{{inputs.parameters.config}}"],
+    "plan-inference": [
+        "plan", "inference", "--config", "{{inputs.parameters.config}}",
+        "--max-shards", "{{workflow.parameters.max-shards}}",
+    ],  # fmt: skip
     "infer": [
         "infer",
         "--config",
         "{{inputs.parameters.config}}",
-        "--tile",
-        "{{inputs.parameters.tile}}",
-        "--chunk",
-        "{{inputs.parameters.chunk}}",
-        "--seed",
-        "{{inputs.parameters.seed}}",
+        "--shard",
+        "{{inputs.parameters.shard}}",
     ],
     "merge": ["merge", "--config", "{{inputs.parameters.config}}"],
 }
@@ -195,11 +196,8 @@ EXPECTED_DEPENDS = {
     "merge": "infer",
 }
 
-EXPECTED_FANOUT = {
-    "train": ("plan-training", ["region", "seed", "hyp"]),
-    "select": ("plan-selection", ["region", "seed"]),
-    "infer": ("plan-inference", ["tile", "chunk", "seed"]),
-}
+#: Each fan-out runs the shards of the plan step before it (withSequence over 0 .. shards-1).
+EXPECTED_FANOUT = {"train": "plan-training", "select": "plan-selection", "infer": "plan-inference"}
 
 
 RESTRICTED_CONTAINER = {
@@ -248,15 +246,22 @@ def test_dag_tasks(doc: dict[str, Any], name: str) -> None:
         keys += ["gpu"] if stage in GPU else []
         for key in keys:
             field = "node_selector" if key == "node-selector" else key
-            assert args.pop(key) == (
-                f"{{{{=jsonpath(tasks.prepare.outputs.result, '$.resources.{stage}.{field}')}}}}"
-            )
+            # a shard's deadline is its plan step's (the walltime of one task times its tasks)
+            source = "tasks.prepare.outputs.result"
+            if key == "deadline" and name in EXPECTED_FANOUT:
+                source, field = f"tasks['{EXPECTED_FANOUT[name]}'].outputs.result", "deadline"
+            else:
+                field = f"resources.{stage}.{field}"
+            assert args.pop(key) == f"{{{{=jsonpath({source}, '$.{field}')}}}}"
+    assert "withParam" not in task and "withItems" not in task  # no list passes through Argo
     if name in EXPECTED_FANOUT:
-        plan, keys = EXPECTED_FANOUT[name]
-        assert task["withParam"] == f"{{{{tasks.{plan}.outputs.result}}}}"
-        assert args == {k: f"{{{{item.{k}}}}}" for k in keys}
+        plan = EXPECTED_FANOUT[name]
+        assert task["withSequence"] == {
+            "count": f"{{{{=jsonpath(tasks['{plan}'].outputs.result, '$.shards')}}}}"
+        }
+        assert args == {"shard": "{{item}}"}
     else:
-        assert "withParam" not in task and args == {}
+        assert "withSequence" not in task and args == {}
 
 
 def test_render_ignores_hera_global_config(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,7 +296,7 @@ def _task_mutation(name: str, key: str, value: Any) -> Callable[[dict[str, Any]]
 
 
 def _misspelt_key(d: dict[str, Any]) -> None:
-    _task(d, "train")["withParams"] = _task(d, "train").pop("withParam")
+    _task(d, "train")["withSequences"] = _task(d, "train").pop("withSequence")
 
 
 def _misspelt_container_key(d: dict[str, Any]) -> None:
@@ -316,7 +321,8 @@ def _item_in_container(d: dict[str, Any]) -> None:
 
 
 def _missing_required_argument(d: dict[str, Any]) -> None:
-    del _task(d, "train")["arguments"]["parameters"][1]  # region
+    parameters = _task(d, "train")["arguments"]["parameters"]
+    parameters[:] = [p for p in parameters if p["name"] != "shard"]
 
 
 def _undeclared_argument(d: dict[str, Any]) -> None:
@@ -354,11 +360,27 @@ LINT_ERRORS = {
         _task_mutation("select", "withParam", "{{tasks.plan-inference.outputs.result}}"),
         "refers to task 'plan-inference', which it does not depend on",
     ),
+    "withSequence from a task not depended on": (
+        _task_mutation(
+            "select",
+            "withSequence",
+            {"count": "{{=jsonpath(tasks['plan-inference'].outputs.result, '$.shards')}}"},
+        ),
+        "refers to task 'plan-inference', which it does not depend on",
+    ),
+    "withSequence with count and end": (
+        _task_mutation("infer", "withSequence", {"count": "2", "end": "3"}),
+        "give exactly one of count and end",
+    ),
+    "withSequence count not an integer": (
+        _task_mutation("infer", "withSequence", {"count": "many"}),
+        "'many' is neither an integer nor",
+    ),
     "item outside a loop": (_item_outside_loop, "{{item.region}} is only valid in a DAG task with"),
     "item in a container": (_item_in_container, "{{item}} is only valid"),
     "missing required argument": (
         _missing_required_argument,
-        "input parameter 'region' of template 'train' is not passed",
+        "input parameter 'shard' of template 'train' is not passed",
     ),
     "undeclared argument": (_undeclared_argument, "passes parameter 'tile'"),
     "entrypoint missing": (
@@ -396,7 +418,7 @@ def test_lint_catches_planted_error(doc: dict[str, Any], case: str) -> None:
 
 
 SCHEMA_ERRORS = {
-    "misspelt task key": (_misspelt_key, "'withParams' was unexpected"),
+    "misspelt task key": (_misspelt_key, "'withSequences' was unexpected"),
     "misspelt container key": (_misspelt_container_key, "'agrs' was unexpected"),
     "wrong type": (_set(["spec", "entrypoint"], ["pipeline"]), "is not of type 'string'"),
 }
@@ -424,8 +446,8 @@ def test_official_schema_alone_lets_misspelt_keys_through(doc: dict[str, Any]) -
     broken = copy.deepcopy(doc)
     _misspelt_key(broken)
     official = json.loads(ARGO_SCHEMA_PATH.read_text())
-    assert not any("withParams" in e for e in schema_errors(broken, official))
-    assert any("withParams" in e for e in schema_errors(broken, strict_schema(official)))
+    assert not any("withSequences" in e for e in schema_errors(broken, official))
+    assert any("withSequences" in e for e in schema_errors(broken, strict_schema(official)))
 
 
 def test_argo_schema_relaxes_int_or_string(doc: dict[str, Any]) -> None:
@@ -843,3 +865,52 @@ def test_prepare_prints_config_and_pod_settings(tmp_path: Path) -> None:
     )  # fmt: skip
     assert bad.returncode == 2 and "cpu-node-selector" in bad.stderr
     assert "sitsflow prepare failed (exit 2)" in bad.stderr.strip().splitlines()[-1]
+
+
+# --- the run's mutex ----------------------------------------------------------------------------
+
+
+def _decode_lock_key(key: str) -> tuple[str, str, str]:
+    """Argo's ``DecodeLockName`` (workflow/sync/lock_name.go) of a mutex key
+    ``<namespace>/Mutex/<name>``: the versions with lock selectors first cut the key at its first
+    ``?`` (what follows is read as selectors), then every version splits it in 3 at ``/``."""
+    namespace, kind, name = key.split("?")[0].split("/", 2)
+    return namespace, kind, name
+
+
+@pytest.mark.parametrize(
+    "output_path",
+    [
+        "s3://bucket/runs/2024?version=2",  # '?' starts Argo's selectors
+        "s3://bucket/a&b=c/run",
+        "/data/runs/été 2024",
+        "",  # the .cfg's output path: every such run shares one mutex
+    ],
+)
+def test_run_mutex_name_is_a_hash_argo_decodes_back(doc: dict[str, Any], output_path: str) -> None:
+    """The mutex is named from a hash of the output path, never the path itself: Argo cuts a lock
+    key at '?' when it decodes it, so a raw path would not decode to the lock it encoded (the
+    controller panics on that mismatch, lock_name.go validateEncoding)."""
+    import hashlib
+
+    (mutex,) = doc["spec"]["synchronization"]["mutexes"]
+    (tag,) = re.findall(r"\{\{=(.*?)\}\}", mutex["name"])
+    env = {"workflow": {"parameters": {"output-path": output_path}}}
+    name = mutex["name"].replace(f"{{{{={tag}}}}}", evaluate_text(tag, env))
+    assert name == "sitsflow-" + hashlib.sha256(output_path.encode()).hexdigest()
+    assert re.fullmatch(r"sitsflow-[0-9a-f]{64}", name)
+    key = f"ns/Mutex/{name}"
+    assert _decode_lock_key(key) == ("ns", "Mutex", name)
+    # the raw path would not have survived that decoding
+    if "?" in output_path:
+        assert _decode_lock_key(f"ns/Mutex/sitsflow-{output_path}")[2] != f"sitsflow-{output_path}"
+
+
+def test_run_mutex_differs_per_output_path(doc: dict[str, Any]) -> None:
+    (mutex,) = doc["spec"]["synchronization"]["mutexes"]
+    (tag,) = re.findall(r"\{\{=(.*?)\}\}", mutex["name"])
+
+    def name(path: str) -> str:
+        return evaluate_text(tag, {"workflow": {"parameters": {"output-path": path}}})
+
+    assert name("s3://b/run1") == name("s3://b/run1") != name("s3://b/run2")

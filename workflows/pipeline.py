@@ -12,13 +12,22 @@ The DAG (one word per stage; template name = ``sitsflow`` subcommand)::
              │          └─ plan-selection ──────────┴─ select* ─┐
              └─ plan-inference ─────────────────────────────────┴─ infer* ── merge
 
-    (* fan-out over the JSON list the plan step before it printed)
+    (* fan-out by shards: withSequence over 0 .. shards-1, shards from the plan step before it)
 
 ``prepare`` prints one JSON object: ``config``, the URI of the resolved configuration every later
 step reads (so a run never mixes two versions of it), and ``resources``, each stage's pod settings
 from iota2's resource blocks of the ``.cfg`` (``sitsflow.config.resources.stage_pods``). Tasks read
 both with Argo expressions (``{{=jsonpath(tasks.prepare.outputs.result, '$.config')}}``), which the
 local runner evaluates too.
+
+Fan-out by shards (``sitsflow.shards``): each ``plan-*`` step stores its full task list under the
+output path (``plans/<stage>.json``) and prints a small JSON object (``shards``, ``deadline``, the
+plan's URI and size); the stage after it runs ``withSequence`` over ``0 .. shards-1`` and each task
+``sitsflow <stage> --shard K`` runs the tasks of its shard, skipping those already done. No list of
+tasks passes through ``outputs.result`` or ``withParam``, so neither Argo's 256 KiB result limit
+nor the size of the workflow object grows with the run: at most ``max-shards`` tasks per fan-out
+(one task per shard below it, as a plain fan-out), each with the deadline of its shard (the iota2
+``walltime`` of one task times the tasks of the largest shard).
 
 Scheduling: every stage template takes ``cpu``, ``memory``, ``deadline`` (and ``gpu`` for train
 and infer) and a ``node-selector`` (JSON) as inputs and applies them through ``podSpecPatch`` and
@@ -53,6 +62,7 @@ from hera.workflows import (
 )
 from sitsflow.config.resources import BUILTIN, GPU_STAGES
 from sitsflow.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
+from sitsflow.shards import MAX_SHARDS
 
 NAME = "sitsflow"
 ENTRYPOINT = "pipeline"
@@ -112,8 +122,13 @@ RETRY_EXPRESSION = (
 #: The run's Argo mutex (``spec.synchronization``, Argo >= 3.6): two workflows writing to one
 #: output path never run at once (the second waits), whatever their names or configurations. The
 #: output path must be known when the workflow starts, before ``prepare`` reads the .cfg: runs that
-#: leave the ``output-path`` parameter empty all share the mutex ``sitsflow-`` (they queue, safe).
-RUN_MUTEX = "sitsflow-{{workflow.parameters.output-path}}"
+#: leave the ``output-path`` parameter empty all share one mutex (they queue, safe). The name is
+#: ``sitsflow-`` and the SHA-256 of the output path (hex), never the path itself: Argo keys a lock
+#: as ``<namespace>/Mutex/<name>`` and, in the versions with lock selectors, cuts that key at the
+#: first ``?`` when it decodes it (workflow/sync/lock_name.go, ``DecodeLockName``), so a path with
+#: ``?`` (or ``&``, ``=``) would not decode to the lock that was encoded. Argo evaluates the
+#: expression when it substitutes the workflow's global parameters (sprig's ``sha256sum``).
+RUN_MUTEX = "sitsflow-{{=sprig.sha256sum(workflow.parameters['output-path'])}}"
 #: Every container passes the Pod Security "restricted" profile (with the pod's non-root user).
 CONTAINER_SECURITY = models.SecurityContext(
     allow_privilege_escalation=False,
@@ -147,14 +162,14 @@ class Stage:
     """One container template of the pipeline.
 
     ``name`` is the template (and DAG task) name; ``subcommand`` the ``sitsflow`` words that run
-    it; ``item_keys`` the keys of one fan-out item, each passed as ``--<key> <value>`` through an
-    input parameter of the same name; ``resources`` the key of the stage in prepare's
-    ``resources`` (None: a small step with fixed requests).
+    it; ``plan`` the plan step a fan-out stage runs the shards of (``--shard K``, from the input
+    parameter ``shard``; its shard count and deadline from that step's output); ``resources`` the
+    key of the stage in prepare's ``resources`` (None: a small step with fixed requests).
     """
 
     name: str
     subcommand: tuple[str, ...]
-    item_keys: tuple[str, ...] = ()
+    plan: str | None = None
     resources: str | None = None
 
     @property
@@ -165,11 +180,11 @@ class Stage:
 
 SAMPLE = Stage("sample", ("sample",), resources="sample")
 PLAN_TRAINING = Stage("plan-training", ("plan", "training"))
-TRAIN = Stage("train", ("train",), ("region", "seed", "hyp"), resources="train")
+TRAIN = Stage("train", ("train",), "plan-training", resources="train")
 PLAN_SELECTION = Stage("plan-selection", ("plan", "selection"))
-SELECT = Stage("select", ("select",), ("region", "seed"), resources="select")
+SELECT = Stage("select", ("select",), "plan-selection", resources="select")
 PLAN_INFERENCE = Stage("plan-inference", ("plan", "inference"))
-INFER = Stage("infer", ("infer",), ("tile", "chunk", "seed"), resources="infer")
+INFER = Stage("infer", ("infer",), "plan-inference", resources="infer")
 MERGE = Stage("merge", ("merge",), resources="merge")
 
 STAGES = (SAMPLE, PLAN_TRAINING, TRAIN, PLAN_SELECTION, SELECT, PLAN_INFERENCE, INFER, MERGE)
@@ -268,9 +283,12 @@ def _container(
 def _stage_container(stage: Stage) -> Container:
     """The container of a stage that reads the resolved configuration (input ``config``)."""
     args = [*stage.subcommand, "--config", "{{inputs.parameters.config}}"]
-    for key in stage.item_keys:
-        args += [f"--{key}", f"{{{{inputs.parameters.{key}}}}}"]
-    inputs = [Parameter(name="config")] + [Parameter(name=key) for key in stage.item_keys]
+    inputs = [Parameter(name="config")]
+    if stage.plan is not None:
+        args += ["--shard", "{{inputs.parameters.shard}}"]
+        inputs.append(Parameter(name="shard"))
+    if stage.subcommand[0] == "plan":
+        args += ["--max-shards", "{{workflow.parameters.max-shards}}"]
     if stage.resources is not None:
         inputs += [
             Parameter(name=key) for key in POD_INPUTS if key != "gpu" or stage.gpu
@@ -308,20 +326,30 @@ def _pod_argument(stage: Stage, key: str) -> str:
     return f"{{{{=jsonpath({PREPARED}, '$.resources.{stage.resources}.{field}')}}}}"
 
 
-def _task(stage: Stage, templates: dict[str, Container], with_param: str | None = None) -> Task:
-    """The DAG task of a stage: config and pod settings from ``prepare``, item keys from the
-    fan-out item."""
+def plan_field(plan: str, field: str) -> str:
+    """``{{=jsonpath(tasks['plan-inference'].outputs.result, '$.shards')}}``: one field of a plan
+    step's JSON (the task's name has a ``-``, so Argo's expression reads it by index)."""
+    return f"{{{{=jsonpath(tasks['{plan}'].outputs.result, '$.{field}')}}}}"
+
+
+def _task(stage: Stage, templates: dict[str, Container]) -> Task:
+    """The DAG task of a stage: config and pod settings from ``prepare``; for a fan-out stage one
+    task per shard of its plan (``withSequence``), the shard's deadline from the plan step."""
     arguments = {"config": RESOLVED_CONFIG}
-    arguments.update({key: f"{{{{item.{key}}}}}" for key in stage.item_keys})
     if stage.resources is not None:
         arguments.update(
             {key: _pod_argument(stage, key) for key in POD_INPUTS if key != "gpu" or stage.gpu}
         )
+    sequence = None
+    if stage.plan is not None:
+        arguments["shard"] = "{{item}}"
+        arguments["deadline"] = plan_field(stage.plan, "deadline")
+        sequence = models.Sequence(count=plan_field(stage.plan, "shards"))
     return Task(
         name=stage.name,
         template=templates[stage.name],
         arguments=arguments,
-        with_param=with_param,
+        with_sequence=sequence,
     )
 
 
@@ -385,6 +413,12 @@ def _parameters() -> list[Parameter]:
             "",
         ),
         param(
+            "max-shards",
+            "most tasks of each fan-out (train, select, infer): a larger plan is cut into this many "
+            "shards of consecutive tasks, each run by one pod",
+            str(MAX_SHARDS),
+        ),
+        param(
             "retry-limit",
             "retries of a step after a transient failure (exit 75, pod deleted, evicted or "
             "preempted, node shutdown); never exit 2 nor a deadline exceeded",
@@ -444,11 +478,11 @@ def build() -> WorkflowTemplate:
             prepare = Task(name="prepare", template=templates["prepare"])
             sample = _task(SAMPLE, templates)
             plan_training = _task(PLAN_TRAINING, templates)
-            train = _task(TRAIN, templates, with_param=plan_training.result)
+            train = _task(TRAIN, templates)
             plan_selection = _task(PLAN_SELECTION, templates)
-            select = _task(SELECT, templates, with_param=plan_selection.result)
+            select = _task(SELECT, templates)
             plan_inference = _task(PLAN_INFERENCE, templates)
-            infer = _task(INFER, templates, with_param=plan_inference.result)
+            infer = _task(INFER, templates)
             merge = _task(MERGE, templates)
 
             prepare >> [sample, plan_inference]

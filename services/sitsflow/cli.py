@@ -15,8 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from sitsflow import __version__
-from sitsflow.errors import EXIT_BUG, ConfigError, SitsflowError
+from sitsflow.errors import EXIT_BUG, BadInputError, ConfigError, SitsflowError
 from sitsflow.log import get_logger, setup_logging
+from sitsflow.shards import MAX_SHARDS
 from sitsflow.process import Stopped, stop_on_sigterm
 
 log = get_logger("sitsflow.cli")
@@ -31,6 +32,12 @@ def _add_config(p: argparse.ArgumentParser, *, positional: bool = False) -> None
         "--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override a configuration value (repeatable), e.g. --set chain.output_path=s3://bucket/run1",
     )
+
+
+def _add_shard(p: argparse.ArgumentParser, plan: str) -> None:
+    p.add_argument("--shard", type=int, default=None, metavar="K",
+                   help=f"run every task of shard K of the stored {plan} plan (`sitsflow plan {plan}`) instead of one "
+                        "task; tasks already done are skipped")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,26 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sampling stage: extract labelled pixels into the NetCDF sample databases")
     _add_config(p)
 
-    p = sub.add_parser("plan", help="print the JSON task list a stage fans out over")
+    p = sub.add_parser("plan", help="store the task list a stage fans out over; print its size and shard count (JSON)")
     p.add_argument("stage", choices=["training", "selection", "inference"])
     _add_config(p)
+    p.add_argument("--max-shards", type=int, default=MAX_SHARDS,
+                   help=f"most shards (fan-out tasks) the plan is cut into (default {MAX_SHARDS}; one item per shard below it)")
 
-    p = sub.add_parser("train", help="training stage: train one (region, seed, hyperparameter pair)")
+    p = sub.add_parser("train", help="training stage: train one (region, seed, hyperparameter pair), or one shard of the plan")
     _add_config(p)
-    p.add_argument("--region", type=int, required=True)
-    p.add_argument("--seed", type=int, required=True, help="run number (0 .. arg_train.runs-1)")
-    p.add_argument("--hyp", type=int, required=True, help="hyperparameter pair number (see the README)")
+    p.add_argument("--region", type=int)
+    p.add_argument("--seed", type=int, help="run number (0 .. arg_train.runs-1)")
+    p.add_argument("--hyp", type=int, help="hyperparameter pair number (see the README)")
+    _add_shard(p, "training")
 
-    p = sub.add_parser("select", help="selection stage: pick the best candidate of one (region, seed)")
+    p = sub.add_parser("select", help="selection stage: pick the best candidate of one (region, seed), or of one shard of the plan")
     _add_config(p)
-    p.add_argument("--region", type=int, required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--region", type=int)
+    p.add_argument("--seed", type=int)
+    _add_shard(p, "selection")
 
-    p = sub.add_parser("infer", help="inference stage: classify one (tile, chunk, seed)")
+    p = sub.add_parser("infer", help="inference stage: classify one (tile, chunk, seed), or one shard of the plan")
     _add_config(p)
-    p.add_argument("--tile", required=True)
-    p.add_argument("--chunk", type=int, required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--tile")
+    p.add_argument("--chunk", type=int)
+    p.add_argument("--seed", type=int)
+    _add_shard(p, "inference")
 
     p = sub.add_parser("merge", help="merging stage: chunks -> tile maps -> final COGs and RESULTS.txt")
     _add_config(p)
@@ -85,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workflow", default=None, help="rendered WorkflowTemplate YAML (default: the one shipped in the package)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress display")
     p.add_argument("--log-dir", default=None, help="folder for the per-task logs (default: a temporary folder)")
+    p.add_argument("--max-shards", type=int, default=MAX_SHARDS,
+                   help=f"most tasks of each fan-out (the workflow parameter max-shards; default {MAX_SHARDS})")
     _add_cluster_commands(sub)
     return parser
 
@@ -182,22 +196,49 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from sitsflow.planning import PLANS
+    from sitsflow.shards import shard_count, write_plan
 
-    _emit(PLANS[args.stage](_load(args)))
+    shard_count(0, args.max_shards)  # a bad bound exits 2 before the plan is computed
+    cfg = _load(args)
+    _emit(write_plan(cfg, args.stage, PLANS[args.stage](cfg), args.max_shards))
     return 0
+
+
+def _run_items(args: argparse.Namespace, plan: str, keys: tuple[str, ...], run) -> None:
+    """One task (``--region 1 --seed 0 ...``), or every task of ``--shard K`` of the stored plan
+    (each skipped when its manifest says it is done; a rerun of the shard resumes)."""
+    given = [key for key in keys if getattr(args, key) is not None]
+    if args.shard is None:
+        if missing := [f"--{key}" for key in keys if key not in given]:
+            raise BadInputError(f"sitsflow {args.command}: give {' '.join(missing)} (one task) or --shard K (a shard of the plan)")
+        _emit(run(_load(args), *(getattr(args, key) for key in keys)))
+        return
+    if given:
+        raise BadInputError(f"sitsflow {args.command}: --shard runs the tasks of the plan; do not also give --{given[0]}")
+    from sitsflow.shards import read_shard
+
+    cfg = _load(args)
+    items = read_shard(cfg, plan, args.shard)
+    done = skipped = 0
+    for number, item in enumerate(items, 1):
+        log.info("shard %d: task %d/%d: %s", args.shard, number, len(items), json.dumps(item))
+        result = run(cfg, *(item[key] for key in keys))
+        skipped += bool(result.get("skipped"))
+        done += not result.get("skipped")
+    _emit({"stage": args.command, "shard": args.shard, "items": len(items), "done": done, "skipped": skipped})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sitsflow import training
 
-    _emit(training.run(_load(args), args.region, args.seed, args.hyp))
+    _run_items(args, "training", ("region", "seed", "hyp"), training.run)
     return 0
 
 
 def cmd_select(args: argparse.Namespace) -> int:
     from sitsflow import selection
 
-    _emit(selection.run(_load(args), args.region, args.seed))
+    _run_items(args, "selection", ("region", "seed"), selection.run)
     return 0
 
 
@@ -207,7 +248,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     tune_for_inference()  # before torch is imported
     from sitsflow import inference
 
-    _emit(inference.run(_load(args), args.tile, args.chunk, args.seed))
+    _run_items(args, "inference", ("tile", "chunk", "seed"), inference.run)
     return 0
 
 
@@ -224,6 +265,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sitsflow import layout, preflight, storage
     from sitsflow.runner import default_workflow_path, output_lease, run_workflow
 
+    from sitsflow.shards import count_tasks, shard_count
+
+    shard_count(0, args.max_shards)  # a bad bound exits 2 before anything runs
     cfg = _load(args)  # validate before any work: a bad configuration exits 2 and writes nothing
     preflight.run(cfg)  # the checks prepare makes, before the first task starts
     # tasks run side by side: share the cores between them instead of oversubscribing
@@ -234,21 +278,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     with output_lease(out):  # a second run on this output path is refused, naming this one
         result = run_workflow(
             workflow,
-            {"config": source, "overrides": json.dumps(_overrides(args)), "output-path": out},
+            {"config": source, "overrides": json.dumps(_overrides(args)), "output-path": out,
+             "max-shards": str(args.max_shards)},
             workers=args.workers,
             progress=False if args.no_progress else None,
             log_dir=Path(args.log_dir) if args.log_dir else None,
         )
-    skipped = done = 0
-    for task in result.get("tasks", {}).values():
-        for text in task.get("results", []) or []:
-            try:
-                doc = json.loads(text) if text else None
-            except (TypeError, json.JSONDecodeError):
-                continue
-            if isinstance(doc, dict) and "skipped" in doc:
-                skipped += bool(doc["skipped"])
-                done += not doc["skipped"]
+    done, skipped = count_tasks(
+        text for task in result.get("tasks", {}).values() for text in task.get("results", []) or []
+    )
     _emit({
         "output_path": out,
         "results": layout.final_results(out),
@@ -318,7 +356,7 @@ COMMANDS = {
 def _stage_label(args: argparse.Namespace) -> str:
     """``train --region 1 --seed 0 --hyp 2``: the command and the item it works on."""
     words = [args.command] + ([args.stage] if args.command == "plan" else [])
-    for key in ("tile", "chunk", "region", "seed", "hyp"):
+    for key in ("tile", "chunk", "region", "seed", "hyp", "shard"):
         if getattr(args, key, None) is not None:
             words.append(f"--{key} {getattr(args, key)}")
     return " ".join(words)

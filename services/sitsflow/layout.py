@@ -174,3 +174,9 @@ TAG_SEED = "SITSFLOW_SEED"
 def window_tuple(window) -> list[int]:
     """``[col_off, row_off, width, height]`` of a rasterio ``Window`` (manifests and tags)."""
     return [int(window.col_off), int(window.row_off), int(window.width), int(window.height)]
+
+
+# --- plans -----------------------------------------------------------------------------------
+def plan(out: str, stage: str) -> str:
+    """The stored task list of a fan-out (``sitsflow plan <stage>``); its shards read it."""
+    return join(out, "plans", f"{stage}.json")

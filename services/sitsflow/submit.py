@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from sitsflow import layout, storage
 from sitsflow.errors import BadInputError, ConfigError, SitsflowError, TransientError
+from sitsflow.shards import count_tasks
 from sitsflow.log import get_logger
 
 log = get_logger(__name__)
@@ -554,16 +555,9 @@ def stage_lines(snap: Snapshot) -> list[str]:
 def closing_line(snap: Snapshot, output_path: str, namespace: str) -> dict:
     """The last stdout line, shaped like ``sitsflow run``'s."""
     tasks: dict[str, int] = {}
-    done = skipped = 0
     for item in snap.items:
         tasks[item.task] = tasks.get(item.task, 0) + 1
-        try:
-            doc = json.loads(item.result) if item.result else None
-        except (TypeError, json.JSONDecodeError):
-            doc = None
-        if isinstance(doc, dict) and "skipped" in doc:
-            skipped += bool(doc["skipped"])
-            done += not doc["skipped"]
+    done, skipped = count_tasks(item.result for item in snap.items)
     starts = [i.started for i in snap.items if i.started]
     ends = [i.finished for i in snap.items if i.finished]
     return {

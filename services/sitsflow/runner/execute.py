@@ -242,7 +242,11 @@ class _Run:
         self.workers, self.log_dir = workers, log_dir
         text = json.dumps(self.tasks)
         #: Tasks whose result another task reads: their stdout must fit Argo's limit.
-        self.read = {name for name in self.deps if f"tasks.{name}.outputs.result" in text}
+        self.read = {
+            name
+            for name in self.deps
+            if f"tasks.{name}.outputs.result" in text or f"tasks['{name}'].outputs.result" in text
+        }
         self.status = {name: "Pending" for name in self.deps}
         self.results: dict[str, list[str | None]] = {}
         self.nodes: dict[str, list[_Node]] = {}

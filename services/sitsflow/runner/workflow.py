@@ -3,7 +3,8 @@
 Only what the pipeline's YAML uses is understood, and anything else is refused before a task runs:
 an entrypoint DAG of container templates; ``depends`` as task names joined by ``&&``;
 ``{{workflow.parameters.x}}``, ``{{inputs.parameters.x}}``, ``{{tasks.x.outputs.result}}``,
-``{{item}}``/``{{item.key}}``; and the expression tag ``{{=jsonpath(<variable>, '$.a.b')}}``.
+``{{item}}``/``{{item.key}}``; and the expression tag ``{{=jsonpath(<variable>, '$.a.b')}}`` (the
+variable dotted, or with ``['name-with-dash']`` steps: ``tasks['plan-training'].outputs.result``).
 Argo's semantic checks of the whole document (and its expression language) are test helpers
 (``tests/argo_checks.py``), run on every rendering of the YAML.
 """
@@ -27,7 +28,9 @@ from sitsflow.errors import BadInputError, InputNotFoundError
 TASK_FIELDS = frozenset({"name", "template", "depends", "arguments", "withParam", "withSequence"})
 
 VARIABLE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
-_JSONPATH = re.compile(r"jsonpath\(\s*([\w.]+)\s*,\s*'(\$[^']*)'\s*\)")
+_JSONPATH = re.compile(r"jsonpath\(\s*((?:[\w.]|\['[\w-]+'\])+)\s*,\s*'(\$[^']*)'\s*\)")
+#: ``tasks['plan-training']``: a name with ``-`` read by index in an expression.
+_INDEXED = re.compile(r"\['([\w-]+)'\]")
 _JSONPATH_STEP = re.compile(r"\.([\w-]+)|\[(\d+)\]")
 _TASK_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9-]*")
 
@@ -87,6 +90,7 @@ def _jsonpath(tag: str, expression: str, scope: Mapping[str, str], where: str) -
             f"{where}: {tag}: the local runner evaluates jsonpath(<variable>, '$.key...') only"
         )
     name, path = match.groups()
+    name = _INDEXED.sub(r".\1", name)  # tasks['plan-x'].outputs.result -> tasks.plan-x.outputs...
     if name not in scope:
         raise BadInputError(f"{where}: {tag}: {name} cannot be resolved here")
     try:
