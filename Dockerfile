@@ -61,11 +61,16 @@ COPY --from=build /opt/venv /opt/venv
 # -- gpu: a CUDA build of torch, chosen explicitly from PyTorch's per-CUDA wheel index ----------
 # TORCH_CUDA=cu128 (CUDA 12.8): NVIDIA driver R570 or newer on the nodes; GPUs of compute
 # capability 7.0 to 12.0 (Volta V100, Turing T4, Ampere A100/A10, Ada L4/L40S, Hopper H100/H200,
-# Blackwell B200). PyPI's default torch is a CUDA 13 build instead: driver R580+, no Volta.
+# Blackwell B200). PyPI's torch 2.13.0 is a CUDA 13.0 build instead (driver R580+, compute
+# capability 7.5+, no Volta): where PyTorch's index is unreachable, take it from PyPI with
+# --build-arg GPU_TORCH_INDEX=https://pypi.org/simple --build-arg GPU_TORCH_SPEC=torch==2.13.0
+# (own names: the legacy builder also builds the cpu stages, which TORCH_INDEX/TORCH_SPEC set).
 # The wheels bring the CUDA runtime; the node brings the driver (docs/deploy.md).
 FROM ${BASE} AS build-gpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_CUDA=cu128
+ARG GPU_TORCH_INDEX=https://download.pytorch.org/whl/${TORCH_CUDA}
+ARG GPU_TORCH_SPEC=torch==${TORCH_VERSION}+${TORCH_CUDA}
 ARG PIP_CERT=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 SHELL ["/bin/sh", "-eu", "-c"]
@@ -75,7 +80,8 @@ COPY pyproject.toml README.md ./
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} -U pip \
  && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} \
-      --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" "torch==${TORCH_VERSION}+${TORCH_CUDA}" \
+      --index-url "${GPU_TORCH_INDEX}" "${GPU_TORCH_SPEC}" \
+ && /opt/venv/bin/python -c "import sys, torch; sys.exit(torch.version.cuda is None and f'gpu target: torch {torch.__version__} is a CPU build')" \
  && /opt/venv/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" > /tmp/requirements.txt \
  && /opt/venv/bin/python -m pip install -q ${PIP_CERT:+--cert "$PIP_CERT"} -r /tmp/requirements.txt
 COPY services ./services

@@ -68,11 +68,19 @@ def test_multi_stage_with_base_argument_and_both_targets() -> None:
     order = list(found)
     assert order.index("cpu") < order.index("build-gpu") < order.index("gpu")
     assert "torch==2.13.0+cpu" in stage_body("build")
-    # the CUDA build is chosen explicitly from PyTorch's per-CUDA index (not PyPI's default)
+    # the CUDA build is chosen explicitly: by default from PyTorch's per-CUDA index; PyPI's
+    # (CUDA 13.0) only when asked for with GPU_TORCH_INDEX and GPU_TORCH_SPEC (docs/deploy.md),
+    # names of its own: the legacy builder builds the cpu stages too, and those read TORCH_SPEC
     gpu = stage_body("build-gpu")
     assert "ARG TORCH_CUDA=cu128" in gpu
-    assert '--index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in gpu
-    assert '"torch==${TORCH_VERSION}+${TORCH_CUDA}"' in gpu
+    assert "ARG GPU_TORCH_INDEX=https://download.pytorch.org/whl/${TORCH_CUDA}" in gpu
+    assert "ARG GPU_TORCH_SPEC=torch==${TORCH_VERSION}+${TORCH_CUDA}" in gpu
+    assert '--index-url "${GPU_TORCH_INDEX}" "${GPU_TORCH_SPEC}"' in gpu
+    assert "GPU_TORCH" not in stage_body("build")
+    # a CPU torch given to the gpu target fails the build instead of making a CPU "gpu" image
+    install = gpu.index('"${GPU_TORCH_SPEC}"')
+    check = gpu.index("torch.version.cuda is None")
+    assert install < check < gpu.index("-r /tmp/requirements.txt")
 
 
 @pytest.mark.parametrize("stage", ["build", "build-gpu"])
