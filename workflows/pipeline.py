@@ -26,8 +26,8 @@ and infer) and a ``node-selector`` (JSON) as inputs and applies them through ``p
 ``resources``. Train and infer request ``nvidia.com/gpu``, tolerate ``gpu-tolerations``, and mount
 a memory-backed emptyDir at ``/dev/shm`` for data-loader workers; every other step runs on CPU
 nodes (``cpu-node-selector``, ``cpu-tolerations``). Each container template retries
-(``retryStrategy``, not on the DAG) only transient failures: exit code 75, or a pod that errored because it was deleted, evicted
-or its node shut down; never exit code 2.
+(``retryStrategy``, not on the DAG) only transient failures: exit code 75, or a pod that errored
+because it was deleted, evicted or its node shut down; never exit code 2.
 
 Hera's process-wide ``global_config`` is not used: image, namespace and service account are given
 explicitly (the chart sets the service account).
@@ -51,6 +51,7 @@ from hera.workflows import (
     WorkflowTemplate,
     models,
 )
+
 from sitsflow.config.resources import BUILTIN, GPU_STAGES
 from sitsflow.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
 

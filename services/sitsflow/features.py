@@ -24,7 +24,6 @@ lower case, date-major (all components of date 1, then date 2 ...).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -113,7 +112,7 @@ class FeaturePipeline:
         self._times = [self._sensor_time(s) for s in self.sensors]
         self.dates: list[int] = self._date_axis()
         self.target_ordinals = np.array([to_ordinal(d) for d in self.dates], np.float64)
-        for s, st in zip(self.sensors, self._times):
+        for st in self._times:
             st.positions = np.searchsorted(self.dates, st.unique_dates)
         self.external = (
             ExternalFeatures(cfg.external_features, self.raw_dates_mode) if cfg.external_features is not None else None
@@ -130,7 +129,9 @@ class FeaturePipeline:
                 comps = []
             clash = sorted(set(comps) & set(ext))
             if clash:
-                raise BadInputError(f"external_features: index {clash[0]!r} of {s.ext_name} clashes with a band or index")
+                raise BadInputError(
+                    f"external_features: index {clash[0]!r} of {s.ext_name} clashes with a band or index"
+                )
             self._components.append(comps + ext)
         if not any(self._components):
             raise BadInputError("the configuration yields no feature (no band kept and no index)")
@@ -229,7 +230,11 @@ class FeaturePipeline:
                 {s.ext_name: x for s, x in zip(self.sensors, series)},
                 {s.ext_name: list(s.bands) for s in self.sensors}, self.dates,
             )
-        if len(self.sensors) == 1 and not external and self._components[0] == [b.lower() for b in self.sensors[0].bands]:
+        if (
+            len(self.sensors) == 1
+            and not external
+            and self._components[0] == [b.lower() for b in self.sensors[0].bands]
+        ):
             # the features are the sensor's bands as read: no re-stacking copy
             return np.ascontiguousarray(series[0], dtype=np.float32)
         parts = []
@@ -382,7 +387,9 @@ def _index(name: str, x: np.ndarray, s: Sensor) -> np.ndarray:
     raise ValueError(name)
 
 
-def _merge_same_day(raw: np.ndarray, valid: np.ndarray, day_group: np.ndarray, nb_days: int) -> tuple[np.ndarray, np.ndarray]:
+def _merge_same_day(
+    raw: np.ndarray, valid: np.ndarray, day_group: np.ndarray, nb_days: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Average the valid acquisitions that fall on the same day.
 
     Args:

@@ -117,7 +117,9 @@ def read_polygons(uri: str, field: str, key: str, *, crs) -> tuple[Polygons, dic
         if values[i] == 0:
             excluded.append(i)
         elif values[i] < 0:
-            raise BadInputError(f"{key}: polygon {i} of {uri} has {field}={v!r}; values must be positive (0 = no class)")
+            raise BadInputError(
+                f"{key}: polygon {i} of {uri} has {field}={v!r}; values must be positive (0 = no class)"
+            )
     try:
         geoms = shapely.from_wkb(wkb)
     except shapely.errors.GEOSException as exc:

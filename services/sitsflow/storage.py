@@ -830,10 +830,10 @@ class OutputSet:
         for uri, tmp in self.pending:
             if is_s3(uri):
                 bucket, key = _s3_object(uri)
-                _retry("upload", uri, lambda: _client().upload_file(
+                _retry("upload", uri, lambda tmp=tmp, bucket=bucket, key=key: _client().upload_file(
                     tmp, bucket, key, Config=_transfer_config()))
             else:
-                _retry("write", uri, lambda: _publish_local(tmp, _local(uri)))
+                _retry("write", uri, lambda tmp=tmp, uri=uri: _publish_local(tmp, _local(uri)))
         return [uri for uri, _ in self.pending]
 
     def discard(self) -> None:
@@ -1083,7 +1083,9 @@ def _damage_error(op: str, uris: list[str], culprit: str, locate: Callable[[str,
     return None
 
 
-def _verify_remote(op: str, uris: list[str], culprit: str, locate: Callable[[str, int], str] | None) -> BadInputError | None:
+def _verify_remote(
+    op: str, uris: list[str], culprit: str, locate: Callable[[str, int], str] | None
+) -> BadInputError | None:
     """After GDAL failed on S3 rasters again and again: download them (boto3, retried) and decode
     them locally. A damaged one is bad input; if all decode, the trouble was the transport."""
     with scratch_dir("sitsflow-verify-") as folder:

@@ -162,7 +162,8 @@ class Cluster:
             raise exc
         status, message = info
         hint = {401: "the credentials were not accepted",
-                403: "permission denied (the chart's submitter Role, value submitter.create, grants what sitsflow needs)",
+                403: "permission denied (the chart's submitter Role, value submitter.create, "
+                "grants what sitsflow needs)",
                 404: "not found", 422: "refused by the API server's validation"}.get(status, f"HTTP {status}")
         return BadInputError(f"{what} in namespace {self.namespace!r}: {hint}: {message}")
 
@@ -296,8 +297,8 @@ def prepare_run(source: str, overrides: Sequence[str], name: str | None = None) 
     Raises :class:`ConfigError` (exit 2) for every problem ``prepare`` would report, and when the
     run could not work on a cluster: an output path or an input that is not in object storage.
     """
-    from sitsflow.config import SECTION_MODELS, load_config
     from sitsflow import preflight
+    from sitsflow.config import SECTION_MODELS, load_config
 
     cfg = load_config(source, list(overrides))
     preflight.run(cfg)  # prepare's checks: class files, dl_module, dl_parameters, the network built

@@ -23,7 +23,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import rasterio
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
@@ -103,7 +102,9 @@ def _region_map(cfg, pipe: FeaturePipeline, window: Window, regions) -> np.ndarr
     from rasterio.features import rasterize
 
     shapes = ((g, int(v)) for g, v in zip(regions.geoms, regions.values))
-    return rasterize(shapes, out_shape=(h, w), transform=window_transform(window, pipe.grid.transform), fill=0, dtype="int64")
+    return rasterize(
+        shapes, out_shape=(h, w), transform=window_transform(window, pipe.grid.transform), fill=0, dtype="int64"
+    )
 
 
 def _profile(pipe: FeaturePipeline, window: Window, dtype: str, count: int, nodata) -> dict:
@@ -188,7 +189,9 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
             )
     regions = None
     if cfg.chain.region_path:
-        regions, _ = read_polygons(cfg.chain.region_path, cfg.chain.region_field, "chain.region_path", crs=pipe.grid.crs)
+        regions, _ = read_polygons(
+            cfg.chain.region_path, cfg.chain.region_field, "chain.region_path", crs=pipe.grid.crs
+        )
 
     h, w = int(window.height), int(window.width)
     classified = 0
@@ -236,7 +239,7 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
             rr = block.rows - int(sub.row_off)
             cc = block.cols - int(sub.col_off)
             pix_region = region_map[rr, cc]
-            for region, (net, desc) in models.items():
+            for region, (_net, desc) in models.items():
                 labels = np.zeros((sh, sw), np.uint16)
                 confidence = np.zeros((sh, sw), np.float32)
                 probas = np.zeros((len(model_classes(desc)), sh, sw), np.uint16) if prob_map else None
@@ -244,7 +247,9 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
                 if sel.any():
                     tic = time.perf_counter()
                     lab, conf, prob = predictors[region].classify(
-                        block.values[sel] if not sel.all() else block.values, model_classes(desc), probabilities=prob_map
+                        block.values[sel] if not sel.all() else block.values,
+                        model_classes(desc),
+                        probabilities=prob_map,
                     )
                     timings["classify_s"] += time.perf_counter() - tic
                     labels[rr[sel], cc[sel]] = lab
@@ -264,7 +269,12 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
                                                   for k, v in timings.items()))
     unmodelled = seen_regions - set(models) - {0}
     if unmodelled:
-        log.warning("tile %s chunk %d: regions %s have no model (no samples): their pixels stay 0", tile, chunk, sorted(unmodelled))
+        log.warning(
+            "tile %s chunk %d: regions %s have no model (no samples): their pixels stay 0",
+            tile,
+            chunk,
+            sorted(unmodelled),
+        )
     outputs = writer.uris
     summary = {
         "stage": STAGE,
@@ -276,7 +286,9 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
         "classified": classified,
         "models": {str(r): d["fingerprint"] for r, (_, d) in models.items()},
     }
-    manifest.write_manifest(out, STAGE, task, fp, outputs, {"summary": summary, "models": summary["models"], "window": summary["window"]})
+    manifest.write_manifest(
+        out, STAGE, task, fp, outputs, {"summary": summary, "models": summary["models"], "window": summary["window"]}
+    )
     # where the time went (not in the manifest: it changes from run to run). read_s is summed over
     # the reading threads; wait_* are the main loop's waits; copy_s/compute_s are CUDA-side times
     return summary | {"skipped": False, "timings": {k: round(v, 3) for k, v in timings.items()}}

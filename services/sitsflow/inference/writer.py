@@ -57,7 +57,9 @@ class ChunkWriter:
         """Write ``array`` ((h, w) or (bands, h, w)) at ``window`` of ``uri``; the writer owns it from now on."""
         if array.shape[-2:] != (int(window.height), int(window.width)):
             # GDAL would resample silently
-            raise ValueError(f"{uri}: a {array.shape[-2:]} array for a {int(window.height)} x {int(window.width)} window")
+            raise ValueError(
+                f"{uri}: a {array.shape[-2:]} array for a {int(window.height)} x {int(window.width)} window"
+            )
         self._submit(self._write, uri, array, window)
 
     def _submit(self, fn, *args) -> None:

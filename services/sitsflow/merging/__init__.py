@@ -51,9 +51,15 @@ def _check_chunks(cfg, tile: str, seed: int, windows: list[Window], fingerprints
         task = task_id(tile, k, seed)
         m = manifest.read_manifest(out, "inference", task)
         if m is None or not all(storage.exists(u) for u in m["outputs"]):
-            raise BadInputError(f"chunk {k} of tile {tile!r} (seed {seed}) has not been classified: run `sitsflow infer --tile {tile} --chunk {k} --seed {seed}`")
+            raise BadInputError(
+                f"chunk {k} of tile {tile!r} (seed {seed}) has not been classified: "
+                f"run `sitsflow infer --tile {tile} --chunk {k} --seed {seed}`"
+            )
         if m["window"] != window_tuple(window):
-            raise BadInputError(f"chunk {k} of tile {tile!r} covers window {m['window']}, but the plan says {window_tuple(window)}: rerun inference")
+            raise BadInputError(
+                f"chunk {k} of tile {tile!r} covers window {m['window']}, but the plan says {window_tuple(window)}: "
+                "rerun inference"
+            )
         stale = {r: fp for r, fp in fingerprints.items() if m["models"].get(str(r)) != fp}
         if stale:
             raise BadInputError(
@@ -96,7 +102,8 @@ def _assemble(chunk_uris: list[str], windows: list[Window], dst_uri: str, finger
         with storage.output_path(dst_uri, suffix=".tif") as tmp:
             with rasterio.open(tmp, "w", **profile) as dst:
                 for uri, window in zip(chunk_uris, windows):
-                    dst.write(storage.raster_call("read", uri, lambda: read_chunk(uri, window)), window=window)
+                    dst.write(storage.raster_call("read", uri, lambda uri=uri, window=window: read_chunk(uri, window)),
+                              window=window)
                 for i, d in enumerate(descriptions, 1):
                     if d:
                         dst.set_band_description(i, d)
@@ -190,7 +197,11 @@ def _quicklook(classif_path: str, dst_path: str, colors: dict, names: dict, seed
 
     with storage.rasterio_env(), rasterio.open(classif_path) as src:
         step = max(1, max(src.width, src.height) // 2000)
-        data = src.read(1, out_shape=(max(1, src.height // step), max(1, src.width // step)), resampling=rasterio.enums.Resampling.nearest)
+        data = src.read(
+            1,
+            out_shape=(max(1, src.height // step), max(1, src.width // step)),
+            resampling=rasterio.enums.Resampling.nearest,
+        )
     codes = sorted(int(c) for c in np.unique(data) if c != 0)
     lut = np.zeros(int(data.max()) + 1, np.int64)
     palette = [(1.0, 1.0, 1.0)]
@@ -300,12 +311,19 @@ def run(cfg) -> dict:
                     if not sel.any():
                         continue
                     rows, cols = samples.row[sel], samples.col[sel]
-                    win = Window(int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1))
+                    win = Window(
+                        int(cols.min()),
+                        int(rows.min()),
+                        int(cols.max() - cols.min() + 1),
+                        int(rows.max() - rows.min() + 1),
+                    )
                     data = _read_window(layout.tile_classif(out, tile, region, seed), win)
                     labels.append(samples.label[sel])
                     preds.append(data[rows - int(win.row_off), cols - int(win.col_off)])
             if not labels:
-                raise BadInputError("no test sample: the test set is empty (every class has a single polygon?); cannot validate")
+                raise BadInputError(
+                    "no test sample: the test set is empty (every class has a single polygon?); cannot validate"
+                )
             per_seed.append(evaluate(np.concatenate(labels), np.concatenate(preds), names))
         write_reports(per_seed, final.path(layout.final_results(out)), final.path(layout.final_results_json(out)))
         storage.delete(layout.manifest(out, STAGE, "all"))

@@ -92,7 +92,10 @@ def _text(per_seed: list[dict]) -> str:
         lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'F-score':>10}{'samples':>10}")
         for c in classes:
             pc = r["per_class"][str(c)]
-            lines.append(f"{c} {pc['name']}".ljust(width) + f"{pc['precision']:>10.4f}{pc['recall']:>10.4f}{pc['fscore']:>10.4f}{pc['reference_samples']:>10}")
+            lines.append(
+                f"{c} {pc['name']}".ljust(width)
+                + f"{pc['precision']:>10.4f}{pc['recall']:>10.4f}{pc['fscore']:>10.4f}{pc['reference_samples']:>10}"
+            )
         lines.append("")
     if len(per_seed) > 1:
         s = summarize(per_seed)

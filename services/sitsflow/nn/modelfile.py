@@ -131,7 +131,12 @@ def save_model(network: Iota2NeuralNetwork, description: Mapping[str, Any] | Non
     if extra.get("module_source") is not None:
         raise BadInputError("model description key 'module_source': a model file never holds code")
     for key in RESERVED_KEYS:
-        if key in own and key in extra and key != "format_version" and _canonical_json(extra[key]) != _canonical_json(own[key]):
+        if (
+            key in own
+            and key in extra
+            and key != "format_version"
+            and _canonical_json(extra[key]) != _canonical_json(own[key])
+        ):
             raise BadInputError(
                 f"model description key {key!r} is written by sitsflow ({own[key]!r}); the caller gave {extra[key]!r}"
             )

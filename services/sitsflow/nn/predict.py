@@ -143,7 +143,9 @@ class Predictor:
     ) -> None:
         from sitsflow.nn.inference_form import inference_form
 
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise BadInputError(f"batch_size must be a positive integer, got {batch_size!r}")
         if form not in ("inference", "reference"):
             raise BadInputError(f"form must be 'inference' or 'reference', got {form!r}")

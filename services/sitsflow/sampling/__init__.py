@@ -19,7 +19,8 @@ from collections import defaultdict
 import numpy as np
 import shapely
 from rasterio.features import rasterize
-from rasterio.windows import Window, bounds as window_bounds
+from rasterio.windows import Window
+from rasterio.windows import bounds as window_bounds
 from rasterio.windows import transform as window_transform
 
 from sitsflow import layout, manifest, storage
@@ -46,7 +47,11 @@ def fingerprint(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> str
     chain = cfg.chain
     pipelines = pipelines or {tile: FeaturePipeline(cfg, tile) for tile in chain.tiles}
     sensor_files = [f for tile in chain.tiles for f in pipelines[tile].input_files()]
-    if cfg.dated_raster is not None and isinstance(cfg.dated_raster.dates, str) and cfg.dated_raster.dates != "descriptions":
+    if (
+        cfg.dated_raster is not None
+        and isinstance(cfg.dated_raster.dates, str)
+        and cfg.dated_raster.dates != "descriptions"
+    ):
         sensor_files.append(cfg.dated_raster.dates)
     return manifest.fingerprint(
         STAGE,
@@ -83,7 +88,9 @@ def _burn(polys: Polygons, tree: shapely.STRtree, window: Window, grid, values: 
     if hits.size == 0:
         return np.zeros((h, w), np.int64)
     shapes = ((polys.geoms[i], int(values[i])) for i in hits)
-    return rasterize(shapes, out_shape=(h, w), transform=window_transform(window, grid.transform), fill=0, dtype="int64")
+    return rasterize(
+        shapes, out_shape=(h, w), transform=window_transform(window, grid.transform), fill=0, dtype="int64"
+    )
 
 
 def extract(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> tuple[dict, dict]:
@@ -163,7 +170,9 @@ def _polygon_regions(arrays: dict) -> dict[int, int]:
     return out
 
 
-def split_polygons(polygon_class: dict[int, int], polygon_region: dict[int, int], ratio: float, seed: int) -> dict[int, str]:
+def split_polygons(
+    polygon_class: dict[int, int], polygon_region: dict[int, int], ratio: float, seed: int
+) -> dict[int, str]:
     """Polygon-wise split for one seed: ``learn``, ``test`` or ``both`` per polygon id.
 
     Per (region, class), polygons sorted by id are permuted with ``numpy.random.default_rng(seed)``
