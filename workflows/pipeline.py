@@ -229,13 +229,17 @@ def _pod_spec_patch(stage: Stage | None) -> str:
 def _default_resources(stage: Stage | None) -> models.ResourceRequirements:
     """The container's plain resources: the built-in defaults (the patch replaces them)."""
     if stage is None or stage.resources is None:
-        return models.ResourceRequirements(requests=SMALL_REQUESTS, limits={"memory": "1Gi"})
-    builtin = BUILTIN[stage.resources]
-    requests = {"cpu": str(builtin["nb_cpu"]), "memory": str(builtin["ram"])}
-    limits = {"memory": str(builtin["ram"])}
-    if stage.gpu:
-        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(builtin["nb_gpu"])
-    return models.ResourceRequirements(requests=requests, limits=limits)
+        requests, limits = dict(SMALL_REQUESTS), {"memory": "1Gi"}
+    else:
+        builtin = BUILTIN[stage.resources]
+        requests = {"cpu": str(builtin["nb_cpu"]), "memory": str(builtin["ram"])}
+        limits = {"memory": str(builtin["ram"])}
+        if stage.gpu:
+            requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(builtin["nb_gpu"])
+    return models.ResourceRequirements(
+        requests={k: models.Quantity(v) for k, v in requests.items()},
+        limits={k: models.Quantity(v) for k, v in limits.items()},
+    )
 
 
 def _container(
@@ -406,12 +410,12 @@ def _parameters() -> list[Parameter]:
 
 def _retry_strategy() -> models.RetryStrategy:
     return models.RetryStrategy(
-        limit="{{workflow.parameters.retry-limit}}",
+        limit=models.IntOrString("{{workflow.parameters.retry-limit}}"),
         retry_policy="Always",
         expression=RETRY_EXPRESSION,
         backoff=models.Backoff(
             duration="{{workflow.parameters.retry-backoff}}",
-            factor=RETRY_FACTOR,
+            factor=models.IntOrString(RETRY_FACTOR),
             cap="{{workflow.parameters.retry-backoff-cap}}",
         ),
     )

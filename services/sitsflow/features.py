@@ -402,8 +402,9 @@ def _merge_same_day(
         return raw, valid
     sums = np.zeros((raw.shape[0], nb_days, raw.shape[2]), np.float32)
     counts = np.zeros((raw.shape[0], nb_days), np.float32)
-    np.add.at(sums, (slice(None), day_group), np.where(valid[..., None], raw, 0.0))
-    np.add.at(counts, (slice(None), day_group), valid.astype(np.float32))
+    # numpy's stubs type ufunc.at's indices without the tuple form numpy documents and accepts
+    np.add.at(sums, (slice(None), day_group), np.where(valid[..., None], raw, 0.0))  # type: ignore[arg-type]
+    np.add.at(counts, (slice(None), day_group), valid.astype(np.float32))  # type: ignore[arg-type]
     return sums / np.maximum(counts, 1.0)[..., None], counts > 0
 
 

@@ -130,14 +130,14 @@ def read_polygons(uri: str, field: str, key: str, *, crs) -> tuple[Polygons, dic
     keep &= ~missing
     invalid = keep & ~np.array([g is not None and g.is_valid for g in geoms])
     repaired = int(invalid.sum())
-    for i in np.nonzero(invalid)[0]:
+    for i in np.nonzero(invalid)[0].tolist():
         geoms[i] = shapely.make_valid(geoms[i])
     if src_crs and crs is not None and str(src_crs) != "" :
         from rasterio.crs import CRS
 
         src = CRS.from_user_input(src_crs)
         if src != crs:
-            for i in np.nonzero(keep)[0]:
+            for i in np.nonzero(keep)[0].tolist():
                 geoms[i] = shapely.geometry.shape(transform_geom(src, crs, shapely.geometry.mapping(geoms[i])))
     empty = keep & np.array([g is None or g.is_empty for g in geoms])
     keep &= ~empty

@@ -130,7 +130,7 @@ def _add_outputs(writer: ChunkWriter, cfg, pipe: FeaturePipeline, window: Window
     """Create the chunk's output rasters in ``writer``; return their URIs by (region, kind) and "validity"."""
     out = cfg.chain.output_path
     prob_map = cfg.arg_classification.enable_probability_map
-    uris = {}
+    uris: dict[tuple[int, str] | str, str] = {}
     for region, (_, desc) in models.items():
         tags = {
             "SITSFLOW_MODEL_FINGERPRINT": desc["fingerprint"],
@@ -254,12 +254,12 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
                     timings["classify_s"] += time.perf_counter() - tic
                     labels[rr[sel], cc[sel]] = lab
                     confidence[rr[sel], cc[sel]] = conf
-                    if prob_map:
+                    if probas is not None and prob is not None:
                         probas[:, rr[sel], cc[sel]] = prob
                     classified += int(sel.sum())
                 writer.write(uris[region, "classif"], labels, local)
                 writer.write(uris[region, "confidence"], confidence, local)
-                if prob_map:
+                if probas is not None:
                     writer.write(uris[region, "probamap"], probas, local)
     timings["write_s"], timings["wait_write_s"] = writer.busy_s, writer.wait_s
     for key in ("copy_s", "compute_s"):

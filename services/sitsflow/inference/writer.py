@@ -95,7 +95,7 @@ class ChunkWriter:
     def __enter__(self) -> ChunkWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
                 try:
@@ -116,7 +116,6 @@ class ChunkWriter:
                 self._close(exc_type, exc, tb)
         finally:
             self._pool.shutdown(wait=True)
-        return False
 
     def _close(self, exc_type, exc, tb) -> None:
         # in the writer thread, where the files were opened; with an exception, output_path

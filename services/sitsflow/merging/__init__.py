@@ -102,7 +102,7 @@ def _assemble(chunk_uris: list[str], windows: list[Window], dst_uri: str, finger
         with storage.output_path(dst_uri, suffix=".tif") as tmp:
             with rasterio.open(tmp, "w", **profile) as dst:
                 for uri, window in zip(chunk_uris, windows):
-                    dst.write(storage.raster_call("read", uri, lambda uri=uri, window=window: read_chunk(uri, window)),
+                    dst.write(storage.raster_call("read", uri, lambda: read_chunk(uri, window)),  # noqa: B023 (called at once)
                               window=window)
                 for i, d in enumerate(descriptions, 1):
                     if d:
@@ -180,7 +180,7 @@ def _mosaic_cog(src_uris: list[str], dst_path: str, *, dtype: str, nodata, scale
                              overview_resampling="nearest", blocksize=256, BIGTIFF="IF_SAFER")
 
 
-def _default_colors(codes: list[int]) -> dict[int, tuple[int, int, int]]:
+def _default_colors(codes: list[int]) -> dict[int, tuple[int, ...]]:
     import matplotlib
 
     cmap = matplotlib.colormaps["tab20"]

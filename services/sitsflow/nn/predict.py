@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -287,7 +288,7 @@ class Predictor:
         return out
 
     def classify(
-        self, x: np.ndarray | torch.Tensor, codes: np.ndarray, *, probabilities: bool = False
+        self, x: np.ndarray | torch.Tensor, codes: np.ndarray | Sequence[int], *, probabilities: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Labels, confidence and (optionally) probabilities of N pixels, made on the device.
 

@@ -226,7 +226,7 @@ def run(cfg) -> dict:
         table = io.StringIO()
         writer = csv.writer(table)
         writer.writerow(["polygon_id", "class", "region", "set", "pixels"])
-        pix = defaultdict(int)
+        pix: defaultdict[int, int] = defaultdict(int)
         for p in arrays["polygon_id"]:
             pix[int(p)] += 1
         for pid in sorted(sets):

@@ -231,6 +231,7 @@ class ProductSensor(Sensor):
 
     products: list[Product]
     layout: Layout
+    _open_files: threading.local  # per thread: the files it opened (see _dataset)
 
     @classmethod
     def build(cls, cfg, section: str, tile: str) -> ProductSensor:

@@ -434,7 +434,7 @@ def compute_stats(reader: FeatureReader, *, chunk: int) -> dict[str, np.ndarray]
         q = (d * d).sum(axis=0)
         lo = np.where(valid, x, np.inf).min(axis=0)
         hi = np.where(valid, x, -np.inf).max(axis=0)
-        if count is None:
+        if count is None or mean is None or m2 is None or vmin is None or vmax is None:  # the first chunk
             count, mean, m2, vmin, vmax = c, mu, q, lo, hi
             continue
         total = count + c
@@ -444,7 +444,7 @@ def compute_stats(reader: FeatureReader, *, chunk: int) -> dict[str, np.ndarray]
             m2 = m2 + q + delta * delta * count * frac
         mean = mean + delta * frac
         count, vmin, vmax = total, np.minimum(vmin, lo), np.maximum(vmax, hi)
-    assert count is not None and mean is not None and m2 is not None
+    assert count is not None and mean is not None and m2 is not None and vmin is not None and vmax is not None
     empty = count == 0
     with np.errstate(invalid="ignore", divide="ignore"):
         var = m2 / np.maximum(count, 1)
