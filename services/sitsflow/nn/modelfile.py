@@ -293,6 +293,9 @@ def load_model(
     name = description.get("network")
     source = network_code(description, module_source, module_uri)
     framework = description.get("framework") or {}
+    framework_args: dict[str, Any] = {
+        k: framework.get(k) for k in ("nb_dates", "nb_components", "nb_classes", "dates", "sensor")
+    }
     try:
         network = build_network(
             name,
@@ -300,7 +303,7 @@ def load_model(
             module_source=source,
             module_uri=module_uri if source is not None else None,
             stats=parsed["stats"],
-            **{k: framework.get(k) for k in ("nb_dates", "nb_components", "nb_classes", "dates", "sensor")},
+            **framework_args,
         )
     except ConfigError as exc:
         raise BadInputError(f"cannot rebuild the model file's network {name!r}: {exc}") from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,23 +49,23 @@ def activation_floats_per_pixel(
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
     largest_shape = (network.nb_dates, network.nb_components)
     largest = [network.nb_dates * network.nb_components]
-    network = module if module is not None else network
+    measured: torch.nn.Module = module if module is not None else network
 
     def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
         if isinstance(output, torch.Tensor):
             largest.append(output.numel() // probe)
 
-    handles = [m.register_forward_hook(hook) for m in network.modules()]
-    was_training = network.training
+    handles = [m.register_forward_hook(hook) for m in measured.modules()]
+    was_training = measured.training
     try:
-        network.eval()
+        measured.eval()
         with torch.inference_mode():
-            network(torch.zeros((probe, *map(int, largest_shape)), device=device))
+            measured(torch.zeros((probe, *map(int, largest_shape)), device=device))
     finally:
         for h in handles:
             h.remove()
-        network.train(was_training)
-    return max(*largest, int(getattr(network, "floats_per_pixel", 0)))
+        measured.train(was_training)
+    return max(*largest, int(getattr(measured, "floats_per_pixel", 0)))
 
 
 def auto_batch_size(network: Iota2NeuralNetwork, device: torch.device, module: torch.nn.Module | None = None) -> int:
@@ -166,13 +166,14 @@ class Predictor:
         self.batch_size = batch_size or auto_batch_size(network, self.device, module if not cuda else None)
         self.module = module
         self.compiled = False
+        run: Callable[..., torch.Tensor] = module
         if compile:
             try:
-                module = torch.compile(module, dynamic=True)
+                run = torch.compile(module, dynamic=True)
                 self.compiled = True
             except Exception as exc:  # noqa: BLE001 - a missing compiler must not stop the stage
                 log.warning("torch.compile unavailable (%s): running eagerly", exc)
-        self._run = module
+        self._run = run
         self._pinned: list[torch.Tensor] = []
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         #: seconds spent copying inputs to the device and computing (CUDA: measured on the device
@@ -250,8 +251,9 @@ class Predictor:
         for k, start in enumerate(range(0, n, size)):
             stop = min(n, start + size)
             slot = k % 2
-            if ready[slot] is not None:
-                ready[slot].synchronize()  # the copy that last used this host buffer is done
+            event = ready[slot]
+            if event is not None:
+                event.synchronize()  # the copy that last used this host buffer is done
             host = self._pinned[slot][: stop - start]
             src = x[start:stop]
             host.copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src)))
