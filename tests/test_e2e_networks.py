@@ -29,7 +29,7 @@ SMALL = {  # small widths keep the CPU test fast; every other parameter keeps it
     "SimpleSelfAttentionClassifier": "{'d_model': 32, 'n_head': 2, 'n_layers': 1, 'dim_feedforward': 64}",
 }
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # whole pipelines: tens of seconds each
 
 
 @pytest.mark.parametrize("name", sorted(NETWORKS))
