@@ -38,8 +38,10 @@ def machine(device: torch.device) -> str:
     return describe(device)
 
 
-VARIANTS = ("reference-fp32", "inference-fp32", "reference-bf16", "inference-bf16", "inference-bf16-compiled")
-"""form-precision[-compiled]: the training form or the folded inference form (sitsflow.nn.inference_form)."""
+VARIANTS = ("reference-fp32", "inference-fp32", "reference-bf16", "inference-bf16", "inference-bf16-compiled",
+            "inference-bf16-max")
+"""form-precision[-compiled|-max]: the training form or the folded inference form (sitsflow.nn.inference_form);
+compiled = ``SITSFLOW_COMPILE=1``, max = ``SITSFLOW_COMPILE=max`` (autotuned kernels, static batch shape)."""
 
 
 def device_rate(predictor: Predictor, x_dev: torch.Tensor, repeats: int) -> float:
@@ -51,7 +53,7 @@ def device_rate(predictor: Predictor, x_dev: torch.Tensor, repeats: int) -> floa
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for start in range(0, x_dev.shape[0], size):
-                predictor._forward(x_dev[start : start + size]).argmax(1)
+                predictor.forward(x_dev[start : start + size]).argmax(1)
             torch.cuda.synchronize()
             if k:
                 best = min(best, time.perf_counter() - t0)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             form, precision, *rest = variant.split("-")
             predictor = Predictor(net, device=device, batch_size=args.batch_size, form=form, precision=precision,
-                                  compile=bool(rest))  # each form's own automatic batch size
+                                  compile="max" if rest == ["max"] else bool(rest))  # each form's own automatic batch size
             batch = predictor.batch_size
             predictor.proba(x[: min(pixels, 2 * batch)])  # warm-up (and compilation)
             best = float("inf")

@@ -196,3 +196,35 @@ def test_predictor_checks_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None
         Predictor(net, device="cpu")
     monkeypatch.setenv("SITSFLOW_COMPILE", "0")
     assert not Predictor(net, device="cpu").compiled
+
+
+def test_max_compile_runs_one_static_batch_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SITSFLOW_COMPILE=max``: Inductor's autotuning mode on one static shape; the last, shorter
+    batch is padded to ``batch_size`` and the padding's outputs are dropped. (torch.compile is
+    replaced by a recorder here: the autotuning itself needs a GPU.)"""
+    calls: list[dict] = []
+    shapes: list[int] = []
+
+    def recording_compile(module, **kwargs):
+        calls.append(kwargs)
+
+        def run(batch):
+            shapes.append(int(batch.shape[0]))
+            return module(batch)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    x = series(150, 12, 3, seed=6)
+    net = trained_like("LTAEClassifier", x, nb_classes=4)
+    eager = Predictor(net, device="cpu", batch_size=64, compile=False).proba(x)
+    monkeypatch.setenv("SITSFLOW_COMPILE", "max")
+    predictor = Predictor(net, device="cpu", batch_size=64)
+    assert predictor.compiled and predictor.static
+    assert calls == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
+    np.testing.assert_allclose(predictor.proba(x), eager, atol=1e-6)
+    assert shapes == [64, 64, 64]  # 150 pixels: 64 + 64 + 22 padded to 64
+    monkeypatch.setenv("SITSFLOW_COMPILE", "1")
+    calls.clear()
+    assert not Predictor(net, device="cpu", batch_size=64).static
+    assert calls == [{"dynamic": True}]
