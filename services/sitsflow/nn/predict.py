@@ -6,6 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,7 +184,8 @@ class Predictor:
         run: Callable[..., torch.Tensor] = module
         if compile:
             try:
-                run = torch.compile(module, dynamic=not self.static, mode=mode)  # mode None: the default
+                mode_kw: dict[str, Any] = {"mode": mode} if mode else {}
+                run = torch.compile(module, dynamic=not self.static, **mode_kw)
                 self.compiled = True
             except Exception as exc:  # noqa: BLE001 - a missing compiler must not stop the stage
                 log.warning("torch.compile unavailable (%s): running eagerly", exc)
