@@ -31,7 +31,7 @@ SMALL = {  # small widths keep the CPU test fast; every other parameter keeps it
     "InceptionTime": "{'filters': 8, 'bottleneck': 8, 'kernel_sizes': [19, 9, 5], 'depth': 3}",
 }
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # whole pipelines: tens of seconds each
 
 
 # TempCNN and InceptionTime took over 20 s each here (3-4 min on a loaded 2-core machine): slow

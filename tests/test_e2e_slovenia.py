@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "slovenia" / "config.cfg"
 FAST = ["--set", "arg_train.deep_learning_parameters.epochs=4"]
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # whole pipelines: tens of seconds each
 
 
 def sitsflow(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ from sitsflow.samples import load_samples
 
 from generate_products import upload, write_products, write_theia_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # whole pipelines: tens of seconds each
 
 
 def _run(cfg_uri: str) -> dict:

@@ -1064,6 +1064,7 @@ def test_a_result_too_long_for_argo_still_fails_here(
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # builds a wheel, installs it into a venv, runs the whole pipeline
 def test_sitsflow_run_from_a_wheel_in_a_fresh_venv(tmp_path: Path) -> None:
     """Build the wheel, install it (no dependencies downloaded: the fresh venv sees this venv's
     packages through a .pth), and run the pipeline from a folder outside the checkout."""

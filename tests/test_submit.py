@@ -308,6 +308,20 @@ def test_compressed_and_offloaded_nodes_are_read_honestly():
     assert not offloaded.nodes_known and "offloaded" in submit.stage_lines(offloaded)[0]
 
 
+def test_stages_follow_the_stored_template_dag_order():
+    # Argo stores the template the run started from: stages not started yet are listed, in DAG order
+    from sitsflow.runner.workflow import default_workflow_path, entry_dag
+
+    template = yaml.safe_load(default_workflow_path().read_text())
+    dag_order = [t["name"] for t in entry_dag(template)[0]]
+    nodes = _nodes("wf", {"prepare": ["Succeeded"]})
+    wf = {"metadata": {"name": "wf"},
+          "status": {"phase": "Running", "nodes": nodes, "storedWorkflowTemplateSpec": template["spec"]}}
+    snap = submit.snapshot(wf)
+    assert snap.order == dag_order and list(snap.stages())[:2] == dag_order[:2]
+    assert snap.stages()["prepare"]["done"] == 1
+
+
 def test_local_inputs_and_local_output_are_refused_before_any_cluster_call(tmp_path):
     write_scene(tmp_path)
     cfg = write_config(tmp_path, output="s3://bucket/out")

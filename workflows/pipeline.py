@@ -35,8 +35,8 @@ and infer) and a ``node-selector`` (JSON) as inputs and applies them through ``p
 ``resources``. Train and infer request ``nvidia.com/gpu``, tolerate ``gpu-tolerations``, and mount
 a memory-backed emptyDir at ``/dev/shm`` for data-loader workers; every other step runs on CPU
 nodes (``cpu-node-selector``, ``cpu-tolerations``). Each container template retries
-(``retryStrategy``, not on the DAG) only transient failures: exit code 75, or a pod that errored because it was deleted, evicted
-or its node shut down; never exit code 2.
+(``retryStrategy``, not on the DAG) only transient failures: exit code 75, or a pod that errored
+because it was deleted, evicted or its node shut down; never exit code 2.
 
 Hera's process-wide ``global_config`` is not used: image, namespace and service account are given
 explicitly (the chart sets the service account).
@@ -60,6 +60,7 @@ from hera.workflows import (
     WorkflowTemplate,
     models,
 )
+
 from sitsflow.config.resources import BUILTIN, GPU_STAGES
 from sitsflow.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
 from sitsflow.shards import MAX_SHARDS
@@ -243,13 +244,17 @@ def _pod_spec_patch(stage: Stage | None) -> str:
 def _default_resources(stage: Stage | None) -> models.ResourceRequirements:
     """The container's plain resources: the built-in defaults (the patch replaces them)."""
     if stage is None or stage.resources is None:
-        return models.ResourceRequirements(requests=SMALL_REQUESTS, limits={"memory": "1Gi"})
-    builtin = BUILTIN[stage.resources]
-    requests = {"cpu": str(builtin["nb_cpu"]), "memory": str(builtin["ram"])}
-    limits = {"memory": str(builtin["ram"])}
-    if stage.gpu:
-        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(builtin["nb_gpu"])
-    return models.ResourceRequirements(requests=requests, limits=limits)
+        requests, limits = dict(SMALL_REQUESTS), {"memory": "1Gi"}
+    else:
+        builtin = BUILTIN[stage.resources]
+        requests = {"cpu": str(builtin["nb_cpu"]), "memory": str(builtin["ram"])}
+        limits = {"memory": str(builtin["ram"])}
+        if stage.gpu:
+            requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(builtin["nb_gpu"])
+    return models.ResourceRequirements(
+        requests={k: models.Quantity(v) for k, v in requests.items()},
+        limits={k: models.Quantity(v) for k, v in limits.items()},
+    )
 
 
 def _container(
@@ -439,12 +444,12 @@ def _parameters() -> list[Parameter]:
 
 def _retry_strategy() -> models.RetryStrategy:
     return models.RetryStrategy(
-        limit="{{workflow.parameters.retry-limit}}",
+        limit=models.IntOrString("{{workflow.parameters.retry-limit}}"),
         retry_policy="Always",
         expression=RETRY_EXPRESSION,
         backoff=models.Backoff(
             duration="{{workflow.parameters.retry-backoff}}",
-            factor=RETRY_FACTOR,
+            factor=models.IntOrString(RETRY_FACTOR),
             cap="{{workflow.parameters.retry-backoff-cap}}",
         ),
     )

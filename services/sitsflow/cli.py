@@ -49,15 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare", help="validate the configuration and write the resolved one next to the outputs; prints its URI")
+    p = sub.add_parser(
+        "prepare", help="validate the configuration and write the resolved one next to the outputs; prints its URI"
+    )
     _add_config(p)
-    p.add_argument("--overrides", default="[]", help='JSON list of "section.key=value" overrides (the WorkflowTemplate\'s parameter)')
-    p.add_argument("--pool-label", default="", help="node label that resource blocks' queue selects (e.g. cloud.google.com/gke-nodepool)")
+    p.add_argument(
+        "--overrides",
+        default="[]",
+        help='JSON list of "section.key=value" overrides (the WorkflowTemplate\'s parameter)',
+    )
+    p.add_argument(
+        "--pool-label",
+        default="",
+        help="node label that resource blocks' queue selects (e.g. cloud.google.com/gke-nodepool)",
+    )
     p.add_argument("--gpu-node-selector", default="{}", help="JSON node selector of the GPU stages (train, infer)")
-    p.add_argument("--cpu-node-selector", default="{}", help="JSON node selector of the CPU stages (sample, select, merge)")
+    p.add_argument(
+        "--cpu-node-selector", default="{}", help="JSON node selector of the CPU stages (sample, select, merge)"
+    )
     p.add_argument("--gpu-tolerations", default="[]", help="JSON tolerations of pods with GPUs")
     p.add_argument("--cpu-tolerations", default="[]", help="JSON tolerations of every other pod")
-    p.add_argument("--output-path", default="", help="the run's output path (replaces chain.output_path; empty: the .cfg's)")
+    p.add_argument(
+        "--output-path", default="", help="the run's output path (replaces chain.output_path; empty: the .cfg's)"
+    )
 
     p = sub.add_parser("sample", help="sampling stage: extract labelled pixels into the NetCDF sample databases")
     _add_config(p)
@@ -94,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline on this machine (executes the rendered WorkflowTemplate)")
     _add_config(p, positional=True)
     p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="tasks run at a time")
-    p.add_argument("--workflow", default=None, help="rendered WorkflowTemplate YAML (default: the one shipped in the package)")
+    p.add_argument(
+        "--workflow", default=None, help="rendered WorkflowTemplate YAML (default: the one shipped in the package)"
+    )
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress display")
     p.add_argument("--log-dir", default=None, help="folder for the per-task logs (default: a temporary folder)")
     p.add_argument("--max-shards", type=int, default=MAX_SHARDS,
@@ -107,8 +123,12 @@ def _add_cluster_commands(sub) -> None:
     """``submit``, ``status``, ``logs``: runs on a cluster through the Kubernetes API (sitsflow.submit)."""
 
     def cluster_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-n", "--namespace", default=None, help="namespace of the chart (default: the kubeconfig context's)")
-        p.add_argument("--context", default=None, help="kubeconfig context (default: the current one; $KUBECONFIG names the file)")
+        p.add_argument(
+            "-n", "--namespace", default=None, help="namespace of the chart (default: the kubeconfig context's)"
+        )
+        p.add_argument(
+            "--context", default=None, help="kubeconfig context (default: the current one; $KUBECONFIG names the file)"
+        )
 
     def wait_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -116,7 +136,9 @@ def _add_cluster_commands(sub) -> None:
         p.add_argument("--interval", type=float, default=10.0, metavar="SECONDS", help="seconds between status reads")
         p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress display")
 
-    p = sub.add_parser("submit", help="validate, upload and start a run on the cluster (an Argo Workflow from the WorkflowTemplate)")
+    p = sub.add_parser(
+        "submit", help="validate, upload and start a run on the cluster (an Argo Workflow from the WorkflowTemplate)"
+    )
     _add_config(p, positional=True)
     cluster_options(p)
     p.add_argument("--template", default="sitsflow", help="WorkflowTemplate name (the chart's workflowTemplate.name)")
@@ -134,7 +156,9 @@ def _add_cluster_commands(sub) -> None:
     p.add_argument("name", help="Workflow name")
     cluster_options(p)
     p.add_argument("--stage", default=None, help="only this stage's pods (a DAG task: sample, train, infer ...)")
-    p.add_argument("--tail", type=int, default=None, metavar="LINES", help="last LINES lines of each log (default: all)")
+    p.add_argument(
+        "--tail", type=int, default=None, metavar="LINES", help="last LINES lines of each log (default: all)"
+    )
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -143,7 +167,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     try:
         extra = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--overrides: expected a JSON list of \"section.key=value\" strings, got {raw!r} ({exc})") from None
+        raise ConfigError(
+            f"--overrides: expected a JSON list of \"section.key=value\" strings, got {raw!r} ({exc})"
+        ) from None
     if not isinstance(extra, list) or not all(isinstance(s, str) for s in extra):
         raise ConfigError(f"--overrides: expected a JSON list of strings, got {raw!r}")
     output = getattr(args, "output_path", "")  # prepare's --output-path (the workflow's parameter)

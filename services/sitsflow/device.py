@@ -11,8 +11,14 @@ when available, else the CPU.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, TypeVar
 
 from sitsflow.errors import BadInputError
+
+if TYPE_CHECKING:  # torch is imported where a device is chosen, not with this module
+    import torch
+
+_Device = TypeVar("_Device")
 
 
 def gpus_given() -> int:
@@ -54,7 +60,7 @@ def cuda_problem() -> str | None:
     return None
 
 
-def choose(device: object | None = None) -> object:
+def choose(device: _Device | None = None) -> _Device | torch.device:
     """The torch device to train or infer on: ``device`` when given, else CUDA when the pod was
     given a GPU (checked: exit 2 naming the problem when it cannot be used) or when available
     outside Kubernetes, else the CPU.

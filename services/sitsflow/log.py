@@ -13,7 +13,7 @@ class _StderrHandler(logging.StreamHandler):
     """A handler writing to whatever ``sys.stderr`` is when a record is emitted (not the stream of
     the moment it was made: a caller, or a test harness, may replace sys.stderr)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):  # noqa: D102
         return sys.stderr
 

@@ -120,7 +120,9 @@ def read_polygons(uri: str, field: str, key: str, *, crs) -> tuple[Polygons, dic
         if values[i] == 0:
             excluded.append(i)
         elif values[i] < 0:
-            raise BadInputError(f"{key}: polygon {i} of {uri} has {field}={v!r}; values must be positive (0 = no class)")
+            raise BadInputError(
+                f"{key}: polygon {i} of {uri} has {field}={v!r}; values must be positive (0 = no class)"
+            )
     try:
         geoms = shapely.from_wkb(wkb)
     except shapely.errors.GEOSException as exc:
@@ -131,14 +133,14 @@ def read_polygons(uri: str, field: str, key: str, *, crs) -> tuple[Polygons, dic
     keep &= ~missing
     invalid = keep & ~np.array([g is not None and g.is_valid for g in geoms])
     repaired = int(invalid.sum())
-    for i in np.nonzero(invalid)[0]:
+    for i in np.nonzero(invalid)[0].tolist():
         geoms[i] = shapely.make_valid(geoms[i])
     if src_crs and crs is not None and str(src_crs) != "" :
         from rasterio.crs import CRS
 
         src = CRS.from_user_input(src_crs)
         if src != crs:
-            for i in np.nonzero(keep)[0]:
+            for i in np.nonzero(keep)[0].tolist():
                 geoms[i] = shapely.geometry.shape(transform_geom(src, crs, shapely.geometry.mapping(geoms[i])))
     empty = keep & np.array([g is None or g.is_empty for g in geoms])
     keep &= ~empty

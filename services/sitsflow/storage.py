@@ -48,7 +48,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 from urllib.parse import urlsplit
 
 from sitsflow.errors import (
@@ -131,7 +131,7 @@ _jitter = random.Random()
 # --------------------------------------------------------------------------------------------
 # URIs
 # --------------------------------------------------------------------------------------------
-def is_s3(uri: PathLike) -> bool:
+def is_s3(uri: PathLike) -> TypeGuard[str]:
     """True when ``uri`` is an ``s3://`` URI (scheme compared case-insensitively)."""
     return isinstance(uri, str) and uri[:5].lower() == "s3://"
 
@@ -300,7 +300,7 @@ def _retry_settings() -> tuple[int, float]:
     return attempts, backoff
 
 
-def _client_error_info(exc: BaseException) -> tuple[str, int] | None:
+def _client_error_info(exc: BaseException | None) -> tuple[str, int] | None:
     """``(code, http_status)`` of a botocore ClientError (possibly wrapped), else None."""
     from botocore.exceptions import ClientError
 
@@ -347,7 +347,7 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _missing_bucket(exc: BaseException, uri: str) -> str:
+def _missing_bucket(exc: BaseException | None, uri: str) -> str:
     """The bucket a NoSuchBucket error is about: from the response, else the first in ``uri``."""
     while exc is not None:
         response = getattr(exc, "response", None)
@@ -887,8 +887,9 @@ class OutputSet:
         for uri, tmp in self.pending:
             if is_s3(uri):
                 bucket, key = _s3_object(uri)
+                # the lambdas run at once (inside _retry), within this iteration
                 _retry("upload", uri, lambda: _client().upload_file(
-                    tmp, bucket, key, Config=_transfer_config()))
+                    tmp, bucket, key, Config=_transfer_config()))  # noqa: B023
             else:
                 _retry("write", uri, lambda: _publish_local(tmp, local_file(uri)))
         return [uri for uri, _ in self.pending]
@@ -1140,7 +1141,9 @@ def _damage_error(op: str, uris: list[str], culprit: str, locate: Callable[[str,
     return None
 
 
-def _verify_remote(op: str, uris: list[str], culprit: str, locate: Callable[[str, int], str] | None) -> BadInputError | None:
+def _verify_remote(
+    op: str, uris: list[str], culprit: str, locate: Callable[[str, int], str] | None
+) -> BadInputError | None:
     """After GDAL failed on S3 rasters again and again: download them (boto3, retried) and decode
     them locally. A damaged one is bad input; if all decode, the trouble was the transport."""
     with scratch_dir("sitsflow-verify-") as folder:

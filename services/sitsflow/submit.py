@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sitsflow import layout, storage
 from sitsflow.errors import BadInputError, ConfigError, SitsflowError, TransientError
@@ -163,17 +163,19 @@ class Cluster:
             raise exc
         status, message = info
         hint = {401: "the credentials were not accepted",
-                403: "permission denied (the chart's submitter Role, value submitter.create, grants what sitsflow needs)",
+                403: "permission denied (the chart's submitter Role, value submitter.create, "
+                "grants what sitsflow needs)",
                 404: "not found", 422: "refused by the API server's validation"}.get(status, f"HTTP {status}")
         return BadInputError(f"{what} in namespace {self.namespace!r}: {hint}: {message}")
 
     # the objects -------------------------------------------------------------------------------
     def get_template(self, name: str) -> dict:
         try:
-            return self.call(f"reading WorkflowTemplate {name}", self.custom.get_namespaced_custom_object,
-                             GROUP, VERSION, self.namespace, TEMPLATES, name)
+            # the custom objects API returns the JSON object (a dict), typed `object`
+            return cast(dict, self.call(f"reading WorkflowTemplate {name}", self.custom.get_namespaced_custom_object,
+                                        GROUP, VERSION, self.namespace, TEMPLATES, name))
         except Exception as exc:
-            if _api_error(exc) and _api_error(exc)[0] == 404:
+            if (info := _api_error(exc)) is not None and info[0] == 404:
                 raise BadInputError(
                     f"WorkflowTemplate {name!r} not found in namespace {self.namespace!r}: install the chart "
                     "(helm install sitsflow charts/sitsflow) or name it with --template"
@@ -182,28 +184,29 @@ class Cluster:
 
     def get_workflow(self, name: str) -> dict | None:
         try:
-            return self.call(f"reading Workflow {name}", self.custom.get_namespaced_custom_object,
-                             GROUP, VERSION, self.namespace, WORKFLOWS, name)
+            return cast(dict, self.call(f"reading Workflow {name}", self.custom.get_namespaced_custom_object,
+                                        GROUP, VERSION, self.namespace, WORKFLOWS, name))
         except Exception as exc:
-            if _api_error(exc) and _api_error(exc)[0] == 404:
+            if (info := _api_error(exc)) is not None and info[0] == 404:
                 return None
             raise self.refused(f"reading Workflow {name!r}", exc) from None
 
     def list_workflows(self, selector: str) -> list[dict]:
         try:
-            return self.call("listing Workflows", self.custom.list_namespaced_custom_object, GROUP, VERSION,
-                             self.namespace, WORKFLOWS, label_selector=selector).get("items", [])
+            listed = cast(dict, self.call("listing Workflows", self.custom.list_namespaced_custom_object, GROUP,
+                                          VERSION, self.namespace, WORKFLOWS, label_selector=selector))
+            return listed.get("items", [])
         except Exception as exc:
             raise self.refused("listing Workflows", exc) from None
 
     def create_workflow(self, body: dict) -> dict | None:
         """The created Workflow, or None when one of that name exists already (409)."""
         try:
-            return self.call(f"creating Workflow {body['metadata']['name']}",
-                             self.custom.create_namespaced_custom_object,
-                             GROUP, VERSION, self.namespace, WORKFLOWS, body)
+            return cast(dict, self.call(f"creating Workflow {body['metadata']['name']}",
+                                        self.custom.create_namespaced_custom_object,
+                                        GROUP, VERSION, self.namespace, WORKFLOWS, body))
         except Exception as exc:
-            if _api_error(exc) and _api_error(exc)[0] == 409:
+            if (info := _api_error(exc)) is not None and info[0] == 409:
                 return None
             raise self.refused(f"creating Workflow {body['metadata']['name']!r}", exc) from None
 
@@ -226,9 +229,12 @@ class Cluster:
             raise self.refused(f"listing the pods of Workflow {workflow!r}", exc) from None
         found = {}
         for pod in pods.items:
-            annotations = pod.metadata.annotations or {}
+            meta = pod.metadata
+            if meta is None or meta.name is None:  # never so for a pod read from the API server
+                continue
+            annotations = meta.annotations or {}
             # before Argo 3.2 the pod name was the node id (no annotation)
-            found[annotations.get(ARGO_NODE_ID, pod.metadata.name)] = pod.metadata.name
+            found[annotations.get(ARGO_NODE_ID, meta.name)] = meta.name
         return found
 
     def pod_log(self, pod: str, tail_lines: int | None = LOG_TAIL_LINES) -> str:
@@ -297,8 +303,8 @@ def prepare_run(source: str, overrides: Sequence[str], name: str | None = None) 
     Raises :class:`ConfigError` (exit 2) for every problem ``prepare`` would report, and when the
     run could not work on a cluster: an output path or an input that is not in object storage.
     """
-    from sitsflow.config import SECTION_MODELS, load_config
     from sitsflow import preflight
+    from sitsflow.config import SECTION_MODELS, load_config
 
     cfg = load_config(source, list(overrides))
     preflight.run(cfg)  # prepare's checks: class files, dl_module, dl_parameters, the network built
@@ -495,10 +501,10 @@ def snapshot(wf: dict) -> Snapshot:
                     nodes_known=nodes is not None)
     stored = status.get("storedWorkflowTemplateSpec")
     if stored:
-        from sitsflow.runner import dag_order
+        from sitsflow.runner.workflow import entry_dag
 
         try:
-            snap.order = dag_order({"spec": stored})
+            snap.order = [str(task["name"]) for task in entry_dag({"spec": stored})[0]]
         except SitsflowError:
             snap.order = []
     nodes = nodes or {}

@@ -14,8 +14,8 @@ integers, tuples instead of lists. Assigning an attribute raises.
 from __future__ import annotations
 
 import itertools
-import typing
 import re
+import typing
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 

@@ -277,7 +277,7 @@ def label_selector(text: str, what: str) -> dict[str, str]:
     try:
         selector = json.loads(text or "{}")
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{what}: expected a JSON object of node labels, got {text!r} ({exc})")
+        raise ValueError(f"{what}: expected a JSON object of node labels, got {text!r} ({exc})") from None
     if not isinstance(selector, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in selector.items()
     ):
@@ -310,7 +310,7 @@ def tolerations_list(text: str, what: str) -> list[dict[str, Any]]:
     try:
         value = json.loads(text or "[]")
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{what}: expected a JSON list of tolerations, got {text!r} ({exc})")
+        raise ValueError(f"{what}: expected a JSON list of tolerations, got {text!r} ({exc})") from None
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise ValueError(f"{what}: expected a JSON list of toleration objects, got {text!r}")
     return value

@@ -57,7 +57,7 @@ def _safe_convert_string(text: str, _config: Any) -> Any:
     return text
 
 
-class _SafeConfig(Config):  # type: ignore[misc]
+class _SafeConfig(Config):
     """``config.Config`` whose backtick strings cannot import Python objects."""
 
     _string_converter = staticmethod(_safe_convert_string)

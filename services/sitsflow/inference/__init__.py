@@ -102,7 +102,7 @@ def _add_outputs(writer: ChunkWriter, cfg, pipe: FeaturePipeline, window: Window
     """Create the chunk's output rasters in ``writer``; return their URIs by (region, kind) and "validity"."""
     out = cfg.chain.output_path
     prob_map = cfg.arg_classification.enable_probability_map
-    uris = {}
+    uris: dict[tuple[int, str] | str, str] = {}
     for region, (_, desc) in models.items():
         tags = {
             layout.TAG_MODEL_FINGERPRINT: desc["fingerprint"],
@@ -211,7 +211,7 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
             rr = block.rows - int(sub.row_off)
             cc = block.cols - int(sub.col_off)
             pix_region = region_map[rr, cc]
-            for region, (net, desc) in models.items():
+            for region, (_net, desc) in models.items():
                 labels = np.zeros((sh, sw), np.uint16)
                 confidence = np.zeros((sh, sw), np.float32)
                 probas = np.zeros((len(model_classes(desc)), sh, sw), np.uint16) if prob_map else None
@@ -219,17 +219,19 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
                 if sel.any():
                     tic = time.perf_counter()
                     lab, conf, prob = predictors[region].classify(
-                        block.values[sel] if not sel.all() else block.values, model_classes(desc), probabilities=prob_map
+                        block.values[sel] if not sel.all() else block.values,
+                        model_classes(desc),
+                        probabilities=prob_map,
                     )
                     timings["classify_s"] += time.perf_counter() - tic
                     labels[rr[sel], cc[sel]] = lab
                     confidence[rr[sel], cc[sel]] = conf
-                    if prob_map:
+                    if probas is not None and prob is not None:
                         probas[:, rr[sel], cc[sel]] = prob
                     classified += int(sel.sum())
                 writer.write(uris[region, "classif"], labels, local)
                 writer.write(uris[region, "confidence"], confidence, local)
-                if prob_map:
+                if probas is not None:
                     writer.write(uris[region, "probamap"], probas, local)
     timings["write_s"], timings["wait_write_s"] = writer.busy_s, writer.wait_s
     for key in ("copy_s", "compute_s"):
@@ -239,7 +241,12 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
                                                   for k, v in timings.items()))
     unmodelled = seen_regions - set(models) - {0}
     if unmodelled:
-        log.warning("tile %s chunk %d: regions %s have no model (no samples): their pixels stay 0", tile, chunk, sorted(unmodelled))
+        log.warning(
+            "tile %s chunk %d: regions %s have no model (no samples): their pixels stay 0",
+            tile,
+            chunk,
+            sorted(unmodelled),
+        )
     outputs = writer.uris
     summary = {
         "stage": STAGE,
@@ -251,7 +258,9 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
         "classified": classified,
         "models": {str(r): d["fingerprint"] for r, (_, d) in models.items()},
     }
-    manifest.write_manifest(out, STAGE, task, fp, outputs, {"summary": summary, "models": summary["models"], "window": summary["window"]})
+    manifest.write_manifest(
+        out, STAGE, task, fp, outputs, {"summary": summary, "models": summary["models"], "window": summary["window"]}
+    )
     # where the time went (not in the manifest: it changes from run to run). read_s is summed over
     # the reading threads; wait_* are the main loop's waits; copy_s/compute_s are CUDA-side times
     return summary | {"skipped": False, "timings": {k: round(v, 3) for k, v in timings.items()}}

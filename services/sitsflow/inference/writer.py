@@ -57,7 +57,9 @@ class ChunkWriter:
         """Write ``array`` ((h, w) or (bands, h, w)) at ``window`` of ``uri``; the writer owns it from now on."""
         if array.shape[-2:] != (int(window.height), int(window.width)):
             # GDAL would resample silently
-            raise ValueError(f"{uri}: a {array.shape[-2:]} array for a {int(window.height)} x {int(window.width)} window")
+            raise ValueError(
+                f"{uri}: a {array.shape[-2:]} array for a {int(window.height)} x {int(window.width)} window"
+            )
         self._submit(self._write, uri, array, window)
 
     def _submit(self, fn, *args) -> None:
@@ -93,7 +95,7 @@ class ChunkWriter:
     def __enter__(self) -> ChunkWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
                 try:
@@ -114,7 +116,6 @@ class ChunkWriter:
                 self._close(exc_type, exc, tb)
         finally:
             self._pool.shutdown(wait=True)
-        return False
 
     def _close(self, exc_type, exc, tb) -> None:
         # in the writer thread, where the files were opened; with an exception, output_path

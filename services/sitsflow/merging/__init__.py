@@ -97,7 +97,8 @@ def _assemble(chunk_uris: list[str], windows: list[Window], dst_uri: str, finger
         with storage.output_path(dst_uri, suffix=".tif") as tmp:
             with rasterio.open(tmp, "w", **profile) as dst:
                 for uri, window in zip(chunk_uris, windows):
-                    dst.write(storage.raster_call("read", uri, lambda: read_chunk(uri, window)), window=window)
+                    dst.write(storage.raster_call("read", uri, lambda: read_chunk(uri, window)),  # noqa: B023 (called at once)
+                              window=window)
                 for i, d in enumerate(descriptions, 1):
                     if d:
                         dst.set_band_description(i, d)
@@ -174,7 +175,7 @@ def _mosaic_cog(src_uris: list[str], dst_path: str, *, dtype: str, nodata, scale
                              overview_resampling="nearest", blocksize=256, BIGTIFF="IF_SAFER")
 
 
-def _default_colors(codes: list[int]) -> dict[int, tuple[int, int, int]]:
+def _default_colors(codes: list[int]) -> dict[int, tuple[int, ...]]:
     import matplotlib
 
     cmap = matplotlib.colormaps["tab20"]
@@ -191,7 +192,11 @@ def _quicklook(classif_path: str, dst_path: str, colors: dict, names: dict, seed
 
     with storage.rasterio_env(), rasterio.open(classif_path) as src:
         step = max(1, max(src.width, src.height) // 2000)
-        data = src.read(1, out_shape=(max(1, src.height // step), max(1, src.width // step)), resampling=rasterio.enums.Resampling.nearest)
+        data = src.read(
+            1,
+            out_shape=(max(1, src.height // step), max(1, src.width // step)),
+            resampling=rasterio.enums.Resampling.nearest,
+        )
     codes = sorted(int(c) for c in np.unique(data) if c != 0)
     lut = np.zeros(int(data.max()) + 1, np.int64)
     palette = [(1.0, 1.0, 1.0)]
@@ -318,7 +323,12 @@ def run(cfg) -> dict:
                     if not sel.any():
                         continue
                     rows, cols = samples.row[sel], samples.col[sel]
-                    win = Window(int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1))
+                    win = Window(
+                        int(cols.min()),
+                        int(rows.min()),
+                        int(cols.max() - cols.min() + 1),
+                        int(rows.max() - rows.min() + 1),
+                    )
                     data = _read_window(layout.tile_classif(out, tile, region, seed), win)
                     labels.append(samples.labels[sel])
                     preds.append(data[rows - int(win.row_off), cols - int(win.col_off)])

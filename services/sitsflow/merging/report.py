@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 
@@ -120,7 +121,7 @@ def _text(per_seed: list[dict]) -> str:
 
 def write_reports(per_seed: list[dict], txt_uri: str, json_uri: str) -> None:
     """Write RESULTS.txt and RESULTS.json."""
-    doc = {"seeds": per_seed}
+    doc: dict[str, Any] = {"seeds": per_seed}
     if len(per_seed) > 1:
         doc["summary"] = summarize(per_seed)
     storage.write_text(json_uri, json.dumps(doc, indent=2))

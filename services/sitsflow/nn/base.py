@@ -79,6 +79,10 @@ class Iota2NeuralNetwork(torch.nn.Module):
         default_mean, default_std: the fallbacks above.
     """
 
+    #: how build_network made it (name, dl_parameters, module source/URI): save_model records it
+    build_info: dict[str, Any]
+    day_offsets: torch.Tensor  # a buffer
+
     def __init__(
         self,
         *,
@@ -101,9 +105,9 @@ class Iota2NeuralNetwork(torch.nn.Module):
         self.nb_components = int(nb_components)
         self.nb_classes = int(nb_classes)
         self.sensor = str(sensor)
-        for name, value in (("default_mean", default_mean), ("default_std", default_std)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise BadInputError(f"{name} must be a finite number, got {value!r}")
+        for name, fallback in (("default_mean", default_mean), ("default_std", default_std)):
+            if isinstance(fallback, bool) or not isinstance(fallback, (int, float)) or not math.isfinite(fallback):
+                raise BadInputError(f"{name} must be a finite number, got {fallback!r}")
         if default_std <= 0:
             raise BadInputError(f"default_std must be > 0, got {default_std}")
         self.default_mean = float(default_mean)

@@ -59,6 +59,9 @@ class NormalizedInput(torch.nn.Module):
     (batch, T, C) raw -> (batch, T, C) in the dtype of the form.
     """
 
+    mean: torch.Tensor  # buffers
+    inv_std: torch.Tensor
+
     def __init__(self, network: Iota2NeuralNetwork) -> None:
         super().__init__()
         stats = network._stats[network.sensor]
@@ -79,6 +82,8 @@ def fold_linear_bn(linear: torch.nn.Linear, bn: torch.nn.BatchNorm1d | None) -> 
     w = linear.weight.detach().double()
     b = linear.bias.detach().double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     if bn is not None:
+        # iota2's BatchNorm layers track running statistics (torch's default), which eval mode uses
+        assert bn.running_var is not None and bn.running_mean is not None, "BatchNorm without running statistics"
         scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
         w = w * scale[:, None]
         b = (b - bn.running_mean.detach().double()) * scale + bn.bias.detach().double()
@@ -225,7 +230,13 @@ class FoldedLTAE(torch.nn.Module):
     (batch, T, C) raw -> logits (batch, nb_classes).
     """
 
-    def __init__(self, network: Iota2NeuralNetwork) -> None:
+    proj: torch.Tensor  # buffers
+    score_bias: torch.Tensor
+    head_map: torch.Tensor
+    positional: torch.Tensor
+    head_bias: torch.Tensor | None
+
+    def __init__(self, network: LTAEClassifier) -> None:
         super().__init__()
         enc = network.encoder
         d, n_head, d_k = enc.d_model, enc.n_head, enc.d_k
@@ -266,7 +277,7 @@ class FoldedLTAE(torch.nn.Module):
         first = next(m for m in mlp if isinstance(m, torch.nn.Linear)) if mlp else None
         if first is not None:  # the LayerNorm shift beta reaches the MLP's first Linear unchanged
             with torch.no_grad():
-                first.bias += first.weight @ beta
+                first.bias.add_(first.weight @ beta)
             self.head_bias = None
         else:
             self.register_buffer("head_bias", beta)
@@ -294,17 +305,21 @@ class FoldedLTAE(torch.nn.Module):
         return self.decoder(self.out_norm(self.mlp(heads)))
 
 
+# FOLDS picks these by exact class (inference_form checks it): the asserts only tell the type checker
 def _ltae(network: Iota2NeuralNetwork) -> torch.nn.Module:
+    assert isinstance(network, LTAEClassifier)
     return FoldedLTAE(network)
 
 
 def _ann(network: Iota2NeuralNetwork) -> torch.nn.Module:
-    layers = [network.hidden1, network.bnhidden1, torch.nn.ReLU(), network.hidden2, network.bnhidden2,
-              torch.nn.ReLU(), network.output]
+    assert isinstance(network, ANN)
+    layers: list[torch.nn.Module] = [network.hidden1, network.bnhidden1, torch.nn.ReLU(),
+                                     network.hidden2, network.bnhidden2, torch.nn.ReLU(), network.output]
     return FoldedPerceptron(network, layers)
 
 
 def _mlp(network: Iota2NeuralNetwork) -> torch.nn.Module:
+    assert isinstance(network, MLPClassifier)
     return FoldedPerceptron(network, list(network.layers))
 
 

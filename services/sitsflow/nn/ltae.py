@@ -103,6 +103,8 @@ class LTAEClassifier(Iota2NeuralNetwork):
         default_mean, default_std: statistics fallbacks (see Iota2NeuralNetwork).
     """
 
+    positional: torch.Tensor  # a buffer: (nb_dates, d_model)
+
     def __init__(
         self,
         *,

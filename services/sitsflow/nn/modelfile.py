@@ -131,7 +131,12 @@ def save_model(network: Iota2NeuralNetwork, description: Mapping[str, Any] | Non
     if extra.get("module_source") is not None:
         raise BadInputError("model description key 'module_source': a model file never holds code")
     for key in RESERVED_KEYS:
-        if key in own and key in extra and key != "format_version" and _canonical_json(extra[key]) != _canonical_json(own[key]):
+        if (
+            key in own
+            and key in extra
+            and key != "format_version"
+            and _canonical_json(extra[key]) != _canonical_json(own[key])
+        ):
             raise BadInputError(
                 f"model description key {key!r} is written by sitsflow ({own[key]!r}); the caller gave {extra[key]!r}"
             )
@@ -288,6 +293,9 @@ def load_model(
     name = description.get("network")
     source = network_code(description, module_source, module_uri)
     framework = description.get("framework") or {}
+    framework_args: dict[str, Any] = {
+        k: framework.get(k) for k in ("nb_dates", "nb_components", "nb_classes", "dates", "sensor")
+    }
     try:
         network = build_network(
             name,
@@ -295,7 +303,7 @@ def load_model(
             module_source=source,
             module_uri=module_uri if source is not None else None,
             stats=parsed["stats"],
-            **{k: framework.get(k) for k in ("nb_dates", "nb_components", "nb_classes", "dates", "sensor")},
+            **framework_args,
         )
     except ConfigError as exc:
         raise BadInputError(f"cannot rebuild the model file's network {name!r}: {exc}") from exc

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,23 +54,23 @@ def activation_floats_per_pixel(
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
     largest_shape = (network.nb_dates, network.nb_components)
     largest = [network.nb_dates * network.nb_components]
-    network = module if module is not None else network
+    measured: torch.nn.Module = module if module is not None else network
 
     def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
         if isinstance(output, torch.Tensor):
             largest.append(output.numel() // probe)
 
-    handles = [m.register_forward_hook(hook) for m in network.modules()]
-    was_training = network.training
+    handles = [m.register_forward_hook(hook) for m in measured.modules()]
+    was_training = measured.training
     try:
-        network.eval()
+        measured.eval()
         with torch.inference_mode():
-            network(torch.zeros((probe, *map(int, largest_shape)), device=device))
+            measured(torch.zeros((probe, *map(int, largest_shape)), device=device))
     finally:
         for h in handles:
             h.remove()
-        network.train(was_training)
-    return max(*largest, int(getattr(network, "floats_per_pixel", 0)))
+        measured.train(was_training)
+    return max(*largest, int(getattr(measured, "floats_per_pixel", 0)))
 
 
 def auto_batch_size(network: Iota2NeuralNetwork, device: torch.device, module: torch.nn.Module | None = None) -> int:
@@ -151,7 +152,9 @@ class Predictor:
     ) -> None:
         from sitsflow.nn.inference_form import inference_form
 
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise BadInputError(f"batch_size must be a positive integer, got {batch_size!r}")
         if form not in ("inference", "reference"):
             raise BadInputError(f"form must be 'inference' or 'reference', got {form!r}")
@@ -178,13 +181,15 @@ class Predictor:
         self.compiled = False
         #: every batch is padded to ``batch_size`` (one static shape for the tuned kernels)
         self.static = bool(compile) and mode is not None
+        run: Callable[..., torch.Tensor] = module
         if compile:
             try:
-                module = torch.compile(module, dynamic=not self.static, **({"mode": mode} if mode else {}))
+                mode_kw: dict[str, Any] = {"mode": mode} if mode else {}
+                run = torch.compile(module, dynamic=not self.static, **mode_kw)
                 self.compiled = True
             except Exception as exc:  # noqa: BLE001 - a missing compiler must not stop the stage
                 log.warning("torch.compile unavailable (%s): running eagerly", exc)
-        self._run = module
+        self._run = run
         self._pinned: list[torch.Tensor] = []
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         #: seconds spent copying inputs to the device and computing (CUDA: measured on the device
@@ -259,8 +264,9 @@ class Predictor:
         for k, start in enumerate(range(0, n, size)):
             stop = min(n, start + size)
             slot = k % 2
-            if ready[slot] is not None:
-                ready[slot].synchronize()  # the copy that last used this host buffer is done
+            event = ready[slot]
+            if event is not None:
+                event.synchronize()  # the copy that last used this host buffer is done
             host = self._pinned[slot][: stop - start]
             src = x[start:stop]
             host.copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src)))
@@ -297,7 +303,7 @@ class Predictor:
         return out
 
     def classify(
-        self, x: np.ndarray | torch.Tensor, codes: np.ndarray, *, probabilities: bool = False
+        self, x: np.ndarray | torch.Tensor, codes: np.ndarray | Sequence[int], *, probabilities: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Labels, confidence and (optionally) probabilities of N pixels, made on the device.
 

@@ -323,7 +323,7 @@ def build_network(
     """
     cls = resolve_network(dl_name, module_source, module_uri)
     params = check_dl_parameters(cls, dl_parameters or {}, dl_name)
-    framework = {
+    framework: dict[str, Any] = {
         "nb_dates": nb_dates,
         "nb_components": nb_components,
         "nb_classes": nb_classes,

@@ -44,7 +44,11 @@ def fingerprint(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> str
     chain = cfg.chain
     pipelines = pipelines or {tile: FeaturePipeline(cfg, tile) for tile in chain.tiles}
     sensor_files = [f for tile in chain.tiles for f in pipelines[tile].input_files()]
-    if cfg.dated_raster is not None and isinstance(cfg.dated_raster.dates, str) and cfg.dated_raster.dates != "descriptions":
+    if (
+        cfg.dated_raster is not None
+        and isinstance(cfg.dated_raster.dates, str)
+        and cfg.dated_raster.dates != "descriptions"
+    ):
         sensor_files.append(cfg.dated_raster.dates)
     return manifest.fingerprint(
         STAGE,
@@ -150,7 +154,9 @@ def _polygon_regions(arrays: dict) -> dict[int, int]:
     return out
 
 
-def split_polygons(polygon_class: dict[int, int], polygon_region: dict[int, int], ratio: float, seed: int) -> dict[int, str]:
+def split_polygons(
+    polygon_class: dict[int, int], polygon_region: dict[int, int], ratio: float, seed: int
+) -> dict[int, str]:
     """Polygon-wise split for one seed: ``learn``, ``test`` or ``both`` per polygon id.
 
     Per (region, class), polygons sorted by id are permuted with ``numpy.random.default_rng(seed)``
@@ -206,7 +212,7 @@ def run(cfg) -> dict:
         table = io.StringIO()
         writer = csv.writer(table)
         writer.writerow(["polygon_id", "class", "region", "set", "pixels"])
-        pix = defaultdict(int)
+        pix: defaultdict[int, int] = defaultdict(int)
         for p in arrays["polygon_id"]:
             pix[int(p)] += 1
         for pid in sorted(sets):

@@ -81,7 +81,7 @@ def run(cfg: SitsflowConfig, region: int, seed: int) -> dict:
     out = cfg.chain.output_path
     criterion = cfg.dl.model_selection_criterion
     pairs = cfg.dl.hyperparameter_pairs()
-    candidates = []
+    candidates: list[dict[str, Any]] = []
     for hyp, (batch_size, lr) in enumerate(pairs):
         model_uri = layout.model_candidate(out, region, seed, hyp)
         history_uri = layout.model_history(out, region, seed, hyp)

@@ -14,8 +14,8 @@ See docs/sensors.md.
 from __future__ import annotations
 
 from sitsflow.sensors.base import Grid, Sensor
-from sitsflow.sensors.dated_raster import DatedRasterSensor
 from sitsflow.sensors.catalogue import CHAIN_KEYS, OPTICAL_SENSORS
+from sitsflow.sensors.dated_raster import DatedRasterSensor
 from sitsflow.sensors.products import LAYOUTS, ProductSensor
 
 SENSOR_ORDER: tuple[str, ...] = (*OPTICAL_SENSORS, "dated_raster")

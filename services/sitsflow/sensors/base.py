@@ -14,7 +14,6 @@ sampling and inference compute bit-identical features for a pixel whatever their
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +21,7 @@ import rasterio
 from rasterio.windows import Window
 
 from sitsflow.errors import BadInputError
+
 
 class ReadBuffers:
     """Arrays reused from one read to the next.
@@ -167,7 +167,9 @@ def grid_of(src) -> Grid:
 def _placement(src, grid: Grid, what: str) -> tuple[int, int, int, int]:
     """How ``src`` lies on ``grid``: (factor_x, factor_y, col offset, row offset) in grid pixels."""
     if src.crs != grid.crs:
-        raise BadInputError(f"{what} is in {src.crs}, the tile grid in {grid.crs}: every raster of a tile must share one CRS")
+        raise BadInputError(
+            f"{what} is in {src.crs}, the tile grid in {grid.crs}: every raster of a tile must share one CRS"
+        )
     t, g = src.transform, grid.transform
     if t.b or t.d or g.b or g.d:
         raise BadInputError(f"{what}: rotated rasters are not supported")

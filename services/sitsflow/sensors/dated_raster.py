@@ -14,10 +14,10 @@ import rasterio
 from rasterio.windows import Window
 
 from sitsflow import storage
-from sitsflow.sensors.dates import parse_date
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
 from sitsflow.sensors.base import Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
+from sitsflow.sensors.dates import parse_date
 
 log = get_logger(__name__)
 

@@ -123,7 +123,9 @@ class ExternalFeatures:
         try:
             exec(compile(source, section.module, "exec"), module.__dict__)  # noqa: S102 - the user's module
         except Exception as exc:  # any error of user code
-            raise ConfigError(f"external_features.module: cannot load {section.module}: {type(exc).__name__}: {exc}") from None
+            raise ConfigError(
+                f"external_features.module: cannot load {section.module}: {type(exc).__name__}: {exc}"
+            ) from None
         self.functions: list[tuple[str, Callable, dict]] = []
         for name, kwargs in section.functions:
             function = getattr(module, name, None)
@@ -160,7 +162,9 @@ class ExternalFeatures:
                 out[sensor].append(index)
         return out
 
-    def compute(self, series: dict[str, np.ndarray], bands: dict[str, list[str]], dates: list[int]) -> dict[str, dict[str, np.ndarray]]:
+    def compute(
+        self, series: dict[str, np.ndarray], bands: dict[str, list[str]], dates: list[int]
+    ) -> dict[str, dict[str, np.ndarray]]:
         """Run the functions on real pixels.
 
         Args:
@@ -172,10 +176,12 @@ class ExternalFeatures:
         values, _ = self._run(series, bands, dates)
         return values
 
-    def _run(self, series, bands, dates):
+    def _run(
+        self, series: dict[str, np.ndarray], bands: dict[str, list[str]], dates: list[int]
+    ) -> tuple[dict[str, dict[str, np.ndarray]], list[list[tuple[str, str]]]]:
         nb_pix = next(iter(series.values())).shape[0]
         values: dict[str, dict[str, np.ndarray]] = {}
-        layout = []
+        layout: list[list[tuple[str, str]]] = []
         for k, (name, function, kwargs) in enumerate(self.functions):
             data = DataContainer(series, bands, dates, self.raw_mode, name)
             # one call at a time: inference reads with several threads, while users' functions
@@ -187,9 +193,13 @@ class ExternalFeatures:
                 except BadInputError:
                     raise
                 except Exception as exc:
-                    raise BadInputError(f"external_features function {name!r} failed: {type(exc).__name__}: {exc}") from None
+                    raise BadInputError(
+                        f"external_features function {name!r} failed: {type(exc).__name__}: {exc}"
+                    ) from None
             if not isinstance(result, (tuple, list)) or len(result) != 2:
-                raise BadInputError(f"external_features function {name!r} must return (values, labels); got {type(result).__name__}")
+                raise BadInputError(
+                    f"external_features function {name!r} must return (values, labels); got {type(result).__name__}"
+                )
             coef, labels = result
             labels = list(labels) if isinstance(labels, (list, tuple)) else labels
             if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
@@ -207,9 +217,13 @@ class ExternalFeatures:
             if self.layout is not None and entries != self.layout[k]:
                 raise BadInputError(f"external_features function {name!r} returned other labels than on its first call")
             layout.append(entries)
-            for j, (sensor, index) in enumerate(entries):
-                positions = [i for i, lab in enumerate(labels) if _LABEL.match(lab).group("index").lower() == index
-                             and _sensor_key(_LABEL.match(lab).group("sensor"), series) == sensor]
+            label_keys = []  # (sensor, index) of each label, in the values' order
+            for lab in labels:
+                match = _LABEL.match(lab)
+                assert match is not None  # _parse_labels checked every label
+                label_keys.append((_sensor_key(match.group("sensor"), series), match.group("index").lower()))
+            for sensor, index in entries:
+                positions = [i for i, key in enumerate(label_keys) if key == (sensor, index)]
                 values.setdefault(sensor, {})[index] = arr[:, positions]
         return values, layout
 

@@ -21,8 +21,8 @@ from sitsflow import storage
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
 from sitsflow.process import open_files_budget
-from sitsflow.sensors.catalogue import OPTICAL_SENSORS, OpticalSensor
 from sitsflow.sensors.base import Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
+from sitsflow.sensors.catalogue import OPTICAL_SENSORS, OpticalSensor
 
 log = get_logger(__name__)
 
@@ -231,6 +231,7 @@ class ProductSensor(Sensor):
 
     products: list[Product]
     layout: Layout
+    _open_files: threading.local  # per thread: the files it opened (see _dataset)
 
     @classmethod
     def build(cls, cfg, section: str, tile: str) -> ProductSensor:
@@ -293,8 +294,13 @@ class ProductSensor(Sensor):
             if files is not None:
                 files.forget(uri)
 
-        return storage.raster_call("read", uri, lambda: read_on_grid(self._dataset(uri), window, grid, [1], uri, fill=fill),
-                                   culprit=culprit, on_retry=forget)
+        return storage.raster_call(
+            "read",
+            uri,
+            lambda: read_on_grid(self._dataset(uri), window, grid, [1], uri, fill=fill),
+            culprit=culprit,
+            on_retry=forget,
+        )
 
     def _culprit(self, product: Product, band: str) -> str:
         return f"{self.section} acquisition {product.date} ({product.name}), band {band}"

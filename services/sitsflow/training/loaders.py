@@ -114,7 +114,7 @@ class StreamBatches(IterableDataset):
         n = int(targets.shape[0])
         self.nb_chunks = (n + batch_size - 1) // batch_size
         # only chunks holding at least one selected row are read
-        per_chunk = np.add.reduceat(mask.astype(np.int64), np.arange(0, n, batch_size)) if n else []
+        per_chunk = np.add.reduceat(mask.astype(np.int64), np.arange(0, n, batch_size)) if n else np.zeros(0, np.int64)
         self.chunks = np.flatnonzero(np.asarray(per_chunk) > 0)
         self.chunk_order = self.chunks.copy()
         # without shuffling: the selected rows in file order, read span by span (below)

@@ -112,7 +112,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, adaptive_lr: Mapping[str, A
 class TrainResult:
     """What a training run produced (the inputs of the outputs)."""
 
-    network: torch.nn.Module
+    network: sitsnn.Iota2NeuralNetwork
     history: list[dict[str, float]]
     best: dict[str, dict[str, Any]]
     stopped_early: bool
@@ -208,7 +208,7 @@ def train(
     dl: DeepLearningParameters,
     hyp: int,
     *,
-    build: Callable[..., torch.nn.Module],
+    build: Callable[..., sitsnn.Iota2NeuralNetwork],
     split_seed: int,
     torch_seed: int,
     fingerprint: str,
@@ -452,7 +452,7 @@ def run(cfg: SitsflowConfig, region: int, seed: int, hyp: int, *, on_epoch_end: 
     with storage.local_path(db_uri) as local:
         samples = open_netcdf(str(local), lazy=dl.dataloader_mode == "stream")
         try:
-            def build(*, stats: dict[str, dict[str, torch.Tensor]]) -> torch.nn.Module:
+            def build(*, stats: dict[str, dict[str, torch.Tensor]]) -> sitsnn.Iota2NeuralNetwork:
                 return sitsnn.build_network(
                     dl.dl_name, dl.dl_parameters, module_source=module_source,
                     module_uri=dl.dl_module, nb_dates=samples.nb_dates,
