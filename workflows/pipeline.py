@@ -200,9 +200,7 @@ def _env(gpu: bool = False) -> list[Env | SecretEnv]:
     """The S3 endpoint (a workflow parameter) and credentials (an optional Secret: without it the
     pod's cloud identity is used); for GPU stages the GPUs the pod was given (``SITSFLOW_GPUS``,
     which makes a pod that got a GPU it cannot use fail instead of running on the CPU)."""
-    env: list[Env | SecretEnv] = [
-        Env(name="AWS_ENDPOINT_URL", value="{{workflow.parameters.s3-endpoint}}")
-    ]
+    env: list[Env | SecretEnv] = [Env(name="AWS_ENDPOINT_URL", value="{{workflow.parameters.s3-endpoint}}")]
     if gpu:
         env.append(Env(name="SITSFLOW_GPUS", value="{{inputs.parameters.gpu}}"))
     env += [
@@ -257,9 +255,7 @@ def _default_resources(stage: Stage | None) -> models.ResourceRequirements:
     )
 
 
-def _container(
-    name: str, args: list[str], inputs: list[Parameter], stage: Stage | None = None
-) -> Container:
+def _container(name: str, args: list[str], inputs: list[Parameter], stage: Stage | None = None) -> Container:
     """A ``sitsflow`` container template: the one place every template's settings are made."""
     gpu = stage is not None and stage.gpu
     return Container(
@@ -273,15 +269,11 @@ def _container(
         security_context=CONTAINER_SECURITY,
         resources=_default_resources(stage),
         pod_spec_patch=_pod_spec_patch(stage),
-        active_deadline_seconds=(
-            "{{inputs.parameters.deadline}}" if stage is not None and stage.resources else None
-        ),
+        active_deadline_seconds=("{{inputs.parameters.deadline}}" if stage is not None and stage.resources else None),
         # A failed pod's last log lines (sitsflow's error, naming the stage) become its message.
         termination_message_policy="FallbackToLogsOnError",
         retry_strategy=_retry_strategy(),
-        volumes=[EmptyDirVolume(name="dshm", mount_path="/dev/shm", medium="Memory")]
-        if gpu
-        else None,
+        volumes=[EmptyDirVolume(name="dshm", mount_path="/dev/shm", medium="Memory")] if gpu else None,
     )
 
 
@@ -295,9 +287,7 @@ def _stage_container(stage: Stage) -> Container:
     if stage.subcommand[0] == "plan":
         args += ["--max-shards", "{{workflow.parameters.max-shards}}"]
     if stage.resources is not None:
-        inputs += [
-            Parameter(name=key) for key in POD_INPUTS if key != "gpu" or stage.gpu
-        ]
+        inputs += [Parameter(name=key) for key in POD_INPUTS if key != "gpu" or stage.gpu]
     return _container(stage.name, args, inputs, stage)
 
 
@@ -342,14 +332,12 @@ def _task(stage: Stage, templates: dict[str, Container]) -> Task:
     task per shard of its plan (``withSequence``), the shard's deadline from the plan step."""
     arguments = {"config": RESOLVED_CONFIG}
     if stage.resources is not None:
-        arguments.update(
-            {key: _pod_argument(stage, key) for key in POD_INPUTS if key != "gpu" or stage.gpu}
-        )
+        arguments.update({key: _pod_argument(stage, key) for key in POD_INPUTS if key != "gpu" or stage.gpu})
     sequence = None
     if stage.plan is not None:
         arguments["shard"] = "{{item}}"
         arguments["deadline"] = plan_field(stage.plan, "deadline")
-        sequence = models.Sequence(count=plan_field(stage.plan, "shards"))
+        sequence = models.Sequence(count=models.IntOrString(plan_field(stage.plan, "shards")))
     return Task(
         name=stage.name,
         template=templates[stage.name],
@@ -465,9 +453,7 @@ def build() -> WorkflowTemplate:
         active_deadline_seconds=WORKFLOW_DEADLINE,
         synchronization=models.Synchronization(mutexes=[models.Mutex(name=RUN_MUTEX)]),
         pod_gc=models.PodGC(strategy="OnPodSuccess"),
-        ttl_strategy=models.TTLStrategy(
-            seconds_after_success=7 * 86400, seconds_after_failure=14 * 86400
-        ),
+        ttl_strategy=models.TTLStrategy(seconds_after_success=7 * 86400, seconds_after_failure=14 * 86400),
         security_context=models.PodSecurityContext(
             run_as_non_root=True,
             run_as_user=10001,

@@ -47,7 +47,11 @@ def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(pred > 0, diag / np.maximum(pred, 1), 0.0)
         recall = np.where(ref > 0, diag / np.maximum(ref, 1), 0.0)
-        f = np.where(precision + recall > 0, 2 * precision * recall / np.where(precision + recall > 0, precision + recall, 1), 0.0)
+        f = np.where(
+            precision + recall > 0,
+            2 * precision * recall / np.where(precision + recall > 0, precision + recall, 1),
+            0.0,
+        )
     return {"precision": precision, "recall": recall, "fscore": f, "reference": ref, "predicted": pred}
 
 
@@ -79,7 +83,9 @@ def scores(cm: np.ndarray, *, averaged: np.ndarray | None = None) -> dict[str, f
         "precision": mean(pc["precision"]),
         "recall": mean(pc["recall"]),
         "fscore": mean(pc["fscore"]),
-        "fscore_weighted": float((pc["fscore"][present] * support).sum() / support.sum()) if support.sum() else float("nan"),
+        "fscore_weighted": float((pc["fscore"][present] * support).sum() / support.sum())
+        if support.sum()
+        else float("nan"),
     }
 
 
@@ -136,8 +142,7 @@ def _json_float(v: float) -> float | None:
     return None if math.isnan(v) else v
 
 
-def area_weighted(cm: np.ndarray, classes: list[int], map_pixels: dict[int, int], *,
-                  pixel_area: float = 1.0) -> dict:
+def area_weighted(cm: np.ndarray, classes: list[int], map_pixels: dict[int, int], *, pixel_area: float = 1.0) -> dict:
     """Olofsson et al. (2014) stratified estimator, the map classes as strata.
 
     Args:
@@ -164,12 +169,19 @@ def area_weighted(cm: np.ndarray, classes: list[int], map_pixels: dict[int, int]
     # n[i, j]: samples of map class strata[i] and reference class refs[j] (the paper's orientation)
     found = [c for c in classes if any(cm[index[c], index[m]] > 0 for m in strata)]
     refs = sorted(set(strata) | set(found))
-    n = np.array([[cm[index[r], index[m]] if r in index else 0.0 for r in refs] for m in strata]).reshape(len(strata), len(refs))
+    n = np.array([[cm[index[r], index[m]] if r in index else 0.0 for r in refs] for m in strata]).reshape(
+        len(strata), len(refs)
+    )
     row_total = n.sum(axis=1)
     excluded = int(cm.sum() - row_total.sum())
     if not strata:
-        return {"strata": [], "unsampled": unsampled, "excluded_samples": excluded,
-                "overall_accuracy": _estimate(float("nan"), float("nan")), "per_class": {}}
+        return {
+            "strata": [],
+            "unsampled": unsampled,
+            "excluded_samples": excluded,
+            "overall_accuracy": _estimate(float("nan"), float("nan")),
+            "per_class": {},
+        }
     N = np.array([float(map_pixels[c]) for c in strata])
     W = N / N.sum()
     diag = [refs.index(c) for c in strata]  # column of each stratum's own class
@@ -202,8 +214,13 @@ def area_weighted(cm: np.ndarray, classes: list[int], map_pixels: dict[int, int]
                 "producers_accuracy": _estimate(pa, math.sqrt(pa_var)),
                 "area": _estimate(col[j] * N.sum() * pixel_area, area_se[j] * N.sum() * pixel_area),  # eq. 9, 11
             }
-    return {"strata": strata, "unsampled": unsampled, "excluded_samples": excluded,
-            "overall_accuracy": _estimate(oa, math.sqrt(oa_var)), "per_class": out}
+    return {
+        "strata": strata,
+        "unsampled": unsampled,
+        "excluded_samples": excluded,
+        "overall_accuracy": _estimate(oa, math.sqrt(oa_var)),
+        "per_class": out,
+    }
 
 
 def _estimate(value: float, se: float) -> dict:

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from sitsflow import __version__
 from sitsflow.errors import EXIT_BUG, BadInputError, ConfigError, SitsflowError
 from sitsflow.log import get_logger, setup_logging
-from sitsflow.shards import MAX_SHARDS
 from sitsflow.process import Stopped, stop_on_sigterm
+from sitsflow.shards import MAX_SHARDS
 
 log = get_logger("sitsflow.cli")
 
@@ -29,15 +29,24 @@ def _add_config(p: argparse.ArgumentParser, *, positional: bool = False) -> None
     else:
         p.add_argument("--config", required=True, help="configuration file (.cfg), local path or s3:// URI")
     p.add_argument(
-        "--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override a configuration value (repeatable), e.g. --set chain.output_path=s3://bucket/run1",
     )
 
 
 def _add_shard(p: argparse.ArgumentParser, plan: str) -> None:
-    p.add_argument("--shard", type=int, default=None, metavar="K",
-                   help=f"run every task of shard K of the stored {plan} plan (`sitsflow plan {plan}`) instead of one "
-                        "task; tasks already done are skipped")
+    p.add_argument(
+        "--shard",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"run every task of shard K of the stored {plan} plan (`sitsflow plan {plan}`) instead of one "
+        "task; tasks already done are skipped",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,17 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="store the task list a stage fans out over; print its size and shard count (JSON)")
     p.add_argument("stage", choices=["training", "selection", "inference"])
     _add_config(p)
-    p.add_argument("--max-shards", type=int, default=MAX_SHARDS,
-                   help=f"most shards (fan-out tasks) the plan is cut into (default {MAX_SHARDS}; one item per shard below it)")
+    p.add_argument(
+        "--max-shards",
+        type=int,
+        default=MAX_SHARDS,
+        help=f"most shards (fan-out tasks) the plan is cut into (default {MAX_SHARDS}; one item per shard below it)",
+    )
 
-    p = sub.add_parser("train", help="training stage: train one (region, seed, hyperparameter pair), or one shard of the plan")
+    p = sub.add_parser(
+        "train", help="training stage: train one (region, seed, hyperparameter pair), or one shard of the plan"
+    )
     _add_config(p)
     p.add_argument("--region", type=int)
     p.add_argument("--seed", type=int, help="run number (0 .. arg_train.runs-1)")
     p.add_argument("--hyp", type=int, help="hyperparameter pair number (see the README)")
     _add_shard(p, "training")
 
-    p = sub.add_parser("select", help="selection stage: pick the best candidate of one (region, seed), or of one shard of the plan")
+    p = sub.add_parser(
+        "select", help="selection stage: pick the best candidate of one (region, seed), or of one shard of the plan"
+    )
     _add_config(p)
     p.add_argument("--region", type=int)
     p.add_argument("--seed", type=int)
@@ -113,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress display")
     p.add_argument("--log-dir", default=None, help="folder for the per-task logs (default: a temporary folder)")
-    p.add_argument("--max-shards", type=int, default=MAX_SHARDS,
-                   help=f"most tasks of each fan-out (the workflow parameter max-shards; default {MAX_SHARDS})")
+    p.add_argument(
+        "--max-shards",
+        type=int,
+        default=MAX_SHARDS,
+        help=f"most tasks of each fan-out (the workflow parameter max-shards; default {MAX_SHARDS})",
+    )
     _add_cluster_commands(sub)
     return parser
 
@@ -131,8 +152,13 @@ def _add_cluster_commands(sub) -> None:
         )
 
     def wait_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                       help="stop waiting after this long (exit 75; the workflow goes on)")
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="stop waiting after this long (exit 75; the workflow goes on)",
+        )
         p.add_argument("--interval", type=float, default=10.0, metavar="SECONDS", help="seconds between status reads")
         p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress display")
 
@@ -168,7 +194,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         extra = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ConfigError(
-            f"--overrides: expected a JSON list of \"section.key=value\" strings, got {raw!r} ({exc})"
+            f'--overrides: expected a JSON list of "section.key=value" strings, got {raw!r} ({exc})'
         ) from None
     if not isinstance(extra, list) or not all(isinstance(s, str) for s in extra):
         raise ConfigError(f"--overrides: expected a JSON list of strings, got {raw!r}")
@@ -236,11 +262,15 @@ def _run_items(args: argparse.Namespace, plan: str, keys: tuple[str, ...], run) 
     given = [key for key in keys if getattr(args, key) is not None]
     if args.shard is None:
         if missing := [f"--{key}" for key in keys if key not in given]:
-            raise BadInputError(f"sitsflow {args.command}: give {' '.join(missing)} (one task) or --shard K (a shard of the plan)")
+            raise BadInputError(
+                f"sitsflow {args.command}: give {' '.join(missing)} (one task) or --shard K (a shard of the plan)"
+            )
         _emit(run(_load(args), *(getattr(args, key) for key in keys)))
         return
     if given:
-        raise BadInputError(f"sitsflow {args.command}: --shard runs the tasks of the plan; do not also give --{given[0]}")
+        raise BadInputError(
+            f"sitsflow {args.command}: --shard runs the tasks of the plan; do not also give --{given[0]}"
+        )
     from sitsflow.shards import read_shard
 
     cfg = _load(args)
@@ -290,7 +320,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from sitsflow import layout, preflight, storage
     from sitsflow.runner import default_workflow_path, output_lease, run_workflow
-
     from sitsflow.shards import count_tasks, shard_count
 
     shard_count(0, args.max_shards)  # a bad bound exits 2 before anything runs
@@ -304,8 +333,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     with output_lease(out):  # a second run on this output path is refused, naming this one
         result = run_workflow(
             workflow,
-            {"config": source, "overrides": json.dumps(_overrides(args)), "output-path": out,
-             "max-shards": str(args.max_shards)},
+            {
+                "config": source,
+                "overrides": json.dumps(_overrides(args)),
+                "output-path": out,
+                "max-shards": str(args.max_shards),
+            },
             workers=args.workers,
             progress=False if args.no_progress else None,
             log_dir=Path(args.log_dir) if args.log_dir else None,
@@ -313,14 +346,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     done, skipped = count_tasks(
         text for task in result.get("tasks", {}).values() for text in task.get("results", []) or []
     )
-    _emit({
-        "output_path": out,
-        "results": layout.final_results(out),
-        "duration_s": round(result.get("duration_s", 0.0), 1),
-        "tasks": {name: len(t.get("results", []) or []) for name, t in result.get("tasks", {}).items()},
-        "stage_tasks_done": done,
-        "stage_tasks_skipped": skipped,
-    })
+    _emit(
+        {
+            "output_path": out,
+            "results": layout.final_results(out),
+            "duration_s": round(result.get("duration_s", 0.0), 1),
+            "tasks": {name: len(t.get("results", []) or []) for name, t in result.get("tasks", {}).items()},
+            "stage_tasks_done": done,
+            "stage_tasks_skipped": skipped,
+        }
+    )
     return 0
 
 
@@ -332,8 +367,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     wf, created = submit.submit_run(cluster, run, args.template)
     name = wf["metadata"]["name"]
     if not args.wait:
-        _emit({"workflow": name, "namespace": cluster.namespace, "created": created, "output_path": run.output_path,
-               "config": run.config_uri, "phase": submit.snapshot(wf).phase})
+        _emit(
+            {
+                "workflow": name,
+                "namespace": cluster.namespace,
+                "created": created,
+                "output_path": run.output_path,
+                "config": run.config_uri,
+                "phase": submit.snapshot(wf).phase,
+            }
+        )
         return 0
     _emit_follow(submit, cluster, name, args, run.output_path)
     return 0
@@ -341,8 +384,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _emit_follow(submit, cluster, name: str, args: argparse.Namespace, output_path: str | None) -> None:
     progress = False if args.no_progress else sys.stderr.isatty()
-    _emit(submit.follow(cluster, name, output_path=output_path, timeout=args.timeout, interval=args.interval,
-                        progress=progress))
+    _emit(
+        submit.follow(
+            cluster, name, output_path=output_path, timeout=args.timeout, interval=args.interval, progress=progress
+        )
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -414,7 +460,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(
             "sitsflow %s failed (exit %d): %s: %s -- this is a bug in sitsflow %s, not a problem with your inputs; "
             "please report it with the traceback above",
-            _stage_label(args), EXIT_BUG, type(exc).__name__, exc, __version__,
+            _stage_label(args),
+            EXIT_BUG,
+            type(exc).__name__,
+            exc,
+            __version__,
         )
         return EXIT_BUG
 

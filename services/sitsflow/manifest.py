@@ -46,8 +46,7 @@ def code_version() -> str:
 
 def fingerprint(*parts: Any) -> str:
     """Return the sha256 hex digest of the canonical JSON of the code version and ``parts``."""
-    text = json.dumps(_canonical([code_version(), *parts]), sort_keys=True, separators=(",", ":"),
-                      default=str)
+    text = json.dumps(_canonical([code_version(), *parts]), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -73,9 +72,7 @@ def done(out: str, stage: str, task: str, fp: str) -> dict | None:
     return manifest
 
 
-def write_manifest(
-    out: str, stage: str, task: str, fp: str, outputs: list[str], extra: dict | None = None
-) -> dict:
+def write_manifest(out: str, stage: str, task: str, fp: str, outputs: list[str], extra: dict | None = None) -> dict:
     """Write the task's manifest (call it last, after every output is published)."""
     manifest = {
         "stage": stage,

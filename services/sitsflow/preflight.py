@@ -84,9 +84,16 @@ def check_network(cfg: Any, shape: dict[str, Any], nb_classes: int) -> dict[str,
     shape_text = f"{len(dates)} dates x {shape['nb_components']} components, {nb_classes} classes"
     try:
         network = nn.build_network(
-            dl.dl_name, dl.dl_parameters, module_source=source, module_uri=dl.dl_module,
-            nb_dates=len(dates), nb_components=shape["nb_components"], nb_classes=nb_classes, dates=dates,
-            stats=_dummy_stats(cfg, size, shape["sensors"]), sensor=shape["sensor"],
+            dl.dl_name,
+            dl.dl_parameters,
+            module_source=source,
+            module_uri=dl.dl_module,
+            nb_dates=len(dates),
+            nb_components=shape["nb_components"],
+            nb_classes=nb_classes,
+            dates=dates,
+            stats=_dummy_stats(cfg, size, shape["sensors"]),
+            sensor=shape["sensor"],
         )
     except ConfigError:
         raise
@@ -150,8 +157,13 @@ def run(cfg: Any) -> dict[str, Any]:
     log.info(
         "checks before work passed in %.1f s: network %s builds and runs on %d dates x %d components (tile %s), "
         "%d classes (%d parameters)",
-        summary["seconds"], network["network"], network["nb_dates"], network["nb_components"], shape["tile"],
-        nb_classes, network["parameters"],
+        summary["seconds"],
+        network["network"],
+        network["nb_dates"],
+        network["nb_components"],
+        shape["tile"],
+        nb_classes,
+        network["parameters"],
     )
     return summary
 

@@ -135,7 +135,7 @@ def read_polygons(uri: str, field: str, key: str, *, crs) -> tuple[Polygons, dic
     repaired = int(invalid.sum())
     for i in np.nonzero(invalid)[0].tolist():
         geoms[i] = shapely.make_valid(geoms[i])
-    if src_crs and crs is not None and str(src_crs) != "" :
+    if src_crs and crs is not None and str(src_crs) != "":
         from rasterio.crs import CRS
 
         src = CRS.from_user_input(src_crs)
@@ -158,8 +158,14 @@ def read_polygons(uri: str, field: str, key: str, *, crs) -> tuple[Polygons, dic
     return Polygons(ids=ids, values=values[keep], geoms=np.asarray(geoms, dtype=object)[keep]), report
 
 
-def burn(polygons: Polygons, window: Window, transform: Affine, values: np.ndarray | None = None, *,
-         tree: shapely.STRtree | None = None) -> np.ndarray:
+def burn(
+    polygons: Polygons,
+    window: Window,
+    transform: Affine,
+    values: np.ndarray | None = None,
+    *,
+    tree: shapely.STRtree | None = None,
+) -> np.ndarray:
     """Burn ``values`` (default: the polygons' own values) of ``polygons`` on ``window`` of the grid
     whose transform is ``transform``; 0 outside every polygon. Pixel centres decide membership;
     where polygons overlap the last one wins. Sampling and inference burn regions with this one

@@ -200,8 +200,14 @@ def write_samples(uri: str, samples: SampleSet, *, attrs: dict) -> None:
         stats = compute_stats(ArrayReader(features), chunk=n)
     else:
         stats = {key: np.full(nb_dates * nb_comp, np.nan, np.float32) for key in STAT_KEYS}
-    per_sample = {"label": samples.labels, "polygon_id": samples.polygon_ids, "region": samples.region,
-                  "tile": samples.tile, "row": samples.row, "col": samples.col}
+    per_sample: dict[str, Any] = {  # a column is None when the set has no such attribute
+        "label": samples.labels,
+        "polygon_id": samples.polygon_ids,
+        "region": samples.region,
+        "tile": samples.tile,
+        "row": samples.row,
+        "col": samples.col,
+    }
     import netCDF4
 
     with storage.output_path(uri, suffix=".nc") as tmp:
@@ -289,8 +295,7 @@ def open_netcdf(path: str, *, lazy: bool, empty_ok: bool = False) -> SampleSet:
         feats = ds.variables["features"]
         if feats.ndim != 3:
             raise BadInputError(
-                f"variable 'features' of {path} must be (sample, date, component), "
-                f"got dimensions {feats.dimensions}"
+                f"variable 'features' of {path} must be (sample, date, component), got dimensions {feats.dimensions}"
             )
         n, nb_dates, nb_comp = (int(s) for s in feats.shape)
 
@@ -426,8 +431,7 @@ def table_to_samples(
         parsed[(int(m["date"]), band)] = name
     if not parsed:
         raise BadInputError(
-            f"sample table {source} has no feature column named sensor_band_YYYYMMDD "
-            "(e.g. sentinel2_b2_20180511)"
+            f"sample table {source} has no feature column named sensor_band_YYYYMMDD (e.g. sentinel2_b2_20180511)"
         )
     if len(sensors) != 1:
         raise BadInputError(f"sample table {source} mixes sensors {sorted(sensors)}; one is allowed")
@@ -435,8 +439,7 @@ def table_to_samples(
     missing = [f"{c}@{d}" for d in dates for c in components if (d, c) not in parsed]
     if missing:
         raise BadInputError(
-            f"sample table {source} lacks feature columns for {missing[:10]}: every band must be "
-            "present at every date"
+            f"sample table {source} lacks feature columns for {missing[:10]}: every band must be present at every date"
         )
     sensor = sensors.pop()
     order = [parsed[(d, c)] for d in dates for c in components]
@@ -481,9 +484,7 @@ def load_samples(
     """
     ext = uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else ""
     if ext not in ("nc", "parquet", "pq", "csv"):
-        raise BadInputError(
-            f"sample database {uri}: unknown extension '.{ext}'; allowed: .nc, .parquet, .csv"
-        )
+        raise BadInputError(f"sample database {uri}: unknown extension '.{ext}'; allowed: .nc, .parquet, .csv")
     if not storage.exists(uri):
         raise InputNotFoundError(f"sample database {uri} does not exist")
     with storage.local_path(uri) as path:
@@ -500,7 +501,11 @@ def compute_stats(reader: FeatureReader, *, chunk: int) -> dict[str, np.ndarray]
     Returns arrays of shape (nb_dates * nb_components,), float32; NaN where a feature has no value.
     Chunks are merged with Chan's parallel variance formula (float64 accumulators).
     """
-    count = mean = m2 = vmin = vmax = None
+    count: Any = None  # float64 accumulators, set by the first chunk
+    mean: Any = None
+    m2: Any = None
+    vmin: Any = None
+    vmax: Any = None
     for start in range(0, reader.n, chunk):
         x = reader.read(start, min(reader.n, start + chunk)).astype(np.float64)
         x = x.reshape(x.shape[0], -1)
@@ -523,7 +528,7 @@ def compute_stats(reader: FeatureReader, *, chunk: int) -> dict[str, np.ndarray]
             m2 = m2 + q + delta * delta * count * frac
         mean = mean + delta * frac
         count, vmin, vmax = total, np.minimum(vmin, lo), np.maximum(vmax, hi)
-    assert count is not None and mean is not None and m2 is not None
+    assert count is not None and mean is not None and m2 is not None and vmin is not None and vmax is not None
     empty = count == 0
     with np.errstate(invalid="ignore", divide="ignore"):
         var = m2 / np.maximum(count, 1)
@@ -536,9 +541,7 @@ def compute_stats(reader: FeatureReader, *, chunk: int) -> dict[str, np.ndarray]
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def quantile_stats(
-    reader: FeatureReader, fraction: float, seed: int, *, chunk: int
-) -> dict[str, np.ndarray]:
+def quantile_stats(reader: FeatureReader, fraction: float, seed: int, *, chunk: int) -> dict[str, np.ndarray]:
     """Quantiles 0.1 / 0.5 / 0.95 per feature on a seeded random ``fraction`` of the samples.
 
     ``ceil(fraction * n)`` rows (at least one) are drawn without replacement with
@@ -546,9 +549,7 @@ def quantile_stats(
     ``{"quantile_0.1": (nb_dates * nb_components,), ...}`` float32, NaN-aware.
     """
     if not 0.0 < fraction <= 1.0:
-        raise BadInputError(
-            f"additional_statistics_percentage must be in ]0, 1], got {fraction}"
-        )
+        raise BadInputError(f"additional_statistics_percentage must be in ]0, 1], got {fraction}")
     n = reader.n
     m = max(1, min(n, math.ceil(fraction * n)))
     rows = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))

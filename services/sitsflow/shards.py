@@ -48,9 +48,7 @@ def shard_range(items: int, shards: int, shard: int) -> range:
         BadInputError: the plan has no shard ``shard``.
     """
     if not 0 <= shard < shards:
-        raise BadInputError(
-            f"--shard {shard}: the plan has {shards} shard(s), numbered 0..{shards - 1}"
-        )
+        raise BadInputError(f"--shard {shard}: the plan has {shards} shard(s), numbered 0..{shards - 1}")
     return range(shard * items // shards, (shard + 1) * items // shards)
 
 
@@ -103,9 +101,7 @@ def read_shard(cfg, stage: str, shard: int) -> list[dict]:
         if doc.get("stage") != stage or not isinstance(items, list):
             raise ValueError(f"not a {stage} plan")
     except (ValueError, KeyError, TypeError) as exc:
-        raise BadInputError(
-            f"{uri} is not a sitsflow {stage} plan ({exc}): rerun `sitsflow plan {stage}`"
-        ) from None
+        raise BadInputError(f"{uri} is not a sitsflow {stage} plan ({exc}): rerun `sitsflow plan {stage}`") from None
     return [items[i] for i in shard_range(len(items), shards, shard)]
 
 

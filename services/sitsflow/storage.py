@@ -105,19 +105,32 @@ _TEMP_NAME_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}")
 
 # Transient S3 error codes (besides any HTTP 500/502/503/504).
 _TRANSIENT_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-     "ServiceUnavailable", "RequestTimeTooSkewed"}
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeTooSkewed",
+    }
 )
 _TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchVersion"})
 _DENIED_CODES = frozenset(
-    {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-     "ExpiredToken", "InvalidToken", "AllAccessDisabled"}
+    {
+        "AccessDenied",
+        "403",
+        "Forbidden",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "AllAccessDisabled",
+    }
 )
 # Local OS errors worth retrying (network file systems, busy devices).
-_TRANSIENT_ERRNOS = frozenset(
-    {errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.EIO, errno.ESTALE, errno.ETIMEDOUT}
-)
+_TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.EIO, errno.ESTALE, errno.ETIMEDOUT})
 
 # Local file-system states that retrying cannot mend (see _os_trouble).
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -149,10 +162,7 @@ def _s3_object(uri: str) -> tuple[str, str]:
     """``(bucket, key)`` of an S3 URI that must name an object (non-empty key, no trailing /)."""
     bucket, key = _split_s3(uri)
     if not key or key.endswith("/"):
-        raise BadInputError(
-            f"S3 URI {uri!r} names no object (empty key or a trailing '/'); "
-            "expected s3://bucket/key"
-        )
+        raise BadInputError(f"S3 URI {uri!r} names no object (empty key or a trailing '/'); expected s3://bucket/key")
     return bucket, key
 
 
@@ -170,7 +180,7 @@ def local_file(uri: PathLike) -> str:
                 f"unsupported URI scheme {match.group(1)!r} in {path!r}; allowed: local paths, "
                 "file://PATH and s3://bucket/key"
             )
-        path = path[len(match.group(0)):]
+        path = path[len(match.group(0)) :]
     if not path:
         raise BadInputError(f"empty path in URI {os.fspath(uri)!r}")
     return path
@@ -284,8 +294,7 @@ def _retry_settings() -> tuple[int, float]:
         attempts = 0
     if attempts < 1:
         raise ConfigError(
-            f"SITSFLOW_STORAGE_RETRIES={raw!r}: expected an integer >= 1 (total attempts of a "
-            "storage operation)"
+            f"SITSFLOW_STORAGE_RETRIES={raw!r}: expected an integer >= 1 (total attempts of a storage operation)"
         )
     raw = os.environ.get("SITSFLOW_STORAGE_BACKOFF", "").strip()
     try:
@@ -378,8 +387,9 @@ def _permanent_error(exc: BaseException, op: str, uri: str) -> BaseException | N
         if code in _NOT_FOUND_CODES or status == 404:
             return InputNotFoundError(f"{op} {uri}: no such object")
         if code in _DENIED_CODES or status == 403:
-            return BadInputError(f"{op} {uri}: access denied ({code or status}); check the "
-                                 "credentials and the bucket policy")
+            return BadInputError(
+                f"{op} {uri}: access denied ({code or status}); check the credentials and the bucket policy"
+            )
         return BadInputError(f"{op} {uri}: S3 refused the request ({code or status}: {exc})")
     if isinstance(exc, FileNotFoundError):
         return InputNotFoundError(f"{op} {uri}: no such file or folder ({exc.filename or uri})")
@@ -404,8 +414,10 @@ def _os_trouble(exc: BaseException, op: str, uri: str) -> SitsflowError | None:
         return TransientError(f"no space left on {where} ({what}: {exc.strerror})")
     if exc.errno == errno.EROFS:
         return BadInputError(f"{what}: {where} is on a read-only file system; choose a writable path")
-    return BadInputError(f"{what}: permission denied on {where} ({exc.strerror}); choose a path this "
-                         "user may write, or fix its permissions")
+    return BadInputError(
+        f"{what}: permission denied on {where} ({exc.strerror}); choose a path this "
+        "user may write, or fix its permissions"
+    )
 
 
 def _disk_trouble(path: str, op: str, uri: str) -> SitsflowError | None:
@@ -442,6 +454,7 @@ def _retry(op: str, uri: str, fn: Callable[[], T]) -> T:
     ``min(30, base * 2**(n-1)) * U(0.5, 1)`` seconds. Persistent trouble raises
     :class:`TransientError`; permanent failures are mapped to exit-2 errors at once.
     """
+
     def judge(exc: Exception, last: bool) -> str:
         if not _is_transient(exc):
             mapped = _permanent_error(exc, op, uri)
@@ -453,8 +466,13 @@ def _retry(op: str, uri: str, fn: Callable[[], T]) -> T:
     return _attempts(op, uri, fn, judge)
 
 
-def _attempts(op: str, uri: str, fn: Callable[[], T], judge: Callable[[Exception, bool], str],
-              before_retry: Callable[[], None] | None = None) -> T:
+def _attempts(
+    op: str,
+    uri: str,
+    fn: Callable[[], T],
+    judge: Callable[[Exception, bool], str],
+    before_retry: Callable[[], None] | None = None,
+) -> T:
     """The retry loop of :func:`_retry` and :func:`raster_call`: ``judge(exc, last_attempt)``
     raises the error of a permanent failure and returns the description of a transient one."""
     attempts, base = _retry_settings()
@@ -469,12 +487,9 @@ def _attempts(op: str, uri: str, fn: Callable[[], T], judge: Callable[[Exception
                 raise trouble from exc
             what = judge(exc, attempt >= attempts)
             if attempt >= attempts:
-                raise TransientError(
-                    f"{op} {uri}: failed after {attempts} attempt(s), last error {what}"
-                ) from exc
+                raise TransientError(f"{op} {uri}: failed after {attempts} attempt(s), last error {what}") from exc
             delay = min(MAX_DELAY_S, base * 2 ** (attempt - 1)) * _jitter.uniform(0.5, 1.0)
-            log.warning("%s %s failed (%s); attempt %d/%d, retrying in %.2f s",
-                        op, uri, what, attempt, attempts, delay)
+            log.warning("%s %s failed (%s); attempt %d/%d, retrying in %.2f s", op, uri, what, attempt, attempts, delay)
             if before_retry is not None:
                 before_retry()
             _sleep(delay)
@@ -619,9 +634,7 @@ def list_files(prefix: PathLike) -> list[str]:
 
         def listing() -> list[str]:
             out: list[str] = []
-            pages = _client().get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=key_prefix
-            )
+            pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix)
             for page in pages:
                 for obj in page.get("Contents", []):
                     name = obj["Key"].rsplit("/", 1)[-1]
@@ -670,8 +683,15 @@ def _conditional(op: str, uri: str, request: Callable[[], T], refused: T) -> T:
     return _retry(op, uri, call)
 
 
-def put_if(uri: str, body: bytes, *, if_match: str | None = None, if_none_match: bool = False,
-           content_type: str = "application/octet-stream", op: str = "put") -> str | None:
+def put_if(
+    uri: str,
+    body: bytes,
+    *,
+    if_match: str | None = None,
+    if_none_match: bool = False,
+    content_type: str = "application/octet-stream",
+    op: str = "put",
+) -> str | None:
     """Write the S3 object ``uri`` only if its ETag is ``if_match`` / only if it does not exist
     (``if_none_match``). Returns the new ETag, or None when the condition failed (retried as
     every storage operation, named ``op``)."""
@@ -679,8 +699,14 @@ def put_if(uri: str, body: bytes, *, if_match: str | None = None, if_none_match:
     condition = {"IfNoneMatch": "*"} if if_none_match else {}
     if if_match is not None:
         condition["IfMatch"] = if_match
-    return _conditional(op, uri, lambda: str(_client().put_object(
-        Bucket=bucket, Key=key, Body=body, ContentType=content_type, **condition)["ETag"]), None)
+    return _conditional(
+        op,
+        uri,
+        lambda: str(
+            _client().put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type, **condition)["ETag"]
+        ),
+        None,
+    )
 
 
 def get_with_etag(uri: str, *, op: str = "get") -> tuple[bytes, str] | None:
@@ -726,7 +752,8 @@ def copy(src_uri: PathLike, dst_uri: PathLike) -> None:
         sb, sk = _s3_object(src)
         db, dk = _s3_object(dst)
         _retry(
-            "copy", f"{src} -> {dst}",
+            "copy",
+            f"{src} -> {dst}",
             lambda: _client().copy({"Bucket": sb, "Key": sk}, db, dk, Config=_transfer_config()),
         )
     elif is_s3(dst):
@@ -734,8 +761,7 @@ def copy(src_uri: PathLike, dst_uri: PathLike) -> None:
         if not os.path.isfile(path):
             raise InputNotFoundError(f"copy {src} -> {dst}: source {src!r} is not a file")
         db, dk = _s3_object(dst)
-        _retry("copy", f"{src} -> {dst}",
-               lambda: _client().upload_file(path, db, dk, Config=_transfer_config()))
+        _retry("copy", f"{src} -> {dst}", lambda: _client().upload_file(path, db, dk, Config=_transfer_config()))
     elif is_s3(src):
         sb, sk = _s3_object(src)
         path = local_file(dst)
@@ -888,10 +914,9 @@ class OutputSet:
             if is_s3(uri):
                 bucket, key = _s3_object(uri)
                 # the lambdas run at once (inside _retry), within this iteration
-                _retry("upload", uri, lambda: _client().upload_file(
-                    tmp, bucket, key, Config=_transfer_config()))  # noqa: B023
+                _retry("upload", uri, lambda: _client().upload_file(tmp, bucket, key, Config=_transfer_config()))  # noqa: B023
             else:
-                _retry("write", uri, lambda: _publish_local(tmp, local_file(uri)))
+                _retry("write", uri, lambda: _publish_local(tmp, local_file(uri)))  # noqa: B023
         return [uri for uri, _ in self.pending]
 
     def discard(self) -> None:
@@ -952,9 +977,16 @@ def _gdal_s3_options() -> dict[str, str]:
 
 
 def _aws_configured() -> bool:
-    names = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",
-             "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-             "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_NO_SIGN_REQUEST")
+    names = (
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_NO_SIGN_REQUEST",
+    )
     return any(_env(n) for n in names)
 
 
@@ -1025,10 +1057,13 @@ def rasterio_env() -> Any:
 _HTTP_CODE_RE = re.compile(r"HTTP (?:response|error) code:?\s*(\d{1,3})", re.I)
 _GDAL_TRANSPORT_RE = re.compile(
     r"curl|timed? ?out|connection|recv failure|send failure|transfer closed|could ?n[o']t (?:connect|resolve)"
-    r"|slow ?down|reduce your request rate|service unavailable|internal ?error|throttl", re.I)
+    r"|slow ?down|reduce your request rate|service unavailable|internal ?error|throttl",
+    re.I,
+)
 _GDAL_MISSING_RE = re.compile(r"no such file|does not exist|nosuchkey|not found", re.I)
 _GDAL_DENIED_RE = re.compile(
-    r"access ?denied|forbidden|invalidaccesskeyid|signaturedoesnotmatch|expiredtoken|permission denied", re.I)
+    r"access ?denied|forbidden|invalidaccesskeyid|signaturedoesnotmatch|expiredtoken|permission denied", re.I
+)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -1113,7 +1148,7 @@ def _find_damage(path: str) -> tuple[int | None, str] | None:
                 where = f"block at row {window.row_off}, column {window.col_off}"
                 text = _gdal_text(exc)
             for band in range(1, src.count + 1):  # which band: only the failed block again, each
-                try:                               # time freshly opened (GDAL keeps failed blocks)
+                try:  # time freshly opened (GDAL keeps failed blocks)
                     with rasterio.open(path) as again:
                         again.read(band, window=window)
                 except Exception:  # noqa: BLE001
@@ -1122,8 +1157,9 @@ def _find_damage(path: str) -> tuple[int | None, str] | None:
     return None
 
 
-def _damage_error(op: str, uris: list[str], culprit: str, locate: Callable[[str, int], str] | None,
-                  local: dict[str, str]) -> BadInputError | None:
+def _damage_error(
+    op: str, uris: list[str], culprit: str, locate: Callable[[str, int], str] | None, local: dict[str, str]
+) -> BadInputError | None:
     """An exit-2 error naming the damaged raster among ``uris`` (``local``: uri -> local path)."""
     for uri in uris:
         found = _find_damage(local[uri])
@@ -1157,9 +1193,16 @@ def _verify_remote(
         return _damage_error(op, uris, culprit, locate, local)
 
 
-def raster_call(op: str, uris: str | list[str], fn: Callable[[], T], *, culprit: str = "",
-                locate: Callable[[str, int], str] | None = None, on_retry: Callable[[], None] | None = None,
-                incomplete: Callable[[T], bool] | None = None) -> T:
+def raster_call(
+    op: str,
+    uris: str | list[str],
+    fn: Callable[[], T],
+    *,
+    culprit: str = "",
+    locate: Callable[[str, int], str] | None = None,
+    on_retry: Callable[[], None] | None = None,
+    incomplete: Callable[[T], bool] | None = None,
+) -> T:
     """Run ``fn``, a GDAL operation (open, read, mosaic) on the rasters ``uris``, under the contract.
 
     Failures are classified from GDAL's messages (HTTP status, AWS and curl errors):
@@ -1182,7 +1225,8 @@ def raster_call(op: str, uris: str | list[str], fn: Callable[[], T], *, culprit:
 
     ``incomplete(result)`` flags a result that a connection reset may have truncated without an
     error (GDAL only warns when it loses e.g. a TIFF's band descriptions while opening): on object
-    storage such a result is read once more from a cleared cache, and the second one is returned.
+    storage such a result is read again from a cleared cache, up to ``SITSFLOW_STORAGE_RETRIES`` times in all,
+    and the last one is returned (a genuinely incomplete file costs only these rereads).
     """
     uri_list = [os.fspath(uris)] if isinstance(uris, (str, os.PathLike)) else [os.fspath(u) for u in uris]
     remote = any(is_s3(u) for u in uri_list)
@@ -1191,10 +1235,14 @@ def raster_call(op: str, uris: str | list[str], fn: Callable[[], T], *, culprit:
 
         def fn() -> T:
             found = once()
-            if incomplete(found):
+            # each reread may be reset too: up to the storage attempts, as for an error
+            for _ in range(_retry_settings()[0] - 1):
+                if not incomplete(found):
+                    break
                 _clear_gdal_cache(uri_list)
                 found = once()
             return found
+
     named = ", ".join(uri_list) + (f" ({culprit})" if culprit else "")
 
     def judge(exc: Exception, last: bool) -> str:
@@ -1203,8 +1251,10 @@ def raster_call(op: str, uris: str | list[str], fn: Callable[[], T], *, culprit:
             raise exc
         text = _gdal_text(exc)
         if kind == "denied":
-            raise BadInputError(f"{op} {named}: access denied ({text}); check the credentials, the "
-                                "bucket policy or the file's permissions") from exc
+            raise BadInputError(
+                f"{op} {named}: access denied ({text}); check the credentials, the "
+                "bucket policy or the file's permissions"
+            ) from exc
         if kind == "missing":
             gone = [u for u in uri_list if not exists(u)]
             if gone or not remote:

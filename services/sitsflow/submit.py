@@ -35,8 +35,8 @@ from typing import Any, TypeVar, cast
 
 from sitsflow import layout, storage
 from sitsflow.errors import BadInputError, ConfigError, SitsflowError, TransientError
-from sitsflow.shards import count_tasks
 from sitsflow.log import get_logger
+from sitsflow.shards import count_tasks
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -77,8 +77,10 @@ class WorkflowFailed(SitsflowError):
 def _retry_settings() -> tuple[int, float]:
     """``(attempts, base_delay_s)`` from ``SITSFLOW_KUBE_RETRIES`` / ``SITSFLOW_KUBE_BACKOFF``."""
     out = []
-    for name, default, kind, minimum in (("SITSFLOW_KUBE_RETRIES", DEFAULT_RETRIES, int, 1),
-                                         ("SITSFLOW_KUBE_BACKOFF", DEFAULT_BACKOFF_S, float, 0)):
+    for name, default, kind, minimum in (
+        ("SITSFLOW_KUBE_RETRIES", DEFAULT_RETRIES, int, 1),
+        ("SITSFLOW_KUBE_BACKOFF", DEFAULT_BACKOFF_S, float, 0),
+    ):
         raw = os.environ.get(name, "").strip()
         try:
             value = kind(raw) if raw else default
@@ -162,18 +164,30 @@ class Cluster:
         if info is None:
             raise exc
         status, message = info
-        hint = {401: "the credentials were not accepted",
-                403: "permission denied (the chart's submitter Role, value submitter.create, "
-                "grants what sitsflow needs)",
-                404: "not found", 422: "refused by the API server's validation"}.get(status, f"HTTP {status}")
+        hint = {
+            401: "the credentials were not accepted",
+            403: "permission denied (the chart's submitter Role, value submitter.create, grants what sitsflow needs)",
+            404: "not found",
+            422: "refused by the API server's validation",
+        }.get(status, f"HTTP {status}")
         return BadInputError(f"{what} in namespace {self.namespace!r}: {hint}: {message}")
 
     # the objects -------------------------------------------------------------------------------
     def get_template(self, name: str) -> dict:
         try:
             # the custom objects API returns the JSON object (a dict), typed `object`
-            return cast(dict, self.call(f"reading WorkflowTemplate {name}", self.custom.get_namespaced_custom_object,
-                                        GROUP, VERSION, self.namespace, TEMPLATES, name))
+            return cast(
+                dict,
+                self.call(
+                    f"reading WorkflowTemplate {name}",
+                    self.custom.get_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    TEMPLATES,
+                    name,
+                ),
+            )
         except Exception as exc:
             if (info := _api_error(exc)) is not None and info[0] == 404:
                 raise BadInputError(
@@ -184,8 +198,18 @@ class Cluster:
 
     def get_workflow(self, name: str) -> dict | None:
         try:
-            return cast(dict, self.call(f"reading Workflow {name}", self.custom.get_namespaced_custom_object,
-                                        GROUP, VERSION, self.namespace, WORKFLOWS, name))
+            return cast(
+                dict,
+                self.call(
+                    f"reading Workflow {name}",
+                    self.custom.get_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    WORKFLOWS,
+                    name,
+                ),
+            )
         except Exception as exc:
             if (info := _api_error(exc)) is not None and info[0] == 404:
                 return None
@@ -193,8 +217,18 @@ class Cluster:
 
     def list_workflows(self, selector: str) -> list[dict]:
         try:
-            listed = cast(dict, self.call("listing Workflows", self.custom.list_namespaced_custom_object, GROUP,
-                                          VERSION, self.namespace, WORKFLOWS, label_selector=selector))
+            listed = cast(
+                dict,
+                self.call(
+                    "listing Workflows",
+                    self.custom.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    WORKFLOWS,
+                    label_selector=selector,
+                ),
+            )
             return listed.get("items", [])
         except Exception as exc:
             raise self.refused("listing Workflows", exc) from None
@@ -202,9 +236,18 @@ class Cluster:
     def create_workflow(self, body: dict) -> dict | None:
         """The created Workflow, or None when one of that name exists already (409)."""
         try:
-            return cast(dict, self.call(f"creating Workflow {body['metadata']['name']}",
-                                        self.custom.create_namespaced_custom_object,
-                                        GROUP, VERSION, self.namespace, WORKFLOWS, body))
+            return cast(
+                dict,
+                self.call(
+                    f"creating Workflow {body['metadata']['name']}",
+                    self.custom.create_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    WORKFLOWS,
+                    body,
+                ),
+            )
         except Exception as exc:
             if (info := _api_error(exc)) is not None and info[0] == 409:
                 return None
@@ -212,9 +255,17 @@ class Cluster:
 
     def stop_workflow(self, name: str, strategy: str = SHUTDOWN) -> None:
         try:
-            self.call(f"stopping Workflow {name}", self.custom.patch_namespaced_custom_object,
-                      GROUP, VERSION, self.namespace, WORKFLOWS, name, {"spec": {"shutdown": strategy}},
-                      _content_type="application/merge-patch+json")
+            self.call(
+                f"stopping Workflow {name}",
+                self.custom.patch_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                WORKFLOWS,
+                name,
+                {"spec": {"shutdown": strategy}},
+                _content_type="application/merge-patch+json",
+            )
         except SitsflowError:
             raise
         except Exception as exc:
@@ -223,8 +274,12 @@ class Cluster:
     def pods_by_node(self, workflow: str) -> dict[str, str]:
         """``{node id: pod name}`` of the Workflow's pods that still exist."""
         try:
-            pods = self.call(f"listing the pods of {workflow}", self.core.list_namespaced_pod, self.namespace,
-                             label_selector=f"{ARGO_WORKFLOW_LABEL}={workflow}")
+            pods = self.call(
+                f"listing the pods of {workflow}",
+                self.core.list_namespaced_pod,
+                self.namespace,
+                label_selector=f"{ARGO_WORKFLOW_LABEL}={workflow}",
+            )
         except Exception as exc:
             raise self.refused(f"listing the pods of Workflow {workflow!r}", exc) from None
         found = {}
@@ -239,8 +294,14 @@ class Cluster:
 
     def pod_log(self, pod: str, tail_lines: int | None = LOG_TAIL_LINES) -> str:
         try:
-            return self.call(f"reading the log of pod {pod}", self.core.read_namespaced_pod_log, pod,
-                             self.namespace, container="main", tail_lines=tail_lines)
+            return self.call(
+                f"reading the log of pod {pod}",
+                self.core.read_namespaced_pod_log,
+                pod,
+                self.namespace,
+                container="main",
+                tail_lines=tail_lines,
+            )
         except Exception as exc:
             raise self.refused(f"reading the log of pod {pod!r}", exc) from None
 
@@ -310,20 +371,23 @@ def prepare_run(source: str, overrides: Sequence[str], name: str | None = None) 
     preflight.run(cfg)  # prepare's checks: class files, dl_module, dl_parameters, the network built
     out = cfg.chain.output_path
     if not storage.is_s3(out):
-        raise ConfigError(f"chain.output_path = {out!r}: a cluster run writes to object storage; "
-                          "expected an s3://bucket/prefix URI (e.g. --set chain.output_path=s3://bucket/runs/x)")
+        raise ConfigError(
+            f"chain.output_path = {out!r}: a cluster run writes to object storage; "
+            "expected an s3://bucket/prefix URI (e.g. --set chain.output_path=s3://bucket/runs/x)"
+        )
     local = [item for sec in SECTION_MODELS for item in _local_inputs(sec, cfg.section_dict(sec))]
     if local:
         listing = "; ".join(f"{key} = {value!r}" for key, value in local)
-        raise ConfigError(f"the cluster cannot read files of this machine: {listing}; "
-                          "upload them and give s3:// URIs")
+        raise ConfigError(f"the cluster cannot read files of this machine: {listing}; upload them and give s3:// URIs")
     text = cfg.to_cfg()
     body = text.split("\n", 1)[1]  # the first line names where it was read from
     fingerprint = hashlib.sha256(body.encode("utf-8")).hexdigest()
     if name:
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?", name):
-            raise ConfigError(f"--name {name!r}: expected a lower-case DNS label of 1 to 52 characters "
-                              "(letters, digits, '-'; Argo adds suffixes to pod names)")
+            raise ConfigError(
+                f"--name {name!r}: expected a lower-case DNS label of 1 to 52 characters "
+                "(letters, digits, '-'; Argo adds suffixes to pod names)"
+            )
         base = name
     else:
         stem = _dns_label(os.path.splitext(os.path.basename(source.rstrip("/")))[0])[:30].strip("-")
@@ -338,16 +402,23 @@ def workflow_body(run: Run, name: str, attempt: int, template: str) -> dict:
         "kind": "Workflow",
         "metadata": {
             "name": name,
-            "labels": {LABEL_FINGERPRINT: run.fingerprint[:40], LABEL_ATTEMPT: str(attempt),
-                       ARGO_TEMPLATE_LABEL: template},
+            "labels": {
+                LABEL_FINGERPRINT: run.fingerprint[:40],
+                LABEL_ATTEMPT: str(attempt),
+                ARGO_TEMPLATE_LABEL: template,
+            },
             "annotations": {ANNOTATION_OUTPUT: run.output_path},
         },
         "spec": {
             "workflowTemplateRef": {"name": template},
-            "arguments": {"parameters": [{"name": "config", "value": run.config_uri},
-                                         {"name": "overrides", "value": "[]"},
-                                         # the run's mutex is keyed on it (one run per output path)
-                                         {"name": "output-path", "value": run.output_path}]},
+            "arguments": {
+                "parameters": [
+                    {"name": "config", "value": run.config_uri},
+                    {"name": "overrides", "value": "[]"},
+                    # the run's mutex is keyed on it (one run per output path)
+                    {"name": "output-path", "value": run.output_path},
+                ]
+            },
         },
     }
 
@@ -359,12 +430,17 @@ def check_resources(run: Run, template: dict) -> None:
 
     if run.resources is None:
         return
-    defaults = {p.get("name"): str(p.get("value", "")) for p in
-                template.get("spec", {}).get("arguments", {}).get("parameters", [])}
+    defaults = {
+        p.get("name"): str(p.get("value", ""))
+        for p in template.get("spec", {}).get("arguments", {}).get("parameters", [])
+    }
     try:
-        stage_pods(run.resources, pool_label=defaults.get("pool-label", ""),
-                   gpu_node_selector=defaults.get("gpu-node-selector") or "{}",
-                   cpu_node_selector=defaults.get("cpu-node-selector") or "{}")
+        stage_pods(
+            run.resources,
+            pool_label=defaults.get("pool-label", ""),
+            gpu_node_selector=defaults.get("gpu-node-selector") or "{}",
+            cpu_node_selector=defaults.get("cpu-node-selector") or "{}",
+        )
     except ValueError as exc:
         raise ConfigError(f"{exc} (WorkflowTemplate {template['metadata']['name']!r})") from None
 
@@ -390,17 +466,24 @@ def submit_run(cluster: Cluster, run: Run, template: str) -> tuple[dict, bool]:
     params = {p.get("name") for p in tmpl.get("spec", {}).get("arguments", {}).get("parameters", [])}
     missing = {"config", "overrides", "output-path"} - params
     if missing:
-        raise BadInputError(f"WorkflowTemplate {template!r} has no parameter {', '.join(sorted(missing))}: "
-                            "it is not sitsflow's (charts/sitsflow installs it)")
+        raise BadInputError(
+            f"WorkflowTemplate {template!r} has no parameter {', '.join(sorted(missing))}: "
+            "it is not sitsflow's (charts/sitsflow installs it)"
+        )
     check_resources(run, tmpl)
     while True:
-        attempts = [wf for wf in cluster.list_workflows(f"{LABEL_FINGERPRINT}={run.fingerprint[:40]}")
-                    if wf["metadata"]["name"] == run.base_name or
-                    wf["metadata"]["name"].startswith(run.base_name + "-")]
+        attempts = [
+            wf
+            for wf in cluster.list_workflows(f"{LABEL_FINGERPRINT}={run.fingerprint[:40]}")
+            if wf["metadata"]["name"] == run.base_name or wf["metadata"]["name"].startswith(run.base_name + "-")
+        ]
         latest = max(attempts, key=_attempt, default=None)
         if latest is not None and _phase(latest) not in ("Failed", "Error"):
-            log.info("attaching to Workflow %s (%s): it runs the same configuration", latest["metadata"]["name"],
-                     _phase(latest) or "Pending")
+            log.info(
+                "attaching to Workflow %s (%s): it runs the same configuration",
+                latest["metadata"]["name"],
+                _phase(latest) or "Pending",
+            )
             return latest, False
         attempt = _attempt(latest) + 1 if latest is not None else 1
         name = _attempt_name(run.base_name, attempt)
@@ -415,8 +498,10 @@ def submit_run(cluster: Cluster, run: Run, template: str) -> tuple[dict, bool]:
             continue  # deleted in between: look again
         labels = existing["metadata"].get("labels", {})
         if labels.get(LABEL_FINGERPRINT) != run.fingerprint[:40]:
-            raise BadInputError(f"Workflow {name!r} exists in namespace {cluster.namespace!r} and runs another "
-                                "configuration; choose another --name")
+            raise BadInputError(
+                f"Workflow {name!r} exists in namespace {cluster.namespace!r} and runs another "
+                "configuration; choose another --name"
+            )
         # another submitter created it a moment ago: loop to attach to it
 
 
@@ -439,8 +524,11 @@ def workflow_nodes(wf: dict) -> dict[str, dict] | None:
         raw = base64.b64decode(packed)
         if raw[:2] == b"\x1f\x8b":
             return json.loads(gzip.decompress(raw))
-        log.warning("Workflow %s: status.compressedNodes is not gzip (ARGO_COMPRESSION_ALGORITHM zstd or "
-                    "brotli?); per-stage progress is not available", wf["metadata"]["name"])
+        log.warning(
+            "Workflow %s: status.compressedNodes is not gzip (ARGO_COMPRESSION_ALGORITHM zstd or "
+            "brotli?); per-stage progress is not available",
+            wf["metadata"]["name"],
+        )
         return None
     if status.get("offloadNodeStatusVersion"):
         return None
@@ -497,8 +585,12 @@ def snapshot(wf: dict) -> Snapshot:
     attempt's Pod node), or a Pod node alone for templates without retries."""
     status = wf.get("status") or {}
     nodes = workflow_nodes(wf)
-    snap = Snapshot(name=wf["metadata"]["name"], phase=_phase(wf), message=str(status.get("message") or ""),
-                    nodes_known=nodes is not None)
+    snap = Snapshot(
+        name=wf["metadata"]["name"],
+        phase=_phase(wf),
+        message=str(status.get("message") or ""),
+        nodes_known=nodes is not None,
+    )
     stored = status.get("storedWorkflowTemplateSpec")
     if stored:
         from sitsflow.runner.workflow import entry_dag
@@ -520,11 +612,18 @@ def snapshot(wf: dict) -> Snapshot:
         pod_node = node_id if kind == "Pod" else (node.get("children") or [None])[-1]
         pod = nodes.get(pod_node or "", {})
         outputs = node.get("outputs") or pod.get("outputs") or {}
-        snap.items.append(Item(
-            task=_task_of(display), label=display, phase=str(node.get("phase") or "Pending"),
-            message=str(node.get("message") or pod.get("message") or ""), pod_node=pod_node,
-            started=node.get("startedAt"), finished=node.get("finishedAt"), result=outputs.get("result"),
-        ))
+        snap.items.append(
+            Item(
+                task=_task_of(display),
+                label=display,
+                phase=str(node.get("phase") or "Pending"),
+                message=str(node.get("message") or pod.get("message") or ""),
+                pod_node=pod_node,
+                started=node.get("startedAt"),
+                finished=node.get("finishedAt"),
+                result=outputs.get("result"),
+            )
+        )
         if snap.items[-1].task not in snap.order:
             snap.order.append(snap.items[-1].task)
     for task in snap.skipped_tasks:
@@ -546,8 +645,10 @@ def _seconds(start: str | None, end: str | None) -> float:
 def stage_lines(snap: Snapshot) -> list[str]:
     """One line per stage: ``train: 3/8 done, 2 running, 1 failed``."""
     if not snap.nodes_known:
-        return ["(per-stage progress unavailable: the node status is offloaded to Argo's database; "
-                "`argo get` through the Argo Server shows it)"]
+        return [
+            "(per-stage progress unavailable: the node status is offloaded to Argo's database; "
+            "`argo get` through the Argo Server shows it)"
+        ]
     lines = []
     for task, row in snap.stages().items():
         if task in snap.skipped_tasks and not row["total"]:
@@ -638,8 +739,9 @@ def report_failures(cluster: Cluster, snap: Snapshot, tail_lines: int = LOG_TAIL
         log.error("%s failed: %s", item.label, item.message or "(no message)")
         pod = pods.get(item.pod_node or "")
         if pod is None:
-            log.error("  its pod is gone (deleted by podGC?); the log is archived under argo/%s/ in the bucket",
-                      snap.name)
+            log.error(
+                "  its pod is gone (deleted by podGC?); the log is archived under argo/%s/ in the bucket", snap.name
+            )
             continue
         text = cluster.pod_log(pod, tail_lines)
         sys.stderr.write(f"----- last {tail_lines} log lines of pod {pod} ({item.label}) -----\n")
@@ -666,8 +768,16 @@ class _Signals:
             signal.signal(s, handler)
 
 
-def follow(cluster: Cluster, name: str, *, output_path: str | None, timeout: float | None, interval: float,
-           progress: bool, stop_on_interrupt: bool = True) -> dict:
+def follow(
+    cluster: Cluster,
+    name: str,
+    *,
+    output_path: str | None,
+    timeout: float | None,
+    interval: float,
+    progress: bool,
+    stop_on_interrupt: bool = True,
+) -> dict:
     """Follow Workflow ``name`` until it ends; report; return the closing line or raise.
 
     Raises :class:`WorkflowFailed` (exit 1), :class:`BadInputError` (exit 2: refused before any
@@ -690,7 +800,8 @@ def follow(cluster: Cluster, name: str, *, output_path: str | None, timeout: flo
                     if deadline is not None and time.monotonic() >= deadline:
                         raise TransientError(
                             f"Workflow {name} still {snap.phase or 'Pending'} after --timeout {timeout:g} s; it goes "
-                            f"on running (sitsflow status {name} -n {cluster.namespace}; the same submit attaches)")
+                            f"on running (sitsflow status {name} -n {cluster.namespace}; the same submit attaches)"
+                        )
                     time.sleep(interval)
             except Interrupted:
                 if stop_on_interrupt:
@@ -706,8 +817,9 @@ def follow(cluster: Cluster, name: str, *, output_path: str | None, timeout: flo
         show_results(out)
         return closing_line(snap, out, cluster.namespace)
     if not snap.items and snap.nodes_known:
-        raise BadInputError(f"Workflow {name} was refused before any step ran ({snap.phase}): "
-                            f"{snap.message or 'no message'}")
+        raise BadInputError(
+            f"Workflow {name} was refused before any step ran ({snap.phase}): {snap.message or 'no message'}"
+        )
     report_failures(cluster, snap)
     raise WorkflowFailed(f"Workflow {name} {snap.phase}: {snap.message or 'a step failed'}")
 

@@ -62,10 +62,7 @@ def table(owner: Any) -> list[str]:
         allowed = _markdown(describe(tp, name))
         if any(isinstance(m, PathOf) for m in markers(tp)):
             allowed += " (*path*)"
-        lines.append(
-            f"| `{name}` | {_default(owner, name)} | {allowed} | "
-            f"{_markdown(field_doc(owner, name))} |"
-        )
+        lines.append(f"| `{name}` | {_default(owner, name)} | {allowed} | {_markdown(field_doc(owner, name))} |")
     return lines
 
 
@@ -80,8 +77,7 @@ def _grouped(keys: dict[str, str]) -> str:
     for key, reason in keys.items():
         by_reason.setdefault(reason, []).append(f"`{key}`")
     return "; ".join(
-        ", ".join(names) + (f" ({_markdown(reason)})" if reason else "")
-        for reason, names in by_reason.items()
+        ", ".join(names) + (f" ({_markdown(reason)})" if reason else "") for reason, names in by_reason.items()
     )
 
 
@@ -90,8 +86,11 @@ def _unsupported(owner: Any) -> list[str]:
     if getattr(owner, "__iota2__", {}):
         lines += ["", f"iota2 keys not supported yet (an error says so): {_grouped(owner.__iota2__)}."]
     if getattr(owner, "__ignored__", {}):
-        lines += ["", "iota2 keys accepted and ignored with a warning (no effect here; what replaces them or why): "
-                  f"{_grouped(owner.__ignored__)}."]
+        lines += [
+            "",
+            "iota2 keys accepted and ignored with a warning (no effect here; what replaces them or why): "
+            f"{_grouped(owner.__ignored__)}.",
+        ]
     if getattr(owner, "__refused__", {}):
         lines += ["", f"Refused keys: {_grouped(owner.__refused__)}."]
     return lines
@@ -141,8 +140,10 @@ def reference() -> str:
                 "",
                 "| stage | " + " | ".join(f"`{k}`" for k in keys) + " |",
                 "|---|" + "---|" * len(keys),
-                *[f"| `{stage}` | " + " | ".join(str(v) for v in settings.values()) + " |"
-                  for stage, settings in BUILTIN.items()],
+                *[
+                    f"| `{stage}` | " + " | ".join(str(v) for v in settings.values()) + " |"
+                    for stage, settings in BUILTIN.items()
+                ],
             ]
     return "\n".join([BEGIN, *lines, "", END])
 

@@ -32,9 +32,7 @@ def _read(source: str) -> tuple[str, str, str]:
         text = storage.read_text(uri)
         return text, uri, uri.rsplit("/", 1)[0]
     if "://" in source:
-        raise ConfigError(
-            f"configuration {source!r}: expected a local path or an s3://bucket/key URI"
-        )
+        raise ConfigError(f"configuration {source!r}: expected a local path or an s3://bucket/key URI")
     path = os.path.abspath(os.path.expanduser(source))
     if not os.path.exists(path):
         raise InputNotFoundError(f"configuration file not found: {source} ({path})")
@@ -60,9 +58,7 @@ def parse_override(item: str) -> tuple[Location, Any]:
     key, _, text = item.partition("=")
     parts = tuple(p.strip() for p in key.strip().split("."))
     if len(parts) < 2 or not all(parts):
-        raise ConfigError(
-            f"override {item!r} (from --set): the key {key.strip()!r} names no section; {usage}"
-        )
+        raise ConfigError(f"override {item!r} (from --set): the key {key.strip()!r} names no section; {usage}")
     return parts, parse_value(text)
 
 
@@ -110,8 +106,6 @@ def load_config(source: str, overrides: Sequence[str] = ()) -> SitsflowConfig:
     if config is None:
         if len(errors) == 1:
             raise ConfigError(errors[0])
-        raise ConfigError(
-            f"{len(errors)} problems in the configuration {label}:\n" + "\n".join(errors)
-        )
+        raise ConfigError(f"{len(errors)} problems in the configuration {label}:\n" + "\n".join(errors))
     log.debug("configuration read from %s with %d override(s)", where, len(overrides))
     return config

@@ -72,8 +72,10 @@ FieldName = Annotated[str, Text("a non-empty field name")]
 def _date_order(section: Any) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
     start, end = section.start_date, section.end_date
     if start is not None and end is not None and start > end:
-        yield ("end_date",), end, detail(
-            f"end_date {end} is before start_date {start}; start_date <= end_date is required"
+        yield (
+            ("end_date",),
+            end,
+            detail(f"end_date {end} is before start_date {start}; start_date <= end_date is required"),
         )
 
 
@@ -102,10 +104,7 @@ def _tiles(value: Any) -> str:
 TileList = Annotated[
     str,
     PlainValidator(_tiles),
-    Expect(
-        "tile names separated by spaces, each made of letters, digits, '_' or '-' "
-        "(e.g. 'T31TCJ T31TDJ')"
-    ),
+    Expect("tile names separated by spaces, each made of letters, digits, '_' or '-' (e.g. 'T31TCJ T31TDJ')"),
 ]
 Folder = Annotated[str, PathOf("a folder (local or s3:// URI)")]
 TextFile = Annotated[str, PathOf("the path of a text file")]
@@ -120,8 +119,11 @@ _RESOLUTION_TEXT = "a pixel size > 0 (in the CRS's units), or a list [x, y] of t
 def _resolution(value: Any) -> tuple[float, float]:
     if isinstance(value, int | float) and not isinstance(value, bool):
         value = [value, value]
-    if (not isinstance(value, list | tuple) or len(value) != 2
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value)):
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
         raise invalid()
     return (float(value[0]), float(value[1]))
 
@@ -212,9 +214,9 @@ class DatedRasterSection(Section):
 
     __rules__ = (_DATE_ORDER,)
 
-    name: Annotated[
-        str, Text("a lower-case name matching [a-z][a-z0-9]* (e.g. 'sentinel2')", r"[a-z][a-z0-9]*")
-    ] = "generic"
+    name: Annotated[str, Text("a lower-case name matching [a-z][a-z0-9]* (e.g. 'sentinel2')", r"[a-z][a-z0-9]*")] = (
+        "generic"
+    )
     """Sensor key used in feature names (``{name}_{band}_{YYYYMMDD}``) and statistics."""
     path: Annotated[str, PathOf("a path or s3:// URI of a raster (may contain {tile})", pattern=True)]
     """Path pattern of the raster of each tile; ``{tile}`` is replaced by the tile name (it is
@@ -237,8 +239,7 @@ class DatedRasterSection(Section):
     nodata: float | None = None
     """Raw value meaning "no data" (such pixels are invalid at that date); None: none."""
     mask_path: (
-        Annotated[str, PathOf("a path or s3:// URI of a mask raster (may contain {tile})", pattern=True)]
-        | None
+        Annotated[str, PathOf("a path or s3:// URI of a mask raster (may contain {tile})", pattern=True)] | None
     ) = None
     """Optional path pattern (with ``{tile}``) of a validity mask raster: one band per date,
     nonzero = invalid (cloud, shadow, saturation, edge)."""
@@ -279,10 +280,9 @@ class OpticalSensorSection(Section):
     end_date: Date | None = None
     """Last date (``>= start_date``) of the acquisitions used and of the gap-filling grid; None:
     the last acquisition."""
-    keep_bands: (
-        Annotated[tuple[str, ...], ListOf("band", "a non-empty list of unique bands of the sensor")]
-        | None
-    ) = None
+    keep_bands: Annotated[tuple[str, ...], ListOf("band", "a non-empty list of unique bands of the sensor")] | None = (
+        None
+    )
     """Bands fed to the network (any case), put in the sensor's order (e.g. ``["B2", "B3", "B4",
     "B8"]``); None: every band of the sensor. Spectral indices are computed from all bands either
     way."""
@@ -382,16 +382,18 @@ def _network(dl: DeepLearningParameters) -> Iterator[tuple[tuple[str, ...], Any,
     name = dl.dl_name
     if dl.dl_module is None and name not in BUILTIN_NETWORKS:
         close = suggest(name, BUILTIN_NETWORKS)
-        yield ("dl_name",), name, expected(
-            "one of "
-            + ", ".join(repr(n) for n in BUILTIN_NETWORKS)
-            + (f" (did you mean {close!r}?)" if close else "")
-            + ", or a class of the module given by dl_module"
+        yield (
+            ("dl_name",),
+            name,
+            expected(
+                "one of "
+                + ", ".join(repr(n) for n in BUILTIN_NETWORKS)
+                + (f" (did you mean {close!r}?)" if close else "")
+                + ", or a class of the module given by dl_module"
+            ),
         )
     elif dl.dl_module is not None and not name.isidentifier():
-        yield ("dl_name",), name, expected(
-            "the class name (a Python identifier) of a network in dl_module"
-        )
+        yield ("dl_name",), name, expected("the class name (a Python identifier) of a network in dl_module")
 
 
 class DeepLearningParameters(Section):
@@ -517,22 +519,34 @@ def _training_options(section: ArgTrainSection) -> Iterator[tuple[tuple[str, ...
     dl, opts = section.deep_learning_parameters, section.training_options
     if opts.lr_schedule != "constant" or opts.warmup_epochs > 0:
         if dl.adaptive_lr:
-            yield ("training_options", "lr_schedule"), opts.lr_schedule, detail(
-                "a learning-rate schedule or warm-up cannot be combined with "
-                "deep_learning_parameters.adaptive_lr (both set the learning rate): remove one"
+            yield (
+                ("training_options", "lr_schedule"),
+                opts.lr_schedule,
+                detail(
+                    "a learning-rate schedule or warm-up cannot be combined with "
+                    "deep_learning_parameters.adaptive_lr (both set the learning rate): remove one"
+                ),
             )
     if opts.warmup_epochs >= dl.epochs:
-        yield ("training_options", "warmup_epochs"), opts.warmup_epochs, expected(
-            f"fewer epochs than deep_learning_parameters.epochs = {dl.epochs}"
+        yield (
+            ("training_options", "warmup_epochs"),
+            opts.warmup_epochs,
+            expected(f"fewer epochs than deep_learning_parameters.epochs = {dl.epochs}"),
         )
     if opts.lr_schedule == "one_cycle" and opts.warmup_epochs <= 0:
-        yield ("training_options", "warmup_epochs"), opts.warmup_epochs, expected(
-            "a number > 0 with lr_schedule 'one_cycle' (the rising phase, e.g. 0.3 x epochs)"
+        yield (
+            ("training_options", "warmup_epochs"),
+            opts.warmup_epochs,
+            expected("a number > 0 with lr_schedule 'one_cycle' (the rising phase, e.g. 0.3 x epochs)"),
         )
     if opts.balanced_sampling and dl.weighted_labels:
-        yield ("training_options", "balanced_sampling"), True, detail(
-            "balanced_sampling and deep_learning_parameters.weighted_labels both correct for the "
-            "class proportions; together they over-correct: set one of them"
+        yield (
+            ("training_options", "balanced_sampling"),
+            True,
+            detail(
+                "balanced_sampling and deep_learning_parameters.weighted_labels both correct for the "
+                "class proportions; together they over-correct: set one of them"
+            ),
         )
 
 
@@ -587,9 +601,13 @@ class ArgTrainSection(Section):
 # --- classification --------------------------------------------------------------------------
 def _final_probability(section: ArgClassificationSection) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
     if section.generate_final_probability_map and not section.enable_probability_map:
-        yield ("generate_final_probability_map",), True, detail(
-            "True requires arg_classification.enable_probability_map : True "
-            "(the final probability map is merged from the per-chunk probability maps)"
+        yield (
+            ("generate_final_probability_map",),
+            True,
+            detail(
+                "True requires arg_classification.enable_probability_map : True "
+                "(the final probability map is merged from the per-chunk probability maps)"
+            ),
         )
 
 
@@ -604,9 +622,7 @@ class ArgClassificationSection(Section):
         "enable_boundary_fusion".split(),
         "",
     )
-    __rules__ = (
-        (("enable_probability_map", "generate_final_probability_map"), _final_probability),
-    )
+    __rules__ = ((("enable_probability_map", "generate_final_probability_map"), _final_probability),)
 
     enable_probability_map: bool = False
     """Write a probability raster per chunk and tile (one band per class)."""
@@ -636,8 +652,7 @@ class PythonDataManagingSection(Section):
 
 
 _FUNCTIONS_TEXT = (
-    "a non-empty list of function names (or one space-separated string); an entry may be "
-    "[name, {keyword: value}]"
+    "a non-empty list of function names (or one space-separated string); an entry may be [name, {keyword: value}]"
 )
 
 
@@ -701,15 +716,23 @@ def _sensors(cfg: SitsflowConfig) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
     """An iota2 sensor section needs its chain path; at least one sensor is needed."""
     for name, sensor in OPTICAL_SENSORS.items():
         if getattr(cfg, name) is not None and getattr(cfg.chain, sensor.chain_key) is None:
-            yield (name,), None, detail(
-                f"the {name} section describes a sensor whose products are not given: "
-                f"set chain.{sensor.chain_key} (the folder of its products) or remove the section"
+            yield (
+                (name,),
+                None,
+                detail(
+                    f"the {name} section describes a sensor whose products are not given: "
+                    f"set chain.{sensor.chain_key} (the folder of its products) or remove the section"
+                ),
             )
     if cfg.dated_raster is None and all(getattr(cfg, n) is None for n in _OPTICAL_SECTIONS):
         keys = ", ".join(f"chain.{s.chain_key}" for s in OPTICAL_SENSORS.values())
-        yield (), None, detail(
-            f"no sensor: set {keys} (with optional {' / '.join(_OPTICAL_SECTIONS)} sections), "
-            "or add a dated_raster section"
+        yield (
+            (),
+            None,
+            detail(
+                f"no sensor: set {keys} (with optional {' / '.join(_OPTICAL_SECTIONS)} sections), "
+                "or add a dated_raster section"
+            ),
         )
 
 
@@ -721,9 +744,13 @@ def _tile_placeholder(cfg: SitsflowConfig) -> Iterator[tuple[tuple[str, ...], An
         for key in ("path", "mask_path"):
             pattern = getattr(raster, key)
             if pattern is not None and "{tile}" not in pattern:
-                yield ("dated_raster", key), pattern, detail(
-                    f"{len(tiles)} tiles are listed in chain.list_tile but {pattern!r} has no "
-                    "{tile} placeholder: every tile would read the same file"
+                yield (
+                    ("dated_raster", key),
+                    pattern,
+                    detail(
+                        f"{len(tiles)} tiles are listed in chain.list_tile but {pattern!r} has no "
+                        "{tile} placeholder: every tile would read the same file"
+                    ),
                 )
 
 
@@ -741,8 +768,7 @@ class SitsflowConfig(Section):
             "it is an iota2 sensor section; describe the images with a dated_raster section",
         ),
         "sensors_data_interpolation": (
-            "gap-filling is set by dated_raster.temporal_resolution and "
-            "arg_train.features_from_raw_dates"
+            "gap-filling is set by dated_raster.temporal_resolution and arg_train.features_from_raw_dates"
         ),
         "scikit_models_parameters": "sitsflow trains deep-learning models only",
         "builders": "sitsflow runs the deep-learning workflow only",
@@ -775,9 +801,7 @@ class SitsflowConfig(Section):
     """The ``arg_train`` section, ``deep_learning_parameters`` included."""
     arg_classification: ArgClassificationSection = Field(default_factory=ArgClassificationSection)
     """The ``arg_classification`` section."""
-    python_data_managing: PythonDataManagingSection = Field(
-        default_factory=PythonDataManagingSection
-    )
+    python_data_managing: PythonDataManagingSection = Field(default_factory=PythonDataManagingSection)
     """The ``python_data_managing`` section."""
     external_features: ExternalFeaturesSection | None = None
     """The ``external_features`` section, None when absent."""
@@ -828,9 +852,7 @@ class SitsflowConfig(Section):
         if name in ("deep_learning_parameters", "arg_train.deep_learning_parameters"):
             return self.dl.model_dump(mode="json")
         if name not in SECTION_MODELS:
-            raise KeyError(
-                f"no configuration section {name!r}; sections: {', '.join(SECTION_MODELS)}"
-            )
+            raise KeyError(f"no configuration section {name!r}; sections: {', '.join(SECTION_MODELS)}")
         section = getattr(self, name)
         return {} if section is None else section.model_dump(mode="json")
 

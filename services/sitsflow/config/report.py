@@ -141,9 +141,8 @@ def _unknown_key(owner: Any, loc: Loc, origins: Origins) -> str:
     if owner is SitsflowConfig:
         if key in owner.__iota2__:
             hint = owner.__iota2__[key]
-            return (
-                f"section {key!r} ({where}) is an iota2 parameter that sitsflow does not "
-                "support yet" + (f"; {hint}" if hint else "")
+            return f"section {key!r} ({where}) is an iota2 parameter that sitsflow does not support yet" + (
+                f"; {hint}" if hint else ""
             )
         close = suggest(key, SECTION_MODELS)
         return (
@@ -157,9 +156,8 @@ def _unknown_key(owner: Any, loc: Loc, origins: Origins) -> str:
     iota2 = getattr(owner, "__iota2__", {})
     if key in iota2:
         hint = iota2[key]
-        return (
-            f"{path} is an iota2 parameter that sitsflow does not support yet ({where})"
-            + (f"; {hint}" if hint else "")
+        return f"{path} is an iota2 parameter that sitsflow does not support yet ({where})" + (
+            f"; {hint}" if hint else ""
         )
     allowed = fields_of(owner)
     close = suggest(key, allowed)

@@ -128,13 +128,28 @@ def _ram_bytes(text: str) -> float:
     """Bytes of a quantity returned by :func:`parse_ram` (to compare two of them)."""
     match = _K8S_RAM.fullmatch(text)
     assert match is not None
-    factor = {None: 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "Ki": 2**10, "Mi": 2**20,
-              "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}[match.group(2)]
+    factor = {
+        None: 1,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "P": 1e15,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "Pi": 2**50,
+    }[match.group(2)]
     return float(match.group(1)) * factor
 
 
-_LARGEST = {"nb_cpu": lambda v: v, "nb_gpu": lambda v: v, "ram": lambda v: _ram_bytes(parse_ram(v)),
-            "walltime": parse_walltime}
+_LARGEST = {
+    "nb_cpu": lambda v: v,
+    "nb_gpu": lambda v: v,
+    "ram": lambda v: _ram_bytes(parse_ram(v)),
+    "walltime": parse_walltime,
+}
 
 
 def _merged(blocks: list[Any]) -> Any:
@@ -214,8 +229,7 @@ class StageResources(Inline):
         Annotated[
             str,
             Text(
-                "a node pool name: a Kubernetes label value (letters, digits, '-', '_', '.', at "
-                "most 63 characters)",
+                "a node pool name: a Kubernetes label value (letters, digits, '-', '_', '.', at most 63 characters)",
                 _QUEUE.pattern,
             ),
         ]
@@ -230,8 +244,10 @@ def _no_gpu(stage: str) -> Any:
     def check(resources: ResourcesSection) -> Any:
         block = getattr(resources, stage)
         if block is not None and block.nb_gpu:
-            yield (stage, "nb_gpu"), block.nb_gpu, expected_text(
-                f"0 ({stage} runs on CPU nodes; only {' and '.join(GPU_STAGES)} take GPUs)"
+            yield (
+                (stage, "nb_gpu"),
+                block.nb_gpu,
+                expected_text(f"0 ({stage} runs on CPU nodes; only {' and '.join(GPU_STAGES)} take GPUs)"),
             )
 
     return ((stage,), check)
@@ -369,7 +385,6 @@ def stage_pods(
             "gpu": str(settings["nb_gpu"]) if gpu else "0",
             "deadline": str(settings["walltime"]),
             "node_selector": json.dumps(selector, sort_keys=True, separators=(",", ":")),
-            "tolerations": json.dumps(gpu_toleration if gpu else cpu_toleration,
-                                      separators=(",", ":")),
+            "tolerations": json.dumps(gpu_toleration if gpu else cpu_toleration, separators=(",", ":")),
         }
     return pods

@@ -449,9 +449,7 @@ Date = Annotated[int, PlainValidator(parse_date), Expect(f"a date ({DATE_FORMS})
 """A date, given as YYYYMMDD, YYYY-MM-DD or an ISO datetime, held as a YYYYMMDD integer."""
 
 _DATE_LIST = TypeAdapter(tuple[Date, ...])
-_DATES_TEXT = (
-    f"'descriptions', a list of dates ({DATE_FORMS}) or the path of a .json or .txt file of dates"
-)
+_DATES_TEXT = f"'descriptions', a list of dates ({DATE_FORMS}) or the path of a .json or .txt file of dates"
 _DATES_FILE = TypeAdapter(Annotated[str, PathOf(_DATES_TEXT, suffixes=(".json", ".txt"))])
 
 

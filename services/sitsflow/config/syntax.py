@@ -27,9 +27,7 @@ from sitsflow.errors import ConfigError
 Location = tuple[str, ...]
 
 _ENV_VALUE = re.compile(r"\$(\w+)(\|(.*))?$")
-_ISO_DATE = re.compile(
-    r"\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:?\d{2}(:\d{2})?)?)?$"
-)
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:?\d{2}(:\d{2})?)?)?$")
 
 
 class _Text(str):
@@ -48,8 +46,7 @@ def _safe_convert_string(text: str, _config: Any) -> Any:
         value = os.environ.get(name, default)
         if value is None:
             raise _PackageConfigError(
-                f"environment variable {name} (in `{text}`) is not set; "
-                f"give a default with `${name}|default`"
+                f"environment variable {name} (in `{text}`) is not set; give a default with `${name}|default`"
             )
         return _Text(value)
     if _ISO_DATE.match(text):
@@ -76,9 +73,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _collect_lines(
-    node: MappingBody, prefix: Location, out: dict[Location, int], label: str
-) -> None:
+def _collect_lines(node: MappingBody, prefix: Location, out: dict[Location, int], label: str) -> None:
     """Record the line of every key of a parsed mapping, nested mappings included.
 
     Raises :class:`ConfigError` for a key (or a section) given twice in the same mapping, with the
@@ -173,8 +168,10 @@ def _bracket_culprit(text: str) -> tuple[int, int, str] | None:
             why = f"this '{opener}' seems never closed: the '{kind}' at {at(i)}, indented less, closes it"
             layout.append((o, why))
         elif last_on_line(o) and first_on_line(i) and indent(closer_line) != indent(opener_line):
-            why = (f"this '{kind}' closes the '{opener}' opened at {at(o)}, a line indented differently: a "
-                   "bracket missing or extra before it?")
+            why = (
+                f"this '{kind}' closes the '{opener}' opened at {at(o)}, a line indented differently: a "
+                "bracket missing or extra before it?"
+            )
             layout.append((i, why))
     unclosed = [(o, f"this '{tokens[o].kind}' is never closed") for o in stack[-1:]]
     if not (wrong_kind or stray or unclosed):
@@ -195,8 +192,14 @@ def _show(text: str, line: int, col: int) -> str:
 
 _LEFTOVER = "after the last section"
 #: Parser messages of a bracket found missing or extra only later than where the slip is.
-_LATE_NOTICES = ("Expected '}'", "Expected ']'", "Expected ')'", "unexpected '}' " + _LEFTOVER,
-                 "unexpected ']' " + _LEFTOVER, "unexpected ')' " + _LEFTOVER)
+_LATE_NOTICES = (
+    "Expected '}'",
+    "Expected ']'",
+    "Expected ')'",
+    "unexpected '}' " + _LEFTOVER,
+    "unexpected ']' " + _LEFTOVER,
+    "unexpected ')' " + _LEFTOVER,
+)
 
 
 def _syntax_error(label: str, text: str, exc: BaseException) -> ConfigError:
@@ -232,9 +235,7 @@ def _parse_tree(text: str) -> Any:
     return tree
 
 
-def parse_text(
-    text: str, label: str, rootdir: str | None = None
-) -> tuple[Any, dict[Location, int]]:
+def parse_text(text: str, label: str, rootdir: str | None = None) -> tuple[Any, dict[Location, int]]:
     """Parse configuration text.
 
     Returns ``(values, lines)``: the evaluated configuration as plain Python values, and the
@@ -250,8 +251,7 @@ def parse_text(
         _collect_lines(tree, (), lines, label)
     else:
         raise ConfigError(
-            f"{label}: the configuration must be a mapping of sections "
-            "(section : { key : value }), not a list"
+            f"{label}: the configuration must be a mapping of sections (section : {{ key : value }}), not a list"
         )
     try:
         kwargs: dict[str, Any] = {"rootdir": rootdir or os.getcwd(), "path": label}

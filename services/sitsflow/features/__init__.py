@@ -27,7 +27,6 @@ needs, headers only, no user code), :mod:`~sitsflow.features.dates` (the date ax
 pure feature computation). :class:`FeaturePipeline` puts them together for one tile.
 """
 
-
 from __future__ import annotations
 
 from functools import cached_property
@@ -46,8 +45,22 @@ from sitsflow.sensors.catalogue import INDEX_ROLES
 from sitsflow.sensors.dates import from_ordinal, parse_date, to_ordinal
 from sitsflow.sensors.external import ExternalFeatures
 
-__all__ = ["DateAxis", "FeatureBlock", "FeatureComputer", "FeaturePipeline", "Grid", "ReadBuffers", "WindowReader",
-           "check_target_grid", "check_tile_grids", "from_ordinal", "parse_date", "tile_grid", "to_ordinal", "READ_BUDGET_BYTES"]
+__all__ = [
+    "DateAxis",
+    "FeatureBlock",
+    "FeatureComputer",
+    "FeaturePipeline",
+    "Grid",
+    "ReadBuffers",
+    "WindowReader",
+    "check_target_grid",
+    "check_tile_grids",
+    "from_ordinal",
+    "parse_date",
+    "tile_grid",
+    "to_ordinal",
+    "READ_BUDGET_BYTES",
+]
 
 
 class FeaturePipeline:
@@ -80,7 +93,8 @@ class FeaturePipeline:
         )
         external = (
             self.external.probe({s.ext_name: list(s.bands) for s in self.sensors}, self.dates)
-            if self.external is not None else {}
+            if self.external is not None
+            else {}
         )
         self._components: list[list[str]] = []
         for s in self.sensors:
@@ -90,7 +104,9 @@ class FeaturePipeline:
                 comps = []
             clash = sorted(set(comps) & set(ext))
             if clash:
-                raise BadInputError(f"external_features: index {clash[0]!r} of {s.ext_name} clashes with a band or index")
+                raise BadInputError(
+                    f"external_features: index {clash[0]!r} of {s.ext_name} clashes with a band or index"
+                )
             self._components.append(comps + ext)
         if not any(self._components):
             raise BadInputError("the configuration yields no feature (no band kept and no index)")
@@ -161,9 +177,23 @@ class FeaturePipeline:
         """See :meth:`WindowReader.read_windows`."""
         return self.reader.read_windows(window)
 
-    def features(self, window: Window, select: np.ndarray | None = None, *, count_clear: bool = True,
-                 buffers: ReadBuffers | None = None, probe: bool = False) -> FeatureBlock:
+    def features(
+        self,
+        window: Window,
+        select: np.ndarray | None = None,
+        *,
+        count_clear: bool = True,
+        buffers: ReadBuffers | None = None,
+        probe: bool = False,
+    ) -> FeatureBlock:
         """Features of the pixels of ``window`` that are selected and have a clear date (see
         :meth:`WindowReader.features`)."""
-        return self.reader.features(window, self.compute, (len(self.dates), len(self.components)), select,
-                                    count_clear=count_clear, buffers=buffers, probe=probe)
+        return self.reader.features(
+            window,
+            self.compute,
+            (len(self.dates), len(self.components)),
+            select,
+            count_clear=count_clear,
+            buffers=buffers,
+            probe=probe,
+        )

@@ -24,8 +24,9 @@ class FeatureComputer:
         external: the user's external features, if any.
     """
 
-    def __init__(self, sensors: list[Sensor], axis: DateAxis, components: list[list[str]],
-                 external: ExternalFeatures | None) -> None:
+    def __init__(
+        self, sensors: list[Sensor], axis: DateAxis, components: list[list[str]], external: ExternalFeatures | None
+    ) -> None:
         self.sensors = sensors
         self.axis = axis
         self._components = components
@@ -48,9 +49,14 @@ class FeatureComputer:
         if self.external is not None:
             external = self.external.compute(
                 {s.ext_name: x for s, x in zip(self.sensors, series)},
-                {s.ext_name: list(s.bands) for s in self.sensors}, self.axis.dates,
+                {s.ext_name: list(s.bands) for s in self.sensors},
+                self.axis.dates,
             )
-        if len(self.sensors) == 1 and not external and self._components[0] == [b.lower() for b in self.sensors[0].bands]:
+        if (
+            len(self.sensors) == 1
+            and not external
+            and self._components[0] == [b.lower() for b in self.sensors[0].bands]
+        ):
             # the features are the sensor's bands as read: no re-stacking copy
             return np.ascontiguousarray(series[0], dtype=np.float32)
         parts = []
@@ -101,7 +107,9 @@ def _index(name: str, x: np.ndarray, s: Sensor) -> np.ndarray:
     raise ValueError(name)
 
 
-def _merge_same_day(raw: np.ndarray, valid: np.ndarray, day_group: np.ndarray, nb_days: int) -> tuple[np.ndarray, np.ndarray]:
+def _merge_same_day(
+    raw: np.ndarray, valid: np.ndarray, day_group: np.ndarray, nb_days: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Average the valid acquisitions that fall on the same day.
 
     Args:
@@ -114,8 +122,9 @@ def _merge_same_day(raw: np.ndarray, valid: np.ndarray, day_group: np.ndarray, n
         return raw, valid
     sums = np.zeros((raw.shape[0], nb_days, raw.shape[2]), np.float32)
     counts = np.zeros((raw.shape[0], nb_days), np.float32)
-    np.add.at(sums, (slice(None), day_group), np.where(valid[..., None], raw, 0.0))
-    np.add.at(counts, (slice(None), day_group), valid.astype(np.float32))
+    # numpy's stubs type ufunc.at's indices without the tuple form numpy documents and accepts
+    np.add.at(sums, (slice(None), day_group), np.where(valid[..., None], raw, 0.0))  # type: ignore[arg-type]
+    np.add.at(counts, (slice(None), day_group), valid.astype(np.float32))  # type: ignore[arg-type]
     return sums / np.maximum(counts, 1.0)[..., None], counts > 0
 
 

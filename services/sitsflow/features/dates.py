@@ -46,11 +46,20 @@ class DateAxis:
     def _sensor_time(s: Sensor, tile: str) -> SensorTime:
         unique = sorted(set(s.raw_dates))
         if len(unique) < len(s.raw_dates):
-            log.info("tile %s: %s has %d acquisitions on %d distinct days (same-day acquisitions are merged)",
-                     tile, s.section, len(s.raw_dates), len(unique))
+            log.info(
+                "tile %s: %s has %d acquisitions on %d distinct days (same-day acquisitions are merged)",
+                tile,
+                s.section,
+                len(s.raw_dates),
+                len(unique),
+            )
         lookup = {d: i for i, d in enumerate(unique)}
-        return SensorTime(unique, np.array([lookup[d] for d in s.raw_dates]),
-                          np.array([to_ordinal(d) for d in unique], np.float64), np.zeros(0, np.int64))
+        return SensorTime(
+            unique,
+            np.array([lookup[d] for d in s.raw_dates]),
+            np.array([to_ordinal(d) for d in unique], np.float64),
+            np.zeros(0, np.int64),
+        )
 
     def _axis(self, sensors: list[Sensor]) -> list[int]:
         if self.raw_dates_mode:

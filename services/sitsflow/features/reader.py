@@ -73,9 +73,17 @@ class WindowReader:
             return [Window(c0, a, w, b - a) for a, b in _cuts(r0, h, step)]
         return [Window(a, r, b - a, e - r) for r, e in _cuts(r0, h, block_rows) for a, b in _cuts(c0, w, cols)]
 
-    def features(self, window: Window, compute: Callable[[list, list], np.ndarray], empty_shape: tuple[int, int],
-                 select: np.ndarray | None = None, *, count_clear: bool = True,
-                 buffers: ReadBuffers | None = None, probe: bool = False) -> FeatureBlock:
+    def features(
+        self,
+        window: Window,
+        compute: Callable[[list, list], np.ndarray],
+        empty_shape: tuple[int, int],
+        select: np.ndarray | None = None,
+        *,
+        count_clear: bool = True,
+        buffers: ReadBuffers | None = None,
+        probe: bool = False,
+    ) -> FeatureBlock:
         """Features of the pixels of ``window`` that are selected and have a clear date.
 
         The window is read in the sub-windows of :meth:`read_windows`, so that about
@@ -125,8 +133,13 @@ class WindowReader:
                 picked = [(x.reshape(r.size, *x.shape[2:]), v.reshape(r.size, *v.shape[2:])) for x, v in reads]
             else:
                 flat = r * pw + c
-                picked = [(_take(x.reshape(ph * pw, *x.shape[2:]), flat, buffers, f"picked:{k}"),
-                           v.reshape(ph * pw, *v.shape[2:])[flat]) for k, (x, v) in enumerate(reads)]
+                picked = [
+                    (
+                        _take(x.reshape(ph * pw, *x.shape[2:]), flat, buffers, f"picked:{k}"),
+                        v.reshape(ph * pw, *v.shape[2:])[flat],
+                    )
+                    for k, (x, v) in enumerate(reads)
+                ]
             values.append(compute([x for x, _ in picked], [v for _, v in picked]))
             rows.append(r + int(part.row_off))
             cols.append(c + int(part.col_off))

@@ -97,8 +97,9 @@ def _profile(pipe: FeaturePipeline, window: Window, dtype: str, count: int, noda
     return profile
 
 
-def _add_outputs(writer: ChunkWriter, cfg, pipe: FeaturePipeline, window: Window, models: dict, tile: str,
-                 chunk: int, seed: int) -> dict:
+def _add_outputs(
+    writer: ChunkWriter, cfg, pipe: FeaturePipeline, window: Window, models: dict, tile: str, chunk: int, seed: int
+) -> dict:
     """Create the chunk's output rasters in ``writer``; return their URIs by (region, kind) and "validity"."""
     out = cfg.chain.output_path
     prob_map = cfg.arg_classification.enable_probability_map
@@ -121,8 +122,11 @@ def _add_outputs(writer: ChunkWriter, cfg, pipe: FeaturePipeline, window: Window
             writer.add(uris[region, "probamap"], _profile(pipe, window, "uint16", len(codes), None), tags, codes)
     if seed == 0:
         uris["validity"] = layout.chunk_validity(out, tile, chunk)
-        writer.add(uris["validity"], _profile(pipe, window, "int16", 1, None),
-                   {layout.TAG_WINDOW: json.dumps(layout.window_tuple(window))})
+        writer.add(
+            uris["validity"],
+            _profile(pipe, window, "int16", 1, None),
+            {layout.TAG_WINDOW: json.dumps(layout.window_tuple(window))},
+        )
     return uris
 
 
@@ -161,7 +165,9 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
             )
     regions = region_tree = None
     if cfg.chain.region_path:
-        regions, _ = read_polygons(cfg.chain.region_path, cfg.chain.region_field, "chain.region_path", crs=pipe.grid.crs)
+        regions, _ = read_polygons(
+            cfg.chain.region_path, cfg.chain.region_field, "chain.region_path", crs=pipe.grid.crs
+        )
         region_tree = shapely.STRtree(regions.geoms)
 
     h, w = int(window.height), int(window.width)
@@ -174,8 +180,11 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
 
     def read(sub: Window, buffers: ReadBuffers, probe: bool):
         tic = time.perf_counter()
-        region_map = (burn(regions, sub, pipe.grid.transform, tree=region_tree) if regions is not None
-                      else np.ones((int(sub.height), int(sub.width)), np.int64))
+        region_map = (
+            burn(regions, sub, pipe.grid.transform, tree=region_tree)
+            if regions is not None
+            else np.ones((int(sub.height), int(sub.width)), np.int64)
+        )
         result = sub, region_map, pipe.features(sub, select=region_map > 0, buffers=buffers, probe=probe)
         with lock:
             timings["read_s"] += time.perf_counter() - tic
@@ -237,8 +246,11 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     for key in ("copy_s", "compute_s"):
         timings[key] = sum(p.seconds[key] for p in predictors.values())
     timings["parts"] = len(subs)
-    log.info("inference %s: %s", task, ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in timings.items()))
+    log.info(
+        "inference %s: %s",
+        task,
+        ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in timings.items()),
+    )
     unmodelled = seen_regions - set(models) - {0}
     if unmodelled:
         log.warning(

@@ -52,9 +52,15 @@ def _check_chunks(cfg, tile: str, seed: int, windows: list[Window], fingerprints
         task = layout.inference_task(tile, k, seed)
         m = manifest.read_manifest(out, "inference", task)
         if m is None or not all(storage.exists(u) for u in m["outputs"]):
-            raise BadInputError(f"chunk {k} of tile {tile!r} (seed {seed}) has not been classified: run `sitsflow infer --tile {tile} --chunk {k} --seed {seed}`")
+            raise BadInputError(
+                f"chunk {k} of tile {tile!r} (seed {seed}) has not been classified: "
+                f"run `sitsflow infer --tile {tile} --chunk {k} --seed {seed}`"
+            )
         if m["window"] != layout.window_tuple(window):
-            raise BadInputError(f"chunk {k} of tile {tile!r} covers window {m['window']}, but the plan says {layout.window_tuple(window)}: rerun inference")
+            raise BadInputError(
+                f"chunk {k} of tile {tile!r} covers window {m['window']}, "
+                f"but the plan says {layout.window_tuple(window)}: rerun inference"
+            )
         stale = {r: fp for r, fp in fingerprints.items() if m["models"].get(str(r)) != fp}
         if stale:
             raise BadInputError(
@@ -68,6 +74,7 @@ def _check_chunks(cfg, tile: str, seed: int, windows: list[Window], fingerprints
 
 def _assemble(chunk_uris: list[str], windows: list[Window], dst_uri: str, fingerprint: str) -> None:
     """Write a tile raster from its chunks, window by window (memory: one chunk at a time)."""
+
     def header():
         with rasterio.open(storage.rasterio_path(chunk_uris[0])) as first:
             return first.profile.copy(), first.descriptions, first.transform
@@ -97,8 +104,10 @@ def _assemble(chunk_uris: list[str], windows: list[Window], dst_uri: str, finger
         with storage.output_path(dst_uri, suffix=".tif") as tmp:
             with rasterio.open(tmp, "w", **profile) as dst:
                 for uri, window in zip(chunk_uris, windows):
-                    dst.write(storage.raster_call("read", uri, lambda: read_chunk(uri, window)),  # noqa: B023 (called at once)
-                              window=window)
+                    dst.write(
+                        storage.raster_call("read", uri, lambda: read_chunk(uri, window)),  # noqa: B023 (called at once)
+                        window=window,
+                    )
                 for i, d in enumerate(descriptions, 1):
                     if d:
                         dst.set_band_description(i, d)
@@ -113,8 +122,16 @@ MOSAIC_ROW_ALIGN = 256
 """The strips' rows are a multiple of it (the output's block rows)."""
 
 
-def _to_cog(src_uris: list[str], dst_path: str, *, dtype: str, nodata, scale: float = 1.0,
-            method: str = "first", colormap: dict | None = None) -> None:
+def _to_cog(
+    src_uris: list[str],
+    dst_path: str,
+    *,
+    dtype: str,
+    nodata,
+    scale: float = 1.0,
+    method: str = "first",
+    colormap: dict | None = None,
+) -> None:
     """Mosaic the rasters ``src_uris``, optionally rescale, and write a COG at the local ``dst_path``.
 
     The mosaic is written in row strips of about :data:`MOSAIC_BUDGET_BYTES` (a whole tile's
@@ -122,12 +139,18 @@ def _to_cog(src_uris: list[str], dst_path: str, *, dtype: str, nodata, scale: fl
     Transient read trouble redoes the whole mosaic (see :func:`storage.raster_call`).
     """
     with storage.rasterio_env():
-        storage.raster_call("mosaic", src_uris, lambda: _mosaic_cog(src_uris, dst_path, dtype=dtype, nodata=nodata,
-                                                                     scale=scale, method=method, colormap=colormap))
+        storage.raster_call(
+            "mosaic",
+            src_uris,
+            lambda: _mosaic_cog(
+                src_uris, dst_path, dtype=dtype, nodata=nodata, scale=scale, method=method, colormap=colormap
+            ),
+        )
 
 
-def _mosaic_cog(src_uris: list[str], dst_path: str, *, dtype: str, nodata, scale: float, method: str,
-                colormap: dict | None) -> None:
+def _mosaic_cog(
+    src_uris: list[str], dst_path: str, *, dtype: str, nodata, scale: float, method: str, colormap: dict | None
+) -> None:
     with storage.scratch_dir("sitsflow-cog-") as tmpdir:
         sources = [rasterio.open(storage.rasterio_path(u)) for u in src_uris]
         try:
@@ -142,8 +165,17 @@ def _mosaic_cog(src_uris: list[str], dst_path: str, *, dtype: str, nodata, scale
                 height = round((north - min(src.bounds.bottom for src in sources)) / res[1])
                 transform = rasterio.Affine(res[0], 0.0, west, 0.0, -res[1], north)
             count = first.count
-            profile = {"driver": "GTiff", "dtype": dtype, "count": count, "width": width, "height": height,
-                       "crs": first.crs, "transform": transform, "nodata": nodata, "BIGTIFF": "IF_SAFER"}
+            profile = {
+                "driver": "GTiff",
+                "dtype": dtype,
+                "count": count,
+                "width": width,
+                "height": height,
+                "crs": first.crs,
+                "transform": transform,
+                "nodata": nodata,
+                "BIGTIFF": "IF_SAFER",
+            }
             if width >= 256 and height >= 256:
                 profile.update(tiled=True, blockxsize=256, blockysize=256)
             per_row = width * count * 8  # the float64 rescaling at worst
@@ -156,8 +188,13 @@ def _mosaic_cog(src_uris: list[str], dst_path: str, *, dtype: str, nodata, scale
                         data = first.read(window=window)
                     else:
                         bounds = rasterio.windows.bounds(window, transform)
-                        data, _ = rio_merge(sources, bounds=bounds, res=(abs(transform.a), abs(transform.e)),
-                                            nodata=nodata if nodata is not None else 0, method=method)
+                        data, _ = rio_merge(
+                            sources,
+                            bounds=bounds,
+                            res=(abs(transform.a), abs(transform.e)),
+                            nodata=nodata if nodata is not None else 0,
+                            method=method,
+                        )
                         if data.shape[1:] != (int(window.height), width):
                             raise RuntimeError(f"mosaic strip {data.shape} does not match {window}")
                     if scale != 1.0:
@@ -171,8 +208,15 @@ def _mosaic_cog(src_uris: list[str], dst_path: str, *, dtype: str, nodata, scale
         finally:
             for src in sources:
                 src.close()
-        rasterio.shutil.copy(plain, dst_path, driver="COG", compress="DEFLATE",
-                             overview_resampling="nearest", blocksize=256, BIGTIFF="IF_SAFER")
+        rasterio.shutil.copy(
+            plain,
+            dst_path,
+            driver="COG",
+            compress="DEFLATE",
+            overview_resampling="nearest",
+            blocksize=256,
+            BIGTIFF="IF_SAFER",
+        )
 
 
 def _default_colors(codes: list[int]) -> dict[int, tuple[int, ...]]:
@@ -232,6 +276,7 @@ def _class_pixels(path: str) -> dict[int, int]:
 
 def _read_window(uri: str, window: Window) -> np.ndarray:
     """Band 1 of ``window`` of the raster ``uri``."""
+
     def read():
         with rasterio.open(storage.rasterio_path(uri)) as src:
             return src.read(1, window=window)
@@ -300,17 +345,35 @@ def run(cfg) -> dict:
             _to_cog(sources(layout.tile_classif, seed), classif, dtype="uint16", nodata=0)
             map_pixels[seed] = _class_pixels(classif)
             color_dtype = "uint8" if max(all_codes) <= 255 else "uint16"
-            _to_cog(sources(layout.tile_classif, seed), final.path(layout.final_classif_color(out, seed), ".tif"),
-                    dtype=color_dtype, nodata=0,
-                    colormap={0: (255, 255, 255, 255)} | {c: (*colors.get(c, (0, 0, 0)), 255) for c in all_codes})
-            _to_cog(sources(layout.tile_confidence, seed), final.path(layout.final_confidence(out, seed), ".tif"),
-                    dtype="uint8", nodata=None, scale=100.0)
+            _to_cog(
+                sources(layout.tile_classif, seed),
+                final.path(layout.final_classif_color(out, seed), ".tif"),
+                dtype=color_dtype,
+                nodata=0,
+                colormap={0: (255, 255, 255, 255)} | {c: (*colors.get(c, (0, 0, 0)), 255) for c in all_codes},
+            )
+            _to_cog(
+                sources(layout.tile_confidence, seed),
+                final.path(layout.final_confidence(out, seed), ".tif"),
+                dtype="uint8",
+                nodata=None,
+                scale=100.0,
+            )
             if cfg.arg_classification.generate_final_probability_map:
-                _to_cog(sources(layout.tile_probamap, seed), final.path(layout.final_probamap(out, seed), ".tif"),
-                        dtype="uint16", nodata=None)
+                _to_cog(
+                    sources(layout.tile_probamap, seed),
+                    final.path(layout.final_probamap(out, seed), ".tif"),
+                    dtype="uint16",
+                    nodata=None,
+                )
             _quicklook(classif, final.path(layout.final_quicklook(out, seed), ".png"), colors, names, seed)
-        _to_cog([layout.tile_validity(out, t) for t in plans], final.path(layout.final_validity(out), ".tif"),
-                dtype="int16", nodata=None, method="max")
+        _to_cog(
+            [layout.tile_validity(out, t) for t in plans],
+            final.path(layout.final_validity(out), ".tif"),
+            dtype="int16",
+            nodata=None,
+            method="max",
+        )
 
         # validation on the test polygons (never used in training)
         per_seed = []
@@ -318,6 +381,8 @@ def run(cfg) -> dict:
             labels, preds = [], []
             for region in regions:
                 samples = load_samples(layout.samples_test(out, region, seed), empty_ok=True)
+                # sampling's databases always carry the tile, row and col of each sample
+                assert samples.tile is not None and samples.row is not None and samples.col is not None
                 for tile_index, tile in enumerate(samples.tiles):
                     sel = samples.tile == tile_index
                     if not sel.any():
@@ -333,10 +398,13 @@ def run(cfg) -> dict:
                     labels.append(samples.labels[sel])
                     preds.append(data[rows - int(win.row_off), cols - int(win.col_off)])
             if not labels:
-                raise BadInputError("no test sample: the test set is empty (every class has a single polygon?); cannot validate")
+                raise BadInputError(
+                    "no test sample: the test set is empty (every class has a single polygon?); cannot validate"
+                )
             report = evaluate(np.concatenate(labels), np.concatenate(preds), names)
-            report["area_weighted"] = area_weighted(np.asarray(report["confusion_matrix"]), report["classes"],
-                                                    map_pixels[seed])
+            report["area_weighted"] = area_weighted(
+                np.asarray(report["confusion_matrix"]), report["classes"], map_pixels[seed]
+            )
             per_seed.append(report)
         write_reports(per_seed, final.path(layout.final_results(out)), final.path(layout.final_results_json(out)))
         storage.delete(layout.manifest(out, STAGE, layout.ALL))

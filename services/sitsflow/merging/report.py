@@ -19,9 +19,38 @@ import numpy as np
 from sitsflow import storage
 
 # two-sided 95 % Student t quantiles for 1..30 degrees of freedom (beyond: 1.96)
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042]
+_T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 
 
 def _interval(values: list[float]) -> dict:
@@ -57,18 +86,22 @@ def _interval_text(ci) -> str:
 
 
 def _area_text(aw: dict, names: dict, width: int) -> list[str]:
-    lines = ["Area-weighted estimates (Olofsson et al. 2014; weights: the map's class areas in pixels;",
-             "± = 95 % interval, 1.96 standard errors)"]
+    lines = [
+        "Area-weighted estimates (Olofsson et al. 2014; weights: the map's class areas in pixels;",
+        "± = 95 % interval, 1.96 standard errors)",
+    ]
     oa = aw["overall_accuracy"]
     lines.append(f"Overall accuracy : {_fmt(oa['estimate'])} ± {_fmt(oa['ci95'])} (SE {_fmt(oa['se'])})")
     lines.append(f"{'class':<{width}}{'map pixels':>12}{'user':>16}{'producer':>16}{'area (pixels)':>24}")
     for c, e in aw["per_class"].items():
         ua, pa, area = e["users_accuracy"], e["producers_accuracy"], e["area"]
-        lines.append(f"{c} {names.get(int(c), '')}".ljust(width)
-                     + f"{e['map_area']:>12.0f}"
-                     + f"{_fmt(ua['estimate'], 3) + ' ± ' + _fmt(ua['ci95'], 3):>16}"
-                     + f"{_fmt(pa['estimate'], 3) + ' ± ' + _fmt(pa['ci95'], 3):>16}"
-                     + f"{_fmt(area['estimate'], 0) + ' ± ' + _fmt(area['ci95'], 0):>24}")
+        lines.append(
+            f"{c} {names.get(int(c), '')}".ljust(width)
+            + f"{e['map_area']:>12.0f}"
+            + f"{_fmt(ua['estimate'], 3) + ' ± ' + _fmt(ua['ci95'], 3):>16}"
+            + f"{_fmt(pa['estimate'], 3) + ' ± ' + _fmt(pa['ci95'], 3):>16}"
+            + f"{_fmt(area['estimate'], 0) + ' ± ' + _fmt(area['ci95'], 0):>24}"
+        )
     if aw["unsampled"]:
         lines.append(f"Map classes without test sample (left out of the estimate): {aw['unsampled']}")
     if aw["excluded_samples"]:
@@ -94,14 +127,22 @@ def _text(per_seed: list[dict]) -> str:
             lines.append(f"F-score, macro   : {_fmt(r['fscore_macro'])}")
             lines.append(f"F-score, weighted: {_fmt(r['fscore_weighted'])}")
         lines.append("")
-        lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'F-score':>10}{'samples':>10}"
-                     f"{'user 95 % interval':>22}{'producer 95 % interval':>24}")
+        lines.append(
+            f"{'class':<{width}}{'precision':>10}{'recall':>10}{'F-score':>10}{'samples':>10}"
+            f"{'user 95 % interval':>22}{'producer 95 % interval':>24}"
+        )
         for c in classes:
             pc = r["per_class"][str(c)]
-            lines.append(f"{c} {pc['name']}".ljust(width) + f"{pc['precision']:>10.4f}{pc['recall']:>10.4f}{pc['fscore']:>10.4f}{pc['reference_samples']:>10}"
-                         + f"{_interval_text(pc['users_accuracy_ci95']) if 'users_accuracy_ci95' in pc else '':>22}"
-                         + f"{_interval_text(pc['producers_accuracy_ci95']) if 'producers_accuracy_ci95' in pc else '':>24}")
-        lines.append("(precision = user's accuracy, recall = producer's accuracy; intervals: Wilson score, pixels taken as independent)")
+            lines.append(
+                f"{c} {pc['name']}".ljust(width)
+                + f"{pc['precision']:>10.4f}{pc['recall']:>10.4f}{pc['fscore']:>10.4f}{pc['reference_samples']:>10}"
+                + f"{_interval_text(pc['users_accuracy_ci95']) if 'users_accuracy_ci95' in pc else '':>22}"
+                + f"{_interval_text(pc['producers_accuracy_ci95']) if 'producers_accuracy_ci95' in pc else '':>24}"
+            )
+        lines.append(
+            "(precision = user's accuracy, recall = producer's accuracy; "
+            "intervals: Wilson score, pixels taken as independent)"
+        )
         if r.get("area_weighted"):
             lines.append("")
             lines.extend(_area_text(r["area_weighted"], names, width))

@@ -21,10 +21,9 @@ See docs/networks.md.
 from sitsflow.nn.attention import SimpleSelfAttentionClassifier
 from sitsflow.nn.base import FRAMEWORK_ARGS, Iota2NeuralNetwork
 from sitsflow.nn.inception import InceptionTime
+from sitsflow.nn.inference_form import inference_form
 from sitsflow.nn.ltae import LTAEClassifier, LTAEEncoder
 from sitsflow.nn.mlp import ANN, MLPClassifier
-from sitsflow.nn.tempcnn import TempCNN
-from sitsflow.nn.inference_form import inference_form
 from sitsflow.nn.modelfile import fingerprint, load_model, module_sha256, read_model_file, save_model
 from sitsflow.nn.predict import Predictor, auto_batch_size, predict_proba, resolve_device
 from sitsflow.nn.registry import (
@@ -35,6 +34,7 @@ from sitsflow.nn.registry import (
     read_dl_module,
     resolve_network,
 )
+from sitsflow.nn.tempcnn import TempCNN
 
 __all__ = [
     "ANN",

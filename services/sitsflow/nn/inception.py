@@ -47,8 +47,9 @@ class InceptionModule(torch.nn.Module):
     def __init__(self, in_channels: int, *, filters: int, kernel_sizes: Sequence[int], bottleneck: int) -> None:
         super().__init__()
         use_bottleneck = bottleneck > 0 and in_channels > 1
-        self.bottleneck = (torch.nn.Conv1d(in_channels, bottleneck, 1, bias=False) if use_bottleneck
-                           else torch.nn.Identity())
+        self.bottleneck = (
+            torch.nn.Conv1d(in_channels, bottleneck, 1, bias=False) if use_bottleneck else torch.nn.Identity()
+        )
         width = bottleneck if use_bottleneck else in_channels
         self.convs = torch.nn.ModuleList(
             torch.nn.Conv1d(width, filters, k, padding="same", bias=False) for k in kernel_sizes
@@ -133,8 +134,9 @@ class InceptionTime(Iota2NeuralNetwork):
         self.shortcuts = torch.nn.ModuleList()
         channels, residual_in = nb_components, nb_components
         for d in range(depth):
-            self.blocks.append(InceptionModule(channels, filters=filters, kernel_sizes=kernel_sizes,
-                                                 bottleneck=bottleneck))
+            self.blocks.append(
+                InceptionModule(channels, filters=filters, kernel_sizes=kernel_sizes, bottleneck=bottleneck)
+            )
             channels = width
             if residual_every and (d + 1) % residual_every == 0:
                 self.shortcuts.append(Shortcut(residual_in, width))

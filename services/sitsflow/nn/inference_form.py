@@ -46,11 +46,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
 from sitsflow.nn.base import Iota2NeuralNetwork
-from sitsflow.nn.inception import run_stack
+from sitsflow.nn.inception import InceptionModule, InceptionTime, Shortcut, run_stack
+from sitsflow.nn.ltae import LTAEClassifier
+from sitsflow.nn.mlp import ANN, MLPClassifier
+from sitsflow.nn.tempcnn import TempCNN
 
 
 class NormalizedInput(torch.nn.Module):
@@ -137,12 +141,21 @@ def fold_conv_bn(
     w = conv.weight.detach().double()
     b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     if bn is not None:
+        # iota2's BatchNorm layers track running statistics (torch's default), which eval mode uses
+        assert bn.running_var is not None and bn.running_mean is not None, "BatchNorm without running statistics"
         part = channels if channels is not None else slice(0, w.shape[0])
         scale = bn.weight.detach().double()[part] / torch.sqrt(bn.running_var.detach().double()[part] + bn.eps)
         w = w * scale[:, None, None]
         b = (b - bn.running_mean.detach().double()[part]) * scale + bn.bias.detach().double()[part]
-    out = torch.nn.Conv1d(w.shape[1], w.shape[0], w.shape[2], padding=conv.padding, dilation=conv.dilation,
-                          dtype=torch.float64)
+    out = torch.nn.Conv1d(
+        w.shape[1],
+        w.shape[0],
+        w.shape[2],
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        dtype=torch.float64,
+    )  # torch's stubs type Conv1d's padding/dilation as 1-tuples, its attributes as n-tuples
+    assert out.bias is not None
     with torch.no_grad():
         out.weight.copy_(w)
         out.bias.copy_(b)
@@ -171,7 +184,7 @@ class FoldedTempCNN(torch.nn.Module):
     """Inference form of ``TempCNN``: normalisation, convolutions and the dense layer with their
     BatchNorm folded in. (batch, T, C) -> logits (batch, nb_classes)."""
 
-    def __init__(self, network: Iota2NeuralNetwork) -> None:
+    def __init__(self, network: TempCNN) -> None:
         super().__init__()
         self.normalize = NormalizedInput(network)
         self.conv = torch.nn.Sequential(*_fold_conv_sequence(list(network.conv))).double()
@@ -187,13 +200,14 @@ class FoldedTempCNN(torch.nn.Module):
 class _FoldedInceptionModule(torch.nn.Module):
     """An inception module whose BatchNorm is folded into its four branch convolutions."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: InceptionModule) -> None:
         super().__init__()
         bb = module.bottleneck
         self.bottleneck = fold_conv_bn(bb, None) if isinstance(bb, torch.nn.Conv1d) else torch.nn.Identity()
         f = module.pool_conv.out_channels
         self.convs = torch.nn.ModuleList(
-            fold_conv_bn(conv, module.bn, slice(i * f, (i + 1) * f)) for i, conv in enumerate(module.convs)
+            fold_conv_bn(cast(torch.nn.Conv1d, conv), module.bn, slice(i * f, (i + 1) * f))
+            for i, conv in enumerate(module.convs)
         )
         n = len(module.convs)
         self.pool = copy.deepcopy(module.pool)
@@ -210,11 +224,12 @@ class FoldedInceptionTime(torch.nn.Module):
     """Inference form of ``InceptionTime``: normalisation, then the modules and the residual
     shortcuts with their BatchNorm folded in. (batch, T, C) -> logits (batch, nb_classes)."""
 
-    def __init__(self, network: Iota2NeuralNetwork) -> None:
+    def __init__(self, network: InceptionTime) -> None:
         super().__init__()
         self.normalize = NormalizedInput(network)
-        self.blocks = torch.nn.ModuleList(_FoldedInceptionModule(m) for m in network.blocks)
-        self.shortcuts = torch.nn.ModuleList(fold_conv_bn(s.conv, s.bn) for s in network.shortcuts)
+        self.blocks = torch.nn.ModuleList(_FoldedInceptionModule(cast(InceptionModule, m)) for m in network.blocks)
+        shortcuts = [cast(Shortcut, s) for s in network.shortcuts]
+        self.shortcuts = torch.nn.ModuleList(fold_conv_bn(s.conv, s.bn) for s in shortcuts)
         self.residual_every = network.residual_every
         self.head = fold_linear_bn(network.head, None)
 
@@ -313,8 +328,15 @@ def _ltae(network: Iota2NeuralNetwork) -> torch.nn.Module:
 
 def _ann(network: Iota2NeuralNetwork) -> torch.nn.Module:
     assert isinstance(network, ANN)
-    layers: list[torch.nn.Module] = [network.hidden1, network.bnhidden1, torch.nn.ReLU(),
-                                     network.hidden2, network.bnhidden2, torch.nn.ReLU(), network.output]
+    layers: list[torch.nn.Module] = [
+        network.hidden1,
+        network.bnhidden1,
+        torch.nn.ReLU(),
+        network.hidden2,
+        network.bnhidden2,
+        torch.nn.ReLU(),
+        network.output,
+    ]
     return FoldedPerceptron(network, layers)
 
 
@@ -324,10 +346,12 @@ def _mlp(network: Iota2NeuralNetwork) -> torch.nn.Module:
 
 
 def _tempcnn(network: Iota2NeuralNetwork) -> torch.nn.Module:
+    assert isinstance(network, TempCNN)
     return FoldedTempCNN(network)
 
 
 def _inception(network: Iota2NeuralNetwork) -> torch.nn.Module:
+    assert isinstance(network, InceptionTime)
     return FoldedInceptionTime(network)
 
 

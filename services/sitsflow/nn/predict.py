@@ -24,8 +24,12 @@ MIN_BATCH, MAX_BATCH_CPU, MAX_BATCH_CUDA = 64, 16384, 1 << 18
 CUDA_MEMORY_SHARE = 0.5
 CPU_MEMORY_BUDGET = 8 * 1024 * 1024  # bytes of the largest activation tensor of a CPU batch (cache-sized)
 #: ``SITSFLOW_COMPILE`` choices -> (compile?, torch.compile mode); "auto" = compiled on CUDA only.
-COMPILE_CHOICES = {"auto": (None, None), "1": (True, None), "0": (False, None),
-                   "max": (True, "max-autotune-no-cudagraphs")}
+COMPILE_CHOICES = {
+    "auto": (None, None),
+    "1": (True, None),
+    "0": (False, None),
+    "max": (True, "max-autotune-no-cudagraphs"),
+}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -371,8 +375,9 @@ def predict_proba(
         predictor = Predictor(network, device=device, batch_size=batch_size, form=form, compile=False)
         if int(x.shape[0]) == 0:
             return np.empty((0, network.nb_classes), dtype=np.float32)
-        log.debug("predict_proba: %d pixels on %s, batches of %d", int(x.shape[0]), predictor.device,
-                  predictor.batch_size)
+        log.debug(
+            "predict_proba: %d pixels on %s, batches of %d", int(x.shape[0]), predictor.device, predictor.batch_size
+        )
         return predictor.proba(x)
     finally:
         network.train(was_training)

@@ -14,9 +14,9 @@ from typing import Any
 
 from sitsflow.errors import BadInputError, ConfigError, SitsflowError
 from sitsflow.log import get_logger
+from sitsflow.nn import iota2_compat
 from sitsflow.nn._layers import DL_PARAMETERS_KEY
 from sitsflow.nn.attention import SimpleSelfAttentionClassifier
-from sitsflow.nn import iota2_compat
 from sitsflow.nn.base import FRAMEWORK_ARGS, Iota2NeuralNetwork
 from sitsflow.nn.inception import InceptionTime
 from sitsflow.nn.ltae import LTAEClassifier
@@ -213,8 +213,13 @@ def network_parameters(cls: type[Iota2NeuralNetwork]) -> dict[str, inspect.Param
     var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     if var_keyword and cls not in _BASES:
         # ``**kwargs`` is taken as forwarding to Iota2NeuralNetwork.__init__ (its defaults become settable)
-        out.update(network_parameters(iota2_compat.Iota2NeuralNetwork if issubclass(
-            cls, iota2_compat.Iota2NeuralNetwork) else Iota2NeuralNetwork))
+        out.update(
+            network_parameters(
+                iota2_compat.Iota2NeuralNetwork
+                if issubclass(cls, iota2_compat.Iota2NeuralNetwork)
+                else Iota2NeuralNetwork
+            )
+        )
     for name, param in signature.parameters.items():
         if name == "self" or name in SUPPLIED:
             continue
@@ -284,7 +289,9 @@ def _supplied(cls: type[Iota2NeuralNetwork], framework: Mapping[str, Any]) -> di
     (forwarded to the base class)."""
     parameters = inspect.signature(cls.__init__).parameters
     named = {n for n, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY)}
-    values = {**framework, **iota2_compat.iota2_values(framework)} if named & set(iota2_compat.IOTA2_ARGS) else framework
+    values = (
+        {**framework, **iota2_compat.iota2_values(framework)} if named & set(iota2_compat.IOTA2_ARGS) else framework
+    )
     out = {name: values[name] for name in SUPPLIED if name in named}
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         out.update({name: framework[name] for name in FRAMEWORK_ARGS if name not in out})
@@ -355,7 +362,6 @@ def build_network(
     }
     log.debug("built %s (%d parameters)", dl_name, sum(p.numel() for p in network.parameters()))
     return network
-
 
 
 __all__ = [

@@ -96,16 +96,12 @@ def workflow_parameters(spec: Mapping[str, Any], given: Mapping[str, str]) -> di
     """
     declared = {str(p["name"]): p for p in (spec.get("arguments") or {}).get("parameters") or []}
     if unknown := sorted(set(given) - set(declared)):
-        raise BadInputError(
-            f"unknown workflow parameter(s) {', '.join(unknown)}; declared: {', '.join(declared)}"
-        )
+        raise BadInputError(f"unknown workflow parameter(s) {', '.join(unknown)}; declared: {', '.join(declared)}")
     values = {}
     for name, param in declared.items():
         if name not in given and "value" not in param:
             raise BadInputError(f"workflow parameter {name!r} is required and was not given")
-        values[f"workflow.parameters.{name}"] = (
-            str(given[name]) if name in given else format_value(param["value"])
-        )
+        values[f"workflow.parameters.{name}"] = str(given[name]) if name in given else format_value(param["value"])
     return values
 
 
@@ -123,9 +119,7 @@ class _Node:
     pod: dict[str, Any]
 
 
-def _json(
-    text: str, scope: Mapping[str, str], where: str, kind: type[list[Any] | dict[str, Any]]
-) -> Any:
+def _json(text: str, scope: Mapping[str, str], where: str, kind: type[list[Any] | dict[str, Any]]) -> Any:
     """``text`` substituted, then read as a JSON list or object (``where`` names the field)."""
     text = substitute(text, scope, where)
     try:
@@ -141,9 +135,7 @@ def _gpus(template: Mapping[str, Any], patch: Mapping[str, Any]) -> float:
     """``nvidia.com/gpu`` the pod asks for: the container's resources, as the patch leaves them."""
     found = "0"
     layers = [template["container"].get("resources") or {}]
-    layers += [
-        c.get("resources") or {} for c in patch.get("containers") or [] if c.get("name") == "main"
-    ]
+    layers += [c.get("resources") or {} for c in patch.get("containers") or [] if c.get("name") == "main"]
     for resources in layers:
         for kind in ("requests", "limits"):
             found = str((resources.get(kind) or {}).get("nvidia.com/gpu", found))
@@ -220,9 +212,7 @@ class _Signals:
 
     def __enter__(self) -> _Signals:
         if threading.current_thread() is threading.main_thread():
-            self.previous = {
-                s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)
-            }
+            self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -233,9 +223,7 @@ class _Signals:
 class _Run:
     """One execution of the DAG; every state change happens on the calling thread."""
 
-    def __init__(
-        self, doc: dict[str, Any], parameters: Mapping[str, str], workers: int, log_dir: Path
-    ) -> None:
+    def __init__(self, doc: dict[str, Any], parameters: Mapping[str, str], workers: int, log_dir: Path) -> None:
         self.tasks, self.templates = entry_dag(doc)
         self.deps = {str(t["name"]): dependencies(t) for t in self.tasks}
         self.scope = workflow_parameters(doc["spec"], parameters)
@@ -258,25 +246,18 @@ class _Run:
         """A task's fan-out items (None: no fan-out)."""
         where = f"task {task['name']!r}"
         if "withSequence" in task:  # numbers start..end, or count numbers from start
-            seq = {
-                k: substitute(format_value(v), scope, where)
-                for k, v in task["withSequence"].items()
-            }
+            seq = {k: substitute(format_value(v), scope, where) for k, v in task["withSequence"].items()}
             try:
                 start = int(seq.get("start", "0"))
                 end = int(seq["end"]) if "end" in seq else start + int(seq["count"]) - 1
             except (KeyError, ValueError):
-                raise BadInputError(
-                    f"{where}: withSequence needs an integer count or end: {seq}"
-                ) from None
+                raise BadInputError(f"{where}: withSequence needs an integer count or end: {seq}") from None
             return [str(i) for i in range(start, end + 1)]
         if "withParam" not in task:
             return None
         return list(_json(str(task["withParam"]), scope, f"{where}: withParam", list))
 
-    def _node(
-        self, task: Mapping[str, Any], index: int | None, item: Any, scope: dict[str, str]
-    ) -> _Node:
+    def _node(self, task: Mapping[str, Any], index: int | None, item: Any, scope: dict[str, str]) -> _Node:
         """Substitute a task's arguments, then its template, for one item (or the task)."""
         name, label = str(task["name"]), str(task["name"])
         if index is not None:
@@ -285,9 +266,7 @@ class _Run:
                 item = ",".join(f"{k}:{format_value(v)}" for k, v in sorted(item.items()))
             label = f"{name}({index}:{format_value(item)})"  # Argo's node name
         passed = {
-            str(p["name"]): substitute(
-                format_value(p.get("value", "")), scope, f"task {label} argument {p['name']!r}"
-            )
+            str(p["name"]): substitute(format_value(p.get("value", "")), scope, f"task {label} argument {p['name']!r}")
             for p in (task.get("arguments") or {}).get("parameters") or []
         }
         template = self.templates[str(task["template"])]
@@ -295,12 +274,8 @@ class _Run:
         for param in (template.get("inputs") or {}).get("parameters") or []:
             pname = str(param["name"])
             if pname not in passed and "default" not in param and "value" not in param:
-                raise BadInputError(
-                    f"task {label}: input {pname!r} of template {template['name']!r} was not passed"
-                )
-            inputs[pname] = passed.get(
-                pname, format_value(param.get("value", param.get("default")))
-            )
+                raise BadInputError(f"task {label}: input {pname!r} of template {template['name']!r} was not passed")
+            inputs[pname] = passed.get(pname, format_value(param.get("value", param.get("default"))))
             inner[f"inputs.parameters.{pname}"] = inputs[pname]
         where = f"template {template['name']!r} (task {label})"
         container = template["container"]
@@ -318,9 +293,7 @@ class _Run:
         if _gpus(template, pod) <= 0:
             env["CUDA_VISIBLE_DEVICES"] = ""
         log_name = name if index is None else f"{name}-{index}"
-        return _Node(
-            name, index or 0, label, argv, env, self.log_dir / f"{log_name}.log", inputs, pod
-        )
+        return _Node(name, index or 0, label, argv, env, self.log_dir / f"{log_name}.log", inputs, pod)
 
     def _fail(self, task: str, returncode: int | None, log_path: Path | None, message: str) -> None:
         self.status[task] = "Failed"
@@ -408,11 +381,7 @@ class _Run:
         else:
             message = f"task {node.label} failed with exit code {returncode}"
         tail = _tail(node.log_path)
-        message += (
-            f"\n--- last lines of {node.log_path} ---\n{tail}"
-            if tail
-            else f" (log: {node.log_path})"
-        )
+        message += f"\n--- last lines of {node.log_path} ---\n{tail}" if tail else f" (log: {node.log_path})"
         self.display.node_failed(node.label, returncode, tail)
         self._fail(node.task, returncode, node.log_path, message)
 
@@ -459,9 +428,7 @@ class _Run:
                             proc, stdout = started
                             running[proc.pid] = (node, proc, stdout, time.monotonic())
                             tell(f"+{proc.pid}")
-                            threading.Thread(
-                                target=lambda p=proc: done.put((p.pid, p.wait())), daemon=True
-                            ).start()
+                            threading.Thread(target=lambda p=proc: done.put((p.pid, p.wait())), daemon=True).start()
                     if not running:
                         break
                     pid, returncode = signals.wait(done)

@@ -54,10 +54,7 @@ def _record() -> dict[str, Any]:
 def _describe(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "another run (its record is being written)"
-    return (
-        f"the run of pid {holder.get('pid')} on host {holder.get('host')!r}, started "
-        f"{holder.get('started')}"
-    )
+    return f"the run of pid {holder.get('pid')} on host {holder.get('host')!r}, started {holder.get('started')}"
 
 
 def _refusal(uri: str, holder: dict[str, Any] | None, how: str) -> BadInputError:
@@ -104,15 +101,11 @@ class _LocalLease:
                         break
                 os.close(fd)
             if previous := self._read():
-                log.warning(
-                    "taking over the lease %s of %s, which ended", self.path, _describe(previous)
-                )
+                log.warning("taking over the lease %s of %s, which ended", self.path, _describe(previous))
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps(record).encode())
         except OSError as exc:
-            raise BadInputError(
-                f"cannot take the lease {self.path}: {exc.strerror or exc}"
-            ) from exc
+            raise BadInputError(f"cannot take the lease {self.path}: {exc.strerror or exc}") from exc
         self.fd = fd
 
     def _read(self) -> dict[str, Any] | None:
@@ -138,8 +131,14 @@ class _S3Lease:
 
     def _put(self, record: dict[str, Any], *, if_match: str | None = None, if_none_match: bool = False) -> str | None:
         """Write ``record`` under the condition; its ETag, or None when the condition failed."""
-        return storage.put_if(self.uri, json.dumps(record).encode(), if_match=if_match, if_none_match=if_none_match,
-                              content_type="application/json", op="lease")
+        return storage.put_if(
+            self.uri,
+            json.dumps(record).encode(),
+            if_match=if_match,
+            if_none_match=if_none_match,
+            content_type="application/json",
+            op="lease",
+        )
 
     def _read(self) -> tuple[dict[str, Any] | None, str | None]:
         found = storage.get_with_etag(self.uri, op="lease")
@@ -167,8 +166,7 @@ class _S3Lease:
                 raise _refusal(
                     self.uri,
                     holder,
-                    f"(a lease its holder stops renewing expires "
-                    f"{TTL_S:.0f} s after the last renewal)",
+                    f"(a lease its holder stops renewing expires {TTL_S:.0f} s after the last renewal)",
                 )
             log.warning("taking over the stale lease %s of %s", self.uri, _describe(holder))
             self.etag = self._put(record, if_match=etag)

@@ -60,9 +60,7 @@ def load_workflow(path: str | Path) -> dict[str, Any]:
         raise BadInputError(f"workflow file {path} is not valid YAML: {exc}") from exc
     kind = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
     if kind not in ("Workflow", "WorkflowTemplate") or not isinstance(doc.get("spec"), dict):
-        raise BadInputError(
-            f"workflow file {path} is a {kind!r}; expected a Workflow or WorkflowTemplate"
-        )
+        raise BadInputError(f"workflow file {path} is a {kind!r}; expected a Workflow or WorkflowTemplate")
     return doc
 
 
@@ -86,9 +84,7 @@ def item_scope(item: Any) -> dict[str, str]:
 def _jsonpath(tag: str, expression: str, scope: Mapping[str, str], where: str) -> str:
     match = _JSONPATH.fullmatch(expression.strip())
     if match is None:
-        raise BadInputError(
-            f"{where}: {tag}: the local runner evaluates jsonpath(<variable>, '$.key...') only"
-        )
+        raise BadInputError(f"{where}: {tag}: the local runner evaluates jsonpath(<variable>, '$.key...') only")
     name, path = match.groups()
     name = _INDEXED.sub(r".\1", name)  # tasks['plan-x'].outputs.result -> tasks.plan-x.outputs...
     if name not in scope:
@@ -96,9 +92,7 @@ def _jsonpath(tag: str, expression: str, scope: Mapping[str, str], where: str) -
     try:
         value = json.loads(scope[name])
     except json.JSONDecodeError as exc:
-        raise BadInputError(
-            f"{where}: {tag}: {name} is not JSON ({exc}): {scope[name][:200]!r}"
-        ) from None
+        raise BadInputError(f"{where}: {tag}: {name} is not JSON ({exc}): {scope[name][:200]!r}") from None
     steps = list(_JSONPATH_STEP.finditer(path[1:]))
     if "".join(step.group(0) for step in steps) != path[1:]:
         raise BadInputError(f"{where}: {tag}: only .key and [index] steps are supported")
@@ -107,9 +101,7 @@ def _jsonpath(tag: str, expression: str, scope: Mapping[str, str], where: str) -
         try:
             value = value[key]
         except (KeyError, IndexError, TypeError):
-            raise BadInputError(
-                f"{where}: {tag}: {name} has nothing at {step.group(0)!r}"
-            ) from None
+            raise BadInputError(f"{where}: {tag}: {name} has nothing at {step.group(0)!r}") from None
     if isinstance(value, dict | list) or value is None:
         raise BadInputError(f"{where}: {tag} gives {value!r}, not a string, number or boolean")
     return format_value(value)
@@ -129,9 +121,7 @@ def substitute(text: str, scope: Mapping[str, str], where: str) -> str:
             return _jsonpath(match.group(0), expression[1:], scope, where)
         if expression not in scope:
             known = ", ".join(sorted(scope)) or "none"
-            raise BadInputError(
-                f"{where}: {match.group(0)} cannot be resolved here (available: {known})"
-            )
+            raise BadInputError(f"{where}: {match.group(0)} cannot be resolved here (available: {known})")
         return scope[expression]
 
     return VARIABLE.sub(replace, text)
@@ -169,17 +159,13 @@ def entry_dag(doc: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, d
     templates = {str(t.get("name")): t for t in spec.get("templates") or [] if isinstance(t, dict)}
     entry = templates.get(str(spec.get("entrypoint")))
     if entry is None or "dag" not in entry:
-        raise BadInputError(
-            f"spec.entrypoint {spec.get('entrypoint')!r} is not a DAG template of this workflow"
-        )
+        raise BadInputError(f"spec.entrypoint {spec.get('entrypoint')!r} is not a DAG template of this workflow")
     tasks = {str(t.get("name")): t for t in (entry["dag"] or {}).get("tasks") or []}
     graph: dict[str, list[str]] = {}
     for name, task in tasks.items():
         where = f"task {name!r}"
         if extra := sorted(set(task) - TASK_FIELDS):
-            raise BadInputError(
-                f"{where} uses {', '.join(extra)}, which the local runner does not run"
-            )
+            raise BadInputError(f"{where} uses {', '.join(extra)}, which the local runner does not run")
         template = templates.get(str(task.get("template")))
         if template is None or not (template.get("container") or {}).get("command"):
             raise BadInputError(

@@ -18,7 +18,8 @@ from collections import defaultdict
 
 import numpy as np
 import shapely
-from rasterio.windows import Window, bounds as window_bounds
+from rasterio.windows import Window
+from rasterio.windows import bounds as window_bounds
 
 from sitsflow import layout, manifest, storage
 from sitsflow.errors import BadInputError
@@ -92,8 +93,7 @@ def extract(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> tuple[d
     for tile_index, tile in enumerate(chain.tiles):
         pipe = pipelines[tile] if pipelines else FeaturePipeline(cfg, tile)
         if description is None:
-            description = pipe.description() | {"feature_names": pipe.feature_names,
-                                                "sensor_keys": pipe.sensor_keys}
+            description = pipe.description() | {"feature_names": pipe.feature_names, "sensor_keys": pipe.sensor_keys}
         elif pipe.feature_names != description["feature_names"]:
             raise BadInputError(
                 f"tile {tile!r}: its dates or bands differ from the first tile's; every tile must yield the same "
@@ -104,8 +104,12 @@ def extract(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> tuple[d
         inside = shapely.intersects(polys.geoms, tile_box) if len(polys.ids) else np.zeros(0, bool)
         rep = rep | {"outside_tile": int((~inside).sum())}
         if (~inside).any():
-            log.info("tile %s: %d of %d labelled polygons lie outside the tile and are ignored",
-                     tile, int((~inside).sum()), len(inside))
+            log.info(
+                "tile %s: %d of %d labelled polygons lie outside the tile and are ignored",
+                tile,
+                int((~inside).sum()),
+                len(inside),
+            )
         report[tile] = rep
         tree = shapely.STRtree(polys.geoms)
         position = np.arange(len(polys.ids))
@@ -182,9 +186,16 @@ def split_polygons(
 
 
 def _subset(arrays: dict, mask: np.ndarray, **meta) -> SampleSet:
-    return SampleSet(reader=ArrayReader(arrays["features"][mask]), labels=arrays["label"][mask],
-                     polygon_ids=arrays["polygon_id"][mask], region=arrays["region"][mask],
-                     tile=arrays["tile"][mask], row=arrays["row"][mask], col=arrays["col"][mask], **meta)
+    return SampleSet(
+        reader=ArrayReader(arrays["features"][mask]),
+        labels=arrays["label"][mask],
+        polygon_ids=arrays["polygon_id"][mask],
+        region=arrays["region"][mask],
+        tile=arrays["tile"][mask],
+        row=arrays["row"][mask],
+        col=arrays["col"][mask],
+        **meta,
+    )
 
 
 def run(cfg) -> dict:

@@ -40,8 +40,9 @@ def load_selected(cfg, region: int, seed: int):
     if not storage.exists(uri):
         raise BadInputError(f"no selected model {uri}: run the selection stage (sitsflow select) first")
     # the network's code comes only from the configured dl_module, never from the model file
-    return nn.load_model(storage.read_bytes(uri), module_source=nn.read_dl_module(cfg.dl.dl_module),
-                         module_uri=cfg.dl.dl_module)
+    return nn.load_model(
+        storage.read_bytes(uri), module_source=nn.read_dl_module(cfg.dl.dl_module), module_uri=cfg.dl.dl_module
+    )
 
 
 def candidate_value(history: list[dict[str, Any]], criterion: str) -> tuple[float, int]:
@@ -92,13 +93,18 @@ def run(cfg: SitsflowConfig, region: int, seed: int) -> dict:
                     f"{region}, seed {seed} has no {what} file {uri}; run its training first "
                     f"(sitsflow train --region {region} --seed {seed} --hyp {hyp})"
                 )
-        candidates.append({"hyp": hyp, "batch_size": batch_size, "learning_rate": lr,
-                           "model": model_uri, "history": history_uri})
+        candidates.append(
+            {"hyp": hyp, "batch_size": batch_size, "learning_rate": lr, "model": model_uri, "history": history_uri}
+        )
 
     fp = manifest.fingerprint(
-        STAGE, FORMAT_VERSION, criterion,
-        [{"hyp": c["hyp"], "model": storage.stat(c["model"]), "history": storage.stat(c["history"])}
-         for c in candidates],
+        STAGE,
+        FORMAT_VERSION,
+        criterion,
+        [
+            {"hyp": c["hyp"], "model": storage.stat(c["model"]), "history": storage.stat(c["history"])}
+            for c in candidates
+        ],
     )
     task = layout.selection_task(region, seed)
     previous = manifest.done(out, STAGE, task, fp)
@@ -126,12 +132,18 @@ def run(cfg: SitsflowConfig, region: int, seed: int) -> dict:
         "seed": seed,
         "criterion": criterion,
         "direction": "min" if minimise(criterion) else "max",
-        "winner": {"hyp": winner, "value": won["value"], "epoch": won["epoch"],
-                   "batch_size": won["batch_size"], "learning_rate": won["learning_rate"],
-                   "model": won["model"]},
+        "winner": {
+            "hyp": winner,
+            "value": won["value"],
+            "epoch": won["epoch"],
+            "batch_size": won["batch_size"],
+            "learning_rate": won["learning_rate"],
+            "model": won["model"],
+        },
         "margin_to_runner_up": margin,
-        "candidates": [{k: c[k] for k in ("hyp", "batch_size", "learning_rate", "value", "epoch", "model")}
-                       for c in candidates],
+        "candidates": [
+            {k: c[k] for k in ("hyp", "batch_size", "learning_rate", "value", "epoch", "model")} for c in candidates
+        ],
         "selected_model": selected_uri,
     }
     storage.write_text(report_uri, json.dumps(report, indent=2))

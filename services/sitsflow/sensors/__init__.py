@@ -45,5 +45,14 @@ def build_sensors(cfg, tile: str) -> list[Sensor]:
     return sensors
 
 
-__all__ = ["Grid", "Sensor", "DatedRasterSensor", "ProductSensor", "LAYOUTS", "CHAIN_KEYS",
-           "SENSOR_ORDER", "configured_sensors", "build_sensors"]
+__all__ = [
+    "Grid",
+    "Sensor",
+    "DatedRasterSensor",
+    "ProductSensor",
+    "LAYOUTS",
+    "CHAIN_KEYS",
+    "SENSOR_ORDER",
+    "configured_sensors",
+    "build_sensors",
+]

@@ -186,9 +186,18 @@ def _placement(src, grid: Grid, what: str) -> tuple[int, int, int, int]:
     return rx, ry, round(ox), round(oy)
 
 
-def read_on_grid(src, window: Window, grid: Grid, indexes: list[int], what: str,
-                 fill: float = np.nan, dtype: str = "float32", *, pixel_major: bool = False,
-                 out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_on_grid(
+    src,
+    window: Window,
+    grid: Grid,
+    indexes: list[int],
+    what: str,
+    fill: float = np.nan,
+    dtype: str = "float32",
+    *,
+    pixel_major: bool = False,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Read bands of ``src`` for a window of ``grid`` (nearest neighbour when ``src`` is coarser).
 
     Only the source pixels under the window are read (a windowed read, /vsis3/ included).

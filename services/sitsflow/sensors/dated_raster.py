@@ -40,6 +40,7 @@ class DatedRasterSensor(Sensor):
         mask_path = opts.mask_path.replace("{tile}", tile) if opts.mask_path else None
         if not storage.exists(path):
             raise BadInputError(f"dated_raster.path: the raster {path} of tile {tile!r} does not exist")
+
         def header():
             with storage.rasterio_env(), rasterio.open(storage.rasterio_path(path)) as src:
                 blocks = tuple(int(n) for n in src.block_shapes[0]) if src.block_shapes else (1, 1)
@@ -49,7 +50,8 @@ class DatedRasterSensor(Sensor):
         # connection reset during that read loses them with a mere warning: on object storage,
         # descriptions missing are read once more, from a cleared cache, before they count
         count, dtype, descriptions, (block_rows, block_cols) = storage.raster_call(
-            "open", path, header, culprit="dated_raster.path", incomplete=lambda found: not all(found[2]))
+            "open", path, header, culprit="dated_raster.path", incomplete=lambda found: not all(found[2])
+        )
         bands = list(opts.bands)
         nb_bands = len(bands)
         if count % nb_bands:
@@ -64,12 +66,16 @@ class DatedRasterSensor(Sensor):
                 raise BadInputError(f"dated_raster.mask_path: the mask {mask_path} of tile {tile!r} does not exist")
 
             def mask_header():
-                with storage.rasterio_env(), rasterio.open(storage.rasterio_path(path)) as src, \
-                        rasterio.open(storage.rasterio_path(mask_path)) as msk:
+                with (
+                    storage.rasterio_env(),
+                    rasterio.open(storage.rasterio_path(path)) as src,
+                    rasterio.open(storage.rasterio_path(mask_path)) as msk,
+                ):
                     return (msk.width, msk.height), (src.width, src.height), msk.count
 
             mask_size, size, mask_count = storage.raster_call(
-                "open", [path, mask_path], mask_header, culprit="dated_raster.mask_path")
+                "open", [path, mask_path], mask_header, culprit="dated_raster.mask_path"
+            )
             if mask_size != size:
                 raise BadInputError(
                     f"dated_raster.mask_path: {mask_path} is {mask_size[0]}x{mask_size[1]}; expected "
@@ -89,9 +95,19 @@ class DatedRasterSensor(Sensor):
                 f"dated_raster: no acquisition of {path} lies between start_date {start} and end_date {end}"
             )
         sensor = cls(
-            key=opts.name, prefix=opts.name, ext_name=opts.name, section="dated_raster",
-            bands=bands, keep=bands, roles={}, indices=[], raw_dates=[all_dates[i] for i in keep],
-            start_date=start, end_date=end, temporal_resolution=int(opts.temporal_resolution), tile=tile,
+            key=opts.name,
+            prefix=opts.name,
+            ext_name=opts.name,
+            section="dated_raster",
+            bands=bands,
+            keep=bands,
+            roles={},
+            indices=[],
+            raw_dates=[all_dates[i] for i in keep],
+            start_date=start,
+            end_date=end,
+            temporal_resolution=int(opts.temporal_resolution),
+            tile=tile,
             settings={"path": path, "mask_path": mask_path, "scale": opts.scale, "nodata": opts.nodata},
         )
         sensor.path, sensor.mask_path = path, mask_path
@@ -120,8 +136,9 @@ class DatedRasterSensor(Sensor):
         return f"date {self.all_dates[(band - 1) // nb_bands]}, band {self.bands[(band - 1) % nb_bands]}"
 
     def read(self, window: Window, grid: Grid, buffers: ReadBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return storage.raster_call("read", self.input_files(), lambda: self._read(window, grid, buffers),
-                                   locate=self._culprit)
+        return storage.raster_call(
+            "read", self.input_files(), lambda: self._read(window, grid, buffers), locate=self._culprit
+        )
 
     def _read(self, window: Window, grid: Grid, buffers: ReadBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
         nb_bands, nb_raw = len(self.bands), len(self.raw_indices)
@@ -133,8 +150,16 @@ class DatedRasterSensor(Sensor):
                 integer = np.issubdtype(np.dtype(src.dtypes[0]), np.integer)
                 dtype = src.dtypes[0] if integer else "float32"
                 # pixel-major: each pixel's series side by side, as the networks want them
-                raw, inside = read_on_grid(src, window, grid, indexes, self.path, dtype=dtype, pixel_major=True,
-                                           out=new_array(buffers, key + ":raw", (h, w, len(indexes)), dtype))
+                raw, inside = read_on_grid(
+                    src,
+                    window,
+                    grid,
+                    indexes,
+                    self.path,
+                    dtype=dtype,
+                    pixel_major=True,
+                    out=new_array(buffers, key + ":raw", (h, w, len(indexes)), dtype),
+                )
             raw = raw.reshape(h, w, nb_raw, nb_bands)
             valid = new_array(buffers, key + ":valid", (h, w, nb_raw), bool)
             valid[...] = inside[:, :, None]
@@ -155,8 +180,15 @@ class DatedRasterSensor(Sensor):
                     valid &= ~_any_band(~flags)
             if self.mask_path is not None:
                 with rasterio.open(storage.rasterio_path(self.mask_path)) as msk:
-                    mask, _ = read_on_grid(msk, window, grid, [int(i) + 1 for i in self.raw_indices],
-                                           self.mask_path, fill=1, pixel_major=True)
+                    mask, _ = read_on_grid(
+                        msk,
+                        window,
+                        grid,
+                        [int(i) + 1 for i in self.raw_indices],
+                        self.mask_path,
+                        fill=1,
+                        pixel_major=True,
+                    )
                 valid &= mask == 0
         data = new_array(buffers, key + ":data", (h, w, nb_raw, nb_bands), np.float32)
         # to float32 and scaled, in one pass over the rows that hold a pixel with a clear date
@@ -172,7 +204,6 @@ class DatedRasterSensor(Sensor):
         if not valid[a:b].all():
             data[a:b][~valid[a:b]] = 0.0
         return data, valid
-
 
     def surely_empty(self, window: Window, grid: Grid) -> bool:
         return storage.raster_call("read", self.path, lambda: self._surely_empty(window, grid), locate=self._culprit)
@@ -194,8 +225,15 @@ class DatedRasterSensor(Sensor):
             integer = np.issubdtype(np.dtype(src.dtypes[0]), np.integer)
             for a, b in zip(cuts[:-1], cuts[1:]):
                 piece = Window(a, window.row_off, b - a, window.height)
-                first, inside = read_on_grid(src, piece, grid, indexes, self.path,
-                                             dtype=src.dtypes[0] if integer else "float32", pixel_major=True)
+                first, inside = read_on_grid(
+                    src,
+                    piece,
+                    grid,
+                    indexes,
+                    self.path,
+                    dtype=src.dtypes[0] if integer else "float32",
+                    pixel_major=True,
+                )
                 invalid = np.zeros(first.shape, bool) if self.nodata is None else first == first.dtype.type(self.nodata)
                 if not integer:
                     invalid |= ~np.isfinite(first)
@@ -233,7 +271,7 @@ def _declared_dates(spec, path: str, descriptions: list, nb_bands: int, nb_raw: 
                 "declare the dates in the configuration (a list or a .json/.txt file)"
             )
         where = f"band description of {path}"
-        per_date = [descriptions[i * nb_bands:(i + 1) * nb_bands] for i in range(nb_raw)]
+        per_date = [descriptions[i * nb_bands : (i + 1) * nb_bands] for i in range(nb_raw)]
         if nb_bands > 1 and all(len(set(group)) == nb_bands and all(group) for group in per_date):
             raise BadInputError(
                 f"dated_raster.bands: {nb_bands} bands declared, but each band of {path} describes another "

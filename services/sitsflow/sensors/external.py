@@ -39,6 +39,7 @@ _ACCESSOR = re.compile(r"^get_(?P<mode>interpolated|raw)_(?P<sensor>[A-Za-z0-9]+
 _USER_CODE = threading.Lock()
 """Held while a user's external-feature function runs."""
 
+
 class DataContainer:
     """What a user function sees as ``self``: the series of the pixels being computed.
 
@@ -49,8 +50,14 @@ class DataContainer:
         raw_mode: True with ``features_from_raw_dates``.
     """
 
-    def __init__(self, series: dict[str, np.ndarray], bands: dict[str, list[str]], dates: list[int],
-                 raw_mode: bool, function: str) -> None:
+    def __init__(
+        self,
+        series: dict[str, np.ndarray],
+        bands: dict[str, list[str]],
+        dates: list[int],
+        raw_mode: bool,
+        function: str,
+    ) -> None:
         self._series = series
         self._bands = bands
         self._dates = [str(d) for d in dates]
@@ -139,8 +146,12 @@ class ExternalFeatures:
         self.layout: list[list[tuple[str, str]]] | None = None  # per function: (sensor, index) order
 
     def description(self) -> dict:
-        return {"module": self.section.module, "sha256": self.source_hash,
-                "functions": [[n, k] for n, _, k in self.functions], "concat_mode": self.concat_mode}
+        return {
+            "module": self.section.module,
+            "sha256": self.source_hash,
+            "functions": [[n, k] for n, _, k in self.functions],
+            "concat_mode": self.concat_mode,
+        }
 
     def probe(self, bands: dict[str, list[str]], dates: list[int]) -> dict[str, list[str]]:
         """Call every function on two dummy pixels to learn (and check) its labels.

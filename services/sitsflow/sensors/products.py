@@ -84,7 +84,9 @@ LAYOUTS: dict[str, Layout] = {
     ),
     "Sentinel_2_S2C": Layout(
         OPTICAL_SENSORS["Sentinel_2_S2C"],
-        re.compile(r"^S2[A-D]_MSIL2A_(?P<date>\d{8})T(?P<time>\d{6})_N(?P<baseline>\d{4})_R\d{3}_(?P<tile>T[A-Z0-9]+)_"),
+        re.compile(
+            r"^S2[A-D]_MSIL2A_(?P<date>\d{8})T(?P<time>\d{6})_N(?P<baseline>\d{4})_R\d{3}_(?P<tile>T[A-Z0-9]+)_"
+        ),
         re.compile(r"_(?P<band>B\d\d|B8A)_(?P<res>10|20|60)m\.(jp2|tif)$", re.I),
         ((re.compile(r"_SCL_20m\.(jp2|tif)$", re.I), "scl"),),
         nodata=0.0,
@@ -159,7 +161,7 @@ def _valid(rule: str, values: np.ndarray) -> np.ndarray:
 
 def _product_folder(uri: str, root: str, pattern: re.Pattern) -> tuple[str, re.Match] | None:
     """The product folder (URI prefix) of a file and the folder name's match, or None."""
-    rel = uri[len(root):].lstrip("/")
+    rel = uri[len(root) :].lstrip("/")
     parts = rel.split("/")
     prefix = root.rstrip("/")
     for part in parts[:-1]:
@@ -187,7 +189,7 @@ def discover(layout: Layout, root: str, tile: str, where: str) -> list[Product]:
         if match.group("tile").lstrip("T") != tile.lstrip("T"):
             continue
         entry = groups.setdefault(folder, {"match": match, "bands": {}, "res": {}, "masks": []})
-        rel = uri[len(folder):]
+        rel = uri[len(folder) :]
         band = layout.band_file.search(rel)
         if band:
             name = band.group("band").upper()
@@ -220,8 +222,16 @@ def discover(layout: Layout, root: str, tile: str, where: str) -> list[Product]:
         offset = 0.0
         if "baseline" in match.groupdict() and int(match.group("baseline")) >= 400:
             offset = -1000.0  # Sen2Cor processing baseline 04.00: BOA_ADD_OFFSET
-        products.append(Product(name, int(match.group("date")), match.group("date") + match.group("time") + name,
-                                dict(entry["bands"]), tuple(sorted(entry["masks"])), offset))
+        products.append(
+            Product(
+                name,
+                int(match.group("date")),
+                match.group("date") + match.group("time") + name,
+                dict(entry["bands"]),
+                tuple(sorted(entry["masks"])),
+                offset,
+            )
+        )
     products.sort(key=lambda p: p.order)
     return products
 
@@ -256,10 +266,19 @@ class ProductSensor(Sensor):
             )
         indices = [i.lower() for i in cfg.arg_train.features]
         sensor = cls(
-            key=facts.key, prefix=facts.prefix, ext_name=facts.ext_name, section=section,
-            bands=list(facts.bands), keep=list(opts.keep_bands or facts.bands), roles=dict(facts.roles),
-            indices=indices, raw_dates=[p.date for p in kept], start_date=start, end_date=end,
-            temporal_resolution=int(opts.temporal_resolution), tile=tile,
+            key=facts.key,
+            prefix=facts.prefix,
+            ext_name=facts.ext_name,
+            section=section,
+            bands=list(facts.bands),
+            keep=list(opts.keep_bands or facts.bands),
+            roles=dict(facts.roles),
+            indices=indices,
+            raw_dates=[p.date for p in kept],
+            start_date=start,
+            end_date=end,
+            temporal_resolution=int(opts.temporal_resolution),
+            tile=tile,
             settings={"root": root, "products": [p.name for p in kept]},
         )
         sensor.products = kept
@@ -289,6 +308,7 @@ class ProductSensor(Sensor):
 
     def _read_file(self, uri: str, window: Window, grid: Grid, fill: float, culprit: str):
         """``read_on_grid`` of the single-band file ``uri``, under the storage contract."""
+
         def forget() -> None:
             files = getattr(self._open_files, "files", None)
             if files is not None:
@@ -334,8 +354,13 @@ class ProductSensor(Sensor):
                     valid[:, :, t] &= inside & (dn != np.float32(self.layout.nodata)) & np.isfinite(dn)
                     values[:, :, t, b] = (dn + np.float32(product.offset)) * scale
                 for uri, rule in product.masks:
-                    data, inside = self._read_file(uri, window, grid, 0, f"{self.section} acquisition {product.date} "
-                                                   f"({product.name}), mask {uri.rsplit('/', 1)[-1]}")
+                    data, inside = self._read_file(
+                        uri,
+                        window,
+                        grid,
+                        0,
+                        f"{self.section} acquisition {product.date} ({product.name}), mask {uri.rsplit('/', 1)[-1]}",
+                    )
                     valid[:, :, t] &= inside & _valid(rule, data[0])
         values[~valid] = 0.0
         return values, valid

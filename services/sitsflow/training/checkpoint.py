@@ -27,11 +27,22 @@ from typing import Any
 from sitsflow import manifest
 
 #: Deep-learning parameters a checkpoint can be continued across.
-CONTINUABLE: frozenset[str] = frozenset({
-    "epochs", "num_workers", "dataloader_mode", "enable_early_stop", "epoch_to_trigger",
-    "early_stop_patience", "early_stop_tol", "early_stop_metric", "model_selection_criterion",
-    "dl_module", "restart_from_checkpoint", "hyperparameters_solver",
-})
+CONTINUABLE: frozenset[str] = frozenset(
+    {
+        "epochs",
+        "num_workers",
+        "dataloader_mode",
+        "enable_early_stop",
+        "epoch_to_trigger",
+        "early_stop_patience",
+        "early_stop_tol",
+        "early_stop_metric",
+        "model_selection_criterion",
+        "dl_module",
+        "restart_from_checkpoint",
+        "hyperparameters_solver",
+    }
+)
 
 #: What each part of ``compat`` is, for the log line saying why a checkpoint is not continued.
 GROUPS: dict[str, str] = {

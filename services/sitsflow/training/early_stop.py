@@ -47,9 +47,7 @@ class EarlyStopping:
                 f"'{metric}' is not one of {list(EARLY_STOP_METRICS)}"
             )
         if patience < 1:
-            raise ConfigError(
-                f"arg_train.deep_learning_parameters.early_stop_patience must be >= 1, got {patience}"
-            )
+            raise ConfigError(f"arg_train.deep_learning_parameters.early_stop_patience must be >= 1, got {patience}")
         self.metric = metric
         self.tol = float(tol)
         self.patience = int(patience)
@@ -93,8 +91,12 @@ class EarlyStopping:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"previous": self.previous, "previous_epoch": self.previous_epoch, "wait": self.wait,
-                "stopped_epoch": self.stopped_epoch}
+        return {
+            "previous": self.previous,
+            "previous_epoch": self.previous_epoch,
+            "wait": self.wait,
+            "stopped_epoch": self.stopped_epoch,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.previous = state["previous"]

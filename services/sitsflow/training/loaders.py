@@ -38,9 +38,7 @@ class InMemoryBatches(Dataset):
         drop_single: skip a final batch of exactly one sample (BatchNorm cannot train on it).
     """
 
-    def __init__(
-        self, features: torch.Tensor, targets: torch.Tensor, batch_size: int, *, drop_single: bool
-    ) -> None:
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor, batch_size: int, *, drop_single: bool) -> None:
         self.features = features
         self.targets = targets
         self.batch_size = batch_size
@@ -251,9 +249,7 @@ def _fill_holes(pool_x: np.ndarray, pool_y: np.ndarray, taken: np.ndarray, held:
     return new_held
 
 
-def make_loader(
-    dataset: Dataset, *, num_workers: int, generator: torch.Generator, pin_memory: bool
-) -> DataLoader:
+def make_loader(dataset: Dataset, *, num_workers: int, generator: torch.Generator, pin_memory: bool) -> DataLoader:
     """Wrap a batch dataset in a DataLoader (``batch_size=None``: items already are batches)."""
     return DataLoader(
         dataset,

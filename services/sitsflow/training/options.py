@@ -133,8 +133,9 @@ class TrainingExtras:
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """The training loss: cross-entropy with the class ``weights`` and the label smoothing."""
-        return torch.nn.functional.cross_entropy(logits, y, weight=weights,
-                                                 label_smoothing=self.options.label_smoothing)
+        return torch.nn.functional.cross_entropy(
+            logits, y, weight=weights, label_smoothing=self.options.label_smoothing
+        )
 
     # ------------------------------------------------------------------ data
     def epoch_order(self, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

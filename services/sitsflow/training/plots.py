@@ -9,8 +9,18 @@ from collections.abc import Sequence
 from typing import Any
 
 HISTORY_COLUMNS = (
-    "epoch", "train_loss", "val_loss", "train_loss_db", "val_loss_db", "oa", "kappa", "fscore",
-    "precision", "recall", "lr", "seconds",
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "train_loss_db",
+    "val_loss_db",
+    "oa",
+    "kappa",
+    "fscore",
+    "precision",
+    "recall",
+    "lr",
+    "seconds",
 )
 """Columns of ``model_R_seed_S_hyp_H_history.parquet``, one row per epoch (epochs from 1)."""
 
@@ -59,12 +69,23 @@ def metrics_plot(history: Sequence[dict[str, float]], title: str, selected_epoch
     def draw(ax: Any) -> None:
         # distinct markers and line styles keep coinciding curves visible (e.g. OA = macro recall
         # when the validation classes are balanced)
-        series = (("kappa", "kappa", "o", "-"), ("oa", "overall accuracy", "s", "--"),
-                  ("precision", "precision (macro)", "^", "-."), ("recall", "recall (macro)", "v", ":"),
-                  ("fscore", "F-score (macro)", "D", "-"))
+        series = (
+            ("kappa", "kappa", "o", "-"),
+            ("oa", "overall accuracy", "s", "--"),
+            ("precision", "precision (macro)", "^", "-."),
+            ("recall", "recall (macro)", "v", ":"),
+            ("fscore", "F-score (macro)", "D", "-"),
+        )
         for key, label, marker, style in series:
-            ax.plot(epochs, [row[key] for row in history], marker=marker, ls=style, label=label,
-                    markersize=5, markerfacecolor="none")
+            ax.plot(
+                epochs,
+                [row[key] for row in history],
+                marker=marker,
+                ls=style,
+                label=label,
+                markersize=5,
+                markerfacecolor="none",
+            )
         if selected_epoch is not None:
             ax.axvline(selected_epoch, color="grey", ls="--", label=f"selected epoch ({selected_epoch})")
         ax.set_title(title)

@@ -144,8 +144,11 @@ def _load_checkpoint(uri: str, compat: str, options: str, epochs: int) -> dict[s
     try:
         ckpt = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        log.warning("refusing checkpoint %s: it holds objects other than plain tensors and containers (none was "
-                    "unpickled, nothing in it ran); training from scratch", uri)
+        log.warning(
+            "refusing checkpoint %s: it holds objects other than plain tensors and containers (none was "
+            "unpickled, nothing in it ran); training from scratch",
+            uri,
+        )
         return None
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is ignored, not fatal
         log.warning("ignoring unreadable checkpoint %s (%s); training from scratch", uri, exc)
@@ -242,13 +245,21 @@ def train(
     label_idx = samples.label_indices()
     nb_classes = len(samples.classes)
     learn, val = split_learn_validation(samples.labels, samples.polygon_ids, split_seed)
-    log.info("%d samples: %d for learning, %d for validation (%d classes)",
-             samples.n, int(learn.sum()), int(val.sum()), nb_classes)
+    log.info(
+        "%d samples: %d for learning, %d for validation (%d classes)",
+        samples.n,
+        int(learn.sum()),
+        int(val.sum()),
+        nb_classes,
+    )
 
     stats = {k: v for k, v in samples.stats.items()}
     if dl.additional_statistics_percentage is not None:
-        stats.update(quantile_stats(samples.reader, float(dl.additional_statistics_percentage),
-                                    split_seed, chunk=max(batch_size, 1024)))
+        stats.update(
+            quantile_stats(
+                samples.reader, float(dl.additional_statistics_percentage), split_seed, chunk=max(batch_size, 1024)
+            )
+        )
     weights_np = class_weights(label_idx, nb_classes) if dl.weighted_labels else None
     weights = torch.from_numpy(weights_np).to(device) if weights_np is not None else None
 
@@ -257,15 +268,26 @@ def train(
     # a multi-sensor database has one feature vector: its statistics serve every sensor key
     network = build(stats={key: tensors for key in dict.fromkeys((samples.sensor, *samples.sensors))})
     network.to(device)
-    extras = TrainingExtras(options or TrainingOptions(), learning_rate=learning_rate, epochs=dl.epochs,
-                            steps_per_epoch=-(-int(learn.sum()) // batch_size), learn_labels=label_idx[learn],
-                            nb_classes=nb_classes, stats=stats, nb_dates=samples.nb_dates,
-                            nb_components=samples.nb_components, stream=dl.dataloader_mode == "stream")
+    extras = TrainingExtras(
+        options or TrainingOptions(),
+        learning_rate=learning_rate,
+        epochs=dl.epochs,
+        steps_per_epoch=-(-int(learn.sum()) // batch_size),
+        learn_labels=label_idx[learn],
+        nb_classes=nb_classes,
+        stats=stats,
+        nb_dates=samples.nb_dates,
+        nb_components=samples.nb_components,
+        stream=dl.dataloader_mode == "stream",
+    )
     optimizer = extras.optimizer(network.parameters())
     scheduler = make_scheduler(optimizer, dl.adaptive_lr)
     data_gen = torch.Generator().manual_seed(torch_seed)
-    early = (EarlyStopping(dl.early_stop_metric, dl.early_stop_tol, dl.early_stop_patience,
-                           dl.epoch_to_trigger) if dl.enable_early_stop else None)
+    early = (
+        EarlyStopping(dl.early_stop_metric, dl.early_stop_tol, dl.early_stop_patience, dl.epoch_to_trigger)
+        if dl.enable_early_stop
+        else None
+    )
 
     pin = device.type == "cuda"
     bs = batch_size
@@ -279,16 +301,20 @@ def train(
     else:
         train_ds = StreamBatches(samples.reader, label_idx, learn, bs, shuffle=True, drop_single=True)
         val_ds = StreamBatches(samples.reader, label_idx, val, bs, shuffle=False, drop_single=False)
-    val_loader = make_loader(val_ds, num_workers=dl.num_workers,
-                             generator=torch.Generator().manual_seed(0), pin_memory=pin)
+    val_loader = make_loader(
+        val_ds, num_workers=dl.num_workers, generator=torch.Generator().manual_seed(0), pin_memory=pin
+    )
 
     history: list[dict[str, float]] = []
     best: dict[str, dict[str, Any]] = {}
     start_epoch = 0
     stopped = False
-    compat, options = ckpt_compat.describe(
-        fingerprint_parts(dl, hyp), identity if identity is not None else {"fingerprint": fingerprint})
-    ckpt = _load_checkpoint(checkpoint_uri, compat, options, dl.epochs) if dl.restart_from_checkpoint else None
+    # training options (augmentation, schedule ...) are part of what a checkpoint must match
+    compat, continuable = ckpt_compat.describe(
+        {**fingerprint_parts(dl, hyp), **_options_part(extras.options)},
+        identity if identity is not None else {"fingerprint": fingerprint},
+    )
+    ckpt = _load_checkpoint(checkpoint_uri, compat, continuable, dl.epochs) if dl.restart_from_checkpoint else None
     if ckpt is not None:
         network.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -301,8 +327,9 @@ def train(
         best = ckpt["best"]
         history = list(ckpt["history"])
         # the early-stop state is replayed from the history, under the current settings
-        for row in history if early is not None else ():
-            stopped = early.update(int(row["epoch"]), row[early.metric])
+        if early is not None:
+            for row in history:
+                stopped = early.update(int(row["epoch"]), row[early.metric])
         start_epoch = int(ckpt["epoch"])
         log.info("resuming %s after epoch %d", checkpoint_uri, start_epoch)
     elif not dl.restart_from_checkpoint and storage.exists(checkpoint_uri):
@@ -339,45 +366,75 @@ def train(
         metrics = evaluate(network, val_loader, weights, nb_classes, device)
         if scheduler is not None:
             scheduler.step(metrics["val_loss"])
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": metrics["val_loss"],
-               "train_loss_db": plots.loss_db(train_loss), "val_loss_db": plots.loss_db(metrics["val_loss"]),
-               "oa": metrics["oa"], "kappa": metrics["kappa"], "fscore": metrics["fscore"],
-               "precision": metrics["precision"], "recall": metrics["recall"], "lr": lr,
-               "seconds": time.monotonic() - tic}
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": metrics["val_loss"],
+            "train_loss_db": plots.loss_db(train_loss),
+            "val_loss_db": plots.loss_db(metrics["val_loss"]),
+            "oa": metrics["oa"],
+            "kappa": metrics["kappa"],
+            "fscore": metrics["fscore"],
+            "precision": metrics["precision"],
+            "recall": metrics["recall"],
+            "lr": lr,
+            "seconds": time.monotonic() - tic,
+        }
         history.append(row)
         for crit in CRITERIA:
             value = row["val_loss" if crit == "loss" else crit]
             prev = best.get(crit)
-            better = (prev is None or (not math.isnan(value) and (
-                math.isnan(prev["value"]) or (value < prev["value"] if crit == "loss" else value > prev["value"]))))
+            better = prev is None or (
+                not math.isnan(value)
+                and (math.isnan(prev["value"]) or (value < prev["value"] if crit == "loss" else value > prev["value"]))
+            )
             if better:
                 best[crit] = {"epoch": epoch, "value": value, "state": _cpu_state(network)}
         if early is not None:
             stopped = early.update(epoch, row[early.metric])
-        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, OA %.4f, kappa %.4f, F %.4f, lr %.3g",
-                 epoch, dl.epochs, train_loss, row["val_loss"], row["oa"], row["kappa"], row["fscore"], lr)
-        _save_checkpoint(checkpoint_uri, {
-            "format": CHECKPOINT_FORMAT,
-            "compat": compat,
-            "options": options,
-            "epoch": epoch,
-            "stopped": stopped,
-            "model": _cpu_state(network),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": {"torch": torch.get_rng_state(),
+        log.info(
+            "epoch %d/%d: train loss %.4f, val loss %.4f, OA %.4f, kappa %.4f, F %.4f, lr %.3g",
+            epoch,
+            dl.epochs,
+            train_loss,
+            row["val_loss"],
+            row["oa"],
+            row["kappa"],
+            row["fscore"],
+            lr,
+        )
+        _save_checkpoint(
+            checkpoint_uri,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "compat": compat,
+                "options": continuable,
+                "epoch": epoch,
+                "stopped": stopped,
+                "model": _cpu_state(network),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": {
+                    "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                    "data": data_gen.get_state()},
-            "best": best,
-            "history": history,
-            "early_stop": early.state_dict() if early is not None else None,
-        })
+                    "data": data_gen.get_state(),
+                },
+                "best": best,
+                "history": history,
+                "early_stop": early.state_dict() if early is not None else None,
+            },
+        )
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if stopped:
-            log.info("early stop after epoch %d (%s did not improve on its previous epoch by more than %g "
-                     "for %d consecutive epochs)",
-                     epoch, dl.early_stop_metric, dl.early_stop_tol, dl.early_stop_patience)
+            log.info(
+                "early stop after epoch %d (%s did not improve on its previous epoch by more than %g "
+                "for %d consecutive epochs)",
+                epoch,
+                dl.early_stop_metric,
+                dl.early_stop_tol,
+                dl.early_stop_patience,
+            )
             break
 
     crit = dl.model_selection_criterion
@@ -428,11 +485,19 @@ def run(cfg: SitsflowConfig, region: int, seed: int, hyp: int, *, on_epoch_end: 
     db_stat = storage.stat(db_uri)
     module_source = sitsnn.read_dl_module(dl.dl_module)
     module_sha = sitsnn.module_sha256(module_source) if module_source is not None else None
-    identity = {"region": region, "seed": seed, "random_seed": random_seed, "samples": db_uri, "stat": db_stat,
-                "dl_module_sha256": module_sha}
+    identity = {
+        "region": region,
+        "seed": seed,
+        "random_seed": random_seed,
+        "samples": db_uri,
+        "stat": db_stat,
+        "dl_module_sha256": module_sha,
+    }
     options = cfg.arg_train.training_options
     fp = manifest.fingerprint(
-        STAGE, FORMAT_VERSION, {**fingerprint_parts(dl, hyp), **_options_part(options)},
+        STAGE,
+        FORMAT_VERSION,
+        {**fingerprint_parts(dl, hyp), **_options_part(options)},
         {"region": region, "seed": seed, "random_seed": random_seed},
         {"samples": db_uri, "stat": db_stat, "dl_module_sha256": module_sha},
     )
@@ -452,17 +517,34 @@ def run(cfg: SitsflowConfig, region: int, seed: int, hyp: int, *, on_epoch_end: 
     with storage.local_path(db_uri) as local:
         samples = open_netcdf(str(local), lazy=dl.dataloader_mode == "stream")
         try:
+
             def build(*, stats: dict[str, dict[str, torch.Tensor]]) -> sitsnn.Iota2NeuralNetwork:
                 return sitsnn.build_network(
-                    dl.dl_name, dl.dl_parameters, module_source=module_source,
-                    module_uri=dl.dl_module, nb_dates=samples.nb_dates,
-                    nb_components=samples.nb_components, nb_classes=len(samples.classes),
-                    dates=samples.dates, stats=stats, sensor=samples.sensor,
+                    dl.dl_name,
+                    dl.dl_parameters,
+                    module_source=module_source,
+                    module_uri=dl.dl_module,
+                    nb_dates=samples.nb_dates,
+                    nb_components=samples.nb_components,
+                    nb_classes=len(samples.classes),
+                    dates=samples.dates,
+                    stats=stats,
+                    sensor=samples.sensor,
                 )
 
-            result = train(samples, dl, hyp, build=build, split_seed=split_seed, torch_seed=torch_seed,
-                           fingerprint=fp, checkpoint_uri=uris["checkpoint"], on_epoch_end=on_epoch_end,
-                           identity=identity, options=options)
+            result = train(
+                samples,
+                dl,
+                hyp,
+                build=build,
+                split_seed=split_seed,
+                torch_seed=torch_seed,
+                fingerprint=fp,
+                checkpoint_uri=uris["checkpoint"],
+                on_epoch_end=on_epoch_end,
+                identity=identity,
+                options=options,
+            )
         finally:
             samples.reader.close()
 
@@ -491,8 +573,10 @@ def run(cfg: SitsflowConfig, region: int, seed: int, hyp: int, *, on_epoch_end: 
     storage.write_bytes(uris["model"], sitsnn.save_model(result.network, description))
     title = f"model {region}, seed {seed}, hyp {hyp} (batch {batch_size}, lr {learning_rate:g})"
     storage.write_bytes(uris["loss_plot"], plots.loss_plot(result.history, f"Loss - {title}", int(selected["epoch"])))
-    storage.write_bytes(uris["metrics_plot"],
-                        plots.metrics_plot(result.history, f"Validation metrics - {title}", int(selected["epoch"])))
+    storage.write_bytes(
+        uris["metrics_plot"],
+        plots.metrics_plot(result.history, f"Validation metrics - {title}", int(selected["epoch"])),
+    )
     storage.write_bytes(uris["history"], plots.history_parquet(result.history))
 
     summary = {
@@ -520,6 +604,11 @@ def run(cfg: SitsflowConfig, region: int, seed: int, hyp: int, *, on_epoch_end: 
         "skipped": False,
     }
     manifest.write_manifest(out, STAGE, task, fp, list(uris.values()), extra={"summary": summary})
-    log.info("training %s done: epoch %d selected by %s = %.4f", task, summary["selected_epoch"], crit,
-             summary["selected_value"])
+    log.info(
+        "training %s done: epoch %d selected by %s = %.4f",
+        task,
+        summary["selected_epoch"],
+        crit,
+        summary["selected_value"],
+    )
     return summary
