@@ -709,3 +709,19 @@ def test_training_on_s3(s3_bucket: str, tmp_path: Path) -> None:
     assert storage.exists(layout.manifest(out, "training", "region_1_seed_0_hyp_0"))
     assert run(make_cfg(out, epochs=2, dataloader_mode="stream"), 1, 0, 0)["skipped"]
     assert load_samples(layout.samples_learn(out, 1, 0)).n == x.shape[0]
+
+
+def test_changed_training_options_restart_the_checkpoint_saying_why(out: str,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """arg_train.training_options change the loss or the optimiser: a checkpoint made without
+    them is not continued with them."""
+    from sitsflow.config import TrainingOptions
+
+    run(make_cfg(out, epochs=2), 1, 0, 0)
+    cfg = make_cfg(out, epochs=3)
+    cfg = cfg.model_copy(update={"arg_train": cfg.arg_train.model_copy(
+        update={"training_options": TrainingOptions(label_smoothing=0.1)})})
+    caplog.set_level("INFO", logger="sitsflow")
+    s = run(cfg, 1, 0, 0)
+    assert s["resumed_from_epoch"] == 0 and s["epochs_run"] == 3
+    assert "the training options changed (training_options" in caplog.text, caplog.text
