@@ -431,3 +431,34 @@ def test_an_incomplete_remote_result_is_reread_up_to_the_storage_attempts(monkey
     calls.clear()
     storage.raster_call("open", "/tmp/z.tif", lambda: calls.append(1) or [""], incomplete=lambda d: not all(d))
     assert len(calls) == 1
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_both_backends_keep_one_contract(kind, s3_bucket, tmp_path):
+    """The local and S3 backends answer every operation the same way (one interface, chosen by URI)."""
+    root = str(tmp_path / "store") if kind == "local" else s3_bucket + "/store"
+    expected = storage.LocalBackend if kind == "local" else storage.S3Backend
+    assert isinstance(storage.backend(f"{root}/a.bin"), expected)
+    a, b = f"{root}/x/a.bin", f"{root}/x/y/b.bin"
+    assert not storage.exists(a) and storage.list_files(root) == []
+    storage.write_bytes(a, b"alpha")
+    storage.copy(a, b)
+    assert storage.exists(a) and storage.read_bytes(b) == b"alpha"
+    assert storage.list_files(f"{root}/x") == sorted([a, b])
+    info = storage.stat(a)
+    assert info["size"] == 5 and info["version"]
+    storage.write_bytes(a, b"alphabet")
+    assert storage.stat(a)["size"] == 8
+    storage.delete(a)
+    storage.delete(a)  # twice: no error
+    assert not storage.exists(a) and storage.list_files(root) == [b]
+    with pytest.raises(InputNotFoundError):
+        storage.read_bytes(a)
+    with pytest.raises(InputNotFoundError):
+        storage.copy(a, f"{root}/z.bin")
+    # across backends, both ways
+    other = str(tmp_path / "other") if kind == "s3" else s3_bucket + "/other"
+    storage.copy(b, f"{other}/b.bin")
+    storage.copy(f"{other}/b.bin", f"{root}/back.bin")
+    assert storage.read_bytes(f"{root}/back.bin") == b"alpha"

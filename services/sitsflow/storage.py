@@ -4,6 +4,9 @@ Every stage reads and writes through this module, so a run works the same on a l
 folders) and in a cluster (object storage).
 
 * URIs: local paths (relative or absolute, optionally ``file://``) and ``s3://bucket/key``.
+* Two backends behind one interface (:class:`Backend`): :class:`LocalBackend` and
+  :class:`S3Backend`, chosen by :func:`backend` from the URI. A backend method is one attempt of
+  one operation; the public functions run it under :func:`_retry` and its error mapping.
 * S3 access goes through one boto3 client per process (created lazily, thread-safe), configured
   from the standard AWS environment only: the endpoint from ``AWS_ENDPOINT_URL_S3`` or
   ``AWS_ENDPOINT_URL`` (an empty value means unset), credentials from the usual chain
@@ -48,7 +51,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, Protocol, TypeGuard, TypeVar
 from urllib.parse import urlsplit
 
 from sitsflow.errors import (
@@ -61,6 +64,10 @@ from sitsflow.errors import (
 from sitsflow.log import get_logger
 
 __all__ = [
+    "Backend",
+    "LocalBackend",
+    "S3Backend",
+    "backend",
     "is_s3",
     "read_bytes",
     "read_text",
@@ -551,26 +558,163 @@ def _atomic_local_copy(src: str, dst: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-def read_bytes(uri: PathLike) -> bytes:
-    """The whole content of ``uri``; :class:`InputNotFoundError` (exit 2) when missing."""
-    if is_s3(uri):
-        bucket, key = _s3_object(uri)
+class Backend(Protocol):
+    """What one kind of storage does for the public functions below, which choose the backend
+    from the URI (:func:`backend`) and run every call under :func:`_retry`: each method is one
+    attempt of one operation, and raises what its system raises."""
 
-        def get() -> bytes:
-            body = _client().get_object(Bucket=bucket, Key=key)["Body"]
-            try:
-                return body.read()
-            finally:
-                body.close()
+    def read(self, uri: str) -> bytes: ...
+    def write(self, uri: str, data: bytes) -> None: ...  # atomic: never a half-written file/object
+    def exists(self, uri: str) -> bool: ...
+    def listing(self, prefix: str) -> list[str]: ...  # sorted full URIs, temporary files left out
+    def delete(self, uri: str) -> None: ...  # what does not exist is no error
+    def stat(self, uri: str) -> dict[str, Any]: ...
+    def copy_within(self, src: str, dst: str) -> None: ...
+    def download(self, uri: str, path: str) -> None: ...  # to the local ``path``, atomically
+    def upload(self, path: str, uri: str) -> None: ...  # from the local file ``path``
 
-        return _retry("read", uri, get)
-    path = local_file(uri)
 
-    def read() -> bytes:
-        with open(path, "rb") as fh:
+class LocalBackend:
+    """Local paths (``file://`` stripped): atomic writes through a hidden sibling, fsynced."""
+
+    def read(self, uri: str) -> bytes:
+        with open(local_file(uri), "rb") as fh:
             return fh.read()
 
-    return _retry("read", str(uri), read)
+    def write(self, uri: str, data: bytes) -> None:
+        _atomic_local_write(local_file(uri), data)
+
+    def exists(self, uri: str) -> bool:
+        return os.path.isfile(local_file(uri))
+
+    def listing(self, prefix: str) -> list[str]:
+        root = local_file(prefix)
+        out: list[str] = []
+        if not os.path.isdir(root):
+            return out
+        for folder, _dirs, files in os.walk(root):
+            out.extend(os.path.join(folder, name) for name in files if not _is_temp_name(name))
+        return sorted(out)
+
+    def delete(self, uri: str) -> None:
+        _remove_quietly(local_file(uri))
+
+    def stat(self, uri: str) -> dict[str, Any]:
+        path = local_file(uri)
+        st = os.stat(path)
+        if not os.path.isfile(path):
+            raise BadInputError(f"stat {uri}: not a file")
+        return {"size": int(st.st_size), "version": str(st.st_mtime_ns)}
+
+    def copy_within(self, src: str, dst: str) -> None:
+        _atomic_local_copy(self._source(src, dst), local_file(dst))
+
+    def download(self, uri: str, path: str) -> None:
+        _atomic_local_copy(self._source(uri, path), path)
+
+    def upload(self, path: str, uri: str) -> None:
+        _atomic_local_copy(path, local_file(uri))
+
+    @staticmethod
+    def _source(src: str, dst: str) -> str:
+        path = local_file(src)
+        if not os.path.isfile(path):
+            raise InputNotFoundError(f"copy {src} -> {dst}: source {src!r} is not a file")
+        return path
+
+
+class S3Backend:
+    """``s3://bucket/key`` through the process's boto3 client (puts are atomic by nature)."""
+
+    def read(self, uri: str) -> bytes:
+        bucket, key = _s3_object(uri)
+        body = _client().get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            return body.read()
+        finally:
+            body.close()
+
+    def write(self, uri: str, data: bytes) -> None:
+        bucket, key = _s3_object(uri)
+        _client().put_object(Bucket=bucket, Key=key, Body=data)
+
+    def exists(self, uri: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = _s3_object(uri)
+        try:
+            _client().head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            info = _client_error_info(exc)
+            if info and (info[1] == 404 or info[0] in _NOT_FOUND_CODES):
+                return False
+            raise
+        return True
+
+    def listing(self, prefix: str) -> list[str]:
+        bucket, key = _split_s3(prefix)
+        key_prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+        out: list[str] = []
+        for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
+            for obj in page.get("Contents", []):
+                name = obj["Key"].rsplit("/", 1)[-1]
+                if name and not _is_temp_name(name):
+                    out.append(_s3_uri(bucket, obj["Key"]))
+        return sorted(out)
+
+    def delete(self, uri: str) -> None:
+        bucket, key = _s3_object(uri)
+        _client().delete_object(Bucket=bucket, Key=key)
+
+    def stat(self, uri: str) -> dict[str, Any]:
+        bucket, key = _s3_object(uri)
+        head = _client().head_object(Bucket=bucket, Key=key)
+        return {"size": int(head["ContentLength"]), "version": str(head["ETag"]).strip('"')}
+
+    def copy_within(self, src: str, dst: str) -> None:
+        sb, sk = _s3_object(src)
+        db, dk = _s3_object(dst)
+        _client().copy({"Bucket": sb, "Key": sk}, db, dk, Config=_transfer_config())
+
+    def download(self, uri: str, path: str) -> None:
+        bucket, key = _s3_object(uri)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = _temp_sibling(path)
+        try:
+            _client().download_file(bucket, key, tmp, Config=_transfer_config())
+            _publish_local(tmp, path)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+
+    def upload(self, path: str, uri: str) -> None:
+        bucket, key = _s3_object(uri)
+        _client().upload_file(path, bucket, key, Config=_transfer_config())
+
+
+_LOCAL = LocalBackend()
+_S3 = S3Backend()
+
+
+def backend(uri: PathLike) -> Backend:
+    """The backend of ``uri``: :class:`S3Backend` for ``s3://``, else :class:`LocalBackend`."""
+    return _S3 if is_s3(uri) else _LOCAL
+
+
+def _checked(uri: PathLike) -> str:
+    """``uri`` as a string, its form checked before any attempt (a bad URI is no transient trouble)."""
+    text = os.fspath(uri)
+    if is_s3(text):
+        _split_s3(text)
+    else:
+        local_file(text)
+    return text
+
+
+def read_bytes(uri: PathLike) -> bytes:
+    """The whole content of ``uri``; :class:`InputNotFoundError` (exit 2) when missing."""
+    u = _checked(uri)
+    return _retry("read", u, lambda: backend(u).read(u))
 
 
 def read_text(uri: PathLike) -> str:
@@ -584,13 +728,8 @@ def read_text(uri: PathLike) -> str:
 
 def write_bytes(uri: PathLike, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically (never a half-written object); parents created."""
-    data = bytes(data)
-    if is_s3(uri):
-        bucket, key = _s3_object(uri)
-        _retry("write", uri, lambda: _client().put_object(Bucket=bucket, Key=key, Body=data))
-        return
-    path = local_file(uri)
-    _retry("write", str(uri), lambda: _atomic_local_write(path, data))
+    u, body = _checked(uri), bytes(data)
+    _retry("write", u, lambda: backend(u).write(u, body))
 
 
 def write_text(uri: PathLike, text: str) -> None:
@@ -600,24 +739,8 @@ def write_text(uri: PathLike, text: str) -> None:
 
 def exists(uri: PathLike) -> bool:
     """True when ``uri`` names an existing file/object (a local folder is not a file)."""
-    if is_s3(uri):
-        bucket, key = _s3_object(uri)
-
-        def head() -> bool:
-            from botocore.exceptions import ClientError
-
-            try:
-                _client().head_object(Bucket=bucket, Key=key)
-            except ClientError as exc:
-                info = _client_error_info(exc)
-                if info and (info[1] == 404 or info[0] in _NOT_FOUND_CODES):
-                    return False
-                raise
-            return True
-
-        return _retry("exists", uri, head)
-    path = local_file(uri)
-    return _retry("exists", str(uri), lambda: os.path.isfile(path))
+    u = _checked(uri)
+    return _retry("exists", u, lambda: backend(u).exists(u))
 
 
 def list_files(prefix: PathLike) -> list[str]:
@@ -628,42 +751,14 @@ def list_files(prefix: PathLike) -> list[str]:
     prefix gives relative paths). A missing folder lists as ``[]``; temporary files of
     in-flight atomic writes are never returned.
     """
-    if is_s3(prefix):
-        bucket, key = _split_s3(prefix)
-        key_prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-
-        def listing() -> list[str]:
-            out: list[str] = []
-            pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix)
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    name = obj["Key"].rsplit("/", 1)[-1]
-                    if name and not _is_temp_name(name):
-                        out.append(_s3_uri(bucket, obj["Key"]))
-            return sorted(out)
-
-        return _retry("list", prefix, listing)
-    root = local_file(prefix)
-
-    def walk() -> list[str]:
-        out: list[str] = []
-        if not os.path.isdir(root):
-            return out
-        for folder, _dirs, files in os.walk(root):
-            out.extend(os.path.join(folder, name) for name in files if not _is_temp_name(name))
-        return sorted(out)
-
-    return _retry("list", str(prefix), walk)
+    p = _checked(prefix)
+    return _retry("list", p, lambda: backend(p).listing(p))
 
 
 def delete(uri: PathLike) -> None:
     """Delete the file/object ``uri``; deleting what does not exist is not an error."""
-    if is_s3(uri):
-        bucket, key = _s3_object(uri)
-        _retry("delete", uri, lambda: _client().delete_object(Bucket=bucket, Key=key))
-        return
-    path = local_file(uri)
-    _retry("delete", str(uri), lambda: _remove_quietly(path))
+    u = _checked(uri)
+    _retry("delete", u, lambda: backend(u).delete(u))
 
 
 # --- conditional requests on object storage (the run lease) ------------------------------------
@@ -734,54 +829,22 @@ def delete_if(uri: str, etag: str, *, op: str = "delete") -> bool:
 
 def stat(uri: PathLike) -> dict[str, Any]:
     """``{"size": bytes, "version": str}``: the local mtime in ns, or the S3 ETag (no quotes)."""
-    if is_s3(uri):
-        bucket, key = _s3_object(uri)
-        head = _retry("stat", uri, lambda: _client().head_object(Bucket=bucket, Key=key))
-        return {"size": int(head["ContentLength"]), "version": str(head["ETag"]).strip('"')}
-    path = local_file(uri)
-    st = _retry("stat", str(uri), lambda: os.stat(path))
-    if not os.path.isfile(path):
-        raise BadInputError(f"stat {uri}: not a file")
-    return {"size": int(st.st_size), "version": str(st.st_mtime_ns)}
+    u = _checked(uri)
+    return _retry("stat", u, lambda: backend(u).stat(u))
 
 
 def copy(src_uri: PathLike, dst_uri: PathLike) -> None:
     """Copy one file/object, any direction local/S3, atomically at the destination."""
-    src, dst = os.fspath(src_uri), os.fspath(dst_uri)
-    if is_s3(src) and is_s3(dst):
-        sb, sk = _s3_object(src)
-        db, dk = _s3_object(dst)
-        _retry(
-            "copy",
-            f"{src} -> {dst}",
-            lambda: _client().copy({"Bucket": sb, "Key": sk}, db, dk, Config=_transfer_config()),
-        )
+    src, dst = _checked(src_uri), _checked(dst_uri)
+    source, target = backend(src), backend(dst)
+    if source is target:
+        run = lambda: source.copy_within(src, dst)  # noqa: E731
     elif is_s3(dst):
-        path = local_file(src)
-        if not os.path.isfile(path):
-            raise InputNotFoundError(f"copy {src} -> {dst}: source {src!r} is not a file")
-        db, dk = _s3_object(dst)
-        _retry("copy", f"{src} -> {dst}", lambda: _client().upload_file(path, db, dk, Config=_transfer_config()))
-    elif is_s3(src):
-        sb, sk = _s3_object(src)
-        path = local_file(dst)
-
-        def download() -> None:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            tmp = _temp_sibling(path)
-            try:
-                _client().download_file(sb, sk, tmp, Config=_transfer_config())
-                _publish_local(tmp, path)
-            except BaseException:
-                _remove_quietly(tmp)
-                raise
-
-        _retry("copy", f"{src} -> {dst}", download)
+        path = LocalBackend._source(src, dst)  # a missing source is bad input, not transient
+        run = lambda: target.upload(path, dst)  # noqa: E731
     else:
-        s, d = local_file(src), local_file(dst)
-        if not os.path.isfile(s):
-            raise InputNotFoundError(f"copy {src} -> {dst}: source {src!r} is not a file")
-        _retry("copy", f"{src} -> {dst}", lambda: _atomic_local_copy(s, d))
+        run = lambda: source.download(src, local_file(dst))  # noqa: E731
+    _retry("copy", f"{src} -> {dst}", run)
 
 
 def upload_tree(local_dir: PathLike, uri_prefix: PathLike) -> list[str]:
@@ -818,15 +881,11 @@ def local_path(uri: PathLike) -> Iterator[str]:
             raise InputNotFoundError(f"open {uri}: no such file")
         yield path
         return
-    bucket, key = _s3_object(uri)
+    _bucket, key = _s3_object(uri)
     folder = tempfile.mkdtemp(prefix="sitsflow-in-")
     try:
         path = os.path.join(folder, key.rsplit("/", 1)[-1])
-
-        def download() -> None:
-            _client().download_file(bucket, key, path, Config=_transfer_config())
-
-        _retry("download", uri, download)
+        _retry("download", uri, lambda: _S3.download(uri, path))
         yield path
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -911,10 +970,9 @@ class OutputSet:
             if not os.path.isfile(tmp):
                 raise SitsflowError(f"output_path {uri}: nothing was written to {tmp}")
         for uri, tmp in self.pending:
+            # the lambdas run at once (inside _retry), within this iteration
             if is_s3(uri):
-                bucket, key = _s3_object(uri)
-                # the lambdas run at once (inside _retry), within this iteration
-                _retry("upload", uri, lambda: _client().upload_file(tmp, bucket, key, Config=_transfer_config()))  # noqa: B023
+                _retry("upload", uri, lambda: _S3.upload(tmp, uri))  # noqa: B023
             else:
                 _retry("write", uri, lambda: _publish_local(tmp, local_file(uri)))  # noqa: B023
         return [uri for uri, _ in self.pending]
