@@ -242,3 +242,21 @@ def test_every_option_trains_through_the_stage(tmp_path: Path, mode: str) -> Non
     hist = read_history(storage.read_bytes(layout.model_history(str(root), 1, 0, 0)))
     assert all(math.isfinite(h["train_loss"]) for h in hist)
     assert hist[0]["lr"] == pytest.approx(0.01 / 25)
+
+
+def test_gradient_clip_bounds_the_gradient_norm_and_changes_training(out: str) -> None:
+    net = torch.nn.Linear(6, 3)
+    torch.nn.functional.cross_entropy(net(100 * torch.randn(64, 6)), torch.randint(0, 3, (64,))).backward()
+    norm = lambda: float(torch.cat([p.grad.reshape(-1) for p in net.parameters()]).norm())  # noqa: E731
+    before = norm()
+    extras().clip(net.parameters())  # 0: untouched
+    assert norm() == pytest.approx(before)
+    extras(gradient_clip=0.01).clip(net.parameters())
+    assert before > 0.01 and norm() == pytest.approx(0.01, rel=1e-4)
+    # through the stage: a new candidate, other weights
+    run(make_cfg(out), 1, 0, 0)
+    plain = model_state(layout.model_candidate(out, 1, 0, 0))
+    clipped = run(with_options(make_cfg(out), gradient_clip=1e-3), 1, 0, 0)
+    assert not clipped["skipped"]
+    after = model_state(layout.model_candidate(out, 1, 0, 0))
+    assert any(not torch.equal(plain[k], after[k]) for k in plain)

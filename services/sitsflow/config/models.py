@@ -507,6 +507,9 @@ class TrainingOptions(Section):
     gaussian_noise: Annotated[float, Field(ge=0)] = 0.0
     """Augmentation: Gaussian noise added to every training value, its standard deviation this
     factor times the feature's standard deviation in the training statistics."""
+    gradient_clip: Annotated[float, Field(ge=0)] = 0.0
+    """Largest L2 norm of the gradient of all parameters together: a larger one is scaled down
+    to it before each optimizer step (PyTorch's ``clip_grad_norm_``); 0: no clipping."""
     balanced_sampling: bool = False
     """Class-balanced sampling: every class is drawn equally often ('full' mode: each epoch draws
     as many samples as the learning set holds, with replacement, with probability 1 / count of

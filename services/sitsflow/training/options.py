@@ -113,6 +113,11 @@ class TrainingExtras:
             return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.options.weight_decay)
         return torch.optim.Adam(params, lr=self.learning_rate)
 
+    def clip(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Scale the gradients of ``params`` down to the L2 norm ``gradient_clip`` (0: nothing)."""
+        if self.options.gradient_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.options.gradient_clip)
+
     @property
     def scheduled(self) -> bool:
         """Whether the learning rate changes per step (a schedule or a warm-up is set)."""

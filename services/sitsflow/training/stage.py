@@ -359,6 +359,7 @@ def train(
                 logits = network(x)
             loss = extras.loss(logits.float(), y, weights)
             loss.backward()
+            extras.clip(network.parameters())
             optimizer.step()
             loss_sum += loss.detach().double() * y.shape[0]
             count += int(y.shape[0])
