@@ -130,7 +130,7 @@ def test_minimal_config_loads_with_every_default(tmp_path: Path) -> None:
     dl = train.pop("deep_learning_parameters")
     assert train.pop("training_options") == {  # sitsflow's, outside iota2's keys: all off
         "label_smoothing": 0.0, "weight_decay": 0.0, "lr_schedule": "constant", "warmup_epochs": 0.0,
-        "date_dropout": 0.0, "time_shift": 0, "gaussian_noise": 0.0, "balanced_sampling": False,
+        "date_dropout": 0.0, "time_shift": 0, "gaussian_noise": 0.0, "gradient_clip": 0.0, "balanced_sampling": False,
     }
     assert train == {"runs": 1, "ratio": 0.5, "random_seed": 0, "features_from_raw_dates": False,
                      "features": ("NDVI", "NDWI", "Brightness")}
