@@ -99,15 +99,16 @@ def fold_linear_bn(linear: torch.nn.Linear, bn: torch.nn.BatchNorm1d | None) -> 
 
 
 def fold_sequential(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    """Fold each ``Linear`` with the ``BatchNorm1d`` right after it; drop dropouts; keep the rest."""
+    """Fold each ``Linear`` or ``Conv1d`` with the ``BatchNorm1d`` right after it; drop dropouts;
+    keep the rest."""
     out: list[torch.nn.Module] = []
     k = 0
     while k < len(modules):
         m = modules[k]
-        if isinstance(m, torch.nn.Linear):
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)):
             nxt = modules[k + 1] if k + 1 < len(modules) else None
             bn = nxt if isinstance(nxt, torch.nn.BatchNorm1d) else None
-            out.append(fold_linear_bn(m, bn))
+            out.append(fold_linear_bn(m, bn) if isinstance(m, torch.nn.Linear) else fold_conv_bn(m, bn))
             k += 2 if bn is not None else 1
             continue
         if not isinstance(m, torch.nn.Dropout):
@@ -162,24 +163,6 @@ def fold_conv_bn(
     return out
 
 
-def _fold_conv_sequence(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    """Fold each ``Conv1d`` with the ``BatchNorm1d`` right after it; drop dropouts; keep the rest."""
-    out: list[torch.nn.Module] = []
-    k = 0
-    while k < len(modules):
-        m = modules[k]
-        if isinstance(m, torch.nn.Conv1d):
-            nxt = modules[k + 1] if k + 1 < len(modules) else None
-            bn = nxt if isinstance(nxt, torch.nn.BatchNorm1d) else None
-            out.append(fold_conv_bn(m, bn))
-            k += 2 if bn is not None else 1
-            continue
-        if not isinstance(m, torch.nn.Dropout):
-            out.append(m)
-        k += 1
-    return out
-
-
 class FoldedTempCNN(torch.nn.Module):
     """Inference form of ``TempCNN``: normalisation, convolutions and the dense layer with their
     BatchNorm folded in. (batch, T, C) -> logits (batch, nb_classes)."""
@@ -187,7 +170,7 @@ class FoldedTempCNN(torch.nn.Module):
     def __init__(self, network: TempCNN) -> None:
         super().__init__()
         self.normalize = NormalizedInput(network)
-        self.conv = torch.nn.Sequential(*_fold_conv_sequence(list(network.conv))).double()
+        self.conv = torch.nn.Sequential(*fold_sequential(list(network.conv))).double()
         self.flatten = network.pooling == "flatten"
         self.head = torch.nn.Sequential(*fold_sequential(list(network.head))).double()
 
