@@ -26,7 +26,6 @@ from sitsflow.config import load_config
 from sitsflow.merging import stac
 from sitsflow.nn.predict import PROBABILITY_SCALE
 from sitsflow.reference import read_color_table, read_nomenclature
-
 from synthetic import write_config, write_scene
 from test_stages import _pipeline
 
@@ -148,7 +147,6 @@ def test_catalog_validates_and_describes_the_final_products(run):
             assert bands is not None and len(bands) == src.count
             assert [str(b.data_type) for b in bands] == list(src.dtypes)
             assert all(b.nodata == src.nodata for b in bands)
-            data = src.read()
         # the time span of the series the models were trained on
         assert item.properties["start_datetime"].startswith("2020-") and item.datetime is None
 
@@ -174,7 +172,7 @@ def test_catalog_validates_and_describes_the_final_products(run):
         assert {v: c.title for v, c in by_value.items() if v} == names
         assert by_value[1].name == "Winter_wheat" and by_value[2].name == "Maize_corn"
         assert {v: c.color_hint for v, c in by_value.items() if v} == {
-            c: "%02X%02X%02X" % rgb for c, rgb in colors.items()
+            c: "".join(f"{v:02X}" for v in rgb) for c, rgb in colors.items()
         }
         assert {v: c.count for v, c in by_value.items() if v and c.count} == pixels
     assert classif.assets["visual"].get_absolute_href() == os.path.abspath(layout.final_classif_color(out, 0))

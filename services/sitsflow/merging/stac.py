@@ -236,7 +236,7 @@ def write_catalog(
         )
 
     for obj in [catalog, collection, *items]:
-        uri = obj.get_self_href()
-        assert uri is not None  # set above
-        with open(outputs.path(uri), "w", encoding="utf-8") as f:
+        href = obj.get_self_href()
+        assert href is not None  # set above
+        with open(outputs.path(href), "w", encoding="utf-8") as f:
             json.dump(obj.to_dict(include_self_link=False, transform_hrefs=True), f, indent=2)
