@@ -231,3 +231,10 @@ def test_catalog_on_s3_loads_a_map_back(run, s3_bucket):
             via_catalog = src.read(1)
     with storage.local_path(layout.final_classif(out, 0)) as local, rasterio.open(local) as src:
         np.testing.assert_array_equal(via_catalog, src.read(1))
+
+
+def test_items_span_the_models_dates_or_carry_their_creation_time():
+    first, last = stac._interval([20200402, 20200105, 20200213])
+    assert (first.isoformat(), last.isoformat()) == ("2020-01-05T00:00:00+00:00", "2020-04-02T00:00:00+00:00")
+    assert stac._interval([1, 2, 3]) is None  # a dated raster without dates numbers them
+    assert stac._interval([]) is None

@@ -460,7 +460,7 @@ def run(cfg) -> dict:
             colors=colors,
             codes=all_codes,
             pixels=map_pixels,
-            dates=[int(d) for m in models.values() for d in (m.get("dates") or [])],
+            dates=[d for m in models.values() for d in (m.get("dates") or [])],
         )
         storage.delete(layout.manifest(out, STAGE, layout.ALL))
     outputs += [uri for uri, _ in final.pending]

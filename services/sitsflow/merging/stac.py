@@ -84,8 +84,9 @@ def _classes(names: dict[int, str], colors: dict, codes: list[int], pixels: dict
     return out
 
 
-def _interval(dates: list[int]) -> tuple[dt.datetime, dt.datetime] | None:
-    """First and last date of the models' date axes (``YYYYMMDD`` integers), None if they are not dates."""
+def _interval(dates: list) -> tuple[dt.datetime, dt.datetime] | None:
+    """First and last date of the models' date axes (``YYYYMMDD`` integers), None if they are not all
+    dates (a dated raster without dates numbers them 1..n): the items then carry their creation time."""
     parsed = []
     for d in dates:
         try:
@@ -175,7 +176,7 @@ def write_catalog(
     colors: dict,
     codes: list[int],
     pixels: dict[int, dict[int, int]],
-    dates: list[int],
+    dates: list,
 ) -> None:
     """Describe ``products`` (already written to their local temporary files) in a STAC catalog
     whose files are added to ``outputs``, the set of final products being published.
