@@ -212,6 +212,7 @@ def test_rerun_without_a_product_drops_its_item(run, tmp_path):
     assert merging.run(cfg2)["skipped"] is True
 
 
+@pytest.mark.s3
 def test_catalog_on_s3_loads_a_map_back(run, s3_bucket):
     _, folder = run
     out = f"{s3_bucket}/run"
