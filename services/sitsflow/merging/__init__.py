@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pystac
 import rasterio
 import rasterio.shutil
 from rasterio.merge import merge as rio_merge
@@ -309,7 +310,7 @@ def run(cfg) -> dict:
         cfg.section_dict("arg_classification"),
         cfg.chain.nomenclature_path and storage.stat(cfg.chain.nomenclature_path),
         cfg.chain.color_table and storage.stat(cfg.chain.color_table),
-        {"stac": stac.pystac.get_stac_version()},  # runs merged before the catalog existed get it
+        {"stac": pystac.get_stac_version()},  # runs merged before the catalog existed get it
     )
     previous = manifest.done(out, STAGE, layout.ALL, fp)
     if previous:
@@ -363,14 +364,14 @@ def run(cfg) -> dict:
                         (
                             "visual",
                             layout.final_classif_color(out, seed),
-                            stac.pystac.MediaType.COG,
+                            pystac.MediaType.COG,
                             f"Classification with its colour table, seed {seed}",
                             ["visual"],
                         ),
                         (
                             "overview",
                             layout.final_quicklook(out, seed),
-                            stac.pystac.MediaType.PNG,
+                            pystac.MediaType.PNG,
                             f"Quick-look with a legend, seed {seed}",
                             ["overview"],
                         ),
