@@ -130,6 +130,30 @@ def final_quicklook(out: str, seed: int) -> str:
     return join(out, FINAL, f"Classif_Seed_{seed}_quicklook.png")
 
 
+STAC = "stac"
+"""Folder of the STAC catalog of the final products, under ``final/``."""
+
+
+def final_stac_catalog(out: str) -> str:
+    """Root of the STAC catalog of the final products (it holds the collection)."""
+    return join(out, FINAL, STAC, "catalog.json")
+
+
+def final_stac_collection(out: str) -> str:
+    """The STAC collection of the run: one item per final product."""
+    return join(out, FINAL, STAC, "collection.json")
+
+
+def final_stac_item(out: str, item_id: str) -> str:
+    """The STAC item of the final product ``item_id`` (see :func:`product_id`)."""
+    return join(out, FINAL, STAC, "items", f"{item_id}.json")
+
+
+def product_id(uri: str) -> str:
+    """The name of a final product without its folder and extension (``Classif_Seed_0``): its STAC item id."""
+    return uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
 # --- bookkeeping -----------------------------------------------------------------------------
 def manifest(out: str, stage: str, task: str) -> str:
     """The manifest a stage task writes last (``manifests/<stage>/<task>.json``)."""

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pystac
 import rasterio
 import rasterio.shutil
 from rasterio.merge import merge as rio_merge
@@ -26,7 +27,9 @@ from sitsflow import layout, manifest, storage
 from sitsflow.accuracy import area_weighted, evaluate
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
+from sitsflow.merging import stac
 from sitsflow.merging.report import write_reports
+from sitsflow.nn.predict import PROBABILITY_SCALE
 from sitsflow.planning import sampled_regions, tile_chunks
 from sitsflow.reference import read_color_table, read_nomenclature
 from sitsflow.samples import load_samples
@@ -114,6 +117,9 @@ def _assemble(chunk_uris: list[str], windows: list[Window], dst_uri: str, finger
                 if fingerprint:
                     dst.update_tags(**{layout.TAG_MODEL_FINGERPRINT: fingerprint})
 
+
+CONFIDENCE_SCALE = 100.0
+"""The final confidence maps hold the confidence (0-1) times it, as integers."""
 
 MOSAIC_BUDGET_BYTES = 256 * 1024 * 1024
 """Mosaic data held at once while a final product is written (it is written in row strips)."""
@@ -304,6 +310,7 @@ def run(cfg) -> dict:
         cfg.section_dict("arg_classification"),
         cfg.chain.nomenclature_path and storage.stat(cfg.chain.nomenclature_path),
         cfg.chain.color_table and storage.stat(cfg.chain.color_table),
+        {"stac": pystac.get_stac_version()},  # runs merged before the catalog existed get it
     )
     previous = manifest.done(out, STAGE, layout.ALL, fp)
     if previous:
@@ -339,12 +346,38 @@ def run(cfg) -> dict:
     # The final products are staged and published as a set, then the manifest: a crash leaves no
     # manifest (the previous one is removed before publishing), and the rerun replaces the set.
     map_pixels: dict[int, dict[int, int]] = {}
+    products: list[stac.Product] = []
     with storage.output_paths() as final:
         for seed in range(runs):
             classif = final.path(layout.final_classif(out, seed), ".tif")
             _to_cog(sources(layout.tile_classif, seed), classif, dtype="uint16", nodata=0)
             map_pixels[seed] = _class_pixels(classif)
             color_dtype = "uint8" if max(all_codes) <= 255 else "uint16"
+            products.append(
+                stac.Product(
+                    layout.final_classif(out, seed),
+                    classif,
+                    title=f"Classification, seed {seed}",
+                    kind="classification",
+                    seed=seed,
+                    extra_assets=[
+                        (
+                            "visual",
+                            layout.final_classif_color(out, seed),
+                            pystac.MediaType.COG,
+                            f"Classification with its colour table, seed {seed}",
+                            ["visual"],
+                        ),
+                        (
+                            "overview",
+                            layout.final_quicklook(out, seed),
+                            pystac.MediaType.PNG,
+                            f"Quick-look with a legend, seed {seed}",
+                            ["overview"],
+                        ),
+                    ],
+                )
+            )
             _to_cog(
                 sources(layout.tile_classif, seed),
                 final.path(layout.final_classif_color(out, seed), ".tif"),
@@ -352,27 +385,40 @@ def run(cfg) -> dict:
                 nodata=0,
                 colormap={0: (255, 255, 255, 255)} | {c: (*colors.get(c, (0, 0, 0)), 255) for c in all_codes},
             )
+            confidence = final.path(layout.final_confidence(out, seed), ".tif")
             _to_cog(
-                sources(layout.tile_confidence, seed),
-                final.path(layout.final_confidence(out, seed), ".tif"),
-                dtype="uint8",
-                nodata=None,
-                scale=100.0,
+                sources(layout.tile_confidence, seed), confidence, dtype="uint8", nodata=None, scale=CONFIDENCE_SCALE
+            )
+            products.append(
+                stac.Product(
+                    layout.final_confidence(out, seed),
+                    confidence,
+                    title=f"Confidence, seed {seed}",
+                    kind="confidence",
+                    seed=seed,
+                    scale=1 / CONFIDENCE_SCALE,
+                )
             )
             if cfg.arg_classification.generate_final_probability_map:
-                _to_cog(
-                    sources(layout.tile_probamap, seed),
-                    final.path(layout.final_probamap(out, seed), ".tif"),
-                    dtype="uint16",
-                    nodata=None,
+                probamap = final.path(layout.final_probamap(out, seed), ".tif")
+                _to_cog(sources(layout.tile_probamap, seed), probamap, dtype="uint16", nodata=None)
+                products.append(
+                    stac.Product(
+                        layout.final_probamap(out, seed),
+                        probamap,
+                        title=f"Probability of each class, seed {seed}",
+                        kind="probability",
+                        seed=seed,
+                        scale=1 / PROBABILITY_SCALE,
+                    )
                 )
             _quicklook(classif, final.path(layout.final_quicklook(out, seed), ".png"), colors, names, seed)
-        _to_cog(
-            [layout.tile_validity(out, t) for t in plans],
-            final.path(layout.final_validity(out), ".tif"),
-            dtype="int16",
-            nodata=None,
-            method="max",
+        validity = final.path(layout.final_validity(out), ".tif")
+        _to_cog([layout.tile_validity(out, t) for t in plans], validity, dtype="int16", nodata=None, method="max")
+        products.append(
+            stac.Product(
+                layout.final_validity(out), validity, title="Number of clear acquisitions per pixel", kind="validity"
+            )
         )
 
         # validation on the test polygons (never used in training)
@@ -407,6 +453,16 @@ def run(cfg) -> dict:
             )
             per_seed.append(report)
         write_reports(per_seed, final.path(layout.final_results(out)), final.path(layout.final_results_json(out)))
+        stac.write_catalog(
+            out,
+            final,
+            products,
+            names=names,
+            colors=colors,
+            codes=all_codes,
+            pixels=map_pixels,
+            dates=[d for m in models.values() for d in (m.get("dates") or [])],
+        )
         storage.delete(layout.manifest(out, STAGE, layout.ALL))
     outputs += [uri for uri, _ in final.pending]
     keep = {uri.rsplit("/", 1)[-1] for uri, _ in final.pending}

@@ -22,6 +22,8 @@ log = get_logger(__name__)
 MIN_BATCH, MAX_BATCH_CPU, MAX_BATCH_CUDA = 64, 16384, 1 << 18
 #: Share of the free device memory the automatic batch size may use.
 CUDA_MEMORY_SHARE = 0.5
+PROBABILITY_SCALE = 1000
+"""Probability maps hold each class's probability (0-1) times it, rounded (iota2's 0-1000 scale)."""
 CPU_MEMORY_BUDGET = 8 * 1024 * 1024  # bytes of the largest activation tensor of a CPU batch (cache-sized)
 #: ``SITSFLOW_COMPILE`` choices -> (compile?, torch.compile mode); "auto" = compiled on CUDA only.
 COMPILE_CHOICES = {
@@ -334,7 +336,7 @@ class Predictor:
                 labels[start:stop] = table[best].to(torch.int32).cpu().numpy()
                 confidence[start:stop] = conf.cpu().numpy()
                 if probas is not None:
-                    probas[:, start:stop] = torch.round(p.T * 1000).to(torch.int32).cpu().numpy()
+                    probas[:, start:stop] = torch.round(p.T * PROBABILITY_SCALE).to(torch.int32).cpu().numpy()
         self._collect()
         return labels, confidence, probas
 
