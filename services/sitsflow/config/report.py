@@ -21,6 +21,7 @@ from sitsflow.config.models import SECTION_MODELS, SitsflowConfig
 from sitsflow.config.schema import (
     ListOf,
     PathOf,
+    PathsIn,
     core,
     describe,
     field_doc,
@@ -226,6 +227,10 @@ def _is_path(tp: Any) -> PathOf | None:
     return next((m for m in markers(tp) if isinstance(m, PathOf)), None)
 
 
+def _paths_in(tp: Any) -> PathsIn | None:
+    return next((m for m in markers(tp) if isinstance(m, PathsIn)), None)
+
+
 def _resolved(model: Any, loc: Loc, origins: Origins, errors: list[str]) -> Any:
     """``model`` with every relative path resolved: against the configuration's folder, or the
     current directory for a path given by an override."""
@@ -240,6 +245,14 @@ def _resolved(model: Any, loc: Loc, origins: Origins, errors: list[str]) -> Any:
             base = os.getcwd() if origins.from_override(here) else origins.base
             try:
                 new = resolve_path(value, base)
+            except PydanticCustomError as exc:
+                error = {"type": exc.type, "loc": here, "input": value, "ctx": exc.context}
+                errors.append(message(error, {}, origins))
+                continue
+        elif isinstance(value, dict) and (inner := _paths_in(field_type(info))):
+            base = os.getcwd() if origins.from_override(here) else origins.base
+            try:
+                new = inner.resolve(value, lambda path: resolve_path(path, base))
             except PydanticCustomError as exc:
                 error = {"type": exc.type, "loc": here, "input": value, "ctx": exc.context}
                 errors.append(message(error, {}, origins))
