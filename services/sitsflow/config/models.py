@@ -704,7 +704,7 @@ def _functions(value: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
 class ExternalFeaturesSection(Section):
     """The optional ``external_features`` section: user functions adding per-date features."""
 
-    __iota2__ = dict.fromkeys(("no_data_value", "exogeneous_data", "output_name"), "")
+    __iota2__ = dict.fromkeys(("exogeneous_data", "output_name"), "")
 
     module: PyFile
     """Path of the user's Python module (.py) defining the functions."""
@@ -714,6 +714,11 @@ class ExternalFeaturesSection(Section):
     """The functions to call, in order, each stored as (name, keyword arguments)."""
     concat_mode: bool = True
     """True: the new features are appended to the sensor's bands; False: they replace them."""
+    no_data_value: float | None = None
+    """iota2's no-data value of the external features: a value a function returns where its
+    feature is not defined. Such values are missing (NaN, as a masked acquisition), which the
+    networks impute, instead of entering the statistics and the networks as numbers; None: no
+    value is special."""
 
 
 def _write_section(lines: list[str], name: str, values: dict[str, Any], depth: int) -> None:
