@@ -77,9 +77,7 @@ def _rule(value: Any, where: str, per_model: bool) -> dict[str, Any]:
         raise detail(f"{where}sampler: expected one of {', '.join(map(repr, SAMPLERS))}, got {shown(sampler)}")
     strategy = value.get("strategy", "smallest")
     if strategy not in STRATEGIES:
-        raise detail(
-            f"{where}strategy: expected one of {', '.join(map(repr, STRATEGIES))}, got {shown(strategy)}"
-        )
+        raise detail(f"{where}strategy: expected one of {', '.join(map(repr, STRATEGIES))}, got {shown(strategy)}")
     out: dict[str, Any] = {"sampler": sampler, "strategy": strategy}
     for key in value:
         if key.startswith("strategy.") and key not in STRATEGIES[strategy]:
@@ -118,7 +116,7 @@ def check(value: Any) -> dict[str, Any]:
         return out
     if not isinstance(models, list) or not models:
         raise detail(f"per_model: expected a non-empty list of {{target_model : R, ...}} dicts, got {shown(models)}")
-    entries = []
+    entries: list[dict[str, Any]] = []
     for index, entry in enumerate(models):
         where = f"per_model[{index}]: "
         rule = _rule(entry, where, per_model=True)

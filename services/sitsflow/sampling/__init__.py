@@ -264,8 +264,8 @@ def run(cfg) -> dict:
             kept: dict[int, tuple[int, int]] = {}
             if selecting:
                 rule = selection.for_region(sample_selection, int(region))
-                table = byclass.get(rule.get("strategy.byclass.in", ""))
-                chosen, kept = strategies.select(arrays, learn, int(region), seed, rule, table)
+                counts_file = byclass.get(rule.get("strategy.byclass.in", ""))
+                chosen, kept = strategies.select(arrays, learn, int(region), seed, rule, counts_file)
                 log.info(
                     "region %s seed %s: sample selection %s kept %d of %d L+V pixels (class: kept/all %s)",
                     region,
