@@ -374,6 +374,9 @@ def test_smallest_total_byclass_and_per_model(scene, tmp_path):
     byclass = f'{{"strategy" : "byclass", "strategy.byclass.in" : "{counts}"}}'
     _, _, learn, _ = _selected(scene, tmp_path, "byclass", f"arg_train.sample_selection={byclass}")
     assert _class_counts(learn[0]) == {1: 4, 2: 7}  # class 3 is not in the file: none kept
+    counts.write_text("1 0\n")
+    with pytest.raises(BadInputError, match="keeps no L[+]V pixel of region 1"):
+        _selected(scene, tmp_path, "byclass_none", f"arg_train.sample_selection={byclass}")
     # per_model: region 1 (the only one) takes its own rule instead of the top-level one
     per_model = ('{"sampler" : "random", "strategy" : "all", "per_model" : [{"target_model" : 1, '
                  '"sampler" : "periodic", "strategy" : "constant", "strategy.constant.nb" : 3}]}')

@@ -136,6 +136,11 @@ def select(
         )
         chosen = members[order][pick(len(members), wanted[code], rule["sampler"], rng)]
         keep[chosen] = True
+    if index.size and not keep.any():
+        raise BadInputError(
+            f"arg_train.sample_selection {rule} keeps no L+V pixel of region {region} (seed {seed}): "
+            "nothing would be left to learn from"
+        )
     return keep, {c: (wanted[c], counts[c]) for c in sorted(counts)}
 
 
