@@ -201,6 +201,53 @@ def test_class_files_are_checked_by_prepare(scene, tmp_path, file, content, culp
     assert files_under(tmp_path / "out") == set()
 
 
+def _with_sample_selection(path: Path, rule: str) -> Path:
+    path.write_text(path.read_text().replace("  random_seed : 0\n", f"  random_seed : 0\n  sample_selection : {rule}\n"))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("rule", "culprits"),
+    [
+        ('{"sampler" : "random", "strategy" : "percentage"}',
+         ["arg_train.sample_selection: strategy: expected one of 'all', 'smallest', 'percent'", "got 'percentage'"]),
+        ('{"sampler" : "random", "strategy" : "percent", "strategy.percent.p" : 10}',
+         ["arg_train.sample_selection: strategy.percent.p: expected a number 0 < p <= 1", "got 10"]),
+        ('{"sampler" : "periodic", "sampler.periodic.jitter" : 2, "strategy" : "all"}',
+         ["arg_train.sample_selection: unknown key 'sampler.periodic.jitter'; allowed keys: sampler, strategy"]),
+    ],
+    ids=["strategy", "percent", "jitter"],
+)
+def test_bad_sample_selection_exits_2_before_any_work(scene, tmp_path, rule, culprits):
+    path = _with_sample_selection(config(scene, output=str(tmp_path / "out")), rule)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "sample_selection :" in text)
+    for command in (["prepare", "--config", path], ["run", path, "--no-progress"]):
+        code, text, _ = sitsflow(*command)
+        refused(code, text, *culprits, f"config.cfg:{line}")
+    assert files_under(tmp_path / "out") == set()
+
+
+@pytest.mark.parametrize(
+    ("content", "culprits"),
+    [
+        ("1 10\n2 ten\n", ["counts.txt:2", "expected 'class count'", "got '2 ten'"]),
+        ("1 10\n1 5\n", ["counts.txt:2", "class 1 is listed twice"]),
+        (None, ["counts.txt", "no such file"]),
+    ],
+    ids=["not a count", "twice", "missing"],
+)
+def test_bad_byclass_file_exits_2_in_prepare(scene, tmp_path, content, culprits):
+    folder = tmp_path / "scene"
+    shutil.copytree(scene, folder)
+    if content is not None:
+        (folder / "counts.txt").write_text(content)
+    rule = '{"sampler" : "random", "strategy" : "byclass", "strategy.byclass.in" : "counts.txt"}'
+    path = _with_sample_selection(config(folder, output=str(tmp_path / "out")), rule)
+    code, text, _ = sitsflow("prepare", "--config", path)
+    refused(code, text, *culprits)
+    assert files_under(tmp_path / "out") == set()
+
+
 def test_class_files_readers_keep_what_is_right(tmp_path):
     (tmp_path / "n.txt").write_text("# iota2\ncrops : 1\n\n12:water\n")
     (tmp_path / "c.txt").write_text("1 255 211 0\n12,0,0,255\n")

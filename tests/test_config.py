@@ -133,7 +133,8 @@ def test_minimal_config_loads_with_every_default(tmp_path: Path) -> None:
         "date_dropout": 0.0, "time_shift": 0, "gaussian_noise": 0.0, "gradient_clip": 0.0, "balanced_sampling": False,
     }
     assert train == {"runs": 1, "ratio": 0.5, "random_seed": 0, "features_from_raw_dates": False,
-                     "features": ("NDVI", "NDWI", "Brightness")}
+                     "features": ("NDVI", "NDWI", "Brightness"), "split_ground_truth": True,
+                     "sample_selection": {"sampler": "random", "strategy": "all"}}
     assert dl == {
         "dl_name": "LTAEClassifier",
         "dl_parameters": {},
@@ -637,14 +638,70 @@ def test_unknown_section_suggests_the_right_one(tmp_path: Path) -> None:
     ("key", "hint"),
     [
         ("chain.user_feat_path", "dated_raster"),
-        ("arg_train.sample_selection", ""),
-        ("arg_train.split_ground_truth", ""),
+        ("arg_train.sample_augmentation", ""),
     ],
 )
 def test_iota2_keys_not_supported_yet(tmp_path: Path, key: str, hint: str) -> None:
     message = load_error(tmp_path, with_values({key: "x"}))
     assert f"{key} is an iota2 parameter that sitsflow does not support yet" in message
     assert hint in message
+
+
+def test_sample_selection_as_iota2_users_write_it(tmp_path: Path) -> None:
+    (tmp_path / "counts.csv").write_text("1 10\n")
+    rule = {"sampler": "random", "strategy": "percent", "strategy.percent.p": 0.1}
+    cfg = load_config(str(write(tmp_path, with_values({"arg_train.sample_selection": rule}))))
+    assert cfg.arg_train.sample_selection == rule
+    assert cfg.arg_train.split_ground_truth is True
+    default = load_config(str(write(tmp_path, with_values({}), "plain.cfg")))
+    assert default.arg_train.sample_selection == {"sampler": "random", "strategy": "all"}  # iota2's default
+    # OTB's defaults fill what is left out; per_model entries are checked as the top level
+    given = {"strategy": "byclass", "strategy.byclass.in": "counts.csv",
+             "per_model": [{"target_model": "2", "strategy": "total"}]}
+    cfg = load_config(str(write(tmp_path, with_values({"arg_train.sample_selection": given}))))
+    assert cfg.arg_train.sample_selection == {
+        "sampler": "periodic", "strategy": "byclass", "strategy.byclass.in": str(tmp_path / "counts.csv"),
+        "per_model": [{"target_model": 2, "sampler": "periodic", "strategy": "total", "strategy.total.v": 1000}],
+    }
+    # the resolved configuration reads back equal (dotted keys quoted, the path absolute)
+    again = write(tmp_path, cfg.to_cfg(), "sub/resolved.cfg")
+    assert load_config(str(again)) == cfg
+    cfg = load_config(str(write(tmp_path, with_values({"arg_train.split_ground_truth": False}))))
+    assert cfg.arg_train.split_ground_truth is False
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ({"sampler": "randum", "strategy": "all"}, "sampler: expected one of 'periodic', 'random', got 'randum'"),
+        ({"strategy": "percentage"}, "strategy: expected one of 'all', 'smallest', 'percent', 'constant', 'total', "
+                                     "'byclass', got 'percentage'"),
+        ({"strategy": "percent", "strategy.percent.p": 10}, "strategy.percent.p: expected a number 0 < p <= 1"),
+        ({"strategy": "percent", "strategy.percent.p": 0}, "strategy.percent.p: expected a number 0 < p <= 1"),
+        ({"strategy": "constant"}, "strategy 'constant' needs strategy.constant.nb: an integer >= 1"),
+        ({"strategy": "constant", "strategy.constant.nb": 2.5}, "strategy.constant.nb: expected an integer >= 1"),
+        ({"strategy": "total", "strategy.total.v": 0}, "strategy.total.v: expected an integer >= 1"),
+        ({"strategy": "byclass"}, "strategy 'byclass' needs strategy.byclass.in"),
+        ({"strategy": "all", "strategy.percent.p": 0.5}, "strategy.percent.p is only read with strategy 'percent', "
+                                                          "not 'all'"),
+        ({"strategy": "all", "ram": 256}, "unknown key 'ram'; allowed keys: sampler, strategy, per_model,"),
+        ({"per_model": {"target_model": 1}}, "per_model: expected a non-empty list"),
+        ({"per_model": [{"strategy": "all"}]}, "per_model[0]: target_model: expected a region number"),
+        ({"per_model": [{"target_model": 1, "strategy": "smalest"}]}, "per_model[0]: strategy: expected one of"),
+        ("all", "expected iota2's sample selection dict"),
+    ],
+)
+def test_bad_sample_selection_names_the_key_and_the_allowed_values(tmp_path: Path, value: Any, fragment: str) -> None:
+    path = write(tmp_path, with_values({"arg_train.sample_selection": value}))
+    message = load_error(tmp_path, with_values({"arg_train.sample_selection": value}))
+    assert message.startswith("arg_train.sample_selection: "), message
+    assert fragment in message, message
+    assert f"config.cfg:{line_of(path, 'sample_selection')}" in message
+
+
+def test_split_ground_truth_must_be_a_boolean(tmp_path: Path) -> None:
+    message = load_error(tmp_path, with_values({"arg_train.split_ground_truth": "False"}))
+    assert "arg_train.split_ground_truth: expected True or False" in message
 
 
 def test_iota2_scheduler_keys_are_accepted_with_one_warning(tmp_path: Path,

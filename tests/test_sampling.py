@@ -247,3 +247,171 @@ def test_sampling_memory_does_not_grow_with_the_tile(tmp_path):
     full = size * size * nb_dates * 4
     assert arrays["features"].shape[0] == 12 * 15 * 15
     assert peak < 48 * 2**20 < full / 10, peak
+
+
+# --- arg_train.sample_selection and split_ground_truth ----------------------------------------
+from sitsflow.sampling import strategies  # noqa: E402
+
+
+def test_strategies_give_otb_counts_per_class():
+    counts = {1: 100, 2: 30, 3: 7}
+    rule = {"sampler": "periodic"}
+    assert strategies.required(rule | {"strategy": "all"}, counts) == counts
+    assert strategies.required(rule | {"strategy": "smallest"}, counts) == {1: 7, 2: 7, 3: 7}
+    # floor(0.5 + p * n)
+    assert strategies.required(rule | {"strategy": "percent", "strategy.percent.p": 0.25}, counts) == {1: 25, 2: 8, 3: 2}
+    assert strategies.required(rule | {"strategy": "constant", "strategy.constant.nb": 20}, counts) == {1: 20, 2: 20, 3: 7}
+    # total: v shared in proportion to the classes, floor(0.5 + v * n / N); never more than N
+    assert strategies.required(rule | {"strategy": "total", "strategy.total.v": 55}, counts) == {1: 40, 2: 12, 3: 3}
+    assert strategies.required(rule | {"strategy": "total", "strategy.total.v": 10**6}, counts) == counts
+    # byclass: the file's count, capped; a class absent from the file keeps nothing
+    rule_b = rule | {"strategy": "byclass", "strategy.byclass.in": "x"}
+    assert strategies.required(rule_b, counts, {1: 5, 2: 50}) == {1: 5, 2: 30, 3: 0}
+
+
+def test_samplers_periodic_evenly_spaced_random_seeded():
+    rng = np.random.default_rng(0)
+    assert strategies.pick(10, 5, "periodic", rng).tolist() == [0, 2, 4, 6, 8]
+    assert strategies.pick(10, 3, "periodic", rng).tolist() == [0, 3, 6]
+    assert strategies.pick(4, 9, "random", rng).tolist() == [0, 1, 2, 3]
+    a = strategies.pick(1000, 10, "random", np.random.default_rng([3, 1]))
+    assert a.tolist() == strategies.pick(1000, 10, "random", np.random.default_rng([3, 1])).tolist()
+    assert a.tolist() != strategies.pick(1000, 10, "random", np.random.default_rng([4, 1])).tolist()
+    assert len(set(a.tolist())) == 10
+
+
+def test_byclass_file_lines(tmp_path):
+    path = tmp_path / "counts.csv"
+    path.write_text("# class count\n1 3\n2,10\n\n3;0\n")
+    assert strategies.read_byclass(str(path)) == {1: 3, 2: 10, 3: 0}
+    path.write_text("1 3\n2 many\n")
+    with pytest.raises(BadInputError, match=r"counts.csv:2: expected 'class count'"):
+        strategies.read_byclass(str(path))
+    path.write_text("1 3\n1 4\n")
+    with pytest.raises(BadInputError, match="class 1 is listed twice"):
+        strategies.read_byclass(str(path))
+
+
+def _selected(folder, tmp_path, name: str, *overrides: str, runs: int = 1):
+    """Sampling of the scene in ``folder`` with ``overrides``, into ``tmp_path/name``."""
+    path = write_config(folder, runs=runs)
+    cfg = load_config(str(path), [f"chain.output_path={tmp_path / name}", *overrides])
+    summary = sampling.run(cfg)
+    out = cfg.chain.output_path
+    learn = {s: load_samples(layout.samples_learn(out, 1, s)) for s in range(runs)}
+    test = {s: load_samples(layout.samples_test(out, 1, s)) for s in range(runs)}
+    return cfg, summary, learn, test
+
+
+def _pixels(samples) -> set[tuple[int, int]]:
+    return set(zip(samples.row.tolist(), samples.col.tolist()))
+
+
+def _class_counts(samples) -> dict[int, int]:
+    codes, counts = np.unique(samples.labels, return_counts=True)
+    return dict(zip(codes.tolist(), counts.tolist()))
+
+
+@pytest.fixture()
+def scene(tmp_path):
+    folder = tmp_path / "scene"
+    write_scene(folder)
+    return folder
+
+
+def test_sample_selection_keeps_part_of_each_class_of_the_learning_set_only(scene, tmp_path):
+    _, plain, learn0, test0 = _selected(scene, tmp_path, "plain", runs=2)
+    rule = '{"sampler" : "random", "strategy" : "percent", "strategy.percent.p" : 0.1}'
+    cfg, summary, learn, test = _selected(scene, tmp_path, "percent", f"arg_train.sample_selection={rule}", runs=2)
+    for seed in (0, 1):
+        full, kept = _class_counts(learn0[seed]), _class_counts(learn[seed])
+        assert kept == {c: int(np.floor(0.5 + 0.1 * n)) for c, n in full.items()}
+        assert _pixels(learn[seed]) < _pixels(learn0[seed])  # a subset of the same L+V pixels
+        # the test set keeps every pixel
+        assert _pixels(test[seed]) == _pixels(test0[seed]) and len(test[seed]) == len(test0[seed])
+        key = f"region_1_seed_{seed}"
+        assert summary["samples"][key]["learn"] == sum(kept.values())
+        assert summary["samples"][key]["selected"] == {str(c): {"kept": kept[c], "of": n} for c, n in full.items()}
+        assert "selected" not in plain["samples"][key]  # without the key, the summary is as before
+    assert _pixels(learn[0]) != _pixels(learn[1])  # each seed draws its own
+    # deterministic: the same configuration keeps the same pixels
+    _, _, again, _ = _selected(scene, tmp_path, "again", f"arg_train.sample_selection={rule}", runs=2)
+    assert _pixels(again[0]) == _pixels(learn[0]) and _pixels(again[1]) == _pixels(learn[1])
+    # and another random_seed other ones
+    _, _, other, _ = _selected(scene, tmp_path, "other", f"arg_train.sample_selection={rule}", "arg_train.random_seed=5")
+    assert _pixels(other[0]) != _pixels(learn[0])
+
+
+def test_periodic_constant_takes_evenly_spaced_pixels_along_the_polygons(scene, tmp_path):
+    _, _, learn0, _ = _selected(scene, tmp_path, "plain")
+    rule = '{"sampler" : "periodic", "strategy" : "constant", "strategy.constant.nb" : 10}'
+    _, _, learn, _ = _selected(scene, tmp_path, "constant", f"arg_train.sample_selection={rule}")
+    assert _class_counts(learn[0]) == {1: 10, 2: 10, 3: 10}
+    full = learn0[0]
+    for code in (1, 2, 3):
+        mine = full.labels == code
+        order = np.lexsort((full.col[mine], full.row[mine], full.polygon_ids[mine]))
+        ordered = list(zip(full.row[mine][order].tolist(), full.col[mine][order].tolist()))
+        n = len(ordered)
+        expected = {ordered[(k * n) // 10] for k in range(10)}
+        got = {p for p, c in zip(zip(learn[0].row.tolist(), learn[0].col.tolist()), learn[0].labels) if c == code}
+        assert got == expected
+        assert len({int(p) for p in learn[0].polygon_ids[learn[0].labels == code]}) == 2  # spread over both
+
+
+def test_smallest_total_byclass_and_per_model(scene, tmp_path):
+    _, _, learn0, _ = _selected(scene, tmp_path, "plain")
+    full = _class_counts(learn0[0])
+    smallest = '{"sampler" : "random", "strategy" : "smallest"}'
+    _, _, learn, _ = _selected(scene, tmp_path, "smallest", f"arg_train.sample_selection={smallest}")
+    assert _class_counts(learn[0]) == dict.fromkeys(full, min(full.values()))
+    total = '{"strategy" : "total", "strategy.total.v" : 30}'
+    _, _, learn, _ = _selected(scene, tmp_path, "total", f"arg_train.sample_selection={total}")
+    n = sum(full.values())
+    assert _class_counts(learn[0]) == {c: int(np.floor(0.5 + 30 * k / n)) for c, k in full.items()}
+    (scene / "counts.txt").write_text("1 4\n2 7\n")
+    counts = scene / "counts.txt"
+    byclass = f'{{"strategy" : "byclass", "strategy.byclass.in" : "{counts}"}}'
+    _, _, learn, _ = _selected(scene, tmp_path, "byclass", f"arg_train.sample_selection={byclass}")
+    assert _class_counts(learn[0]) == {1: 4, 2: 7}  # class 3 is not in the file: none kept
+    counts.write_text("1 0\n")
+    with pytest.raises(BadInputError, match="keeps no L[+]V pixel of region 1"):
+        _selected(scene, tmp_path, "byclass_none", f"arg_train.sample_selection={byclass}")
+    # per_model: region 1 (the only one) takes its own rule instead of the top-level one
+    per_model = ('{"sampler" : "random", "strategy" : "all", "per_model" : [{"target_model" : 1, '
+                 '"sampler" : "periodic", "strategy" : "constant", "strategy.constant.nb" : 3}]}')
+    _, _, learn, _ = _selected(scene, tmp_path, "per_model", f"arg_train.sample_selection={per_model}")
+    assert _class_counts(learn[0]) == {1: 3, 2: 3, 3: 3}
+    per_other = per_model.replace('"target_model" : 1', '"target_model" : 2')
+    _, _, learn, _ = _selected(scene, tmp_path, "per_other", f"arg_train.sample_selection={per_other}")
+    assert _class_counts(learn[0]) == full
+
+
+def test_default_selection_and_split_leave_the_databases_and_fingerprint_unchanged(scene, tmp_path):
+    cfg0, _, learn0, test0 = _selected(scene, tmp_path, "plain")
+    explicit = '{"sampler" : "random", "strategy" : "all"}'
+    cfg, summary, learn, test = _selected(
+        scene, tmp_path, "explicit", f"arg_train.sample_selection={explicit}", "arg_train.split_ground_truth=True"
+    )
+    assert sampling.fingerprint(cfg) == sampling.fingerprint(cfg0)
+    assert _pixels(learn[0]) == _pixels(learn0[0]) and _pixels(test[0]) == _pixels(test0[0])
+    np.testing.assert_array_equal(learn[0].load_all(), learn0[0].load_all())
+
+
+def test_split_ground_truth_false_uses_every_polygon_for_learning_and_test(scene, tmp_path):
+    _, _, learn0, test0 = _selected(scene, tmp_path, "plain")
+    cfg, _, learn, test = _selected(scene, tmp_path, "nosplit", "arg_train.split_ground_truth=False")
+    every = _pixels(learn0[0]) | _pixels(test0[0])
+    assert _pixels(learn[0]) == every and _pixels(test[0]) == every
+    assert set(learn[0].polygon_ids) == set(test[0].polygon_ids)
+    rows = list(csv.DictReader(open(layout.split_table(cfg.chain.output_path, 0))))
+    assert {r["set"] for r in rows} == {"both"}
+    # the ratio is not used then
+    _, _, learn_r, _ = _selected(scene, tmp_path, "nosplit_ratio", "arg_train.split_ground_truth=False",
+                                 "arg_train.ratio=0.9")
+    assert _pixels(learn_r[0]) == every
+    # selection still applies to the L+V set only
+    rule = '{"sampler" : "random", "strategy" : "constant", "strategy.constant.nb" : 5}'
+    _, _, learn_s, test_s = _selected(scene, tmp_path, "nosplit_sel", "arg_train.split_ground_truth=False",
+                                      f"arg_train.sample_selection={rule}")
+    assert _class_counts(learn_s[0]) == {1: 5, 2: 5, 3: 5} and _pixels(test_s[0]) == every

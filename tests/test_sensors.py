@@ -28,6 +28,15 @@ def get_soi_s2(self):
     return coef, labels
 
 
+def flagged_b8(self, below=0.2):
+    """B8, or -10000 where it is below ``below`` (a user's no-data flag)."""
+    import numpy as np
+
+    dates = self.get_interpolated_dates()
+    b8 = self.get_interpolated_Sentinel2_B8()
+    return np.where(b8 < below, -10000.0, b8), [f"Sentinel2_fb8_{d}" for d in dates["Sentinel2"]]
+
+
 def bad_label(self):
     dates = self.get_interpolated_dates()
     return self.get_interpolated_Sentinel2_B4(), [f"soi{d}" for d in dates["Sentinel2"]]
@@ -167,6 +176,24 @@ def test_external_feature_example_works_through_the_config(products):
     raw = _pipe(root, "arg_train.features_from_raw_dates=True",
                 extra=extra.replace("'get_soi_s2'", "[['raw_soi', {'eps': 0.5}]]"))
     assert raw.components[-1] == "soi"
+
+
+def test_external_feature_no_data_value_is_missing(products):
+    root, _ = products
+    extra = "external_features:\n{\n  module : 'feat.py'\n  functions : 'flagged_b8'\n}"
+    plain = _pipe(root, extra=extra)
+    block = plain.features(Window(0, 0, 36, 24))
+    b8, flagged = block.values[..., plain.components.index("b8")], block.values[..., -1]
+    low = b8 < 0.2
+    assert low.any() and (~low).any()
+    np.testing.assert_array_equal(flagged[low], -10000.0)  # without the key, the flag is a number
+    pipe = _pipe(root, extra=extra.replace("}", "  no_data_value : -10000\n}"))
+    values = pipe.features(Window(0, 0, 36, 24)).values
+    assert np.isnan(values[..., -1][low]).all()
+    np.testing.assert_array_equal(values[..., -1][~low], flagged[~low])
+    np.testing.assert_array_equal(values[..., :-1], block.values[..., :-1])  # nothing else changes
+    assert pipe.description() != plain.description()  # so the samples are redone
+    assert plain.description() == _pipe(root, extra=extra.replace("}", "  no_data_value : None\n}")).description()
 
 
 @pytest.mark.parametrize("function, message", [

@@ -16,7 +16,9 @@ would otherwise surface hours later in a stage:
    nomenclature (at least 2; 2 without a nomenclature, the ground truth being data); statistics
    are dummies with the keys training computes (min, max, mean, var, and the quantiles when
    ``additional_statistics_percentage`` is set) under every sensor key. A batch of 2 random
-   series goes through ``forward`` in eval mode, and the logits must be (2, nb_classes).
+   series goes through ``forward`` in eval mode, and the logits must be (2, nb_classes);
+5. the ``strategy.byclass.in`` files of ``arg_train.sample_selection``: readable, one
+   ``class count`` line per class (``sitsflow.sampling.strategies.read_byclass``).
 
 Every failure is bad input (exit 2) naming the culprit; nothing is written.
 """
@@ -135,9 +137,11 @@ def run(cfg: Any) -> dict[str, Any]:
     from sitsflow import nn
     from sitsflow.features import check_tile_grids
     from sitsflow.reference import check_class_files
+    from sitsflow.sampling.strategies import byclass_tables
 
     tic = time.monotonic()
     names, colors = check_class_files(cfg.chain.nomenclature_path, cfg.chain.color_table)
+    byclass_tables(cfg.arg_train.sample_selection)
     # stdout carries prepare's JSON: whatever a user's module prints goes to stderr
     with contextlib.redirect_stdout(sys.stderr):
         # the network's class and parameters first: configuration mistakes before any input is opened

@@ -22,6 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BeforeValidator, ConfigDict, Field, PlainValidator, field_validator, model_validator, with_config
 from typing_extensions import TypedDict
 
+from sitsflow.config import selection
 from sitsflow.config.resources import IOTA2_STEPS, ResourcesSection
 from sitsflow.config.schema import (
     AS_IS,
@@ -32,6 +33,7 @@ from sitsflow.config.schema import (
     JsonDict,
     ListOf,
     PathOf,
+    PathsIn,
     Rule,
     Section,
     Text,
@@ -565,7 +567,7 @@ class ArgTrainSection(Section):
 
     __iota2__ = {
         **dict.fromkeys(
-            "sample_selection split_ground_truth sample_augmentation sample_management crop_mix "
+            "sample_augmentation sample_management crop_mix "
             "cropMix prev_features output_prev_features annual_crop a_crop_label_replacement "
             "samples_classif_mix annual_classes_extraction_source validity_threshold "
             "mode_outside_regionsplit learning_samples_extension enable_autocontext "
@@ -587,6 +589,26 @@ class ArgTrainSection(Section):
     polygon-wise."""
     random_seed: Count = 0
     """Seed of the first split; run ``r`` uses ``random_seed + r``."""
+    split_ground_truth: bool = True
+    """True: the polygons are split into L+V and the test set by ``ratio``; False: every polygon
+    is used for both (L+V and test set hold all of them, ``ratio`` is not used), as in iota2: the
+    accuracy is then measured on the polygons the model learnt from, and is optimistic."""
+    sample_selection: Annotated[
+        dict[str, Any],
+        PlainValidator(selection.check),
+        AS_IS,
+        PathsIn(selection.resolve_paths),
+        Expect(selection.SELECTION_TEXT),
+    ] = Field(default_factory=lambda: dict(selection.DEFAULT))
+    """iota2's per-class sample selection (OTB's SampleSelection) in the L+V pixels of each
+    (region, seed): the ``strategy`` sets how many pixels of each class are kept ('all', 'percent'
+    with ``strategy.percent.p``, 'constant' with ``strategy.constant.nb`` per class, 'total' with
+    ``strategy.total.v`` shared in proportion to the classes, 'smallest': as many as the smallest
+    class, 'byclass' with a ``strategy.byclass.in`` file of ``class count`` lines), the
+    ``sampler`` which ones ('periodic': evenly spaced along the polygons, 'random': drawn with the
+    run's seed); ``per_model`` gives a region its own rule. OTB's defaults for a key left out
+    (sampler 'periodic', strategy 'smallest'). The 20 % validation part inside training comes
+    from the selected pixels; the test set keeps every pixel (docs/configuration.md)."""
     features_from_raw_dates: bool = False
     """Feed the networks the raw acquisition dates instead of the gap-filled regular date grid."""
     features: Annotated[
@@ -685,7 +707,7 @@ def _functions(value: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
 class ExternalFeaturesSection(Section):
     """The optional ``external_features`` section: user functions adding per-date features."""
 
-    __iota2__ = dict.fromkeys(("no_data_value", "exogeneous_data", "output_name"), "")
+    __iota2__ = dict.fromkeys(("exogeneous_data", "output_name"), "")
 
     module: PyFile
     """Path of the user's Python module (.py) defining the functions."""
@@ -695,6 +717,11 @@ class ExternalFeaturesSection(Section):
     """The functions to call, in order, each stored as (name, keyword arguments)."""
     concat_mode: bool = True
     """True: the new features are appended to the sensor's bands; False: they replace them."""
+    no_data_value: float | None = None
+    """iota2's no-data value of the external features: a value a function returns where its
+    feature is not defined. Such values are missing (NaN, as a masked acquisition), which the
+    networks impute, instead of entering the statistics and the networks as numbers; None: no
+    value is special."""
 
 
 def _write_section(lines: list[str], name: str, values: dict[str, Any], depth: int) -> None:

@@ -9,6 +9,7 @@ what a field allows (:func:`sitsflow.config.schema.describe`).
 
 from __future__ import annotations
 
+import functools
 import os
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from sitsflow.config.models import SECTION_MODELS, SitsflowConfig
 from sitsflow.config.schema import (
     ListOf,
     PathOf,
+    PathsIn,
     core,
     describe,
     field_doc,
@@ -226,6 +228,14 @@ def _is_path(tp: Any) -> PathOf | None:
     return next((m for m in markers(tp) if isinstance(m, PathOf)), None)
 
 
+def _resolve_against(path: str, base: str) -> str:
+    return resolve_path(path, base)
+
+
+def _paths_in(tp: Any) -> PathsIn | None:
+    return next((m for m in markers(tp) if isinstance(m, PathsIn)), None)
+
+
 def _resolved(model: Any, loc: Loc, origins: Origins, errors: list[str]) -> Any:
     """``model`` with every relative path resolved: against the configuration's folder, or the
     current directory for a path given by an override."""
@@ -240,6 +250,14 @@ def _resolved(model: Any, loc: Loc, origins: Origins, errors: list[str]) -> Any:
             base = os.getcwd() if origins.from_override(here) else origins.base
             try:
                 new = resolve_path(value, base)
+            except PydanticCustomError as exc:
+                error = {"type": exc.type, "loc": here, "input": value, "ctx": exc.context}
+                errors.append(message(error, {}, origins))
+                continue
+        elif isinstance(value, dict) and (inner := _paths_in(field_type(info))):
+            base = os.getcwd() if origins.from_override(here) else origins.base
+            try:
+                new = inner.resolve(value, functools.partial(_resolve_against, base=base))
             except PydanticCustomError as exc:
                 error = {"type": exc.type, "loc": here, "input": value, "ctx": exc.context}
                 errors.append(message(error, {}, origins))

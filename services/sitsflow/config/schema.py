@@ -369,6 +369,14 @@ class JsonDict(Checked):
         return checked
 
 
+@dataclass(frozen=True)
+class PathsIn:
+    """Marker of a dict-valued field that holds paths: ``resolve(value, fn)`` gives the value with
+    each of its paths passed through ``fn`` (resolved as a :class:`PathOf` field's value is)."""
+
+    resolve: Callable[[Any, Callable[[str], str]], Any]
+
+
 def check_placeholders(value: str) -> None:
     """Raise ``invalid`` unless ``{tile}`` is the only placeholder of ``value``."""
     try:

@@ -5,7 +5,10 @@ are burnt window by window on the sensor's grid; only windows holding labelled p
 and the shared feature pipeline (:mod:`sitsflow.features`) computes their features. Then, for each
 run ``r`` (seed ``random_seed + r``) and each (region, class), ``max(1, round(n * ratio))`` of the
 polygons go to learning + validation (L+V) and the rest to the test set T; a (region, class) with
-a single polygon goes to both. Outputs, in ``learningSamples/``:
+a single polygon goes to both; with ``split_ground_truth: False`` every polygon goes to both
+(iota2's meaning). ``sample_selection`` then keeps, per class, part of the L+V pixels of each
+(region, seed) (:mod:`sitsflow.sampling.strategies`); the test set keeps every pixel. Outputs, in
+``learningSamples/``:
 ``Samples_region_R_seedS_learn.nc`` (L+V), ``Samples_region_R_seedS_test.nc`` (T) and
 ``split_seedS.csv`` (the set of every polygon, for audits).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import shapely
@@ -22,11 +26,13 @@ from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 
 from sitsflow import layout, manifest, storage
+from sitsflow.config import selection
 from sitsflow.errors import BadInputError
 from sitsflow.features import FeaturePipeline
 from sitsflow.log import get_logger
 from sitsflow.reference import burn, read_nomenclature, read_polygons
 from sitsflow.samples import ArrayReader, SampleSet, write_samples
+from sitsflow.sampling import strategies
 
 log = get_logger(__name__)
 
@@ -51,6 +57,19 @@ def fingerprint(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> str
         and cfg.dated_raster.dates != "descriptions"
     ):
         sensor_files.append(cfg.dated_raster.dates)
+    split = {
+        "runs": cfg.arg_train.runs,
+        "ratio": cfg.arg_train.ratio,
+        "random_seed": cfg.arg_train.random_seed,
+        "features_from_raw_dates": cfg.arg_train.features_from_raw_dates,
+    }
+    # the keys below enter the fingerprint only when set, so that the databases of a
+    # configuration without them stay those of before they existed
+    if not cfg.arg_train.split_ground_truth:
+        split["split_ground_truth"] = False
+    if not selection.is_default(cfg.arg_train.sample_selection):
+        split["sample_selection"] = cfg.arg_train.sample_selection
+        sensor_files += selection.paths(cfg.arg_train.sample_selection)
     return manifest.fingerprint(
         STAGE,
         {
@@ -62,12 +81,7 @@ def fingerprint(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> str
             "nomenclature_path": chain.nomenclature_path,
         },
         {tile: pipelines[tile].description() for tile in chain.tiles},
-        {
-            "runs": cfg.arg_train.runs,
-            "ratio": cfg.arg_train.ratio,
-            "random_seed": cfg.arg_train.random_seed,
-            "features_from_raw_dates": cfg.arg_train.features_from_raw_dates,
-        },
+        split,
         _input_stats([chain.ground_truth, chain.region_path, chain.nomenclature_path, *sensor_files]),
     )
 
@@ -215,11 +229,22 @@ def run(cfg) -> dict:
     # every pixel of a polygon goes to the polygon's region
     arrays["region"] = np.array([polygon_region[int(p)] for p in arrays["polygon_id"]], np.int32)
     regions = sorted(set(polygon_region.values()))
+    sample_selection = cfg.arg_train.sample_selection
+    selecting = not selection.is_default(sample_selection)
+    byclass = strategies.byclass_tables(sample_selection) if selecting else {}
+    if not cfg.arg_train.split_ground_truth:
+        log.warning(
+            "arg_train.split_ground_truth is False: every polygon is in both the L+V and the test set, "
+            "so the accuracy is measured on the polygons the models learn from (optimistic)"
+        )
     outputs: list[str] = []
-    counts: dict[str, dict[str, int]] = {}
+    counts: dict[str, dict[str, Any]] = {}
     for run_index in range(cfg.arg_train.runs):
         seed = cfg.arg_train.random_seed + run_index
-        sets = split_polygons(polygon_class, polygon_region, cfg.arg_train.ratio, seed)
+        if cfg.arg_train.split_ground_truth:
+            sets = split_polygons(polygon_class, polygon_region, cfg.arg_train.ratio, seed)
+        else:
+            sets = dict.fromkeys(sorted(polygon_class), "both")
         table = io.StringIO()
         writer = csv.writer(table)
         writer.writerow(["polygon_id", "class", "region", "set", "pixels"])
@@ -236,6 +261,21 @@ def run(cfg) -> dict:
             in_region = arrays["region"] == region
             learn = in_region & np.isin(pset, ["learn", "both"])
             test = in_region & np.isin(pset, ["test", "both"])
+            kept: dict[int, tuple[int, int]] = {}
+            if selecting:
+                rule = selection.for_region(sample_selection, int(region))
+                counts_file = byclass.get(rule.get("strategy.byclass.in", ""))
+                chosen, kept = strategies.select(arrays, learn, int(region), seed, rule, counts_file)
+                log.info(
+                    "region %s seed %s: sample selection %s kept %d of %d L+V pixels (class: kept/all %s)",
+                    region,
+                    run_index,
+                    rule,
+                    chosen.sum(),
+                    learn.sum(),
+                    ", ".join(f"{c}: {k}/{n}" for c, (k, n) in kept.items()),
+                )
+                learn = chosen
             classes = sorted({int(c) for c in arrays["label"][learn]})
             names = {str(c): class_names.get(c, str(c)) for c in classes}
             common = {
@@ -260,6 +300,10 @@ def run(cfg) -> dict:
                 )
                 outputs.append(uri)
             counts[f"region_{region}_seed_{run_index}"] = {"learn": int(learn.sum()), "test": int(test.sum())}
+            if selecting:
+                counts[f"region_{region}_seed_{run_index}"]["selected"] = {
+                    str(c): {"kept": k, "of": n} for c, (k, n) in kept.items()
+                }
             log.info("region %s seed %s: %d L+V samples, %d test samples", region, run_index, learn.sum(), test.sum())
     summary = {
         "stage": STAGE,

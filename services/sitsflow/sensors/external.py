@@ -15,7 +15,8 @@ A function returns ``(values, labels)``: values shaped (rows, cols, nb_labels) o
 (rows, nb_labels); labels ``Sensor_Index_YYYYMMDD``, one per date of the sensor for each index
 (several indices may be returned, each covering every date). The indices become components of
 that sensor after its bands and spectral indices (``concat_mode: True``) or replace them
-(``concat_mode: False``).
+(``concat_mode: False``). With ``no_data_value`` set, a returned value equal to it is missing
+(NaN).
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ class ExternalFeatures:
         self.section = section
         self.raw_mode = raw_mode
         self.concat_mode = bool(section.concat_mode)
+        self.no_data = section.no_data_value
         source = storage.read_text(section.module)
         self.source_hash = hashlib.sha256(source.encode()).hexdigest()
         module = types.ModuleType("sitsflow_external_features")
@@ -151,6 +153,8 @@ class ExternalFeatures:
             "sha256": self.source_hash,
             "functions": [[n, k] for n, _, k in self.functions],
             "concat_mode": self.concat_mode,
+            # only when set: the fingerprints of configurations without it are unchanged
+            **({"no_data_value": self.no_data} if self.no_data is not None else {}),
         }
 
     def probe(self, bands: dict[str, list[str]], dates: list[int]) -> dict[str, list[str]]:
@@ -224,6 +228,8 @@ class ExternalFeatures:
                     f"with {len(labels)} labels; expected ({nb_pix}, 1, {len(labels)}) or ({nb_pix}, {len(labels)}): "
                     "one value per pixel and label"
                 )
+            if self.no_data is not None:
+                arr = np.where(arr == np.float32(self.no_data), np.float32(np.nan), arr)
             entries = self._parse_labels(name, labels, series, dates)
             if self.layout is not None and entries != self.layout[k]:
                 raise BadInputError(f"external_features function {name!r} returned other labels than on its first call")
