@@ -413,6 +413,8 @@ def test_an_incomplete_remote_result_is_reread_up_to_the_storage_attempts(monkey
     such a result from a cleared cache, as often as it would retry an error (seen in CI: two
     losses in a row at a 30 % reset rate were taken for a raster without dates)."""
     monkeypatch.setenv("SITSFLOW_STORAGE_RETRIES", "4")
+    delays = []
+    monkeypatch.setattr(storage, "_sleep", delays.append)
     results = iter([["", ""], ["", ""], ["", ""], ["a", "b"], ["never", "read"]])
     calls = []
 
@@ -422,6 +424,7 @@ def test_an_incomplete_remote_result_is_reread_up_to_the_storage_attempts(monkey
 
     found = storage.raster_call("open", "s3://bucket/x.tif", header, incomplete=lambda d: not all(d))
     assert found == ["a", "b"] and len(calls) == 4
+    assert len(delays) == 3 and delays[0] < delays[2]  # the storage backoff between rereads
     # a result that stays incomplete is returned after the attempts (the caller judges it)
     monkeypatch.setenv("SITSFLOW_STORAGE_RETRIES", "2")
     calls.clear()

@@ -260,3 +260,14 @@ def test_gradient_clip_bounds_the_gradient_norm_and_changes_training(out: str) -
     assert not clipped["skipped"]
     after = model_state(layout.model_candidate(out, 1, 0, 0))
     assert any(not torch.equal(plain[k], after[k]) for k in plain)
+
+
+def test_more_epochs_do_not_continue_a_schedule_that_spans_the_epochs(out: str,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A cosine schedule decays to 0 at the last step of ``epochs``: 3 epochs then 5 would not be
+    either schedule, so the checkpoint restarts (a constant rate continues: see test_training)."""
+    run(with_options(make_cfg(out, epochs=3, restart_from_checkpoint=True), lr_schedule="cosine"), 1, 0, 0)
+    caplog.set_level("INFO", logger="sitsflow")
+    s = run(with_options(make_cfg(out, epochs=5, restart_from_checkpoint=True), lr_schedule="cosine"), 1, 0, 0)
+    assert s["resumed_from_epoch"] == 0 and s["epochs_run"] == 5
+    assert "the learning-rate schedule changed (schedule_epochs 3 -> 5)" in caplog.text, caplog.text

@@ -1293,10 +1293,12 @@ def raster_call(
 
         def fn() -> T:
             found = once()
-            # each reread may be reset too: up to the storage attempts, as for an error
-            for _ in range(_retry_settings()[0] - 1):
+            # each reread may be reset too: up to the storage attempts, with their backoff
+            attempts, base = _retry_settings()
+            for attempt in range(1, attempts):
                 if not incomplete(found):
                     break
+                _sleep(min(MAX_DELAY_S, base * 2 ** (attempt - 1)) * _jitter.uniform(0.5, 1.0))
                 _clear_gdal_cache(uri_list)
                 found = once()
             return found

@@ -48,7 +48,7 @@ class DatedRasterSensor(Sensor):
 
         # GDAL reads the band descriptions (the TIFF's GDAL_METADATA tag) while opening, and a
         # connection reset during that read loses them with a mere warning: on object storage,
-        # descriptions missing are read once more, from a cleared cache, before they count
+        # descriptions missing are read again (storage attempts, backoff, cleared cache) before they count
         count, dtype, descriptions, (block_rows, block_cols) = storage.raster_call(
             "open", path, header, culprit="dated_raster.path", incomplete=lambda found: not all(found[2])
         )

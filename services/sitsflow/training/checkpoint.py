@@ -61,6 +61,7 @@ GROUPS: dict[str, str] = {
     "hyp": "optimisation",
     "weighted_labels": "optimisation",
     "adaptive_lr": "optimisation",
+    "schedule_epochs": "learning-rate schedule",
 }
 
 

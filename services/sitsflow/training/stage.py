@@ -309,9 +309,11 @@ def train(
     best: dict[str, dict[str, Any]] = {}
     start_epoch = 0
     stopped = False
-    # training options (augmentation, schedule ...) are part of what a checkpoint must match
+    # training options (augmentation, schedule ...) are part of what a checkpoint must match; a
+    # cosine or one-cycle schedule spans all the epochs, so more epochs would change its past steps
+    spanning = {"schedule_epochs": dl.epochs} if extras.options.lr_schedule != "constant" else {}
     compat, continuable = ckpt_compat.describe(
-        {**fingerprint_parts(dl, hyp), **_options_part(extras.options)},
+        {**fingerprint_parts(dl, hyp), **_options_part(extras.options), **spanning},
         identity if identity is not None else {"fingerprint": fingerprint},
     )
     ckpt = _load_checkpoint(checkpoint_uri, compat, continuable, dl.epochs) if dl.restart_from_checkpoint else None
