@@ -7,7 +7,7 @@
 # Self-contained: installs Debian's Docker engine and debootstrap, makes the base image with
 # debootstrap (no image registry is reachable), starts a private dockerd (vfs storage, no
 # iptables, no bridge), builds `--target cpu`, then runs `prepare`, `sample`, `plan training` and
-# one `train` in the image with the Slovenia example uploaded to a moto S3 server on 127.0.0.1,
+# one training shard (`train --shard 0`, as the WorkflowTemplate runs it) in the image with the Slovenia example uploaded to a moto S3 server on 127.0.0.1,
 # and checks the outputs landed in the bucket. Everything it started is stopped and unmounted on
 # exit. Exit status: 0 on success, non-zero only when a step really failed.
 #
@@ -168,18 +168,19 @@ log "stage: sample"
 stage sample --config "$CONFIG" >/dev/null || die "sitsflow sample in the image"
 log "stage: plan training"
 PLAN="$(stage plan training --config "$CONFIG")" || die "sitsflow plan training in the image"
-ITEM="$(printf '%s' "$PLAN" | "$PY" -c 'import json, sys; i = json.load(sys.stdin)[0]; print(i["region"], i["seed"], i["hyp"])')"
-read -r REGION SEED HYP <<<"$ITEM"
-log "stage: train --region $REGION --seed $SEED --hyp $HYP"
-stage train --config "$CONFIG" --region "$REGION" --seed "$SEED" --hyp "$HYP" >/dev/null \
-  || die "sitsflow train in the image"
+# the plan is stored in the bucket; its summary says how many shards the fan-out runs
+SHARDS="$(printf '%s' "$PLAN" | "$PY" -c 'import json, sys; print(int(json.load(sys.stdin)["shards"]))')" \
+  || die "plan training printed no summary with a shard count: $PLAN"
+[ "$SHARDS" -ge 1 ] || die "plan training made no shard: $PLAN"
+log "stage: train --shard 0 (of $SHARDS), as the WorkflowTemplate's fan-out runs it"
+stage train --config "$CONFIG" --shard 0 >/dev/null || die "sitsflow train --shard 0 in the image"
 
 "$PY" - <<'PY' || die "outputs missing from the bucket"
 import boto3
 keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="sitsflow-ci", Prefix="run/")
         .get("Contents", [])}
 expected = ["run/config/resolved.cfg", "run/learningSamples/Samples_region_1_seed0_learn.nc",
-            "run/model/model_1_seed_0_hyp_0.txt"]
+            "run/plans/training.json", "run/model/model_1_seed_0_hyp_0.txt"]
 missing = [k for k in expected if k not in keys]
 assert not missing, f"missing {missing}; found {sorted(keys)}"
 print(f"{len(keys)} objects under s3://sitsflow-ci/run/")
