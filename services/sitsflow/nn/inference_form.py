@@ -137,8 +137,10 @@ def fold_conv_bn(
     """``bn(conv(x))`` as one Conv1d with a bias, in fp64 (BatchNorm in eval mode).
 
     ``channels``: the slice of ``bn``'s channels that ``conv``'s outputs are (a branch of a
-    concatenation); all of them when None.
+    concatenation); all of them when None. The folded Conv1d keeps ``padding`` and ``dilation``:
+    the built-in networks' convolutions have no stride, groups or other padding mode.
     """
+    assert conv.stride == (1,) and conv.groups == 1 and conv.padding_mode == "zeros", "unsupported Conv1d"
     w = conv.weight.detach().double()
     b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     if bn is not None:
