@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pystac
@@ -348,19 +349,26 @@ def run(cfg) -> dict:
     map_pixels: dict[int, dict[int, int]] = {}
     products: list[stac.Product] = []
     with storage.output_paths() as final:
+
+        def publish(uri: str, srcs: list[str], *, described: dict | None = None, **cog: Any) -> str:
+            """Mosaic ``srcs`` into the staged COG of ``uri``; ``described`` makes it a STAC item."""
+            path = final.path(uri, ".tif")
+            _to_cog(srcs, path, **cog)
+            if described is not None:
+                products.append(stac.Product(uri, path, **described))
+            return path
+
         for seed in range(runs):
-            classif = final.path(layout.final_classif(out, seed), ".tif")
-            _to_cog(sources(layout.tile_classif, seed), classif, dtype="uint16", nodata=0)
-            map_pixels[seed] = _class_pixels(classif)
-            color_dtype = "uint8" if max(all_codes) <= 255 else "uint16"
-            products.append(
-                stac.Product(
-                    layout.final_classif(out, seed),
-                    classif,
-                    title=f"Classification, seed {seed}",
-                    kind="classification",
-                    seed=seed,
-                    extra_assets=[
+            classif = publish(
+                layout.final_classif(out, seed),
+                sources(layout.tile_classif, seed),
+                dtype="uint16",
+                nodata=0,
+                described={
+                    "title": f"Classification, seed {seed}",
+                    "kind": "classification",
+                    "seed": seed,
+                    "extra_assets": [
                         (
                             "visual",
                             layout.final_classif_color(out, seed),
@@ -376,49 +384,50 @@ def run(cfg) -> dict:
                             ["overview"],
                         ),
                     ],
-                )
+                },
             )
-            _to_cog(
+            map_pixels[seed] = _class_pixels(classif)
+            publish(
+                layout.final_classif_color(out, seed),
                 sources(layout.tile_classif, seed),
-                final.path(layout.final_classif_color(out, seed), ".tif"),
-                dtype=color_dtype,
+                dtype="uint8" if max(all_codes) <= 255 else "uint16",
                 nodata=0,
                 colormap={0: (255, 255, 255, 255)} | {c: (*colors.get(c, (0, 0, 0)), 255) for c in all_codes},
             )
-            confidence = final.path(layout.final_confidence(out, seed), ".tif")
-            _to_cog(
-                sources(layout.tile_confidence, seed), confidence, dtype="uint8", nodata=None, scale=CONFIDENCE_SCALE
-            )
-            products.append(
-                stac.Product(
-                    layout.final_confidence(out, seed),
-                    confidence,
-                    title=f"Confidence, seed {seed}",
-                    kind="confidence",
-                    seed=seed,
-                    scale=1 / CONFIDENCE_SCALE,
-                )
+            publish(
+                layout.final_confidence(out, seed),
+                sources(layout.tile_confidence, seed),
+                dtype="uint8",
+                nodata=None,
+                scale=CONFIDENCE_SCALE,
+                described={
+                    "title": f"Confidence, seed {seed}",
+                    "kind": "confidence",
+                    "seed": seed,
+                    "scale": 1 / CONFIDENCE_SCALE,
+                },
             )
             if cfg.arg_classification.generate_final_probability_map:
-                probamap = final.path(layout.final_probamap(out, seed), ".tif")
-                _to_cog(sources(layout.tile_probamap, seed), probamap, dtype="uint16", nodata=None)
-                products.append(
-                    stac.Product(
-                        layout.final_probamap(out, seed),
-                        probamap,
-                        title=f"Probability of each class, seed {seed}",
-                        kind="probability",
-                        seed=seed,
-                        scale=1 / PROBABILITY_SCALE,
-                    )
+                publish(
+                    layout.final_probamap(out, seed),
+                    sources(layout.tile_probamap, seed),
+                    dtype="uint16",
+                    nodata=None,
+                    described={
+                        "title": f"Probability of each class, seed {seed}",
+                        "kind": "probability",
+                        "seed": seed,
+                        "scale": 1 / PROBABILITY_SCALE,
+                    },
                 )
             _quicklook(classif, final.path(layout.final_quicklook(out, seed), ".png"), colors, names, seed)
-        validity = final.path(layout.final_validity(out), ".tif")
-        _to_cog([layout.tile_validity(out, t) for t in plans], validity, dtype="int16", nodata=None, method="max")
-        products.append(
-            stac.Product(
-                layout.final_validity(out), validity, title="Number of clear acquisitions per pixel", kind="validity"
-            )
+        publish(
+            layout.final_validity(out),
+            [layout.tile_validity(out, t) for t in plans],
+            dtype="int16",
+            nodata=None,
+            method="max",
+            described={"title": "Number of clear acquisitions per pixel", "kind": "validity"},
         )
 
         # validation on the test polygons (never used in training)
