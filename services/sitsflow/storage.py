@@ -1012,8 +1012,14 @@ def _diagnosed_set(outputs: OutputSet) -> Iterator[None]:
             raise exc
 
 
+_COPIES = threading.local()  # {uri: local copy} that rasterio_path answers instead (see _on_local_copies)
+
+
 def rasterio_path(uri: PathLike) -> str:
     """The path GDAL opens: ``/vsis3/bucket/key`` for S3, the local path otherwise."""
+    copy_ = getattr(_COPIES, "paths", {}).get(os.fspath(uri))
+    if copy_ is not None:
+        return copy_
     if is_s3(uri):
         bucket, key = _s3_object(uri)
         return f"/vsis3/{bucket}/{key}"
@@ -1251,6 +1257,24 @@ def _verify_remote(
         return _damage_error(op, uris, culprit, locate, local)
 
 
+def _on_local_copies(uris: list[str], fn: Callable[[], T]) -> T:
+    """Run ``fn`` with :func:`rasterio_path` answering local copies of the S3 ``uris`` (downloaded
+    by boto3 under its retries; the copies are removed afterwards)."""
+    log.warning("%s still looks incomplete after the storage attempts: reading a local copy", ", ".join(uris))
+    with scratch_dir("sitsflow-verify-") as folder:
+        paths = {}
+        for i, uri in enumerate(uris):
+            if is_s3(uri):
+                paths[uri] = os.path.join(folder, f"{i}-{uri.rsplit('/', 1)[-1]}")
+                copy(uri, paths[uri])
+        before = getattr(_COPIES, "paths", {})
+        _COPIES.paths = {**before, **paths}
+        try:
+            return fn()
+        finally:
+            _COPIES.paths = before
+
+
 def raster_call(
     op: str,
     uris: str | list[str],
@@ -1283,8 +1307,10 @@ def raster_call(
 
     ``incomplete(result)`` flags a result that a connection reset may have truncated without an
     error (GDAL only warns when it loses e.g. a TIFF's band descriptions while opening): on object
-    storage such a result is read again from a cleared cache, up to ``SITSFLOW_STORAGE_RETRIES`` times in all,
-    and the last one is returned (a genuinely incomplete file costs only these rereads).
+    storage such a result is read again from a cleared cache, up to ``SITSFLOW_STORAGE_RETRIES`` times in all;
+    when it is still incomplete, the files are downloaded (boto3, retried) and ``fn`` runs once more on
+    the local copies, whose answer stands: a genuinely incomplete file is then judged by the caller,
+    never a reset that struck every reread (a rare path: it costs one download of the files).
     """
     uri_list = [os.fspath(uris)] if isinstance(uris, (str, os.PathLike)) else [os.fspath(u) for u in uris]
     remote = any(is_s3(u) for u in uri_list)
@@ -1301,6 +1327,9 @@ def raster_call(
                 _sleep(min(MAX_DELAY_S, base * 2 ** (attempt - 1)) * _jitter.uniform(0.5, 1.0))
                 _clear_gdal_cache(uri_list)
                 found = once()
+            if incomplete(found):
+                # as persistent as a genuinely incomplete file: judge on local copies, which no reset truncates
+                found = _on_local_copies(uri_list, once)
             return found
 
     named = ", ".join(uri_list) + (f" ({culprit})" if culprit else "")
