@@ -54,7 +54,7 @@ def reflectance(day: str, band: int, classes: np.ndarray) -> np.ndarray:
 def _write_cog(path: Path, data: np.ndarray, res: float, nodata: float | None) -> None:
     profile = {"driver": "COG", "dtype": data.dtype.name, "count": 1, "width": data.shape[1],
                "height": data.shape[0], "crs": CRS, "transform": from_origin(*ORIGIN, res, res),
-               "blocksize": 16, "nodata": nodata}
+               "nodata": nodata}
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data, 1)
 
@@ -99,9 +99,10 @@ def write_catalog(folder: Path) -> dict:
             scl[0:2, :] = 8  # rows 0..3 (10 m) cloudy in both items
         if name == "d1":
             scl[10:12, 14:18] = 3  # cloud shadow
-        when = dt.datetime(DAYS[day].year, DAYS[day].month, DAYS[day].day, hour, tzinfo=dt.timezone.utc)
+        when = dt.datetime(DAYS[day].year, DAYS[day].month, DAYS[day].day, hour, tzinfo=dt.UTC)
         item = pystac.Item(f"S2_{name}_{tile}", footprint, list(shapely.bounds(shapely.geometry.shape(footprint))),
-                           when, {"s2:mgrs_tile": tile, "s2:processing_baseline": baseline, **props},
+                           when, {"s2:mgrs_tile": tile, "grid:code": f"MGRS-{tile}",
+                            "s2:processing_baseline": baseline, **props},
                            collection="sentinel-2-l2a")
         values = {}
         for b, band in enumerate(BANDS):
@@ -129,8 +130,8 @@ def write_catalog(folder: Path) -> dict:
     transform = from_origin(*ORIGIN, 10, 10)
     rows = []
     for c0 in range(0, WIDTH, 4):
-        x0, y0 = transform * (c0, 6)
-        x1, y1 = transform * (c0 + 4, 26)
+        x0, y0 = transform @ (c0, 6)
+        x1, y1 = transform @ (c0 + 4, 26)
         rows.append((shapely.box(x0, y1, x1, y0), int(labels[0, c0])))
     pyogrio.raw.write(str(folder / "polygons.geojson"),
                       geometry=shapely.to_wkb(np.array([g for g, _ in rows], dtype=object)),

@@ -30,7 +30,7 @@ import rasterio
 from rasterio.windows import Window
 
 from sitsflow import storage
-from sitsflow.errors import BadInputError
+from sitsflow.errors import BadInputError, InputNotFoundError
 from sitsflow.log import get_logger
 from sitsflow.process import open_files_budget
 from sitsflow.sensors.base import Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
@@ -94,7 +94,7 @@ def _item_date(item: pystac.Item) -> dt.datetime:
     when = item.datetime or item.common_metadata.start_datetime
     if when is None:
         raise BadInputError(f"stac.catalog: item {item.id!r} has no datetime")
-    return when if when.tzinfo is None else when.astimezone(dt.timezone.utc)
+    return when if when.tzinfo is None else when.astimezone(dt.UTC)
 
 
 def _href(item: pystac.Item, key: str, catalog: str) -> str:
@@ -117,11 +117,17 @@ def read_catalog(uri: str) -> list[pystac.Item]:
     """Every item of the static catalog or collection ``uri`` (children walked)."""
     try:
         root = pystac.read_file(uri, stac_io=StorageStacIO())
+        if not isinstance(root, pystac.Catalog):
+            raise BadInputError(
+                f"stac.catalog: {uri} is a STAC {type(root).__name__}; give the catalog.json or collection.json"
+            )
+        return list(root.get_items(recursive=True))
+    except InputNotFoundError as exc:
+        raise BadInputError(f"stac.catalog: {exc} (reading the catalog {uri} and its links)") from None
+    except BadInputError:
+        raise
     except (pystac.STACError, pystac.errors.STACTypeError, KeyError, ValueError) as exc:
-        raise BadInputError(f"stac.catalog: {uri} is not a STAC catalog or collection: {exc}") from None
-    if isinstance(root, pystac.Item):
-        raise BadInputError(f"stac.catalog: {uri} is an item; give the catalog.json or collection.json holding it")
-    return list(root.get_items(recursive=True))
+        raise BadInputError(f"stac.catalog: {uri} (or a catalog it links) is not valid STAC: {exc}") from None
 
 
 class StacSensor(Sensor):
@@ -174,8 +180,8 @@ class StacSensor(Sensor):
             )
         kept.sort(key=lambda i: i.order)
         groups: dict[int, list[StacItem]] = {}
-        for item in kept:
-            groups.setdefault(item.date, []).append(item)
+        for kept_item in kept:
+            groups.setdefault(kept_item.date, []).append(kept_item)
         indices = [i.lower() for i in cfg.arg_train.features]
         roles = {r: b for r, b in profile.roles.items() if b in bands}
         missing = sorted({r for i in indices for r in INDEX_ROLES[i] if r not in roles})

@@ -1,0 +1,264 @@
+"""The ``stac`` sensor on a generated static catalog of Sentinel-2 L2A COGs (tests/stac_catalog.py),
+local and on the S3 server: items matched to the tile, filtered by date range and cloud cover,
+grouped by day and mosaicked (first clear pixel wins), scaled with the processing-baseline
+offset, masked by SCL (20 m, nearest) and gap-filled; a Landsat C2 L2 item for the QA_PIXEL bits;
+the configuration keys' effects; bad input; and a run from sampling to the final map."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pystac
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+from sitsflow import layout, storage
+from sitsflow.config import load_config
+from sitsflow.errors import BadInputError, ConfigError
+from sitsflow.features import FeaturePipeline
+from sitsflow.sensors.stac import StacSensor, tile_code
+from stac_catalog import BANDS, HEIGHT, WIDTH, reflectance, upload, write_catalog, write_config
+
+TILE = "T31TCJ"
+FULL = Window(0, 0, WIDTH, HEIGHT)
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stac")
+    info = write_catalog(folder)
+    return folder, info
+
+
+def _cfg(folder: Path, info: dict, *overrides: str, catalog: str | None = None, **kw):
+    path = write_config(folder, catalog or info["catalog"], **kw)
+    return load_config(str(path), list(overrides))
+
+
+def _pipe(folder, info, *overrides, **kw) -> FeaturePipeline:
+    return FeaturePipeline(_cfg(folder, info, *overrides, **kw), TILE)
+
+
+def _expected(info: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Values and validity of the three kept days, written out from the generator's rules."""
+    labels = info["labels"]
+    values = np.zeros((HEIGHT, WIDTH, 3, len(BANDS)), np.float64)
+    valid = np.zeros((HEIGHT, WIDTH, 3), bool)
+    rows, cols = np.mgrid[0:HEIGHT, 0:WIDTH]
+    for t, (day, names) in enumerate([("d1", ["d1"]), ("d2", ["d2a", "d2b"]), ("d4", ["d4"])]):
+        for name in names:
+            scl = info["truth"][name]["scl"][rows // 2, cols // 2]
+            clear = np.isin(scl, (2, 4, 5, 6, 7, 11)) & ~valid[:, :, t]
+            if name == "d2a":
+                clear &= cols < WIDTH // 2  # nodata on its right half
+            for b in range(len(BANDS)):
+                refl = reflectance(day, b, labels) + (0.01 if name == "d2b" else 0.0)
+                values[:, :, t, b][clear] = np.round(refl * 10000)[clear] / 10000
+            valid[:, :, t] |= clear
+    return values, valid
+
+
+def test_items_are_matched_filtered_and_grouped_by_day(catalog):
+    folder, info = catalog
+    pipe = _pipe(folder, info)
+    sensor = pipe.sensors[0]
+    assert isinstance(sensor, StacSensor) and pipe.sensor_keys == ["sentinel2l2a"]
+    # d3 (eo:cloud_cover 90 > 50) and d5 (after end_date) are left out; d2's two items make one day
+    assert pipe.raw_dates == [20230301, 20230311, 20230321]
+    assert sensor.settings["items"] == [["S2_d1_31TCJ"], ["S2_d2a_31TCJ", "S2_d2b_31TCJ"], ["S2_d4_31TCJ"]]
+    assert sensor.settings["dn_offsets"] == [[-1000.0], [0.0, -1000.0], [0.0]]
+    assert pipe.grid.width == WIDTH and pipe.grid.height == HEIGHT and pipe.grid.resolution == 10.0
+    assert pipe.feature_names[:2] == ["sentinel2l2a_b02_20230301", "sentinel2l2a_b03_20230301"]
+    assert pipe.components == [b.lower() for b in BANDS] + ["ndvi", "ndwi", "brightness"]
+    no_ceiling = _pipe(folder, info, "stac.max_cloud_cover=None")
+    assert no_ceiling.raw_dates == [20230301, 20230311, 20230316, 20230321]
+    no_end = _pipe(folder, info, "stac.end_date=None", "stac.start_date='2023-03-05'")
+    assert no_end.raw_dates == [20230311, 20230321, 20230420]
+    by_grid_code = _pipe(folder, info, "stac.tile_property=['grid:code']")
+    assert by_grid_code.raw_dates == pipe.raw_dates
+    named = _pipe(folder, info, "stac.name='s2'", "stac.temporal_resolution=5")
+    assert named.sensor_keys == ["s2"] and named.feature_names[0] == "s2_b02_20230301"
+    assert named.dates == [20230301, 20230306, 20230311, 20230316, 20230321, 20230326, 20230331]
+    assert len(pipe.dates) == 4  # the profile's 10 days
+
+
+def test_tile_codes():
+    assert tile_code("T31TCJ") == tile_code("31tcj") == tile_code("MGRS-31TCJ") == "31TCJ"
+    assert tile_code("198030") == "198030" and tile_code("TILE") == "TILE"
+
+
+def test_values_are_scaled_offset_masked_and_mosaicked(catalog):
+    folder, info = catalog
+    pipe = _pipe(folder, info)
+    values, valid = pipe.sensors[0].read(FULL, pipe.grid)
+    want_values, want_valid = _expected(info)
+    np.testing.assert_array_equal(valid, want_valid)
+    np.testing.assert_allclose(values[valid], want_values[valid], atol=1e-6)
+    assert (values[~valid] == 0).all()
+    b02, b11 = BANDS.index("B02"), BANDS.index("B11")
+    labels = info["labels"]
+    # the mosaic: d2a (earlier) where it is clear, d2b (+0.01) under d2a's cloud and right of its nodata
+    assert values[10, 1, 1, b02] == pytest.approx(round(reflectance("d2", b02, labels)[10, 1] * 1e4) / 1e4)
+    assert values[14, 5, 1, b02] == pytest.approx(round((reflectance("d2", b02, labels)[14, 5] + 0.01) * 1e4) / 1e4)
+    assert values[10, 25, 1, b02] == pytest.approx(round((reflectance("d2", b02, labels)[10, 25] + 0.01) * 1e4) / 1e4)
+    assert not valid[0:4, :, 1].any() and valid[4:, :, 1].all()  # cloudy in both items of d2
+    assert not valid[20:24, 28:36, 0].any()  # d1's cloud shadow (SCL 3, 20 m)
+    # baseline 04.00: the files hold DN + 1000, the values are the reflectance
+    assert values[10, 1, 0, b11] == pytest.approx(round(reflectance("d1", b11, labels)[10, 1] * 1e4) / 1e4)
+    # a window cut through 20 m pixels reads the same values
+    part_values, part_valid = pipe.sensors[0].read(Window(3, 5, 13, 9), pipe.grid)
+    np.testing.assert_array_equal(part_valid, valid[5:14, 3:16])
+    np.testing.assert_array_equal(part_values, values[5:14, 3:16])
+
+
+def test_clouds_are_gap_filled_and_indices_computed(catalog):
+    folder, info = catalog
+    pipe = _pipe(folder, info)
+    block = pipe.features(FULL)
+    comps, dates = pipe.components, pipe.dates
+    values, valid = pipe.sensors[0].read(FULL, pipe.grid)
+    i = int(np.nonzero((block.rows == 1) & (block.cols == 1))[0][0])  # cloudy on d2 (20230311)
+    assert not valid[1, 1, 1]
+    b02 = comps.index("b02")
+    assert block.values[i, dates.index(20230311), b02] == pytest.approx(
+        (values[1, 1, 0, 0] + values[1, 1, 2, 0]) / 2, abs=1e-6
+    )
+    assert np.isfinite(block.values).all()
+    b04, b08 = (block.values[..., comps.index(b)] for b in ("b04", "b08"))
+    np.testing.assert_allclose(block.values[..., comps.index("ndvi")], (b08 - b04) / (b08 + b04), rtol=1e-5)
+
+
+def test_assets_and_mask_keys(catalog):
+    folder, info = catalog
+    full = _pipe(folder, info)
+    values, valid = full.sensors[0].read(FULL, full.grid)
+    two = _pipe(folder, info, "stac.assets=['B08', 'B04']", "arg_train.features=[]")
+    assert two.components == ["b04", "b08"]  # in the profile's order
+    v2, ok2 = two.sensors[0].read(FULL, two.grid)
+    np.testing.assert_array_equal(ok2, valid)
+    np.testing.assert_array_equal(v2, values[..., [BANDS.index("B04"), BANDS.index("B08")]])
+    with pytest.raises(BadInputError, match=r"stac.assets: .*need the assets \['B08', 'B04', 'B11'\]"):
+        _pipe(folder, info, "stac.assets=['B02']")
+    # every SCL value clear: d1's shadow and d2's clouds are read (d2a's clouds win the mosaic)
+    anything = _pipe(folder, info, "stac.mask_clear_values=[]")
+    _, ok = anything.sensors[0].read(FULL, anything.grid)
+    assert ok[20:24, 28:36, 0].all() and ok[0:4, 0:20, 1].all()
+    # SCL as bits: bit 3 set (8, 9: clouds) is invalid, 3 (shadow: bits 0 and 1) is not
+    bits = _pipe(folder, info, "stac.mask_clear_values=[]", "stac.mask_invalid_bits=[3]")
+    _, ok = bits.sensors[0].read(FULL, bits.grid)
+    assert ok[20:24, 28:36, 0].all() and not ok[0:4, :, 1].any()
+    np.testing.assert_array_equal(ok[4:, :, 1], valid[4:, :, 1])
+
+
+def test_bad_input_names_the_key_tile_and_item(catalog, tmp_path):
+    folder, info = catalog
+    with pytest.raises(ConfigError, match=r"stac\.profile.*sentinel-2-l2a"):
+        _cfg(folder, info, "stac.profile='sentinel-3'")
+    with pytest.raises(ConfigError, match=r"stac\.assets.*'B99'"):
+        _cfg(folder, info, "stac.assets=['B02', 'B99']")
+    with pytest.raises(BadInputError, match=r"no item of tile 'T32ULU'.*s2:mgrs_tile") as err:
+        FeaturePipeline(_cfg(folder, info), "T32ULU")
+    assert err.value.exit_code == 2
+    with pytest.raises(BadInputError, match=r"no item of tile 'T31TCJ'.*0 of the collections"):
+        _pipe(folder, info, "stac.collections=['landsat-c2-l2']")
+    assert _pipe(folder, info, "stac.collections=['sentinel-2-l2a']").raw_dates == [20230301, 20230311, 20230321]
+    with pytest.raises(BadInputError, match=r"0 whose other:prop names the tile"):
+        _pipe(folder, info, "stac.tile_property=['other:prop']")
+    # an item without one of the band assets
+    broken = tmp_path / "broken"
+    write_catalog(broken)
+    item_json = next((broken / "stac").rglob("S2_d2b_31TCJ.json"))
+    doc = json.loads(item_json.read_text())
+    del doc["assets"]["B05"]
+    item_json.write_text(json.dumps(doc))
+    with pytest.raises(BadInputError, match=r"stac.assets: item 'S2_d2b_31TCJ' .* has no asset 'B05'"):
+        _pipe(broken, info, catalog=str(broken / "stac" / "catalog.json"))
+    missing = tmp_path / "nowhere" / "catalog.json"
+    with pytest.raises(BadInputError, match=r"stac.catalog: .*nowhere/catalog.json"):
+        _pipe(folder, info, catalog=str(missing))
+    # the command line: exit 2 naming the tile
+    cfg = write_config(folder, info["catalog"], name="bad.cfg").read_text().replace("T31TCJ", "T32ULU")
+    (tmp_path / "bad.cfg").write_text(cfg.replace("polygons.geojson", str(folder / "polygons.geojson")))
+    proc = subprocess.run([sys.executable, "-m", "sitsflow", "prepare", "--config", str(tmp_path / "bad.cfg")],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert proc.returncode == 2 and "no item of tile 'T32ULU'" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.s3
+def test_the_catalog_and_cogs_are_read_in_place_on_s3(catalog, s3_bucket):
+    folder, info = catalog
+    uri = upload(folder, s3_bucket)
+    local = _pipe(folder, info)
+    remote = _pipe(folder, info, catalog=uri)
+    sensor = remote.sensors[0]
+    assert all(f.startswith(f"{s3_bucket}/data/") for f in sensor.input_files())
+    assert remote.raw_dates == local.raw_dates and remote.grid == local.grid
+    window = Window(7, 3, 20, 15)
+    for a, b in zip(sensor.read(window, remote.grid), local.sensors[0].read(window, local.grid)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_landsat_profile_scale_offset_and_qa_pixel_bits(tmp_path):
+    """One Landsat C2 L2 item at 30 m: SR = DN * 2.75e-5 - 0.2; QA_PIXEL bits 0-4 set are invalid
+    (bit 6 clear and bit 7 water are not)."""
+    bands = ("blue", "green", "red", "nir08", "swir16", "swir22")
+    transform = from_origin(500000, 4000000, 30, 30)
+    dn = {b: np.full((4, 5), 10000 + 1000 * i, np.uint16) for i, b in enumerate(bands)}
+    qa = np.full((4, 5), 1 << 6, np.uint16)  # clear
+    qa[0, 0] |= 1 << 3  # cloud
+    qa[0, 1] |= 1 << 4  # cloud shadow
+    qa[0, 2] = 1  # fill
+    qa[1, 0] |= 1 << 7  # water: clear
+    dn["red"][3, 4] = 0  # nodata
+    item = pystac.Item("LC09_L2SP_198030_20230305", None, None, dt.datetime(2023, 3, 5, 10, tzinfo=dt.UTC),
+                       {"landsat:wrs_path": "198", "landsat:wrs_row": "030", "eo:cloud_cover": 12.0},
+                       collection="landsat-c2-l2")
+    for name, data in {**dn, "qa_pixel": qa}.items():
+        path = tmp_path / f"{name}.tif"
+        with rasterio.open(path, "w", driver="GTiff", dtype="uint16", count=1, width=5, height=4,
+                           crs="EPSG:32631", transform=transform) as dst:
+            dst.write(data, 1)
+        item.add_asset(name, pystac.Asset(str(path)))
+    cat = pystac.Catalog("landsat", "one item")
+    cat.add_item(item)
+    cat.normalize_hrefs(str(tmp_path / "stac"))
+    cat.save(pystac.CatalogType.SELF_CONTAINED)
+    text = write_config(tmp_path, str(tmp_path / "stac" / "catalog.json")).read_text()
+    text = text.replace("T31TCJ", "198030").replace("sentinel-2-l2a", "landsat-c2-l2")
+    (tmp_path / "l.cfg").write_text(text)
+    cfg = load_config(str(tmp_path / "l.cfg"))
+    sensor = StacSensor.build(cfg, "198030")
+    grid = sensor.native_grid()
+    values, valid = sensor.read(Window(0, 0, 5, 4), grid)
+    assert sensor.key == "landsatc2l2" and sensor.bands == list(bands) and sensor.temporal_resolution == 16
+    assert sensor.roles == {"red": "red", "nir": "nir08", "swir": "swir16"}
+    want = np.ones((4, 5), bool)
+    want[0, 0:3] = False
+    want[3, 4] = False
+    np.testing.assert_array_equal(valid[:, :, 0], want)
+    np.testing.assert_allclose(values[1, 0, 0], [(10000 + 1000 * i) * 2.75e-5 - 0.2 for i in range(6)], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sampling_to_final_map_from_the_catalog(catalog, tmp_path):
+    from test_stages import _pipeline
+
+    folder, info = catalog
+    cfg = _cfg(folder, info, f"chain.output_path='{tmp_path / 'out'}'", epochs=30)
+    _pipeline(cfg)
+    out = cfg.chain.output_path
+    with rasterio.open(layout.final_classif(out, 0)) as src:
+        assert (src.width, src.height, src.transform) == (WIDTH, HEIGHT, from_origin(300000, 5000000, 10, 10))
+        classif = src.read(1)
+    labels = info["labels"]
+    assert (classif[6:26] == labels[6:26]).mean() > 0.9
+    report = json.loads(storage.read_text(layout.final_results_json(out)))
+    assert report["seeds"][0]["overall_accuracy"] > 0.9
