@@ -181,6 +181,21 @@ def test_bad_input_names_the_key_tile_and_item(catalog, tmp_path):
     item_json.write_text(json.dumps(doc))
     with pytest.raises(BadInputError, match=r"stac.assets: item 'S2_d2b_31TCJ' .* has no asset 'B05'"):
         _pipe(broken, info, catalog=str(broken / "stac" / "catalog.json"))
+    # an item in another CRS than the tile grid (no warped reads yet): exit 2 naming the asset
+    other = tmp_path / "B02_utm30.tif"
+    with rasterio.open(broken / "items" / "d4" / "B02.tif") as src:
+        profile, data = src.profile, src.read(1)
+    with rasterio.open(other, "w", **(profile | {"crs": "EPSG:32630"})) as dst:
+        dst.write(data, 1)
+    doc["assets"]["B05"] = {"href": str(broken / "items" / "d2b" / "B05.tif")}
+    item_json.write_text(json.dumps(doc))
+    d4 = next((broken / "stac").rglob("S2_d4_31TCJ.json"))
+    doc = json.loads(d4.read_text())
+    doc["assets"]["B02"]["href"] = str(other)
+    d4.write_text(json.dumps(doc))
+    pipe = _pipe(broken, info, catalog=str(broken / "stac" / "catalog.json"))
+    with pytest.raises(BadInputError, match=r"'S2_d4_31TCJ' \(20230321\), asset 'B02'.*every raster of a tile must share"):
+        pipe.sensors[0].read(FULL, pipe.grid)
     missing = tmp_path / "nowhere" / "catalog.json"
     with pytest.raises(BadInputError, match=r"stac.catalog: .*nowhere/catalog.json"):
         _pipe(folder, info, catalog=str(missing))

@@ -268,11 +268,12 @@ class StacSensor(Sensor):
             if files is not None:
                 files.forget(uri)
 
+        what = f"stac item {item.id!r} ({item.date}), asset {key!r}"
         return storage.raster_call(
             "read",
             uri,
-            lambda: read_on_grid(dataset(), window, grid, [1], uri, fill=0, dtype=dtype),
-            culprit=f"stac item {item.id!r} ({item.date}), asset {key!r}",
+            lambda: read_on_grid(dataset(), window, grid, [1], f"{what} {uri}", fill=0, dtype=dtype),
+            culprit=what,
             on_retry=forget,
         )
 
