@@ -277,3 +277,49 @@ def test_sampling_to_final_map_from_the_catalog(catalog, tmp_path):
     assert (classif[6:26] == labels[6:26]).mean() > 0.9
     report = json.loads(storage.read_text(layout.final_results_json(out)))
     assert report["seeds"][0]["overall_accuracy"] > 0.9
+
+
+def _s1_catalog(folder: Path) -> str:
+    """Two Sentinel-1 RTC items of tile 31TCJ (grid:code): 2023-03-02 ascending, 2023-03-05
+    descending; VV = 0.1 * (col + 1), VH = VV / 5, nodata -32768 at (0, 0), 0 at (1, 1)."""
+    transform = from_origin(300000, 5000000, 10, 10)
+    cat = pystac.Catalog("s1", "two RTC items")
+    for day, orbit in ((2, "ascending"), (5, "descending")):
+        item = pystac.Item(f"S1_{day}", None, None, dt.datetime(2023, 3, day, 6, tzinfo=dt.UTC),
+                           {"grid:code": "MGRS-31TCJ", "sat:orbit_state": orbit}, collection="sentinel-1-rtc")
+        vv = np.broadcast_to(0.1 * (np.arange(6, dtype=np.float32) + 1) * day, (4, 6)).copy()
+        vv[0, 0], vv[1, 1] = -32768, 0
+        for name, data in (("vv", vv), ("vh", np.where(vv > 0, vv / 5, vv))):
+            path = folder / f"{name}_{day}.tif"
+            with rasterio.open(path, "w", driver="GTiff", dtype="float32", count=1, width=6, height=4,
+                               crs="EPSG:32631", transform=transform, nodata=-32768) as dst:
+                dst.write(data, 1)
+            item.add_asset(name, pystac.Asset(str(path)))
+        cat.add_item(item)
+    cat.normalize_hrefs(str(folder / "stac"))
+    cat.save(pystac.CatalogType.SELF_CONTAINED)
+    text = write_config(folder, str(folder / "stac" / "catalog.json"), name="s1.cfg").read_text()
+    (folder / "s1.cfg").write_text(text.replace("sentinel-2-l2a", "sentinel-1-rtc").replace("max_cloud_cover : 50", ""))
+    return str(folder / "s1.cfg")
+
+
+def test_sentinel1_rtc_profile_linear_db_and_orbits(tmp_path):
+    cfg = _s1_catalog(tmp_path)
+    linear = StacSensor.build(load_config(cfg), TILE)
+    assert linear.bands == ["vv", "vh"] and linear.indices == [] and linear.roles == {}
+    assert linear.raw_dates == [20230302, 20230305] and linear.temporal_resolution == 12
+    grid = linear.native_grid()
+    values, valid = linear.read(Window(0, 0, 6, 4), grid)
+    assert not valid[0, 0].any() and valid[1, 1].all() and valid.sum() == 2 * 23
+    np.testing.assert_allclose(values[2, 3, 1], [0.4 * 5, 0.4 * 5 / 5], rtol=1e-6)
+    db = StacSensor.build(load_config(cfg, ["stac.db=True"]), TILE)
+    dvalues, dvalid = db.read(Window(0, 0, 6, 4), grid)
+    assert not dvalid[1, 1].any() and dvalid.sum() == 2 * 22  # 0 has no decibel value
+    np.testing.assert_allclose(dvalues[dvalid], 10 * np.log10(values[dvalid]), rtol=1e-5)
+    pipe = FeaturePipeline(load_config(cfg, ["stac.orbit_state='descending'"]), TILE)
+    assert pipe.raw_dates == [20230305] and pipe.components == ["vv", "vh"]
+    assert pipe.feature_names[:2] == ["sentinel1rtc_vv_20230305", "sentinel1rtc_vh_20230305"]
+    with pytest.raises(ConfigError, match=r"stac\.db.*backscatter profile"):
+        _cfg(tmp_path, {"catalog": str(tmp_path / "stac" / "catalog.json")}, "stac.db=True")
+    with pytest.raises(ConfigError, match=r"stac\.mask_clear_values.*no mask asset"):
+        load_config(cfg, ["stac.mask_clear_values=[1]"])

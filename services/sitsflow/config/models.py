@@ -274,6 +274,16 @@ def _stac_profile_defaults(section: Any) -> Iterator[tuple[tuple[str, ...], Any,
                     f"its bands are {list(profile.assets)}"
                 ),
             )
+    if section.db and not profile.backscatter:
+        yield (("db",), True, detail(f"True needs a backscatter profile; {section.profile!r} is not one"))
+    if profile.mask_asset is None and section.mask_asset is None:
+        for key in ("mask_clear_values", "mask_invalid_bits"):
+            if getattr(section, key) is not None:
+                yield (
+                    (key,),
+                    list(getattr(section, key)),
+                    detail(f"profile {section.profile!r} has no mask asset: set stac.mask_asset too"),
+                )
 
 
 class StacSection(Section):
@@ -285,7 +295,10 @@ class StacSection(Section):
     ``s3://``), never downloaded whole (docs/sensors.md).
     """
 
-    __rules__ = (_DATE_ORDER, (("profile", "assets"), _stac_profile_defaults))
+    __rules__ = (
+        _DATE_ORDER,
+        (("profile", "assets", "db", "mask_asset", "mask_clear_values", "mask_invalid_bits"), _stac_profile_defaults),
+    )
 
     catalog: Annotated[str, PathOf("a local path or s3:// URI of a STAC catalog.json or collection.json")]
     """The static STAC catalog (or collection) whose items are read; its child catalogs and
@@ -293,13 +306,14 @@ class StacSection(Section):
     profile: Literal[tuple(STAC_PROFILES)]  # type: ignore[valid-type]
     """The product: its band asset keys, scale and offset, mask asset and clear values
     (``sentinel-2-l2a``: Planetary Computer's asset keys ``B02`` ... ``B12`` and ``SCL``;
-    ``landsat-c2-l2``: ``blue`` ... ``swir22`` and ``qa_pixel``; docs/sensors.md)."""
+    ``landsat-c2-l2``: ``blue`` ... ``swir22`` and ``qa_pixel``; ``sentinel-1-rtc``: ``vv``,
+    ``vh``, no mask; docs/sensors.md)."""
     name: (
         Annotated[str, Text("a lower-case name matching [a-z][a-z0-9]* (e.g. 'sentinel2l2a')", r"[a-z][a-z0-9]*")]
         | None
     ) = None
     """Sensor key used in feature names (``{name}_{band}_{YYYYMMDD}``) and statistics; None: the
-    profile's (``sentinel2l2a``, ``landsatc2l2``)."""
+    profile's (``sentinel2l2a``, ``landsatc2l2``, ``sentinel1rtc``)."""
     collections: (
         Annotated[tuple[str, ...], ListOf("collection", "a non-empty list of unique collection ids")] | None
     ) = None
@@ -313,7 +327,8 @@ class StacSection(Section):
     """Items whose ``eo:cloud_cover`` (percent) is above this are left out; items without the
     property are kept. None: no item is left out."""
     mask_asset: Annotated[str, Text("an asset key")] | None = None
-    """The asset giving per-pixel quality; None: the profile's (``SCL``, ``qa_pixel``)."""
+    """The asset giving per-pixel quality; None: the profile's (``SCL``, ``qa_pixel``; none for
+    ``sentinel-1-rtc``)."""
     mask_clear_values: (
         Annotated[tuple[int, ...], ListOf("value", "a list of unique integers", empty_ok=True)] | None
     ) = None
@@ -332,16 +347,23 @@ class StacSection(Section):
         None
     )
     """The item properties whose values, joined, name the item's tile; None: the profile's
-    (``s2:mgrs_tile``; ``landsat:wrs_path`` + ``landsat:wrs_row``). Compared without case, a
+    (``s2:mgrs_tile``; ``landsat:wrs_path`` + ``landsat:wrs_row``; ``grid:code`` for
+    ``sentinel-1-rtc``). Compared without case, a
     ``MGRS-`` style prefix (``grid:code``) or the leading ``T`` of a tile name (``T31TCJ`` matches
     ``31TCJ`` and ``MGRS-31TCJ``)."""
+    orbit_state: Literal["ascending", "descending"] | None = None
+    """Only the items of this orbit direction (``sat:orbit_state``), e.g. to keep Sentinel-1's
+    ascending and descending passes apart; None: every item."""
+    db: bool = False
+    """Backscatter profiles (``sentinel-1-rtc``): convert the linear values to decibels
+    (``10 log10``; values <= 0 are then invalid). False: linear."""
     start_date: Date | None = None
     """First acquisition day used and first date of the gap-filling grid; None: the first item's."""
     end_date: Date | None = None
     """Last acquisition day used (``>= start_date``); None: the last item's."""
     temporal_resolution: PositiveInt | None = None
     """Interval in days of the gap-filling date grid; None: the profile's (10 Sentinel-2, 16
-    Landsat)."""
+    Landsat, 12 Sentinel-1)."""
 
 
 class OpticalSensorSection(Section):

@@ -135,7 +135,8 @@ class StacSensor(Sensor):
 
     profile: StacProfile
     groups: list[list[StacItem]]  # per acquisition day, the items in mosaic order
-    mask_asset: str
+    mask_asset: str | None
+    db: bool
     clear_values: np.ndarray | None
     invalid_bits: int
     _open_files: threading.local
@@ -149,7 +150,7 @@ class StacSensor(Sensor):
         mask_asset = opts.mask_asset or profile.mask_asset
         items = read_catalog(opts.catalog)
         wanted = tile_code(tile)
-        found: dict[str, int] = {"tile": 0, "collection": 0, "dates": 0, "clouds": 0}
+        found: dict[str, int] = {"tile": 0, "collection": 0, "orbit": 0, "dates": 0, "clouds": 0}
         kept: list[StacItem] = []
         start, end = opts.start_date, opts.end_date
         for item in items:
@@ -159,6 +160,9 @@ class StacSensor(Sensor):
             if opts.collections is not None and item.collection_id not in opts.collections:
                 continue
             found["collection"] += 1
+            if opts.orbit_state is not None and str(item.properties.get("sat:orbit_state")).lower() != opts.orbit_state:
+                continue
+            found["orbit"] += 1
             when = _item_date(item)
             date = int(when.strftime("%Y%m%d"))
             if (start is not None and date < start) or (end is not None and date > end):
@@ -168,13 +172,14 @@ class StacSensor(Sensor):
             if opts.max_cloud_cover is not None and cloud is not None and float(cloud) > opts.max_cloud_cover:
                 continue
             found["clouds"] += 1
-            hrefs = {key: _href(item, key, opts.catalog) for key in (*bands, mask_asset)}
+            keys = (*bands, mask_asset) if mask_asset else tuple(bands)
+            hrefs = {key: _href(item, key, opts.catalog) for key in keys}
             kept.append(StacItem(item.id, date, when.isoformat() + item.id, hrefs, dn_offset(profile, item.properties)))
         if not kept:
             prop = " + ".join(names)
             raise BadInputError(
                 f"stac: no item of tile {tile!r} in {opts.catalog} ({len(items)} items; {found['tile']} whose "
-                f"{prop} names the tile, {found['collection']} of the collections, {found['dates']} between "
+                f"{prop} names the tile, {found['collection']} of the collections, {found['orbit']} of the orbit direction, {found['dates']} between "
                 f"start_date {start} and end_date {end}, {found['clouds']} with eo:cloud_cover <= "
                 f"{opts.max_cloud_cover}); stac.tile_property sets the property matched"
             )
@@ -182,7 +187,8 @@ class StacSensor(Sensor):
         groups: dict[int, list[StacItem]] = {}
         for kept_item in kept:
             groups.setdefault(kept_item.date, []).append(kept_item)
-        indices = [i.lower() for i in cfg.arg_train.features]
+        # spectral indices need the profile's roles: none for backscatter (as for dated_raster)
+        indices = [i.lower() for i in cfg.arg_train.features] if profile.roles else []
         roles = {r: b for r, b in profile.roles.items() if b in bands}
         missing = sorted({r for i in indices for r in INDEX_ROLES[i] if r not in roles})
         if missing:
@@ -214,11 +220,14 @@ class StacSensor(Sensor):
                 "dn_offsets": [[i.dn_offset for i in g] for g in groups.values()],
                 "mask_clear_values": opts.mask_clear_values,
                 "mask_invalid_bits": opts.mask_invalid_bits,
+                "orbit_state": opts.orbit_state,
+                "db": opts.db,
             },
         )
         sensor.profile = profile
         sensor.groups = [groups[d] for d in sorted(groups)]
         sensor.mask_asset = mask_asset
+        sensor.db = bool(opts.db)
         clear = profile.mask_clear_values if opts.mask_clear_values is None else opts.mask_clear_values
         sensor.clear_values = np.array(clear, np.int64) if clear else None
         bits = profile.mask_invalid_bits if opts.mask_invalid_bits is None else opts.mask_invalid_bits
@@ -293,19 +302,28 @@ class StacSensor(Sensor):
                     todo = ~valid[:, :, t]
                     if not todo.any():
                         break  # the day is complete: later items are not read
-                    mask, inside = self._read_asset(item, self.mask_asset, window, grid, "int64")
-                    ok = todo & inside
-                    if self.clear_values is not None:
-                        ok &= np.isin(mask[0], self.clear_values)
-                    if self.invalid_bits:
-                        ok &= (mask[0] & self.invalid_bits) == 0
-                    if not ok.any():
-                        continue
+                    ok = todo
+                    if self.mask_asset is not None:
+                        mask, inside = self._read_asset(item, self.mask_asset, window, grid, "int64")
+                        ok = ok & inside
+                        if self.clear_values is not None:
+                            ok &= np.isin(mask[0], self.clear_values)
+                        if self.invalid_bits:
+                            ok &= (mask[0] & self.invalid_bits) == 0
+                        if not ok.any():
+                            continue
                     for b, band in enumerate(self.bands):
                         data, inside = self._read_asset(item, band, window, grid, "float32")
                         dns[b] = data[0]
                         ok &= inside & (data[0] != nodata) & np.isfinite(data[0])
                     scaled = (dns[:, ok] + np.float32(item.dn_offset)) * np.float32(p.scale) + np.float32(p.offset)
+                    if self.db:
+                        positive = (scaled > 0).all(axis=0)
+                        if not positive.all():
+                            rows, cols = np.nonzero(ok)
+                            ok[rows[~positive], cols[~positive]] = False
+                            scaled = scaled[:, positive]
+                        scaled = np.float32(10) * np.log10(scaled)
                     values[:, :, t, :][ok] = scaled.T
                     valid[:, :, t] |= ok
         return values, valid
