@@ -179,7 +179,8 @@ class StacSensor(Sensor):
             prop = " + ".join(names)
             raise BadInputError(
                 f"stac: no item of tile {tile!r} in {opts.catalog} ({len(items)} items; {found['tile']} whose "
-                f"{prop} names the tile, {found['collection']} of the collections, {found['orbit']} of the orbit direction, {found['dates']} between "
+                f"{prop} names the tile, {found['collection']} of the collections, {found['orbit']} of the orbit "
+                f"direction, {found['dates']} between "
                 f"start_date {start} and end_date {end}, {found['clouds']} with eo:cloud_cover <= "
                 f"{opts.max_cloud_cover}); stac.tile_property sets the property matched"
             )
