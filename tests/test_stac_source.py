@@ -22,7 +22,7 @@ from rasterio.windows import Window
 
 from sitsflow import layout, storage
 from sitsflow.config import load_config
-from sitsflow.errors import BadInputError, ConfigError
+from sitsflow.errors import BadInputError, ConfigError, TransientError
 from sitsflow.features import FeaturePipeline
 from sitsflow.sensors.stac import StacSensor, tile_code
 from stac_catalog import BANDS, HEIGHT, WIDTH, reflectance, upload, write_catalog, write_config
@@ -323,3 +323,123 @@ def test_sentinel1_rtc_profile_linear_db_and_orbits(tmp_path):
         _cfg(tmp_path, {"catalog": str(tmp_path / "stac" / "catalog.json")}, "stac.db=True")
     with pytest.raises(ConfigError, match=r"stac\.mask_clear_values.*no mask asset"):
         load_config(cfg, ["stac.mask_clear_values=[1]"])
+
+
+class FakeStacApi:
+    """A FAKE STAC API on 127.0.0.1 (no real server is installable here): a landing page and
+    POST /search over a fixed list of item dicts, honouring collections, datetime and the Query
+    extension's ``in`` / ``lte``, in pages of ``limit`` items (``next`` links); the first
+    ``fail`` searches answer HTTP 503. It records the search bodies."""
+
+    CONFORMS = ["https://api.stacspec.org/v1.0.0/core", "https://api.stacspec.org/v1.0.0/item-search",
+                "https://api.stacspec.org/v1.0.0/item-search#query"]
+
+    def __init__(self, items: list[dict], fail: int = 0, limit: int = 2) -> None:
+        import http.server
+        import threading
+
+        self.items, self.fail, self.limit, self.searches = items, fail, limit, []
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, doc: dict) -> None:
+                body = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._send(200, {"type": "Catalog", "id": "fake", "description": "a fake STAC API",
+                                 "stac_version": "1.0.0", "conformsTo": api.CONFORMS,
+                                 "links": [{"rel": "self", "href": api.url}, {"rel": "root", "href": api.url},
+                                           {"rel": "search", "href": f"{api.url}/search", "method": "POST",
+                                            "type": "application/geo+json"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.searches.append(body)
+                if api.fail:
+                    api.fail -= 1
+                    return self._send(503, {"code": "Unavailable", "description": "try later"})
+                found = [i for i in api.items if api.matches(i, body)]
+                start = int(body.get("token", 0))
+                links = []
+                if start + api.limit < len(found):
+                    links.append({"rel": "next", "href": f"{api.url}/search", "method": "POST",
+                                  "body": {**body, "token": start + api.limit}, "merge": False})
+                self._send(200, {"type": "FeatureCollection", "features": found[start:start + api.limit],
+                                 "links": links})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def matches(item: dict, body: dict) -> bool:
+        props = item["properties"]
+        if body.get("collections") and item.get("collection") not in body["collections"]:
+            return False
+        start, _, end = body.get("datetime", "../..").partition("/")
+        if (start != ".." and props["datetime"] < start) or (end != ".." and props["datetime"] > end):
+            return False
+        for name, ops in (body.get("query") or {}).items():
+            value = props.get(name)
+            if "in" in ops and value not in ops["in"]:
+                return False
+            if "lte" in ops and (value is None or value > ops["lte"]):
+                return False
+        return True
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _api_items(info: dict) -> list[dict]:
+    cat = pystac.Catalog.from_file(info["catalog"])
+    cat.make_all_asset_hrefs_absolute()
+    out = []
+    for item in cat.get_items(recursive=True):
+        doc = item.to_dict(include_self_link=False, transform_hrefs=False)
+        doc["links"] = []
+        out.append(doc)
+    return out
+
+
+def test_a_stac_api_is_searched_for_the_tile(catalog, tmp_path, monkeypatch):
+    folder, info = catalog
+    api = FakeStacApi(_api_items(info), fail=1)
+    monkeypatch.setenv("SITSFLOW_STORAGE_BACKOFF", "0")
+    try:
+        text = write_config(folder, "", name="api.cfg").read_text().replace("catalog : ''", f"api : '{api.url}'")
+        (folder / "api.cfg").write_text(text)
+        cfg = load_config(str(folder / "api.cfg"), ["stac.collections=['sentinel-2-l2a']"])
+        pipe = FeaturePipeline(cfg, TILE)
+        local = _pipe(folder, info)
+        # the first search failed (503) and was retried; the tile, dates, collections and cloud
+        # cover went to the API, the results came in pages of 2
+        searches = [s for s in api.searches if "token" not in s]
+        assert len(searches) >= 2 and len(api.searches) > len(searches)
+        query = searches[-1]["query"]
+        assert query["s2:mgrs_tile"] == {"in": ["31TCJ", "MGRS-31TCJ", "T31TCJ"]}
+        assert query["eo:cloud_cover"] == {"lte": 50.0}
+        assert searches[-1]["collections"] == ["sentinel-2-l2a"] and searches[-1]["datetime"].endswith("/2023-04-01T23:59:59Z")
+        assert pipe.raw_dates == local.raw_dates and pipe.sensors[0].settings["items"] == local.sensors[0].settings["items"]
+        for a, b in zip(pipe.sensors[0].read(FULL, pipe.grid), local.sensors[0].read(FULL, local.grid)):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(BadInputError, match=r"no item of tile 'T32ULU' in http://127"):
+            FeaturePipeline(cfg, "T32ULU")
+        with pytest.raises(ConfigError, match=r"stac\.catalog.*one of stac.catalog .* and stac.api"):
+            load_config(str(folder / "api.cfg"), [f"stac.catalog='{info['catalog']}'"])
+    finally:
+        api.close()
+    # an API that stays unreachable: exit 75 after the storage retries
+    monkeypatch.setenv("SITSFLOW_STORAGE_RETRIES", "2")
+    with pytest.raises(TransientError, match=r"search http://127.0.0.1:\d+: failed after 2 attempt") as err:
+        FeaturePipeline(cfg, TILE)
+    assert err.value.exit_code == 75

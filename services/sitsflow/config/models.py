@@ -261,6 +261,15 @@ class DatedRasterSection(Section):
         return "descriptions" if self.dates == "descriptions" else "file"
 
 
+def _stac_source(section: Any) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    if (section.catalog is None) == (section.api is None):
+        yield (
+            ("catalog",),
+            section.catalog,
+            detail("give one of stac.catalog (a static catalog) and stac.api (a STAC API URL)"),
+        )
+
+
 def _stac_profile_defaults(section: Any) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
     profile = STAC_PROFILES[section.profile]
     if section.assets is not None:
@@ -297,12 +306,18 @@ class StacSection(Section):
 
     __rules__ = (
         _DATE_ORDER,
+        (("catalog", "api"), _stac_source),
         (("profile", "assets", "db", "mask_asset", "mask_clear_values", "mask_invalid_bits"), _stac_profile_defaults),
     )
 
-    catalog: Annotated[str, PathOf("a local path or s3:// URI of a STAC catalog.json or collection.json")]
+    catalog: Annotated[str, PathOf("a local path or s3:// URI of a STAC catalog.json or collection.json")] | None = None
     """The static STAC catalog (or collection) whose items are read; its child catalogs and
-    collections are walked."""
+    collections are walked. One of ``catalog`` and ``api`` is required."""
+    api: Annotated[str, Text("the http(s):// URL of a STAC API", r"https?://\S+")] | None = None
+    """The landing page of a STAC API searched for the items (pystac-client, POST ``/search``):
+    by ``collections``, the dates, ``max_cloud_cover`` and, when ``tile_property`` is one property,
+    the tile (Query extension, ``in`` the tile's spellings); the rest is filtered here as for a
+    catalog."""
     profile: Literal[tuple(STAC_PROFILES)]  # type: ignore[valid-type]
     """The product: its band asset keys, scale and offset, mask asset and clear values
     (``sentinel-2-l2a``: Planetary Computer's asset keys ``B02`` ... ``B12`` and ``SCL``;

@@ -1,7 +1,8 @@
-"""The ``stac`` sensor: items of a static STAC catalog, read in place.
+"""The ``stac`` sensor: items of a static STAC catalog or of a STAC API, read in place.
 
-The catalog (``catalog.json`` or ``collection.json``, local or ``s3://``) is read by pystac through
-:mod:`sitsflow.storage` (:class:`StorageStacIO`). The items of a tile are those whose tile
+A static catalog (``catalog.json`` or ``collection.json``, local or ``s3://``) is read by pystac
+through :mod:`sitsflow.storage` (:class:`StorageStacIO`); a STAC API is searched by pystac-client
+(:func:`search_api`). The items of a tile are those whose tile
 properties (``stac.tile_property``) name the tile; they are filtered by collection, acquisition
 day and ``eo:cloud_cover``, and grouped by acquisition day (UTC date of the item's datetime).
 
@@ -9,8 +10,9 @@ Reading a window of the tile grid reads, for each item of each day, the window o
 asset and of the mask asset (windowed reads through :func:`read_on_grid`, under the storage
 contract of :func:`storage.raster_call`). Several items of one day are **mosaicked: the first
 clear pixel wins**, items in order of datetime, then id. A pixel is clear when it lies on the
-asset's footprint, no band is the profile's nodata, its mask value is among the clear values
-(when any is given) and has none of the invalid bits set.
+asset's footprint, no band is the profile's nodata, its mask value (when the profile or
+``stac.mask_asset`` names a mask) is among the clear values (when any is given) and has none of
+the invalid bits set.
 
 The tile grid is the finest band asset's grid of the tile's first item (the items of a tile share
 one grid, e.g. an MGRS tile); coarser assets (Sentinel-2's 20 m bands and SCL) are read with
@@ -130,6 +132,57 @@ def read_catalog(uri: str) -> list[pystac.Item]:
         raise BadInputError(f"stac.catalog: {uri} (or a catalog it links) is not valid STAC: {exc}") from None
 
 
+def tile_spellings(tile: str) -> list[str]:
+    """The values a tile property may hold for ``tile`` (what :func:`tile_code` equates)."""
+    code = tile_code(tile)
+    out = [code, f"T{code}", f"MGRS-{code}"] if re.fullmatch(r"\d.*", code) else [code]
+    return sorted({*out, tile})
+
+
+def _http_transient(exc: Exception) -> bool:
+    """Connection trouble, timeouts, HTTP 429 and 5xx of a STAC API."""
+    import requests
+    from pystac_client.exceptions import APIError
+
+    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+        return True
+    if isinstance(exc, APIError):
+        status = getattr(exc, "status_code", None)
+        return status is None or status == 429 or status >= 500
+    return False
+
+
+def search_api(url: str, opts, names: tuple[str, ...], tile: str) -> list[pystac.Item]:
+    """The items a STAC API returns for ``tile``: searched by collections, dates, cloud cover and
+    (one tile property) the tile's spellings; retried as storage operations (exit 75 when the
+    API stays unreachable), a refused search is exit 2 naming ``stac.api``."""
+    from pystac_client import Client
+    from pystac_client.exceptions import APIError
+
+    def day(date: int | None, time: str) -> str:
+        return ".." if date is None else f"{str(date)[:4]}-{str(date)[4:6]}-{str(date)[6:]}T{time}Z"
+
+    query: dict = {}
+    if len(names) == 1:
+        query[names[0]] = {"in": tile_spellings(tile)}
+    if opts.max_cloud_cover is not None:
+        query["eo:cloud_cover"] = {"lte": opts.max_cloud_cover}
+
+    def search() -> list[pystac.Item]:
+        client = Client.open(url)
+        found = client.search(
+            collections=list(opts.collections) if opts.collections else None,
+            datetime=f"{day(opts.start_date, '00:00:00')}/{day(opts.end_date, '23:59:59')}",
+            query=query or None,
+        )
+        return list(found.items())
+
+    try:
+        return storage.retry_call("search", url, search, _http_transient)
+    except APIError as exc:
+        raise BadInputError(f"stac.api: the STAC API {url} refused the search for tile {tile!r}: {exc}") from None
+
+
 class StacSensor(Sensor):
     """A sensor read from the items of a STAC catalog (one date per acquisition day)."""
 
@@ -148,7 +201,8 @@ class StacSensor(Sensor):
         names = tuple(opts.tile_property or profile.tile_property)
         bands = [a for a in profile.assets if opts.assets is None or a in opts.assets]
         mask_asset = opts.mask_asset or profile.mask_asset
-        items = read_catalog(opts.catalog)
+        source = opts.catalog or opts.api
+        items = read_catalog(opts.catalog) if opts.catalog else search_api(opts.api, opts, names, tile)
         wanted = tile_code(tile)
         found: dict[str, int] = {"tile": 0, "collection": 0, "orbit": 0, "dates": 0, "clouds": 0}
         kept: list[StacItem] = []
@@ -173,12 +227,12 @@ class StacSensor(Sensor):
                 continue
             found["clouds"] += 1
             keys = (*bands, mask_asset) if mask_asset else tuple(bands)
-            hrefs = {key: _href(item, key, opts.catalog) for key in keys}
+            hrefs = {key: _href(item, key, source) for key in keys}
             kept.append(StacItem(item.id, date, when.isoformat() + item.id, hrefs, dn_offset(profile, item.properties)))
         if not kept:
             prop = " + ".join(names)
             raise BadInputError(
-                f"stac: no item of tile {tile!r} in {opts.catalog} ({len(items)} items; {found['tile']} whose "
+                f"stac: no item of tile {tile!r} in {source} ({len(items)} items; {found['tile']} whose "
                 f"{prop} names the tile, {found['collection']} of the collections, {found['orbit']} of the orbit "
                 f"direction, {found['dates']} between "
                 f"start_date {start} and end_date {end}, {found['clouds']} with eo:cloud_cover <= "
@@ -214,7 +268,7 @@ class StacSensor(Sensor):
             temporal_resolution=int(opts.temporal_resolution or profile.temporal_resolution),
             tile=tile,
             settings={
-                "catalog": opts.catalog,
+                "catalog": source,
                 "profile": profile.name,
                 "mask_asset": mask_asset,
                 "items": [[i.id for i in g] for g in groups.values()],
@@ -235,13 +289,13 @@ class StacSensor(Sensor):
         sensor.invalid_bits = sum(1 << b for b in bits)
         sensor._open_files = threading.local()
         log.info(
-            "tile %s: stac %s, %d items on %d days kept (%d items in %s)",
+            "tile %s: stac %s, %d items on %d days kept (%d items from %s)",
             tile,
             profile.name,
             len(kept),
             len(groups),
             len(items),
-            opts.catalog,
+            source,
         )
         return sensor
 
@@ -262,7 +316,8 @@ class StacSensor(Sensor):
         return min(found, key=lambda g: g.resolution)
 
     def input_files(self) -> list[str]:
-        return [self.settings["catalog"], *(u for g in self.groups for i in g for u in i.assets.values())]
+        catalog = [] if self.settings["catalog"].startswith(("http://", "https://")) else [self.settings["catalog"]]
+        return [*catalog, *(u for g in self.groups for i in g for u in i.assets.values())]
 
     def _read_asset(self, item: StacItem, key: str, window: Window, grid: Grid, dtype: str):
         uri = item.assets[key]
