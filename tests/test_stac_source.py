@@ -443,3 +443,20 @@ def test_a_stac_api_is_searched_for_the_tile(catalog, tmp_path, monkeypatch):
     with pytest.raises(TransientError, match=r"search http://127.0.0.1:\d+: failed after 2 attempt") as err:
         FeaturePipeline(cfg, TILE)
     assert err.value.exit_code == 75
+
+
+def test_the_stac_sensor_combines_with_a_dated_raster(catalog, tmp_path):
+    folder, info = catalog
+    path = tmp_path / "ndvi.tif"
+    with rasterio.open(path, "w", driver="GTiff", dtype="float32", count=2, width=WIDTH // 2, height=HEIGHT // 2,
+                       crs="EPSG:32631", transform=from_origin(300000, 5000000, 20, 20)) as dst:
+        dst.write(np.stack([np.full((HEIGHT // 2, WIDTH // 2), v, np.float32) for v in (0.3, 0.5)]))
+        dst.descriptions = ("2023-03-04", "2023-03-24")
+    extra = f"dated_raster:\n{{\n  name : 'own'\n  path : '{path}'\n  bands : ['ndvi']\n}}\n"
+    cfg = load_config(str(write_config(folder, info["catalog"], extra=extra, name="two.cfg")))
+    pipe = FeaturePipeline(cfg, TILE)
+    assert pipe.sensor_keys == ["sentinel2l2a", "own"] and pipe.grid.resolution == 10.0
+    assert pipe.components[0] == "sentinel2l2a_b02" and pipe.components[-1] == "own_ndvi"
+    block = pipe.features(FULL)
+    own = block.values[..., pipe.components.index("own_ndvi")]
+    np.testing.assert_allclose(own[:, pipe.dates.index(20230311)], 0.3 + 0.2 * 7 / 20, rtol=1e-5)
