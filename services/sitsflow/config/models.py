@@ -134,8 +134,8 @@ class ChainSection(Section):
     """The ``chain`` section: where the inputs are and where the outputs go.
 
     At least one sensor is required: one of the four product folders (``s2_path``,
-    ``s2_l3a_path``, ``s2_s2c_path``, ``l8_path``) or a ``dated_raster`` section (else "no
-    sensor: ..."). Several sensors can be combined (docs/sensors.md).
+    ``s2_l3a_path``, ``s2_s2c_path``, ``l8_path``), a ``dated_raster`` or a ``stac`` section
+    (else "no sensor: ..."). Several sensors can be combined (docs/sensors.md).
     """
 
     __ignored__ = {
