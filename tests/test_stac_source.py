@@ -263,11 +263,14 @@ def test_landsat_profile_scale_offset_and_qa_pixel_bits(tmp_path):
 
 
 @pytest.mark.slow
-def test_sampling_to_final_map_from_the_catalog(catalog, tmp_path):
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_sampling_to_final_map_from_the_catalog(catalog, tmp_path, request, where):
     from test_stages import _pipeline
 
     folder, info = catalog
-    cfg = _cfg(folder, info, f"chain.output_path='{tmp_path / 'out'}'", epochs=30)
+    uri = info["catalog"] if where == "local" else upload(folder, request.getfixturevalue("s3_bucket"))
+    cfg = _cfg(folder, info, f"chain.output_path='{tmp_path / 'out'}'", epochs=30, catalog=uri)
+    assert all(f.startswith(uri.rsplit("/", 2)[0]) for f in FeaturePipeline(cfg, TILE).input_files())
     _pipeline(cfg)
     out = cfg.chain.output_path
     with rasterio.open(layout.final_classif(out, 0)) as src:
