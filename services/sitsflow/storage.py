@@ -473,6 +473,20 @@ def _retry(op: str, uri: str, fn: Callable[[], T]) -> T:
     return _attempts(op, uri, fn, judge)
 
 
+def retry_call(op: str, uri: str, fn: Callable[[], T], transient: Callable[[Exception], bool]) -> T:
+    """Run ``fn``, one operation on ``uri`` outside the two backends (e.g. an HTTP request to a
+    STAC API), under the storage contract: the failures ``transient`` accepts are retried with
+    the backoff of :func:`_retry`, then :class:`TransientError` (exit 75); any other exception
+    passes through (the caller maps it)."""
+
+    def judge(exc: Exception, last: bool) -> str:
+        if not transient(exc):
+            raise exc
+        return f"{type(exc).__name__}: {exc}"
+
+    return _attempts(op, uri, fn, judge)
+
+
 def _attempts(
     op: str,
     uri: str,

@@ -46,7 +46,7 @@ from sitsflow.config.schema import (
     suggest,
 )
 from sitsflow.config.syntax import format_key, format_value
-from sitsflow.sensors.catalogue import OPTICAL_SENSORS, SPECTRAL_INDICES
+from sitsflow.sensors.catalogue import OPTICAL_SENSORS, SPECTRAL_INDICES, STAC_PROFILES
 
 BUILTIN_NETWORKS: tuple[str, ...] = (
     "LTAEClassifier",
@@ -134,8 +134,8 @@ class ChainSection(Section):
     """The ``chain`` section: where the inputs are and where the outputs go.
 
     At least one sensor is required: one of the four product folders (``s2_path``,
-    ``s2_l3a_path``, ``s2_s2c_path``, ``l8_path``) or a ``dated_raster`` section (else "no
-    sensor: ..."). Several sensors can be combined (docs/sensors.md).
+    ``s2_l3a_path``, ``s2_s2c_path``, ``l8_path``), a ``dated_raster`` or a ``stac`` section
+    (else "no sensor: ..."). Several sensors can be combined (docs/sensors.md).
     """
 
     __ignored__ = {
@@ -259,6 +259,126 @@ class DatedRasterSection(Section):
         if isinstance(self.dates, tuple):
             return "list"
         return "descriptions" if self.dates == "descriptions" else "file"
+
+
+def _stac_source(section: Any) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    if (section.catalog is None) == (section.api is None):
+        yield (
+            ("catalog",),
+            section.catalog,
+            detail("give one of stac.catalog (a static catalog) and stac.api (a STAC API URL)"),
+        )
+
+
+def _stac_profile_defaults(section: Any) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    profile = STAC_PROFILES[section.profile]
+    if section.assets is not None:
+        unknown = [a for a in section.assets if a not in profile.assets]
+        if unknown:
+            yield (
+                ("assets",),
+                list(section.assets),
+                detail(
+                    f"asset {unknown[0]!r} is not a band of profile {section.profile!r}; "
+                    f"its bands are {list(profile.assets)}"
+                ),
+            )
+    if section.db and not profile.backscatter:
+        yield (("db",), True, detail(f"True needs a backscatter profile; {section.profile!r} is not one"))
+    if profile.mask_asset is None and section.mask_asset is None:
+        for key in ("mask_clear_values", "mask_invalid_bits"):
+            if getattr(section, key) is not None:
+                yield (
+                    (key,),
+                    list(getattr(section, key)),
+                    detail(f"profile {section.profile!r} has no mask asset: set stac.mask_asset too"),
+                )
+
+
+class StacSection(Section):
+    """The ``stac`` section: a sensor read from a static STAC catalog of Cloud-Optimized GeoTIFFs.
+
+    The items of a tile are those whose ``tile_property`` matches the tile name; they are grouped
+    by acquisition day (several items of one day are mosaicked: the first clear pixel wins, items
+    in order of datetime then id), and their assets are read in place (windowed reads, local or
+    ``s3://``), never downloaded whole (docs/sensors.md).
+    """
+
+    __rules__ = (
+        _DATE_ORDER,
+        (("catalog", "api"), _stac_source),
+        (("profile", "assets", "db", "mask_asset", "mask_clear_values", "mask_invalid_bits"), _stac_profile_defaults),
+    )
+
+    catalog: Annotated[str, PathOf("a local path or s3:// URI of a STAC catalog.json or collection.json")] | None = None
+    """The static STAC catalog (or collection) whose items are read; its child catalogs and
+    collections are walked. One of ``catalog`` and ``api`` is required."""
+    api: Annotated[str, Text("the http(s):// URL of a STAC API", r"https?://\S+")] | None = None
+    """The landing page of a STAC API searched for the items (pystac-client, POST ``/search``):
+    by ``collections``, the dates, ``max_cloud_cover`` and, when ``tile_property`` is one property,
+    the tile (Query extension, ``in`` the tile's spellings); the rest is filtered here as for a
+    catalog."""
+    profile: Literal[tuple(STAC_PROFILES)]  # type: ignore[valid-type]
+    """The product: its band asset keys, scale and offset, mask asset and clear values
+    (``sentinel-2-l2a``: Planetary Computer's asset keys ``B02`` ... ``B12`` and ``SCL``;
+    ``landsat-c2-l2``: ``blue`` ... ``swir22`` and ``qa_pixel``; ``sentinel-1-rtc``: ``vv``,
+    ``vh``, no mask; docs/sensors.md)."""
+    name: (
+        Annotated[str, Text("a lower-case name matching [a-z][a-z0-9]* (e.g. 'sentinel2l2a')", r"[a-z][a-z0-9]*")]
+        | None
+    ) = None
+    """Sensor key used in feature names (``{name}_{band}_{YYYYMMDD}``) and statistics; None: the
+    profile's (``sentinel2l2a``, ``landsatc2l2``, ``sentinel1rtc``)."""
+    collections: (
+        Annotated[tuple[str, ...], ListOf("collection", "a non-empty list of unique collection ids")] | None
+    ) = None
+    """Only the items of these collections (their ``collection`` field); None: every item."""
+    assets: (
+        Annotated[tuple[str, ...], ListOf("asset", "a non-empty list of unique band asset keys of the profile")] | None
+    ) = None
+    """The band assets read and fed to the network (put in the profile's order); None: every band
+    of the profile. Spectral indices need the assets of their bands."""
+    max_cloud_cover: Annotated[float, Field(ge=0, le=100)] | None = None
+    """Items whose ``eo:cloud_cover`` (percent) is above this are left out; items without the
+    property are kept. None: no item is left out."""
+    mask_asset: Annotated[str, Text("an asset key")] | None = None
+    """The asset giving per-pixel quality; None: the profile's (``SCL``, ``qa_pixel``; none for
+    ``sentinel-1-rtc``)."""
+    mask_clear_values: (
+        Annotated[tuple[int, ...], ListOf("value", "a list of unique integers", empty_ok=True)] | None
+    ) = None
+    """Mask values of a clear observation; None: the profile's (Sentinel-2 SCL: 2, 4, 5, 6, 7,
+    11); []: any value."""
+    mask_invalid_bits: (
+        Annotated[
+            tuple[Annotated[int, Field(ge=0, le=31)], ...],
+            ListOf("bit", "a list of unique bit numbers 0..31", empty_ok=True),
+        ]
+        | None
+    ) = None
+    """Bits of the mask value that make an observation invalid when set; None: the profile's
+    (Landsat QA_PIXEL: 0 fill, 1 dilated cloud, 2 cirrus, 3 cloud, 4 cloud shadow); []: none."""
+    tile_property: Annotated[tuple[str, ...], ListOf("property", "a non-empty list of item property names")] | None = (
+        None
+    )
+    """The item properties whose values, joined, name the item's tile; None: the profile's
+    (``s2:mgrs_tile``; ``landsat:wrs_path`` + ``landsat:wrs_row``; ``grid:code`` for
+    ``sentinel-1-rtc``). Compared without case, a
+    ``MGRS-`` style prefix (``grid:code``) or the leading ``T`` of a tile name (``T31TCJ`` matches
+    ``31TCJ`` and ``MGRS-31TCJ``)."""
+    orbit_state: Literal["ascending", "descending"] | None = None
+    """Only the items of this orbit direction (``sat:orbit_state``), e.g. to keep Sentinel-1's
+    ascending and descending passes apart; None: every item."""
+    db: bool = False
+    """Backscatter profiles (``sentinel-1-rtc``): convert the linear values to decibels
+    (``10 log10``; values <= 0 are then invalid). False: linear."""
+    start_date: Date | None = None
+    """First acquisition day used and first date of the gap-filling grid; None: the first item's."""
+    end_date: Date | None = None
+    """Last acquisition day used (``>= start_date``); None: the last item's."""
+    temporal_resolution: PositiveInt | None = None
+    """Interval in days of the gap-filling date grid; None: the profile's (10 Sentinel-2, 16
+    Landsat, 12 Sentinel-1)."""
 
 
 class OpticalSensorSection(Section):
@@ -754,14 +874,14 @@ def _sensors(cfg: SitsflowConfig) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
                     f"set chain.{sensor.chain_key} (the folder of its products) or remove the section"
                 ),
             )
-    if cfg.dated_raster is None and all(getattr(cfg, n) is None for n in _OPTICAL_SECTIONS):
+    if cfg.dated_raster is None and cfg.stac is None and all(getattr(cfg, n) is None for n in _OPTICAL_SECTIONS):
         keys = ", ".join(f"chain.{s.chain_key}" for s in OPTICAL_SENSORS.values())
         yield (
             (),
             None,
             detail(
                 f"no sensor: set {keys} (with optional {' / '.join(_OPTICAL_SECTIONS)} sections), "
-                "or add a dated_raster section"
+                "or add a dated_raster or stac section"
             ),
         )
 
@@ -808,7 +928,7 @@ class SitsflowConfig(Section):
         "task_retry_limits": "retries are Argo's: the WorkflowTemplate's retryStrategy (docs/deploy.md)",
     }
     __rules__ = (
-        (("chain", "dated_raster", *_OPTICAL_SECTIONS), _sensors),
+        (("chain", "dated_raster", "stac", *_OPTICAL_SECTIONS), _sensors),
         (("chain", "dated_raster"), _tile_placeholder),
     )
 
@@ -818,6 +938,8 @@ class SitsflowConfig(Section):
     """The ``chain`` section."""
     dated_raster: DatedRasterSection | None = None
     """The ``dated_raster`` section (the generic dated-raster sensor), None when absent."""
+    stac: StacSection | None = None
+    """The ``stac`` section (a sensor read from a STAC catalog), None when absent."""
     Sentinel_2: Sentinel2Section | None = None
     """The ``Sentinel_2`` section (THEIA L2A); defaults apply when ``chain.s2_path`` is set
     without it; None when the sensor is not used."""
