@@ -1,12 +1,15 @@
-"""One storage layer for local paths and ``s3://bucket/key`` URIs.
+"""One storage layer for local paths, ``s3://bucket/key`` URIs and (read-only) http(s) URLs.
 
 Every stage reads and writes through this module, so a run works the same on a laptop (local
 folders) and in a cluster (object storage).
 
-* URIs: local paths (relative or absolute, optionally ``file://``) and ``s3://bucket/key``.
-* Two backends behind one interface (:class:`Backend`): :class:`LocalBackend` and
-  :class:`S3Backend`, chosen by :func:`backend` from the URI. A backend method is one attempt of
-  one operation; the public functions run it under :func:`_retry` and its error mapping.
+* URIs: local paths (relative or absolute, optionally ``file://``), ``s3://bucket/key`` and,
+  for inputs only, ``http://`` / ``https://`` URLs (e.g. the Cloud-Optimized GeoTIFFs of a public
+  STAC catalog).
+* Three backends behind one interface (:class:`Backend`): :class:`LocalBackend`,
+  :class:`S3Backend` and the read-only :class:`HttpBackend`, chosen by :func:`backend` from the
+  URI. A backend method is one attempt of one operation; the public functions run it under
+  :func:`_retry` and its error mapping.
 * S3 access goes through one boto3 client per process (created lazily, thread-safe), configured
   from the standard AWS environment only: the endpoint from ``AWS_ENDPOINT_URL_S3`` or
   ``AWS_ENDPOINT_URL`` (an empty value means unset), credentials from the usual chain
@@ -20,6 +23,11 @@ folders) and in a cluster (object storage).
   trouble persists, :class:`~sitsflow.errors.TransientError` (exit 75). A missing object is an
   :class:`~sitsflow.errors.InputNotFoundError`, a missing bucket or denied access a
   :class:`~sitsflow.errors.BadInputError` (exit 2, never retried).
+* http(s) URLs are read with the standard library (GET, HEAD, the timeouts boto3 uses): connection
+  trouble, timeouts, HTTP 429 and 5xx are transient as above; HTTP 404/410 is an
+  :class:`~sitsflow.errors.InputNotFoundError`, 401/403 "access denied" and any other refusal a
+  :class:`~sitsflow.errors.BadInputError` naming the URL. Writing, deleting or listing there is
+  refused (exit 2): http(s) inputs are read-only.
 * Writes are atomic: a local write goes to a hidden temporary file in the destination folder
   (``.<name>.tmp-<uuid>``), is fsynced and renamed over the destination; an S3 put is atomic by
   nature. :func:`list_files` never returns those temporary files. :func:`output_paths` publishes
@@ -42,13 +50,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import os
 import random
 import re
 import shutil
+import ssl
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeGuard, TypeVar
@@ -67,8 +79,11 @@ __all__ = [
     "Backend",
     "LocalBackend",
     "S3Backend",
+    "HttpBackend",
     "backend",
     "is_s3",
+    "is_http",
+    "is_remote",
     "read_bytes",
     "read_text",
     "write_bytes",
@@ -156,6 +171,34 @@ def is_s3(uri: PathLike) -> TypeGuard[str]:
     return isinstance(uri, str) and uri[:5].lower() == "s3://"
 
 
+def is_http(uri: PathLike) -> TypeGuard[str]:
+    """True when ``uri`` is an ``http://`` or ``https://`` URL (scheme compared case-insensitively)."""
+    return isinstance(uri, str) and uri[:8].lower().startswith(("http://", "https://"))
+
+
+def is_remote(uri: PathLike) -> TypeGuard[str]:
+    """True for what GDAL reads over the network: ``s3://`` URIs and http(s) URLs."""
+    return is_s3(uri) or is_http(uri)
+
+
+def _http_url(uri: str) -> str:
+    """``uri`` if it is a well-formed http(s) URL naming a file (a host and a path)."""
+    parts = urlsplit(uri)
+    if not parts.hostname or parts.path.rstrip("/") == "":
+        raise BadInputError(f"malformed URL {uri!r}: expected http(s)://host/path/to/file")
+    return uri
+
+
+def _base_name(uri: str) -> str:
+    """The file name a remote URI ends with (an URL's query string left out)."""
+    path = urlsplit(uri).path if is_http(uri) else uri
+    return path.rstrip("/").rsplit("/", 1)[-1] or "file"
+
+
+def _read_only(op: str, uri: str) -> BadInputError:
+    return BadInputError(f"{op} {uri}: http(s) inputs are read-only; write outputs to a local path or an s3:// URI")
+
+
 def _split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/key`` -> ``(bucket, key)``; ``key`` may be empty (the bucket root)."""
     rest = uri[5:]
@@ -185,7 +228,7 @@ def local_file(uri: PathLike) -> str:
         if match.group(1).lower() != "file":
             raise BadInputError(
                 f"unsupported URI scheme {match.group(1)!r} in {path!r}; allowed: local paths, "
-                "file://PATH and s3://bucket/key"
+                "file://PATH, s3://bucket/key and, where inputs are read, http(s)://host/path"
             )
         path = path[len(match.group(0)) :]
     if not path:
@@ -356,6 +399,12 @@ def _is_transient(exc: BaseException) -> bool:
     if info is not None:
         code, status = info
         return status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code == 429 or exc.code >= 500
+    if isinstance(exc, urllib.error.URLError):  # no answer: refused, reset, timed out, unresolved
+        return not isinstance(exc.reason, ssl.SSLCertVerificationError)
+    if isinstance(exc, http.client.HTTPException):  # a reply cut short or garbled
+        return True
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
@@ -398,6 +447,17 @@ def _permanent_error(exc: BaseException, op: str, uri: str) -> BaseException | N
                 f"{op} {uri}: access denied ({code or status}); check the credentials and the bucket policy"
             )
         return BadInputError(f"{op} {uri}: S3 refused the request ({code or status}: {exc})")
+    if isinstance(exc, urllib.error.HTTPError):
+        if exc.code in (404, 410):
+            return InputNotFoundError(f"{op} {uri}: no such file (HTTP {exc.code})")
+        if exc.code in (401, 403):
+            return BadInputError(
+                f"{op} {uri}: access denied (HTTP {exc.code}); the URL needs credentials or a "
+                "signature, or its signature expired"
+            )
+        return BadInputError(f"{op} {uri}: the server refused the request (HTTP {exc.code} {exc.reason})")
+    if isinstance(exc, urllib.error.URLError):
+        return BadInputError(f"{op} {uri}: {exc.reason}")  # a certificate that does not verify
     if isinstance(exc, FileNotFoundError):
         return InputNotFoundError(f"{op} {uri}: no such file or folder ({exc.filename or uri})")
     if isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
@@ -706,13 +766,145 @@ class S3Backend:
         _client().upload_file(path, bucket, key, Config=_transfer_config())
 
 
+# --- http(s): read-only ----------------------------------------------------------------------
+HTTP_CHUNK = 1 * _MIB  # streamed downloads are written in pieces of this size
+_HTTP_HEAD_REFUSED = frozenset({403, 405, 501})  # HEAD answers of servers that only take GET
+
+
+class _TimedHTTPConnection(http.client.HTTPConnection):
+    """Connects within :data:`CONNECT_TIMEOUT_S`, then waits up to :data:`READ_TIMEOUT_S` for
+    each read (boto3's two timeouts; urllib has one)."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.settimeout(READ_TIMEOUT_S)
+
+
+class _TimedHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.settimeout(READ_TIMEOUT_S)
+
+
+class _TimedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_TimedHTTPConnection, req)
+
+
+class _TimedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_TimedHTTPSConnection, req, context=self._context)  # type: ignore[attr-defined]
+
+
+_http_opener = urllib.request.build_opener(_TimedHTTPHandler, _TimedHTTPSHandler)
+
+
+def _http_open(uri: str, method: str = "GET", first_byte_only: bool = False) -> http.client.HTTPResponse:
+    """One request to ``uri`` (redirects followed, proxies from the environment); HTTP errors
+    raise :class:`urllib.error.HTTPError`, which :func:`_retry` classifies."""
+    headers = {"User-Agent": "sitsflow", "Accept-Encoding": "identity"}
+    if first_byte_only:
+        headers["Range"] = "bytes=0-0"
+    request = urllib.request.Request(_http_url(uri), method=method, headers=headers)
+    return _http_opener.open(request, timeout=CONNECT_TIMEOUT_S)
+
+
+def _http_body(response: http.client.HTTPResponse, sink: Callable[[bytes], object]) -> int:
+    """Stream the body of ``response`` to ``sink``; a body shorter than its Content-Length (a
+    connection closed early, which http.client reads as the end) raises IncompleteRead."""
+    expected = response.headers.get("Content-Length")
+    got = 0
+    while chunk := response.read(HTTP_CHUNK):
+        sink(chunk)
+        got += len(chunk)
+    if expected is not None and expected.isdigit() and got < int(expected):
+        raise http.client.IncompleteRead(b"", int(expected) - got)
+    return got
+
+
+def _http_meta(uri: str) -> tuple[int, str]:
+    """``(size, version)`` of ``uri``: by HEAD, or by a one-byte ranged GET when the server
+    refuses HEAD. The version is the ETag, else Last-Modified, else empty."""
+    try:
+        response = _http_open(uri, "HEAD")
+        ranged = False
+    except urllib.error.HTTPError as exc:
+        if exc.code not in _HTTP_HEAD_REFUSED:
+            raise
+        exc.close()
+        response = _http_open(uri, first_byte_only=True)
+        ranged = True
+    with response:  # closed unread: a server ignoring Range would send the whole file
+        headers = response.headers
+        total = (headers.get("Content-Range") or "").rpartition("/")[2] if ranged and response.status == 206 else ""
+        size = total if total.isdigit() else headers.get("Content-Length", "")
+        if not size.isdigit():
+            raise BadInputError(f"stat {uri}: the server gives no size (no Content-Length)")
+        version = (headers.get("ETag") or "").removeprefix("W/").strip('"') or headers.get("Last-Modified") or ""
+        return int(size), version
+
+
+class HttpBackend:
+    """``http(s)://`` URLs, read-only: GET (whole or streamed), HEAD; every write refused."""
+
+    def read(self, uri: str) -> bytes:
+        parts: list[bytes] = []
+        with _http_open(uri) as response:
+            _http_body(response, parts.append)
+        return b"".join(parts)
+
+    def write(self, uri: str, data: bytes) -> None:
+        raise _read_only("write", uri)
+
+    def exists(self, uri: str) -> bool:
+        try:
+            _http_meta(uri)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code in (404, 410):
+                return False
+            raise
+        return True
+
+    def listing(self, prefix: str) -> list[str]:
+        raise BadInputError(f"list {prefix}: an http(s) URL cannot be listed (http(s) inputs are read-only files)")
+
+    def delete(self, uri: str) -> None:
+        raise _read_only("delete", uri)
+
+    def stat(self, uri: str) -> dict[str, Any]:
+        size, version = _http_meta(uri)
+        return {"size": size, "version": version}
+
+    def copy_within(self, src: str, dst: str) -> None:
+        raise _read_only("copy", dst)
+
+    def download(self, uri: str, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = _temp_sibling(path)
+        try:
+            with _http_open(uri) as response, open(tmp, "wb") as fh:
+                _http_body(response, fh.write)
+            _publish_local(tmp, path)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+
+    def upload(self, path: str, uri: str) -> None:
+        raise _read_only("upload", uri)
+
+
 _LOCAL = LocalBackend()
 _S3 = S3Backend()
+_HTTP = HttpBackend()
 
 
 def backend(uri: PathLike) -> Backend:
-    """The backend of ``uri``: :class:`S3Backend` for ``s3://``, else :class:`LocalBackend`."""
-    return _S3 if is_s3(uri) else _LOCAL
+    """The backend of ``uri``: :class:`S3Backend` for ``s3://``, :class:`HttpBackend` for
+    ``http(s)://``, else :class:`LocalBackend`."""
+    if is_s3(uri):
+        return _S3
+    return _HTTP if is_http(uri) else _LOCAL
 
 
 def _checked(uri: PathLike) -> str:
@@ -720,6 +912,8 @@ def _checked(uri: PathLike) -> str:
     text = os.fspath(uri)
     if is_s3(text):
         _split_s3(text)
+    elif is_http(text):
+        _http_url(text)
     else:
         local_file(text)
     return text
@@ -848,11 +1042,19 @@ def stat(uri: PathLike) -> dict[str, Any]:
 
 
 def copy(src_uri: PathLike, dst_uri: PathLike) -> None:
-    """Copy one file/object, any direction local/S3, atomically at the destination."""
+    """Copy one file/object, any direction local/S3 or from http(s), atomically at the destination."""
     src, dst = _checked(src_uri), _checked(dst_uri)
     source, target = backend(src), backend(dst)
+    if is_http(dst):
+        raise _read_only("copy", f"{src} -> {dst}")
     if source is target:
         run = lambda: source.copy_within(src, dst)  # noqa: E731
+    elif is_http(src) and is_s3(dst):
+        with scratch_dir("sitsflow-copy-") as folder:  # through a local file, each leg retried
+            path = os.path.join(folder, _base_name(src))
+            _retry("copy", f"{src} -> {path}", lambda: source.download(src, path))
+            _retry("copy", f"{path} -> {dst}", lambda: target.upload(path, dst))
+        return
     elif is_s3(dst):
         path = LocalBackend._source(src, dst)  # a missing source is bad input, not transient
         run = lambda: target.upload(path, dst)  # noqa: E731
@@ -867,7 +1069,7 @@ def upload_tree(local_dir: PathLike, uri_prefix: PathLike) -> list[str]:
     Works towards S3 or another local folder; returns the destination URIs, sorted.
     """
     src = os.fspath(local_dir)
-    if is_s3(src):
+    if is_remote(src):
         raise BadInputError(f"upload_tree: the source {src!r} must be a local folder")
     root = local_file(src)
     if not os.path.isdir(root):
@@ -886,20 +1088,22 @@ def upload_tree(local_dir: PathLike, uri_prefix: PathLike) -> list[str]:
 def local_path(uri: PathLike) -> Iterator[str]:
     """A local file holding ``uri``'s content, for readers that need a path.
 
-    Local: the path itself (InputNotFoundError if missing). S3: the object downloaded to a
-    temporary file (same base name), removed when the context exits.
+    Local: the path itself (InputNotFoundError if missing). S3 or http(s): the object downloaded
+    to a temporary file (same base name), removed when the context exits.
     """
-    if not is_s3(uri):
+    if not is_remote(uri):
         path = local_file(uri)
         if not _retry("open", str(uri), lambda: os.path.exists(path)):
             raise InputNotFoundError(f"open {uri}: no such file")
         yield path
         return
-    _bucket, key = _s3_object(uri)
+    u = _checked(uri)
+    if is_s3(u):
+        _s3_object(u)
     folder = tempfile.mkdtemp(prefix="sitsflow-in-")
     try:
-        path = os.path.join(folder, key.rsplit("/", 1)[-1])
-        _retry("download", uri, lambda: _S3.download(uri, path))
+        path = os.path.join(folder, _base_name(u))
+        _retry("download", u, lambda: backend(u).download(u, path))
         yield path
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -965,6 +1169,8 @@ class OutputSet:
     def path(self, uri: PathLike, suffix: str = "") -> str:
         """A local path to write the content of ``uri`` to (it does not exist yet)."""
         uri = os.fspath(uri)
+        if is_http(uri):
+            raise _read_only("write", uri)
         if is_s3(uri):
             _s3_object(uri)
             tmp = os.path.join(self._scratch, uuid.uuid4().hex, uri.rsplit("/", 1)[-1] + suffix)
@@ -1030,10 +1236,13 @@ _COPIES = threading.local()  # {uri: local copy} that rasterio_path answers inst
 
 
 def rasterio_path(uri: PathLike) -> str:
-    """The path GDAL opens: ``/vsis3/bucket/key`` for S3, the local path otherwise."""
+    """The path GDAL opens: ``/vsis3/bucket/key`` for S3, ``/vsicurl/<url>`` for http(s), the
+    local path otherwise."""
     copy_ = getattr(_COPIES, "paths", {}).get(os.fspath(uri))
     if copy_ is not None:
         return copy_
+    if is_http(uri):
+        return f"/vsicurl/{_http_url(uri)}"
     if is_s3(uri):
         bucket, key = _s3_object(uri)
         return f"/vsis3/{bucket}/{key}"
@@ -1205,7 +1414,7 @@ def _clear_gdal_cache(uris: list[str]) -> None:
         lib.VSICurlPartialClearCache.restype = None
         _gdal_lib = lib
     for uri in uris:
-        if is_s3(uri):
+        if is_remote(uri):
             _gdal_lib.VSICurlPartialClearCache(rasterio_path(uri).encode())
 
 
@@ -1258,13 +1467,13 @@ def _damage_error(
 def _verify_remote(
     op: str, uris: list[str], culprit: str, locate: Callable[[str, int], str] | None
 ) -> BadInputError | None:
-    """After GDAL failed on S3 rasters again and again: download them (boto3, retried) and decode
-    them locally. A damaged one is bad input; if all decode, the trouble was the transport."""
+    """After GDAL failed on remote rasters again and again: download them (boto3 or GET, retried)
+    and decode them locally. A damaged one is bad input; if all decode, the trouble was the transport."""
     with scratch_dir("sitsflow-verify-") as folder:
         local = {}
         for i, uri in enumerate(uris):
-            if is_s3(uri):
-                local[uri] = os.path.join(folder, f"{i}-{uri.rsplit('/', 1)[-1]}")
+            if is_remote(uri):
+                local[uri] = os.path.join(folder, f"{i}-{_base_name(uri)}")
                 copy(uri, local[uri])
             else:
                 local[uri] = local_file(uri)
@@ -1272,14 +1481,14 @@ def _verify_remote(
 
 
 def _on_local_copies(uris: list[str], fn: Callable[[], T]) -> T:
-    """Run ``fn`` with :func:`rasterio_path` answering local copies of the S3 ``uris`` (downloaded
-    by boto3 under its retries; the copies are removed afterwards)."""
+    """Run ``fn`` with :func:`rasterio_path` answering local copies of the remote ``uris``
+    (downloaded under the storage retries; the copies are removed afterwards)."""
     log.warning("%s still looks incomplete after the storage attempts: reading a local copy", ", ".join(uris))
     with scratch_dir("sitsflow-verify-") as folder:
         paths = {}
         for i, uri in enumerate(uris):
-            if is_s3(uri):
-                paths[uri] = os.path.join(folder, f"{i}-{uri.rsplit('/', 1)[-1]}")
+            if is_remote(uri):
+                paths[uri] = os.path.join(folder, f"{i}-{_base_name(uri)}")
                 copy(uri, paths[uri])
         before = getattr(_COPIES, "paths", {})
         _COPIES.paths = {**before, **paths}
@@ -1301,16 +1510,17 @@ def raster_call(
 ) -> T:
     """Run ``fn``, a GDAL operation (open, read, mosaic) on the rasters ``uris``, under the contract.
 
-    Failures are classified from GDAL's messages (HTTP status, AWS and curl errors):
+    Failures are classified from GDAL's messages (HTTP status, AWS and curl errors). Remote
+    rasters are those on S3 (``/vsis3/``) and at http(s) URLs (``/vsicurl/``), treated alike:
 
     * transient (HTTP 0/429/5xx, resets, timeouts, throttling): retried with the backoff of
       :func:`_retry`, GDAL's cache of the files cleared and ``on_retry`` called first (to drop
       datasets held open); then :class:`TransientError` (exit 75);
-    * missing (404 / no such file) or denied (403): exit 2 at once; on S3, a "missing" object
-      that boto3 finds is transport trouble (GDAL mistakes a failed HEAD for absence);
+    * missing (404 / no such file) or denied (403): exit 2 at once; a remote "missing" object
+      that the storage layer finds (boto3, HEAD) is transport trouble (GDAL mistakes a failed HEAD for absence);
     * damaged (any other GDAL error: truncated file, corrupt block, unknown format): a local
       raster is bad input at once when decoding it confirms the damage (else the exception
-      passes through: it is not the file's fault); on S3 the same symptom also comes from a connection reset in
+      passes through: it is not the file's fault); remotely the same symptom also comes from a connection reset in
       the middle of a block, so it is retried, and when it persists the files are downloaded and
       decoded locally: damaged -> exit 2, intact -> exit 75.
 
@@ -1320,14 +1530,14 @@ def raster_call(
     such, other exceptions pass through unchanged.
 
     ``incomplete(result)`` flags a result that a connection reset may have truncated without an
-    error (GDAL only warns when it loses e.g. a TIFF's band descriptions while opening): on object
+    error (GDAL only warns when it loses e.g. a TIFF's band descriptions while opening): on remote
     storage such a result is read again from a cleared cache, up to ``SITSFLOW_STORAGE_RETRIES`` times in all;
-    when it is still incomplete, the files are downloaded (boto3, retried) and ``fn`` runs once more on
+    when it is still incomplete, the files are downloaded (boto3 or GET, retried) and ``fn`` runs once more on
     the local copies, whose answer stands: a genuinely incomplete file is then judged by the caller,
     never a reset that struck every reread (a rare path: it costs one download of the files).
     """
     uri_list = [os.fspath(uris)] if isinstance(uris, (str, os.PathLike)) else [os.fspath(u) for u in uris]
-    remote = any(is_s3(u) for u in uri_list)
+    remote = any(is_remote(u) for u in uri_list)
     if incomplete is not None and remote:
         once = fn
 

@@ -46,7 +46,7 @@ from sitsflow.config.schema import (
     suggest,
 )
 from sitsflow.config.syntax import format_key, format_value
-from sitsflow.sensors.catalogue import OPTICAL_SENSORS, SPECTRAL_INDICES, STAC_PROFILES
+from sitsflow.sensors.catalogue import ASSET_KEY_CONVENTIONS, OPTICAL_SENSORS, SPECTRAL_INDICES, STAC_PROFILES
 
 BUILTIN_NETWORKS: tuple[str, ...] = (
     "LTAEClassifier",
@@ -283,6 +283,13 @@ def _stac_profile_defaults(section: Any) -> Iterator[tuple[tuple[str, ...], Any,
                     f"its bands are {list(profile.assets)}"
                 ),
             )
+    if section.asset_keys != ASSET_KEY_CONVENTIONS[0] and section.asset_keys not in profile.providers:
+        known = [ASSET_KEY_CONVENTIONS[0], *profile.providers]
+        yield (
+            ("asset_keys",),
+            section.asset_keys,
+            detail(f"profile {section.profile!r} is known with the asset keys of {known} only"),
+        )
     if section.db and not profile.backscatter:
         yield (("db",), True, detail(f"True needs a backscatter profile; {section.profile!r} is not one"))
     if profile.mask_asset is None and section.mask_asset is None:
@@ -307,12 +314,22 @@ class StacSection(Section):
     __rules__ = (
         _DATE_ORDER,
         (("catalog", "api"), _stac_source),
-        (("profile", "assets", "db", "mask_asset", "mask_clear_values", "mask_invalid_bits"), _stac_profile_defaults),
+        (
+            ("profile", "asset_keys", "assets", "db", "mask_asset", "mask_clear_values", "mask_invalid_bits"),
+            _stac_profile_defaults,
+        ),
     )
 
-    catalog: Annotated[str, PathOf("a local path or s3:// URI of a STAC catalog.json or collection.json")] | None = None
+    catalog: (
+        Annotated[
+            str,
+            PathOf("a local path, s3:// URI or http(s):// URL of a STAC catalog.json or collection.json", http=True),
+        ]
+        | None
+    ) = None
     """The static STAC catalog (or collection) whose items are read; its child catalogs and
-    collections are walked. One of ``catalog`` and ``api`` is required."""
+    collections are walked. One of ``catalog`` and ``api`` is required. Asset hrefs may be local
+    paths, ``s3://`` URIs or http(s) URLs (read in place through GDAL's ``/vsicurl/``)."""
     api: Annotated[str, Text("the http(s):// URL of a STAC API", r"https?://\S+")] | None = None
     """The landing page of a STAC API searched for the items (pystac-client, POST ``/search``):
     by ``collections``, the dates, ``max_cloud_cover`` and, when ``tile_property`` is one property,
@@ -323,6 +340,11 @@ class StacSection(Section):
     (``sentinel-2-l2a``: Planetary Computer's asset keys ``B02`` ... ``B12`` and ``SCL``;
     ``landsat-c2-l2``: ``blue`` ... ``swir22`` and ``qa_pixel``; ``sentinel-1-rtc``: ``vv``,
     ``vh``, no mask; docs/sensors.md)."""
+    asset_keys: Literal[ASSET_KEY_CONVENTIONS] = "planetary-computer"  # type: ignore[valid-type]
+    """Whose asset keys the items use: ``planetary-computer`` (the profile's own) or
+    ``earth-search`` (Element 84's Earth Search: ``sentinel-2-l2a`` bands ``blue`` ... ``swir22``,
+    mask ``scl``, tile in ``grid:code``). ``assets`` and feature names keep the profile's band names
+    either way; ``mask_asset`` and ``tile_property`` name the items' own keys."""
     name: (
         Annotated[str, Text("a lower-case name matching [a-z][a-z0-9]* (e.g. 'sentinel2l2a')", r"[a-z][a-z0-9]*")]
         | None
@@ -336,14 +358,15 @@ class StacSection(Section):
     assets: (
         Annotated[tuple[str, ...], ListOf("asset", "a non-empty list of unique band asset keys of the profile")] | None
     ) = None
-    """The band assets read and fed to the network (put in the profile's order); None: every band
-    of the profile. Spectral indices need the assets of their bands."""
+    """The band assets read and fed to the network (put in the profile's order, named as the
+    profile names them whatever ``asset_keys``); None: every band of the profile. Spectral indices
+    need the assets of their bands."""
     max_cloud_cover: Annotated[float, Field(ge=0, le=100)] | None = None
     """Items whose ``eo:cloud_cover`` (percent) is above this are left out; items without the
     property are kept. None: no item is left out."""
     mask_asset: Annotated[str, Text("an asset key")] | None = None
-    """The asset giving per-pixel quality; None: the profile's (``SCL``, ``qa_pixel``; none for
-    ``sentinel-1-rtc``)."""
+    """The asset giving per-pixel quality (the items' key); None: the profile's (``SCL``, with
+    ``earth-search`` keys ``scl``; ``qa_pixel``; none for ``sentinel-1-rtc``)."""
     mask_clear_values: (
         Annotated[tuple[int, ...], ListOf("value", "a list of unique integers", empty_ok=True)] | None
     ) = None
@@ -362,8 +385,8 @@ class StacSection(Section):
         None
     )
     """The item properties whose values, joined, name the item's tile; None: the profile's
-    (``s2:mgrs_tile``; ``landsat:wrs_path`` + ``landsat:wrs_row``; ``grid:code`` for
-    ``sentinel-1-rtc``). Compared without case, a
+    (``s2:mgrs_tile``, with ``earth-search`` keys ``grid:code``; ``landsat:wrs_path`` +
+    ``landsat:wrs_row``; ``grid:code`` for ``sentinel-1-rtc``). Compared without case, a
     ``MGRS-`` style prefix (``grid:code``) or the leading ``T`` of a tile name (``T31TCJ`` matches
     ``31TCJ`` and ``MGRS-31TCJ``)."""
     orbit_state: Literal["ascending", "descending"] | None = None

@@ -27,6 +27,7 @@ import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Union
+from urllib.parse import urlsplit
 
 import annotated_types
 from pydantic import (
@@ -331,13 +332,15 @@ class PathOf(Checked):
     :func:`sitsflow.config.report.validate`.
 
     ``pattern``: may hold ``{tile}`` (and no other placeholder); ``suffixes``: allowed endings;
-    ``unless``: values of the field that are not paths.
+    ``unless``: values of the field that are not paths; ``http``: an input that may also be an
+    ``http(s)://`` URL (read-only: never for an output).
     """
 
     text: str
     pattern: bool = False
     suffixes: tuple[str, ...] = ()
     unless: tuple[str, ...] = ()
+    http: bool = False
 
     def after(self, value: Any) -> Any:
         if not isinstance(value, str) or value in self.unless:
@@ -349,8 +352,13 @@ class PathOf(Checked):
         elif "{tile}" in value:
             raise invalid("{tile} is not replaced in this key")
         scheme = _SCHEME.match(value)
+        if self.http and scheme and scheme.group(1).lower() in ("http", "https"):
+            if not urlsplit(value).hostname:
+                raise expected("an http(s)://host/path URL")
+            return value
         if scheme and scheme.group(1) != "s3":
-            raise expected("a local path or an s3:// URI (other URI schemes are not supported)")
+            allowed = "a local path, an s3:// URI or an http(s):// URL" if self.http else "a local path or an s3:// URI"
+            raise expected(f"{allowed} (other URI schemes are not supported)")
         if scheme:
             normalise_s3(value)
         return value
@@ -412,9 +420,13 @@ def normalise_s3(uri: str) -> str:
 def resolve_path(value: str, base: str) -> str:
     """Resolve ``value`` against ``base`` (a local folder or an ``s3://`` prefix).
 
-    Absolute local paths and ``s3://`` URIs are kept (normalised); ``~`` is expanded.
+    Absolute local paths and ``s3://`` URIs are kept (normalised), http(s) URLs as they are;
+    ``~`` is expanded.
     """
-    if _SCHEME.match(value):
+    scheme = _SCHEME.match(value)
+    if scheme and scheme.group(1).lower() in ("http", "https"):
+        return value
+    if scheme:
         return normalise_s3(value)
     value = os.path.expanduser(value)
     if os.path.isabs(value):

@@ -8,7 +8,7 @@ The on-disk layout of each product type (file names, masks, scale) is in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,25 @@ INDEX_ROLES: dict[str, tuple[str, ...]] = {"ndvi": ("red", "nir"), "ndwi": ("nir
 """Spectral index (lower case) -> the band roles it needs (Brightness uses every band)."""
 
 
+ASSET_KEY_CONVENTIONS: tuple[str, ...] = ("planetary-computer", "earth-search")
+"""How a STAC provider names a product's assets (``stac.asset_keys``): Microsoft Planetary
+Computer's names are the profiles' own; Element 84's Earth Search names some differently."""
+
+
+@dataclass(frozen=True)
+class AssetKeys:
+    """A provider's names for the assets of a profile and its tile property."""
+
+    assets: dict[str, str]
+    """The profile's asset key (a band or the mask) -> the provider's asset key (same when absent)."""
+    tile_property: tuple[str, ...]
+    """The provider's item properties whose values, joined, give the item's tile code."""
+
+    def key(self, asset: str) -> str:
+        """The provider's key of the profile's ``asset``."""
+        return self.assets.get(asset, asset)
+
+
 @dataclass(frozen=True)
 class StacProfile:
     """A product read from a STAC catalog (``stac.profile``): its asset keys, how digital numbers
@@ -98,6 +117,15 @@ class StacProfile:
     """Digital-number offset of the items whose processing baseline requires it."""
     backscatter: bool = False
     """SAR backscatter (``stac.db`` may convert it to decibels); no spectral index applies."""
+    providers: dict[str, AssetKeys] = field(default_factory=dict)
+    """The :data:`ASSET_KEY_CONVENTIONS` other than Planetary Computer's this profile is known in."""
+
+    def keys(self, convention: str) -> AssetKeys:
+        """The asset keys and tile property of ``convention`` (``planetary-computer``: the profile's
+        own); KeyError for a convention the profile is not known in."""
+        if convention == ASSET_KEY_CONVENTIONS[0]:
+            return AssetKeys({}, self.tile_property)
+        return self.providers[convention]
 
 
 SCL_CLEAR: tuple[int, ...] = (2, 4, 5, 6, 7, 11)
@@ -109,11 +137,17 @@ cirrus are not)."""
 STAC_PROFILES: dict[str, StacProfile] = {
     profile.name: profile
     for profile in (
-        # Planetary Computer's asset keys (Earth Search names them blue, green, red ... and
-        # applies the baseline offset itself: earthsearch:boa_offset_applied)
+        # Planetary Computer's asset keys; Earth Search (v1 sentinel-2-l2a and sentinel-2-c1-l2a)
+        # names them blue, green, red ..., its items name their tile in grid:code (MGRS-31TCJ)
+        # and it applies the baseline offset itself (earthsearch:boa_offset_applied)
         StacProfile("sentinel-2-l2a", "sentinel2l2a", OPTICAL_SENSORS["Sentinel_2_S2C"].bands,
                     OPTICAL_SENSORS["Sentinel_2_S2C"].roles, 1e-4, 0.0, 0.0, "SCL",
-                    SCL_CLEAR, (), ("s2:mgrs_tile",), 10, baseline_offset=-1000.0),
+                    SCL_CLEAR, (), ("s2:mgrs_tile",), 10, baseline_offset=-1000.0,
+                    providers={"earth-search": AssetKeys(
+                        {"B02": "blue", "B03": "green", "B04": "red", "B05": "rededge1", "B06": "rededge2",
+                         "B07": "rededge3", "B08": "nir", "B8A": "nir08", "B11": "swir16", "B12": "swir22",
+                         "SCL": "scl"},
+                        ("grid:code",))}),
         # Planetary Computer's landsat-c2-l2 asset keys; QA_PIXEL bits 0 fill, 1 dilated cloud,
         # 2 cirrus, 3 cloud, 4 cloud shadow
         StacProfile("landsat-c2-l2", "landsatc2l2",

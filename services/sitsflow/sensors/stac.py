@@ -1,18 +1,19 @@
 """The ``stac`` sensor: items of a static STAC catalog or of a STAC API, read in place.
 
-A static catalog (``catalog.json`` or ``collection.json``, local or ``s3://``) is read by pystac
-through :mod:`sitsflow.storage` (:class:`StorageStacIO`); a STAC API is searched by pystac-client
-(:func:`search_api`). The items of a tile are those whose tile
-properties (``stac.tile_property``) name the tile; they are filtered by collection, acquisition
-day and ``eo:cloud_cover``, and grouped by acquisition day (UTC date of the item's datetime).
+A static catalog (``catalog.json`` or ``collection.json``, local, ``s3://`` or an http(s) URL) is
+read by pystac through :mod:`sitsflow.storage` (:class:`StorageStacIO`); a STAC API is searched
+by pystac-client (:func:`search_api`). The items of a tile are those whose tile properties
+(``stac.tile_property``) name the tile; they are filtered by collection, acquisition day and
+``eo:cloud_cover``, and grouped by acquisition day (UTC date of the item's datetime).
 
 Reading a window of the tile grid reads, for each item of each day, the window of each band
 asset and of the mask asset (windowed reads through :func:`read_on_grid`, under the storage
-contract of :func:`storage.raster_call`). Several items of one day are **mosaicked: the first
-clear pixel wins**, items in order of datetime, then id. A pixel is clear when it lies on the
-asset's footprint, no band is the profile's nodata, its mask value (when the profile or
-``stac.mask_asset`` names a mask) is among the clear values (when any is given) and has none of
-the invalid bits set.
+contract of :func:`storage.raster_call`; local, ``s3://`` or http(s) COGs, through GDAL's
+``/vsis3/`` and ``/vsicurl/``; ``stac.asset_keys`` says whose asset names the items use).
+Several items of one day are **mosaicked: the first clear pixel wins**, items in order of
+datetime, then id. A pixel is clear when it lies on the asset's footprint, no band is the
+profile's nodata, its mask value (when the profile or ``stac.mask_asset`` names a mask) is among
+the clear values (when any is given) and has none of the invalid bits set.
 
 The tile grid is the finest band asset's grid of the tile's first item (the items of a tile share
 one grid, e.g. an MGRS tile); coarser assets (Sentinel-2's 20 m bands and SCL) are read with
@@ -43,8 +44,8 @@ log = get_logger(__name__)
 
 
 class StorageStacIO(pystac.StacIO):
-    """pystac reads (and writes) STAC JSON through :mod:`sitsflow.storage`: local paths and
-    ``s3://`` URIs, with the storage module's retries and error mapping."""
+    """pystac reads (and writes) STAC JSON through :mod:`sitsflow.storage`: local paths, ``s3://``
+    URIs and (reading) http(s) URLs, with the storage module's retries and error mapping."""
 
     def read_text(self, source, *args, **kwargs) -> str:
         return storage.read_text(str(source))
@@ -60,7 +61,7 @@ class StacItem:
     id: str
     date: int
     order: str
-    assets: dict[str, str]  # asset key -> absolute href (local path or s3:// URI)
+    assets: dict[str, str]  # profile band or mask key -> absolute href (local path, s3:// or http(s) URL)
     dn_offset: float
 
 
@@ -100,6 +101,8 @@ def _item_date(item: pystac.Item) -> dt.datetime:
 
 
 def _href(item: pystac.Item, key: str, catalog: str) -> str:
+    """The absolute href of the asset ``key`` of ``item``: a local path, an ``s3://`` URI or an
+    http(s) URL (read through GDAL's ``/vsicurl/``); other schemes are refused."""
     asset = item.assets.get(key)
     if asset is None:
         raise BadInputError(
@@ -108,9 +111,10 @@ def _href(item: pystac.Item, key: str, catalog: str) -> str:
     href = asset.get_absolute_href() or asset.href
     if href.startswith("file://"):
         href = href[len("file://") :]
-    if "://" in href and not storage.is_s3(href):
+    if "://" in href and not storage.is_remote(href):
         raise BadInputError(
-            f"stac.catalog: asset {key!r} of item {item.id!r} is at {href}: only local paths and s3:// URIs are read"
+            f"stac.catalog: asset {key!r} of item {item.id!r} is at {href}: only local paths, s3:// URIs "
+            "and http(s) URLs are read"
         )
     return href
 
@@ -189,6 +193,7 @@ class StacSensor(Sensor):
     profile: StacProfile
     groups: list[list[StacItem]]  # per acquisition day, the items in mosaic order
     mask_asset: str | None
+    catalog: str | None  # the static catalog read (None: items found by a STAC API)
     db: bool
     clear_values: np.ndarray | None
     invalid_bits: int
@@ -198,9 +203,10 @@ class StacSensor(Sensor):
     def build(cls, cfg, tile: str) -> StacSensor:
         opts = cfg.stac
         profile = STAC_PROFILES[opts.profile]
-        names = tuple(opts.tile_property or profile.tile_property)
+        provider = profile.keys(opts.asset_keys)
+        names = tuple(opts.tile_property or provider.tile_property)
         bands = [a for a in profile.assets if opts.assets is None or a in opts.assets]
-        mask_asset = opts.mask_asset or profile.mask_asset
+        mask_asset = opts.mask_asset or (provider.key(profile.mask_asset) if profile.mask_asset else None)
         source = opts.catalog or opts.api
         items = read_catalog(opts.catalog) if opts.catalog else search_api(opts.api, opts, names, tile)
         wanted = tile_code(tile)
@@ -226,8 +232,9 @@ class StacSensor(Sensor):
             if opts.max_cloud_cover is not None and cloud is not None and float(cloud) > opts.max_cloud_cover:
                 continue
             found["clouds"] += 1
-            keys = (*bands, mask_asset) if mask_asset else tuple(bands)
-            hrefs = {key: _href(item, key, source) for key in keys}
+            hrefs = {band: _href(item, provider.key(band), source) for band in bands}
+            if mask_asset:
+                hrefs[mask_asset] = _href(item, mask_asset, source)
             kept.append(StacItem(item.id, date, when.isoformat() + item.id, hrefs, dn_offset(profile, item.properties)))
         if not kept:
             prop = " + ".join(names)
@@ -270,6 +277,7 @@ class StacSensor(Sensor):
             settings={
                 "catalog": source,
                 "profile": profile.name,
+                "asset_keys": opts.asset_keys,
                 "mask_asset": mask_asset,
                 "items": [[i.id for i in g] for g in groups.values()],
                 "dn_offsets": [[i.dn_offset for i in g] for g in groups.values()],
@@ -282,6 +290,7 @@ class StacSensor(Sensor):
         sensor.profile = profile
         sensor.groups = [groups[d] for d in sorted(groups)]
         sensor.mask_asset = mask_asset
+        sensor.catalog = opts.catalog
         sensor.db = bool(opts.db)
         clear = profile.mask_clear_values if opts.mask_clear_values is None else opts.mask_clear_values
         sensor.clear_values = np.array(clear, np.int64) if clear else None
@@ -316,7 +325,7 @@ class StacSensor(Sensor):
         return min(found, key=lambda g: g.resolution)
 
     def input_files(self) -> list[str]:
-        catalog = [] if self.settings["catalog"].startswith(("http://", "https://")) else [self.settings["catalog"]]
+        catalog = [self.catalog] if self.catalog else []  # an API's answers are no file
         return [*catalog, *(u for g in self.groups for i in g for u in i.assets.values())]
 
     def _read_asset(self, item: StacItem, key: str, window: Window, grid: Grid, dtype: str):
