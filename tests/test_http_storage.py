@@ -21,24 +21,9 @@ from faultproxy import FaultyProxy, is_range_get
 from sitsflow import storage
 from sitsflow.config import load_config
 from sitsflow.errors import BadInputError, ConfigError, InputNotFoundError, TransientError
+from stac_catalog import publish
 
 pytestmark = pytest.mark.s3
-
-
-def _client(s3_server: str):
-    import boto3
-
-    return boto3.session.Session().client(
-        "s3", endpoint_url=s3_server, region_name="us-east-1",
-        aws_access_key_id="testing", aws_secret_access_key="testing",
-    )  # fmt: skip
-
-
-def publish(s3_server: str, uri: str) -> str:
-    """Make the S3 object ``uri`` public (ACL public-read: GET and HEAD); return its http URL."""
-    bucket, key = uri.removeprefix("s3://").split("/", 1)
-    _client(s3_server).put_object_acl(Bucket=bucket, Key=key, ACL="public-read")
-    return f"{s3_server}/{bucket}/{key}"
 
 
 @pytest.fixture
@@ -80,7 +65,16 @@ def test_head_refused_falls_back_to_a_one_byte_get(s3_server, s3_bucket):
     bucket = s3_bucket.removeprefix("s3://")
     policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*",
               "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"}]}  # fmt: skip
-    _client(s3_server).put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+    import boto3
+
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
     storage.write_bytes(f"{s3_bucket}/a.bin", b"x" * 1234)
     url = f"{s3_server}/{bucket}/a.bin"
     import urllib.error

@@ -194,7 +194,9 @@ def test_bad_input_names_the_key_tile_and_item(catalog, tmp_path):
     doc["assets"]["B02"]["href"] = str(other)
     d4.write_text(json.dumps(doc))
     pipe = _pipe(broken, info, catalog=str(broken / "stac" / "catalog.json"))
-    with pytest.raises(BadInputError, match=r"'S2_d4_31TCJ' \(20230321\), asset 'B02'.*every raster of a tile must share"):
+    with pytest.raises(
+        BadInputError, match=r"'S2_d4_31TCJ' \(20230321\), asset 'B02'.*every raster of a tile must share"
+    ):
         pipe.sensors[0].read(FULL, pipe.grid)
     missing = tmp_path / "nowhere" / "catalog.json"
     with pytest.raises(BadInputError, match=r"stac.catalog: .*nowhere/catalog.json"):
@@ -202,8 +204,13 @@ def test_bad_input_names_the_key_tile_and_item(catalog, tmp_path):
     # the command line: exit 2 naming the tile
     cfg = write_config(folder, info["catalog"], name="bad.cfg").read_text().replace("T31TCJ", "T32ULU")
     (tmp_path / "bad.cfg").write_text(cfg.replace("polygons.geojson", str(folder / "polygons.geojson")))
-    proc = subprocess.run([sys.executable, "-m", "sitsflow", "prepare", "--config", str(tmp_path / "bad.cfg")],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sitsflow", "prepare", "--config", str(tmp_path / "bad.cfg")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
     assert proc.returncode == 2 and "no item of tile 'T32ULU'" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -221,6 +228,69 @@ def test_the_catalog_and_cogs_are_read_in_place_on_s3(catalog, s3_bucket):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.s3
+def test_the_catalog_and_cogs_are_read_over_http(catalog, s3_server, s3_bucket, tmp_path):
+    """The S3 server's public objects are plain http URLs: the catalog read by GET, the COGs
+    through GDAL's /vsicurl/, with the values of the local (and s3://) catalog."""
+    folder, info = catalog
+    url = upload(folder, s3_bucket, public=s3_server)
+    assert url.startswith("http://127.0.0.1:")
+    local = _pipe(folder, info)
+    remote = _pipe(folder, info, catalog=url)
+    sensor = remote.sensors[0]
+    files = sensor.input_files()
+    assert files[0] == url and all(f.startswith(url.rsplit("/stac/", 1)[0] + "/items/") for f in files[1:])
+    assert storage.rasterio_path(files[1]) == f"/vsicurl/{files[1]}"
+    assert remote.raw_dates == local.raw_dates and remote.grid == local.grid
+    window = Window(7, 3, 20, 15)
+    expected = local.sensors[0].read(window, local.grid)
+    for a, b in zip(sensor.read(window, remote.grid), expected):
+        np.testing.assert_array_equal(a, b)
+    # a local catalog whose asset hrefs are absolute http URLs (as Earth Search's items)
+    absolute = tmp_path / "absolute"
+    write_catalog(absolute, href_base=url.rsplit("/stac/", 1)[0])
+    pipe = _pipe(absolute, info, catalog=str(absolute / "stac" / "catalog.json"))
+    files = pipe.sensors[0].input_files()
+    assert files[0] == str(absolute / "stac" / "catalog.json") and all(f.startswith("http://") for f in files[1:])
+    for a, b in zip(pipe.sensors[0].read(window, pipe.grid), expected):
+        np.testing.assert_array_equal(a, b)
+    # an asset that is not there: exit 2 naming the URL, the item and the band
+    item_json = next((absolute / "stac").rglob("S2_d4_31TCJ.json"))
+    doc = json.loads(item_json.read_text())
+    doc["assets"]["B03"]["href"] = gone = doc["assets"]["B03"]["href"].replace("B03.tif", "gone.tif")
+    item_json.write_text(json.dumps(doc))
+    pipe = _pipe(absolute, info, catalog=str(absolute / "stac" / "catalog.json"))
+    with pytest.raises(BadInputError, match=r"no such file or object") as err:
+        pipe.sensors[0].read(window, pipe.grid)
+    assert gone in str(err.value) and "'S2_d4_31TCJ' (20230321), asset 'B03'" in str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_earth_search_asset_keys(catalog, tmp_path):
+    """A catalog keyed as Earth Search (blue ... swir22, scl, the tile only in grid:code) read
+    with stac.asset_keys='earth-search': the profile's band names, the same values."""
+    folder, info = catalog
+    es = tmp_path / "es"
+    write_catalog(es, keys="earth-search")
+    cat = str(es / "stac" / "catalog.json")
+    with pytest.raises(BadInputError, match=r"no item of tile 'T31TCJ'.*s2:mgrs_tile"):
+        _pipe(es, info, catalog=cat)
+    with pytest.raises(BadInputError, match=r"has no asset 'B02' \(its assets: \['blue', 'green'"):
+        _pipe(es, info, "stac.tile_property=['grid:code']", catalog=cat)
+    pipe = _pipe(es, info, "stac.asset_keys='earth-search'", catalog=cat)
+    local = _pipe(folder, info)
+    assert pipe.components == local.components and pipe.sensors[0].mask_asset == "scl"
+    assert pipe.sensors[0].groups[0][0].assets["B08"].endswith("/B08.tif")  # Earth Search's 'nir'
+    for a, b in zip(pipe.sensors[0].read(FULL, pipe.grid), local.sensors[0].read(FULL, local.grid)):
+        np.testing.assert_array_equal(a, b)
+    two = _pipe(
+        es, info, "stac.asset_keys='earth-search'", "stac.assets=['B08', 'B04']", "arg_train.features=[]", catalog=cat
+    )
+    assert two.components == ["b04", "b08"]
+    with pytest.raises(ConfigError, match=r"stac\.asset_keys.*known with the asset keys of \['planetary-computer'\]"):
+        _cfg(folder, info, "stac.profile='landsat-c2-l2'", "stac.asset_keys='earth-search'")
+
+
 def test_landsat_profile_scale_offset_and_qa_pixel_bits(tmp_path):
     """One Landsat C2 L2 item at 30 m: SR = DN * 2.75e-5 - 0.2; QA_PIXEL bits 0-4 set are invalid
     (bit 6 clear and bit 7 water are not)."""
@@ -233,13 +303,19 @@ def test_landsat_profile_scale_offset_and_qa_pixel_bits(tmp_path):
     qa[0, 2] = 1  # fill
     qa[1, 0] |= 1 << 7  # water: clear
     dn["red"][3, 4] = 0  # nodata
-    item = pystac.Item("LC09_L2SP_198030_20230305", None, None, dt.datetime(2023, 3, 5, 10, tzinfo=dt.UTC),
-                       {"landsat:wrs_path": "198", "landsat:wrs_row": "030", "eo:cloud_cover": 12.0},
-                       collection="landsat-c2-l2")
+    item = pystac.Item(
+        "LC09_L2SP_198030_20230305",
+        None,
+        None,
+        dt.datetime(2023, 3, 5, 10, tzinfo=dt.UTC),
+        {"landsat:wrs_path": "198", "landsat:wrs_row": "030", "eo:cloud_cover": 12.0},
+        collection="landsat-c2-l2",
+    )
     for name, data in {**dn, "qa_pixel": qa}.items():
         path = tmp_path / f"{name}.tif"
-        with rasterio.open(path, "w", driver="GTiff", dtype="uint16", count=1, width=5, height=4,
-                           crs="EPSG:32631", transform=transform) as dst:
+        with rasterio.open(
+            path, "w", driver="GTiff", dtype="uint16", count=1, width=5, height=4, crs="EPSG:32631", transform=transform
+        ) as dst:
             dst.write(data, 1)
         item.add_asset(name, pystac.Asset(str(path)))
     cat = pystac.Catalog("landsat", "one item")
@@ -288,14 +364,30 @@ def _s1_catalog(folder: Path) -> str:
     transform = from_origin(300000, 5000000, 10, 10)
     cat = pystac.Catalog("s1", "two RTC items")
     for day, orbit in ((2, "ascending"), (5, "descending")):
-        item = pystac.Item(f"S1_{day}", None, None, dt.datetime(2023, 3, day, 6, tzinfo=dt.UTC),
-                           {"grid:code": "MGRS-31TCJ", "sat:orbit_state": orbit}, collection="sentinel-1-rtc")
+        item = pystac.Item(
+            f"S1_{day}",
+            None,
+            None,
+            dt.datetime(2023, 3, day, 6, tzinfo=dt.UTC),
+            {"grid:code": "MGRS-31TCJ", "sat:orbit_state": orbit},
+            collection="sentinel-1-rtc",
+        )
         vv = np.broadcast_to(0.1 * (np.arange(6, dtype=np.float32) + 1) * day, (4, 6)).copy()
         vv[0, 0], vv[1, 1] = -32768, 0
         for name, data in (("vv", vv), ("vh", np.where(vv > 0, vv / 5, vv))):
             path = folder / f"{name}_{day}.tif"
-            with rasterio.open(path, "w", driver="GTiff", dtype="float32", count=1, width=6, height=4,
-                               crs="EPSG:32631", transform=transform, nodata=-32768) as dst:
+            with rasterio.open(
+                path,
+                "w",
+                driver="GTiff",
+                dtype="float32",
+                count=1,
+                width=6,
+                height=4,
+                crs="EPSG:32631",
+                transform=transform,
+                nodata=-32768,
+            ) as dst:
                 dst.write(data, 1)
             item.add_asset(name, pystac.Asset(str(path)))
         cat.add_item(item)
@@ -334,8 +426,11 @@ class FakeStacApi:
     extension's ``in`` / ``lte``, in pages of ``limit`` items (``next`` links); the first
     ``fail`` searches answer HTTP 503. It records the search bodies."""
 
-    CONFORMS = ["https://api.stacspec.org/v1.0.0/core", "https://api.stacspec.org/v1.0.0/item-search",
-                "https://api.stacspec.org/v1.0.0/item-search#query"]
+    CONFORMS = [
+        "https://api.stacspec.org/v1.0.0/core",
+        "https://api.stacspec.org/v1.0.0/item-search",
+        "https://api.stacspec.org/v1.0.0/item-search#query",
+    ]
 
     def __init__(self, items: list[dict], fail: int = 0, limit: int = 2) -> None:
         import http.server
@@ -357,11 +452,26 @@ class FakeStacApi:
                 self.wfile.write(body)
 
             def do_GET(self):
-                self._send(200, {"type": "Catalog", "id": "fake", "description": "a fake STAC API",
-                                 "stac_version": "1.0.0", "conformsTo": api.CONFORMS,
-                                 "links": [{"rel": "self", "href": api.url}, {"rel": "root", "href": api.url},
-                                           {"rel": "search", "href": f"{api.url}/search", "method": "POST",
-                                            "type": "application/geo+json"}]})
+                self._send(
+                    200,
+                    {
+                        "type": "Catalog",
+                        "id": "fake",
+                        "description": "a fake STAC API",
+                        "stac_version": "1.0.0",
+                        "conformsTo": api.CONFORMS,
+                        "links": [
+                            {"rel": "self", "href": api.url},
+                            {"rel": "root", "href": api.url},
+                            {
+                                "rel": "search",
+                                "href": f"{api.url}/search",
+                                "method": "POST",
+                                "type": "application/geo+json",
+                            },
+                        ],
+                    },
+                )
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -373,10 +483,18 @@ class FakeStacApi:
                 start = int(body.get("token", 0))
                 links = []
                 if start + api.limit < len(found):
-                    links.append({"rel": "next", "href": f"{api.url}/search", "method": "POST",
-                                  "body": {**body, "token": start + api.limit}, "merge": False})
-                self._send(200, {"type": "FeatureCollection", "features": found[start:start + api.limit],
-                                 "links": links})
+                    links.append(
+                        {
+                            "rel": "next",
+                            "href": f"{api.url}/search",
+                            "method": "POST",
+                            "body": {**body, "token": start + api.limit},
+                            "merge": False,
+                        }
+                    )
+                self._send(
+                    200, {"type": "FeatureCollection", "features": found[start : start + api.limit], "links": links}
+                )
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -431,8 +549,13 @@ def test_a_stac_api_is_searched_for_the_tile(catalog, tmp_path, monkeypatch):
         query = searches[-1]["query"]
         assert query["s2:mgrs_tile"] == {"in": ["31TCJ", "MGRS-31TCJ", "T31TCJ"]}
         assert query["eo:cloud_cover"] == {"lte": 50.0}
-        assert searches[-1]["collections"] == ["sentinel-2-l2a"] and searches[-1]["datetime"].endswith("/2023-04-01T23:59:59Z")
-        assert pipe.raw_dates == local.raw_dates and pipe.sensors[0].settings["items"] == local.sensors[0].settings["items"]
+        assert searches[-1]["collections"] == ["sentinel-2-l2a"] and searches[-1]["datetime"].endswith(
+            "/2023-04-01T23:59:59Z"
+        )
+        assert (
+            pipe.raw_dates == local.raw_dates
+            and pipe.sensors[0].settings["items"] == local.sensors[0].settings["items"]
+        )
         for a, b in zip(pipe.sensors[0].read(FULL, pipe.grid), local.sensors[0].read(FULL, local.grid)):
             np.testing.assert_array_equal(a, b)
         with pytest.raises(BadInputError, match=r"no item of tile 'T32ULU' in http://127"):
@@ -451,8 +574,17 @@ def test_a_stac_api_is_searched_for_the_tile(catalog, tmp_path, monkeypatch):
 def test_the_stac_sensor_combines_with_a_dated_raster(catalog, tmp_path):
     folder, info = catalog
     path = tmp_path / "ndvi.tif"
-    with rasterio.open(path, "w", driver="GTiff", dtype="float32", count=2, width=WIDTH // 2, height=HEIGHT // 2,
-                       crs="EPSG:32631", transform=from_origin(300000, 5000000, 20, 20)) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        dtype="float32",
+        count=2,
+        width=WIDTH // 2,
+        height=HEIGHT // 2,
+        crs="EPSG:32631",
+        transform=from_origin(300000, 5000000, 20, 20),
+    ) as dst:
         dst.write(np.stack([np.full((HEIGHT // 2, WIDTH // 2), v, np.float32) for v in (0.3, 0.5)]))
         dst.descriptions = ("2023-03-04", "2023-03-24")
     extra = f"dated_raster:\n{{\n  name : 'own'\n  path : '{path}'\n  bands : ['ndvi']\n}}\n"
