@@ -68,6 +68,17 @@ def _aws_env_per_test(request: pytest.FixtureRequest) -> Iterator[None]:
     _set_aws_vars(saved)
 
 
+def _server_env(endpoint: str) -> dict[str, str]:
+    """The ``AWS_*`` variables of the S3 server at ``endpoint``."""
+    return {
+        **_ISOLATION,
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": _REGION,
+    }
+
+
 @pytest.fixture(scope="session")
 def s3_server(_no_host_aws: None) -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 for the session; yields its endpoint URL."""
@@ -78,13 +89,7 @@ def s3_server(_no_host_aws: None) -> Iterator[str]:
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     saved = _aws_vars()
-    _set_aws_vars({
-        **_ISOLATION,
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": _REGION,
-    })
+    _set_aws_vars(_server_env(endpoint))
     try:
         yield endpoint
     finally:
@@ -94,8 +99,15 @@ def s3_server(_no_host_aws: None) -> Iterator[str]:
 
 @pytest.fixture
 def s3_bucket(s3_server: str) -> str:
-    """A fresh, uniquely named bucket on the session's S3 server, as ``"s3://<name>"``."""
+    """A fresh, uniquely named bucket on the session's S3 server, as ``"s3://<name>"``.
+
+    It points the environment at the server too: a test that asks for it late
+    (``request.getfixturevalue``) was isolated from the server's variables when it started, even
+    when an earlier test had started the server (the isolation is undone after the test)."""
     import boto3
+
+    if _aws_vars() != _server_env(s3_server):
+        _set_aws_vars(_server_env(s3_server))
 
     name = f"sitsflow-test-{uuid.uuid4().hex[:16]}"
     client = boto3.session.Session().client(

@@ -39,13 +39,8 @@ WIDTH, HEIGHT = 40, 28  # 10 m pixels (20 m assets: 20 x 14)
 BANDS = STAC_PROFILES["sentinel-2-l2a"].assets
 COARSE = {"B05", "B06", "B07", "B8A", "B11", "B12", "SCL"}
 CLASSES = (1, 2, 3)
-DAYS = {
-    "d1": dt.date(2023, 3, 1),
-    "d2": dt.date(2023, 3, 11),
-    "d3": dt.date(2023, 3, 16),
-    "d4": dt.date(2023, 3, 21),
-    "d5": dt.date(2023, 4, 20),
-}
+DAYS = {"d1": dt.date(2023, 3, 1), "d2": dt.date(2023, 3, 11), "d3": dt.date(2023, 3, 16),
+        "d4": dt.date(2023, 3, 21), "d5": dt.date(2023, 4, 20)}
 
 
 def label_map() -> np.ndarray:
@@ -61,16 +56,9 @@ def reflectance(day: str, band: int, classes: np.ndarray) -> np.ndarray:
 
 
 def _write_cog(path: Path, data: np.ndarray, res: float, nodata: float | None) -> None:
-    profile = {
-        "driver": "COG",
-        "dtype": data.dtype.name,
-        "count": 1,
-        "width": data.shape[1],
-        "height": data.shape[0],
-        "crs": CRS,
-        "transform": from_origin(*ORIGIN, res, res),
-        "nodata": nodata,
-    }
+    profile = {"driver": "COG", "dtype": data.dtype.name, "count": 1, "width": data.shape[1],
+               "height": data.shape[0], "crs": CRS, "transform": from_origin(*ORIGIN, res, res),
+               "nodata": nodata}
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data, 1)
 
@@ -88,16 +76,13 @@ def write_catalog(folder: Path, keys: str = "planetary-computer", href_base: str
     labels = label_map()
     truth: dict[str, dict] = {}
     catalog = pystac.Catalog("s2-test", "a tiny Sentinel-2 L2A catalog")
-    collection = pystac.Collection(
-        "sentinel-2-l2a",
-        "Sentinel-2 L2A COGs",
-        pystac.Extent(pystac.SpatialExtent([[-180, -90, 180, 90]]), pystac.TemporalExtent([[None, None]])),
-    )
+    collection = pystac.Collection("sentinel-2-l2a", "Sentinel-2 L2A COGs",
+                                   pystac.Extent(pystac.SpatialExtent([[-180, -90, 180, 90]]),
+                                                 pystac.TemporalExtent([[None, None]])))
     catalog.add_child(collection)
     left, top = ORIGIN
     footprint = rasterio.warp.transform_geom(
-        CRS, "EPSG:4326", shapely.geometry.mapping(shapely.box(left, top - HEIGHT * 10, left + WIDTH * 10, top))
-    )
+        CRS, "EPSG:4326", shapely.geometry.mapping(shapely.box(left, top - HEIGHT * 10, left + WIDTH * 10, top)))
     specs = [  # name, day, hour, tile, baseline, properties
         ("d1", "d1", 10, "31TCJ", "04.00", {"eo:cloud_cover": 5.0}),
         ("d2a", "d2", 10, "31TCJ", "03.01", {"eo:cloud_cover": 30.0}),
@@ -118,26 +103,17 @@ def write_catalog(folder: Path, keys: str = "planetary-computer", href_base: str
         scl = np.full((HEIGHT // 2, WIDTH // 2), 4, np.uint8)  # vegetation: clear
         nodata = np.zeros((HEIGHT, WIDTH), bool)
         if name == "d2a":
-            nodata[:, WIDTH // 2 :] = True
+            nodata[:, WIDTH // 2:] = True
             scl[6:10, 2:6] = 9  # cloud high probability
         if day == "d2":
             scl[0:2, :] = 8  # rows 0..3 (10 m) cloudy in both items
         if name == "d1":
             scl[10:12, 14:18] = 3  # cloud shadow
         when = dt.datetime(DAYS[day].year, DAYS[day].month, DAYS[day].day, hour, tzinfo=dt.UTC)
-        item = pystac.Item(
-            f"S2_{name}_{tile}",
-            footprint,
-            list(shapely.bounds(shapely.geometry.shape(footprint))),
-            when,
-            {
-                **({} if keys == "earth-search" else {"s2:mgrs_tile": tile}),
-                "grid:code": f"MGRS-{tile}",
-                "s2:processing_baseline": baseline,
-                **props,
-            },
-            collection="sentinel-2-l2a",
-        )
+        item = pystac.Item(f"S2_{name}_{tile}", footprint, list(shapely.bounds(shapely.geometry.shape(footprint))),
+                           when, {**({} if keys == "earth-search" else {"s2:mgrs_tile": tile}),
+                                  "grid:code": f"MGRS-{tile}", "s2:processing_baseline": baseline, **props},
+                           collection="sentinel-2-l2a")
         values = {}
         for b, band in enumerate(BANDS):
             refl = reflectance(day, b, labels)
@@ -150,10 +126,8 @@ def write_catalog(folder: Path, keys: str = "planetary-computer", href_base: str
             else:
                 res = 10.0
             _write_cog(item_dir / f"{band}.tif", dn, res, 0)
-            item.add_asset(
-                provider.key(band),
-                pystac.Asset(href(item_dir / f"{band}.tif"), media_type=pystac.MediaType.COG, roles=["data"]),
-            )
+            item.add_asset(provider.key(band), pystac.Asset(href(item_dir / f"{band}.tif"),
+                                                            media_type=pystac.MediaType.COG, roles=["data"]))
             values[band] = dn
         _write_cog(item_dir / "SCL.tif", scl, 20.0, 0)
         item.add_asset(provider.key("SCL"), pystac.Asset(href(item_dir / "SCL.tif"), media_type=pystac.MediaType.COG))
@@ -169,15 +143,10 @@ def write_catalog(folder: Path, keys: str = "planetary-computer", href_base: str
         x0, y0 = transform @ (c0, 6)
         x1, y1 = transform @ (c0 + 4, 26)
         rows.append((shapely.box(x0, y1, x1, y0), int(labels[0, c0])))
-    pyogrio.raw.write(
-        str(folder / "polygons.geojson"),
-        geometry=shapely.to_wkb(np.array([g for g, _ in rows], dtype=object)),
-        field_data=[np.array([c for _, c in rows], np.int64)],
-        fields=["code"],
-        crs=CRS,
-        driver="GeoJSON",
-        geometry_type="Polygon",
-    )
+    pyogrio.raw.write(str(folder / "polygons.geojson"),
+                      geometry=shapely.to_wkb(np.array([g for g, _ in rows], dtype=object)),
+                      field_data=[np.array([c for _, c in rows], np.int64)], fields=["code"], crs=CRS,
+                      driver="GeoJSON", geometry_type="Polygon")
     return {"catalog": str(folder / "stac" / "catalog.json"), "truth": truth, "labels": labels}
 
 
@@ -201,27 +170,14 @@ def publish(s3_server: str, uri: str) -> str:
     import boto3
 
     bucket, key = uri.removeprefix("s3://").split("/", 1)
-    client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    client = boto3.session.Session().client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                                            aws_access_key_id="testing", aws_secret_access_key="testing")
     client.put_object_acl(Bucket=bucket, Key=key, ACL="public-read")
     return f"{s3_server}/{bucket}/{key}"
 
 
-def write_config(
-    folder: Path,
-    catalog: str,
-    *,
-    output: str = "output",
-    stac_extra: str = "",
-    extra: str = "",
-    epochs: int = 3,
-    name: str = "stac.cfg",
-) -> Path:
+def write_config(folder: Path, catalog: str, *, output: str = "output", stac_extra: str = "", extra: str = "",
+                 epochs: int = 3, name: str = "stac.cfg") -> Path:
     """A configuration reading ``catalog`` with the sentinel-2-l2a profile."""
     text = f"""
 chain:

@@ -1,5 +1,5 @@
 """The ``stac`` sensor on a generated static catalog of Sentinel-2 L2A COGs (tests/stac_catalog.py),
-local and on the S3 server: items matched to the tile, filtered by date range and cloud cover,
+local, on the S3 server and over http: items matched to the tile, filtered by date range and cloud cover,
 grouped by day and mosaicked (first clear pixel wins), scaled with the processing-baseline
 offset, masked by SCL (20 m, nearest) and gap-filled; a Landsat C2 L2 item for the QA_PIXEL bits;
 the configuration keys' effects; bad input; and a run from sampling to the final map."""
@@ -194,9 +194,7 @@ def test_bad_input_names_the_key_tile_and_item(catalog, tmp_path):
     doc["assets"]["B02"]["href"] = str(other)
     d4.write_text(json.dumps(doc))
     pipe = _pipe(broken, info, catalog=str(broken / "stac" / "catalog.json"))
-    with pytest.raises(
-        BadInputError, match=r"'S2_d4_31TCJ' \(20230321\), asset 'B02'.*every raster of a tile must share"
-    ):
+    with pytest.raises(BadInputError, match=r"'S2_d4_31TCJ' \(20230321\), asset 'B02'.*every raster of a tile must share"):
         pipe.sensors[0].read(FULL, pipe.grid)
     missing = tmp_path / "nowhere" / "catalog.json"
     with pytest.raises(BadInputError, match=r"stac.catalog: .*nowhere/catalog.json"):
@@ -204,13 +202,8 @@ def test_bad_input_names_the_key_tile_and_item(catalog, tmp_path):
     # the command line: exit 2 naming the tile
     cfg = write_config(folder, info["catalog"], name="bad.cfg").read_text().replace("T31TCJ", "T32ULU")
     (tmp_path / "bad.cfg").write_text(cfg.replace("polygons.geojson", str(folder / "polygons.geojson")))
-    proc = subprocess.run(
-        [sys.executable, "-m", "sitsflow", "prepare", "--config", str(tmp_path / "bad.cfg")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ),
-    )
+    proc = subprocess.run([sys.executable, "-m", "sitsflow", "prepare", "--config", str(tmp_path / "bad.cfg")],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert proc.returncode == 2 and "no item of tile 'T32ULU'" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -303,19 +296,13 @@ def test_landsat_profile_scale_offset_and_qa_pixel_bits(tmp_path):
     qa[0, 2] = 1  # fill
     qa[1, 0] |= 1 << 7  # water: clear
     dn["red"][3, 4] = 0  # nodata
-    item = pystac.Item(
-        "LC09_L2SP_198030_20230305",
-        None,
-        None,
-        dt.datetime(2023, 3, 5, 10, tzinfo=dt.UTC),
-        {"landsat:wrs_path": "198", "landsat:wrs_row": "030", "eo:cloud_cover": 12.0},
-        collection="landsat-c2-l2",
-    )
+    item = pystac.Item("LC09_L2SP_198030_20230305", None, None, dt.datetime(2023, 3, 5, 10, tzinfo=dt.UTC),
+                       {"landsat:wrs_path": "198", "landsat:wrs_row": "030", "eo:cloud_cover": 12.0},
+                       collection="landsat-c2-l2")
     for name, data in {**dn, "qa_pixel": qa}.items():
         path = tmp_path / f"{name}.tif"
-        with rasterio.open(
-            path, "w", driver="GTiff", dtype="uint16", count=1, width=5, height=4, crs="EPSG:32631", transform=transform
-        ) as dst:
+        with rasterio.open(path, "w", driver="GTiff", dtype="uint16", count=1, width=5, height=4,
+                           crs="EPSG:32631", transform=transform) as dst:
             dst.write(data, 1)
         item.add_asset(name, pystac.Asset(str(path)))
     cat = pystac.Catalog("landsat", "one item")
@@ -364,30 +351,14 @@ def _s1_catalog(folder: Path) -> str:
     transform = from_origin(300000, 5000000, 10, 10)
     cat = pystac.Catalog("s1", "two RTC items")
     for day, orbit in ((2, "ascending"), (5, "descending")):
-        item = pystac.Item(
-            f"S1_{day}",
-            None,
-            None,
-            dt.datetime(2023, 3, day, 6, tzinfo=dt.UTC),
-            {"grid:code": "MGRS-31TCJ", "sat:orbit_state": orbit},
-            collection="sentinel-1-rtc",
-        )
+        item = pystac.Item(f"S1_{day}", None, None, dt.datetime(2023, 3, day, 6, tzinfo=dt.UTC),
+                           {"grid:code": "MGRS-31TCJ", "sat:orbit_state": orbit}, collection="sentinel-1-rtc")
         vv = np.broadcast_to(0.1 * (np.arange(6, dtype=np.float32) + 1) * day, (4, 6)).copy()
         vv[0, 0], vv[1, 1] = -32768, 0
         for name, data in (("vv", vv), ("vh", np.where(vv > 0, vv / 5, vv))):
             path = folder / f"{name}_{day}.tif"
-            with rasterio.open(
-                path,
-                "w",
-                driver="GTiff",
-                dtype="float32",
-                count=1,
-                width=6,
-                height=4,
-                crs="EPSG:32631",
-                transform=transform,
-                nodata=-32768,
-            ) as dst:
+            with rasterio.open(path, "w", driver="GTiff", dtype="float32", count=1, width=6, height=4,
+                               crs="EPSG:32631", transform=transform, nodata=-32768) as dst:
                 dst.write(data, 1)
             item.add_asset(name, pystac.Asset(str(path)))
         cat.add_item(item)
@@ -426,11 +397,8 @@ class FakeStacApi:
     extension's ``in`` / ``lte``, in pages of ``limit`` items (``next`` links); the first
     ``fail`` searches answer HTTP 503. It records the search bodies."""
 
-    CONFORMS = [
-        "https://api.stacspec.org/v1.0.0/core",
-        "https://api.stacspec.org/v1.0.0/item-search",
-        "https://api.stacspec.org/v1.0.0/item-search#query",
-    ]
+    CONFORMS = ["https://api.stacspec.org/v1.0.0/core", "https://api.stacspec.org/v1.0.0/item-search",
+                "https://api.stacspec.org/v1.0.0/item-search#query"]
 
     def __init__(self, items: list[dict], fail: int = 0, limit: int = 2) -> None:
         import http.server
@@ -452,26 +420,11 @@ class FakeStacApi:
                 self.wfile.write(body)
 
             def do_GET(self):
-                self._send(
-                    200,
-                    {
-                        "type": "Catalog",
-                        "id": "fake",
-                        "description": "a fake STAC API",
-                        "stac_version": "1.0.0",
-                        "conformsTo": api.CONFORMS,
-                        "links": [
-                            {"rel": "self", "href": api.url},
-                            {"rel": "root", "href": api.url},
-                            {
-                                "rel": "search",
-                                "href": f"{api.url}/search",
-                                "method": "POST",
-                                "type": "application/geo+json",
-                            },
-                        ],
-                    },
-                )
+                self._send(200, {"type": "Catalog", "id": "fake", "description": "a fake STAC API",
+                                 "stac_version": "1.0.0", "conformsTo": api.CONFORMS,
+                                 "links": [{"rel": "self", "href": api.url}, {"rel": "root", "href": api.url},
+                                           {"rel": "search", "href": f"{api.url}/search", "method": "POST",
+                                            "type": "application/geo+json"}]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -483,18 +436,10 @@ class FakeStacApi:
                 start = int(body.get("token", 0))
                 links = []
                 if start + api.limit < len(found):
-                    links.append(
-                        {
-                            "rel": "next",
-                            "href": f"{api.url}/search",
-                            "method": "POST",
-                            "body": {**body, "token": start + api.limit},
-                            "merge": False,
-                        }
-                    )
-                self._send(
-                    200, {"type": "FeatureCollection", "features": found[start : start + api.limit], "links": links}
-                )
+                    links.append({"rel": "next", "href": f"{api.url}/search", "method": "POST",
+                                  "body": {**body, "token": start + api.limit}, "merge": False})
+                self._send(200, {"type": "FeatureCollection", "features": found[start:start + api.limit],
+                                 "links": links})
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -549,13 +494,8 @@ def test_a_stac_api_is_searched_for_the_tile(catalog, tmp_path, monkeypatch):
         query = searches[-1]["query"]
         assert query["s2:mgrs_tile"] == {"in": ["31TCJ", "MGRS-31TCJ", "T31TCJ"]}
         assert query["eo:cloud_cover"] == {"lte": 50.0}
-        assert searches[-1]["collections"] == ["sentinel-2-l2a"] and searches[-1]["datetime"].endswith(
-            "/2023-04-01T23:59:59Z"
-        )
-        assert (
-            pipe.raw_dates == local.raw_dates
-            and pipe.sensors[0].settings["items"] == local.sensors[0].settings["items"]
-        )
+        assert searches[-1]["collections"] == ["sentinel-2-l2a"] and searches[-1]["datetime"].endswith("/2023-04-01T23:59:59Z")
+        assert pipe.raw_dates == local.raw_dates and pipe.sensors[0].settings["items"] == local.sensors[0].settings["items"]
         for a, b in zip(pipe.sensors[0].read(FULL, pipe.grid), local.sensors[0].read(FULL, local.grid)):
             np.testing.assert_array_equal(a, b)
         with pytest.raises(BadInputError, match=r"no item of tile 'T32ULU' in http://127"):
@@ -574,17 +514,8 @@ def test_a_stac_api_is_searched_for_the_tile(catalog, tmp_path, monkeypatch):
 def test_the_stac_sensor_combines_with_a_dated_raster(catalog, tmp_path):
     folder, info = catalog
     path = tmp_path / "ndvi.tif"
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        dtype="float32",
-        count=2,
-        width=WIDTH // 2,
-        height=HEIGHT // 2,
-        crs="EPSG:32631",
-        transform=from_origin(300000, 5000000, 20, 20),
-    ) as dst:
+    with rasterio.open(path, "w", driver="GTiff", dtype="float32", count=2, width=WIDTH // 2, height=HEIGHT // 2,
+                       crs="EPSG:32631", transform=from_origin(300000, 5000000, 20, 20)) as dst:
         dst.write(np.stack([np.full((HEIGHT // 2, WIDTH // 2), v, np.float32) for v in (0.3, 0.5)]))
         dst.descriptions = ("2023-03-04", "2023-03-24")
     extra = f"dated_raster:\n{{\n  name : 'own'\n  path : '{path}'\n  bands : ['ndvi']\n}}\n"
