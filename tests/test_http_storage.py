@@ -102,6 +102,8 @@ def test_missing_and_denied_exit_2_naming_the_url(s3_server, s3_bucket, sleeps):
     assert sleeps == []  # none of them retried
     with pytest.raises(BadInputError, match=r"malformed URL 'https:///x.tif'"):
         storage.read_bytes("https:///x.tif")
+    with pytest.raises(BadInputError, match=r"scheme 'ftp'.*allowed: .*where inputs are read, http\(s\)://"):
+        storage.read_bytes("ftp://example.com/x.tif")
 
 
 def test_transient_trouble_is_retried_then_exit_75(public, sleeps, monkeypatch):

@@ -282,6 +282,8 @@ def test_earth_search_asset_keys(catalog, tmp_path):
     assert two.components == ["b04", "b08"]
     with pytest.raises(ConfigError, match=r"stac\.asset_keys.*known with the asset keys of \['planetary-computer'\]"):
         _cfg(folder, info, "stac.profile='landsat-c2-l2'", "stac.asset_keys='earth-search'")
+    with pytest.raises(ConfigError, match=r"stac\.catalog: expected a local path, an s3:// URI or an http\(s\):// URL"):
+        _cfg(folder, info, catalog="ftp://example.com/catalog.json")
 
 
 def test_landsat_profile_scale_offset_and_qa_pixel_bits(tmp_path):
