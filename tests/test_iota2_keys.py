@@ -153,6 +153,14 @@ def test_every_default_of_the_table_is_accepted(tmp_path: Path, caplog: pytest.L
             assert _load(tmp_path, text) == base, (name, key)
 
 
+def test_a_dict_default_accepts_some_of_its_keys_at_their_defaults(tmp_path: Path) -> None:
+    base = _load(tmp_path, MINIMAL)
+    assert _load(tmp_path, MINIMAL + 'builders : { builders_class_name : ["i2_classification"] }\n') == base
+    assert _load(tmp_path, MINIMAL + "builders : {}\n") == base
+    message = _error(tmp_path, MINIMAL + 'builders : { builders_paths : "/my/builders" }\n')
+    assert "builders = {'builders_paths': '/my/builders'}" in message
+
+
 def test_a_key_with_no_iota2_default_sitsflow_reproduces_stays_an_error(tmp_path: Path) -> None:
     message = _error(tmp_path, MINIMAL + 'coregistration : { VHRPath : "vhr.tif" }\n')
     assert "section 'coregistration'" in message and "does not support yet" in message

@@ -1037,7 +1037,7 @@ class SitsflowConfig(Section):
     }
     __iota2_defaults__ = {
         "builders": Iota2Default(
-            {"builders_class_name": ["i2_classification"]},
+            {"builders_class_name": ["i2_classification"], "builders_paths": None},
             "the workflows iota2 runs: i2_classification (pixel classification), i2_obia, i2_vectorization, "
             "i2_features_map, ...",
             "sitsflow runs the deep-learning pixel classification, iota2's i2_classification, only",

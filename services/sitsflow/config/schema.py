@@ -204,9 +204,10 @@ class Iota2Default:
     otherwise: str
 
     def accepts(self, value: Any) -> bool:
-        """Whether ``value`` is iota2's default as a user writes it: the same number, boolean,
-        list or dict; strings compared without case or surrounding blanks; None also written
-        ``"None"`` or ``""`` (iota2's files write both)."""
+        """Whether ``value`` is iota2's default as a user writes it: the same number, boolean or
+        list; a dict of some of the default's keys, each at its default; strings compared without
+        case or surrounding blanks; None also written ``"None"`` or ``""`` (iota2's files write
+        both)."""
         default = self.default
         if default is None:
             return value is None or (isinstance(value, str) and value.strip().lower() in _NONE_TEXTS)
@@ -222,11 +223,11 @@ class Iota2Default:
                 and len(value) == len(default)
                 and all(Iota2Default(d, "", "").accepts(v) for d, v in zip(default, value, strict=True))
             )
-        if isinstance(default, dict):
+        if isinstance(default, dict):  # a key left out takes its default
             return (
                 isinstance(value, dict)
-                and set(value) == set(default)
-                and all(Iota2Default(d, "", "").accepts(value[k]) for k, d in default.items())
+                and set(value) <= set(default)
+                and all(Iota2Default(default[k], "", "").accepts(v) for k, v in value.items())
             )
         return bool(value == default)
 

@@ -410,6 +410,18 @@ def _validate_fusion(cfg, regions: list[int], names: dict[int, str], fused_pixel
     return report
 
 
+def _merge_settings(cfg) -> dict:
+    """The ``arg_classification`` keys the final products depend on; the merge's keys only when
+    it is on, so that the fingerprint of a configuration without it stays that of before they existed."""
+    section = cfg.section_dict("arg_classification")
+    if cfg.arg_classification.merge_final_classifications:
+        return section
+    return {k: v for k, v in section.items() if not k.startswith(_MERGE_KEYS)}
+
+
+_MERGE_KEYS = ("merge_final_classifications", "fusionofclassification_all_samples_validation", "keep_runs_results")
+
+
 def run(cfg) -> dict:
     """Run the merging stage; return its JSON summary (``skipped`` when already done)."""
     out = cfg.chain.output_path
@@ -426,7 +438,7 @@ def run(cfg) -> dict:
     fp = manifest.fingerprint(
         STAGE,
         {f"{t}/{s}": v for (t, s), v in chunk_fps.items()},
-        cfg.section_dict("arg_classification"),
+        _merge_settings(cfg),
         cfg.chain.nomenclature_path and storage.stat(cfg.chain.nomenclature_path),
         cfg.chain.color_table and storage.stat(cfg.chain.color_table),
         {"stac": pystac.get_stac_version()},  # runs merged before the catalog existed get it
