@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from rasterio.windows import Window
-from sitsflow.config import SECTION_MODELS, SitsflowConfig, load_config
+from sitsflow.config import SECTION_MODELS, DeepLearningParameters, SitsflowConfig, load_config
 from sitsflow.config.syntax import format_value
 from sitsflow.errors import EXIT_BAD_INPUT, ConfigError
 from sitsflow.features import FeaturePipeline
@@ -94,6 +94,12 @@ def test_a_full_iota2_configuration_loads_with_one_warning_naming_each_key_witho
             continue
         line = next(n for n, t in enumerate(text.splitlines(), 1) if re.match(rf"\s*{re.escape(key)} :", t))
         assert f"{path}" in warnings[0] and f"full_iota2.cfg:{line}" in warnings[0], path
+    # the file holds every key of sitsflow's iota2 sections too (not sitsflow's own: dated_raster,
+    # training_options, resources)
+    written = set(re.findall(r"^\s*(\w+) :", text, re.M)) | set(re.findall(r"[{,]\s*(\w+) :", text))
+    models = [m for n, m in SECTION_MODELS.items() if n not in ("dated_raster", "resources")]
+    for model in [*models, DeepLearningParameters]:
+        assert set(model.model_fields) - {"training_options"} <= written, model.__name__
     # the keys that are implemented kept their values; the ignored ones are not in the configuration
     assert cfg.chain.s2_path is not None and cfg.Sentinel_2 is not None
     assert cfg.Sentinel_2.start_date is None and cfg.Sentinel_2.end_date is None  # iota2's "" is "not set"
