@@ -77,6 +77,11 @@ def test_the_fused_map_is_the_majority_vote_of_the_runs_maps(fused):
         np.testing.assert_array_equal(src.read(1), fusion)
     report = json.loads(open(layout.final_results_json(out)).read())["fusion"]
     assert summary["fusion"]["kappa"] == round(report["kappa"], 4)
+    # its STAC item: the classes with the undecided label, the colour-indexed rendering
+    item = json.loads(open(layout.final_stac_item(out, "Classifications_fusion")).read())
+    classes = {c["value"]: c["name"] for c in item["assets"]["data"]["classification:classes"]}
+    assert classes[undecided] == "undecided" and {1, 2, 3} <= set(classes)
+    assert item["assets"]["visual"]["href"].endswith("Classifications_fusion_ColorIndexed.tif")
 
 
 def test_held_out_polygons_are_in_no_run_and_validate_the_fused_map(fused):

@@ -612,6 +612,16 @@ def run(cfg) -> dict:
                     fused,
                     title=f"Fusion of the {runs} runs' classifications (majority vote; {undecided}: undecided)",
                     kind="classification",
+                    undecided=undecided,
+                    extra_assets=[
+                        (
+                            "visual",
+                            layout.final_fusion_color(out),
+                            pystac.MediaType.COG,
+                            "Fusion of the runs' classifications with its colour table",
+                            ["visual"],
+                        )
+                    ],
                 )
             )
             fusion_colors = {0: (255, 255, 255, 255)} | {c: (*colors.get(c, (0, 0, 0)), 255) for c in all_codes}
