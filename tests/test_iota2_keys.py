@@ -95,9 +95,9 @@ def test_a_full_iota2_configuration_loads_with_one_warning_naming_each_key_witho
         line = next(n for n, t in enumerate(text.splitlines(), 1) if re.match(rf"\s*{re.escape(key)} :", t))
         assert f"{path}" in warnings[0] and f"full_iota2.cfg:{line}" in warnings[0], path
     # the file holds every key of sitsflow's iota2 sections too (not sitsflow's own: dated_raster,
-    # training_options, resources)
+    # training_options, resources, stac)
     written = set(re.findall(r"^\s*(\w+) :", text, re.M)) | set(re.findall(r"[{,]\s*(\w+) :", text))
-    models = [m for n, m in SECTION_MODELS.items() if n not in ("dated_raster", "resources")]
+    models = [m for n, m in SECTION_MODELS.items() if n not in ("dated_raster", "resources", "stac")]
     for model in [*models, DeepLearningParameters]:
         assert set(model.model_fields) - {"training_options"} <= written, model.__name__
     # the keys that are implemented kept their values; the ignored ones are not in the configuration
