@@ -3,7 +3,7 @@ tests/conftest.py answers unsigned ``GET /<bucket>/<key>`` (with Range) for publ
 public bucket of COGs does. Reads, HEAD and its ranged-GET fallback, streamed downloads, the error
 contract (404 and 403 exit 2 naming the URL; resets, 503s and refused connections retried, then
 75, through tests/faultproxy.py), refused writes, and GDAL's ``/vsicurl/`` under
-:func:`storage.raster_call`."""
+:func:`storage.raster_call` (retries, missing, damaged, incomplete results)."""
 
 from __future__ import annotations
 
@@ -233,3 +233,21 @@ def test_gdal_missing_or_damaged_over_http_exits_2(s3_server, s3_bucket, http_ra
         _read_all(cut_url)
     assert info.value.exit_code == 2 and cut_url in str(info.value) and "the test raster" in str(info.value)
     assert len(sleeps) >= 1  # remotely, damage looks like a reset first: retried, then verified
+
+
+def test_an_incomplete_result_over_http_is_reread_then_judged_on_a_local_copy(http_raster, sleeps, monkeypatch):
+    """``incomplete`` (e.g. band descriptions a reset lost): over http the raster is read again from a
+    cleared cache, then from a downloaded copy, whose answer stands (this raster has none)."""
+    _uri, url, _data = http_raster
+    monkeypatch.setenv("SITSFLOW_STORAGE_RETRIES", "3")
+    paths: list[str] = []
+
+    def descriptions() -> tuple:
+        paths.append(storage.rasterio_path(url))
+        with storage.rasterio_env(), rasterio.open(paths[-1]) as src:
+            return src.descriptions
+
+    found = storage.raster_call("open", url, descriptions, incomplete=lambda d: not any(d))
+    assert found == (None, None) and len(sleeps) == 2  # three reads over http, then the copy
+    assert paths[:3] == [f"/vsicurl/{url}"] * 3 and not paths[3].startswith("/vsicurl/") and len(paths) == 4
+    assert not os.path.exists(paths[3])  # the copy is removed afterwards
