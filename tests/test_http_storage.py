@@ -84,6 +84,9 @@ def test_head_refused_falls_back_to_a_one_byte_get(s3_server, s3_bucket):
     assert head.value.code == 403  # the premise: HEAD is refused here
     assert storage.exists(url) and not storage.exists(f"{s3_server}/{bucket}/missing.bin")
     assert storage.stat(url) == {"size": 1234, "version": storage.stat(f"{s3_bucket}/a.bin")["version"]}
+    storage.write_bytes(f"{s3_bucket}/empty.bin", b"")  # no first byte to get: 416
+    empty = f"{s3_server}/{bucket}/empty.bin"
+    assert storage.exists(empty) and storage.stat(empty)["size"] == 0 and storage.read_bytes(empty) == b""
 
 
 def test_missing_and_denied_exit_2_naming_the_url(s3_server, s3_bucket, sleeps):

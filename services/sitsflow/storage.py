@@ -824,7 +824,8 @@ def _http_body(response: http.client.HTTPResponse, sink: Callable[[bytes], objec
 
 def _http_meta(uri: str) -> tuple[int, str]:
     """``(size, version)`` of ``uri``: by HEAD, or by a one-byte ranged GET when the server
-    refuses HEAD. The version is the ETag, else Last-Modified, else empty."""
+    refuses HEAD (416, no first byte: an empty file). The version is the ETag, else
+    Last-Modified, else empty."""
     try:
         response = _http_open(uri, "HEAD")
         ranged = False
@@ -832,7 +833,13 @@ def _http_meta(uri: str) -> tuple[int, str]:
         if exc.code not in _HTTP_HEAD_REFUSED:
             raise
         exc.close()
-        response = _http_open(uri, first_byte_only=True)
+        try:
+            response = _http_open(uri, first_byte_only=True)
+        except urllib.error.HTTPError as empty:
+            if empty.code != 416:
+                raise
+            empty.close()  # no first byte: the file is there and empty
+            return 0, (empty.headers.get("ETag") or "").removeprefix("W/").strip('"')
         ranged = True
     with response:  # closed unread: a server ignoring Range would send the whole file
         headers = response.headers
