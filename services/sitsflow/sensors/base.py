@@ -306,6 +306,11 @@ def warped_read(
     grid, so a pixel's value does not depend on the window it is read in: sampling and inference
     read the same features.
 
+    The warp goes through a plain VRT of the bands ``indexes`` alone: only they are warped (a
+    warped VRT warps every band of a block), and none is taken for an alpha band (GDAL takes the
+    fourth band of a 4-band byte GeoTIFF, e.g. four dates of a mask, for one) nor gets the
+    header's nodata.
+
     With ``nodata``, the value is left out of the interpolation band by band (GDAL's
     ``UNIFIED_SRC_NODATA=NO``: one date of a dated raster may be nodata where the next is not)
     and fills the pixels no valid source pixel reaches, off the footprint included. Without it, an
@@ -316,6 +321,7 @@ def warped_read(
         inside: bool (h, w), False where no band has a value (off the footprint; with ``nodata``,
         also where every band is nodata, which the readers would invalidate anyway).
     """
+    from rasterio.io import MemoryFile
     from rasterio.vrt import WarpedVRT
 
     options: dict = {
@@ -333,10 +339,47 @@ def warped_read(
         # footprint itself
         options.update(src_nodata=float("nan"), add_alpha=True)
     options["UNIFIED_SRC_NODATA"] = "NO"
-    with WarpedVRT(src, **options) as vrt:
-        vrt.read(indexes, window=window, out=bands)
+    with (
+        MemoryFile(_bands_vrt(src, indexes).encode(), ext=".vrt") as memory,
+        memory.open() as picked,
+        WarpedVRT(picked, **options) as vrt,
+    ):
+        vrt.read(list(range(1, len(indexes) + 1)), window=window, out=bands)
         if nodata is None:
             return vrt.read(vrt.count, window=window) > 0
     if np.isnan(nodata):
         return ~np.isnan(bands).all(axis=0)
     return (bands != bands.dtype.type(nodata)).any(axis=0)
+
+
+_GDAL_TYPES = {
+    "uint8": "Byte",
+    "int8": "Int8",
+    "uint16": "UInt16",
+    "int16": "Int16",
+    "uint32": "UInt32",
+    "int32": "Int32",
+    "uint64": "UInt64",
+    "int64": "Int64",
+    "float32": "Float32",
+    "float64": "Float64",
+}
+
+
+def _bands_vrt(src, indexes: list[int]) -> str:
+    """A VRT (XML) of bands ``indexes`` of ``src``, georeferenced as ``src``, colour
+    interpretation undefined, no nodata."""
+    from xml.sax.saxutils import escape
+
+    path = escape(src.name)
+    bands = "".join(
+        f'<VRTRasterBand dataType="{_GDAL_TYPES[src.dtypes[i - 1]]}" band="{k}"><ColorInterp>Undefined</ColorInterp>'
+        f'<SimpleSource><SourceFilename relativeToVRT="0">{path}</SourceFilename><SourceBand>{i}</SourceBand>'
+        "</SimpleSource></VRTRasterBand>"
+        for k, i in enumerate(indexes, 1)
+    )
+    geo = ", ".join(repr(float(v)) for v in src.transform.to_gdal())
+    return (
+        f'<VRTDataset rasterXSize="{src.width}" rasterYSize="{src.height}"><SRS>{escape(src.crs.to_wkt())}</SRS>'
+        f"<GeoTransform>{geo}</GeoTransform>{bands}</VRTDataset>"
+    )
