@@ -210,3 +210,50 @@ def test_without_a_target_grid_a_raster_off_the_grid_is_refused(tmp_path):
     grid = Grid(10, 10, from_origin(300000, 5000000, 10, 10), CRS.from_epsg(32631))
     with rasterio.open(path) as src, pytest.raises(BadInputError, match="set chain.proj"):
         read_on_grid(src, Window(0, 0, 10, 10), grid, [1], "r.tif")
+
+
+# ------------------------------------------------------------------------------------ end to end
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_sitsflow_run_maps_on_the_grid_asked(tmp_path):
+    """Inputs in EPSG:32631 at 10 m, maps asked in EPSG:3035 at 20 m: every product and its STAC item
+    is on that grid, and the map follows the scene's known class stripes."""
+    import json
+
+    from sitsflow import cli, layout
+
+    info = write_scene(tmp_path, width=60, height=48, nb_dates=8, polygons_per_class=1, cloud_fraction=0.1)
+    path = write_config(tmp_path, epochs=20, chunks=2)
+    path.write_text(path.read_text().replace(
+        "  data_field : 'code'\n", "  data_field : 'code'\n  proj : 'EPSG:3035'\n  spatial_resolution : 20\n", 1))
+    assert cli.main(["run", str(path), "--no-progress"]) == 0
+    out = str(tmp_path / "output")
+    grid = _grid(tmp_path, "chain.proj='EPSG:3035'", "chain.spatial_resolution=20")
+    for uri in (layout.final_classif(out, 0), layout.final_confidence(out, 0), layout.final_validity(out)):
+        with rasterio.open(uri) as src:
+            assert src.crs == CRS.from_epsg(3035) and src.res == (20.0, 20.0)
+            assert src.transform == grid.transform and (src.width, src.height) == (grid.width, grid.height)
+        item = json.loads(open(layout.final_stac_item(out, layout.product_id(uri))).read())
+        assert item["properties"]["proj:code"] == "EPSG:3035"
+        assert item["properties"]["proj:transform"][:6] == pytest.approx(list(grid.transform)[:6])
+    with rasterio.open(layout.final_classif(out, 0)) as src:
+        labels = src.read(1)
+    # the scene's labels (10 m, EPSG:32631) on the grid asked, nearest; compared away from class edges
+    truth = np.zeros((grid.height, grid.width), np.int32)
+    with rasterio.open(info["series"]) as src:
+        reproject(info["label_map"], truth, src_transform=src.transform, src_crs=src.crs,
+                  dst_transform=grid.transform, dst_crs=grid.crs, resampling=Resampling.nearest, dst_nodata=0)
+    pad = np.pad(truth, 1)
+    uniform = np.ones_like(truth, bool)
+    for dr_, dc in ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (1, 1), (-1, 1), (1, -1)):
+        uniform &= pad[1 + dr_:pad.shape[0] - 1 + dr_, 1 + dc:pad.shape[1] - 1 + dc] == truth
+    core = uniform & (truth > 0)
+    assert core.sum() > 100
+    assert (labels[core] == truth[core]).mean() > 0.9, (labels[core] == truth[core]).mean()
+    off = np.ones_like(truth, bool)
+    with rasterio.open(info["series"]) as src:
+        footprint = np.zeros_like(truth, np.uint8)
+        reproject(np.ones((src.height, src.width), np.uint8), footprint, src_transform=src.transform,
+                  src_crs=src.crs, dst_transform=grid.transform, dst_crs=grid.crs, dst_nodata=0)
+    off &= footprint == 0
+    assert off.any() and (labels[off] == 0).all()  # the grid's corners off the inputs: no class
