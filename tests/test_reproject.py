@@ -212,6 +212,24 @@ def test_without_a_target_grid_a_raster_off_the_grid_is_refused(tmp_path):
         read_on_grid(src, Window(0, 0, 10, 10), grid, [1], "r.tif")
 
 
+def test_warped_reads_from_s3_equal_local_ones(tmp_path, s3_bucket):
+    """THEIA products on S3 (/vsis3/), read onto EPSG:3035 at 20 m: the same values as from disk."""
+    from generate_products import upload, write_products, write_theia_config
+
+    write_products(tmp_path / "data", width=24, height=18, nb_dates=2, landsat=False)
+    remote = upload(tmp_path / "data", s3_bucket)
+    sets = ["chain.proj='EPSG:3035'", "chain.spatial_resolution=20"]
+    blocks = []
+    for data in (str(tmp_path / "data"), remote):
+        cfg = load_config(str(write_theia_config(tmp_path, data=data, name=f"c{len(blocks)}.cfg")), sets)
+        pipe = FeaturePipeline(cfg, "T31TCJ")
+        assert pipe.grid.crs == CRS.from_epsg(3035) and pipe.grid.resampled
+        blocks.append(pipe.sensors[0].read(Window(0, 0, pipe.grid.width, pipe.grid.height), pipe.grid))
+    (local, local_valid), (s3, s3_valid) = blocks
+    assert local_valid.any() and not local_valid.all()  # the grid's corners are off the footprint
+    assert np.array_equal(local_valid, s3_valid) and np.array_equal(local, s3)
+
+
 # ------------------------------------------------------------------------------------ end to end
 @pytest.mark.e2e
 @pytest.mark.slow
