@@ -70,6 +70,24 @@ def test_another_crs_covers_the_footprint_with_corners_on_multiples_of_the_pixel
     assert geo.crs == CRS.from_epsg(4326) and 1e-5 < geo.transform.a < 1e-3
 
 
+def test_the_finest_sensor_is_found_in_the_target_crs():
+    """0.001 degree (~100 m) pixels are coarser than 20 m ones, though 0.001 < 20."""
+    from types import SimpleNamespace
+
+    from sitsflow.features.grid import finest_grid
+
+    def sensor(crs, transform, size):
+        grid = Grid(size, size, transform, CRS.from_user_input(crs))
+        return SimpleNamespace(section=crs, native_grid=lambda: grid)
+
+    coarse = sensor("EPSG:4326", from_origin(2.0, 45.0, 0.001, 0.001), 20)
+    fine = sensor("EPSG:32631", from_origin(500000, 4983000, 20, 20), 100)
+    grid = finest_grid([coarse, fine], "T", proj="EPSG:3035")
+    assert grid.transform.a == 20 and grid.crs == CRS.from_epsg(3035)
+    with pytest.raises(BadInputError, match="share one CRS, or set chain.proj"):
+        finest_grid([coarse, fine], "T")
+
+
 def test_sensors_in_two_crss_need_chain_proj(scene, tmp_path):
     """A Sentinel-2 product in EPSG:32631 and a dated raster in EPSG:3035 combine onto chain.proj's grid."""
     from generate_products import ORIGIN, write_products, write_theia_config

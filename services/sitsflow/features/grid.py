@@ -60,9 +60,9 @@ def finest_grid(
     if not sensors:
         raise ConfigError("no sensor is configured (chain.s2_path, chain.l8_path ... or dated_raster)")
     grids = [s.native_grid() for s in sensors]
-    finest = min(range(len(grids)), key=lambda i: grids[i].resolution)
-    grid = grids[finest]
     crs = target_crs(proj)
+    finest = min(range(len(grids)), key=lambda i: _pixel_size(grids[i], crs))
+    grid = grids[finest]
     if crs is None:
         for s, g in zip(sensors, grids):
             if g.crs != grid.crs:
@@ -125,6 +125,23 @@ def target_grid(native: Grid, crs: CRS, resolution: tuple[float, float] | None, 
             f"{crs.to_string()}; is the pixel size in the CRS's units ({_units(crs)})?"
         )
     return Grid(width, height, rasterio.Affine(rx, 0.0, x0, 0.0, -ry, y1), crs, resampled=True)
+
+
+def _pixel_size(grid: Grid, crs: CRS | None) -> float:
+    """``grid``'s pixel size, measured in ``crs`` when it is another CRS (sensors in several CRSs
+    are compared in the target CRS: degrees and metres do not compare)."""
+    if crs is None or grid.crs == crs:
+        return grid.resolution
+    from rasterio.transform import array_bounds
+    from rasterio.warp import calculate_default_transform
+
+    try:
+        t, _, _ = calculate_default_transform(
+            grid.crs, crs, grid.width, grid.height, *array_bounds(grid.height, grid.width, grid.transform)
+        )
+    except Exception:  # noqa: BLE001 (PROJ's failures have no common type; target_grid reports them)
+        return grid.resolution
+    return float(abs(t.a))
 
 
 def _units(crs: CRS) -> str:
