@@ -228,6 +228,28 @@ def test_bad_sample_selection_exits_2_before_any_work(scene, tmp_path, rule, cul
 
 
 @pytest.mark.parametrize(
+    ("extra", "culprits"),
+    [
+        ("arg_classification : { classif_mode : 'fusion' }\n",
+         ["arg_classification.classif_mode = 'fusion'", "only iota2's default 'separate'", "sub-models"]),
+        ("chain_extra", ["chain.s1_path = 's1.cfg'", "this sensor is not supported", "dated_raster"]),
+        ("arg_classification : { merge_final_classifications_method : 'dempstershafer' }\n",
+         ["'dempstershafer' is not implemented", "use 'majorityvoting'"]),
+    ],
+    ids=["classif_mode", "s1_path", "dempstershafer"],
+)
+def test_iota2_keys_that_would_change_the_map_exit_2_before_any_work(scene, tmp_path, extra, culprits):
+    if extra == "chain_extra":
+        path = config(scene, output=str(tmp_path / "out"), chain_extra="  s1_path : 's1.cfg'\n")
+    else:
+        path = config(scene, output=str(tmp_path / "out"), extra=extra)
+    for command in (["prepare", "--config", path], ["run", path, "--no-progress"]):
+        code, text, _ = sitsflow(*command)
+        refused(code, text, *culprits, "config.cfg:")
+    assert files_under(tmp_path / "out") == set()
+
+
+@pytest.mark.parametrize(
     ("content", "culprits"),
     [
         ("1 10\n2 ten\n", ["counts.txt:2", "expected 'class count'", "got '2 ten'"]),

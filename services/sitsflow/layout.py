@@ -38,6 +38,13 @@ def samples_test(out: str, region: int, seed: int) -> str:
     return join(out, LEARNING_SAMPLES, f"Samples_region_{region}_seed{seed}_test.nc")
 
 
+def samples_fusion(out: str, region: int) -> str:
+    """Validation samples of the fused map of the runs (``merge_final_classifications``): the
+    pixels of the polygons held out of every run (iota2's ``final/merge_final_classifications/
+    *_majvote.sqlite``)."""
+    return join(out, LEARNING_SAMPLES, f"Samples_region_{region}_fusion_test.nc")
+
+
 def split_table(out: str, seed: int) -> str:
     """Per-polygon record of the learning/test split of one seed (CSV, for audits)."""
     return join(out, LEARNING_SAMPLES, f"split_seed{seed}.csv")
@@ -124,6 +131,26 @@ def final_results(out: str) -> str:
 
 def final_results_json(out: str) -> str:
     return join(out, FINAL, "RESULTS.json")
+
+
+def final_results_seeds(out: str) -> str:
+    """The runs' validation report when RESULTS.txt is the fused map's (iota2's name)."""
+    return join(out, FINAL, "RESULTS_seeds.txt")
+
+
+def final_results_seeds_json(out: str) -> str:
+    """RESULTS_seeds.txt as JSON."""
+    return join(out, FINAL, "RESULTS_seeds.json")
+
+
+def final_fusion(out: str) -> str:
+    """The fused map of the runs (``merge_final_classifications``; iota2's name)."""
+    return join(out, FINAL, "Classifications_fusion.tif")
+
+
+def final_fusion_color(out: str) -> str:
+    """The fused map with its colour table."""
+    return join(out, FINAL, "Classifications_fusion_ColorIndexed.tif")
 
 
 def final_quicklook(out: str, seed: int) -> str:

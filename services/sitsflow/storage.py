@@ -473,6 +473,20 @@ def _retry(op: str, uri: str, fn: Callable[[], T]) -> T:
     return _attempts(op, uri, fn, judge)
 
 
+def retry_call(op: str, uri: str, fn: Callable[[], T], transient: Callable[[Exception], bool]) -> T:
+    """Run ``fn``, one operation on ``uri`` outside the two backends (e.g. an HTTP request to a
+    STAC API), under the storage contract: the failures ``transient`` accepts are retried with
+    the backoff of :func:`_retry`, then :class:`TransientError` (exit 75); any other exception
+    passes through (the caller maps it)."""
+
+    def judge(exc: Exception, last: bool) -> str:
+        if not transient(exc):
+            raise exc
+        return f"{type(exc).__name__}: {exc}"
+
+    return _attempts(op, uri, fn, judge)
+
+
 def _attempts(
     op: str,
     uri: str,
@@ -1012,8 +1026,14 @@ def _diagnosed_set(outputs: OutputSet) -> Iterator[None]:
             raise exc
 
 
+_COPIES = threading.local()  # {uri: local copy} that rasterio_path answers instead (see _on_local_copies)
+
+
 def rasterio_path(uri: PathLike) -> str:
     """The path GDAL opens: ``/vsis3/bucket/key`` for S3, the local path otherwise."""
+    copy_ = getattr(_COPIES, "paths", {}).get(os.fspath(uri))
+    if copy_ is not None:
+        return copy_
     if is_s3(uri):
         bucket, key = _s3_object(uri)
         return f"/vsis3/{bucket}/{key}"
@@ -1251,6 +1271,24 @@ def _verify_remote(
         return _damage_error(op, uris, culprit, locate, local)
 
 
+def _on_local_copies(uris: list[str], fn: Callable[[], T]) -> T:
+    """Run ``fn`` with :func:`rasterio_path` answering local copies of the S3 ``uris`` (downloaded
+    by boto3 under its retries; the copies are removed afterwards)."""
+    log.warning("%s still looks incomplete after the storage attempts: reading a local copy", ", ".join(uris))
+    with scratch_dir("sitsflow-verify-") as folder:
+        paths = {}
+        for i, uri in enumerate(uris):
+            if is_s3(uri):
+                paths[uri] = os.path.join(folder, f"{i}-{uri.rsplit('/', 1)[-1]}")
+                copy(uri, paths[uri])
+        before = getattr(_COPIES, "paths", {})
+        _COPIES.paths = {**before, **paths}
+        try:
+            return fn()
+        finally:
+            _COPIES.paths = before
+
+
 def raster_call(
     op: str,
     uris: str | list[str],
@@ -1283,8 +1321,10 @@ def raster_call(
 
     ``incomplete(result)`` flags a result that a connection reset may have truncated without an
     error (GDAL only warns when it loses e.g. a TIFF's band descriptions while opening): on object
-    storage such a result is read again from a cleared cache, up to ``SITSFLOW_STORAGE_RETRIES`` times in all,
-    and the last one is returned (a genuinely incomplete file costs only these rereads).
+    storage such a result is read again from a cleared cache, up to ``SITSFLOW_STORAGE_RETRIES`` times in all;
+    when it is still incomplete, the files are downloaded (boto3, retried) and ``fn`` runs once more on
+    the local copies, whose answer stands: a genuinely incomplete file is then judged by the caller,
+    never a reset that struck every reread (a rare path: it costs one download of the files).
     """
     uri_list = [os.fspath(uris)] if isinstance(uris, (str, os.PathLike)) else [os.fspath(u) for u in uris]
     remote = any(is_s3(u) for u in uri_list)
@@ -1301,6 +1341,9 @@ def raster_call(
                 _sleep(min(MAX_DELAY_S, base * 2 ** (attempt - 1)) * _jitter.uniform(0.5, 1.0))
                 _clear_gdal_cache(uri_list)
                 found = once()
+            if incomplete(found):
+                # as persistent as a genuinely incomplete file: judge on local copies, which no reset truncates
+                found = _on_local_copies(uri_list, once)
             return found
 
     named = ", ".join(uri_list) + (f" ({culprit})" if culprit else "")

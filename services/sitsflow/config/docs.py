@@ -81,8 +81,28 @@ def _grouped(keys: dict[str, str]) -> str:
     )
 
 
+def _iota2_defaults(owner: Any) -> list[str]:
+    """The table of the iota2 keys accepted at iota2's default only."""
+    defaults = getattr(owner, "__iota2_defaults__", {})
+    if not defaults:
+        return []
+    lines = [
+        "",
+        "iota2 keys sitsflow does not implement: at iota2's default (what sitsflow does) the key is accepted, "
+        "with one warning naming it; another value exits 2 with the reason.",
+        "",
+        "| iota2 key | iota2 default | iota2 meaning | sitsflow |",
+        "|---|---|---|---|",
+    ]
+    for key, known in defaults.items():
+        lines.append(
+            f"| `{key}` | `{format_value(known.default)}` | {_markdown(known.meaning)} | {_markdown(known.otherwise)} |"
+        )
+    return lines
+
+
 def _unsupported(owner: Any) -> list[str]:
-    lines = []
+    lines = _iota2_defaults(owner)
     if getattr(owner, "__iota2__", {}):
         lines += ["", f"iota2 keys not supported yet (an error says so): {_grouped(owner.__iota2__)}."]
     if getattr(owner, "__ignored__", {}):

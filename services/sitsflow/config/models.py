@@ -30,6 +30,7 @@ from sitsflow.config.schema import (
     Dates,
     Expect,
     Inline,
+    Iota2Default,
     JsonDict,
     ListOf,
     PathOf,
@@ -46,7 +47,7 @@ from sitsflow.config.schema import (
     suggest,
 )
 from sitsflow.config.syntax import format_key, format_value
-from sitsflow.sensors.catalogue import OPTICAL_SENSORS, SPECTRAL_INDICES
+from sitsflow.sensors.catalogue import OPTICAL_SENSORS, SPECTRAL_INDICES, STAC_PROFILES
 
 BUILTIN_NETWORKS: tuple[str, ...] = (
     "LTAEClassifier",
@@ -113,6 +114,19 @@ TextFile = Annotated[str, PathOf("the path of a text file")]
 PyFile = Annotated[str, PathOf("the path of a .py file", suffixes=(".py",))]
 _SENSOR_HINT = "describe the images with a dated_raster section instead"
 _RERUN_HINT = "sitsflow runs every stage; a rerun skips the tasks already done"
+_UNSUPPORTED_SENSORS = {
+    # iota2 chain key -> (its sensor section, the product)
+    "l8_path_old": ("Landsat8_old", "Landsat 8 products in the old THEIA format"),
+    "l8_usgs_path": ("Landsat8_usgs", "Landsat 8 USGS products"),
+    "l8_usgs_optical_path": ("Landsat8_usgs_optical", "Landsat 8 USGS optical products"),
+    "l8_usgs_thermal_path": ("Landsat8_usgs_thermal", "Landsat 8 USGS thermal products"),
+    "l8_usgs_infrared_path": ("Landsat8_usgs_infrared", "Landsat 8 USGS infrared products"),
+    "l7_usgs_path": ("Landsat7_usgs", "Landsat 7 USGS products"),
+    "l5_path_old": ("Landsat5_old", "Landsat 5 products in the old THEIA format"),
+    "s1_path": ("Sentinel_1", "the Sentinel-1 configuration file (SAR)"),
+    "user_feat_path": ("userFeat", "user rasters added as features (one folder per tile)"),
+}
+"""The iota2 sensors sitsflow does not read: the chain key giving their data, their section."""
 
 
 _RESOLUTION_TEXT = "a pixel size > 0 (in the CRS's units), or a list [x, y] of two"
@@ -134,8 +148,8 @@ class ChainSection(Section):
     """The ``chain`` section: where the inputs are and where the outputs go.
 
     At least one sensor is required: one of the four product folders (``s2_path``,
-    ``s2_l3a_path``, ``s2_s2c_path``, ``l8_path``) or a ``dated_raster`` section (else "no
-    sensor: ..."). Several sensors can be combined (docs/sensors.md).
+    ``s2_l3a_path``, ``s2_s2c_path``, ``l8_path``), a ``dated_raster`` or a ``stac`` section
+    (else "no sensor: ..."). Several sensors can be combined (docs/sensors.md).
     """
 
     __ignored__ = {
@@ -144,20 +158,47 @@ class ChainSection(Section):
         "logger_level": "the SITSFLOW_LOG_LEVEL environment variable",
         "check_inputs": "sitsflow always checks the configuration and the network before any work",
         "remove_output_path": "outputs are rewritten under the same names; a rerun redoes only what changed",
+        **dict.fromkeys(
+            ("s2_output_path", "s2_l3a_output_path", "s2_s2c_output_path"),
+            "where iota2 writes its intermediate sensor stacks; sitsflow computes the features on the fly "
+            "and writes none",
+        ),
     }
 
-    __iota2__ = {
-        **dict.fromkeys(
-            "s2_output_path s2_l3a_output_path s2_s2c_output_path l8_path_old l8_usgs_path "
-            "l8_usgs_optical_path l8_usgs_thermal_path l8_usgs_infrared_path l7_usgs_path "
-            "l5_path_old s1_path user_feat_path".split(),
-            _SENSOR_HINT,
+    __iota2_defaults__ = {
+        **{
+            key: Iota2Default(
+                None,
+                f"the folder of {what}, which enables iota2's {section} sensor",
+                f"this sensor is not supported, its images would be left out of the features; {_SENSOR_HINT}",
+            )
+            for key, (section, what) in _UNSUPPORTED_SENSORS.items()
+        },
+        "cloud_threshold": Iota2Default(
+            0,
+            "a reference pixel is sampled only where it has more clear acquisitions than this number",
+            "sitsflow samples every labelled pixel, as iota2 does with 0",
         ),
-        **dict.fromkeys(
-            "cloud_threshold minimum_required_dates enable_autocontext srtm_path worldclim_path grasslands".split(),
-            "",
+        "minimum_required_dates": Iota2Default(
+            2,
+            "iota2 stops when a sensor has fewer acquisitions on a tile",
+            "sitsflow does not check a number of dates (a tile needs one acquisition)",
         ),
+        "enable_autocontext": Iota2Default(
+            False,
+            "iota2's auto-context (iterated classifications with superpixel features), scikit-learn models only",
+            "sitsflow classifies each pixel once, as iota2 does without auto-context",
+        ),
+        **{
+            key: Iota2Default(
+                None,
+                f"{what} read by iota2's feature extraction for some sensors",
+                "sitsflow reads no such auxiliary raster",
+            )
+            for key, what in (("srtm_path", "a DEM folder (SRTM)"), ("worldclim_path", "WorldClim climate rasters"))
+        },
     }
+    __iota2__ = {"grasslands": ""}
 
     output_path: Annotated[str, PathOf("a local folder or an s3:// URI")]
     """Root of every output (local folder or ``s3://bucket/prefix``), iota2's output tree."""
@@ -268,6 +309,126 @@ class DatedRasterSection(Section):
         return "descriptions" if self.dates == "descriptions" else "file"
 
 
+def _stac_source(section: Any) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    if (section.catalog is None) == (section.api is None):
+        yield (
+            ("catalog",),
+            section.catalog,
+            detail("give one of stac.catalog (a static catalog) and stac.api (a STAC API URL)"),
+        )
+
+
+def _stac_profile_defaults(section: Any) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    profile = STAC_PROFILES[section.profile]
+    if section.assets is not None:
+        unknown = [a for a in section.assets if a not in profile.assets]
+        if unknown:
+            yield (
+                ("assets",),
+                list(section.assets),
+                detail(
+                    f"asset {unknown[0]!r} is not a band of profile {section.profile!r}; "
+                    f"its bands are {list(profile.assets)}"
+                ),
+            )
+    if section.db and not profile.backscatter:
+        yield (("db",), True, detail(f"True needs a backscatter profile; {section.profile!r} is not one"))
+    if profile.mask_asset is None and section.mask_asset is None:
+        for key in ("mask_clear_values", "mask_invalid_bits"):
+            if getattr(section, key) is not None:
+                yield (
+                    (key,),
+                    list(getattr(section, key)),
+                    detail(f"profile {section.profile!r} has no mask asset: set stac.mask_asset too"),
+                )
+
+
+class StacSection(Section):
+    """The ``stac`` section: a sensor read from a static STAC catalog of Cloud-Optimized GeoTIFFs.
+
+    The items of a tile are those whose ``tile_property`` matches the tile name; they are grouped
+    by acquisition day (several items of one day are mosaicked: the first clear pixel wins, items
+    in order of datetime then id), and their assets are read in place (windowed reads, local or
+    ``s3://``), never downloaded whole (docs/sensors.md).
+    """
+
+    __rules__ = (
+        _DATE_ORDER,
+        (("catalog", "api"), _stac_source),
+        (("profile", "assets", "db", "mask_asset", "mask_clear_values", "mask_invalid_bits"), _stac_profile_defaults),
+    )
+
+    catalog: Annotated[str, PathOf("a local path or s3:// URI of a STAC catalog.json or collection.json")] | None = None
+    """The static STAC catalog (or collection) whose items are read; its child catalogs and
+    collections are walked. One of ``catalog`` and ``api`` is required."""
+    api: Annotated[str, Text("the http(s):// URL of a STAC API", r"https?://\S+")] | None = None
+    """The landing page of a STAC API searched for the items (pystac-client, POST ``/search``):
+    by ``collections``, the dates, ``max_cloud_cover`` and, when ``tile_property`` is one property,
+    the tile (Query extension, ``in`` the tile's spellings); the rest is filtered here as for a
+    catalog."""
+    profile: Literal[tuple(STAC_PROFILES)]  # type: ignore[valid-type]
+    """The product: its band asset keys, scale and offset, mask asset and clear values
+    (``sentinel-2-l2a``: Planetary Computer's asset keys ``B02`` ... ``B12`` and ``SCL``;
+    ``landsat-c2-l2``: ``blue`` ... ``swir22`` and ``qa_pixel``; ``sentinel-1-rtc``: ``vv``,
+    ``vh``, no mask; docs/sensors.md)."""
+    name: (
+        Annotated[str, Text("a lower-case name matching [a-z][a-z0-9]* (e.g. 'sentinel2l2a')", r"[a-z][a-z0-9]*")]
+        | None
+    ) = None
+    """Sensor key used in feature names (``{name}_{band}_{YYYYMMDD}``) and statistics; None: the
+    profile's (``sentinel2l2a``, ``landsatc2l2``, ``sentinel1rtc``)."""
+    collections: (
+        Annotated[tuple[str, ...], ListOf("collection", "a non-empty list of unique collection ids")] | None
+    ) = None
+    """Only the items of these collections (their ``collection`` field); None: every item."""
+    assets: (
+        Annotated[tuple[str, ...], ListOf("asset", "a non-empty list of unique band asset keys of the profile")] | None
+    ) = None
+    """The band assets read and fed to the network (put in the profile's order); None: every band
+    of the profile. Spectral indices need the assets of their bands."""
+    max_cloud_cover: Annotated[float, Field(ge=0, le=100)] | None = None
+    """Items whose ``eo:cloud_cover`` (percent) is above this are left out; items without the
+    property are kept. None: no item is left out."""
+    mask_asset: Annotated[str, Text("an asset key")] | None = None
+    """The asset giving per-pixel quality; None: the profile's (``SCL``, ``qa_pixel``; none for
+    ``sentinel-1-rtc``)."""
+    mask_clear_values: (
+        Annotated[tuple[int, ...], ListOf("value", "a list of unique integers", empty_ok=True)] | None
+    ) = None
+    """Mask values of a clear observation; None: the profile's (Sentinel-2 SCL: 2, 4, 5, 6, 7,
+    11); []: any value."""
+    mask_invalid_bits: (
+        Annotated[
+            tuple[Annotated[int, Field(ge=0, le=31)], ...],
+            ListOf("bit", "a list of unique bit numbers 0..31", empty_ok=True),
+        ]
+        | None
+    ) = None
+    """Bits of the mask value that make an observation invalid when set; None: the profile's
+    (Landsat QA_PIXEL: 0 fill, 1 dilated cloud, 2 cirrus, 3 cloud, 4 cloud shadow); []: none."""
+    tile_property: Annotated[tuple[str, ...], ListOf("property", "a non-empty list of item property names")] | None = (
+        None
+    )
+    """The item properties whose values, joined, name the item's tile; None: the profile's
+    (``s2:mgrs_tile``; ``landsat:wrs_path`` + ``landsat:wrs_row``; ``grid:code`` for
+    ``sentinel-1-rtc``). Compared without case, a
+    ``MGRS-`` style prefix (``grid:code``) or the leading ``T`` of a tile name (``T31TCJ`` matches
+    ``31TCJ`` and ``MGRS-31TCJ``)."""
+    orbit_state: Literal["ascending", "descending"] | None = None
+    """Only the items of this orbit direction (``sat:orbit_state``), e.g. to keep Sentinel-1's
+    ascending and descending passes apart; None: every item."""
+    db: bool = False
+    """Backscatter profiles (``sentinel-1-rtc``): convert the linear values to decibels
+    (``10 log10``; values <= 0 are then invalid). False: linear."""
+    start_date: Date | None = None
+    """First acquisition day used and first date of the gap-filling grid; None: the first item's."""
+    end_date: Date | None = None
+    """Last acquisition day used (``>= start_date``); None: the last item's."""
+    temporal_resolution: PositiveInt | None = None
+    """Interval in days of the gap-filling date grid; None: the profile's (10 Sentinel-2, 16
+    Landsat, 12 Sentinel-1)."""
+
+
 class OpticalSensorSection(Section):
     """An iota2 sensor section (``Sentinel_2``, ``Sentinel_2_L3A``, ``Sentinel_2_S2C``,
     ``Landsat8``): which dates and bands of the products under the sensor's ``chain`` path are
@@ -276,19 +437,29 @@ class OpticalSensorSection(Section):
     sensor: ClassVar[str]
     """The section's entry of :data:`sitsflow.sensors.catalogue.OPTICAL_SENSORS`."""
     __iota2__ = {
-        "additional_features": "use the external_features section",
-        "write_reproject_resampled_input_dates_stack": "",
-        "patterns": "",
-        "arbo": "",
+        "patterns": "a key of iota2's userFeat section",
+        "arbo": "a key of iota2's userFeat section",
+    }
+    __ignored__ = {
+        "write_reproject_resampled_input_dates_stack": (
+            "whether iota2 writes the reprojected input stacks to disk; sitsflow computes the features on the fly"
+        ),
+    }
+    __iota2_defaults__ = {
+        "additional_features": Iota2Default(
+            "",
+            "OTB BandMath expressions computed per date and added to the sensor's features",
+            "sitsflow does not evaluate BandMath expressions: use the external_features section",
+        ),
     }
     __rules__ = (_DATE_ORDER,)
 
     start_date: Date | None = None
-    """First date of the acquisitions used and of the gap-filling grid; None: the first
-    acquisition."""
+    """First date of the acquisitions used and of the gap-filling grid; None (or iota2's ""): the
+    first acquisition."""
     end_date: Date | None = None
-    """Last date (``>= start_date``) of the acquisitions used and of the gap-filling grid; None:
-    the last acquisition."""
+    """Last date (``>= start_date``) of the acquisitions used and of the gap-filling grid; None (or
+    iota2's ""): the last acquisition."""
     keep_bands: Annotated[tuple[str, ...], ListOf("band", "a non-empty list of unique bands of the sensor")] | None = (
         None
     )
@@ -302,7 +473,11 @@ class OpticalSensorSection(Section):
     @model_validator(mode="before")
     @classmethod
     def _sensor_default(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "temporal_resolution" not in data:
+        if not isinstance(data, dict):
+            return data
+        # iota2 writes an unset date as "" (its default): the first or last acquisition
+        data = {k: None if k in ("start_date", "end_date") and v == "" else v for k, v in data.items()}
+        if "temporal_resolution" not in data:
             return {**data, "temporal_resolution": OPTICAL_SENSORS[cls.sensor].temporal_resolution}
         return data
 
@@ -572,21 +747,68 @@ class ArgTrainSection(Section):
 
     __rules__ = ((("deep_learning_parameters", "training_options"), _training_options),)
 
-    __iota2__ = {
+    __iota2__ = {"learning_samples_extension": ""}
+    __ignored__ = {
         **dict.fromkeys(
-            "sample_augmentation sample_management crop_mix "
-            "cropMix prev_features output_prev_features annual_crop a_crop_label_replacement "
-            "samples_classif_mix annual_classes_extraction_source validity_threshold "
-            "mode_outside_regionsplit learning_samples_extension enable_autocontext "
-            "autocontext_iterations force_standard_labels sampling_validation "
-            "dempster_shafer_sm".split(),
-            "",
+            ("classifier", "otb_classifier_options"),
+            "deep_learning_parameters.dl_name selects the deep-learning workflow, as in iota2, which does not use it",
+        ),
+        **dict.fromkeys(
+            "prev_features output_prev_features annual_crop a_crop_label_replacement samples_classif_mix "
+            "annual_classes_extraction_source".split(),
+            "iota2 reads it only with crop_mix : True, which sitsflow refuses",
+        ),
+        "autocontext_iterations": "iota2 reads it only with enable_autocontext : True, which sitsflow refuses",
+        "force_standard_labels": (
+            "it names the features of iota2's sample databases (value_0, value_1, ...); sitsflow names them "
+            "{sensor}_{band}_{date}, which the maps do not depend on"
+        ),
+        "mode_outside_regionsplit": (
+            "iota2 reads it only with arg_classification.classif_mode : 'fusion' (iota2's documentation of "
+            "mode_outside_RegionSplit), which sitsflow refuses"
         ),
     }
-    __ignored__ = dict.fromkeys(
-        ("classifier", "otb_classifier_options"),
-        "deep_learning_parameters.dl_name selects the deep-learning workflow, as in iota2, which does not use it",
-    )
+    __iota2_defaults__ = {
+        "sample_augmentation": Iota2Default(
+            {"activate": False},
+            "synthetic samples added to the learning databases (replication, jitter, SMOTE)",
+            "sitsflow does not augment the sample databases (arg_train.training_options has augmentations "
+            "applied during training)",
+        ),
+        "sample_management": Iota2Default(
+            None,
+            "a CSV file copying samples of a class from one region's database to another's",
+            "sitsflow's databases hold the samples of their region only",
+        ),
+        **{
+            key: Iota2Default(
+                False,
+                "crop mix: samples of annual crops taken from a previous classification",
+                "sitsflow samples the reference polygons only",
+            )
+            for key in ("crop_mix", "cropMix")
+        },
+        "validity_threshold": Iota2Default(
+            1,
+            "a reference pixel is sampled only where it has at least this many clear acquisitions",
+            "sitsflow samples every labelled pixel",
+        ),
+        "enable_autocontext": Iota2Default(
+            False,
+            "iota2's auto-context (iterated classifications with superpixel features), scikit-learn models only",
+            "sitsflow classifies each pixel once, as iota2 does without auto-context",
+        ),
+        "sampling_validation": Iota2Default(
+            False,
+            "iota2 also samples the validation polygons to compute a sample-based validation",
+            "sitsflow validates the final maps on the test polygons' pixels",
+        ),
+        "dempster_shafer_sm": Iota2Default(
+            False,
+            "Dempster-Shafer fusion of SAR and optical classifications",
+            "sitsflow does not read SAR data",
+        ),
+    }
 
     runs: PositiveInt = 1
     """Number of random learning/test splits (seeds); each gives a full classification."""
@@ -643,30 +865,119 @@ def _final_probability(section: ArgClassificationSection) -> Iterator[tuple[tupl
         )
 
 
+def _merge_method(section: ArgClassificationSection) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    if section.merge_final_classifications_method == "dempstershafer":
+        yield (
+            ("merge_final_classifications_method",),
+            "dempstershafer",
+            detail(
+                "'dempstershafer' is not implemented (OTB's Dempster-Shafer fusion weighs each run by a mass of "
+                "belief from its confusion matrix, which sitsflow does not reproduce): use 'majorityvoting'"
+            ),
+        )
+
+
+_FUSION_ONLY = "iota2 reads it only with classif_mode : 'fusion', which sitsflow refuses"
+
+
 class ArgClassificationSection(Section):
     """The ``arg_classification`` section."""
 
-    __iota2__ = dict.fromkeys(
-        "classif_mode fusion_options no_label_management dempstershafer_mob "
-        "merge_final_classifications merge_final_classifications_method "
-        "merge_final_classifications_ratio merge_final_classifications_undecidedlabel "
-        "fusionofclassification_all_samples_validation keep_runs_results "
-        "enable_boundary_fusion".split(),
-        "",
+    __ignored__ = {
+        "fusion_options": _FUSION_ONLY,
+        "no_label_management": _FUSION_ONLY,
+        "dempstershafer_mob": "iota2 reads it only with merge_final_classifications_method : 'dempstershafer', "
+        "which sitsflow refuses",
+    }
+    __iota2_defaults__ = {
+        "classif_mode": Iota2Default(
+            "separate",
+            "'separate': each region's model classifies its region; 'fusion': a region larger than "
+            "chain.mode_outside_regionsplit gets several models, trained on random parts of it, whose maps "
+            "are fused (fusion_options, no_label_management)",
+            "sitsflow trains one model per region and classifies the region with it, iota2's 'separate'; "
+            "'fusion' would need regions split into sub-models, which sitsflow does not do",
+        ),
+        "enable_boundary_fusion": Iota2Default(
+            False,
+            "the maps of neighbouring regions are blended near the regions' boundaries",
+            "sitsflow classifies each region's pixels with its own model only, as iota2 does by default",
+        ),
+    }
+    __rules__ = (
+        (("enable_probability_map", "generate_final_probability_map"), _final_probability),
+        (("merge_final_classifications_method",), _merge_method),
     )
-    __rules__ = ((("enable_probability_map", "generate_final_probability_map"), _final_probability),)
 
     enable_probability_map: bool = False
     """Write a probability raster per chunk and tile (one band per class)."""
     generate_final_probability_map: bool = False
     """Merge the probability rasters into ``final/ProbabilityMap_seed_{s}.tif`` (0-1000); requires
     ``enable_probability_map``."""
+    merge_final_classifications: bool = False
+    """With ``arg_train.runs`` > 1, also fuse the runs' maps into ``final/Classifications_fusion.tif``
+    (majority vote per pixel) and validate it: iota2's merge of the final classifications."""
+    merge_final_classifications_method: Literal["majorityvoting", "dempstershafer"] = "majorityvoting"
+    """Fusion method: 'majorityvoting' (the label most runs give; a tie gives the undecided label).
+    iota2's 'dempstershafer' is refused (not implemented)."""
+    merge_final_classifications_undecidedlabel: Annotated[int, Field(ge=1, le=65535)] = 255
+    """Label of the fused pixels whose vote is tied; these pixels are left out of the fused map's
+    confusion matrix, as iota2 does."""
+    merge_final_classifications_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """Fraction of the reference polygons of each (region, class) held out of every run's learning
+    and test sets, on which the fused map is validated (none with
+    ``fusionofclassification_all_samples_validation``)."""
+    fusionofclassification_all_samples_validation: bool = False
+    """True: no polygon is held out; the fused map is validated on the union of the runs' test
+    sets (which holds polygons some runs learnt from, so it is optimistic), as in iota2."""
+    keep_runs_results: bool = True
+    """With the merge, ``final/RESULTS.txt`` is the fused map's report; True keeps the runs' report
+    as ``final/RESULTS_seeds.txt`` (and ``.json``), False drops it. The runs' maps are kept either
+    way, as in iota2."""
+
+
+class SensorsDataInterpolationSection(Section):
+    """The ``sensors_data_interpolation`` section: iota2's switch between gap-filled and raw series.
+
+    ``use_gapfilling`` is ``arg_train.features_from_raw_dates`` negated: either key sets both (they
+    must agree when both are given)."""
+
+    __ignored__ = {
+        "write_outputs": "whether iota2 writes the gap-filled stacks to disk; sitsflow computes them on the fly",
+        "workingDirectory": "iota2's scratch folder; sitsflow's pods use their own",
+    }
+    __iota2_defaults__ = {
+        "auto_date": Iota2Default(
+            True,
+            "True: the date grid of each sensor spans the acquisitions of all the tiles; False: it spans the "
+            "sensor section's start_date to end_date",
+            "sitsflow's grid spans the section's start_date and end_date when given, else the acquisitions",
+        ),
+    }
+
+    use_gapfilling: bool = True
+    """True: the series are gap-filled onto each sensor's regular date grid (linear interpolation of
+    the masked acquisitions); False: the raw acquisition dates are used, as
+    ``arg_train.features_from_raw_dates : True``."""
 
 
 class PythonDataManagingSection(Section):
     """The ``python_data_managing`` section: how tiles are cut into chunks for inference."""
 
-    __iota2__ = dict.fromkeys(("data_mode_access", "fill_missing_dates"), "")
+    __iota2_defaults__ = {
+        "data_mode_access": Iota2Default(
+            "gapfilled",
+            "which series the external_features functions can read: 'gapfilled', 'raw' or 'both'",
+            "sitsflow's functions read the gap-filled series (get_interpolated_*), or the raw ones (get_raw_*) "
+            "with arg_train.features_from_raw_dates : True, never both",
+        ),
+        "fill_missing_dates": Iota2Default(
+            False,
+            "with raw data access, the dates missing from a tile are added as no-data so that every tile has "
+            "the same dates",
+            "sitsflow does not add dates to the raw series of a tile",
+        ),
+    }
     __ignored__ = dict.fromkeys(
         ("padding_size_x", "padding_size_y"),
         "the networks are pixel-wise (no neighbour is read), so a chunk's padding changes nothing in the maps",
@@ -714,7 +1025,16 @@ def _functions(value: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
 class ExternalFeaturesSection(Section):
     """The optional ``external_features`` section: user functions adding per-date features."""
 
-    __iota2__ = dict.fromkeys(("exogeneous_data", "output_name"), "")
+    __ignored__ = {
+        "output_name": "the name of the file iota2 writes its features to; sitsflow computes them on the fly",
+    }
+    __iota2_defaults__ = {
+        "exogeneous_data": Iota2Default(
+            None,
+            "a raster (may contain $TILE) iota2 reprojects onto each tile and passes to the functions",
+            "sitsflow does not pass exogenous rasters to the functions",
+        ),
+    }
 
     module: PyFile
     """Path of the user's Python module (.py) defining the functions."""
@@ -761,16 +1081,48 @@ def _sensors(cfg: SitsflowConfig) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
                     f"set chain.{sensor.chain_key} (the folder of its products) or remove the section"
                 ),
             )
-    if cfg.dated_raster is None and all(getattr(cfg, n) is None for n in _OPTICAL_SECTIONS):
+    if cfg.dated_raster is None and cfg.stac is None and all(getattr(cfg, n) is None for n in _OPTICAL_SECTIONS):
         keys = ", ".join(f"chain.{s.chain_key}" for s in OPTICAL_SENSORS.values())
         yield (
             (),
             None,
             detail(
                 f"no sensor: set {keys} (with optional {' / '.join(_OPTICAL_SECTIONS)} sections), "
-                "or add a dated_raster section"
+                "or add a dated_raster or stac section"
             ),
         )
+
+
+def _merge_runs(cfg: SitsflowConfig) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    """The merge of the final classifications fuses several runs."""
+    if cfg.arg_classification.merge_final_classifications and cfg.arg_train.runs < 2:
+        yield (
+            ("arg_classification", "merge_final_classifications"),
+            True,
+            detail("True fuses the maps of several runs: set arg_train.runs to 2 or more, or remove the key"),
+        )
+
+
+def _gapfilling(data: dict[str, Any]) -> dict[str, Any]:
+    """``sensors_data_interpolation.use_gapfilling`` and ``arg_train.features_from_raw_dates`` set
+    each other (one is the other negated); both given and in disagreement is an error."""
+    section, train = data.get("sensors_data_interpolation"), data.get("arg_train")
+    if not isinstance(train, dict):
+        return data
+    gapfilling = section.get("use_gapfilling") if isinstance(section, dict) else None
+    raw = train.get("features_from_raw_dates")
+    if isinstance(gapfilling, bool) and isinstance(raw, bool) and gapfilling == raw:
+        raise detail(
+            f"sensors_data_interpolation.use_gapfilling : {gapfilling} and arg_train.features_from_raw_dates : "
+            f"{raw} contradict each other (one is the other negated): remove one"
+        )
+    if isinstance(gapfilling, bool) and raw is None:
+        train = {**train, "features_from_raw_dates": not gapfilling}
+    elif isinstance(raw, bool) and gapfilling is None:
+        section = {**(section if isinstance(section, dict) else {}), "use_gapfilling": not raw}
+    else:
+        return data
+    return {**data, "arg_train": train, "sensors_data_interpolation": section}
 
 
 def _tile_placeholder(cfg: SitsflowConfig) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
@@ -798,25 +1150,30 @@ class SitsflowConfig(Section):
     (``source`` is not compared).
     """
 
-    __iota2__ = {
-        **dict.fromkeys(
-            "Landsat8_old Landsat5_old Landsat8_usgs Landsat8_usgs_optical Landsat8_usgs_thermal "
-            "Landsat8_usgs_infrared Landsat7_usgs Sentinel_1 userFeat".split(),
-            "it is an iota2 sensor section; describe the images with a dated_raster section",
-        ),
-        "sensors_data_interpolation": (
-            "gap-filling is set by dated_raster.temporal_resolution and arg_train.features_from_raw_dates"
-        ),
-        "scikit_models_parameters": "sitsflow trains deep-learning models only",
-        "builders": "sitsflow runs the deep-learning workflow only",
-        **dict.fromkeys(("obia", "coregistration", "slurm", "multi_run_fusion", "sar"), ""),
-    }
+    __iota2__ = dict.fromkeys(("coregistration", "multi_run_fusion", "sar"), "")
     __ignored__ = {
+        **{
+            section: f"iota2 reads it only with chain.{key}, which sitsflow refuses ({_SENSOR_HINT})"
+            for key, (section, _) in _UNSUPPORTED_SENSORS.items()
+        },
         "task_retry_limits": "retries are Argo's: the WorkflowTemplate's retryStrategy (docs/deploy.md)",
+        "slurm": "iota2's scheduler settings; sitsflow's steps are Argo's pods (resources, docs/deploy.md)",
+        "scikit_models_parameters": "iota2 reads it only with a scikit-learn classifier; sitsflow trains "
+        "deep-learning models (deep_learning_parameters)",
+        "obia": "iota2 reads it only with the i2_obia builder, which sitsflow refuses",
+    }
+    __iota2_defaults__ = {
+        "builders": Iota2Default(
+            {"builders_class_name": ["i2_classification"], "builders_paths": None},
+            "the workflows iota2 runs: i2_classification (pixel classification), i2_obia, i2_vectorization, "
+            "i2_features_map, ...",
+            "sitsflow runs the deep-learning pixel classification, iota2's i2_classification, only",
+        ),
     }
     __rules__ = (
-        (("chain", "dated_raster", *_OPTICAL_SECTIONS), _sensors),
+        (("chain", "dated_raster", "stac", *_OPTICAL_SECTIONS), _sensors),
         (("chain", "dated_raster"), _tile_placeholder),
+        (("arg_train", "arg_classification"), _merge_runs),
     )
 
     source: str
@@ -825,6 +1182,8 @@ class SitsflowConfig(Section):
     """The ``chain`` section."""
     dated_raster: DatedRasterSection | None = None
     """The ``dated_raster`` section (the generic dated-raster sensor), None when absent."""
+    stac: StacSection | None = None
+    """The ``stac`` section (a sensor read from a STAC catalog), None when absent."""
     Sentinel_2: Sentinel2Section | None = None
     """The ``Sentinel_2`` section (THEIA L2A); defaults apply when ``chain.s2_path`` is set
     without it; None when the sensor is not used."""
@@ -840,6 +1199,8 @@ class SitsflowConfig(Section):
     """The ``arg_classification`` section."""
     python_data_managing: PythonDataManagingSection = Field(default_factory=PythonDataManagingSection)
     """The ``python_data_managing`` section."""
+    sensors_data_interpolation: SensorsDataInterpolationSection = Field(default_factory=SensorsDataInterpolationSection)
+    """The ``sensors_data_interpolation`` section."""
     external_features: ExternalFeaturesSection | None = None
     """The ``external_features`` section, None when absent."""
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
@@ -858,6 +1219,12 @@ class SitsflowConfig(Section):
             if chain.get(sensor.chain_key) is not None and data.get(name) is None
         ]
         return {**data, **dict.fromkeys(absent, {})} if absent else data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _use_gapfilling(cls, data: Any) -> Any:
+        """iota2's ``use_gapfilling`` and sitsflow's ``features_from_raw_dates`` agree."""
+        return _gapfilling(data) if isinstance(data, dict) else data
 
     @model_validator(mode="before")
     @classmethod

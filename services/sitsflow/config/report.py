@@ -80,8 +80,7 @@ def validate(raw: Any, origins: Origins, source: str) -> tuple[SitsflowConfig | 
     """The configuration of a parsed file (paths resolved), or every problem in it."""
     if not isinstance(raw, dict):
         return None, [f"{origins.label}: the configuration must be a mapping of sections"]
-    errors: list[str] = []
-    raw = _without_ignored(raw, origins)
+    raw, errors = _iota2_keys(raw, origins)
     if "source" in raw:
         errors.append(_unknown_key(SitsflowConfig, ("source",), origins))
     try:
@@ -92,23 +91,47 @@ def validate(raw: Any, origins: Origins, source: str) -> tuple[SitsflowConfig | 
     return (None if errors else config), errors
 
 
-def _without_ignored(raw: dict[str, Any], origins: Origins) -> dict[str, Any]:
-    """``raw`` without the iota2 keys that have no effect here (``__ignored__`` of the top level and
-    of each section), named in one warning with what replaces them or why."""
+def _iota2_keys(raw: dict[str, Any], origins: Origins) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` without the iota2 keys that have no effect here, and the errors of those refused.
+
+    A key of ``__ignored__`` (top level or section) is left out; a key of ``__iota2_defaults__``
+    is left out when its value is iota2's default (what sitsflow does), and refused otherwise
+    (the map would not be the one asked). The keys left out are named in one warning, with what
+    replaces them or why.
+    """
     found: list[str] = []
-    out = dict(raw)
-    for key in [k for k in out if k in SitsflowConfig.__ignored__]:
-        del out[key]
-        found.append(f"{key} ({origins.where((key,))}; {SitsflowConfig.__ignored__[key]})")
+    errors: list[str] = []
+
+    def sort(owner: Any, values: dict[str, Any], prefix: tuple[str, ...]) -> dict[str, Any]:
+        ignored = getattr(owner, "__ignored__", {})
+        defaults = getattr(owner, "__iota2_defaults__", {})
+        kept = {}
+        for key, value in values.items():
+            loc = (*prefix, key)
+            path, where = _dotted(loc), origins.where(loc)
+            if key in ignored:
+                found.append(f"{path} ({where}; {ignored[key]})")
+            elif key in defaults:
+                known = defaults[key]
+                if known.accepts(value):
+                    found.append(f"{path} = {shown(value)} ({where}; iota2's default: {known.otherwise})")
+                else:
+                    errors.append(
+                        f"{path} = {shown(value)} ({where}): sitsflow accepts only iota2's default "
+                        f"{shown(known.default)} for this iota2 key ({known.meaning}): {known.otherwise}"
+                    )
+            else:
+                kept[key] = value
+        return kept
+
+    out = sort(SitsflowConfig, raw, ())
     for name, model in SECTION_MODELS.items():
         section = out.get(name)
-        ignored = getattr(model, "__ignored__", {})
-        if isinstance(section, dict) and ignored and any(k in ignored for k in section):
-            out[name] = {k: v for k, v in section.items() if k not in ignored}
-            found += [f"{name}.{k} ({origins.where((name, k))}; {ignored[k]})" for k in section if k in ignored]
+        if isinstance(section, dict):
+            out[name] = sort(model, section, (name,))
     if found:
         log.warning("iota2 keys accepted and ignored (no effect here): %s", "; ".join(found))
-    return out
+    return out, errors
 
 
 # --- one message per pydantic error ----------------------------------------------------------

@@ -187,6 +187,51 @@ def field_doc(owner: Any, name: str) -> str:
     return " ".join(text.split())
 
 
+# --- iota2 keys that are not implemented -----------------------------------------------------
+_NONE_TEXTS = ("", "none")
+
+
+@dataclass(frozen=True)
+class Iota2Default:
+    """An iota2 key sitsflow does not implement, whose iota2 default is what sitsflow does.
+
+    ``default``: iota2's default value; ``meaning``: what the key does in iota2; ``otherwise``:
+    why another value is refused (what it would change in the maps, what to use instead).
+    """
+
+    default: Any
+    meaning: str
+    otherwise: str
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` is iota2's default as a user writes it: the same number, boolean or
+        list; a dict of some of the default's keys, each at its default; strings compared without
+        case or surrounding blanks; None also written ``"None"`` or ``""`` (iota2's files write
+        both)."""
+        default = self.default
+        if default is None:
+            return value is None or (isinstance(value, str) and value.strip().lower() in _NONE_TEXTS)
+        if isinstance(default, bool) or isinstance(value, bool):
+            return isinstance(value, bool) and isinstance(default, bool) and value == default
+        if isinstance(default, int | float):
+            return isinstance(value, int | float) and float(value) == float(default)
+        if isinstance(default, str):
+            return isinstance(value, str) and value.strip().lower() == default.lower()
+        if isinstance(default, list | tuple):
+            return (
+                isinstance(value, list | tuple)
+                and len(value) == len(default)
+                and all(Iota2Default(d, "", "").accepts(v) for d, v in zip(default, value, strict=True))
+            )
+        if isinstance(default, dict):  # a key left out takes its default
+            return (
+                isinstance(value, dict)
+                and set(value) <= set(default)
+                and all(Iota2Default(default[k], "", "").accepts(v) for k, v in value.items())
+            )
+        return bool(value == default)
+
+
 # --- base classes ----------------------------------------------------------------------------
 Rule = tuple[tuple[str, ...], Callable[[Any], Iterable[tuple[tuple[Any, ...], Any, PydanticCustomError]]]]
 """A rule between keys: the keys it reads, and a check of the model yielding (loc, value, error)."""
@@ -218,6 +263,10 @@ class Inline(BaseModel):
     """iota2 keys without effect here (they steer iota2's own scheduler or files, or have no
     effect on sitsflow's maps) -> what replaces them or why: accepted, left out of the
     configuration, and named in one warning."""
+    __iota2_defaults__: ClassVar[dict[str, Iota2Default]] = {}
+    """iota2 keys sitsflow does not implement -> iota2's default and meaning: at that default
+    (what sitsflow does) the key is accepted, left out and named in the warning of
+    ``__ignored__``; another value would make another map, so it is refused (exit 2)."""
     __rules__: ClassVar[tuple[Rule, ...]] = ()
     """Rules between the keys, checked once the keys they read are valid (every error at once)."""
 

@@ -1,8 +1,8 @@
 """The feature pipeline, written once and used by both sampling and inference.
 
 For one tile, :class:`FeaturePipeline` reads windows of every configured sensor (THEIA
-Sentinel-2 L2A / L3A, Sen2Cor, Landsat 8, the generic ``dated_raster``; local or object storage,
-windowed reads only; see :mod:`sitsflow.sensors`), masks invalid observations (clouds,
+Sentinel-2 L2A / L3A, Sen2Cor, Landsat 8, the generic ``dated_raster``, STAC items; local or
+object storage, windowed reads only; see :mod:`sitsflow.sensors`), masks invalid observations (clouds,
 saturation, edges, nodata, off-footprint), merges acquisitions that fall on the same day, and then
 
 * gap-fills every pixel onto the regular date grid (iota2's default: linear interpolation in

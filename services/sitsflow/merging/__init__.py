@@ -292,6 +292,136 @@ def _read_window(uri: str, window: Window) -> np.ndarray:
         return storage.raster_call("read", uri, read)
 
 
+def majority_vote(labels: np.ndarray, undecided: int) -> np.ndarray:
+    """OTB's majority voting over runs (iota2's fusion of the final classifications).
+
+    ``labels``: (runs, ...) class codes, 0 = not classified. Per pixel, the code most runs give
+    (runs giving 0 do not vote); a tie between several codes gives ``undecided``; no vote gives 0.
+    """
+    labels = np.asarray(labels)
+    votes = (labels[:, None] == labels[None, :]).sum(axis=1) * (labels != 0)  # each run's code: its votes
+    best = votes.max(axis=0)
+    top = votes == best
+    big = np.iinfo(labels.dtype).max if labels.dtype.kind in "iu" else np.inf
+    low = np.where(top, labels, big).min(axis=0)
+    high = np.where(top, labels, 0).max(axis=0)
+    out = np.where(low == high, low, undecided).astype(labels.dtype)
+    return np.where(best == 0, 0, out).astype(labels.dtype)
+
+
+def _fuse(paths: list[str], dst_path: str, undecided: int, colormap: dict | None = None) -> None:
+    """Write the majority vote of the local classification COGs ``paths`` (one grid) as a COG."""
+    with storage.scratch_dir("sitsflow-fusion-") as tmpdir:
+        sources = [rasterio.open(p) for p in paths]
+        try:
+            first = sources[0]
+            profile = first.profile.copy()
+            profile.update(driver="GTiff", nodata=0, dtype="uint16", count=1, compress="deflate")
+            if colormap:
+                profile["dtype"] = "uint8" if max(colormap) <= 255 else "uint16"
+            step = max(MOSAIC_ROW_ALIGN, MOSAIC_BUDGET_BYTES // max(1, first.width * 2 * len(paths) ** 2))
+            step = step // MOSAIC_ROW_ALIGN * MOSAIC_ROW_ALIGN
+            plain = str(Path(tmpdir) / "plain.tif")
+            with rasterio.open(plain, "w", **profile) as dst:
+                for row in range(0, first.height, step):
+                    window = Window(0, row, first.width, min(step, first.height - row))
+                    stack = np.stack([src.read(1, window=window) for src in sources])
+                    dst.write(majority_vote(stack, undecided).astype(profile["dtype"]), 1, window=window)
+                if colormap:
+                    dst.write_colormap(1, colormap)
+        finally:
+            for src in sources:
+                src.close()
+        rasterio.shutil.copy(
+            plain, dst_path, driver="COG", compress="DEFLATE", overview_resampling="nearest", blocksize=256
+        )
+
+
+def _run_labels(out: str, samples, region: int, runs: int) -> np.ndarray:
+    """The codes each run's tile map gives the samples of ``region``: (runs, samples)."""
+    assert samples.tile is not None and samples.row is not None and samples.col is not None
+    labels = np.zeros((runs, len(samples)), np.uint16)
+    for tile_index, tile in enumerate(samples.tiles):
+        sel = samples.tile == tile_index
+        if not sel.any():
+            continue
+        rows, cols = samples.row[sel], samples.col[sel]
+        win = Window(
+            int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)
+        )
+        for seed in range(runs):
+            data = _read_window(layout.tile_classif(out, tile, region, seed), win)
+            labels[seed, sel] = data[rows - int(win.row_off), cols - int(win.col_off)]
+    return labels
+
+
+def _fusion_samples(cfg, region: int) -> Any:
+    """The validation samples of the fused map in ``region``: the held-out polygons' pixels, or
+    with ``fusionofclassification_all_samples_validation`` the union of the runs' test sets."""
+    out = cfg.chain.output_path
+    if not cfg.arg_classification.fusionofclassification_all_samples_validation:
+        return load_samples(layout.samples_fusion(out, region), empty_ok=True)
+    sets = [load_samples(layout.samples_test(out, region, s), empty_ok=True) for s in range(cfg.arg_train.runs)]
+    # sampling's databases always carry the tile, row and col of each sample
+    keys = np.concatenate([np.stack([np.asarray(s.tile), np.asarray(s.row), np.asarray(s.col)], axis=1) for s in sets])
+    labels = np.concatenate([s.labels for s in sets])
+    _, first = np.unique(keys, axis=0, return_index=True)
+    first = np.sort(first)
+    return _Pixels(sets[0].tiles, keys[first, 0], keys[first, 1], keys[first, 2], labels[first])
+
+
+class _Pixels:
+    """Labelled pixels (the union of the runs' test sets): what :func:`_run_labels` reads."""
+
+    def __init__(self, tiles, tile, row, col, labels) -> None:
+        self.tiles, self.tile, self.row, self.col, self.labels = tiles, tile, row, col, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _validate_fusion(cfg, regions: list[int], names: dict[int, str], fused_pixels: dict[int, int]) -> dict:
+    """The fused map's report on its validation samples; the undecided pixels are left out of the
+    confusion matrix, as iota2 does, and counted."""
+    out, runs = cfg.chain.output_path, cfg.arg_train.runs
+    undecided = cfg.arg_classification.merge_final_classifications_undecidedlabel
+    truth, fused = [], []
+    for region in regions:
+        samples = _fusion_samples(cfg, region)
+        if len(samples):
+            truth.append(np.asarray(samples.labels))
+            fused.append(majority_vote(_run_labels(out, samples, region, runs), undecided))
+    labels = np.concatenate(truth) if truth else np.zeros(0, np.int64)
+    preds = np.concatenate(fused) if fused else np.zeros(0, np.uint16)
+    decided = preds != undecided
+    if not decided.any():
+        raise BadInputError(
+            "no validation sample for the fused map: raise arg_classification.merge_final_classifications_ratio "
+            "(each class needs 2 polygons or more in a region to have one held out), or set "
+            "fusionofclassification_all_samples_validation : True"
+        )
+    report = evaluate(labels[decided], preds[decided], names)
+    report["undecided_samples"] = int((~decided).sum())
+    report["area_weighted"] = area_weighted(
+        np.asarray(report["confusion_matrix"]),
+        report["classes"],
+        {c: n for c, n in fused_pixels.items() if c != undecided},
+    )
+    return report
+
+
+def _merge_settings(cfg) -> dict:
+    """The ``arg_classification`` keys the final products depend on; the merge's keys only when
+    it is on, so that the fingerprint of a configuration without it stays that of before they existed."""
+    section = cfg.section_dict("arg_classification")
+    if cfg.arg_classification.merge_final_classifications:
+        return section
+    return {k: v for k, v in section.items() if not k.startswith(_MERGE_KEYS)}
+
+
+_MERGE_KEYS = ("merge_final_classifications", "fusionofclassification_all_samples_validation", "keep_runs_results")
+
+
 def run(cfg) -> dict:
     """Run the merging stage; return its JSON summary (``skipped`` when already done)."""
     out = cfg.chain.output_path
@@ -308,7 +438,7 @@ def run(cfg) -> dict:
     fp = manifest.fingerprint(
         STAGE,
         {f"{t}/{s}": v for (t, s), v in chunk_fps.items()},
-        cfg.section_dict("arg_classification"),
+        _merge_settings(cfg),
         cfg.chain.nomenclature_path and storage.stat(cfg.chain.nomenclature_path),
         cfg.chain.color_table and storage.stat(cfg.chain.color_table),
         {"stac": pystac.get_stac_version()},  # runs merged before the catalog existed get it
@@ -347,6 +477,7 @@ def run(cfg) -> dict:
     # The final products are staged and published as a set, then the manifest: a crash leaves no
     # manifest (the previous one is removed before publishing), and the rerun replaces the set.
     map_pixels: dict[int, dict[int, int]] = {}
+    classif_paths: list[str] = []
     products: list[stac.Product] = []
     with storage.output_paths() as final:
 
@@ -387,6 +518,7 @@ def run(cfg) -> dict:
                 },
             )
             map_pixels[seed] = _class_pixels(classif)
+            classif_paths.append(classif)
             publish(
                 layout.final_classif_color(out, seed),
                 sources(layout.tile_classif, seed),
@@ -461,7 +593,64 @@ def run(cfg) -> dict:
                 np.asarray(report["confusion_matrix"]), report["classes"], map_pixels[seed]
             )
             per_seed.append(report)
-        write_reports(per_seed, final.path(layout.final_results(out)), final.path(layout.final_results_json(out)))
+        merging = cfg.arg_classification
+        fusion_report = None
+        if merging.merge_final_classifications:
+            # iota2's merge of the final classifications: the runs' maps fused by majority vote,
+            # validated on its own samples; RESULTS.txt becomes the fused map's report
+            undecided = merging.merge_final_classifications_undecidedlabel
+            if undecided in all_codes:
+                raise BadInputError(
+                    f"arg_classification.merge_final_classifications_undecidedlabel {undecided} is a class code "
+                    "of the models: choose a code no class has"
+                )
+            fused = final.path(layout.final_fusion(out), ".tif")
+            _fuse(classif_paths, fused, undecided)
+            products.append(
+                stac.Product(
+                    layout.final_fusion(out),
+                    fused,
+                    title=f"Fusion of the {runs} runs' classifications (majority vote; {undecided}: undecided)",
+                    kind="classification",
+                    undecided=undecided,
+                    extra_assets=[
+                        (
+                            "visual",
+                            layout.final_fusion_color(out),
+                            pystac.MediaType.COG,
+                            "Fusion of the runs' classifications with its colour table",
+                            ["visual"],
+                        )
+                    ],
+                )
+            )
+            fusion_colors = {0: (255, 255, 255, 255)} | {c: (*colors.get(c, (0, 0, 0)), 255) for c in all_codes}
+            fusion_colors[undecided] = (0, 0, 0, 255)
+            _fuse(classif_paths, final.path(layout.final_fusion_color(out), ".tif"), undecided, fusion_colors)
+            fusion_report = _validate_fusion(cfg, regions, names, _class_pixels(fused))
+            write_reports(
+                [fusion_report],
+                final.path(layout.final_results(out)),
+                final.path(layout.final_results_json(out)),
+                heading=(
+                    f"Fusion of the {runs} runs by majority vote (final/Classifications_fusion.tif), measured on "
+                    + (
+                        "the union of the runs' test samples (some were learnt by other runs: optimistic)."
+                        if merging.fusionofclassification_all_samples_validation
+                        else "the polygons held out of every run."
+                    )
+                    + f" {fusion_report['undecided_samples']} samples with tied votes (label {undecided}) are left "
+                    "out of the confusion matrix."
+                ),
+            )
+            if merging.keep_runs_results:
+                write_reports(
+                    per_seed,
+                    final.path(layout.final_results_seeds(out)),
+                    final.path(layout.final_results_seeds_json(out)),
+                )
+        else:
+            write_reports(per_seed, final.path(layout.final_results(out)), final.path(layout.final_results_json(out)))
         stac.write_catalog(
             out,
             final,
@@ -487,5 +676,11 @@ def run(cfg) -> dict:
         "kappa": [round(r["kappa"], 4) for r in per_seed],
         "outputs": len(outputs),
     }
+    if fusion_report is not None:
+        summary["fusion"] = {
+            "overall_accuracy": round(fusion_report["overall_accuracy"], 4),
+            "kappa": round(fusion_report["kappa"], 4),
+            "undecided_samples": fusion_report["undecided_samples"],
+        }
     manifest.write_manifest(out, STAGE, layout.ALL, fp, outputs, {"summary": summary})
     return summary | {"skipped": False}

@@ -109,12 +109,17 @@ def _area_text(aw: dict, names: dict, width: int) -> list[str]:
     return lines
 
 
-def _text(per_seed: list[dict]) -> str:
-    lines = ["sitsflow validation report", "Measured on the test samples (polygons never used in training).", ""]
+def _text(per_seed: list[dict], heading: str | None = None) -> str:
+    lines = [
+        "sitsflow validation report",
+        heading or "Measured on the test samples (polygons never used in training).",
+        "",
+    ]
     for seed, r in enumerate(per_seed):
         classes = r["classes"]
         names = {c: r["per_class"][str(c)]["name"] for c in classes}
-        lines.append(f"===== seed {seed} ({r['samples']} test pixels) =====")
+        title = "fusion of the runs" if heading else f"seed {seed}"
+        lines.append(f"===== {title} ({r['samples']} test pixels) =====")
         lines.append("Confusion matrix (rows: reference, columns: prediction; 0 = not classified)")
         width = max(8, *(len(f"{c} {names[c]}") for c in classes)) + 1
         lines.append(" " * width + "".join(f"{c:>9}" for c in classes))
@@ -160,10 +165,11 @@ def _text(per_seed: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(per_seed: list[dict], txt_uri: str, json_uri: str) -> None:
-    """Write RESULTS.txt and RESULTS.json."""
-    doc: dict[str, Any] = {"seeds": per_seed}
+def write_reports(per_seed: list[dict], txt_uri: str, json_uri: str, *, heading: str | None = None) -> None:
+    """Write RESULTS.txt and RESULTS.json: the runs' reports (``seeds``), or with ``heading`` (what
+    was measured on what) the one report of the runs' fused map (``fusion``)."""
+    doc: dict[str, Any] = {"fusion": per_seed[0], "heading": heading} if heading else {"seeds": per_seed}
     if len(per_seed) > 1:
         doc["summary"] = summarize(per_seed)
     storage.write_text(json_uri, json.dumps(doc, indent=2))
-    storage.write_text(txt_uri, _text(per_seed))
+    storage.write_text(txt_uri, _text(per_seed, heading))

@@ -55,9 +55,11 @@ class Product:
         seed: int | None = None,
         scale: float | None = None,
         extra_assets: Sequence[tuple[str, str, str, str, list[str]]] = (),
+        undecided: int | None = None,
     ) -> None:
         self.uri, self.local, self.title, self.kind, self.seed, self.scale = uri, local, title, kind, seed, scale
         self.extra_assets = list(extra_assets)  # (key, uri, media type, title, roles)
+        self.undecided = undecided  # the fused map's label of tied votes (a class of its own)
 
 
 def _class_name(name: str, code: int) -> str:
@@ -163,7 +165,12 @@ def _item(
     if classes is not None:
         for key in ("data", "visual"):
             if key in item.assets:
-                ClassificationExtension.ext(item.assets[key], add_if_missing=True).apply(classes=classes(product.seed))
+                described = classes(product.seed)
+                if product.undecided is not None:
+                    described.append(
+                        Classification.create(value=product.undecided, name="undecided", title="undecided (tied votes)")
+                    )
+                ClassificationExtension.ext(item.assets[key], add_if_missing=True).apply(classes=described)
     return item
 
 

@@ -69,6 +69,8 @@ def fingerprint(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> str
         split["split_ground_truth"] = False
     if not selection.is_default(cfg.arg_train.sample_selection):
         split["sample_selection"] = cfg.arg_train.sample_selection
+    if fusion_holdout(cfg):
+        split["fusion_holdout"] = cfg.arg_classification.merge_final_classifications_ratio
         sensor_files += selection.paths(cfg.arg_train.sample_selection)
     return manifest.fingerprint(
         STAGE,
@@ -199,6 +201,37 @@ def split_polygons(
     return sets
 
 
+def fusion_holdout(cfg) -> bool:
+    """Whether polygons are held out of every run to validate the fused map (iota2's
+    ``merge_final_classifications`` without ``fusionofclassification_all_samples_validation``)."""
+    merging = cfg.arg_classification
+    return merging.merge_final_classifications and not merging.fusionofclassification_all_samples_validation
+
+
+FUSION_STREAM = 1
+"""The held-out polygons are drawn with ``numpy.random.default_rng([random_seed, FUSION_STREAM])``,
+a stream of its own (the runs' splits use ``default_rng(random_seed + run)``)."""
+
+
+def hold_out_polygons(
+    polygon_class: dict[int, int], polygon_region: dict[int, int], ratio: float, seed: int
+) -> set[int]:
+    """The polygons held out of every run to validate the fused map of the runs (iota2's
+    ``extract_maj_vote_samples``): per (region, class), polygons sorted by id are permuted with
+    ``default_rng([seed, FUSION_STREAM])`` and ``round(n * ratio)`` of them are held out, at most
+    ``n - 1`` (the runs keep at least one polygon of each class)."""
+    rng = np.random.default_rng([seed, FUSION_STREAM])
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for pid in sorted(polygon_class):
+        groups[(polygon_region[pid], polygon_class[pid])].append(pid)
+    held: set[int] = set()
+    for key in sorted(groups):
+        ids = groups[key]
+        n_held = min(len(ids) - 1, round(len(ids) * ratio))
+        held.update(int(p) for p in rng.permutation(np.asarray(ids))[:n_held])
+    return held
+
+
 def _subset(arrays: dict, mask: np.ndarray, **meta) -> SampleSet:
     return SampleSet(
         reader=ArrayReader(arrays["features"][mask]),
@@ -239,12 +272,23 @@ def run(cfg) -> dict:
         )
     outputs: list[str] = []
     counts: dict[str, dict[str, Any]] = {}
+    held: set[int] = set()
+    if fusion_holdout(cfg):
+        held = hold_out_polygons(
+            polygon_class,
+            polygon_region,
+            cfg.arg_classification.merge_final_classifications_ratio,
+            cfg.arg_train.random_seed,
+        )
+        log.info("merge_final_classifications: %d polygons held out of every run to validate the fused map", len(held))
+    in_runs = {p: c for p, c in polygon_class.items() if p not in held}
     for run_index in range(cfg.arg_train.runs):
         seed = cfg.arg_train.random_seed + run_index
         if cfg.arg_train.split_ground_truth:
-            sets = split_polygons(polygon_class, polygon_region, cfg.arg_train.ratio, seed)
+            sets = split_polygons(in_runs, polygon_region, cfg.arg_train.ratio, seed)
         else:
-            sets = dict.fromkeys(sorted(polygon_class), "both")
+            sets = dict.fromkeys(sorted(in_runs), "both")
+        sets.update(dict.fromkeys(held, "fusion"))
         table = io.StringIO()
         writer = csv.writer(table)
         writer.writerow(["polygon_id", "class", "region", "set", "pixels"])
@@ -305,6 +349,31 @@ def run(cfg) -> dict:
                     str(c): {"kept": k, "of": n} for c, (k, n) in kept.items()
                 }
             log.info("region %s seed %s: %d L+V samples, %d test samples", region, run_index, learn.sum(), test.sum())
+    if fusion_holdout(cfg):
+        pheld = np.isin(arrays["polygon_id"], np.fromiter(held, np.int64, len(held)))
+        for region in regions:
+            mask = pheld & (arrays["region"] == region)
+            classes = sorted({int(c) for c in arrays["label"][mask]})
+            uri = layout.samples_fusion(out, region)
+            write_samples(
+                uri,
+                _subset(
+                    arrays,
+                    mask,
+                    dates=desc["dates"],
+                    component_names=desc["components"],
+                    feature_names=desc["feature_names"],
+                    tiles=list(cfg.chain.tiles),
+                    sensor=desc["sensor"],
+                    sensors=tuple(desc["sensor_keys"]),
+                    classes=classes,
+                    class_names={str(c): class_names.get(c, str(c)) for c in classes},
+                    fingerprint=fp,
+                ),
+                attrs={"region": int(region), "set": "fusion"},
+            )
+            outputs.append(uri)
+            counts[f"region_{region}_fusion"] = {"test": int(mask.sum())}
     summary = {
         "stage": STAGE,
         "regions": regions,

@@ -7,6 +7,7 @@
 | ``Sentinel_2_S2C`` | ``s2_s2c_path`` | ``s2_s2c`` | ``sentinel2s2c`` | ``Sentinel2S2C`` |
 | ``Landsat8`` | ``l8_path`` | ``l8`` | ``landsat8`` | ``Landsat8`` |
 | ``dated_raster`` | ``dated_raster.path`` | ``name`` | ``name`` | ``name`` |
+| ``stac`` | ``stac.catalog`` | ``name`` | ``name`` | ``name`` |
 
 See docs/sensors.md.
 """
@@ -17,8 +18,9 @@ from sitsflow.sensors.base import Grid, Sensor
 from sitsflow.sensors.catalogue import CHAIN_KEYS, OPTICAL_SENSORS
 from sitsflow.sensors.dated_raster import DatedRasterSensor
 from sitsflow.sensors.products import LAYOUTS, ProductSensor
+from sitsflow.sensors.stac import StacSensor
 
-SENSOR_ORDER: tuple[str, ...] = (*OPTICAL_SENSORS, "dated_raster")
+SENSOR_ORDER: tuple[str, ...] = (*OPTICAL_SENSORS, "stac", "dated_raster")
 """The order sensors are stacked in (components of one date: Sentinel-2 first)."""
 
 
@@ -26,8 +28,8 @@ def configured_sensors(cfg) -> list[str]:
     """The sections of the sensors a configuration uses, in :data:`SENSOR_ORDER`."""
     out = []
     for section in SENSOR_ORDER:
-        if section == "dated_raster":
-            if getattr(cfg, "dated_raster", None) is not None:
+        if section in ("dated_raster", "stac"):
+            if getattr(cfg, section, None) is not None:
                 out.append(section)
         elif getattr(cfg.chain, CHAIN_KEYS[section], None):
             out.append(section)
@@ -40,6 +42,8 @@ def build_sensors(cfg, tile: str) -> list[Sensor]:
     for section in configured_sensors(cfg):
         if section == "dated_raster":
             sensors.append(DatedRasterSensor.build(cfg, tile))
+        elif section == "stac":
+            sensors.append(StacSensor.build(cfg, tile))
         else:
             sensors.append(ProductSensor.build(cfg, section, tile))
     return sensors
@@ -50,6 +54,7 @@ __all__ = [
     "Sensor",
     "DatedRasterSensor",
     "ProductSensor",
+    "StacSensor",
     "LAYOUTS",
     "CHAIN_KEYS",
     "SENSOR_ORDER",

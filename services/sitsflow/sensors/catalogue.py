@@ -61,3 +61,69 @@ SPECTRAL_INDICES: tuple[str, ...] = ("NDVI", "NDWI", "Brightness")
 
 INDEX_ROLES: dict[str, tuple[str, ...]] = {"ndvi": ("red", "nir"), "ndwi": ("nir", "swir"), "brightness": ()}
 """Spectral index (lower case) -> the band roles it needs (Brightness uses every band)."""
+
+
+@dataclass(frozen=True)
+class StacProfile:
+    """A product read from a STAC catalog (``stac.profile``): its asset keys, how digital numbers
+    become physical values, and its mask. A reflectance is ``(DN + dn_offset) * scale + offset``,
+    where ``dn_offset`` is ``baseline_offset`` for the items :func:`sitsflow.sensors.stac.dn_offset`
+    says need it (Sentinel-2 processing baseline >= 04.00 not yet corrected), else 0."""
+
+    name: str
+    """The profile name (``sentinel-2-l2a``): the collection name of Planetary Computer."""
+    key: str
+    """Default ``stac.name``: statistics key and feature-name prefix."""
+    assets: tuple[str, ...]
+    """The band asset keys, in stacking order."""
+    roles: dict[str, str]
+    """The asset of each role the spectral indices use (``red``, ``nir``, ``swir``)."""
+    scale: float
+    """Multiplies the digital numbers."""
+    offset: float
+    """Added after scaling (Landsat C2 L2: -0.2)."""
+    nodata: float
+    """Digital number of the band assets meaning no data."""
+    mask_asset: str | None
+    """The asset holding the per-pixel quality; None: no mask (nodata alone)."""
+    mask_clear_values: tuple[int, ...]
+    """Mask values of a clear observation (empty: any value)."""
+    mask_invalid_bits: tuple[int, ...]
+    """Bits of the mask value that make an observation invalid when set (empty: none)."""
+    tile_property: tuple[str, ...]
+    """Item properties whose values, joined, give the item's tile code."""
+    temporal_resolution: int
+    """Default interval in days of the gap-filling date grid."""
+    baseline_offset: float = 0.0
+    """Digital-number offset of the items whose processing baseline requires it."""
+    backscatter: bool = False
+    """SAR backscatter (``stac.db`` may convert it to decibels); no spectral index applies."""
+
+
+SCL_CLEAR: tuple[int, ...] = (2, 4, 5, 6, 7, 11)
+"""Sen2Cor scene classes of a clear observation: 2 dark area, 4 vegetation, 5 bare soil, 6 water,
+7 unclassified, 11 snow (0 no data, 1 saturated/defective, 3 cloud shadow, 8/9 cloud, 10 thin
+cirrus are not)."""
+
+
+STAC_PROFILES: dict[str, StacProfile] = {
+    profile.name: profile
+    for profile in (
+        # Planetary Computer's asset keys (Earth Search names them blue, green, red ... and
+        # applies the baseline offset itself: earthsearch:boa_offset_applied)
+        StacProfile("sentinel-2-l2a", "sentinel2l2a", OPTICAL_SENSORS["Sentinel_2_S2C"].bands,
+                    OPTICAL_SENSORS["Sentinel_2_S2C"].roles, 1e-4, 0.0, 0.0, "SCL",
+                    SCL_CLEAR, (), ("s2:mgrs_tile",), 10, baseline_offset=-1000.0),
+        # Planetary Computer's landsat-c2-l2 asset keys; QA_PIXEL bits 0 fill, 1 dilated cloud,
+        # 2 cirrus, 3 cloud, 4 cloud shadow
+        StacProfile("landsat-c2-l2", "landsatc2l2",
+                    ("blue", "green", "red", "nir08", "swir16", "swir22"),
+                    {"red": "red", "nir": "nir08", "swir": "swir16"}, 2.75e-5, -0.2, 0.0, "qa_pixel",
+                    (), (0, 1, 2, 3, 4), ("landsat:wrs_path", "landsat:wrs_row"), 16),
+        # radiometrically terrain-corrected backscatter (gamma0, linear power), float32 with
+        # nodata -32768, as Planetary Computer's sentinel-1-rtc; no tile property of its own
+        StacProfile("sentinel-1-rtc", "sentinel1rtc", ("vv", "vh"), {}, 1.0, 0.0, -32768.0, None,
+                    (), (), ("grid:code",), 12, backscatter=True),
+    )
+}  # fmt: skip
+"""The products ``stac.profile`` may name."""

@@ -22,7 +22,7 @@ from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
 from sitsflow.process import open_files_budget
 from sitsflow.sensors.base import MASKS, VALUES, Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
-from sitsflow.sensors.catalogue import OPTICAL_SENSORS, OpticalSensor
+from sitsflow.sensors.catalogue import OPTICAL_SENSORS, SCL_CLEAR, OpticalSensor
 
 log = get_logger(__name__)
 
@@ -108,10 +108,8 @@ LAYOUTS: dict[str, Layout] = {
 """The product types, by configuration section."""
 
 
-# Sen2Cor scene classification: 0 no data, 1 saturated/defective, 3 cloud shadow, 8/9 cloud,
-# 10 thin cirrus are invalid; 2 dark area, 4 vegetation, 5 bare soil, 6 water, 7 unclassified,
-# 11 snow are valid observations.
-SCL_INVALID = np.array([0, 1, 3, 8, 9, 10])
+# Sen2Cor scene classification: the classes 0..11 that are not clear are invalid
+SCL_INVALID = np.setdiff1d(np.arange(12), SCL_CLEAR)
 
 
 class _OpenFiles:

@@ -1,0 +1,193 @@
+"""A small static STAC catalog of Sentinel-2 L2A COGs (Planetary Computer's asset keys) for the
+``stac`` sensor's tests: tile 31TCJ on a 10 m grid (20 m bands and SCL at 20 m), three classes in
+vertical stripes with distinct seasonal reflectances, clouds in SCL, and items chosen to exercise
+every filter:
+
+* ``d1`` 2023-03-01, one item, processing baseline 04.00 (DN offset -1000 in the files);
+* ``d2`` 2023-03-11, two items: ``a`` (earlier, baseline 03.01: no offset) is nodata on its
+  right half and cloudy (SCL 9) on a block, ``b`` (later, baseline 04.00) is whole: the mosaic
+  takes ``a`` where it is clear, ``b`` elsewhere; rows 0..3 are cloudy in both;
+* ``d3`` 2023-03-16, eo:cloud_cover 90 (left out by ``max_cloud_cover``);
+* ``d4`` 2023-03-21, one item (Earth Search style: ``earthsearch:boa_offset_applied``, no offset);
+* ``d5`` 2023-04-20, after the tests' end_date;
+* one item of another tile (31TCK) on 2023-03-01.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pystac
+import rasterio
+import rasterio.warp
+import shapely
+from rasterio.transform import from_origin
+
+from sitsflow import storage
+from sitsflow.sensors.catalogue import STAC_PROFILES
+
+CRS = "EPSG:32631"
+ORIGIN = (300000.0, 5000000.0)
+WIDTH, HEIGHT = 40, 28  # 10 m pixels (20 m assets: 20 x 14)
+BANDS = STAC_PROFILES["sentinel-2-l2a"].assets
+COARSE = {"B05", "B06", "B07", "B8A", "B11", "B12", "SCL"}
+CLASSES = (1, 2, 3)
+DAYS = {"d1": dt.date(2023, 3, 1), "d2": dt.date(2023, 3, 11), "d3": dt.date(2023, 3, 16),
+        "d4": dt.date(2023, 3, 21), "d5": dt.date(2023, 4, 20)}
+
+
+def label_map() -> np.ndarray:
+    """Class of each 10 m pixel: vertical stripes of 4 columns (the 20 m pixels are never split)."""
+    cols = np.arange(WIDTH)
+    return np.broadcast_to(np.array(CLASSES)[(cols // 4) % 3], (HEIGHT, WIDTH)).copy()
+
+
+def reflectance(day: str, band: int, classes: np.ndarray) -> np.ndarray:
+    """The true reflectance of the pixels of ``classes`` on ``day`` for band number ``band``."""
+    t = list(DAYS).index(day)
+    return (0.05 + 0.02 * band + 0.08 * classes * ((t + classes) % 3 + 1) / 3).astype(np.float64)
+
+
+def _write_cog(path: Path, data: np.ndarray, res: float, nodata: float | None) -> None:
+    profile = {"driver": "COG", "dtype": data.dtype.name, "count": 1, "width": data.shape[1],
+               "height": data.shape[0], "crs": CRS, "transform": from_origin(*ORIGIN, res, res),
+               "nodata": nodata}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data, 1)
+
+
+def _coarse(a: np.ndarray) -> np.ndarray:
+    return a[::2, ::2]
+
+
+def write_catalog(folder: Path) -> dict:
+    """Write the COGs, items, collection and ``catalog.json`` under ``folder``; return what the
+    tests need to compute the expected values."""
+    folder = Path(folder).resolve()
+    labels = label_map()
+    truth: dict[str, dict] = {}
+    catalog = pystac.Catalog("s2-test", "a tiny Sentinel-2 L2A catalog")
+    collection = pystac.Collection("sentinel-2-l2a", "Sentinel-2 L2A COGs",
+                                   pystac.Extent(pystac.SpatialExtent([[-180, -90, 180, 90]]),
+                                                 pystac.TemporalExtent([[None, None]])))
+    catalog.add_child(collection)
+    left, top = ORIGIN
+    footprint = rasterio.warp.transform_geom(
+        CRS, "EPSG:4326", shapely.geometry.mapping(shapely.box(left, top - HEIGHT * 10, left + WIDTH * 10, top)))
+    specs = [  # name, day, hour, tile, baseline, properties
+        ("d1", "d1", 10, "31TCJ", "04.00", {"eo:cloud_cover": 5.0}),
+        ("d2a", "d2", 10, "31TCJ", "03.01", {"eo:cloud_cover": 30.0}),
+        ("d2b", "d2", 11, "31TCJ", "04.00", {"eo:cloud_cover": 20.0}),
+        ("d3", "d3", 10, "31TCJ", "04.00", {"eo:cloud_cover": 90.0}),
+        ("d4", "d4", 10, "31TCJ", "05.00", {"eo:cloud_cover": 10.0, "earthsearch:boa_offset_applied": True}),
+        ("d5", "d5", 10, "31TCJ", "04.00", {"eo:cloud_cover": 0.0}),
+        ("other", "d1", 10, "31TCK", "04.00", {"eo:cloud_cover": 0.0}),
+    ]
+    for name, day, hour, tile, baseline, props in specs:
+        offset = 1000 if baseline >= "04.00" and not props.get("earthsearch:boa_offset_applied") else 0
+        item_dir = folder / "items" / name
+        item_dir.mkdir(parents=True, exist_ok=True)
+        scl = np.full((HEIGHT // 2, WIDTH // 2), 4, np.uint8)  # vegetation: clear
+        nodata = np.zeros((HEIGHT, WIDTH), bool)
+        if name == "d2a":
+            nodata[:, WIDTH // 2:] = True
+            scl[6:10, 2:6] = 9  # cloud high probability
+        if day == "d2":
+            scl[0:2, :] = 8  # rows 0..3 (10 m) cloudy in both items
+        if name == "d1":
+            scl[10:12, 14:18] = 3  # cloud shadow
+        when = dt.datetime(DAYS[day].year, DAYS[day].month, DAYS[day].day, hour, tzinfo=dt.UTC)
+        item = pystac.Item(f"S2_{name}_{tile}", footprint, list(shapely.bounds(shapely.geometry.shape(footprint))),
+                           when, {"s2:mgrs_tile": tile, "grid:code": f"MGRS-{tile}",
+                            "s2:processing_baseline": baseline, **props},
+                           collection="sentinel-2-l2a")
+        values = {}
+        for b, band in enumerate(BANDS):
+            refl = reflectance(day, b, labels)
+            if name == "d2b":
+                refl = refl + 0.01  # tells the items of d2 apart
+            dn = np.round(refl * 10000).astype(np.uint16) + offset
+            dn[nodata] = 0
+            if band in COARSE:
+                dn, res = _coarse(dn), 20.0
+            else:
+                res = 10.0
+            _write_cog(item_dir / f"{band}.tif", dn, res, 0)
+            item.add_asset(band, pystac.Asset(str(item_dir / f"{band}.tif"), media_type=pystac.MediaType.COG,
+                                              roles=["data"]))
+            values[band] = dn
+        _write_cog(item_dir / "SCL.tif", scl, 20.0, 0)
+        item.add_asset("SCL", pystac.Asset(str(item_dir / "SCL.tif"), media_type=pystac.MediaType.COG))
+        collection.add_item(item)
+        truth[name] = {"dn": values, "scl": scl, "offset": offset}
+    catalog.normalize_hrefs(str(folder / "stac"))
+    catalog.make_all_asset_hrefs_relative()
+    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    # reference polygons: one rectangle per stripe of 4 columns, inside rows 6..25
+    transform = from_origin(*ORIGIN, 10, 10)
+    rows = []
+    for c0 in range(0, WIDTH, 4):
+        x0, y0 = transform @ (c0, 6)
+        x1, y1 = transform @ (c0 + 4, 26)
+        rows.append((shapely.box(x0, y1, x1, y0), int(labels[0, c0])))
+    pyogrio.raw.write(str(folder / "polygons.geojson"),
+                      geometry=shapely.to_wkb(np.array([g for g, _ in rows], dtype=object)),
+                      field_data=[np.array([c for _, c in rows], np.int64)], fields=["code"], crs=CRS,
+                      driver="GeoJSON", geometry_type="Polygon")
+    return {"catalog": str(folder / "stac" / "catalog.json"), "truth": truth, "labels": labels}
+
+
+def upload(folder: Path, bucket: str) -> str:
+    """Copy the catalog, items and COGs under ``{bucket}/data``; return the catalog's URI."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            storage.write_bytes(f"{bucket}/data/{path.relative_to(folder).as_posix()}", path.read_bytes())
+    return f"{bucket}/data/stac/catalog.json"
+
+
+def write_config(folder: Path, catalog: str, *, output: str = "output", stac_extra: str = "", extra: str = "",
+                 epochs: int = 3, name: str = "stac.cfg") -> Path:
+    """A configuration reading ``catalog`` with the sentinel-2-l2a profile."""
+    text = f"""
+chain:
+{{
+  output_path : '{output}'
+  list_tile : 'T31TCJ'
+  ground_truth : 'polygons.geojson'
+  data_field : 'code'
+}}
+stac:
+{{
+  catalog : '{catalog}'
+  profile : 'sentinel-2-l2a'
+  end_date : '2023-04-01'
+  max_cloud_cover : 50
+  {stac_extra}
+}}
+arg_train:
+{{
+  runs : 1
+  ratio : 0.5
+  random_seed : 0
+  deep_learning_parameters:
+  {{
+    dl_name : 'MLPClassifier'
+    epochs : {epochs}
+    num_workers : 0
+    dataloader_mode : 'full'
+    hyperparameters_solver : {{"batch_size" : [32], "learning_rate" : [0.01]}}
+  }}
+}}
+python_data_managing:
+{{
+  chunk_size_mode : 'split_number'
+  number_of_chunks : 2
+}}
+{extra}
+"""
+    path = Path(folder) / name
+    path.write_text(text)
+    return path
