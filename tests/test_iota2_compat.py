@@ -198,18 +198,20 @@ def _prepare(path: Path, *sets: str) -> tuple[int, str]:
     return code, logs.getvalue()
 
 
-def test_spatial_resolution_and_proj_of_the_inputs_grid_are_accepted_others_exit_2(tmp_path):
+def test_spatial_resolution_and_proj_are_accepted_bad_ones_exit_2_before_work(tmp_path):
     write_scene(tmp_path, width=24, height=12, nb_dates=5)
     with rasterio.open(tmp_path / "T1" / "series.tif") as src:
         res, crs = src.res, src.crs.to_string()
     path = write_config(tmp_path, output=str(tmp_path / "out"))
-    code, text = _prepare(path, f"chain.spatial_resolution={res[0]}", f"chain.proj='{crs}'")
-    assert code == 0, text
-    code, text = _prepare(path, f"chain.spatial_resolution=[{res[0]}, {res[1]}]")
-    assert code == 0, text
-    for setting, culprit in ((f"chain.spatial_resolution={res[0] * 2}", "sitsflow does not resample yet"),
-                             ("chain.proj='EPSG:4326'", "sitsflow does not reproject yet"),
-                             ("chain.proj='not a crs'", "chain.proj 'not a crs' is not a CRS"),
+    for sets in ((f"chain.spatial_resolution={res[0]}", f"chain.proj='{crs}'"),
+                 (f"chain.spatial_resolution=[{res[0]}, {res[1]}]",),
+                 (f"chain.spatial_resolution={res[0] * 2}",),
+                 ("chain.proj='EPSG:4326'",),
+                 ("chain.proj='EPSG:3035'", "chain.spatial_resolution=20")):
+        code, text = _prepare(path, *sets)
+        assert code == 0, text
+    for setting, culprit in (("chain.proj='not a crs'", "chain.proj 'not a crs' is not a CRS"),
+                             ("chain.spatial_resolution=0.0001", "is the pixel size in the CRS's units (metre)?"),
                              ("chain.spatial_resolution=[1, 2, 3]", "chain.spatial_resolution: expected None or a pixel size")):
         out = tmp_path / "bad"
         code, text = _prepare(path, f"chain.output_path={out}", setting)

@@ -181,7 +181,7 @@ def test_bad_input_names_the_key_tile_and_item(catalog, tmp_path):
     item_json.write_text(json.dumps(doc))
     with pytest.raises(BadInputError, match=r"stac.assets: item 'S2_d2b_31TCJ' .* has no asset 'B05'"):
         _pipe(broken, info, catalog=str(broken / "stac" / "catalog.json"))
-    # an item in another CRS than the tile grid (no warped reads yet): exit 2 naming the asset
+    # an item in another CRS than the tile grid (without chain.proj): exit 2 naming the asset
     other = tmp_path / "B02_utm30.tif"
     with rasterio.open(broken / "items" / "d4" / "B02.tif") as src:
         profile, data = src.profile, src.read(1)
@@ -196,6 +196,12 @@ def test_bad_input_names_the_key_tile_and_item(catalog, tmp_path):
     pipe = _pipe(broken, info, catalog=str(broken / "stac" / "catalog.json"))
     with pytest.raises(BadInputError, match=r"'S2_d4_31TCJ' \(20230321\), asset 'B02'.*every raster of a tile must share"):
         pipe.sensors[0].read(FULL, pipe.grid)
+    # with chain.proj it is warped: labelled UTM 30, it lies far off the tile, so that day is empty
+    warped = _pipe(broken, info, "chain.proj='EPSG:32631'", catalog=str(broken / "stac" / "catalog.json"))
+    assert warped.grid.transform == pipe.grid.transform and warped.grid.resampled
+    values, valid = warped.sensors[0].read(FULL, warped.grid)
+    day = warped.raw_dates.index(20230321)
+    assert not valid[:, :, day].any() and valid[:, :, :day].any()
     missing = tmp_path / "nowhere" / "catalog.json"
     with pytest.raises(BadInputError, match=r"stac.catalog: .*nowhere/catalog.json"):
         _pipe(folder, info, catalog=str(missing))

@@ -7,8 +7,9 @@ would otherwise surface hours later in a stage:
    the nomenclature has a colour (``sitsflow.reference.check_class_files``);
 2. the network: ``dl_module`` readable and importable, ``dl_name`` a class of it (or a built-in)
    derived from ``Iota2NeuralNetwork``, ``dl_parameters`` accepted by its constructor;
-3. every tile has its inputs (``sitsflow.features.check_tile_grids``), on the grid of
-   ``chain.spatial_resolution`` and ``chain.proj`` when they are set (``check_target_grid``);
+3. every tile has its inputs and a grid (``sitsflow.features.check_tile_grids``): the sensors
+   share a CRS, or ``chain.proj`` is a CRS the tile's footprint reprojects into and the target
+   grid of ``chain.proj`` / ``chain.spatial_resolution`` is sane; planning uses the same grid;
 4. the network *builds and runs* on a dummy input of the configured shape: the first tile's
    features are laid out from the inputs' metadata (file names, raster headers: the date axis
    after gap-filling or the raw dates, and the components of one date: bands, indices,
@@ -149,11 +150,6 @@ def run(cfg: Any) -> dict[str, Any]:
         cls = nn.resolve_network(cfg.dl.dl_name, source, cfg.dl.dl_module)
         nn.check_dl_parameters(cls, cfg.dl.dl_parameters, cfg.dl.dl_name)
         check_tile_grids(cfg)
-        if cfg.chain.spatial_resolution is not None or cfg.chain.proj is not None:
-            from sitsflow.features import FeaturePipeline
-
-            for tile in cfg.chain.tiles[1:]:  # the first is checked below: every tile on the grid asked
-                FeaturePipeline(cfg, tile)
         shape = _network_shape(cfg)
         nb_classes = max(2, len(names))
         network = check_network(cfg, shape, nb_classes)

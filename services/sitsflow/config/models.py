@@ -231,13 +231,20 @@ class ChainSection(Section):
     spatial_resolution: (
         Annotated[tuple[float, float], PlainValidator(_resolution), AS_IS, Expect(_RESOLUTION_TEXT)] | None
     ) = None
-    """iota2's output pixel size (a number, or [x, y]). sitsflow works in the grid of the inputs
-    (the finest sensor of each tile) and does not resample yet: the key is accepted when it is
-    that grid's pixel size, and refused (exit 2, before any work) otherwise, since the maps would
-    not be at the size asked."""
+    """iota2's output pixel size (a number, or [x, y]), in the units of ``proj`` (or of the
+    inputs' CRS). Unset (with ``proj`` unset too), each tile is worked on the grid of its finest
+    sensor. Set, each tile is worked on a target grid of this pixel size covering the finest
+    sensor's footprint: in the inputs' CRS it starts at their upper-left corner, in another CRS its
+    corners are multiples of the pixel size (``gdalwarp -tap``). Every input not on that grid by
+    an integer factor is resampled when read, windowed, through GDAL's warper: cubic convolution
+    for reflectances (iota2's ``Superimpose`` default), nearest neighbour for masks. Samples,
+    maps and STAC items are then on that grid."""
     proj: Annotated[str, Text("a CRS such as 'EPSG:2154'")] | None = None
-    """iota2's output projection (``"EPSG:2154"``). As ``spatial_resolution``: accepted when it is
-    the CRS of the inputs, refused (exit 2, before any work) otherwise."""
+    """iota2's output projection (``"EPSG:2154"``; any CRS GDAL reads: EPSG code, PROJ string,
+    WKT). Set, each tile is worked on a target grid in this CRS (see ``spatial_resolution``; the
+    pixel size defaults to the finest sensor's, or to GDAL's suggestion when the units differ):
+    every input is reprojected onto it when read, so sensors in different projections combine
+    (without it, they must share one CRS). Ground truth and regions are reprojected to it."""
 
     @property
     def tiles(self) -> tuple[str, ...]:

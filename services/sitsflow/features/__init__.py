@@ -37,7 +37,7 @@ from rasterio.windows import Window
 from sitsflow.errors import BadInputError
 from sitsflow.features.compute import FeatureComputer
 from sitsflow.features.dates import DateAxis
-from sitsflow.features.grid import check_target_grid, check_tile_grids, finest_grid, tile_grid
+from sitsflow.features.grid import check_tile_grids, finest_grid, target_crs, tile_grid
 from sitsflow.features.reader import READ_BUDGET_BYTES, FeatureBlock, WindowReader
 from sitsflow.sensors import Sensor, build_sensors
 from sitsflow.sensors.base import Grid, ReadBuffers
@@ -53,10 +53,10 @@ __all__ = [
     "Grid",
     "ReadBuffers",
     "WindowReader",
-    "check_target_grid",
     "check_tile_grids",
     "from_ordinal",
     "parse_date",
+    "target_crs",
     "tile_grid",
     "to_ordinal",
     "READ_BUDGET_BYTES",
@@ -71,7 +71,8 @@ class FeaturePipeline:
         tile: the tile name.
 
     Attributes:
-        grid: the tile grid (the finest sensor's grid).
+        grid: the tile grid (the finest sensor's grid, or the target grid of ``chain.proj`` /
+            ``chain.spatial_resolution``: see :mod:`~sitsflow.features.grid`).
         dates: YYYYMMDD of the date axis.
         sensors: the sensor readers, in stacking order.
         sensor: the statistics key of the first sensor (the database's ``sensor`` attribute).
@@ -83,8 +84,7 @@ class FeaturePipeline:
         self.tile = tile
         self.raw_dates_mode = bool(cfg.arg_train.features_from_raw_dates)
         self.sensors: list[Sensor] = build_sensors(cfg, tile)
-        self.grid: Grid = finest_grid(self.sensors, tile)
-        check_target_grid(cfg, tile, self.grid)
+        self.grid: Grid = finest_grid(self.sensors, tile, cfg.chain.proj, cfg.chain.spatial_resolution)
         self.sensor = self.sensors[0].key
         self.axis = DateAxis(self.sensors, self.raw_dates_mode, tile)
         self.dates: list[int] = self.axis.dates

@@ -9,6 +9,15 @@ pixels on a Sentinel-2 grid) are resampled by **nearest neighbour**: a tile pixe
 of the coarse pixel that contains its centre. Nearest neighbour is exact and independent of how
 the tile is cut into windows (a windowed bilinear read depends on the window's edges), so
 sampling and inference compute bit-identical features for a pixel whatever their windows.
+
+On a **target grid** (``chain.proj`` / ``chain.spatial_resolution``, :attr:`Grid.resampled`), a
+raster that is not on it by an integer factor in the same CRS (another projection, a finer pixel,
+a pixel size that does not divide) is read through GDAL's warper (:func:`warped_read`): a
+``WarpedVRT`` of the whole tile grid, of which only the window is warped (only the source pixels
+under it are read, /vsis3/ included). Reflectances are resampled by **cubic convolution** (a 4 x 4
+kernel, as iota2's OTB ``Superimpose`` default, ``bco`` of radius 2), masks and any integer class
+data by **nearest neighbour** (a mask value is never interpolated). The VRT warps fixed blocks of
+the tile grid, so a pixel's value does not depend on the window it is read in either.
 """
 
 from __future__ import annotations
@@ -18,9 +27,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import rasterio
+from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from sitsflow.errors import BadInputError
+
+#: resampling of the values read by :func:`warped_read` (reflectances, dated-raster values)
+VALUES = "cubic"
+#: resampling of masks and other integer class data (their values are never interpolated)
+MASKS = "nearest"
 
 
 class ReadBuffers:
@@ -61,12 +76,18 @@ def new_array(buffers: ReadBuffers | None, key: str, shape: tuple[int, ...], dty
 
 @dataclass(frozen=True)
 class Grid:
-    """The pixel grid of a tile: size, georeferencing and CRS."""
+    """The pixel grid of a tile: size, georeferencing and CRS.
+
+    ``resampled``: the grid is a target grid (``chain.proj`` / ``chain.spatial_resolution``):
+    rasters not on it by an integer factor are warped onto it (:func:`warped_read`). Otherwise such
+    rasters are refused (bad input).
+    """
 
     width: int
     height: int
     transform: rasterio.Affine
     crs: rasterio.crs.CRS
+    resampled: bool = False
 
     def profile(self) -> dict:
         """A rasterio profile fragment for rasters on this grid."""
@@ -164,24 +185,36 @@ def grid_of(src) -> Grid:
     return Grid(src.width, src.height, src.transform, src.crs)
 
 
-def _placement(src, grid: Grid, what: str) -> tuple[int, int, int, int]:
-    """How ``src`` lies on ``grid``: (factor_x, factor_y, col offset, row offset) in grid pixels."""
-    if src.crs != grid.crs:
-        raise BadInputError(
-            f"{what} is in {src.crs}, the tile grid in {grid.crs}: every raster of a tile must share one CRS"
-        )
+def _placement(src, grid: Grid, what: str) -> tuple[int, int, int, int] | None:
+    """How ``src`` lies on ``grid``: (factor_x, factor_y, col offset, row offset) in grid pixels;
+    None when it is not on the grid by an integer factor and ``grid`` is a target grid (the
+    raster is then warped onto it)."""
     t, g = src.transform, grid.transform
+    if src.crs != grid.crs:
+        if grid.resampled:
+            return None
+        raise BadInputError(
+            f"{what} is in {src.crs}, the tile grid in {grid.crs}: every raster of a tile must share one CRS "
+            "(or set chain.proj: every input is then reprojected onto it)"
+        )
     if t.b or t.d or g.b or g.d:
+        if grid.resampled:
+            return None
         raise BadInputError(f"{what}: rotated rasters are not supported")
     fx, fy = t.a / g.a, t.e / g.e
     rx, ry = round(fx), round(fy)
     if rx < 1 or ry < 1 or abs(fx - rx) > 1e-6 or abs(fy - ry) > 1e-6:
+        if grid.resampled:
+            return None
         raise BadInputError(
             f"{what} has {abs(t.a)} x {abs(t.e)} pixels; the tile grid's are {abs(g.a)} x {abs(g.e)}: "
-            "a raster's pixel size must be an integer multiple of the tile grid's"
+            "a raster's pixel size must be an integer multiple of the tile grid's "
+            "(or set chain.spatial_resolution: every input is then resampled onto it)"
         )
     ox, oy = (t.c - g.c) / g.a, (t.f - g.f) / g.e
     if abs(ox - round(ox)) > 1e-3 or abs(oy - round(oy)) > 1e-3:
+        if grid.resampled:
+            return None
         raise BadInputError(f"{what} is not aligned on the tile grid (offset {ox:.3f}, {oy:.3f} pixels)")
     return rx, ry, round(ox), round(oy)
 
@@ -197,8 +230,12 @@ def read_on_grid(
     *,
     pixel_major: bool = False,
     out: np.ndarray | None = None,
+    resampling: str = MASKS,
+    nodata: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read bands of ``src`` for a window of ``grid`` (nearest neighbour when ``src`` is coarser).
+    """Read bands of ``src`` for a window of ``grid`` (nearest neighbour when ``src`` is coarser by
+    an integer factor; warped with ``resampling`` when ``grid`` is a target grid ``src`` is not on,
+    see :func:`warped_read`).
 
     Only the source pixels under the window are read (a windowed read, /vsis3/ included).
 
@@ -208,13 +245,18 @@ def read_on_grid(
             default) this is a plain copy, where the band-sequential layout costs a transposition
             in GDAL and another one back to the networks' pixel-major layout.
         out: an array of the returned shape and ``dtype`` to read into (reused buffers).
+        resampling: ``"cubic"`` (:data:`VALUES`) or ``"nearest"`` (:data:`MASKS`, the default):
+            how a warped read resamples; unused when ``src`` is on the grid by an integer factor.
+        nodata: the value of ``src`` that marks missing data (a warped read leaves it out of the
+            interpolation and writes it where no valid source pixel contributes); None: none but
+            the one the raster's header may declare.
 
     Returns:
         data: ``dtype`` (float32 by default), ``fill`` off the raster's footprint (0 for an
             integer ``dtype``, where ``inside`` tells).
         inside: bool (h, w), False off the raster's footprint.
     """
-    fx, fy, ox, oy = _placement(src, grid, what)
+    placement = _placement(src, grid, what)
     h, w = int(window.height), int(window.width)
     shape = (h, w, len(indexes)) if pixel_major else (len(indexes), h, w)
     if out is None:
@@ -222,6 +264,12 @@ def read_on_grid(
     elif out.shape != shape or out.dtype != np.dtype(dtype):
         raise ValueError(f"out is {out.shape} {out.dtype}, expected {shape} {np.dtype(dtype)}")
     bands = out.transpose(2, 0, 1) if pixel_major else out  # (n, h, w) view: rasterio honours its strides
+    if placement is None:
+        inside = warped_read(src, window, grid, indexes, bands, resampling=resampling, nodata=nodata)
+        if not inside.all():
+            bands[:, ~inside] = fill if np.issubdtype(np.dtype(dtype), np.floating) else 0
+        return out, inside
+    fx, fy, ox, oy = placement
     rows = np.arange(int(window.row_off), int(window.row_off) + h) - oy
     cols = np.arange(int(window.col_off), int(window.col_off) + w) - ox
     src_rows = np.floor_divide(rows, fy)
@@ -246,3 +294,92 @@ def read_on_grid(
     data = np.take(data, src_cols[cc] - c0, axis=2)
     bands[:, rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1] = data
     return out, inside
+
+
+def warped_read(
+    src, window: Window, grid: Grid, indexes: list[int], bands: np.ndarray, *, resampling: str, nodata: float | None
+) -> np.ndarray:
+    """Warp bands ``indexes`` of ``src`` onto ``window`` of ``grid``, into ``bands`` (n, h, w).
+
+    A ``WarpedVRT`` spans the whole tile grid and only the blocks under the window are warped
+    (GDAL reads the source pixels they need, and the kernel's margin). Its blocks are fixed by the
+    grid, so a pixel's value does not depend on the window it is read in: sampling and inference
+    read the same features.
+
+    The warp goes through a plain VRT of the bands ``indexes`` alone: only they are warped (a
+    warped VRT warps every band of a block), and none is taken for an alpha band (GDAL takes the
+    fourth band of a 4-band byte GeoTIFF, e.g. four dates of a mask, for one) nor gets the
+    header's nodata.
+
+    With ``nodata``, the value is left out of the interpolation band by band (GDAL's
+    ``UNIFIED_SRC_NODATA=NO``: one date of a dated raster may be nodata where the next is not)
+    and fills the pixels no valid source pixel reaches, off the footprint included. Without it, an
+    alpha band tells those pixels; a nodata value in the raster's header is ignored, as by the
+    plain reads (a mask's header may call a valid value nodata).
+
+    Returns:
+        inside: bool (h, w), False where no band has a value (off the footprint; with ``nodata``,
+        also where every band is nodata, which the readers would invalidate anyway).
+    """
+    from rasterio.io import MemoryFile
+    from rasterio.vrt import WarpedVRT
+
+    options: dict = {
+        "crs": grid.crs,
+        "transform": grid.transform,
+        "width": grid.width,
+        "height": grid.height,
+        "resampling": Resampling[resampling],
+    }
+    if nodata is not None:
+        options.update(src_nodata=nodata, nodata=nodata)
+    else:
+        # NaN: no source value is nodata (a header's nodata is ignored, as by the plain reads,
+        # and NaNs of a float raster stay out of the interpolation); the alpha band is then the
+        # footprint itself
+        options.update(src_nodata=float("nan"), add_alpha=True)
+    options["UNIFIED_SRC_NODATA"] = "NO"
+    with (
+        MemoryFile(_bands_vrt(src, indexes).encode(), ext=".vrt") as memory,
+        memory.open() as picked,
+        WarpedVRT(picked, **options) as vrt,
+    ):
+        vrt.read(list(range(1, len(indexes) + 1)), window=window, out=bands)
+        if nodata is None:
+            return vrt.read(vrt.count, window=window) > 0
+    if np.isnan(nodata):
+        return ~np.isnan(bands).all(axis=0)
+    return (bands != bands.dtype.type(nodata)).any(axis=0)
+
+
+_GDAL_TYPES = {
+    "uint8": "Byte",
+    "int8": "Int8",
+    "uint16": "UInt16",
+    "int16": "Int16",
+    "uint32": "UInt32",
+    "int32": "Int32",
+    "uint64": "UInt64",
+    "int64": "Int64",
+    "float32": "Float32",
+    "float64": "Float64",
+}
+
+
+def _bands_vrt(src, indexes: list[int]) -> str:
+    """A VRT (XML) of bands ``indexes`` of ``src``, georeferenced as ``src``, colour
+    interpretation undefined, no nodata."""
+    from xml.sax.saxutils import escape
+
+    path = escape(src.name)
+    bands = "".join(
+        f'<VRTRasterBand dataType="{_GDAL_TYPES[src.dtypes[i - 1]]}" band="{k}"><ColorInterp>Undefined</ColorInterp>'
+        f'<SimpleSource><SourceFilename relativeToVRT="0">{path}</SourceFilename><SourceBand>{i}</SourceBand>'
+        "</SimpleSource></VRTRasterBand>"
+        for k, i in enumerate(indexes, 1)
+    )
+    geo = ", ".join(repr(float(v)) for v in src.transform.to_gdal())
+    return (
+        f'<VRTDataset rasterXSize="{src.width}" rasterYSize="{src.height}"><SRS>{escape(src.crs.to_wkt())}</SRS>'
+        f"<GeoTransform>{geo}</GeoTransform>{bands}</VRTDataset>"
+    )

@@ -16,7 +16,7 @@ from rasterio.windows import Window
 from sitsflow import storage
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
-from sitsflow.sensors.base import Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
+from sitsflow.sensors.base import MASKS, VALUES, Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
 from sitsflow.sensors.dates import parse_date
 
 log = get_logger(__name__)
@@ -159,6 +159,8 @@ class DatedRasterSensor(Sensor):
                     dtype=dtype,
                     pixel_major=True,
                     out=new_array(buffers, key + ":raw", (h, w, len(indexes)), dtype),
+                    resampling=VALUES,
+                    nodata=self.nodata,
                 )
             raw = raw.reshape(h, w, nb_raw, nb_bands)
             valid = new_array(buffers, key + ":valid", (h, w, nb_raw), bool)
@@ -188,6 +190,7 @@ class DatedRasterSensor(Sensor):
                         self.mask_path,
                         fill=1,
                         pixel_major=True,
+                        resampling=MASKS,
                     )
                 valid &= mask == 0
         data = new_array(buffers, key + ":data", (h, w, nb_raw, nb_bands), np.float32)
@@ -233,6 +236,8 @@ class DatedRasterSensor(Sensor):
                     self.path,
                     dtype=src.dtypes[0] if integer else "float32",
                     pixel_major=True,
+                    resampling=VALUES,
+                    nodata=self.nodata,
                 )
                 invalid = np.zeros(first.shape, bool) if self.nodata is None else first == first.dtype.type(self.nodata)
                 if not integer:

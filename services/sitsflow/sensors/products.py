@@ -21,7 +21,7 @@ from sitsflow import storage
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
 from sitsflow.process import open_files_budget
-from sitsflow.sensors.base import Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
+from sitsflow.sensors.base import MASKS, VALUES, Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
 from sitsflow.sensors.catalogue import OPTICAL_SENSORS, SCL_CLEAR, OpticalSensor
 
 log = get_logger(__name__)
@@ -304,8 +304,11 @@ class ProductSensor(Sensor):
             files = self._open_files.files = _OpenFiles(open_files_budget())
         return files.get(uri)
 
-    def _read_file(self, uri: str, window: Window, grid: Grid, fill: float, culprit: str):
-        """``read_on_grid`` of the single-band file ``uri``, under the storage contract."""
+    def _read_file(self, uri: str, window: Window, grid: Grid, fill: float, culprit: str, *, mask: bool = False):
+        """``read_on_grid`` of the single-band file ``uri``, under the storage contract: a band
+        (reflectances: cubic on a target grid, the product's nodata left out) or a ``mask``
+        (nearest neighbour: a mask value is never interpolated)."""
+        how = {"resampling": MASKS} if mask else {"resampling": VALUES, "nodata": self.layout.nodata}
 
         def forget() -> None:
             files = getattr(self._open_files, "files", None)
@@ -315,7 +318,7 @@ class ProductSensor(Sensor):
         return storage.raster_call(
             "read",
             uri,
-            lambda: read_on_grid(self._dataset(uri), window, grid, [1], uri, fill=fill),
+            lambda: read_on_grid(self._dataset(uri), window, grid, [1], uri, fill=fill, **how),
             culprit=culprit,
             on_retry=forget,
         )
@@ -358,6 +361,7 @@ class ProductSensor(Sensor):
                         grid,
                         0,
                         f"{self.section} acquisition {product.date} ({product.name}), mask {uri.rsplit('/', 1)[-1]}",
+                        mask=True,
                     )
                     valid[:, :, t] &= inside & _valid(rule, data[0])
         values[~valid] = 0.0

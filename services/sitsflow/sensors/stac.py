@@ -17,7 +17,9 @@ the clear values (when any is given) and has none of the invalid bits set.
 
 The tile grid is the finest band asset's grid of the tile's first item (the items of a tile share
 one grid, e.g. an MGRS tile); coarser assets (Sentinel-2's 20 m bands and SCL) are read with
-nearest neighbour, as every sensor's.
+nearest neighbour, as every sensor's. On a target grid (``chain.proj`` /
+``chain.spatial_resolution``), assets not on it are warped when read: band assets by cubic
+convolution (the profile's nodata left out), the mask asset by nearest neighbour.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from sitsflow import storage
 from sitsflow.errors import BadInputError, InputNotFoundError
 from sitsflow.log import get_logger
 from sitsflow.process import open_files_budget
-from sitsflow.sensors.base import Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
+from sitsflow.sensors.base import MASKS, VALUES, Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
 from sitsflow.sensors.catalogue import INDEX_ROLES, STAC_PROFILES, StacProfile
 from sitsflow.sensors.products import _OpenFiles
 
@@ -328,8 +330,11 @@ class StacSensor(Sensor):
         catalog = [self.catalog] if self.catalog else []  # an API's answers are no file
         return [*catalog, *(u for g in self.groups for i in g for u in i.assets.values())]
 
-    def _read_asset(self, item: StacItem, key: str, window: Window, grid: Grid, dtype: str):
+    def _read_asset(self, item: StacItem, key: str, window: Window, grid: Grid, dtype: str, *, mask: bool = False):
+        """Read asset ``key`` of ``item`` for ``window``: a band (warped onto a target grid by cubic
+        convolution, the profile's nodata left out) or the ``mask`` (nearest neighbour)."""
         uri = item.assets[key]
+        how = {"resampling": MASKS} if mask else {"resampling": VALUES, "nodata": self.profile.nodata}
 
         def dataset():
             files = getattr(self._open_files, "files", None)
@@ -346,7 +351,7 @@ class StacSensor(Sensor):
         return storage.raster_call(
             "read",
             uri,
-            lambda: read_on_grid(dataset(), window, grid, [1], f"{what} {uri}", fill=0, dtype=dtype),
+            lambda: read_on_grid(dataset(), window, grid, [1], f"{what} {uri}", fill=0, dtype=dtype, **how),
             culprit=what,
             on_retry=forget,
         )
@@ -369,7 +374,7 @@ class StacSensor(Sensor):
                         break  # the day is complete: later items are not read
                     ok = todo
                     if self.mask_asset is not None:
-                        mask, inside = self._read_asset(item, self.mask_asset, window, grid, "int64")
+                        mask, inside = self._read_asset(item, self.mask_asset, window, grid, "int64", mask=True)
                         ok = ok & inside
                         if self.clear_values is not None:
                             ok &= np.isin(mask[0], self.clear_values)
