@@ -66,16 +66,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from sitsflow import nn as sitsnn
+from sitsflow.accuracy import scores
+from sitsflow.config import ArgTrainSection, DeepLearningParameters, HyperparametersSolver, TrainingOptions
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger, setup_logging
 from sitsflow.selection import pick
-from sitsflow.config import DeepLearningParameters, HyperparametersSolver
 from sitsflow.training import SampleSet, class_weights, load_samples, split_learn_validation, train
-from sitsflow.training.stage import candidate
 from sitsflow.training.loaders import InMemoryBatches
-from sitsflow.training.metrics import scores
+from sitsflow.training.stage import candidate
 
 log = get_logger("bench.matogrosso_cv")
 
@@ -300,7 +301,7 @@ def run_fold(
             samples, opts, hyp, build=builder(samples, opts), split_seed=split_seed, torch_seed=seed,
             fingerprint=f"matogrosso-fold-{k}-{tag}",
             checkpoint_uri=str(workdir / f"fold_{k}_{tag}_checkpoint.txt"),
-            device=torch.device("cpu"),
+            device=torch.device("cpu"), options=args.options,
         )
         chosen = result.best[args.criterion]
         row = next(r for r in result.history if r["epoch"] == chosen["epoch"])
@@ -352,14 +353,18 @@ def run_fold(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("csv", help="path of samples_mt_4bands.csv")
-    parser.add_argument("--folds", type=int, default=5)
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of one training through ``sitsflow.training.train`` (network, deep-learning
+    parameters, training options, seed, threads): shared with ``bench/sinop.py``."""
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds (and, + fold, of the 80/20 split)")
-    parser.add_argument("--dl-name", default="LTAEClassifier")
+    parser.add_argument("--dl-name", default="LTAEClassifier",
+                        help="a built-in network (docs/networks.md): LTAEClassifier, TempCNN, InceptionTime ...")
     parser.add_argument("--dl-parameters", type=json.loads, default=DEFAULT_DL_PARAMETERS,
-                        help=f"JSON object (default {json.dumps(DEFAULT_DL_PARAMETERS)})")
+                        help=f"JSON object (default {json.dumps(DEFAULT_DL_PARAMETERS)}; "
+                        "'{}': the network's own defaults)")
+    parser.add_argument("--training-options", type=json.loads, default={},
+                        help="arg_train.training_options as a JSON object (docs/training.md), e.g. "
+                        "'{\"label_smoothing\": 0.1, \"lr_schedule\": \"cosine\"}'")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[64])
     parser.add_argument("--learning-rate", type=float, nargs="+", default=[0.002])
@@ -374,6 +379,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--reference-start", default=None, help="YYYY-MM-DD start of the reference season")
+
+
+def training_options_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainingOptions:
+    """``--training-options`` checked as ``arg_train.training_options`` is (bad keys or values,
+    and the combinations the configuration refuses: exit 2 through ``parser.error``)."""
+    try:
+        options = TrainingOptions(**args.training_options)
+        ArgTrainSection(deep_learning_parameters=options_of(args), training_options=options)
+    except (TypeError, ValidationError) as exc:
+        parser.error(f"--training-options {json.dumps(args.training_options)}: {exc}")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv", help="path of samples_mt_4bands.csv")
+    parser.add_argument("--folds", type=int, default=5)
+    add_training_arguments(parser)
     parser.add_argument("--only-folds", type=int, nargs="*", default=None, help="run only these folds")
     parser.add_argument("--ensemble", type=int, default=1,
                         help="members of the same model and pair trained with different seeds; their mean "
@@ -386,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ensemble < 1:
         parser.error(f"--ensemble must be >= 1, got {args.ensemble}")
+    args.options = training_options_of(args, parser)
+    if args.refit and args.training_options:
+        parser.error("--refit retrains with Adam and the plain cross-entropy at the winner's per-epoch learning "
+                     "rates; it does not replay --training-options: use one or the other")
     setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -408,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {
         "bench": "matogrosso_cv", "samples": int(labels.size), "classes": class_names,
         "dates": [dates[0], dates[-1]], "folds": args.folds, "folds_run": folds, "seed": args.seed,
-        "dl_name": args.dl_name, "dl_parameters": args.dl_parameters, "epochs": args.epochs,
+        "dl_name": args.dl_name, "dl_parameters": args.dl_parameters,
+        "training_options": args.training_options, "epochs": args.epochs,
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "criterion": args.criterion,
         "weighted_labels": args.weighted_labels, "adaptive_lr": args.adaptive_lr,
         "early_stop_patience": args.early_stop_patience, "ensemble": args.ensemble, "refit": args.refit,
