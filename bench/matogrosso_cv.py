@@ -34,7 +34,9 @@ Two standard additions, both decided on the inner validation split only:
 * ``--refit``: once the pair and the number of epochs E (the epoch the winner kept on validation)
   are chosen, a fresh network is trained on all the training folds (no validation split) for E
   epochs, with the learning rate the winner had at each of those epochs (``adaptive_lr``
-  reductions replayed), and that network classifies the held-out fold;
+  reductions replayed; with an ``lr_schedule`` in ``--training-options``, that schedule's rates
+  over the larger set, stopped after E epochs) and the same training options, and that network
+  classifies the held-out fold;
 * ``--ensemble N``: N networks of the same model and pair, differing only by their torch seed
   (initialisation, dropout, batch order; member 0 has the stage's seed), average their class
   probabilities. With ``--refit`` each member is refitted for E epochs; without it, members 1..N-1
@@ -76,6 +78,7 @@ from sitsflow.log import get_logger, setup_logging
 from sitsflow.selection import pick
 from sitsflow.training import SampleSet, class_weights, load_samples, split_learn_validation, train
 from sitsflow.training.loaders import InMemoryBatches
+from sitsflow.training.options import TrainingExtras
 from sitsflow.training.stage import candidate
 
 log = get_logger("bench.matogrosso_cv")
@@ -229,14 +232,24 @@ def builder(samples: SampleSet, opts: DeepLearningParameters) -> Any:
     return build
 
 
-def refit(samples: SampleSet, opts: DeepLearningParameters, batch_size: int, lrs: list[float], seed: int) -> torch.nn.Module:
+def refit(
+    samples: SampleSet, opts: DeepLearningParameters, batch_size: int, lrs: list[float], seed: int,
+    options: TrainingOptions | None = None, learning_rate: float | None = None,
+) -> torch.nn.Module:
     """Train a fresh network on every sample of ``samples`` (no validation split) for ``len(lrs)``
-    epochs, epoch e at learning rate ``lrs[e - 1]`` (the schedule the selected candidate had, so
-    ``adaptive_lr`` reductions are replayed), then return it (eval mode, CPU).
+    epochs, then return it (eval mode, CPU).
 
-    Same network, statistics (from the whole table), Adam, cross-entropy, class weights and batch
-    rules as ``sitsflow.training.train`` (a seeded permutation every epoch; a final batch of one
-    sample skipped); ``seed`` seeds initialisation, dropout and batch order.
+    Learning rate: without a schedule, epoch e runs at ``lrs[e - 1]`` (the rates the selected
+    candidate had, so ``adaptive_lr`` reductions are replayed); with an ``lr_schedule`` or a
+    warm-up in ``options``, every step's rate comes from that schedule with ``learning_rate`` (the
+    candidate's) as its peak, spanning ``opts.epochs`` epochs of this (larger) training set, and
+    the refit stops after ``len(lrs)`` of them, as the candidate's kept epoch did. The training
+    options (AdamW, label smoothing, balanced sampling, augmentation, clipping) act as in
+    ``sitsflow.training.train`` (``sitsflow.training.options.TrainingExtras``).
+
+    Same network, statistics (from the whole table), optimiser, loss, class weights and batch
+    rules as ``sitsflow.training.train`` (a seeded order every epoch; a final batch of one
+    sample skipped); ``seed`` seeds initialisation, dropout, batch order and augmentation.
     """
     label_idx = samples.label_indices()
     nb_classes = len(samples.classes)
@@ -244,20 +257,28 @@ def refit(samples: SampleSet, opts: DeepLearningParameters, batch_size: int, lrs
     torch.manual_seed(seed)
     tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in samples.stats.items()}
     network = builder(samples, opts)(stats={key: tensors for key in dict.fromkeys((samples.sensor, *samples.sensors))})
-    optimizer = torch.optim.Adam(network.parameters(), lr=lrs[0])
+    extras = TrainingExtras(
+        options or TrainingOptions(), learning_rate=learning_rate if learning_rate is not None else lrs[0],
+        epochs=opts.epochs, steps_per_epoch=-(-samples.n // batch_size), learn_labels=label_idx,
+        nb_classes=nb_classes, stats=samples.stats, nb_dates=samples.nb_dates,
+        nb_components=samples.nb_components, stream=False,
+    )
+    optimizer = extras.optimizer(network.parameters())
     order_gen = torch.Generator().manual_seed(seed)
-    batches = InMemoryBatches(torch.from_numpy(samples.load_all()), torch.from_numpy(label_idx),
-                              batch_size, drop_single=True)
-    for lr in lrs:
+    targets = torch.from_numpy(label_idx)
+    batches = InMemoryBatches(torch.from_numpy(samples.load_all()), targets, batch_size, drop_single=True)
+    for epoch, lr in enumerate(lrs, start=1):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches.set_order(torch.randperm(samples.n, generator=order_gen))
+        batches.set_order(extras.epoch_order(targets, order_gen))
         network.train()
         for i in range(len(batches)):
-            x, y = batches[i]
+            x, y = extras.batch(*batches[i], order_gen)
+            extras.set_lr(optimizer, epoch, i)
             optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(network(x), y, weight=weights)
+            loss = extras.loss(network(x), y, weights)
             loss.backward()
+            extras.clip(network.parameters())
             optimizer.step()
     network.eval()
     return network
@@ -336,7 +357,8 @@ def run_fold(
                                        samples.label_indices()[val])
     if args.refit and not args.validation_only:
         lrs = won["lrs"][: won["epoch"]]
-        members = [refit(samples, opts, won["batch_size"], lrs, member_seed(split_seed, winner, m))
+        members = [refit(samples, opts, won["batch_size"], lrs, member_seed(split_seed, winner, m),
+                         args.options, won["learning_rate"])
                    for m in range(args.ensemble)]
         out["refit_epochs"] = len(lrs)
     if not args.validation_only:
@@ -410,9 +432,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.ensemble < 1:
         parser.error(f"--ensemble must be >= 1, got {args.ensemble}")
     args.options = training_options_of(args, parser)
-    if args.refit and args.training_options:
-        parser.error("--refit retrains with Adam and the plain cross-entropy at the winner's per-epoch learning "
-                     "rates; it does not replay --training-options: use one or the other")
     setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
