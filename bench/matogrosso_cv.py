@@ -46,6 +46,8 @@ Two standard additions, both decided on the inner validation split only:
     .venv/bin/python bench/matogrosso_cv.py CSV --epochs 60 --dl-parameters '{"d_model": 64, ...}'
     .venv/bin/python bench/matogrosso_cv.py CSV --ensemble 5 --validation-only   # choose settings
     .venv/bin/python bench/matogrosso_cv.py CSV --ensemble 5 --refit --threads 1 # the recorded figure
+    .venv/bin/python bench/matogrosso_cv.py CSV --dl-name TempCNN --dl-parameters '{}' --learning-rate 0.001 \
+        --training-options '{"gaussian_noise": 0.05, "date_dropout": 0.1}'   # TempCNN, augmented
 
 Prints a plain-text table per fold, the mean OA and kappa, then one JSON line
 (``{"bench": "matogrosso_cv", ...}``).
