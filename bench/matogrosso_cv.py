@@ -34,7 +34,9 @@ Two standard additions, both decided on the inner validation split only:
 * ``--refit``: once the pair and the number of epochs E (the epoch the winner kept on validation)
   are chosen, a fresh network is trained on all the training folds (no validation split) for E
   epochs, with the learning rate the winner had at each of those epochs (``adaptive_lr``
-  reductions replayed), and that network classifies the held-out fold;
+  reductions replayed; with an ``lr_schedule`` in ``--training-options``, that schedule's rates
+  over the larger set, stopped after E epochs) and the same training options, and that network
+  classifies the held-out fold;
 * ``--ensemble N``: N networks of the same model and pair, differing only by their torch seed
   (initialisation, dropout, batch order; member 0 has the stage's seed), average their class
   probabilities. With ``--refit`` each member is refitted for E epochs; without it, members 1..N-1
@@ -44,6 +46,8 @@ Two standard additions, both decided on the inner validation split only:
     .venv/bin/python bench/matogrosso_cv.py CSV --epochs 60 --dl-parameters '{"d_model": 64, ...}'
     .venv/bin/python bench/matogrosso_cv.py CSV --ensemble 5 --validation-only   # choose settings
     .venv/bin/python bench/matogrosso_cv.py CSV --ensemble 5 --refit --threads 1 # the recorded figure
+    .venv/bin/python bench/matogrosso_cv.py CSV --dl-name TempCNN --dl-parameters '{}' --learning-rate 0.001 \
+        --training-options '{"gaussian_noise": 0.05, "date_dropout": 0.1}'   # TempCNN, augmented
 
 Prints a plain-text table per fold, the mean OA and kappa, then one JSON line
 (``{"bench": "matogrosso_cv", ...}``).
@@ -66,16 +70,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from sitsflow import nn as sitsnn
+from sitsflow.accuracy import scores
+from sitsflow.config import ArgTrainSection, DeepLearningParameters, HyperparametersSolver, TrainingOptions
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger, setup_logging
 from sitsflow.selection import pick
-from sitsflow.config import DeepLearningParameters, HyperparametersSolver
 from sitsflow.training import SampleSet, class_weights, load_samples, split_learn_validation, train
-from sitsflow.training.stage import candidate
 from sitsflow.training.loaders import InMemoryBatches
-from sitsflow.training.metrics import scores
+from sitsflow.training.options import TrainingExtras
+from sitsflow.training.stage import candidate
 
 log = get_logger("bench.matogrosso_cv")
 
@@ -228,14 +234,24 @@ def builder(samples: SampleSet, opts: DeepLearningParameters) -> Any:
     return build
 
 
-def refit(samples: SampleSet, opts: DeepLearningParameters, batch_size: int, lrs: list[float], seed: int) -> torch.nn.Module:
+def refit(
+    samples: SampleSet, opts: DeepLearningParameters, batch_size: int, lrs: list[float], seed: int,
+    options: TrainingOptions | None = None, learning_rate: float | None = None,
+) -> torch.nn.Module:
     """Train a fresh network on every sample of ``samples`` (no validation split) for ``len(lrs)``
-    epochs, epoch e at learning rate ``lrs[e - 1]`` (the schedule the selected candidate had, so
-    ``adaptive_lr`` reductions are replayed), then return it (eval mode, CPU).
+    epochs, then return it (eval mode, CPU).
 
-    Same network, statistics (from the whole table), Adam, cross-entropy, class weights and batch
-    rules as ``sitsflow.training.train`` (a seeded permutation every epoch; a final batch of one
-    sample skipped); ``seed`` seeds initialisation, dropout and batch order.
+    Learning rate: without a schedule, epoch e runs at ``lrs[e - 1]`` (the rates the selected
+    candidate had, so ``adaptive_lr`` reductions are replayed); with an ``lr_schedule`` or a
+    warm-up in ``options``, every step's rate comes from that schedule with ``learning_rate`` (the
+    candidate's) as its peak, spanning ``opts.epochs`` epochs of this (larger) training set, and
+    the refit stops after ``len(lrs)`` of them, as the candidate's kept epoch did. The training
+    options (AdamW, label smoothing, balanced sampling, augmentation, clipping) act as in
+    ``sitsflow.training.train`` (``sitsflow.training.options.TrainingExtras``).
+
+    Same network, statistics (from the whole table), optimiser, loss, class weights and batch
+    rules as ``sitsflow.training.train`` (a seeded order every epoch; a final batch of one
+    sample skipped); ``seed`` seeds initialisation, dropout, batch order and augmentation.
     """
     label_idx = samples.label_indices()
     nb_classes = len(samples.classes)
@@ -243,20 +259,28 @@ def refit(samples: SampleSet, opts: DeepLearningParameters, batch_size: int, lrs
     torch.manual_seed(seed)
     tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in samples.stats.items()}
     network = builder(samples, opts)(stats={key: tensors for key in dict.fromkeys((samples.sensor, *samples.sensors))})
-    optimizer = torch.optim.Adam(network.parameters(), lr=lrs[0])
+    extras = TrainingExtras(
+        options or TrainingOptions(), learning_rate=learning_rate if learning_rate is not None else lrs[0],
+        epochs=opts.epochs, steps_per_epoch=-(-samples.n // batch_size), learn_labels=label_idx,
+        nb_classes=nb_classes, stats=samples.stats, nb_dates=samples.nb_dates,
+        nb_components=samples.nb_components, stream=False,
+    )
+    optimizer = extras.optimizer(network.parameters())
     order_gen = torch.Generator().manual_seed(seed)
-    batches = InMemoryBatches(torch.from_numpy(samples.load_all()), torch.from_numpy(label_idx),
-                              batch_size, drop_single=True)
-    for lr in lrs:
+    targets = torch.from_numpy(label_idx)
+    batches = InMemoryBatches(torch.from_numpy(samples.load_all()), targets, batch_size, drop_single=True)
+    for epoch, lr in enumerate(lrs, start=1):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches.set_order(torch.randperm(samples.n, generator=order_gen))
+        batches.set_order(extras.epoch_order(targets, order_gen))
         network.train()
         for i in range(len(batches)):
-            x, y = batches[i]
+            x, y = extras.batch(*batches[i], order_gen)
+            extras.set_lr(optimizer, epoch, i)
             optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(network(x), y, weight=weights)
+            loss = extras.loss(network(x), y, weights)
             loss.backward()
+            extras.clip(network.parameters())
             optimizer.step()
     network.eval()
     return network
@@ -300,7 +324,7 @@ def run_fold(
             samples, opts, hyp, build=builder(samples, opts), split_seed=split_seed, torch_seed=seed,
             fingerprint=f"matogrosso-fold-{k}-{tag}",
             checkpoint_uri=str(workdir / f"fold_{k}_{tag}_checkpoint.txt"),
-            device=torch.device("cpu"),
+            device=torch.device("cpu"), options=args.options,
         )
         chosen = result.best[args.criterion]
         row = next(r for r in result.history if r["epoch"] == chosen["epoch"])
@@ -335,7 +359,8 @@ def run_fold(
                                        samples.label_indices()[val])
     if args.refit and not args.validation_only:
         lrs = won["lrs"][: won["epoch"]]
-        members = [refit(samples, opts, won["batch_size"], lrs, member_seed(split_seed, winner, m))
+        members = [refit(samples, opts, won["batch_size"], lrs, member_seed(split_seed, winner, m),
+                         args.options, won["learning_rate"])
                    for m in range(args.ensemble)]
         out["refit_epochs"] = len(lrs)
     if not args.validation_only:
@@ -352,14 +377,18 @@ def run_fold(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("csv", help="path of samples_mt_4bands.csv")
-    parser.add_argument("--folds", type=int, default=5)
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of one training through ``sitsflow.training.train`` (network, deep-learning
+    parameters, training options, seed, threads): shared with ``bench/sinop.py``."""
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds (and, + fold, of the 80/20 split)")
-    parser.add_argument("--dl-name", default="LTAEClassifier")
+    parser.add_argument("--dl-name", default="LTAEClassifier",
+                        help="a built-in network (docs/networks.md): LTAEClassifier, TempCNN, InceptionTime ...")
     parser.add_argument("--dl-parameters", type=json.loads, default=DEFAULT_DL_PARAMETERS,
-                        help=f"JSON object (default {json.dumps(DEFAULT_DL_PARAMETERS)})")
+                        help=f"JSON object (default {json.dumps(DEFAULT_DL_PARAMETERS)}; "
+                        "'{}': the network's own defaults)")
+    parser.add_argument("--training-options", type=json.loads, default={},
+                        help="arg_train.training_options as a JSON object (docs/training.md), e.g. "
+                        "'{\"label_smoothing\": 0.1, \"lr_schedule\": \"cosine\"}'")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[64])
     parser.add_argument("--learning-rate", type=float, nargs="+", default=[0.002])
@@ -374,6 +403,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--reference-start", default=None, help="YYYY-MM-DD start of the reference season")
+
+
+def training_options_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainingOptions:
+    """``--training-options`` checked as ``arg_train.training_options`` is (bad keys or values,
+    and the combinations the configuration refuses: exit 2 through ``parser.error``)."""
+    try:
+        options = TrainingOptions(**args.training_options)
+        ArgTrainSection(deep_learning_parameters=options_of(args), training_options=options)
+    except (TypeError, ValidationError) as exc:
+        parser.error(f"--training-options {json.dumps(args.training_options)}: {exc}")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv", help="path of samples_mt_4bands.csv")
+    parser.add_argument("--folds", type=int, default=5)
+    add_training_arguments(parser)
     parser.add_argument("--only-folds", type=int, nargs="*", default=None, help="run only these folds")
     parser.add_argument("--ensemble", type=int, default=1,
                         help="members of the same model and pair trained with different seeds; their mean "
@@ -386,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ensemble < 1:
         parser.error(f"--ensemble must be >= 1, got {args.ensemble}")
+    args.options = training_options_of(args, parser)
     setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -408,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {
         "bench": "matogrosso_cv", "samples": int(labels.size), "classes": class_names,
         "dates": [dates[0], dates[-1]], "folds": args.folds, "folds_run": folds, "seed": args.seed,
-        "dl_name": args.dl_name, "dl_parameters": args.dl_parameters, "epochs": args.epochs,
+        "dl_name": args.dl_name, "dl_parameters": args.dl_parameters,
+        "training_options": args.training_options, "epochs": args.epochs,
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "criterion": args.criterion,
         "weighted_labels": args.weighted_labels, "adaptive_lr": args.adaptive_lr,
         "early_stop_patience": args.early_stop_patience, "ensemble": args.ensemble, "refit": args.refit,
