@@ -111,6 +111,11 @@ def test_several_sources_are_written_back(catalogs, tmp_path):
     assert "stac : [" in text
     (tmp_path / "again.cfg").write_text(text)
     assert load_config(str(tmp_path / "again.cfg")) == cfg
+    # a cluster run names each local catalog by its source (sitsflow submit refuses local inputs)
+    from sitsflow.submit import _local_inputs
+
+    local = [k for k, _ in _local_inputs("stac", cfg.section_dict("stac")) if k.endswith("catalog")]
+    assert local == ["stac[0].catalog", "stac[1].catalog", "stac[2].catalog"]
 
 
 def test_list_errors_name_the_source_index_and_line(catalogs, tmp_path):
