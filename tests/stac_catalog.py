@@ -12,6 +12,10 @@ every filter:
 * ``d5`` 2023-04-20, after the tests' end_date;
 * one item of another tile (31TCK) on 2023-03-01.
 
+:func:`write_s1_catalog` writes Sentinel-1 RTC items (VV, VH) of the same tile and grid, ascending
+and descending passes on days of their own; :func:`stac_sources` writes a ``stac`` list of
+several sources for :func:`write_config`.
+
 ``write_catalog(keys="earth-search")`` names the assets and the tile as Earth Search does
 (``blue`` ... ``scl``, ``grid:code`` only); ``href_base`` makes the asset hrefs absolute URLs
 under it (e.g. the http URL of the folder :func:`upload` copied to a public bucket).
@@ -136,7 +140,12 @@ def write_catalog(folder: Path, keys: str = "planetary-computer", href_base: str
     catalog.normalize_hrefs(str(folder / "stac"))
     catalog.make_all_asset_hrefs_relative()
     catalog.save(pystac.CatalogType.SELF_CONTAINED)
-    # reference polygons: one rectangle per stripe of 4 columns, inside rows 6..25
+    _write_polygons(folder, labels)
+    return {"catalog": str(folder / "stac" / "catalog.json"), "truth": truth, "labels": labels}
+
+
+def _write_polygons(folder: Path, labels: np.ndarray) -> None:
+    """Reference polygons: one rectangle per stripe of 4 columns, inside rows 6..25."""
     transform = from_origin(*ORIGIN, 10, 10)
     rows = []
     for c0 in range(0, WIDTH, 4):
@@ -147,7 +156,55 @@ def write_catalog(folder: Path, keys: str = "planetary-computer", href_base: str
                       geometry=shapely.to_wkb(np.array([g for g, _ in rows], dtype=object)),
                       field_data=[np.array([c for _, c in rows], np.int64)], fields=["code"], crs=CRS,
                       driver="GeoJSON", geometry_type="Polygon")
-    return {"catalog": str(folder / "stac" / "catalog.json"), "truth": truth, "labels": labels}
+
+
+S1_DAYS = {"ascending": (dt.date(2023, 3, 2), dt.date(2023, 3, 14), dt.date(2023, 3, 26)),
+           "descending": (dt.date(2023, 3, 5), dt.date(2023, 3, 17), dt.date(2023, 3, 29))}
+"""The acquisition days of the Sentinel-1 items, per orbit direction (none shared)."""
+S1_NODATA = -32768.0
+
+
+def backscatter(orbit: str, t: int, pol: str, classes: np.ndarray) -> np.ndarray:
+    """The linear backscatter of the pixels of ``classes`` at the ``t``-th pass of ``orbit``."""
+    vv = 0.02 + 0.04 * classes * (1 + 0.3 * ((t + classes) % 3)) + (0.01 if orbit == "descending" else 0.0)
+    return (vv if pol == "vv" else vv / (2 + classes)).astype(np.float32)
+
+
+def write_s1_catalog(folder: Path) -> dict:
+    """Sentinel-1 RTC COGs (float32, 10 m, the tile grid of :func:`write_catalog`) and a static
+    catalog of them under ``folder/s1``: three ascending and three descending passes of tile
+    31TCJ (``grid:code``, ``sat:orbit_state``), VV and VH by class (:func:`backscatter`), nodata
+    at pixel (0, 0) of every pass; reference polygons as :func:`write_catalog`'s."""
+    folder = Path(folder).resolve()
+    labels = label_map()
+    catalog = pystac.Catalog("s1-test", "a tiny Sentinel-1 RTC catalog")
+    for orbit, days in S1_DAYS.items():
+        for t, day in enumerate(days):
+            name = f"S1_{orbit[:3]}{t}_31TCJ"
+            item_dir = folder / "s1" / "items" / name
+            item_dir.mkdir(parents=True, exist_ok=True)
+            item = pystac.Item(name, None, None, dt.datetime(day.year, day.month, day.day, 6, tzinfo=dt.UTC),
+                               {"grid:code": "MGRS-31TCJ", "sat:orbit_state": orbit}, collection="sentinel-1-rtc")
+            for pol in ("vv", "vh"):
+                data = backscatter(orbit, t, pol, labels)
+                data[0, 0] = S1_NODATA
+                _write_cog(item_dir / f"{pol}.tif", data, 10.0, S1_NODATA)
+                item.add_asset(pol, pystac.Asset(str(item_dir / f"{pol}.tif"), media_type=pystac.MediaType.COG))
+            catalog.add_item(item)
+    catalog.normalize_hrefs(str(folder / "s1" / "stac"))
+    catalog.make_all_asset_hrefs_relative()
+    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    _write_polygons(folder, labels)
+    return {"catalog": str(folder / "s1" / "stac" / "catalog.json"), "labels": labels}
+
+
+def stac_sources(*sources: dict) -> str:
+    """A ``stac`` list of sections (``stac : [ { ... }, ... ]``), each dict a source's keys."""
+    from sitsflow.config.syntax import format_key, format_value
+
+    items = ["  {\n" + "".join(f"    {format_key(k)} : {format_value(v)}\n" for k, v in s.items()) + "  }"
+             for s in sources]
+    return "stac : [\n" + ",\n".join(items) + "\n]\n"
 
 
 def upload(folder: Path, bucket: str, public: str | None = None) -> str:
@@ -177,8 +234,17 @@ def publish(s3_server: str, uri: str) -> str:
 
 
 def write_config(folder: Path, catalog: str, *, output: str = "output", stac_extra: str = "", extra: str = "",
-                 epochs: int = 3, name: str = "stac.cfg") -> Path:
-    """A configuration reading ``catalog`` with the sentinel-2-l2a profile."""
+                 epochs: int = 3, name: str = "stac.cfg", stac: str | None = None) -> Path:
+    """A configuration reading ``catalog`` with the sentinel-2-l2a profile (``stac``: the
+    ``stac`` key written instead, e.g. by :func:`stac_sources`)."""
+    block = stac or f"""stac:
+{{
+  catalog : '{catalog}'
+  profile : 'sentinel-2-l2a'
+  end_date : '2023-04-01'
+  max_cloud_cover : 50
+  {stac_extra}
+}}"""
     text = f"""
 chain:
 {{
@@ -187,14 +253,7 @@ chain:
   ground_truth : 'polygons.geojson'
   data_field : 'code'
 }}
-stac:
-{{
-  catalog : '{catalog}'
-  profile : 'sentinel-2-l2a'
-  end_date : '2023-04-01'
-  max_cloud_cover : 50
-  {stac_extra}
-}}
+{block}
 arg_train:
 {{
   runs : 1

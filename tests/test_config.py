@@ -177,7 +177,7 @@ def test_minimal_config_loads_with_every_default(tmp_path: Path) -> None:
     # every default is visible in the serialised form
     text = cfg.to_cfg()
     for name, model in SECTION_MODELS.items():
-        if getattr(cfg, name) is not None:  # optional sections absent from the file stay absent
+        if getattr(cfg, name) not in (None, ()):  # optional sections absent from the file stay absent
             assert f"{name} : {{" in text
             for key in model.model_fields:
                 assert re.search(rf"^\s*{key} : ", text, re.M), key

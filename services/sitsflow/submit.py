@@ -355,7 +355,7 @@ def _local_inputs(section: str, value: Any, key: str = "") -> Iterator[tuple[str
         for i, v in enumerate(value):
             yield from _local_inputs(section, v, f"{key}[{i}]")
     elif isinstance(value, str) and os.path.isabs(value):
-        yield f"{section}.{key}", value
+        yield f"{section}{'' if key.startswith('[') else '.'}{key}", value  # stac[1].catalog for a list
 
 
 def prepare_run(source: str, overrides: Sequence[str], name: str | None = None) -> Run:

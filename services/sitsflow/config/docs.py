@@ -24,10 +24,11 @@ from sitsflow.config.models import (
     DeepLearningParameters,
     HyperparametersSolver,
     OpticalSensorSection,
+    SitsflowConfig,
     TrainingOptions,
 )
 from sitsflow.config.resources import BUILTIN, StageResources
-from sitsflow.config.schema import PathOf, describe, field_doc, fields_of, markers
+from sitsflow.config.schema import PathOf, describe, field_doc, field_type, fields_of, is_section_list, markers
 from sitsflow.config.syntax import format_value
 from sitsflow.sensors.catalogue import OPTICAL_SENSORS
 
@@ -144,6 +145,8 @@ def reference() -> str:
             ]
             continue
         status = "required" if name in REQUIRED else "optional"
+        if is_section_list(field_type(SitsflowConfig.model_fields[name])):
+            status += "; one section or a list of sections"
         lines += _section(f"`{name}` ({status})", model)
         if model.__name__ == "ArgTrainSection":
             key = "arg_train.deep_learning_parameters"

@@ -37,12 +37,14 @@ from sitsflow.config.schema import (
     PathsIn,
     Rule,
     Section,
+    SectionList,
     Text,
     detail,
     expected,
+    field_type,
     invalid,
     json_value,
-    optional_arm,
+    section_model,
     shown,
     suggest,
 )
@@ -314,7 +316,7 @@ def _stac_source(section: Any) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
         yield (
             ("catalog",),
             section.catalog,
-            detail("give one of stac.catalog (a static catalog) and stac.api (a STAC API URL)"),
+            detail("give one of catalog (a static catalog) and api (a STAC API URL)"),
         )
 
 
@@ -352,6 +354,13 @@ def _stac_profile_defaults(section: Any) -> Iterator[tuple[tuple[str, ...], Any,
 
 class StacSection(Section):
     """The ``stac`` section: a sensor read from a static STAC catalog of Cloud-Optimized GeoTIFFs.
+
+    ``stac`` is one section or a list of sections (``stac : [ { ... }, { ... } ]``), each a
+    sensor of its own: Sentinel-1 + Sentinel-2, or Sentinel-1's ascending and descending passes
+    kept apart (``orbit_state``). Each source's ``name`` (or its profile's key) names its
+    features and its statistics and must be unique; the sources share the run's date axis as
+    several sensors do (docs/sensors.md). An error in the second source is reported at
+    ``stac[1].key``; ``--set stac.key=value`` reaches a single section only.
 
     The items of a tile are those whose ``tile_property`` matches the tile name; they are grouped
     by acquisition day (several items of one day are mosaicked: the first clear pixel wins, items
@@ -450,6 +459,15 @@ class StacSection(Section):
     temporal_resolution: PositiveInt | None = None
     """Interval in days of the gap-filling date grid; None: the profile's (10 Sentinel-2, 16
     Landsat, 12 Sentinel-1)."""
+
+    @property
+    def sensor_key(self) -> str:
+        """The sensor key of this source: ``name``, else the profile's key."""
+        return self.name or STAC_PROFILES[self.profile].key
+
+
+StacSources = Annotated[tuple[StacSection, ...], SectionList()]
+"""The ``stac`` key: one :class:`StacSection` or a list of them, held as a tuple."""
 
 
 class OpticalSensorSection(Section):
@@ -1085,6 +1103,16 @@ def _write_section(lines: list[str], name: str, values: dict[str, Any], depth: i
     lines.append(f"{pad}}}")
 
 
+def _write_section_list(lines: list[str], name: str, sections: list[dict[str, Any]]) -> None:
+    """``name : [ { ... }, { ... } ]``, one key a line."""
+    lines.append(f"{format_key(name)} : [")
+    for i, values in enumerate(sections):
+        lines.append("    {")
+        lines += [f"        {format_key(key)} : {format_value(value)}" for key, value in values.items()]
+        lines.append("    }" + ("," if i < len(sections) - 1 else ""))
+    lines.append("]")
+
+
 _NESTED_SECTIONS = {"deep_learning_parameters", "training_options"}
 """Sub-sections written as sections (``name : { ... }``) by ``to_cfg``; other dicts are inline."""
 
@@ -1104,7 +1132,7 @@ def _sensors(cfg: SitsflowConfig) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
                     f"set chain.{sensor.chain_key} (the folder of its products) or remove the section"
                 ),
             )
-    if cfg.dated_raster is None and cfg.stac is None and all(getattr(cfg, n) is None for n in _OPTICAL_SECTIONS):
+    if cfg.dated_raster is None and not cfg.stac and all(getattr(cfg, n) is None for n in _OPTICAL_SECTIONS):
         keys = ", ".join(f"chain.{s.chain_key}" for s in OPTICAL_SENSORS.values())
         yield (
             (),
@@ -1114,6 +1142,25 @@ def _sensors(cfg: SitsflowConfig) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
                 "or add a dated_raster or stac section"
             ),
         )
+
+
+def _stac_names(cfg: SitsflowConfig) -> Iterator[tuple[tuple[Any, ...], Any, Any]]:
+    """The STAC sources' sensor keys are unique (they name the features and statistics)."""
+    first: dict[str, int] = {}
+    for i, source in enumerate(cfg.stac):
+        key = source.sensor_key
+        if key in first:
+            given = "name" if source.name else "profile"
+            yield (
+                ("stac", i, given),
+                getattr(source, given),
+                detail(
+                    f"the sensor name {key!r} of stac[{i}] is already that of stac[{first[key]}]: each STAC "
+                    "source names its features and statistics, give each a distinct stac name"
+                ),
+            )
+        else:
+            first[key] = i
 
 
 def _merge_runs(cfg: SitsflowConfig) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
@@ -1196,6 +1243,7 @@ class SitsflowConfig(Section):
     __rules__ = (
         (("chain", "dated_raster", "stac", *_OPTICAL_SECTIONS), _sensors),
         (("chain", "dated_raster"), _tile_placeholder),
+        (("stac",), _stac_names),
         (("arg_train", "arg_classification"), _merge_runs),
     )
 
@@ -1205,8 +1253,9 @@ class SitsflowConfig(Section):
     """The ``chain`` section."""
     dated_raster: DatedRasterSection | None = None
     """The ``dated_raster`` section (the generic dated-raster sensor), None when absent."""
-    stac: StacSection | None = None
-    """The ``stac`` section (a sensor read from a STAC catalog), None when absent."""
+    stac: StacSources = ()
+    """The ``stac`` sources (sensors read from STAC catalogs), one per section given; empty when
+    absent."""
     Sentinel_2: Sentinel2Section | None = None
     """The ``Sentinel_2`` section (THEIA L2A); defaults apply when ``chain.s2_path`` is set
     without it; None when the sensor is not used."""
@@ -1270,17 +1319,20 @@ class SitsflowConfig(Section):
         """Shortcut for ``arg_train.deep_learning_parameters``."""
         return self.arg_train.deep_learning_parameters
 
-    def section_dict(self, name: str) -> dict[str, Any]:
+    def section_dict(self, name: str) -> Any:
         """A JSON-able dict of one section (``"chain"``, ``"arg_train"``, ...), for fingerprints.
 
         ``"arg_train.deep_learning_parameters"`` (or ``"deep_learning_parameters"``) gives the
-        deep-learning parameters alone. An absent ``external_features`` section gives ``{}``.
+        deep-learning parameters alone. An absent ``external_features`` section gives ``{}``; a
+        list of sections (``stac``) gives a list of dicts.
         """
         if name in ("deep_learning_parameters", "arg_train.deep_learning_parameters"):
             return self.dl.model_dump(mode="json")
         if name not in SECTION_MODELS:
             raise KeyError(f"no configuration section {name!r}; sections: {', '.join(SECTION_MODELS)}")
         section = getattr(self, name)
+        if isinstance(section, tuple):
+            return [s.model_dump(mode="json") for s in section]
         return {} if section is None else section.model_dump(mode="json")
 
     def to_cfg(self) -> str:
@@ -1291,9 +1343,14 @@ class SitsflowConfig(Section):
         lines = [f"# sitsflow resolved configuration, read from {self.source}"]
         for name in SECTION_MODELS:
             section = getattr(self, name)
-            if section is None:
+            if section is None or section == ():
                 continue
-            _write_section(lines, name, section.model_dump(mode="json"), 0)
+            if isinstance(section, tuple) and len(section) == 1:  # one section of a list: as a section
+                _write_section(lines, name, section[0].model_dump(mode="json"), 0)
+            elif isinstance(section, tuple):
+                _write_section_list(lines, name, [s.model_dump(mode="json") for s in section])
+            else:
+                _write_section(lines, name, section.model_dump(mode="json"), 0)
         return "\n".join(lines) + "\n"
 
     def __eq__(self, other: object) -> bool:
@@ -1306,8 +1363,9 @@ class SitsflowConfig(Section):
 
 
 SECTION_MODELS: dict[str, type[Inline]] = {
-    name: typing.cast(type[Inline], optional_arm(info.annotation) or info.annotation)
+    name: typing.cast(type[Inline], section_model(field_type(info)))
     for name, info in SitsflowConfig.model_fields.items()
     if name != "source"
 }
-"""Top-level sections and their models, in the order they are written."""
+"""Top-level sections and their models (that of one item of a list of sections), in the order
+they are written."""

@@ -28,12 +28,14 @@ from sitsflow.config.schema import (
     field_doc,
     field_type,
     fields_of,
+    is_section_list,
     markers,
     resolve_path,
+    section_model,
     shown,
     suggest,
 )
-from sitsflow.config.syntax import Location
+from sitsflow.config.syntax import KeyPath, Location
 from sitsflow.log import get_logger
 
 log = get_logger(__name__)
@@ -49,7 +51,7 @@ class Origins:
     """The configuration's name in messages (the source as the user gave it)."""
     base: str
     """Folder (local or ``s3://bucket/prefix``) relative paths in the file are resolved against."""
-    lines: dict[Location, int] = field(default_factory=dict)
+    lines: dict[KeyPath, int] = field(default_factory=dict)
     """Line of each key path in the file."""
     overridden: set[Location] = field(default_factory=set)
     """Key paths set by overrides (everything under them too)."""
@@ -72,7 +74,7 @@ class Origins:
             if prefix in self.overridden:
                 return "from --set"
             if prefix in self.lines:
-                return f"{self.label}:{self.lines[prefix]}"  # type: ignore[index]
+                return f"{self.label}:{self.lines[prefix]}"
         return self.label
 
 
@@ -102,7 +104,7 @@ def _iota2_keys(raw: dict[str, Any], origins: Origins) -> tuple[dict[str, Any], 
     found: list[str] = []
     errors: list[str] = []
 
-    def sort(owner: Any, values: dict[str, Any], prefix: tuple[str, ...]) -> dict[str, Any]:
+    def sort(owner: Any, values: dict[str, Any], prefix: KeyPath) -> dict[str, Any]:
         ignored = getattr(owner, "__ignored__", {})
         defaults = getattr(owner, "__iota2_defaults__", {})
         kept = {}
@@ -129,6 +131,8 @@ def _iota2_keys(raw: dict[str, Any], origins: Origins) -> tuple[dict[str, Any], 
         section = out.get(name)
         if isinstance(section, dict):
             out[name] = sort(model, section, (name,))
+        elif isinstance(section, list):  # a list of sections
+            out[name] = [sort(model, s, (name, i)) if isinstance(s, dict) else s for i, s in enumerate(section)]
     if found:
         log.warning("iota2 keys accepted and ignored (no effect here): %s", "; ".join(found))
     return out, errors
@@ -203,6 +207,17 @@ def _required(model: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def _one_section(loc: Loc, raw: Any) -> Loc:
+    """``loc`` without the index of a list of sections given as one section (``stac.profile``,
+    not ``stac[0].profile``, when ``stac`` holds one section)."""
+    if len(loc) > 1 and loc[1] == 0 and loc[0] in SECTION_MODELS:
+        if is_section_list(field_type(SitsflowConfig.model_fields[str(loc[0])])):
+            given = _at(raw, loc[:1])
+            if isinstance(given, dict) or (isinstance(given, list) and len(given) == 1):
+                return (loc[0], *loc[2:])
+    return loc
+
+
 def message(error: Any, raw: Any, origins: Origins) -> str:
     """One pydantic error (an item of ``ValidationError.errors()``) as a sitsflow message."""
     loc: Loc = tuple(error["loc"])
@@ -210,13 +225,17 @@ def message(error: Any, raw: Any, origins: Origins) -> str:
     # the deepest field named by loc: its owner (model or TypedDict), name and type
     owner, name, tp, depth = None, None, SitsflowConfig, 0
     for part in loc:
+        if isinstance(part, int) and is_section_list(tp):  # an item of a list of sections
+            tp, depth = section_model(tp), depth + 1
+            continue
         model = _model(tp)
         if model is None or not isinstance(part, str) or part not in fields_of(model):
             break
         owner, name, tp, depth = model, part, fields_of(model)[part], depth + 1
     if kind == "extra_forbidden":
-        return _unknown_key(_model(tp), loc, origins)
+        return _unknown_key(_model(tp), _one_section(loc, raw), origins)
     if kind == "missing":
+        loc = _one_section(loc, raw)
         section = loc[:-1]
         if owner is SitsflowConfig:
             needs = ", ".join(_required(_model(tp)))
@@ -229,6 +248,7 @@ def message(error: Any, raw: Any, origins: Origins) -> str:
     value = error["input"]
     if depth < len(loc) and any(isinstance(m, ListOf) for m in markers(tp)):
         loc, value = loc[:depth], _at(raw, loc[:depth])  # an item of a list: the list is wrong
+    loc = _one_section(loc, raw)
     path, where = _dotted(loc), origins.where(loc)
     if kind == "detail":
         return f"{path}: {ctx['detail']} ({where})" if path else f"{ctx['detail']} ({where})"
@@ -267,6 +287,10 @@ def _resolved(model: Any, loc: Loc, origins: Origins, errors: list[str]) -> Any:
         value, here = getattr(model, name), (*loc, name)
         if isinstance(value, BaseModel):
             new = _resolved(value, here, origins, errors)
+        elif isinstance(value, tuple) and value and all(isinstance(v, BaseModel) for v in value):
+            one = len(value) == 1  # one section: its keys are named without an index
+            items = tuple(_resolved(v, here if one else (*here, i), origins, errors) for i, v in enumerate(value))
+            new = value if all(a is b for a, b in zip(items, value, strict=True)) else items
         elif isinstance(value, str) and (mark := _is_path(field_type(info))):
             if value in mark.unless:
                 continue

@@ -137,7 +137,7 @@ def describe(tp: Any, name: str = "value") -> str:
     for marker in reversed(metadata):
         if isinstance(marker, ListOf):
             return marker.describe(typing.get_args(base)[0])
-        if isinstance(marker, Expect | Text | PathOf | JsonDict):
+        if isinstance(marker, Expect | Text | PathOf | JsonDict | SectionList):
             return marker.text
     arm = optional_arm(base)
     if arm is not None:
@@ -359,6 +359,36 @@ class ListOf(Checked):
             f"a {'' if self.empty_ok else 'non-empty '}list of unique {self.noun}s"
             f"{f' (or one {self.noun})' if self.one_ok else ''}, each {describe(item)}"
         )
+
+
+@dataclass(frozen=True)
+class SectionList(Checked):
+    """``Annotated[tuple[S, ...], SectionList()]`` of a :class:`Section` ``S``: one section
+    (``name : { ... }``) or a list of them (``name : [ { ... }, { ... } ]``), held as a tuple.
+    A problem inside an item is reported at its index (``name[1].key``)."""
+
+    text: str = "a section { key : value } or a list of sections [ { ... }, { ... } ]"
+
+    def before(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return (value,)
+        if isinstance(value, list) and value:
+            return tuple(value)
+        return value
+
+
+def section_model(tp: Any) -> Any:
+    """The section model a field type holds: ``S`` for ``S``, ``S | None`` and a
+    :class:`SectionList` of ``S``."""
+    base = core(tp)
+    if any(isinstance(m, SectionList) for m in markers(tp)):
+        return typing.get_args(base)[0]
+    return base
+
+
+def is_section_list(tp: Any) -> bool:
+    """Whether a field type is a :class:`SectionList`."""
+    return any(isinstance(m, SectionList) for m in markers(tp))
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,14 @@ from typing import Any
 
 from config import Config
 from config import ConfigError as _PackageConfigError
-from config.parser import MappingBody, Parser, ParserError
+from config.parser import ListBody, MappingBody, Parser, ParserError
 from config.tokens import EOF, NEWLINE, RecognizerError, Tokenizer
 
 from sitsflow.errors import ConfigError
 
 Location = tuple[str, ...]
+KeyPath = tuple[str | int, ...]
+"""A key path in a parsed file: keys, and the index of an item of a list of sections."""
 
 _ENV_VALUE = re.compile(r"\$(\w+)(\|(.*))?$")
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:?\d{2}(:\d{2})?)?)?$")
@@ -73,7 +75,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _collect_lines(node: MappingBody, prefix: Location, out: dict[Location, int], label: str) -> None:
+def _dotted(path: KeyPath) -> str:
+    """``stac[1].profile`` for ``("stac", 1, "profile")``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(path))
+
+
+def _collect_lines(node: MappingBody, prefix: KeyPath, out: dict[KeyPath, int], label: str) -> None:
     """Record the line of every key of a parsed mapping, nested mappings included.
 
     Raises :class:`ConfigError` for a key (or a section) given twice in the same mapping, with the
@@ -85,12 +92,16 @@ def _collect_lines(node: MappingBody, prefix: Location, out: dict[Location, int]
         if path in out:
             what = "section" if len(path) == 1 else "key"
             raise ConfigError(
-                f"duplicate {what} {'.'.join(path)!r} in {label}:{line} (line {line}, column {col}); it is "
+                f"duplicate {what} {_dotted(path)!r} in {label}:{line} (line {line}, column {col}); it is "
                 f"first given at line {out[path]}: keep only one"
             )
         out[path] = line
         if isinstance(value, MappingBody):
             _collect_lines(value, path, out, label)
+        elif isinstance(value, ListBody):  # a list of sections: their keys at (..., index, key)
+            for i, item in enumerate(value):
+                if isinstance(item, MappingBody):
+                    _collect_lines(item, (*path, i), out, label)
 
 
 _PAIRS = {"{": "}", "[": "]", "(": ")"}
@@ -235,7 +246,7 @@ def _parse_tree(text: str) -> Any:
     return tree
 
 
-def parse_text(text: str, label: str, rootdir: str | None = None) -> tuple[Any, dict[Location, int]]:
+def parse_text(text: str, label: str, rootdir: str | None = None) -> tuple[Any, dict[KeyPath, int]]:
     """Parse configuration text.
 
     Returns ``(values, lines)``: the evaluated configuration as plain Python values, and the
@@ -246,7 +257,7 @@ def parse_text(text: str, label: str, rootdir: str | None = None) -> tuple[Any, 
         tree = _parse_tree(text)
     except RecognizerError as exc:
         raise _syntax_error(label, text, exc) from None
-    lines: dict[Location, int] = {}
+    lines: dict[KeyPath, int] = {}
     if isinstance(tree, MappingBody):
         _collect_lines(tree, (), lines, label)
     else:

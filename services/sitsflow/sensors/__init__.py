@@ -7,7 +7,7 @@
 | ``Sentinel_2_S2C`` | ``s2_s2c_path`` | ``s2_s2c`` | ``sentinel2s2c`` | ``Sentinel2S2C`` |
 | ``Landsat8`` | ``l8_path`` | ``l8`` | ``landsat8`` | ``Landsat8`` |
 | ``dated_raster`` | ``dated_raster.path`` | ``name`` | ``name`` | ``name`` |
-| ``stac`` | ``stac.catalog`` | ``name`` | ``name`` | ``name`` |
+| ``stac`` (one or several) | ``stac.catalog`` | ``name`` | ``name`` | ``name`` |
 
 See docs/sensors.md.
 """
@@ -25,11 +25,12 @@ SENSOR_ORDER: tuple[str, ...] = (*OPTICAL_SENSORS, "stac", "dated_raster")
 
 
 def configured_sensors(cfg) -> list[str]:
-    """The sections of the sensors a configuration uses, in :data:`SENSOR_ORDER`."""
+    """The sections of the sensors a configuration uses, in :data:`SENSOR_ORDER` (``stac``
+    once, however many sources it lists)."""
     out = []
     for section in SENSOR_ORDER:
         if section in ("dated_raster", "stac"):
-            if getattr(cfg, section, None) is not None:
+            if getattr(cfg, section, None):
                 out.append(section)
         elif getattr(cfg.chain, CHAIN_KEYS[section], None):
             out.append(section)
@@ -37,13 +38,14 @@ def configured_sensors(cfg) -> list[str]:
 
 
 def build_sensors(cfg, tile: str) -> list[Sensor]:
-    """The readers of every configured sensor for ``tile``."""
+    """The readers of every configured sensor for ``tile`` (one per STAC source, in the order
+    they are listed)."""
     sensors: list[Sensor] = []
     for section in configured_sensors(cfg):
         if section == "dated_raster":
             sensors.append(DatedRasterSensor.build(cfg, tile))
         elif section == "stac":
-            sensors.append(StacSensor.build(cfg, tile))
+            sensors += [StacSensor.build(cfg, tile, i) for i in range(len(cfg.stac))]
         else:
             sensors.append(ProductSensor.build(cfg, section, tile))
     return sensors

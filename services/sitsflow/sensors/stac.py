@@ -95,47 +95,48 @@ def _item_tile(item: pystac.Item, names: tuple[str, ...]) -> str | None:
     return tile_code("".join(str(v) for v in values))
 
 
-def _item_date(item: pystac.Item) -> dt.datetime:
+def _item_date(item: pystac.Item, where: str = "stac") -> dt.datetime:
     when = item.datetime or item.common_metadata.start_datetime
     if when is None:
-        raise BadInputError(f"stac.catalog: item {item.id!r} has no datetime")
+        raise BadInputError(f"{where}.catalog: item {item.id!r} has no datetime")
     return when if when.tzinfo is None else when.astimezone(dt.UTC)
 
 
-def _href(item: pystac.Item, key: str, catalog: str) -> str:
+def _href(item: pystac.Item, key: str, catalog: str, where: str = "stac") -> str:
     """The absolute href of the asset ``key`` of ``item``: a local path, an ``s3://`` URI or an
     http(s) URL (read through GDAL's ``/vsicurl/``); other schemes are refused."""
     asset = item.assets.get(key)
     if asset is None:
         raise BadInputError(
-            f"stac.assets: item {item.id!r} of {catalog} has no asset {key!r} (its assets: {sorted(item.assets)})"
+            f"{where}.assets: item {item.id!r} of {catalog} has no asset {key!r} (its assets: {sorted(item.assets)})"
         )
     href = asset.get_absolute_href() or asset.href
     if href.startswith("file://"):
         href = href[len("file://") :]
     if "://" in href and not storage.is_remote(href):
         raise BadInputError(
-            f"stac.catalog: asset {key!r} of item {item.id!r} is at {href}: only local paths, s3:// URIs "
+            f"{where}.catalog: asset {key!r} of item {item.id!r} is at {href}: only local paths, s3:// URIs "
             "and http(s) URLs are read"
         )
     return href
 
 
-def read_catalog(uri: str) -> list[pystac.Item]:
-    """Every item of the static catalog or collection ``uri`` (children walked)."""
+def read_catalog(uri: str, where: str = "stac") -> list[pystac.Item]:
+    """Every item of the static catalog or collection ``uri`` (children walked); ``where`` names
+    the source in messages (``stac``, ``stac[1]``)."""
     try:
         root = pystac.read_file(uri, stac_io=StorageStacIO())
         if not isinstance(root, pystac.Catalog):
             raise BadInputError(
-                f"stac.catalog: {uri} is a STAC {type(root).__name__}; give the catalog.json or collection.json"
+                f"{where}.catalog: {uri} is a STAC {type(root).__name__}; give the catalog.json or collection.json"
             )
         return list(root.get_items(recursive=True))
     except InputNotFoundError as exc:
-        raise BadInputError(f"stac.catalog: {exc} (reading the catalog {uri} and its links)") from None
+        raise BadInputError(f"{where}.catalog: {exc} (reading the catalog {uri} and its links)") from None
     except BadInputError:
         raise
     except (pystac.STACError, pystac.errors.STACTypeError, KeyError, ValueError) as exc:
-        raise BadInputError(f"stac.catalog: {uri} (or a catalog it links) is not valid STAC: {exc}") from None
+        raise BadInputError(f"{where}.catalog: {uri} (or a catalog it links) is not valid STAC: {exc}") from None
 
 
 def tile_spellings(tile: str) -> list[str]:
@@ -158,7 +159,7 @@ def _http_transient(exc: Exception) -> bool:
     return False
 
 
-def search_api(url: str, opts, names: tuple[str, ...], tile: str) -> list[pystac.Item]:
+def search_api(url: str, opts, names: tuple[str, ...], tile: str, where: str = "stac") -> list[pystac.Item]:
     """The items a STAC API returns for ``tile``: searched by collections, dates, cloud cover and
     (one tile property) the tile's spellings; retried as storage operations (exit 75 when the
     API stays unreachable), a refused search is exit 2 naming ``stac.api``."""
@@ -186,7 +187,7 @@ def search_api(url: str, opts, names: tuple[str, ...], tile: str) -> list[pystac
     try:
         return storage.retry_call("search", url, search, _http_transient)
     except APIError as exc:
-        raise BadInputError(f"stac.api: the STAC API {url} refused the search for tile {tile!r}: {exc}") from None
+        raise BadInputError(f"{where}.api: the STAC API {url} refused the search for tile {tile!r}: {exc}") from None
 
 
 class StacSensor(Sensor):
@@ -202,15 +203,17 @@ class StacSensor(Sensor):
     _open_files: threading.local
 
     @classmethod
-    def build(cls, cfg, tile: str) -> StacSensor:
-        opts = cfg.stac
+    def build(cls, cfg, tile: str, index: int = 0) -> StacSensor:
+        """The reader of the STAC source ``cfg.stac[index]`` for ``tile``."""
+        opts = cfg.stac[index]
+        where = "stac" if len(cfg.stac) == 1 else f"stac[{index}]"
         profile = STAC_PROFILES[opts.profile]
         provider = profile.keys(opts.asset_keys)
         names = tuple(opts.tile_property or provider.tile_property)
         bands = [a for a in profile.assets if opts.assets is None or a in opts.assets]
         mask_asset = opts.mask_asset or (provider.key(profile.mask_asset) if profile.mask_asset else None)
         source = opts.catalog or opts.api
-        items = read_catalog(opts.catalog) if opts.catalog else search_api(opts.api, opts, names, tile)
+        items = read_catalog(opts.catalog, where) if opts.catalog else search_api(opts.api, opts, names, tile, where)
         wanted = tile_code(tile)
         found: dict[str, int] = {"tile": 0, "collection": 0, "orbit": 0, "dates": 0, "clouds": 0}
         kept: list[StacItem] = []
@@ -225,7 +228,7 @@ class StacSensor(Sensor):
             if opts.orbit_state is not None and str(item.properties.get("sat:orbit_state")).lower() != opts.orbit_state:
                 continue
             found["orbit"] += 1
-            when = _item_date(item)
+            when = _item_date(item, where)
             date = int(when.strftime("%Y%m%d"))
             if (start is not None and date < start) or (end is not None and date > end):
                 continue
@@ -234,18 +237,18 @@ class StacSensor(Sensor):
             if opts.max_cloud_cover is not None and cloud is not None and float(cloud) > opts.max_cloud_cover:
                 continue
             found["clouds"] += 1
-            hrefs = {band: _href(item, provider.key(band), source) for band in bands}
+            hrefs = {band: _href(item, provider.key(band), source, where) for band in bands}
             if mask_asset:
-                hrefs[mask_asset] = _href(item, mask_asset, source)
+                hrefs[mask_asset] = _href(item, mask_asset, source, where)
             kept.append(StacItem(item.id, date, when.isoformat() + item.id, hrefs, dn_offset(profile, item.properties)))
         if not kept:
             prop = " + ".join(names)
             raise BadInputError(
-                f"stac: no item of tile {tile!r} in {source} ({len(items)} items; {found['tile']} whose "
+                f"{where}: no item of tile {tile!r} in {source} ({len(items)} items; {found['tile']} whose "
                 f"{prop} names the tile, {found['collection']} of the collections, {found['orbit']} of the orbit "
                 f"direction, {found['dates']} between "
                 f"start_date {start} and end_date {end}, {found['clouds']} with eo:cloud_cover <= "
-                f"{opts.max_cloud_cover}); stac.tile_property sets the property matched"
+                f"{opts.max_cloud_cover}); {where}.tile_property sets the property matched"
             )
         kept.sort(key=lambda i: i.order)
         groups: dict[int, list[StacItem]] = {}
@@ -258,15 +261,15 @@ class StacSensor(Sensor):
         if missing:
             need = [profile.roles[r] for r in missing]
             raise BadInputError(
-                f"stac.assets: the spectral indices {indices} (arg_train.features) need the assets {need}; "
+                f"{where}.assets: the spectral indices {indices} (arg_train.features) need the assets {need}; "
                 "add them or set arg_train.features to []"
             )
-        key = opts.name or profile.key
+        key = opts.sensor_key
         sensor = cls(
             key=key,
             prefix=key,
             ext_name=key,
-            section="stac",
+            section=where,
             bands=bands,
             keep=bands,
             roles=roles,
@@ -359,8 +362,9 @@ class StacSensor(Sensor):
     def read(self, window: Window, grid: Grid, buffers: ReadBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
         h, w = int(window.height), int(window.width)
         nb_raw, nb_bands = len(self.groups), len(self.bands)
-        values = new_array(buffers, "stac:values", (h, w, nb_raw, nb_bands), np.float32)
-        valid = new_array(buffers, "stac:valid", (h, w, nb_raw), bool)
+        # one buffer per source: the sources' reads of a window are all alive until they are combined
+        values = new_array(buffers, f"stac:{self.key}:values", (h, w, nb_raw, nb_bands), np.float32)
+        valid = new_array(buffers, f"stac:{self.key}:valid", (h, w, nb_raw), bool)
         values[...] = 0.0
         valid[...] = False
         p = self.profile
