@@ -126,7 +126,6 @@ _UNSUPPORTED_SENSORS = {
     "l7_usgs_path": ("Landsat7_usgs", "Landsat 7 USGS products"),
     "l5_path_old": ("Landsat5_old", "Landsat 5 products in the old THEIA format"),
     "s1_path": ("Sentinel_1", "the Sentinel-1 configuration file (SAR)"),
-    "user_feat_path": ("userFeat", "user rasters added as features (one folder per tile)"),
 }
 """The iota2 sensors sitsflow does not read: the chain key giving their data, their section."""
 
@@ -230,6 +229,11 @@ class ChainSection(Section):
     enables ``Sentinel_2_S2C``."""
     l8_path: Folder | None = None
     """Folder of Landsat 8 THEIA L2A products, one sub-folder per tile; enables ``Landsat8``."""
+    user_feat_path: Folder | None = None
+    """Folder of user rasters (iota2's ``userFeat`` sensor), one sub-folder per tile
+    (``{user_feat_path}/T31TCJ/``) holding one raster per pattern of the ``userFeat`` section
+    (e.g. a DEM, a slope): every band of each raster is added to the features of every date, after
+    the dated sensors (docs/sensors.md). Needs a dated sensor."""
     spatial_resolution: (
         Annotated[tuple[float, float], PlainValidator(_resolution), AS_IS, Expect(_RESOLUTION_TEXT)] | None
     ) = None
@@ -468,6 +472,45 @@ class StacSection(Section):
 
 StacSources = Annotated[tuple[StacSection, ...], SectionList()]
 """The ``stac`` key: one :class:`StacSection` or a list of them, held as a tuple."""
+
+
+def _patterns(value: Any) -> str:
+    if not isinstance(value, str):
+        raise invalid()
+    names = [p.strip() for p in value.split(",")]
+    if not all(names) or any(any(c in p for c in "/*?[]") for p in names):
+        raise invalid()
+    duplicates = sorted({p for p in names if names.count(p) > 1})
+    if duplicates:
+        raise detail(f"pattern {duplicates[0]!r} is listed twice in {shown(value)}")
+    return ",".join(names)
+
+
+class UserFeatSection(Section):
+    """iota2's ``userFeat`` section: which user rasters of ``chain.user_feat_path`` are features.
+
+    Read only with ``chain.user_feat_path`` (as in iota2). For each tile and each pattern, the one
+    file ``{user_feat_path}/{tile}/{arbo}{pattern}*`` (a glob: ``*`` and ``?`` do not cross a
+    ``/``; ``.aux.xml`` and ``.ovr`` side files are left out) is read; none or several matches exit
+    2 naming the tile, the folder and the pattern.
+    """
+
+    arbo: Annotated[str, Text("a glob of the path from the tile folder to the rasters, e.g. '/*'")] = "/*"
+    """The path from a tile's folder to its rasters, as a glob put before each pattern: ``/*``
+    (iota2's default) finds ``{tile}/...{pattern}...`` files right in the tile folder, ``/*/*`` one
+    sub-folder deeper."""
+    patterns: Annotated[
+        str,
+        PlainValidator(_patterns),
+        Expect("names separated by commas, without '/', '*', '?', '[' or ']' (e.g. 'ALT,ASP,SLP')"),
+    ] = "ALT,ASP,SLP"
+    """Comma-separated names (iota2's default ``ALT,ASP,SLP``); each matches one raster per tile,
+    whose bands are features named ``userfeat_{pattern}_band_{n}_{YYYYMMDD}`` (n from 0, lower case)."""
+
+    @property
+    def pattern_list(self) -> list[str]:
+        """The patterns, in the order given."""
+        return self.patterns.split(",")
 
 
 class OpticalSensorSection(Section):
@@ -1139,7 +1182,8 @@ def _sensors(cfg: SitsflowConfig) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
             None,
             detail(
                 f"no sensor: set {keys} (with optional {' / '.join(_OPTICAL_SECTIONS)} sections), "
-                "or add a dated_raster or stac section"
+                "or add a dated_raster or stac section (chain.user_feat_path only adds static features "
+                "to a dated sensor)"
             ),
         )
 
@@ -1265,6 +1309,9 @@ class SitsflowConfig(Section):
     """The ``Sentinel_2_S2C`` section (Sen2Cor L2A), as ``Sentinel_2``."""
     Landsat8: Landsat8Section | None = None
     """The ``Landsat8`` section (THEIA L2A), as ``Sentinel_2``."""
+    userFeat: UserFeatSection | None = None
+    """The ``userFeat`` section (user rasters as features); its defaults apply when
+    ``chain.user_feat_path`` is set without it."""
     arg_train: ArgTrainSection
     """The ``arg_train`` section, ``deep_learning_parameters`` included."""
     arg_classification: ArgClassificationSection = Field(default_factory=ArgClassificationSection)
@@ -1290,6 +1337,8 @@ class SitsflowConfig(Section):
             for name, sensor in OPTICAL_SENSORS.items()
             if chain.get(sensor.chain_key) is not None and data.get(name) is None
         ]
+        if chain.get("user_feat_path") not in (None, "", "None") and data.get("userFeat") is None:
+            absent.append("userFeat")
         return {**data, **dict.fromkeys(absent, {})} if absent else data
 
     @model_validator(mode="before")

@@ -72,7 +72,10 @@ class FeatureComputer:
         return np.ascontiguousarray(np.stack(parts, axis=-1), dtype=np.float32)
 
     def _series(self, k: int, raw: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """One sensor's series on the date axis: float32 (P, nb_dates, nb_bands_s)."""
+        """One sensor's series on the date axis: float32 (P, nb_dates, nb_bands_s); a static
+        sensor's one "acquisition" repeated on every date."""
+        if self.sensors[k].static:
+            return np.repeat(raw[:, :1].astype(np.float32, copy=False), len(self.axis.dates), axis=1)
         st = self.axis.times[k]
         raw, valid = _merge_same_day(raw, valid, st.day_group, len(st.unique_dates))
         if self.axis.raw_dates_mode:

@@ -66,6 +66,8 @@ class DateAxis:
             return sorted({d for st in self.times for d in st.unique_dates})
         dates: set[int] = set()
         for s, st in zip(sensors, self.times):
+            if s.static:  # no date: repeated on the others' axis
+                continue
             first = to_ordinal(s.start_date) if s.start_date is not None else int(st.unique_ordinals[0])
             last = to_ordinal(s.end_date) if s.end_date is not None else int(st.unique_ordinals[-1])
             dates.update(from_ordinal(o) for o in range(first, last + 1, int(s.temporal_resolution)))

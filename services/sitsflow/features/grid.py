@@ -61,7 +61,9 @@ def finest_grid(
         raise ConfigError("no sensor is configured (chain.s2_path, chain.l8_path ... or dated_raster)")
     grids = [s.native_grid() for s in sensors]
     crs = target_crs(proj)
-    finest = min(range(len(grids)), key=lambda i: _pixel_size(grids[i], crs))
+    # the static user rasters (userFeat) are read onto the dated sensors' grid, never set it
+    dated = [i for i, s in enumerate(sensors) if not s.static] or list(range(len(sensors)))
+    finest = min(dated, key=lambda i: _pixel_size(grids[i], crs))
     grid = grids[finest]
     if crs is None:
         for s, g in zip(sensors, grids):

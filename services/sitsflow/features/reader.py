@@ -61,7 +61,7 @@ class WindowReader:
         cache).
         """
         h, w = int(window.height), int(window.width)
-        per_pixel = sum(len(s.raw_dates) * (len(s.bands) + 1) for s in self.sensors) * 4 * 2
+        per_pixel = sum(max(1, len(s.raw_dates)) * (len(s.bands) + 1) for s in self.sensors) * 4 * 2
         budget_px = max(1, READ_BUDGET_BYTES // max(1, per_pixel))
         block_rows = max(max((s.block_rows for s in self.sensors), default=1), 1)
         block_cols = max(max((s.block_cols for s in self.sensors), default=1), 1)
@@ -118,10 +118,13 @@ class WindowReader:
             sel = select[pr : pr + ph, pc : pc + pw] if select is not None else None
             if not count_clear and sel is not None and not sel.any():
                 continue
-            if probe and all(s.surely_empty(part, self.grid) for s in self.sensors):
+            if probe and all(s.surely_empty(part, self.grid) for s in self.sensors if not s.static):
                 continue  # clear_dates stay 0
             reads = [s.read(part, self.grid, buffers) for s in self.sensors]
-            part_clear = sum(np.count_nonzero(v, axis=-1) for _, v in reads).astype(np.int16)
+            # a static sensor (userFeat) is no acquisition: it never makes a pixel clear
+            part_clear = np.asarray(
+                sum(np.count_nonzero(v, axis=-1) for s, (_, v) in zip(self.sensors, reads) if not s.static)
+            ).astype(np.int16)
             clear[pr : pr + ph, pc : pc + pw] = part_clear
             keep = part_clear > 0
             if sel is not None:

@@ -8,6 +8,7 @@
 | ``Landsat8`` | ``l8_path`` | ``l8`` | ``landsat8`` | ``Landsat8`` |
 | ``dated_raster`` | ``dated_raster.path`` | ``name`` | ``name`` | ``name`` |
 | ``stac`` (one or several) | ``stac.catalog`` | ``name`` | ``name`` | ``name`` |
+| ``userFeat`` (static) | ``user_feat_path`` | ``userfeat`` | ``userfeat`` | ``userFeatures`` |
 
 See docs/sensors.md.
 """
@@ -19,9 +20,11 @@ from sitsflow.sensors.catalogue import CHAIN_KEYS, OPTICAL_SENSORS
 from sitsflow.sensors.dated_raster import DatedRasterSensor
 from sitsflow.sensors.products import LAYOUTS, ProductSensor
 from sitsflow.sensors.stac import StacSensor
+from sitsflow.sensors.user_features import UserFeatSensor
 
-SENSOR_ORDER: tuple[str, ...] = (*OPTICAL_SENSORS, "stac", "dated_raster")
-"""The order sensors are stacked in (components of one date: Sentinel-2 first)."""
+SENSOR_ORDER: tuple[str, ...] = (*OPTICAL_SENSORS, "stac", "dated_raster", "userFeat")
+"""The order sensors are stacked in (components of one date: Sentinel-2 first, the static user
+rasters last)."""
 
 
 def configured_sensors(cfg) -> list[str]:
@@ -31,6 +34,9 @@ def configured_sensors(cfg) -> list[str]:
     for section in SENSOR_ORDER:
         if section in ("dated_raster", "stac"):
             if getattr(cfg, section, None):
+                out.append(section)
+        elif section == "userFeat":
+            if cfg.chain.user_feat_path is not None:
                 out.append(section)
         elif getattr(cfg.chain, CHAIN_KEYS[section], None):
             out.append(section)
@@ -46,6 +52,8 @@ def build_sensors(cfg, tile: str) -> list[Sensor]:
             sensors.append(DatedRasterSensor.build(cfg, tile))
         elif section == "stac":
             sensors += [StacSensor.build(cfg, tile, i) for i in range(len(cfg.stac))]
+        elif section == "userFeat":
+            sensors.append(UserFeatSensor.build(cfg, tile))
         else:
             sensors.append(ProductSensor.build(cfg, section, tile))
     return sensors
@@ -57,6 +65,7 @@ __all__ = [
     "DatedRasterSensor",
     "ProductSensor",
     "StacSensor",
+    "UserFeatSensor",
     "LAYOUTS",
     "CHAIN_KEYS",
     "SENSOR_ORDER",

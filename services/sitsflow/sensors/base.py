@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import rasterio
@@ -114,6 +115,10 @@ class Sensor(ABC):
         raw_dates: YYYYMMDD of the acquisitions used (within start/end dates), chronological.
         start_date, end_date, temporal_resolution: the regular date grid settings.
     """
+
+    #: a static sensor (``userFeat``) has no date: its one "acquisition" is repeated on every date
+    #: of the date axis and never counts as a clear acquisition
+    static: ClassVar[bool] = False
 
     key: str
     prefix: str
