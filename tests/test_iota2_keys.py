@@ -115,7 +115,6 @@ def test_a_full_iota2_configuration_loads_with_one_warning_naming_each_key_witho
     ("section", "key", "value", "fragment"),
     [
         ("chain", "s1_path", "s1.cfg", "this sensor is not supported"),
-        ("chain", "user_feat_path", "feat", "describe the images with a dated_raster section"),
         ("chain", "l8_usgs_path", "l8", "dated_raster"),
         ("chain", "cloud_threshold", 2, "sitsflow samples every labelled pixel"),
         ("chain", "minimum_required_dates", 5, "does not check a number of dates"),

@@ -10,7 +10,6 @@ from rasterio.windows import Window
 from sitsflow.config import load_config
 from sitsflow.errors import BadInputError, ConfigError
 from sitsflow.features import FeaturePipeline
-
 from synthetic import write_config, write_scene
 
 
@@ -19,16 +18,26 @@ def scene(tmp_path_factory):
     folder = tmp_path_factory.mktemp("userfeat")
     info = write_scene(folder, width=40, height=32, nb_dates=5, polygons_per_class=1)
     with rasterio.open(info["series"]) as src:
-        profile = {"driver": "GTiff", "crs": src.crs, "transform": src.transform, "width": src.width,
-                   "height": src.height}
+        profile = {
+            "driver": "GTiff",
+            "crs": src.crs,
+            "transform": src.transform,
+            "width": src.width,
+            "height": src.height,
+        }
     rows, cols = np.mgrid[0:32, 0:40]
     alt = (rows * 100 + cols).astype(np.float32)
     # the aspect raster: 2 bands at twice the pixel size (read by nearest neighbour)
     t = profile["transform"]
-    asp = np.stack([np.arange(16 * 20, dtype=np.int16).reshape(16, 20), -np.arange(16 * 20, dtype=np.int16).reshape(16, 20)])
+    asp = np.stack(
+        [np.arange(16 * 20, dtype=np.int16).reshape(16, 20), -np.arange(16 * 20, dtype=np.int16).reshape(16, 20)]
+    )
     _write(folder / "uf" / "T1" / "T1_ALT.tif", alt[None], profile)
-    _write(folder / "uf" / "T1" / "T1_ASP_20m.tif", asp,
-           {**profile, "transform": rasterio.Affine(t.a * 2, 0, t.c, 0, t.e * 2, t.f), "width": 20, "height": 16})
+    _write(
+        folder / "uf" / "T1" / "T1_ASP_20m.tif",
+        asp,
+        {**profile, "transform": rasterio.Affine(t.a * 2, 0, t.c, 0, t.e * 2, t.f), "width": 20, "height": 16},
+    )
     (folder / "uf" / "T1" / "T1_ALT.tif.aux.xml").write_text("<PAMDataset/>")  # a side file, never a raster
     write_config(folder)
     return folder, {"ALT": alt, "ASP": asp}
@@ -51,8 +60,13 @@ def test_the_rasters_bands_are_features_of_every_date(scene):
     pipe = _pipe(folder, "userFeat.patterns='ALT,ASP'")
     plain = FeaturePipeline(load_config(str(folder / "config.cfg")), "T1")
     assert pipe.dates == plain.dates  # static: the dated sensor's axis, unchanged
-    assert pipe.components == ["synth_red", "synth_nir", "userfeat_alt_band_0", "userfeat_asp_band_0",
-                               "userfeat_asp_band_1"]
+    assert pipe.components == [
+        "synth_red",
+        "synth_nir",
+        "userfeat_alt_band_0",
+        "userfeat_asp_band_0",
+        "userfeat_asp_band_1",
+    ]
     d0 = pipe.dates[0]
     assert f"userfeat_asp_band_1_{d0}" in pipe.feature_names
     assert pipe.sensor_keys == ["synth", "userfeat"]  # the networks' _stats get a userfeat key
@@ -121,7 +135,7 @@ def test_user_rasters_alone_are_no_sensor_and_patterns_are_checked(scene):
     path = folder / "alone.cfg"
     text = (folder / "config.cfg").read_text()
     start = text.index("dated_raster:")
-    path.write_text(text[:start] + text[text.index("arg_train:"):])
+    path.write_text(text[:start] + text[text.index("arg_train:") :])
     with pytest.raises(ConfigError, match="user_feat_path only adds static features"):
         load_config(str(path), ["chain.user_feat_path='uf'"])
     with pytest.raises(ConfigError, match="userFeat.patterns"):
@@ -141,16 +155,18 @@ def test_sitsflow_run_maps_with_user_features(tmp_path):
         profile = {"driver": "GTiff", "crs": src.crs, "transform": src.transform, "width": 40, "height": 32}
     _write(tmp_path / "uf" / "T1" / "DEM.tif", info["label_map"][None].astype(np.float32) * 10, profile)
     path = write_config(tmp_path, epochs=5, chunks=1)
-    path.write_text(path.read_text().replace("  data_field : 'code'\n",
-                                             "  data_field : 'code'\n  user_feat_path : 'uf'\n", 1)
-                    + "userFeat : { arbo : '/*', patterns : 'DEM' }\n")
+    path.write_text(
+        path.read_text().replace("  data_field : 'code'\n", "  data_field : 'code'\n  user_feat_path : 'uf'\n", 1)
+        + "userFeat : { arbo : '/*', patterns : 'DEM' }\n"
+    )
     assert cli.main(["run", str(path), "--no-progress"]) == 0
     out = str(tmp_path / "output")
     with rasterio.open(layout.final_classif(out, 0)) as src:
         labels = src.read(1)
     core = info["label_map"] > 0
     assert (labels[core] == info["label_map"][core]).mean() > 0.8
-    models = sorted((tmp_path / "output").rglob("*.pt"))
+    models = sorted((tmp_path / "output").rglob("model_*_seed_0.txt"))
     assert models
-    state = torch.load(models[0], map_location="cpu", weights_only=False)
-    assert "userfeat" in repr(state)
+    payload = torch.load(models[0], map_location="cpu", weights_only=True)
+    assert set(payload["stats"]) == {"synth", "userfeat"}
+    assert "userfeat_dem_band_0_" in payload["description"]
