@@ -110,6 +110,7 @@ def test_minimal_config_loads_with_every_default(tmp_path: Path) -> None:
         "s2_l3a_path": None,
         "s2_s2c_path": None,
         "l8_path": None,
+        "user_feat_path": None,
         "spatial_resolution": None,
         "proj": None,
     }

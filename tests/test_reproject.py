@@ -78,7 +78,7 @@ def test_the_finest_sensor_is_found_in_the_target_crs():
 
     def sensor(crs, transform, size):
         grid = Grid(size, size, transform, CRS.from_user_input(crs))
-        return SimpleNamespace(section=crs, native_grid=lambda: grid)
+        return SimpleNamespace(section=crs, native_grid=lambda: grid, static=False)
 
     coarse = sensor("EPSG:4326", from_origin(2.0, 45.0, 0.001, 0.001), 20)
     fine = sensor("EPSG:32631", from_origin(500000, 4983000, 20, 20), 100)
