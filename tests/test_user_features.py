@@ -170,3 +170,17 @@ def test_sitsflow_run_maps_with_user_features(tmp_path):
     payload = torch.load(models[0], map_location="cpu", weights_only=True)
     assert set(payload["stats"]) == {"synth", "userfeat"}
     assert "userfeat_dem_band_0_" in payload["description"]
+
+
+def test_the_section_survives_the_resolved_configuration(scene, tmp_path):
+    folder, _ = scene
+    cfg = load_config(
+        str(folder / "config.cfg"),
+        [f"chain.user_feat_path='{folder / 'uf'}'", "userFeat.patterns='ALT, ASP'", "userFeat.arbo='/*/*'"],
+    )
+    assert cfg.userFeat.pattern_list == ["ALT", "ASP"]
+    again = tmp_path / "resolved.cfg"
+    again.write_text(cfg.to_cfg())
+    assert load_config(str(again)) == cfg
+    # set without its section: iota2's defaults
+    assert load_config(str(folder / "config.cfg"), ["chain.user_feat_path='uf'"]).userFeat.patterns == "ALT,ASP,SLP"
