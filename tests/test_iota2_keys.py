@@ -87,6 +87,10 @@ def test_a_full_iota2_configuration_loads_with_one_warning_naming_each_key_witho
     warnings = [r.getMessage() for r in caplog.records if "accepted and ignored" in r.getMessage()]
     assert len(warnings) == 1
     text = FULL.read_text()
+    # iota2's userFeat section, at its defaults, with chain.user_feat_path None: read by neither
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if t.startswith("userFeat :"))
+    assert f"userFeat ({FULL}:{line}; iota2 reads it only with chain.user_feat_path" in warnings[0]
+    assert cfg.userFeat is None
     named = _iota2_keys()
     for path in named:
         section, _, key = path.rpartition(".")

@@ -133,6 +133,12 @@ def _iota2_keys(raw: dict[str, Any], origins: Origins) -> tuple[dict[str, Any], 
             out[name] = sort(model, section, (name,))
         elif isinstance(section, list):  # a list of sections
             out[name] = [sort(model, s, (name, i)) if isinstance(s, dict) else s for i, s in enumerate(section)]
+    chain = out.get("chain")
+    user_feat_path = chain.get("user_feat_path") if isinstance(chain, dict) else None
+    if "userFeat" in out and (user_feat_path is None or str(user_feat_path).strip().lower() in ("", "none")):
+        # iota2's default configurations carry the section whether its sensor is used or not
+        del out["userFeat"]
+        found.append(f"userFeat ({origins.where(('userFeat',))}; iota2 reads it only with chain.user_feat_path, unset)")
     if found:
         log.warning("iota2 keys accepted and ignored (no effect here): %s", "; ".join(found))
     return out, errors
