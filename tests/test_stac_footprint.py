@@ -21,8 +21,19 @@ from sitsflow.errors import BadInputError, ConfigError
 from sitsflow.features import FeaturePipeline
 from sitsflow.sensors.stac import StacSensor
 from stac_catalog import (
-    EAST_EDGE, FP_BBOX, FP_HEIGHT, FP_RES, FP_TILE, FP_WIDTH, LANDSAT, QA_CLEAR, QA_CLOUD, WEST_EDGE, fp_classes,
-    fp_reflectance, fp_stac_block, write_config, write_footprint_catalog,
+    FP_BBOX,
+    FP_HEIGHT,
+    FP_RES,
+    FP_TILE,
+    FP_WIDTH,
+    LANDSAT,
+    QA_CLEAR,
+    QA_CLOUD,
+    fp_classes,
+    fp_reflectance,
+    fp_stac_block,
+    write_config,
+    write_footprint_catalog,
 )
 
 FULL = Window(0, 0, FP_WIDTH, FP_HEIGHT)
@@ -109,13 +120,19 @@ def test_footprint_with_a_tile_property_and_bad_input(scenes, tmp_path):
     folder, info = scenes
     # a tile property, when set, is matched as well: none of these scenes has it
     cfg = _cfg(folder, fp_stac_block(info["catalog"], tile_property=["landsat:wrs_path"]))
-    with pytest.raises(BadInputError, match=r"stac: no item of tile 'T31TGL' .*\(6 items; 5 whose geometry "
-                       r"intersects the footprint \(stac.tiles\), 0 whose landsat:wrs_path names the tile"):
+    with pytest.raises(
+        BadInputError,
+        match=r"stac: no item of tile 'T31TGL' .*\(6 items; 5 whose geometry "
+        r"intersects the footprint \(stac.tiles\), 0 whose landsat:wrs_path names the tile",
+    ):
         StacSensor.build(cfg, FP_TILE)
     # a footprint nothing covers: the count of each filter, naming stac.tiles
     far = fp_stac_block(info["catalog"]).replace("735300.0, 4986300.0, 737700.0", "335300.0, 4986300.0, 337700.0")
-    with pytest.raises(BadInputError, match=r"no item of tile 'T31TGL' .*6 items; 0 whose geometry intersects .*"
-                       r"stac.tiles sets the footprint"):
+    with pytest.raises(
+        BadInputError,
+        match=r"no item of tile 'T31TGL' .*6 items; 0 whose geometry intersects .*"
+        r"stac.tiles sets the footprint",
+    ):
         StacSensor.build(_cfg(folder, far), FP_TILE)
     # a tile of chain.list_tile without a footprint
     cfg = _cfg(folder, fp_stac_block(info["catalog"]))
@@ -126,8 +143,11 @@ def test_footprint_with_a_tile_property_and_bad_input(scenes, tmp_path):
 
         check_tile_grids(_cfg(folder, fp_stac_block(info["catalog"]), "chain.list_tile='T31TGL T32ULU'"))
     bad = {
-        "bbox": ('[735300.0, 4986300.0, 737700.0, 4988100.0]', "[737700, 4986300, 735300, 4988100]",
-                 r"stac\.tiles.*T31TGL\.bbox .*minx < maxx"),
+        "bbox": (
+            "[735300.0, 4986300.0, 737700.0, 4988100.0]",
+            "[737700, 4986300, 735300, 4988100]",
+            r"stac\.tiles.*T31TGL\.bbox .*minx < maxx",
+        ),
         "crs": ('"EPSG:32631"', '"EPSG:99999"', r"stac\.tiles.*T31TGL\.crs 'EPSG:99999' is not a horizontal CRS"),
         "resolution": ('"resolution" : 30.0', '"resolution" : -30', r"stac\.tiles.*T31TGL\.resolution -30"),
     }

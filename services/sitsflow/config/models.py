@@ -506,9 +506,7 @@ class StacSection(Section):
     ``MGRS-`` style prefix (``grid:code``) or the leading ``T`` of a tile name (``T31TCJ`` matches
     ``31TCJ`` and ``MGRS-31TCJ``). With ``tiles``, None: no property is matched (the footprint
     alone)."""
-    tiles: (
-        Annotated[dict[str, dict[str, Any]], PlainValidator(stac_tiles), AS_IS, Expect(_TILES_TEXT)] | None
-    ) = None
+    tiles: Annotated[dict[str, dict[str, Any]], PlainValidator(stac_tiles), AS_IS, Expect(_TILES_TEXT)] | None = None
     """Per tile of ``chain.list_tile``, its footprint: ``bbox`` (minx, miny, maxx, maxy in ``crs``),
     ``crs`` and ``resolution`` (pixel size, or [x, y], in the CRS's units), for catalogs without a
     grid code (Landsat scenes, a UTM grid of one's own, mosaics). The tile's items are those whose

@@ -343,9 +343,7 @@ class StacSensor(Sensor):
             kept.append(StacItem(item.id, date, when.isoformat() + item.id, hrefs, dn_offset(profile, item.properties)))
         if not kept:
             prop = " + ".join(names)
-            spatial = (
-                f"{found['footprint']} whose geometry intersects the footprint ({where}.tiles), " if area else ""
-            )
+            spatial = f"{found['footprint']} whose geometry intersects the footprint ({where}.tiles), " if area else ""
             named = f"{found['tile']} whose {prop} names the tile, " if names else ""
             hint = f"{where}.tiles sets the footprint" if area else f"{where}.tile_property sets the property matched"
             raise BadInputError(
