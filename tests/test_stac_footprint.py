@@ -195,3 +195,53 @@ def test_footprint_run_to_the_final_map(scenes, tmp_path):
     assert (classif[inner] == fp_classes(x)[inner]).mean() > 0.9
     report = json.loads(storage.read_text(layout.final_results_json(out)))
     assert report["seeds"][0]["overall_accuracy"] > 0.9
+
+
+def test_footprint_grid_snapping_pixel_sizes_and_tile_spellings(scenes):
+    from sitsflow.sensors.stac import footprint_for, footprint_grid
+
+    folder, info = scenes
+    # corners snapped outward to multiples of the pixel size; [x, y] pixel sizes
+    grid = footprint_grid(
+        {"bbox": (735310.0, 4986290.0, 737701.0, 4988100.0), "crs": "EPSG:32631", "resolution": (30.0, 60.0)}
+    )
+    assert (grid.width, grid.height, grid.resampled) == (81, 31, True)
+    assert tuple(grid.transform)[:6] == (30.0, 0.0, 735300.0, 0.0, -60.0, 4988100.0)
+    # a footprint named 31TGL serves tile T31TGL (the spellings tile_property equates)
+    assert footprint_for({"31TGL": {"bbox": FP_BBOX}}, FP_TILE, "stac")["bbox"] == FP_BBOX
+    block = fp_stac_block(info["catalog"]).replace('"T31TGL" :', '"31TGL" :').replace("30.0}", "[30, 60]}")
+    sensor = StacSensor.build(_cfg(folder, block, name="spell.cfg"), FP_TILE)
+    assert (sensor.native_grid().width, sensor.native_grid().height) == (FP_WIDTH, FP_HEIGHT // 2)
+
+
+def test_a_finer_sensor_sets_the_grid_and_the_footprint_items_are_warped_onto_it(scenes, tmp_path):
+    """A 10 m dated raster over the footprint (EPSG:32631, not warped) sets the tile grid: the
+    footprint's items (30 m, both UTM zones, off that grid) are warped onto it all the same."""
+    folder, info = scenes
+    path = tmp_path / "own.tif"
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        dtype="float32",
+        count=1,
+        width=FP_WIDTH * 3,
+        height=FP_HEIGHT * 3,
+        crs="EPSG:32631",
+        transform=rasterio.transform.from_origin(FP_BBOX[0], FP_BBOX[3], 10, 10),
+    ) as dst:
+        dst.write(np.full((1, FP_HEIGHT * 3, FP_WIDTH * 3), 0.5, np.float32))
+        dst.descriptions = ("2023-03-10",)
+    extra = f"dated_raster:\n{{\n  name : 'own'\n  path : '{path}'\n  bands : ['b']\n}}\n"
+    text = write_config(folder, "", stac=fp_stac_block(info["catalog"]), extra=extra, name="fine.cfg").read_text()
+    (folder / "fine.cfg").write_text(text.replace("T31TCJ", FP_TILE).replace("polygons.geojson", "fp_polygons.geojson"))
+    pipe = FeaturePipeline(load_config(str(folder / "fine.cfg")), FP_TILE)
+    assert pipe.grid.resolution == 10.0 and not pipe.grid.resampled
+    values, valid = pipe.sensors[0].read(Window(0, 0, FP_WIDTH * 3, FP_HEIGHT * 3), pipe.grid)
+    coarse, coarse_valid = pipe.sensors[0].read(FULL, pipe.sensors[0].native_grid())
+    # the 10 m read agrees with the 30 m one at the 30 m pixels' centres (away from class edges)
+    x, _, _ = _centres()
+    stripe = (x - FP_BBOX[0]) % 360
+    clean = (stripe > 3 * FP_RES) & (stripe < 360 - 3 * FP_RES) & coarse_valid[:, :, 0] & valid[1::3, 1::3, 0]
+    assert clean.sum() > 1000
+    np.testing.assert_allclose(values[1::3, 1::3, 0][clean], coarse[:, :, 0][clean], atol=0.01)
