@@ -158,7 +158,7 @@ def test_footprint_with_a_tile_property_and_bad_input(scenes, tmp_path):
             _cfg(folder, block, name="bad.cfg")
 
 
-def test_a_stac_api_is_searched_with_the_footprint(scenes, monkeypatch):
+def test_a_stac_api_is_searched_with_the_footprint(scenes):
     from test_stac_source import FakeStacApi, _api_items
 
     folder, info = scenes
@@ -172,7 +172,8 @@ def test_a_stac_api_is_searched_with_the_footprint(scenes, monkeypatch):
         xs, ys = rasterio.warp.transform("EPSG:4326", "EPSG:32631", lon, lat)  # the footprint, edges densified
         np.testing.assert_allclose([min(xs), min(ys), max(xs), max(ys)], FP_BBOX, atol=0.01)
         assert len(lon) > 100
-        # the fake API ignores the geometry: the far scene is filtered out here, as from a catalog
+        # the API answered the 5 scenes over the footprint (not the far one), the items kept as from the catalog
+        assert sum(api.matches(item, search) for item in api.items) == 5
         local = FeaturePipeline(_cfg(folder, fp_stac_block(info["catalog"])), FP_TILE)
         assert pipe.sensors[0].settings["items"] == local.sensors[0].settings["items"]
     finally:
