@@ -24,6 +24,7 @@ under it (e.g. the http URL of the folder :func:`upload` copied to a public buck
 from __future__ import annotations
 
 import datetime as dt
+import math
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +279,102 @@ python_data_managing:
     path = Path(folder) / name
     path.write_text(text)
     return path
+
+
+# --- footprints: Landsat-like scenes in two UTM zones over one tile footprint (stac.tiles) ---------
+FP_TILE = "T31TGL"
+FP_CRS = "EPSG:32631"
+FP_BBOX = (735300.0, 4986300.0, 737700.0, 4988100.0)  # straddles 6°E, the border of zones 31 and 32
+FP_RES = 30.0
+FP_WIDTH, FP_HEIGHT = 80, 60
+FP_DAYS = {"d1": dt.date(2023, 3, 5), "d2": dt.date(2023, 3, 21), "d3": dt.date(2023, 4, 6)}
+LANDSAT = STAC_PROFILES["landsat-c2-l2"]
+QA_CLEAR, QA_CLOUD = 1 << 6, (1 << 6) | (1 << 3)
+WEST_EDGE = 737000.0  # the western scene (EPSG:32631) ends here (x of EPSG:32631)
+EAST_EDGE = 736300.0  # the eastern scenes (EPSG:32632) start here (x of EPSG:32631)
+
+
+def fp_classes(x: np.ndarray) -> np.ndarray:
+    """Class at x (EPSG:32631): stripes of 360 m (12 tile pixels) from the footprint's west edge."""
+    return (np.floor((x - FP_BBOX[0]) / 360) % 3 + 1).astype(np.int64)
+
+
+def fp_reflectance(day: str, band: int, x: np.ndarray, lon: np.ndarray, east: bool) -> np.ndarray:
+    """The surface reflectance at x (EPSG:32631) and longitude ``lon``: a class signal, a smooth
+    gradient in longitude, and +0.02 in the eastern scenes (tells the scenes of a day apart)."""
+    classes = fp_classes(x)
+    t = list(FP_DAYS).index(day)
+    return 0.05 + 0.02 * band + 0.08 * classes * ((t + classes) % 3 + 1) / 3 + 0.5 * (lon - 5.98) + 0.02 * east
+
+
+def write_footprint_catalog(folder: Path) -> dict:
+    """Landsat C2 L2 scenes (no tile property) over the footprint :data:`FP_BBOX`: on ``d1`` and
+    ``d3`` a western scene in EPSG:32631 (30 m, origin 7 m off the tile grid, up to
+    :data:`WEST_EDGE`, clouds QA_PIXEL bit 3 on a block) and an eastern one in EPSG:32632 (from
+    :data:`EAST_EDGE`): together they cover the footprint; on ``d2`` only an eastern scene
+    (partial coverage); and a scene 100 km away (not intersecting). Reference polygons in
+    EPSG:32631, inside the stripes of :func:`fp_classes`."""
+    folder = Path(folder).resolve()
+    catalog = pystac.Catalog("landsat-fp", "Landsat scenes in two UTM zones")
+    minx, miny, maxx, maxy = FP_BBOX
+    scenes = [  # name, day, minute, crs, bounds in EPSG:32631 (before reprojection), east
+        ("w1", "d1", 0, "EPSG:32631", (minx - 193, miny - 293, WEST_EDGE, maxy + 307), False),
+        ("e1", "d1", 5, "EPSG:32632", (EAST_EDGE, miny - 400, maxx + 400, maxy + 400), True),
+        ("e2", "d2", 0, "EPSG:32632", (EAST_EDGE, miny - 400, maxx + 400, maxy + 400), True),
+        ("w3", "d3", 0, "EPSG:32631", (minx - 193, miny - 293, WEST_EDGE, maxy + 307), False),
+        ("e3", "d3", 5, "EPSG:32632", (EAST_EDGE, miny - 400, maxx + 400, maxy + 400), True),
+        ("far", "d1", 0, "EPSG:32632", (maxx + 100000, miny, maxx + 103000, maxy), True),
+    ]
+    extents: dict[str, tuple] = {}
+    for name, day, minute, crs, bounds, east in scenes:
+        left, bottom, right, top = rasterio.warp.transform_bounds(FP_CRS, crs, *bounds, densify_pts=21)
+        left, top = math.floor(left) + 0.5, math.ceil(top) + 0.5  # a grid of its own
+        width, height = math.ceil((right - left) / FP_RES), math.ceil((top - bottom) / FP_RES)
+        transform = from_origin(left, top, FP_RES, FP_RES)
+        cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+        xs, ys = transform @ (cols.ravel(), rows.ravel())
+        x31, _ = rasterio.warp.transform(crs, FP_CRS, xs, ys)
+        lon, lat = rasterio.warp.transform(crs, "EPSG:4326", xs, ys)
+        x31, lon = np.reshape(x31, cols.shape), np.reshape(lon, cols.shape)
+        when = dt.datetime(*FP_DAYS[day].timetuple()[:3], 10, minute, tzinfo=dt.UTC)
+        geometry = rasterio.warp.transform_geom(
+            crs, "EPSG:4326",
+            shapely.geometry.mapping(shapely.box(left, top - height * FP_RES, left + width * FP_RES, top)))
+        extents[name] = (crs, left, top - height * FP_RES, left + width * FP_RES, top)
+        item = pystac.Item(f"LC09_{name}", geometry, list(shapely.bounds(shapely.geometry.shape(geometry))), when,
+                           {"eo:cloud_cover": 10.0, "proj:epsg": int(crs.split(":")[1])}, collection="landsat-c2-l2")
+        item_dir = folder / "landsat" / "items" / name
+        item_dir.mkdir(parents=True, exist_ok=True)
+        qa = np.full(cols.shape, QA_CLEAR, np.uint16)
+        if not east:
+            qa[20:30, 10:20] = QA_CLOUD
+        layers = {band: np.round((fp_reflectance(day, b, x31, lon, east) + 0.2) / 2.75e-5).astype(np.uint16)
+                  for b, band in enumerate(LANDSAT.assets)}
+        for key, data in {**layers, "qa_pixel": qa}.items():
+            with rasterio.open(item_dir / f"{key}.tif", "w", driver="COG", dtype="uint16", count=1, width=width,
+                               height=height, crs=crs, transform=transform, nodata=0) as dst:
+                dst.write(data, 1)
+            item.add_asset(key, pystac.Asset(str(item_dir / f"{key}.tif"), media_type=pystac.MediaType.COG))
+        catalog.add_item(item)
+    catalog.normalize_hrefs(str(folder / "landsat" / "stac"))
+    catalog.make_all_asset_hrefs_relative()
+    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    polygons = []
+    for k in range(int((maxx - minx) // 360)):
+        x0 = minx + 360 * k + 60
+        polygons.append((shapely.box(x0, miny + 150, x0 + 240, maxy - 150), int(fp_classes(np.array(x0))[()])))
+    pyogrio.raw.write(str(folder / "fp_polygons.geojson"),
+                      geometry=shapely.to_wkb(np.array([g for g, _ in polygons], dtype=object)),
+                      field_data=[np.array([c for _, c in polygons], np.int64)], fields=["code"], crs=FP_CRS,
+                      driver="GeoJSON", geometry_type="Polygon")
+    return {"catalog": str(folder / "landsat" / "stac" / "catalog.json"),
+            "polygons": str(folder / "fp_polygons.geojson"), "extents": extents}
+
+
+def fp_stac_block(catalog: str, **extra) -> str:
+    """The ``stac`` section of the footprint catalog: landsat-c2-l2, ``tiles`` of :data:`FP_TILE`."""
+    from sitsflow.config.syntax import format_key, format_value
+
+    keys = {"catalog": catalog, "profile": "landsat-c2-l2",
+            "tiles": {FP_TILE: {"bbox": list(FP_BBOX), "crs": FP_CRS, "resolution": FP_RES}}, **extra}
+    return "stac:\n{\n" + "".join(f"  {format_key(k)} : {format_value(v)}\n" for k, v in keys.items()) + "}\n"

@@ -401,8 +401,8 @@ def test_sentinel1_rtc_profile_linear_db_and_orbits(tmp_path):
 
 class FakeStacApi:
     """A FAKE STAC API on 127.0.0.1 (no real server is installable here): a landing page and
-    POST /search over a fixed list of item dicts, honouring collections, datetime and the Query
-    extension's ``in`` / ``lte``, in pages of ``limit`` items (``next`` links); the first
+    POST /search over a fixed list of item dicts, honouring collections, datetime, ``intersects``
+    and the Query extension's ``in`` / ``lte``, in pages of ``limit`` items (``next`` links); the first
     ``fail`` searches answer HTTP 503. It records the search bodies."""
 
     CONFORMS = ["https://api.stacspec.org/v1.0.0/core", "https://api.stacspec.org/v1.0.0/item-search",
@@ -461,6 +461,12 @@ class FakeStacApi:
         start, _, end = body.get("datetime", "../..").partition("/")
         if (start != ".." and props["datetime"] < start) or (end != ".." and props["datetime"] > end):
             return False
+        if body.get("intersects"):
+            import shapely.geometry
+
+            area = shapely.geometry.shape(body["intersects"])
+            if not item.get("geometry") or not area.intersects(shapely.geometry.shape(item["geometry"])):
+                return False
         for name, ops in (body.get("query") or {}).items():
             value = props.get(name)
             if "in" in ops and value not in ops["in"]:

@@ -14,6 +14,7 @@ integers, tuples instead of lists. Assigning an attribute raises.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import typing
 from collections.abc import Iterator
@@ -315,6 +316,62 @@ class DatedRasterSection(Section):
         return "descriptions" if self.dates == "descriptions" else "file"
 
 
+_TILES_TEXT = (
+    "a mapping of tile names to footprints, e.g. {T31TCJ: {bbox: [300000, 4790220, 409800, 4900020], "
+    "crs: 'EPSG:32631', resolution: 10}} (resolution: a pixel size or [x, y], in the CRS's units)"
+)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def stac_tiles(value: Any) -> dict[str, dict[str, Any]]:
+    """``stac.tiles``: per tile, its footprint ``bbox`` (minx, miny, maxx, maxy in ``crs``), its
+    ``crs`` (checked by PROJ) and its pixel size ``resolution`` ((x, y))."""
+    if not isinstance(value, dict) or not value:
+        raise invalid()
+    out: dict[str, dict[str, Any]] = {}
+    for tile, spec in value.items():
+        if not isinstance(tile, str) or not tile.strip():
+            raise invalid(f"the tile name {shown(tile)} is not a non-empty string")
+        if not isinstance(spec, dict):
+            raise invalid(f"{tile}: {shown(spec)} is not a mapping with bbox, crs and resolution")
+        unknown = sorted(set(spec) - {"bbox", "crs", "resolution"})
+        missing = [k for k in ("bbox", "crs", "resolution") if k not in spec]
+        if unknown or missing:
+            what = f"unknown key {unknown[0]!r}" if unknown else f"no {missing[0]!r}"
+            raise invalid(f"{tile}: {what}; a footprint has the keys bbox, crs and resolution")
+        bbox = spec["bbox"]
+        if not isinstance(bbox, list | tuple) or len(bbox) != 4 or not all(_number(v) for v in bbox):
+            raise invalid(f"{tile}.bbox {shown(bbox)} is not four numbers [minx, miny, maxx, maxy]")
+        if not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
+            raise invalid(f"{tile}.bbox {list(bbox)}: minx < maxx and miny < maxy are required")
+        crs = spec["crs"]
+        if not isinstance(crs, str) or not _is_crs(crs):
+            raise invalid(f"{tile}.crs {shown(crs)} is not a horizontal CRS such as 'EPSG:32631'")
+        res = spec["resolution"]
+        pair = list(res) if isinstance(res, list | tuple) else [res, res]
+        if len(pair) != 2 or not all(_number(v) and v > 0 for v in pair):
+            raise invalid(f"{tile}.resolution {shown(res)} is not a positive pixel size or [x, y] of them")
+        cells = (bbox[2] - bbox[0]) / pair[0] * (bbox[3] - bbox[1]) / pair[1]
+        if cells > 2**34:
+            raise invalid(f"{tile}: bbox {list(bbox)} at resolution {pair} is {cells:.3g} pixels; units of {crs}?")
+        out[tile] = {"bbox": tuple(float(v) for v in bbox), "crs": crs, "resolution": tuple(float(v) for v in pair)}
+    return out
+
+
+def _is_crs(text: str) -> bool:
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+
+    try:
+        crs = CRS.from_user_input(text)
+    except CRSError:
+        return False
+    return bool(crs.is_projected or crs.is_geographic)
+
+
 def _stac_source(section: Any) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
     if (section.catalog is None) == (section.api is None):
         yield (
@@ -366,7 +423,9 @@ class StacSection(Section):
     several sensors do (docs/sensors.md). An error in the second source is reported at
     ``stac[1].key``; ``--set stac.key=value`` reaches a single section only.
 
-    The items of a tile are those whose ``tile_property`` matches the tile name; they are grouped
+    The items of a tile are those whose ``tile_property`` matches the tile name, or, with
+    ``tiles``, those whose geometry intersects the tile's footprint (read on the footprint's grid,
+    every asset warped onto it); they are grouped
     by acquisition day (several items of one day are mosaicked: the first clear pixel wins, items
     in order of datetime then id), and their assets are read in place (windowed reads, local or
     ``s3://``), never downloaded whole (docs/sensors.md).
@@ -449,7 +508,18 @@ class StacSection(Section):
     (``s2:mgrs_tile``, with ``earth-search`` keys ``grid:code``; ``landsat:wrs_path`` +
     ``landsat:wrs_row``; ``grid:code`` for ``sentinel-1-rtc``). Compared without case, a
     ``MGRS-`` style prefix (``grid:code``) or the leading ``T`` of a tile name (``T31TCJ`` matches
-    ``31TCJ`` and ``MGRS-31TCJ``)."""
+    ``31TCJ`` and ``MGRS-31TCJ``). With ``tiles``, None: no property is matched (the footprint
+    alone)."""
+    tiles: Annotated[dict[str, dict[str, Any]], PlainValidator(stac_tiles), AS_IS, Expect(_TILES_TEXT)] | None = None
+    """Per tile of ``chain.list_tile``, its footprint: ``bbox`` (minx, miny, maxx, maxy in ``crs``),
+    ``crs`` and ``resolution`` (pixel size, or [x, y], in the CRS's units), for catalogs without a
+    grid code (Landsat scenes, a UTM grid of one's own, mosaics). The tile's items are those whose
+    geometry intersects the footprint (an API is searched with it as ``intersects``), and the
+    tile grid is the footprint's, its corners snapped to multiples of the pixel size; every asset
+    not on it (another UTM zone, pixel size or origin) is warped onto it when read, bands by cubic
+    convolution, masks by nearest neighbour; pixels no item covers are missing. ``tile_property``,
+    when set, is matched as well; None: items are matched by ``tile_property`` alone and read on
+    their own grid."""
     orbit_state: Literal["ascending", "descending"] | None = None
     """Only the items of this orbit direction (``sat:orbit_state``), e.g. to keep Sentinel-1's
     ascending and descending passes apart; None: every item."""

@@ -15,8 +15,15 @@ datetime, then id. A pixel is clear when it lies on the asset's footprint, no ba
 profile's nodata, its mask value (when the profile or ``stac.mask_asset`` names a mask) is among
 the clear values (when any is given) and has none of the invalid bits set.
 
-The tile grid is the finest band asset's grid of the tile's first item (the items of a tile share
-one grid, e.g. an MGRS tile); coarser assets (Sentinel-2's 20 m bands and SCL) are read with
+With ``stac.tiles``, the items of a tile are instead those whose geometry (EPSG:4326, else their
+``bbox``) intersects the tile's footprint with a positive area (the footprint's bbox reprojected
+with densified edges; a STAC API is searched with it as ``intersects``), and the tile grid is the
+footprint's (:func:`footprint_grid`): a target grid, so every asset not on it by an integer factor
+(another UTM zone, pixel size or origin) is warped onto it when read, bands by cubic convolution,
+masks by nearest neighbour; pixels no item covers are off every footprint, hence missing.
+
+Otherwise the tile grid is the finest band asset's grid of the tile's first item (the items of a
+tile share one grid, e.g. an MGRS tile); coarser assets (Sentinel-2's 20 m bands and SCL) are read with
 nearest neighbour, as every sensor's. On a target grid (``chain.proj`` /
 ``chain.spatial_resolution``), assets not on it are warped when read: band assets by cubic
 convolution (the profile's nodata left out), the mask asset by nearest neighbour.
@@ -24,10 +31,13 @@ convolution (the profile's nodata left out), the mask asset by nearest neighbour
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import math
 import re
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pystac
@@ -159,10 +169,90 @@ def _http_transient(exc: Exception) -> bool:
     return False
 
 
-def search_api(url: str, opts, names: tuple[str, ...], tile: str, where: str = "stac") -> list[pystac.Item]:
-    """The items a STAC API returns for ``tile``: searched by collections, dates, cloud cover and
-    (one tile property) the tile's spellings; retried as storage operations (exit 75 when the
+def footprint_for(tiles: dict[str, dict[str, Any]], tile: str, where: str) -> dict[str, Any]:
+    """The footprint of ``tile`` in ``stac.tiles`` (its name as given, or as :func:`tile_code`
+    equates it); a tile without one is bad input naming ``{where}.tiles``."""
+    if tile in tiles:
+        return tiles[tile]
+    for name, spec in tiles.items():
+        if tile_code(name) == tile_code(tile):
+            return spec
+    raise BadInputError(
+        f"{where}.tiles has no footprint for tile {tile!r} (chain.list_tile); its tiles: {sorted(tiles)}: "
+        "give each tile of the run its bbox, crs and resolution"
+    )
+
+
+def footprint_grid(spec: dict[str, Any]) -> Grid:
+    """The grid of a footprint: its CRS, its pixel size, corners snapped outward to multiples of
+    the pixel size (as ``gdalwarp -tap``, so neighbouring tiles' maps align); a target grid."""
+    from rasterio.crs import CRS
+
+    minx, miny, maxx, maxy = spec["bbox"]
+    rx, ry = spec["resolution"]
+    x0, y1 = math.floor(minx / rx + 1e-9) * rx, math.ceil(maxy / ry - 1e-9) * ry
+    width = max(math.ceil((maxx - x0) / rx - 1e-9), 1)
+    height = max(math.ceil((y1 - miny) / ry - 1e-9), 1)
+    transform = rasterio.Affine(rx, 0.0, x0, 0.0, -ry, y1)
+    return Grid(width, height, transform, CRS.from_user_input(spec["crs"]), resampled=True)
+
+
+def footprint_lonlat(spec: dict[str, Any], where: str, tile: str):
+    """The footprint as a shapely polygon in EPSG:4326 (edges densified before reprojection)."""
+    import shapely
+    from rasterio.crs import CRS
+    from rasterio.warp import transform as warp
+
+    minx, miny, maxx, maxy = spec["bbox"]
+    ring = shapely.segmentize(shapely.box(minx, miny, maxx, maxy), max(maxx - minx, maxy - miny) / 32)
+    xs, ys = zip(*ring.exterior.coords)
+    try:
+        lon, lat = warp(CRS.from_user_input(spec["crs"]), CRS.from_epsg(4326), list(xs), list(ys))
+    except Exception as exc:  # noqa: BLE001 (PROJ's failures have no common type)
+        raise BadInputError(f"{where}.tiles: the footprint of tile {tile!r} cannot be reprojected: {exc}") from None
+    polygon = shapely.Polygon(zip(lon, lat))
+    if not all(math.isfinite(v) for v in (*lon, *lat)) or not polygon.is_valid or polygon.area <= 0:
+        raise BadInputError(
+            f"{where}.tiles: the bbox {list(spec['bbox'])} of tile {tile!r} has no extent in EPSG:4326 "
+            f"(outside the area of use of {spec['crs']}?)"
+        )
+    return polygon
+
+
+def _item_geometry(item: pystac.Item):
+    """The item's geometry (EPSG:4326) as a shapely geometry, else its bbox; None without either."""
+    import shapely
+    from shapely.geometry import shape
+
+    try:
+        if item.geometry:
+            return shape(item.geometry)
+        if item.bbox and len(item.bbox) >= 4:
+            b = item.bbox
+            return shapely.box(b[0], b[1], b[len(b) // 2], b[len(b) // 2 + 1])
+    except (ValueError, TypeError, AttributeError, shapely.errors.GEOSException):
+        return None
+    return None
+
+
+def _covers(footprint, item: pystac.Item) -> bool:
+    """Whether ``item``'s geometry overlaps ``footprint`` with a positive area."""
+    geom = _item_geometry(item)
+    if geom is None:
+        return False
+    if not geom.is_valid:
+        geom = geom.buffer(0)
+    return bool(footprint.intersection(geom).area > 0)
+
+
+def search_api(
+    url: str, opts, names: tuple[str, ...], tile: str, where: str = "stac", footprint=None
+) -> list[pystac.Item]:
+    """The items a STAC API returns for ``tile``: searched by collections, dates, cloud cover,
+    ``footprint`` (a polygon in EPSG:4326, sent as ``intersects``) and (one tile property) the
+    tile's spellings; retried as storage operations (exit 75 when the
     API stays unreachable), a refused search is exit 2 naming ``stac.api``."""
+    import shapely.geometry
     from pystac_client import Client
     from pystac_client.exceptions import APIError
 
@@ -181,6 +271,7 @@ def search_api(url: str, opts, names: tuple[str, ...], tile: str, where: str = "
             collections=list(opts.collections) if opts.collections else None,
             datetime=f"{day(opts.start_date, '00:00:00')}/{day(opts.end_date, '23:59:59')}",
             query=query or None,
+            intersects=None if footprint is None else shapely.geometry.mapping(footprint),
         )
         return list(found.items())
 
@@ -200,6 +291,7 @@ class StacSensor(Sensor):
     db: bool
     clear_values: np.ndarray | None
     invalid_bits: int
+    footprint: dict[str, Any] | None  # the tile's stac.tiles entry (None: items matched by their property)
     _open_files: threading.local
 
     @classmethod
@@ -209,17 +301,25 @@ class StacSensor(Sensor):
         where = "stac" if len(cfg.stac) == 1 else f"stac[{index}]"
         profile = STAC_PROFILES[opts.profile]
         provider = profile.keys(opts.asset_keys)
-        names = tuple(opts.tile_property or provider.tile_property)
+        footprint = footprint_for(opts.tiles, tile, where) if opts.tiles is not None else None
+        # with footprints, a tile property is matched only when given
+        names = tuple(opts.tile_property or (() if footprint is not None else provider.tile_property))
+        area = footprint_lonlat(footprint, where, tile) if footprint is not None else None
         bands = [a for a in profile.assets if opts.assets is None or a in opts.assets]
         mask_asset = opts.mask_asset or (provider.key(profile.mask_asset) if profile.mask_asset else None)
         source = opts.catalog or opts.api
-        items = read_catalog(opts.catalog, where) if opts.catalog else search_api(opts.api, opts, names, tile, where)
+        items = (
+            read_catalog(opts.catalog, where) if opts.catalog else search_api(opts.api, opts, names, tile, where, area)
+        )
         wanted = tile_code(tile)
-        found: dict[str, int] = {"tile": 0, "collection": 0, "orbit": 0, "dates": 0, "clouds": 0}
+        found: dict[str, int] = {"footprint": 0, "tile": 0, "collection": 0, "orbit": 0, "dates": 0, "clouds": 0}
         kept: list[StacItem] = []
         start, end = opts.start_date, opts.end_date
         for item in items:
-            if _item_tile(item, names) != wanted:
+            if area is not None and not _covers(area, item):
+                continue
+            found["footprint"] += 1
+            if names and _item_tile(item, names) != wanted:
                 continue
             found["tile"] += 1
             if opts.collections is not None and item.collection_id not in opts.collections:
@@ -243,12 +343,15 @@ class StacSensor(Sensor):
             kept.append(StacItem(item.id, date, when.isoformat() + item.id, hrefs, dn_offset(profile, item.properties)))
         if not kept:
             prop = " + ".join(names)
+            spatial = f"{found['footprint']} whose geometry intersects the footprint ({where}.tiles), " if area else ""
+            named = f"{found['tile']} whose {prop} names the tile, " if names else ""
+            hint = f"{where}.tiles sets the footprint" if area else f"{where}.tile_property sets the property matched"
             raise BadInputError(
-                f"{where}: no item of tile {tile!r} in {source} ({len(items)} items; {found['tile']} whose "
-                f"{prop} names the tile, {found['collection']} of the collections, {found['orbit']} of the orbit "
+                f"{where}: no item of tile {tile!r} in {source} ({len(items)} items; {spatial}{named}"
+                f"{found['collection']} of the collections, {found['orbit']} of the orbit "
                 f"direction, {found['dates']} between "
                 f"start_date {start} and end_date {end}, {found['clouds']} with eo:cloud_cover <= "
-                f"{opts.max_cloud_cover}); {where}.tile_property sets the property matched"
+                f"{opts.max_cloud_cover}); {hint}"
             )
         kept.sort(key=lambda i: i.order)
         groups: dict[int, list[StacItem]] = {}
@@ -290,6 +393,7 @@ class StacSensor(Sensor):
                 "mask_invalid_bits": opts.mask_invalid_bits,
                 "orbit_state": opts.orbit_state,
                 "db": opts.db,
+                "footprint": footprint,
             },
         )
         sensor.profile = profile
@@ -297,6 +401,7 @@ class StacSensor(Sensor):
         sensor.mask_asset = mask_asset
         sensor.catalog = opts.catalog
         sensor.db = bool(opts.db)
+        sensor.footprint = footprint
         clear = profile.mask_clear_values if opts.mask_clear_values is None else opts.mask_clear_values
         sensor.clear_values = np.array(clear, np.int64) if clear else None
         bits = profile.mask_invalid_bits if opts.mask_invalid_bits is None else opts.mask_invalid_bits
@@ -314,6 +419,8 @@ class StacSensor(Sensor):
         return sensor
 
     def native_grid(self) -> Grid:
+        if self.footprint is not None:
+            return footprint_grid(self.footprint)
         item = self.groups[0][0]
 
         def grids():
@@ -337,6 +444,9 @@ class StacSensor(Sensor):
         """Read asset ``key`` of ``item`` for ``window``: a band (warped onto a target grid by cubic
         convolution, the profile's nodata left out) or the ``mask`` (nearest neighbour)."""
         uri = item.assets[key]
+        if self.footprint is not None and not grid.resampled:
+            # items matched by footprint lie on any grid: warped onto the tile grid when not on it
+            grid = dataclasses.replace(grid, resampled=True)
         how = {"resampling": MASKS} if mask else {"resampling": VALUES, "nodata": self.profile.nodata}
 
         def dataset():
