@@ -175,6 +175,22 @@ def test_a_key_with_no_iota2_default_sitsflow_reproduces_stays_an_error(tmp_path
     assert "section 'coregistration'" in message and "does not support yet" in message
 
 
+def test_a_key_with_no_iota2_default_is_accepted_without_a_value(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Written without a value (None, "", or a section of such values) it asks for nothing: one
+    warning names it; with a value it stays the error above."""
+    caplog.set_level("WARNING", logger="sitsflow")
+    text = _with(_with(MINIMAL, "chain", "grasslands", None), "arg_train", "learning_samples_extension", "")
+    text += 'coregistration : { VHRPath : None, dateVHR : "" }\nsar : { }\n'
+    cfg = _load(tmp_path, text)
+    assert cfg.arg_train.runs == 2
+    (warning,) = [r.getMessage() for r in caplog.records if "accepted and ignored" in r.getMessage()]
+    for path in ("chain.grasslands", "arg_train.learning_samples_extension", "coregistration", "sar"):
+        assert f"{path} = " in warning, path
+    assert "config.cfg:" in warning and "given no value" in warning
+    message = _error(tmp_path, _with(MINIMAL, "chain", "grasslands", "grass.shp"))
+    assert "chain.grasslands" in message and "does not support yet" in message
+
+
 def test_use_gapfilling_false_is_features_from_raw_dates(tmp_path: Path) -> None:
     raw = _load(tmp_path, _with(MINIMAL, "sensors_data_interpolation", "use_gapfilling", False))
     assert raw.arg_train.features_from_raw_dates is True

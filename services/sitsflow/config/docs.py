@@ -105,7 +105,11 @@ def _iota2_defaults(owner: Any) -> list[str]:
 def _unsupported(owner: Any) -> list[str]:
     lines = _iota2_defaults(owner)
     if getattr(owner, "__iota2__", {}):
-        lines += ["", f"iota2 keys not supported yet (an error says so): {_grouped(owner.__iota2__)}."]
+        lines += [
+            "",
+            'iota2 keys not supported yet (an error says so; written without a value, None or "", they are '
+            f"accepted with the warning): {_grouped(owner.__iota2__)}.",
+        ]
     if getattr(owner, "__ignored__", {}):
         lines += [
             "",

@@ -93,12 +93,23 @@ def validate(raw: Any, origins: Origins, source: str) -> tuple[SitsflowConfig | 
     return (None if errors else config), errors
 
 
+def _no_value(value: Any) -> bool:
+    """None as iota2's files write it (None, "None", ""), or a section/list holding only such values."""
+    if isinstance(value, dict):
+        return all(_no_value(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_no_value(v) for v in value)
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+
+
 def _iota2_keys(raw: dict[str, Any], origins: Origins) -> tuple[dict[str, Any], list[str]]:
     """``raw`` without the iota2 keys that have no effect here, and the errors of those refused.
 
     A key of ``__ignored__`` (top level or section) is left out; a key of ``__iota2_defaults__``
     is left out when its value is iota2's default (what sitsflow does), and refused otherwise
-    (the map would not be the one asked). The keys left out are named in one warning, with what
+    (the map would not be the one asked); a key of ``__iota2__`` (not implemented, iota2's default
+    unknown here) is left out when written without a value (None, "", or a section of such values)
+    and refused otherwise, by the error of an unsupported key. The keys left out are named in one warning, with what
     replaces them or why.
     """
     found: list[str] = []
@@ -107,12 +118,18 @@ def _iota2_keys(raw: dict[str, Any], origins: Origins) -> tuple[dict[str, Any], 
     def sort(owner: Any, values: dict[str, Any], prefix: KeyPath) -> dict[str, Any]:
         ignored = getattr(owner, "__ignored__", {})
         defaults = getattr(owner, "__iota2_defaults__", {})
+        unsupported = getattr(owner, "__iota2__", {})
         kept = {}
         for key, value in values.items():
             loc = (*prefix, key)
             path, where = _dotted(loc), origins.where(loc)
             if key in ignored:
                 found.append(f"{path} ({where}; {ignored[key]})")
+            elif key in unsupported and _no_value(value):
+                # an iota2 key sitsflow does not implement, written without a value: it asks for nothing
+                found.append(
+                    f"{path} = {shown(value)} ({where}; an iota2 key sitsflow does not implement, given no value)"
+                )
             elif key in defaults:
                 known = defaults[key]
                 if known.accepts(value):
