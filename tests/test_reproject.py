@@ -200,6 +200,30 @@ def test_a_warped_read_does_not_depend_on_the_window(tmp_path):
     assert inside.any() and np.array_equal(whole, pieces)
 
 
+def test_a_warped_read_wider_than_a_block_with_nodata_equals_small_reads(tmp_path):
+    """GDAL warps a read wider than one block of the VRT in other chunks and, with a nodata value,
+    gives other values there (99 % of the pixels differed before the reads went block by block):
+    inference's wide parts must see what sampling's small windows see."""
+    rng = np.random.default_rng(0)
+    data = (rng.random((2, 900, 900)) * 1000).astype("float32")
+    data[0, 100:200, 100:300] = -9999
+    path = tmp_path / "wide.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=900, height=900, count=2, dtype="float32", tiled=True,
+                       crs="EPSG:32631", transform=from_origin(500000, 5000000, 10, 10)) as dst:
+        dst.write(data)
+    west, south, east, north = transform_bounds("EPSG:32631", "EPSG:3035", 500000, 4991000, 509000, 5000000)
+    size = (int((east - west) // 7), int((north - south) // 7))
+    grid = Grid(*size, from_origin(west, north, 7, 7), CRS.from_epsg(3035), resampled=True)
+    with rasterio.open(path) as src:
+        wide, _ = read_on_grid(src, Window(0, 0, 1024, 256), grid, [1, 2], "s", resampling=VALUES, nodata=-9999)
+        tiles = np.empty_like(wide)
+        for r in range(0, 256, 128):
+            for c in range(0, 1024, 128):
+                tiles[:, r:r + 128, c:c + 128], _ = read_on_grid(src, Window(c, r, 128, 128), grid, [1, 2], "s",
+                                                                 resampling=VALUES, nodata=-9999)
+    assert (wide == -9999).any() and np.array_equal(wide, tiles, equal_nan=True)
+
+
 def test_nodata_stays_out_of_the_interpolation_band_by_band(tmp_path):
     """One date nodata over half the raster, the next valid everywhere: interpolation never mixes
     the nodata value in (the next date is not spoiled, the first is nodata or a reflectance)."""
