@@ -415,3 +415,22 @@ def test_split_ground_truth_false_uses_every_polygon_for_learning_and_test(scene
     _, _, learn_s, test_s = _selected(scene, tmp_path, "nosplit_sel", "arg_train.split_ground_truth=False",
                                       f"arg_train.sample_selection={rule}")
     assert _class_counts(learn_s[0]) == {1: 5, 2: 5, 3: 5} and _pixels(test_s[0]) == every
+
+
+def test_the_fingerprint_follows_a_byclass_file_and_a_target_grid(scene, tmp_path):
+    """A rerun must not keep databases sampled with another byclass file or on another grid (the
+    byclass files had slipped under the fusion hold-out's condition; chain.proj/spatial_resolution
+    were in no fingerprint: review findings)."""
+    counts = scene / "counts.txt"
+    counts.write_text("1 4\n2 7\n")
+    byclass = f'{{"strategy" : "byclass", "strategy.byclass.in" : "{counts}"}}'
+    path = write_config(scene)
+    cfg = load_config(str(path), [f"chain.output_path={tmp_path}", f"arg_train.sample_selection={byclass}"])
+    before = sampling.fingerprint(cfg)
+    counts.write_text("1 5\n2 7\n")
+    assert sampling.fingerprint(cfg) != before
+    plain = load_config(str(path), [f"chain.output_path={tmp_path}"])
+    resolution = abs(FeaturePipeline(plain, plain.chain.tiles[0]).grid.transform.a)
+    coarser = load_config(str(path), [f"chain.output_path={tmp_path}", f"chain.spatial_resolution={2 * resolution}"])
+    same = load_config(str(path), [f"chain.output_path={tmp_path}", f"chain.spatial_resolution={resolution}"])
+    assert sampling.fingerprint(coarser) != sampling.fingerprint(same)

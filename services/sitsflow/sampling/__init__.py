@@ -69,9 +69,14 @@ def fingerprint(cfg, pipelines: dict[str, FeaturePipeline] | None = None) -> str
         split["split_ground_truth"] = False
     if not selection.is_default(cfg.arg_train.sample_selection):
         split["sample_selection"] = cfg.arg_train.sample_selection
+        sensor_files += selection.paths(cfg.arg_train.sample_selection)
     if fusion_holdout(cfg):
         split["fusion_holdout"] = cfg.arg_classification.merge_final_classifications_ratio
-        sensor_files += selection.paths(cfg.arg_train.sample_selection)
+    grids = {tile: pipelines[tile].grid for tile in chain.tiles}
+    if any(g.resampled for g in grids.values()):  # chain.proj / spatial_resolution: the pixels sampled
+        split["grids"] = {
+            tile: [g.width, g.height, list(g.transform)[:6], g.crs.to_wkt()] for tile, g in grids.items()
+        }
     return manifest.fingerprint(
         STAGE,
         {

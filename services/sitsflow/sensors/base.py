@@ -353,12 +353,12 @@ def warped_read(
         # block by block: GDAL warps a read wider than a block in other chunks, and with a nodata
         # value its result then differs (up to 20 % of the range, GDAL 3.10); within one block of
         # the VRT a pixel's value is the same whatever the window
-        alpha = np.empty(bands.shape[1:], bool) if nodata is None else None
+        alpha = np.empty(bands.shape[1:], bool)
         for sub, rows, cols in _block_windows(window, vrt.block_shapes[0]):
             bands[:, rows, cols] = vrt.read(list(range(1, len(indexes) + 1)), window=sub)
-            if alpha is not None:
+            if nodata is None:
                 alpha[rows, cols] = vrt.read(vrt.count, window=sub) > 0
-        if alpha is not None:
+        if nodata is None:
             return alpha
     if np.isnan(nodata):
         return ~np.isnan(bands).all(axis=0)
