@@ -525,6 +525,31 @@ def test_a_stac_api_is_searched_for_the_tile(catalog, tmp_path, monkeypatch):
     assert err.value.exit_code == 75
 
 
+@pytest.mark.filterwarnings("ignore::pystac_client.warnings.NoConformsTo")  # the case under test
+def test_a_stac_api_that_is_a_static_catalog_exits_2(catalog, tmp_path):
+    """pystac-client raises its conformance 'warnings' for a URL that is no searchable API: bad
+    input naming stac.api, not a crash (review finding)."""
+    import functools
+    import http.server
+    import threading
+
+    folder, info = catalog
+    root = Path(info["catalog"]).parent
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{Path(info['catalog']).name}"
+        text = write_config(folder, "", name="static_api.cfg").read_text().replace("catalog : ''", f"api : '{url}'")
+        (folder / "static_api.cfg").write_text(text)
+        cfg = load_config(str(folder / "static_api.cfg"))
+        with pytest.raises(BadInputError, match=r"stac\.api: http://127.* is not a STAC API with item search"):
+            FeaturePipeline(cfg, TILE)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_the_stac_sensor_combines_with_a_dated_raster(catalog, tmp_path):
     folder, info = catalog
     path = tmp_path / "ndvi.tif"

@@ -254,7 +254,9 @@ def search_api(
     API stays unreachable), a refused search is exit 2 naming ``stac.api``."""
     import shapely.geometry
     from pystac_client import Client
-    from pystac_client.exceptions import APIError
+    from pystac_client.errors import ClientTypeError
+    from pystac_client.exceptions import APIError, ParametersError
+    from pystac_client.warnings import PystacClientWarning
 
     def day(date: int | None, time: str) -> str:
         return ".." if date is None else f"{str(date)[:4]}-{str(date)[4:6]}-{str(date)[6:]}T{time}Z"
@@ -279,6 +281,19 @@ def search_api(
         return storage.retry_call("search", url, search, _http_transient)
     except APIError as exc:
         raise BadInputError(f"{where}.api: the STAC API {url} refused the search for tile {tile!r}: {exc}") from None
+    except (
+        PystacClientWarning,
+        ClientTypeError,
+        ParametersError,
+        NotImplementedError,
+        ValueError,
+        pystac.STACError,
+    ) as exc:
+        # pystac-client raises its conformance warnings; a JSON error is a ValueError
+        raise BadInputError(
+            f"{where}.api: {url} is not a STAC API with item search ({type(exc).__name__}: {exc}); "
+            "a static catalog goes in stac.catalog"
+        ) from None
 
 
 class StacSensor(Sensor):
