@@ -105,6 +105,11 @@ def test_missing_and_denied_exit_2_naming_the_url(s3_server, s3_bucket, sleeps):
     assert sleeps == []  # none of them retried
     with pytest.raises(BadInputError, match=r"malformed URL 'https:///x.tif'"):
         storage.read_bytes("https:///x.tif")
+    # a port that is no number, a blank: bad input at once, never retried into a 75 (review finding)
+    for bad in ("http://localhost:abc/x.tif", "http://exa mple.com/x.tif"):
+        with pytest.raises(BadInputError, match="malformed URL"):
+            storage.read_bytes(bad)
+    assert sleeps == []
     with pytest.raises(BadInputError, match=r"scheme 'ftp'.*allowed: .*where inputs are read, http\(s\)://"):
         storage.read_bytes("ftp://example.com/x.tif")
 

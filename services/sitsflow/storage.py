@@ -184,8 +184,14 @@ def is_remote(uri: PathLike) -> TypeGuard[str]:
 def _http_url(uri: str) -> str:
     """``uri`` if it is a well-formed http(s) URL naming a file (a host and a path)."""
     parts = urlsplit(uri)
-    if not parts.hostname or parts.path.rstrip("/") == "":
-        raise BadInputError(f"malformed URL {uri!r}: expected http(s)://host/path/to/file")
+    try:
+        parts.port  # noqa: B018 (a port that is no number raises here)
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if not parts.hostname or parts.path.rstrip("/") == "" or any(c.isspace() or ord(c) < 32 for c in uri):
+        raise BadInputError(
+            f"malformed URL {uri!r}: expected http(s)://host[:port]/path/to/file (no blank, a numeric port)"
+        )
     return uri
 
 
@@ -403,6 +409,8 @@ def _is_transient(exc: BaseException) -> bool:
         return exc.code == 429 or exc.code >= 500
     if isinstance(exc, urllib.error.URLError):  # no answer: refused, reset, timed out, unresolved
         return not isinstance(exc.reason, ssl.SSLCertVerificationError)
+    if isinstance(exc, http.client.InvalidURL):  # refused before any request: no transport trouble
+        return False
     if isinstance(exc, http.client.HTTPException):  # a reply cut short or garbled
         return True
     if isinstance(exc, (TimeoutError, ConnectionError)):
