@@ -184,3 +184,16 @@ def test_the_section_survives_the_resolved_configuration(scene, tmp_path):
     assert load_config(str(again)) == cfg
     # set without its section: iota2's defaults
     assert load_config(str(folder / "config.cfg"), ["chain.user_feat_path='uf'"]).userFeat.patterns == "ALT,ASP,SLP"
+
+
+def test_glob_classes_keep_their_ranges_as_python_glob_does():
+    """``DEM_[0-9]*`` is a range, as in iota2's glob (review finding: the class was escaped into
+    the literal set {0, -, 9})."""
+    import fnmatch
+
+    from sitsflow.sensors.user_features import _glob_regex
+
+    names = ["DEM_5.tif", "DEM_-.tif", "DEM_x.tif", "DEM_^.tif", "DEM_\\.tif", "ALT.tif"]
+    for pattern in ("DEM_[0-9]*", "DEM_[!0-9]*", "DEM_[^x]*", "DEM_[\\]*", "DEM_?.tif", "*"):
+        for name in names:
+            assert bool(_glob_regex(pattern).fullmatch(name)) == fnmatch.fnmatchcase(name, pattern), (pattern, name)

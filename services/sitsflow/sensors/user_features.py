@@ -48,7 +48,11 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
         elif c == "[" and "]" in pattern[i + 1 :]:
             j = pattern.index("]", i + 1)
             body = pattern[i + 1 : j]
-            out.append("[" + ("^" + re.escape(body[1:]) if body[:1] == "!" else re.escape(body)) + "]")
+            negated = body[:1] == "!"
+            # a range such as 0-9 stays a range, as in glob; only what regular expressions read
+            # otherwise inside a class is escaped
+            inner = (body[1:] if negated else body).replace("\\", "\\\\").replace("^", "\\^").replace("[", "\\[")
+            out.append("[" + ("^" if negated else "") + inner + "]")
             i = j
         else:
             out.append(re.escape(c))
