@@ -155,11 +155,24 @@ def _to_cog(
         )
 
 
+def _open_all(paths: list[str]) -> list[Any]:
+    """The rasters ``paths`` opened; those already open are closed when a later one fails."""
+    sources: list[Any] = []
+    try:
+        for path in paths:
+            sources.append(rasterio.open(path))
+    except BaseException:
+        for src in sources:
+            src.close()
+        raise
+    return sources
+
+
 def _mosaic_cog(
     src_uris: list[str], dst_path: str, *, dtype: str, nodata, scale: float, method: str, colormap: dict | None
 ) -> None:
     with storage.scratch_dir("sitsflow-cog-") as tmpdir:
-        sources = [rasterio.open(storage.rasterio_path(u)) for u in src_uris]
+        sources = _open_all([storage.rasterio_path(u) for u in src_uris])
         try:
             first = sources[0]
             if len(sources) == 1:
@@ -312,7 +325,7 @@ def majority_vote(labels: np.ndarray, undecided: int) -> np.ndarray:
 def _fuse(paths: list[str], dst_path: str, undecided: int, colormap: dict | None = None) -> None:
     """Write the majority vote of the local classification COGs ``paths`` (one grid) as a COG."""
     with storage.scratch_dir("sitsflow-fusion-") as tmpdir:
-        sources = [rasterio.open(p) for p in paths]
+        sources = _open_all(paths)
         try:
             first = sources[0]
             profile = first.profile.copy()
