@@ -832,8 +832,8 @@ def _http_body(response: http.client.HTTPResponse, sink: Callable[[bytes], objec
 
 def _http_meta(uri: str) -> tuple[int, str]:
     """``(size, version)`` of ``uri``: by HEAD, or by a one-byte ranged GET when the server
-    refuses HEAD (416, no first byte: an empty file). The version is the ETag, else
-    Last-Modified, else empty."""
+    refuses HEAD (416, no first byte: an empty file); size -1 when the server gives none. The
+    version is the ETag, else Last-Modified, else empty."""
     try:
         response = _http_open(uri, "HEAD")
         ranged = False
@@ -853,10 +853,8 @@ def _http_meta(uri: str) -> tuple[int, str]:
         headers = response.headers
         total = (headers.get("Content-Range") or "").rpartition("/")[2] if ranged and response.status == 206 else ""
         size = total if total.isdigit() else headers.get("Content-Length", "")
-        if not size.isdigit():
-            raise BadInputError(f"stat {uri}: the server gives no size (no Content-Length)")
         version = (headers.get("ETag") or "").removeprefix("W/").strip('"') or headers.get("Last-Modified") or ""
-        return int(size), version
+        return (int(size) if size.isdigit() else -1), version  # -1: a server sending chunks gives no size
 
 
 class HttpBackend:
