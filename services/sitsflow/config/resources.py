@@ -262,7 +262,7 @@ class ResourcesSection(Section):
     ...) are read as the block of the stage doing that step (:data:`IOTA2_STEPS`).
     """
 
-    __iota2__ = IOTA2_STEP_HINTS
+    __refused__ = IOTA2_STEP_HINTS  # refused even empty: a block names where resources go
     __rules__ = tuple(_no_gpu(stage) for stage in STAGES if stage not in GPU_STAGES)
 
     default: StageResources | None = None
