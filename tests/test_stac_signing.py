@@ -22,7 +22,7 @@ from rasterio.windows import Window
 
 from sitsflow import sampling, storage
 from sitsflow.config import load_config
-from sitsflow.errors import BadInputError, TransientError
+from sitsflow.errors import BadInputError, ConfigError, TransientError
 from sitsflow.features import FeaturePipeline
 from sitsflow.sensors import signing
 from stac_catalog import upload, write_catalog, write_config
@@ -78,6 +78,7 @@ class FakeTokenEndpoint:
 def _fresh_signers(monkeypatch):
     """Each test's registrations and tokens are its own."""
     monkeypatch.setattr(storage, "_SIGNERS", {})
+    monkeypatch.setattr(storage, "_SECRETS", set())
     monkeypatch.setattr(signing, "_tokens", {})
 
 
@@ -183,6 +184,10 @@ def test_token_endpoint_errors(endpoint, monkeypatch):
     with pytest.raises(BadInputError, match=r"^stac\[1\]\.sign: the token endpoint refused collection 'l8'") as err:
         signing.token(endpoint.url, "l8", "stac[1]")
     assert err.value.exit_code == 2
+    with pytest.raises(BadInputError, match=r"^stac\.sign: the asset http://h/a\.tif belongs to an item without"):
+        signing.register({"http://h/a.tif": None}, endpoint.url)
+    signing.register({"s3://b/a.tif": None, "/local/a.tif": None}, endpoint.url)  # only http(s) is signed
+    assert storage._SIGNERS == {}
     endpoint.fail = [404]
     with pytest.raises(BadInputError, match=r"^stac\.sign: .*'nope'"):
         signing.token(endpoint.url, "nope")
@@ -198,3 +203,17 @@ def test_messages_show_the_href_without_its_token(http_catalog, endpoint):
     with pytest.raises(BadInputError, match=r"no such file or object") as err:
         pipe.sensors[0].read(WINDOW, pipe.grid)
     assert gone in str(err.value) and "sig=" not in str(err.value) and err.value.exit_code == 2
+    # GDAL's own texts (which name the path it opened) have the token replaced
+    secret = signing.token(endpoint.url, "sentinel-2-l2a")
+    failure = RuntimeError(f"'/vsicurl/http://h/B03.tif?{secret}' not recognized as a supported file format")
+    assert (
+        storage._gdal_text(failure) == "'/vsicurl/http://h/B03.tif?<token>' not recognized as a supported file format"
+    )
+
+
+def test_sign_keys_are_checked(tmp_path):
+    for extra, key in (("sign : 'azure'", "stac.sign"), ("sign_url : 'ftp://x'", "stac.sign_url")):
+        path = write_config(tmp_path, "catalog.json", stac_extra=extra)
+        with pytest.raises(ConfigError, match=key) as err:
+            load_config(str(path), [])
+        assert err.value.exit_code == 2
