@@ -195,6 +195,34 @@ def _http_url(uri: str) -> str:
     return uri
 
 
+_SIGNERS: dict[str, Callable[[str], str]] = {}  # unsigned http(s) href -> its signer (sign_with)
+_SECRETS: set[str] = set()  # query strings kept out of messages (add_secret)
+
+
+def sign_with(uri: str, signer: Callable[[str], str]) -> None:
+    """Request and open the http(s) URL ``uri`` as ``signer(uri)`` (e.g. with a SAS token
+    appended), called at each request or open; ``uri`` itself stays what callers see, log and
+    fingerprint."""
+    _SIGNERS[uri] = signer
+
+
+def add_secret(text: str) -> None:
+    """Keep ``text`` (a token) out of the messages of GDAL failures."""
+    _SECRETS.add(text)
+
+
+def _signed(uri: str) -> str:
+    signer = _SIGNERS.get(uri)
+    return uri if signer is None else signer(uri)
+
+
+def redact(text: str) -> str:
+    """``text`` with every secret of :func:`add_secret` replaced by ``<token>``."""
+    for secret in _SECRETS:
+        text = text.replace(secret, "<token>")
+    return text
+
+
 def _base_name(uri: str) -> str:
     """The file name a remote URI ends with (an URL's query string left out)."""
     path = urlsplit(uri).path if is_http(uri) else uri
@@ -813,7 +841,7 @@ def _http_open(uri: str, method: str = "GET", first_byte_only: bool = False) -> 
     headers = {"User-Agent": "sitsflow", "Accept-Encoding": "identity"}
     if first_byte_only:
         headers["Range"] = "bytes=0-0"
-    request = urllib.request.Request(_http_url(uri), method=method, headers=headers)
+    request = urllib.request.Request(_http_url(_signed(uri)), method=method, headers=headers)
     return _http_opener.open(request, timeout=CONNECT_TIMEOUT_S)
 
 
@@ -1249,13 +1277,13 @@ _COPIES = threading.local()  # {uri: local copy} that rasterio_path answers inst
 
 
 def rasterio_path(uri: PathLike) -> str:
-    """The path GDAL opens: ``/vsis3/bucket/key`` for S3, ``/vsicurl/<url>`` for http(s), the
-    local path otherwise."""
+    """The path GDAL opens: ``/vsis3/bucket/key`` for S3, ``/vsicurl/<url>`` for http(s) (signed
+    when :func:`sign_with` registered the URL), the local path otherwise."""
     copy_ = getattr(_COPIES, "paths", {}).get(os.fspath(uri))
     if copy_ is not None:
         return copy_
     if is_http(uri):
-        return f"/vsicurl/{_http_url(uri)}"
+        return f"/vsicurl/{_http_url(_signed(uri))}"
     if is_s3(uri):
         bucket, key = _s3_object(uri)
         return f"/vsis3/{bucket}/{key}"
@@ -1382,7 +1410,7 @@ def _gdal_text(exc: BaseException) -> str:
         text = str(e).strip()
         if text and "See previous exception" not in text and text not in seen:
             seen.append(text)
-    return "; ".join(seen)[:600] or type(exc).__name__
+    return redact("; ".join(seen))[:600] or type(exc).__name__
 
 
 def _gdal_kind(exc: BaseException) -> str | None:

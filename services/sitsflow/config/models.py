@@ -50,7 +50,13 @@ from sitsflow.config.schema import (
     suggest,
 )
 from sitsflow.config.syntax import format_key, format_value
-from sitsflow.sensors.catalogue import ASSET_KEY_CONVENTIONS, OPTICAL_SENSORS, SPECTRAL_INDICES, STAC_PROFILES
+from sitsflow.sensors.catalogue import (
+    ASSET_KEY_CONVENTIONS,
+    OPTICAL_SENSORS,
+    PC_TOKEN_URL,
+    SPECTRAL_INDICES,
+    STAC_PROFILES,
+)
 
 BUILTIN_NETWORKS: tuple[str, ...] = (
     "LTAEClassifier",
@@ -520,6 +526,15 @@ class StacSection(Section):
     convolution, masks by nearest neighbour; pixels no item covers are missing. ``tile_property``,
     when set, is matched as well; None: items are matched by ``tile_property`` alone and read on
     their own grid."""
+    sign: Literal["planetary-computer"] | None = None
+    """``planetary-computer``: every http(s) asset href is signed with Planetary Computer's SAS
+    token of its item's collection (fetched from ``sign_url``, cached for the process, fetched
+    again when it expires within 5 minutes), appended as a query string when the asset is
+    requested or opened; hrefs stay unsigned in fingerprints, descriptions and messages. None:
+    hrefs are read as they are (docs/sensors.md)."""
+    sign_url: Annotated[str, Text("the http(s):// URL of a token endpoint", r"https?://\S+")] = PC_TOKEN_URL
+    """The token endpoint of ``sign``: ``GET {sign_url}/{collection}`` answers JSON
+    ``{"token": ..., "msft:expiry": ...}`` (Planetary Computer's, public)."""
     orbit_state: Literal["ascending", "descending"] | None = None
     """Only the items of this orbit direction (``sat:orbit_state``), e.g. to keep Sentinel-1's
     ascending and descending passes apart; None: every item."""

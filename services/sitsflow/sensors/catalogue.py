@@ -161,3 +161,7 @@ STAC_PROFILES: dict[str, StacProfile] = {
     )
 }  # fmt: skip
 """The products ``stac.profile`` may name."""
+
+
+#: Planetary Computer's SAS token endpoint (``GET {PC_TOKEN_URL}/{collection}``), ``stac.sign_url``'s default
+PC_TOKEN_URL = "https://planetarycomputer.microsoft.com/api/sas/v1/token"

@@ -126,8 +126,11 @@ class _OpenFiles:
 
     def get(self, uri: str):
         dataset = self.datasets.pop(uri, None)
+        path = storage.rasterio_path(uri)
+        if dataset is not None and dataset.name != path:
+            dataset.close()  # opened with a token since renewed (storage.sign_with): opened afresh
         if dataset is None or dataset.closed:
-            dataset = rasterio.open(storage.rasterio_path(uri))
+            dataset = rasterio.open(path)
         self.datasets[uri] = dataset
         while len(self.datasets) > self.limit:
             self.datasets.popitem(last=False)[1].close()

@@ -48,6 +48,7 @@ from sitsflow import storage
 from sitsflow.errors import BadInputError, InputNotFoundError
 from sitsflow.log import get_logger
 from sitsflow.process import open_files_budget
+from sitsflow.sensors import signing
 from sitsflow.sensors.base import MASKS, VALUES, Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
 from sitsflow.sensors.catalogue import INDEX_ROLES, STAC_PROFILES, StacProfile
 from sitsflow.sensors.products import _OpenFiles
@@ -355,6 +356,8 @@ class StacSensor(Sensor):
             hrefs = {band: _href(item, provider.key(band), source, where) for band in bands}
             if mask_asset:
                 hrefs[mask_asset] = _href(item, mask_asset, source, where)
+            if opts.sign is not None:
+                signing.register(dict.fromkeys(hrefs.values(), item.collection_id), opts.sign_url, where)
             kept.append(StacItem(item.id, date, when.isoformat() + item.id, hrefs, dn_offset(profile, item.properties)))
         if not kept:
             prop = " + ".join(names)
