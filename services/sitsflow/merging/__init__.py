@@ -155,6 +155,20 @@ def _to_cog(
         )
 
 
+def _publish_cog(plain: str, dst_path: str) -> None:
+    """Copy the staged GeoTIFF ``plain`` to ``dst_path`` as a COG: the one COG layout of every final
+    product (DEFLATE, 256-px blocks, nearest overviews, BigTIFF when needed)."""
+    rasterio.shutil.copy(
+        plain,
+        dst_path,
+        driver="COG",
+        compress="DEFLATE",
+        overview_resampling="nearest",
+        blocksize=256,
+        BIGTIFF="IF_SAFER",
+    )
+
+
 def _open_all(paths: list[str]) -> list[Any]:
     """The rasters ``paths`` opened; those already open are closed when a later one fails."""
     sources: list[Any] = []
@@ -228,15 +242,7 @@ def _mosaic_cog(
         finally:
             for src in sources:
                 src.close()
-        rasterio.shutil.copy(
-            plain,
-            dst_path,
-            driver="COG",
-            compress="DEFLATE",
-            overview_resampling="nearest",
-            blocksize=256,
-            BIGTIFF="IF_SAFER",
-        )
+        _publish_cog(plain, dst_path)
 
 
 def _default_colors(codes: list[int]) -> dict[int, tuple[int, ...]]:
@@ -345,9 +351,7 @@ def _fuse(paths: list[str], dst_path: str, undecided: int, colormap: dict | None
         finally:
             for src in sources:
                 src.close()
-        rasterio.shutil.copy(
-            plain, dst_path, driver="COG", compress="DEFLATE", overview_resampling="nearest", blocksize=256
-        )
+        _publish_cog(plain, dst_path)
 
 
 def _run_labels(out: str, samples, region: int, runs: int) -> np.ndarray:
