@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
           f"= {results['nodata90_cost_over_full']:.0%} of a full chunk's time")
     from sitsflow.inference import reader_threads
 
-    results["readers"] = reader_threads(results["device"].startswith("cuda"))
+    results["readers"] = reader_threads(results["device"].startswith("cuda"), remote=False)  # the chunk is local
     results["tile_s_extrapolated"] = round(args.tile_px**2 / results["stage_full_px_s"], 1)
     timings = results["stage_full_timings"]
     print("where the full chunk's time went (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from sitsflow import features as features_module
-from sitsflow import inference, layout
+from sitsflow import inference, layout, nn
 from sitsflow.config import load_config
 from sitsflow.errors import BadInputError
 from sitsflow.features import FeaturePipeline, ReadBuffers
@@ -196,8 +197,8 @@ def test_inference_maps_do_not_depend_on_read_ahead_parts_or_probing(tmp_path, m
     assert summary["classified"] == 96 * 96 - int(96 * 0.4) * 96
     assert (reference["chunk_classif"][0, : int(96 * 0.4)] == 0).all()
     assert (reference["validity"][0, int(96 * 0.4) :] == 5).all()
-    for readers in (1, 2, 3):
-        again, maps = classify(readers, 1)  # 16 x 32 px parts, read ahead, nodata parts probed
+    for readers in (0, 1, 2, 3):
+        again, maps = classify(readers, 1)  # 16 x 32 px parts, read ahead (or not), nodata parts probed
         assert again["classified"] == summary["classified"]
         for kind, array in reference.items():
             np.testing.assert_array_equal(maps[kind], array, err_msg=f"{kind} with {readers} readers")
@@ -215,15 +216,64 @@ def test_bench_inference_runs_and_reports_both_ratios(tmp_path, capsys):
 def test_inference_process_settings(monkeypatch):
     assert tune_for_inference() is True  # glibc: freed memory is kept for reuse
     monkeypatch.delenv("SITSFLOW_READERS", raising=False)
-    assert inference.reader_threads() == inference.READERS
+    assert inference.reader_threads() == inference.READERS  # remote inputs: read ahead of the network
+    assert inference.reader_threads(remote=False) == 0  # local inputs on the CPU: no reading thread
     assert inference.reader_threads(gpu=True) == inference._usable_cpus()  # a GPU network: every core reads
+    assert inference.reader_threads(gpu=True, remote=False) == inference._usable_cpus()
     monkeypatch.setenv("SITSFLOW_READERS", "3")
-    assert inference.reader_threads() == 3
+    assert inference.reader_threads(remote=False) == 3
     assert inference.reader_threads(gpu=True) == 3
-    for bad in ("0", "two", "-1"):
+    monkeypatch.setenv("SITSFLOW_READERS", "0")
+    assert inference.reader_threads(gpu=True) == 0
+    for bad in ("two", "-1", "1.5"):
         monkeypatch.setenv("SITSFLOW_READERS", bad)
-        with pytest.raises(BadInputError, match="SITSFLOW_READERS"):
+        with pytest.raises(BadInputError, match="SITSFLOW_READERS must be 0"):
             inference.reader_threads()
+
+
+def test_inference_reads_in_reading_threads_only_when_asked_or_remote(tmp_path, monkeypatch):
+    """Local inputs on the CPU: every part is read by the classifying thread, after the previous
+    part is classified; ``SITSFLOW_READERS`` > 0 or remote inputs: by reading threads."""
+    bench = _bench()
+    raster = tmp_path / "chunk.tif"
+    bench.make_chunk(raster, 64, 3, 2, 0.0, "DEFLATE", block=16)
+    cfg = load_config(str(bench.write_config(tmp_path, raster, 2, tmp_path / "out")))
+    bench.install_model(cfg, "MLPClassifier", nb_classes=3)
+    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 1)  # 16 x 32 px parts
+    events: list[tuple[str, str]] = []
+    features, classify = features_module.FeaturePipeline.features, nn.Predictor.classify
+
+    def reading(self, *args, **kwargs):
+        events.append(("read", threading.current_thread().name))
+        return features(self, *args, **kwargs)
+
+    def classifying(self, *args, **kwargs):
+        events.append(("classify", threading.current_thread().name))
+        return classify(self, *args, **kwargs)
+
+    monkeypatch.setattr(features_module.FeaturePipeline, "features", reading)
+    monkeypatch.setattr(nn.Predictor, "classify", classifying)
+
+    def run(readers: str | None, remote: bool = False) -> list[tuple[str, str]]:
+        events.clear()
+        if readers is None:
+            monkeypatch.delenv("SITSFLOW_READERS", raising=False)
+        else:
+            monkeypatch.setenv("SITSFLOW_READERS", readers)
+        monkeypatch.setattr(inference.storage, "is_remote", lambda uri: remote)
+        shutil.rmtree(tmp_path / "out" / "manifests" / "inference", ignore_errors=True)
+        inference.run(cfg, "T0", 0, 0)
+        return list(events)
+
+    main = threading.current_thread().name
+    parts = 8  # 64 x 64 px in 16 x 32 px parts
+    assert run(None) == [("read", main), ("classify", main)] * parts  # read, classify, read ...
+    assert run("0", remote=True) == [("read", main), ("classify", main)] * parts
+    for readers, remote in (("2", False), (None, True)):
+        seen = run(readers, remote)
+        assert [n for kind, n in seen if kind == "classify"] == [main] * parts
+        reading_threads = [n for kind, n in seen if kind == "read"]
+        assert len(reading_threads) == parts and all(n.startswith("sitsflow-read") for n in reading_threads)
 
 
 def _profile(w=40, h=30, count=1, dtype="uint16"):

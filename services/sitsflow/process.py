@@ -3,12 +3,14 @@ SIGTERM for every stage (:func:`stop_on_sigterm`).
 
 Inference:
 
-* ``OMP_WAIT_POLICY=PASSIVE`` with ``GOMP_SPINCOUNT=1000``: the next sub-window is read while the
-  network runs; OpenMP threads that sleep instead of spinning between batches leave the cores to
-  the reader. They first spin 1,000 rounds (about 10 µs in libgomp's estimate): without that, the
-  folded L-TAE, made of many short operations, paid a wake-up for each: 69 k px/s on 2 cores
-  against 122–159 k with the short spin (docs/benchmarks.md); the MLP's stage also gained 6 %. Either variable
-  already set is kept.
+* ``OMP_WAIT_POLICY=PASSIVE`` with ``GOMP_SPINCOUNT=20000``: OpenMP threads that sleep instead of
+  spinning between batches leave the cores to reading (reading threads, or GDAL's decoding threads
+  between two parts). They first spin 20,000 rounds (about 0.2 ms in libgomp's estimate): the
+  folded L-TAE, made of many short operations, pays a wake-up for each operation otherwise. On the
+  2-core Intel Xeon of docs/benchmarks.md the L-TAE's stage made 144 k px/s with 1,000 rounds and
+  170-191 k with 20,000 (the MLP's: 218 k and 200-210 k, within the noise); on an earlier
+  machine both gave 92 k. Fully active waiting (``OMP_WAIT_POLICY=ACTIVE``) took the cores from
+  GDAL's decoding: 157-173 k. Either variable already set is kept.
 * glibc's allocator keeps freed memory for reuse (``mallopt``: ``M_MMAP_THRESHOLD`` and
   ``M_TRIM_THRESHOLD`` raised to 1 GiB). By default every block of more than 32 MiB (GDAL's decoded
   blocks, the network's batches) is mapped afresh from the system and unmapped when freed: each
@@ -40,7 +42,7 @@ RETAINED_BYTES = 1 << 30
 def tune_for_inference() -> bool:
     """Apply the settings above; True when the allocator took them."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt

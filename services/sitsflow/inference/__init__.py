@@ -20,14 +20,16 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import shapely
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
-from sitsflow import layout, manifest, nn
+from sitsflow import layout, manifest, nn, storage
 from sitsflow.errors import BadInputError
 from sitsflow.features import FeaturePipeline, ReadBuffers
 from sitsflow.inference.writer import ChunkWriter
@@ -60,18 +62,35 @@ def _usable_cpus() -> int:
 
 
 READERS = max(1, min(2, _usable_cpus()))
-"""Threads reading ahead of the network on the CPU (2; 1 on one CPU): the network needs the cores too."""
+"""Threads reading ahead of a network on the CPU when an input is remote (object storage, HTTP):
+they hide the requests' latency (2; 1 on one CPU)."""
 
 
-def reader_threads(gpu: bool = False) -> int:
-    """``SITSFLOW_READERS`` when set (a positive integer); else every usable CPU when a GPU runs the
-    network (reading is then the bound), :data:`READERS` on the CPU."""
+def reader_threads(gpu: bool = False, remote: bool = True) -> int:
+    """How many threads read ahead of the network: ``SITSFLOW_READERS`` when set (0: none, each
+    sub-window is read by the classifying thread just before it is classified; else that many);
+    else every usable CPU when a GPU runs the network (reading is then the bound), :data:`READERS`
+    on the CPU when an input is ``remote``, and 0 on the CPU with local inputs only: there is no
+    latency to hide, and reading threads only take the cores from the network's (docs/benchmarks.md:
+    the L-TAE's stage 201-208 k px/s without, 170-191 k with two on 2 cores)."""
     text = os.environ.get("SITSFLOW_READERS", "").strip()
     if not text:
-        return _usable_cpus() if gpu else READERS
-    if not text.isdigit() or int(text) < 1:
-        raise BadInputError(f"SITSFLOW_READERS must be a positive integer (reading threads), got {text!r}")
+        return _usable_cpus() if gpu else (READERS if remote else 0)
+    if not text.isdigit():
+        raise BadInputError(
+            f"SITSFLOW_READERS must be 0 (no reading thread) or a positive integer (reading threads), got {text!r}"
+        )
     return int(text)
+
+
+class _ReadLater:
+    """A read made when its result is asked for (no reading thread: the classifying thread reads)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._fn, self._args = fn, args
+
+    def result(self) -> Any:
+        return self._fn(*self._args)
 
 
 def model_classes(description: dict) -> list[int]:
@@ -193,24 +212,32 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     # one predictor per model: the network's inference form (folded; on CUDA compiled, in bf16)
     predictors = {region: nn.Predictor(net) for region, (net, _) in models.items()}
     gpu = any(p.device.type == "cuda" for p in predictors.values())
-    readers = max(1, min(reader_threads(gpu), len(subs)))
-    buffers = [ReadBuffers() for _ in range(readers + 1)]
+    remote = any(storage.is_remote(f) for f in pipe.input_files())
+    readers = min(reader_threads(gpu, remote), len(subs))
+    ahead = max(1, readers)
+    buffers = [ReadBuffers() for _ in range(ahead + 1)]
     # READERS threads read and compute the features of the next sub-windows while the network
     # classifies the current one (GDAL decodes each read's blocks on every core), and the writer
     # thread writes the previous ones. READERS + 1 sets of buffers go round: sub-window
     # k + READERS is submitted once sub-window k - 1 is classified, so it never reuses a set still
-    # in use. Nodata areas are contiguous (outside the swath): after a sub-window without any valid
-    # observation, the next ones are probed cheaply before they are read (the first ones too).
-    with ChunkWriter() as writer, ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sitsflow-read") as pool:
+    # in use. Without reading threads, sub-window k + 1 is read when it is its turn, after k is
+    # classified. Nodata areas are contiguous (outside the swath): after a sub-window without any
+    # valid observation, the next ones are probed cheaply before they are read (the first ones too).
+
+    def submit(k: int, probe: bool) -> Any:
+        args = (subs[k], buffers[k % len(buffers)], probe)
+        return pool.submit(read, *args) if readers else _ReadLater(read, *args)
+
+    with ChunkWriter() as writer, ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="sitsflow-read") as pool:
         uris = _add_outputs(writer, cfg, pipe, window, models, tile, chunk, seed)
-        pending = {k: pool.submit(read, subs[k], buffers[k], True) for k in range(readers)}
+        pending = {k: submit(k, True) for k in range(ahead)}
         for k in range(len(subs)):
             tic = time.perf_counter()
             sub, region_map, block = pending.pop(k).result()
             timings["wait_read_s"] += time.perf_counter() - tic
-            nxt = k + readers
+            nxt = k + ahead
             if nxt < len(subs):
-                pending[nxt] = pool.submit(read, subs[nxt], buffers[nxt % len(buffers)], not block.clear_dates.any())
+                pending[nxt] = submit(nxt, not block.clear_dates.any())
             sh, sw = int(sub.height), int(sub.width)
             local = Window(int(sub.col_off - window.col_off), int(sub.row_off - window.row_off), sw, sh)
             if seed == 0:
