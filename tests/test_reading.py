@@ -276,6 +276,35 @@ def test_inference_reads_in_reading_threads_only_when_asked_or_remote(tmp_path, 
         assert len(reading_threads) == parts and all(n.startswith("sitsflow-read") for n in reading_threads)
 
 
+def test_inference_holds_one_set_of_buffers_without_reading_threads(tmp_path, monkeypatch):
+    """Without reading threads part k + 1 is read after part k is classified: one set of buffers
+    serves every part (docs/deploy.md); with N reading threads, N + 1 sets go round."""
+    bench = _bench()
+    raster = tmp_path / "chunk.tif"
+    bench.make_chunk(raster, 64, 3, 2, 0.0, "DEFLATE", block=16)
+    cfg = load_config(str(bench.write_config(tmp_path, raster, 2, tmp_path / "out")))
+    bench.install_model(cfg, "MLPClassifier", nb_classes=3)
+    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 1)  # 16 x 32 px parts
+    made: list[ReadBuffers] = []
+
+    class Counted(ReadBuffers):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(inference, "ReadBuffers", Counted)
+
+    def used(readers: str) -> int:
+        made.clear()
+        monkeypatch.setenv("SITSFLOW_READERS", readers)
+        shutil.rmtree(tmp_path / "out" / "manifests" / "inference", ignore_errors=True)
+        inference.run(cfg, "T0", 0, 0)
+        return sum(b.nbytes > 0 for b in made)
+
+    assert used("0") == 1
+    assert used("2") == 3
+
+
 def _profile(w=40, h=30, count=1, dtype="uint16"):
     return {"driver": "GTiff", "dtype": dtype, "count": count, "width": w, "height": h, "crs": "EPSG:32631",
             "transform": from_origin(300000, 5000000, 10, 10), "compress": "deflate"}

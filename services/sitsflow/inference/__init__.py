@@ -215,14 +215,15 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     remote = any(storage.is_remote(f) for f in pipe.input_files())
     readers = min(reader_threads(gpu, remote), len(subs))
     ahead = max(1, readers)
-    buffers = [ReadBuffers() for _ in range(ahead + 1)]
+    buffers = [ReadBuffers() for _ in range(readers + 1)]
     # READERS threads read and compute the features of the next sub-windows while the network
     # classifies the current one (GDAL decodes each read's blocks on every core), and the writer
     # thread writes the previous ones. READERS + 1 sets of buffers go round: sub-window
     # k + READERS is submitted once sub-window k - 1 is classified, so it never reuses a set still
     # in use. Without reading threads, sub-window k + 1 is read when it is its turn, after k is
-    # classified. Nodata areas are contiguous (outside the swath): after a sub-window without any
-    # valid observation, the next ones are probed cheaply before they are read (the first ones too).
+    # classified (the writer gets fresh arrays, never the buffers): one set serves them all.
+    # Nodata areas are contiguous (outside the swath): after a sub-window without any valid
+    # observation, the next ones are probed cheaply before they are read (the first ones too).
 
     def submit(k: int, probe: bool) -> Any:
         args = (subs[k], buffers[k % len(buffers)], probe)
@@ -301,5 +302,6 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
         out, STAGE, task, fp, outputs, {"summary": summary, "models": summary["models"], "window": summary["window"]}
     )
     # where the time went (not in the manifest: it changes from run to run). read_s is summed over
-    # the reading threads; wait_* are the main loop's waits; copy_s/compute_s are CUDA-side times
+    # the reading threads (without any, the classifying thread's reads, which wait_read_s then
+    # includes); wait_* are the main loop's waits; copy_s/compute_s are CUDA-side times
     return summary | {"skipped": False, "timings": {k: round(v, 3) for k, v in timings.items()}}
