@@ -19,7 +19,7 @@ from rasterio.windows import Window
 from sitsflow import features as features_module
 from sitsflow import inference, layout, nn
 from sitsflow.config import load_config
-from sitsflow.errors import BadInputError
+from sitsflow.errors import BadInputError, TransientError
 from sitsflow.features import FeaturePipeline, ReadBuffers
 from sitsflow.process import tune_for_inference
 from sitsflow.sensors.base import read_on_grid
@@ -303,6 +303,37 @@ def test_inference_holds_one_set_of_buffers_without_reading_threads(tmp_path, mo
 
     assert used("0") == 1
     assert used("2") == 3
+
+
+@pytest.mark.parametrize("readers", ["0", "1", "3"])
+@pytest.mark.parametrize("error", [TransientError, BadInputError])
+def test_a_failed_read_stops_inference_with_its_error_and_no_thread_left(tmp_path, monkeypatch, readers, error):
+    """A read that fails (part 3 of 8) reaches the CLI as raised (exit 75 or 2), whether the
+    classifying thread or a reading thread read it; nothing is published, no reading thread stays."""
+    bench = _bench()
+    raster = tmp_path / "chunk.tif"
+    bench.make_chunk(raster, 64, 3, 2, 0.0, "DEFLATE", block=16)
+    cfg = load_config(str(bench.write_config(tmp_path, raster, 2, tmp_path / "out")))
+    bench.install_model(cfg, "MLPClassifier", nb_classes=3)
+    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 1)  # 16 x 32 px parts
+    monkeypatch.setenv("SITSFLOW_READERS", readers)
+    features = features_module.FeaturePipeline.features
+    calls = []
+
+    def failing(self, window, *args, **kwargs):
+        calls.append(window)
+        if len(calls) == 3:
+            raise error("read failed")
+        return features(self, window, *args, **kwargs)
+
+    monkeypatch.setattr(features_module.FeaturePipeline, "features", failing)
+    with pytest.raises(error, match="read failed"):
+        inference.run(cfg, "T0", 0, 0)
+    assert not [t for t in threading.enumerate() if t.name.startswith(("sitsflow-read", "sitsflow-write"))]
+    assert not list((tmp_path / "out").rglob("*.tif"))
+    assert not (tmp_path / "out" / "manifests" / "inference").exists() or not list(
+        (tmp_path / "out" / "manifests" / "inference").rglob("*")
+    )
 
 
 def _profile(w=40, h=30, count=1, dtype="uint16"):
