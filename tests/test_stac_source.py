@@ -565,3 +565,20 @@ def test_the_stac_sensor_combines_with_a_dated_raster(catalog, tmp_path):
     block = pipe.features(FULL)
     own = block.values[..., pipe.components.index("own_ndvi")]
     np.testing.assert_allclose(own[:, pipe.dates.index(20230311)], 0.3 + 0.2 * 7 / 20, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "prop, value, allowed",
+    [("s2:processing_baseline", "four", "a number like '04.00'"), ("eo:cloud_cover", "cloudy", "a number")],
+)
+def test_a_malformed_item_property_is_bad_input_naming_the_item(catalog, tmp_path, prop, value, allowed):
+    folder, info = catalog
+    broken = tmp_path / "broken"
+    write_catalog(broken)
+    item_json = next((broken / "stac").rglob("S2_d2b_31TCJ.json"))
+    doc = json.loads(item_json.read_text())
+    doc["properties"][prop] = value
+    item_json.write_text(json.dumps(doc))
+    with pytest.raises(BadInputError, match=rf"stac.catalog: item 'S2_d2b_31TCJ' .*{prop} {value!r}.*{allowed}") as err:
+        _pipe(broken, info, catalog=str(broken / "stac" / "catalog.json"))
+    assert err.value.exit_code == 2

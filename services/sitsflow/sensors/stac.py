@@ -86,17 +86,29 @@ def tile_code(text: str) -> str:
     return code[1:] if re.fullmatch(r"T\d.*", code) else code
 
 
-def dn_offset(profile: StacProfile, properties: dict) -> float:
+def dn_offset(profile: StacProfile, properties: dict, item: str = "the item") -> float:
     """The digital-number offset of an item: the profile's ``baseline_offset`` for Sentinel-2
     items of processing baseline >= 04.00 (``s2:processing_baseline``), unless the provider
-    applied it already (Earth Search's ``earthsearch:boa_offset_applied``); 0 otherwise."""
+    applied it already (Earth Search's ``earthsearch:boa_offset_applied``); 0 otherwise.
+    ``item`` names the item in messages."""
     if not profile.baseline_offset or properties.get("earthsearch:boa_offset_applied") is True:
         return 0.0
     baseline = properties.get("s2:processing_baseline")
     try:
         return profile.baseline_offset if baseline is not None and float(baseline) >= 4.0 else 0.0
     except (TypeError, ValueError):
-        raise BadInputError(f"s2:processing_baseline {baseline!r} is not a number like '04.00'") from None
+        raise BadInputError(f"{item}: s2:processing_baseline {baseline!r} is not a number like '04.00'") from None
+
+
+def _cloud_cover(properties: dict, item: str) -> float | None:
+    """The item's ``eo:cloud_cover`` (None when absent); bad input naming ``item`` when it is no number."""
+    cloud = properties.get("eo:cloud_cover")
+    if cloud is None:
+        return None
+    try:
+        return float(cloud)
+    except (TypeError, ValueError):
+        raise BadInputError(f"{item}: eo:cloud_cover {cloud!r} is not a number (a percentage, 0-100)") from None
 
 
 def _item_tile(item: pystac.Item, names: tuple[str, ...]) -> str | None:
@@ -349,8 +361,9 @@ class StacSensor(Sensor):
             if (start is not None and date < start) or (end is not None and date > end):
                 continue
             found["dates"] += 1
-            cloud = item.properties.get("eo:cloud_cover")
-            if opts.max_cloud_cover is not None and cloud is not None and float(cloud) > opts.max_cloud_cover:
+            culprit = f"{where}.{'catalog' if opts.catalog else 'api'}: item {item.id!r} of {source}"
+            cloud = _cloud_cover(item.properties, culprit) if opts.max_cloud_cover is not None else None
+            if opts.max_cloud_cover is not None and cloud is not None and cloud > opts.max_cloud_cover:
                 continue
             found["clouds"] += 1
             hrefs = {band: _href(item, provider.key(band), source, where) for band in bands}
@@ -358,7 +371,9 @@ class StacSensor(Sensor):
                 hrefs[mask_asset] = _href(item, mask_asset, source, where)
             if opts.sign is not None:
                 signing.register(dict.fromkeys(hrefs.values(), item.collection_id), opts.sign_url, where)
-            kept.append(StacItem(item.id, date, when.isoformat() + item.id, hrefs, dn_offset(profile, item.properties)))
+            kept.append(
+                StacItem(item.id, date, when.isoformat() + item.id, hrefs, dn_offset(profile, item.properties, culprit))
+            )
         if not kept:
             prop = " + ".join(names)
             spatial = f"{found['footprint']} whose geometry intersects the footprint ({where}.tiles), " if area else ""
