@@ -197,3 +197,22 @@ def test_glob_classes_keep_their_ranges_as_python_glob_does():
     for pattern in ("DEM_[0-9]*", "DEM_[!0-9]*", "DEM_[^x]*", "DEM_[\\]*", "DEM_?.tif", "*"):
         for name in names:
             assert bool(_glob_regex(pattern).fullmatch(name)) == fnmatch.fnmatchcase(name, pattern), (pattern, name)
+
+
+def test_glob_classes_read_a_leading_bracket_as_glob_does_and_a_bad_class_is_bad_input(tmp_path):
+    """``[]]`` and ``[!]]`` hold ``]``, an unclosed ``[`` is a character, as in Python's glob
+    (they raised re.error: exit 1); a class no glob can read (``[z-a]``) is exit 2 naming
+    userFeat.patterns."""
+    import fnmatch
+
+    from sitsflow.sensors.user_features import _glob_regex, find_rasters
+
+    names = ["DEM_].tif", "DEM_a.tif", "DEM_[.tif", "DEM_[]", "DEM_&.tif", "DEM_b.tif"]
+    for pattern in ("DEM_[]]*", "DEM_[!]]*", "DEM_[*", "DEM_[]", "DEM_[a&&b]*", "DEM_[]-a]*"):
+        for name in names:
+            assert bool(_glob_regex(pattern).fullmatch(name)) == fnmatch.fnmatchcase(name, pattern), (pattern, name)
+    (tmp_path / "T1").mkdir()
+    (tmp_path / "T1" / "DEM_a.tif").write_bytes(b"")
+    assert find_rasters(str(tmp_path), "T1", "/", ["DEM_[]a]"]) == [str(tmp_path / "T1" / "DEM_a.tif")]
+    with pytest.raises(BadInputError, match=r"userFeat.patterns: pattern 'DEM_\[z-a\]' is no valid glob"):
+        find_rasters(str(tmp_path), "T1", "/", ["DEM_[z-a]"])

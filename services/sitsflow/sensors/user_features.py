@@ -45,19 +45,32 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
             out.append("[^/]*")
         elif c == "?":
             out.append("[^/]")
-        elif c == "[" and "]" in pattern[i + 1 :]:
-            j = pattern.index("]", i + 1)
+        elif c == "[" and _class_end(pattern, i) > 0:
+            j = _class_end(pattern, i)
             body = pattern[i + 1 : j]
             negated = body[:1] == "!"
             # a range such as 0-9 stays a range, as in glob; only what regular expressions read
             # otherwise inside a class is escaped
             inner = (body[1:] if negated else body).replace("\\", "\\\\").replace("^", "\\^").replace("[", "\\[")
+            inner = re.sub(r"([&~|])", r"\\\1", inner)  # set operations of future regular expressions
             out.append("[" + ("^" if negated else "") + inner + "]")
             i = j
         else:
             out.append(re.escape(c))
         i += 1
     return re.compile("".join(out))
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """The index of the ``]`` closing the class opened at ``start``, -1 when it is not closed (the
+    ``[`` is then a plain character). As in glob: a ``]`` first in the class (after ``!``) is a
+    member, not the end (``[]]``, ``[!]]``)."""
+    j = start + 1
+    if pattern[j : j + 1] == "!":
+        j += 1
+    if pattern[j : j + 1] == "]":
+        j += 1
+    return pattern.find("]", j)
 
 
 def find_rasters(root: str, tile: str, arbo: str, patterns: list[str]) -> list[str]:
@@ -69,7 +82,12 @@ def find_rasters(root: str, tile: str, arbo: str, patterns: list[str]) -> list[s
     found = []
     for pattern in patterns:
         glob = re.sub("/+", "/", "/" + (arbo + pattern + "*").lstrip("/"))
-        regex = _glob_regex(glob)
+        try:
+            regex = _glob_regex(glob)
+        except re.error as exc:  # a class such as [z-a]
+            raise BadInputError(
+                f"userFeat.patterns: pattern {pattern!r} is no valid glob ({exc}); use *, ? and classes such as [0-9]"
+            ) from None
         matches = sorted(f for f, rel in relative.items() if regex.fullmatch(rel))
         if not matches:
             raise BadInputError(
