@@ -14,7 +14,8 @@ weights), and measures:
                               [--device cpu|cuda] [--repeat 2] [--readers N] [--tile-px 10980]
 
 The stage's timings say where its time went: ``read_s`` (reading and features, summed over the
-reading threads), ``wait_read_s`` (the main loop waiting for them), ``classify_s`` (the main loop
+reading threads; without any, the classifying thread's own reads), ``wait_read_s`` (the main loop
+waiting for them; without reading threads it holds the reads themselves), ``classify_s`` (the main loop
 classifying: copies, network, results back), ``copy_s``/``compute_s`` (CUDA-side times of the
 copies and the network), ``write_s`` (the writer thread), ``wait_write_s``.
 
