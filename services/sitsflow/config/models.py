@@ -1120,7 +1120,8 @@ class SensorsDataInterpolationSection(Section):
             True,
             "True: the date grid of each sensor spans the acquisitions of all the tiles; False: it spans the "
             "sensor section's start_date to end_date",
-            "sitsflow's grid spans the section's start_date and end_date when given, else the acquisitions",
+            "sitsflow's grid spans the section's start_date and end_date when given, else the tile's own "
+            "acquisitions (tiles whose grids then differ are refused at sampling: set start_date and end_date)",
         ),
     }
 
