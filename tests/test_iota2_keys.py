@@ -236,3 +236,15 @@ def test_merge_final_classifications_needs_several_runs_and_majority_voting(tmp_
     assert "use 'majorityvoting'" in message
     ok = _load(tmp_path, _with(MINIMAL, "arg_classification", "merge_final_classifications", True))
     assert ok.arg_classification.merge_final_classifications is True
+
+
+def test_augmentation_switched_off_accepts_its_other_settings(tmp_path: Path) -> None:
+    """iota2 reads sample_augmentation's other keys only with activate True: written with activate
+    False they ask for no augmentation (the same maps), so the file loads; activate True stays refused."""
+    base = _load(tmp_path, MINIMAL)
+    off = {"activate": False, "strategy": "jitter", "target_models": ["all"]}
+    assert _load(tmp_path, _with(MINIMAL, "arg_train", "sample_augmentation", off)) == base
+    message = _error(tmp_path, _with(MINIMAL, "arg_train", "sample_augmentation", off | {"activate": True}))
+    assert "arg_train.sample_augmentation = " in message and "does not augment" in message
+    message = _error(tmp_path, _with(MINIMAL, "arg_train", "sample_augmentation", {"strategy": "jitter"}))
+    assert "arg_train.sample_augmentation = " in message

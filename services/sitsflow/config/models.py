@@ -942,7 +942,8 @@ class ArgTrainSection(Section):
             {"activate": False},
             "synthetic samples added to the learning databases (replication, jitter, SMOTE)",
             "sitsflow does not augment the sample databases (arg_train.training_options has augmentations "
-            "applied during training)",
+            "applied during training); with activate : False the other keys are accepted (iota2 ignores them)",
+            switch="activate",
         ),
         "sample_management": Iota2Default(
             None,

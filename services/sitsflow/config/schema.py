@@ -197,16 +197,20 @@ class Iota2Default:
     """An iota2 key sitsflow does not implement, whose iota2 default is what sitsflow does.
 
     ``default``: iota2's default value; ``meaning``: what the key does in iota2; ``otherwise``:
-    why another value is refused (what it would change in the maps, what to use instead).
+    why another value is refused (what it would change in the maps, what to use instead);
+    ``switch``: for a dict default, the key that turns the iota2 feature on: written at its default,
+    the dict's other keys are moot (iota2 reads them only when the feature is on) and any are accepted.
     """
 
     default: Any
     meaning: str
     otherwise: str
+    switch: str | None = None
 
     def accepts(self, value: Any) -> bool:
         """Whether ``value`` is iota2's default as a user writes it: the same number, boolean or
-        list; a dict of some of the default's keys, each at its default; strings compared without
+        list; a dict of some of the default's keys, each at its default (or its ``switch`` at its
+        default, whatever the others); strings compared without
         case or surrounding blanks; None also written ``"None"`` or ``""`` (iota2's files write
         both)."""
         default = self.default
@@ -225,6 +229,8 @@ class Iota2Default:
                 and all(Iota2Default(d, "", "").accepts(v) for d, v in zip(default, value, strict=True))
             )
         if isinstance(default, dict):  # a key left out takes its default
+            if self.switch is not None and isinstance(value, dict) and self.switch in value:
+                return Iota2Default(default[self.switch], "", "").accepts(value[self.switch])
             return (
                 isinstance(value, dict)
                 and set(value) <= set(default)
