@@ -336,6 +336,61 @@ def test_a_failed_read_stops_inference_with_its_error_and_no_thread_left(tmp_pat
     )
 
 
+def test_inference_with_regions_gives_each_region_its_pixels_in_every_reading_mode(tmp_path, monkeypatch):
+    """chain.region_path: each region's model classifies its pixels only (the parts' pixels are
+    gathered into the reused buffers), whatever the reading mode; each map equals the chunk's map
+    without regions on its region and 0 elsewhere, nodata parts probed included."""
+    import pyogrio
+    import shapely
+
+    from sitsflow import manifest
+
+    bench = _bench()
+    raster = tmp_path / "chunk.tif"
+    bench.make_chunk(raster, 64, 3, 2, 0.25, "DEFLATE", block=16)  # the top quarter is nodata
+    cfg_path = bench.write_config(tmp_path, raster, 2, tmp_path / "out")
+    base = load_config(str(cfg_path))
+    bench.install_model(base, "MLPClassifier", nb_classes=3)
+    out = base.chain.output_path
+    shutil.copy(layout.model_selected(out, 1, 0), layout.model_selected(out, 2, 0))
+    manifest.write_manifest(out, "sampling", "all", "bench", [], {"regions": [1, 2], "summary": {}})
+    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 1)  # 16 x 32 px parts
+    # region 1: columns 0-20 (a part's width is 32: parts half in it), region 2: columns 40-63,
+    # none in between; two rows of region 2 are cut out of the top
+    x0, y0 = 300000, 5000000
+    boxes = [shapely.box(x0, y0 - 640, x0 + 210, y0), shapely.box(x0 + 400, y0 - 640, x0 + 640, y0 - 20)]
+    pyogrio.raw.write(str(tmp_path / "regions.geojson"), geometry=shapely.to_wkb(np.array(boxes, dtype=object)),
+                      field_data=[np.array([1, 2], np.int64)], fields=["region"], crs="EPSG:32631",
+                      driver="GeoJSON", geometry_type="Polygon")
+    cfg = load_config(str(cfg_path), [f"chain.region_path='{tmp_path / 'regions.geojson'}'"])
+    region_map = np.zeros((64, 64), int)
+    region_map[:, :21] = 1
+    region_map[2:, 40:] = 2
+
+    def maps(config, readers: str) -> dict:
+        monkeypatch.setenv("SITSFLOW_READERS", readers)
+        shutil.rmtree(tmp_path / "out" / "manifests" / "inference", ignore_errors=True)
+        inference.run(config, "T0", 0, 0)
+        found = {}
+        for region in (1, 2):
+            for kind in ("chunk_classif", "chunk_confidence"):
+                path = getattr(layout, kind)(out, "T0", region, 0, 0)
+                if Path(path).exists():
+                    with rasterio.open(path) as src:
+                        found[region, kind] = src.read(1)
+                    Path(path).unlink()
+        return found
+
+    reference = maps(base, "0")  # no regions: region 1's model everywhere
+    for readers in ("0", "1", "3"):
+        found = maps(cfg, readers)
+        for region in (1, 2):
+            for kind in ("chunk_classif", "chunk_confidence"):
+                expected = np.where(region_map == region, reference[1, kind], 0)
+                np.testing.assert_array_equal(found[region, kind], expected, err_msg=f"{region} {kind} {readers}")
+        assert (found[1, "chunk_classif"][16:, :21] > 0).all() and (found[2, "chunk_classif"][16:, 40:] > 0).all()
+
+
 def _profile(w=40, h=30, count=1, dtype="uint16"):
     return {"driver": "GTiff", "dtype": dtype, "count": count, "width": w, "height": h, "crs": "EPSG:32631",
             "transform": from_origin(300000, 5000000, 10, 10), "compress": "deflate"}
