@@ -90,6 +90,30 @@ def test_label_smoothing_follows_the_formula() -> None:
     assert not torch.isclose(got, nll)
 
 
+def test_label_smoothing_with_class_weights_weights_each_sample_by_its_own_class() -> None:
+    torch.manual_seed(0)
+    logits, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 0, 0, 0, 1])
+    eps, weights = 0.2, torch.tensor([0.5, 1.0, 3.0, 8.0])
+    loss = extras(nb_classes=4, label_smoothing=eps).loss
+    logp = torch.log_softmax(logits, dim=1)
+    per_sample = -(1 - eps) * logp[torch.arange(8), y] - eps * logp.mean(dim=1)
+    torch.testing.assert_close(loss(logits, y, weights), (weights[y] * per_sample).sum() / weights[y].sum())
+    # equal weights: the unweighted smoothed loss; no smoothing: PyTorch's weighted cross-entropy
+    torch.testing.assert_close(loss(logits, y, torch.full((4,), 3.0)), loss(logits, y, None))
+    torch.testing.assert_close(
+        extras(nb_classes=4).loss(logits, y, weights), torch.nn.functional.cross_entropy(logits, y, weight=weights)
+    )
+    # the Slovenia W11 trap: samples of a common class, equal logits, a rare class weighted 100.
+    # PyTorch's weighted smoothing pushes every sample toward the rare class; this loss does not.
+    logits = torch.zeros(4, 2, requires_grad=True)
+    y, weights = torch.zeros(4, dtype=torch.long), torch.tensor([1.0, 100.0])
+    loss(logits, y, weights).backward()
+    assert (logits.grad[:, 1] > 0).all()  # descending lowers the rare class's logit
+    logits.grad = None
+    torch.nn.functional.cross_entropy(logits, y, weight=weights, label_smoothing=eps).backward()
+    assert (logits.grad[:, 1] < 0).all()  # PyTorch's: descending raises it
+
+
 def test_weight_decay_shrinks_the_weights() -> None:
     def trained_norm(weight_decay: float) -> float:
         torch.manual_seed(0)

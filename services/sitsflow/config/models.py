@@ -837,8 +837,9 @@ class TrainingOptions(Section):
     fingerprint, so changing one retrains."""
 
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """Label smoothing epsilon of the training loss (PyTorch's ``cross_entropy(label_smoothing)``:
-    the target is (1 - epsilon) on the true class plus epsilon / nb_classes on every class). The
+    """Label smoothing epsilon of the training loss (as PyTorch's ``cross_entropy(label_smoothing)``:
+    the target is (1 - epsilon) on the true class plus epsilon / nb_classes on every class; with
+    ``weighted_labels`` each sample's whole loss is weighted by its class's weight). The
     validation loss stays the plain cross-entropy."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     """Decoupled weight decay (the optimizer becomes AdamW with this decay; 0: iota2's Adam)."""

@@ -137,10 +137,23 @@ class TrainingExtras:
             group["lr"] = lr
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        """The training loss: cross-entropy with the class ``weights`` and the label smoothing."""
-        return torch.nn.functional.cross_entropy(
-            logits, y, weight=weights, label_smoothing=self.options.label_smoothing
-        )
+        """The training loss: cross-entropy with the class ``weights`` and the label smoothing ε.
+
+        Each sample's loss is ``(1 - ε)·(-log p_y) + ε·mean_k(-log p_k)``; with class weights it is
+        weighted by its own class's weight: ``sum_i w_{y_i}·l_i / sum_i w_{y_i}`` (PyTorch's
+        weighted mean). PyTorch's ``cross_entropy(weight=, label_smoothing=)`` weights the
+        smoothing term of class k by ``w_k`` instead, on every sample: with inverse-frequency
+        weights the rarest class's large weight then rewards a high probability of that class on
+        every sample, and the network predicted it everywhere (docs/training.md, Slovenia W11).
+        Without weights or without smoothing this is exactly PyTorch's loss.
+        """
+        eps = self.options.label_smoothing
+        if weights is None or eps == 0:
+            return torch.nn.functional.cross_entropy(logits, y, weight=weights, label_smoothing=eps)
+        log_p = torch.log_softmax(logits, dim=1)
+        per_sample = -(1.0 - eps) * log_p.gather(1, y.unsqueeze(1)).squeeze(1) - eps * log_p.mean(dim=1)
+        w = weights.to(per_sample.dtype)[y]
+        return (w * per_sample).sum() / w.sum()
 
     # ------------------------------------------------------------------ data
     def epoch_order(self, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
