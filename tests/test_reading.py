@@ -231,15 +231,22 @@ def test_inference_process_settings(monkeypatch):
             inference.reader_threads()
 
 
-def test_inference_reads_in_reading_threads_only_when_asked_or_remote(tmp_path, monkeypatch):
-    """Local inputs on the CPU: every part is read by the classifying thread, after the previous
-    part is classified; ``SITSFLOW_READERS`` > 0 or remote inputs: by reading threads."""
+def _eight_part_chunk(tmp_path, monkeypatch):
+    """A 64 x 64 px chunk (3 dates x 2 bands, 16-px blocks) with a 3-class MLP, read in eight
+    16 x 32 px parts (the read budget made tiny)."""
     bench = _bench()
     raster = tmp_path / "chunk.tif"
     bench.make_chunk(raster, 64, 3, 2, 0.0, "DEFLATE", block=16)
     cfg = load_config(str(bench.write_config(tmp_path, raster, 2, tmp_path / "out")))
     bench.install_model(cfg, "MLPClassifier", nb_classes=3)
-    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 1)  # 16 x 32 px parts
+    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 1)
+    return cfg
+
+
+def test_inference_reads_in_reading_threads_only_when_asked_or_remote(tmp_path, monkeypatch):
+    """Local inputs on the CPU: every part is read by the classifying thread, after the previous
+    part is classified; ``SITSFLOW_READERS`` > 0 or remote inputs: by reading threads."""
+    cfg = _eight_part_chunk(tmp_path, monkeypatch)
     events: list[tuple[str, str]] = []
     features, classify = features_module.FeaturePipeline.features, nn.Predictor.classify
 
@@ -279,12 +286,7 @@ def test_inference_reads_in_reading_threads_only_when_asked_or_remote(tmp_path, 
 def test_inference_holds_one_set_of_buffers_without_reading_threads(tmp_path, monkeypatch):
     """Without reading threads part k + 1 is read after part k is classified: one set of buffers
     serves every part (docs/deploy.md); with N reading threads, N + 1 sets go round."""
-    bench = _bench()
-    raster = tmp_path / "chunk.tif"
-    bench.make_chunk(raster, 64, 3, 2, 0.0, "DEFLATE", block=16)
-    cfg = load_config(str(bench.write_config(tmp_path, raster, 2, tmp_path / "out")))
-    bench.install_model(cfg, "MLPClassifier", nb_classes=3)
-    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 1)  # 16 x 32 px parts
+    cfg = _eight_part_chunk(tmp_path, monkeypatch)
     made: list[ReadBuffers] = []
 
     class Counted(ReadBuffers):
@@ -310,12 +312,7 @@ def test_inference_holds_one_set_of_buffers_without_reading_threads(tmp_path, mo
 def test_a_failed_read_stops_inference_with_its_error_and_no_thread_left(tmp_path, monkeypatch, readers, error):
     """A read that fails (part 3 of 8) reaches the CLI as raised (exit 75 or 2), whether the
     classifying thread or a reading thread read it; nothing is published, no reading thread stays."""
-    bench = _bench()
-    raster = tmp_path / "chunk.tif"
-    bench.make_chunk(raster, 64, 3, 2, 0.0, "DEFLATE", block=16)
-    cfg = load_config(str(bench.write_config(tmp_path, raster, 2, tmp_path / "out")))
-    bench.install_model(cfg, "MLPClassifier", nb_classes=3)
-    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 1)  # 16 x 32 px parts
+    cfg = _eight_part_chunk(tmp_path, monkeypatch)
     monkeypatch.setenv("SITSFLOW_READERS", readers)
     features = features_module.FeaturePipeline.features
     calls = []
