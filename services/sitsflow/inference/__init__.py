@@ -1,17 +1,18 @@
 """Inference stage: classify one (tile, chunk, seed) with the selected model of each region.
 
 The chunk's window alone is read (local or object storage), in block-aligned sub-windows so that
-memory stays bounded (``FeaturePipeline.read_windows``); reading threads read ahead into reused
-buffers while the network classifies the current sub-window, and nodata areas are skipped after a
-cheap probe. The shared feature pipeline computes the features of the pixels that have at least
-one clear acquisition (nodata and fully masked pixels never reach the network); each
-region's selected model (``model/model_R_seed_S.txt``) classifies its region's pixels in batches,
-on the GPU when there is one. Outputs per region model, in ``classif/`` with iota2's names: the
-classification (class codes, 0 = nodata), the confidence (max probability) and, with
-``arg_classification.enable_probability_map``, the probabilities (0-1000, one band per class);
-with seed 0 also the number of clear acquisitions per pixel. Each output records the model
-fingerprint and the window (GeoTIFF tags), and the task's manifest lists them: merging refuses
-chunks made by another model or on another window.
+memory stays bounded (``FeaturePipeline.read_windows``), into reused buffers: on a GPU, or with
+inputs on object storage or HTTP, reading threads read ahead while the network classifies the
+current sub-window; on the CPU with local inputs the classifying thread reads each one in turn
+(:func:`reader_threads`); nodata areas are skipped after a cheap probe. The shared feature pipeline
+computes the features of the pixels that have at least one clear acquisition (nodata and fully
+masked pixels never reach the network); each region's selected model (``model/model_R_seed_S.txt``)
+classifies its region's pixels in batches, on the GPU when there is one. Outputs per region model,
+in ``classif/`` with iota2's names: the classification (class codes, 0 = nodata), the confidence
+(max probability) and, with ``arg_classification.enable_probability_map``, the probabilities
+(0-1000, one band per class); with seed 0 also the number of clear acquisitions per pixel. Each
+output records the model fingerprint and the window (GeoTIFF tags), and the task's manifest lists
+them: merging refuses chunks made by another model or on another window.
 """
 
 from __future__ import annotations
