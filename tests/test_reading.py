@@ -127,6 +127,36 @@ def test_read_windows_tile_the_window_on_block_boundaries(stack, monkeypatch):
                or int(p.col_off) == 3 for p in tiles)
 
 
+def test_single_band_files_are_read_block_tile_by_block_tile_within_the_budget(monkeypatch):
+    """Sensors of single-band files (products, STAC): each part inside one source block tile, tiles
+    in row-major order, the tile's strips top to bottom, each within the budget; the window covered
+    once. (A read across blocks of such a file would decode them all again for every strip.)"""
+    from types import SimpleNamespace
+
+    def sensor(band_files: bool):
+        return SimpleNamespace(raw_dates=[1] * 4, bands=["a", "b", "c"], block_rows=16, block_cols=16,
+                               band_files=band_files)
+
+    window = Window(3, 5, 61, 44)
+    per_pixel = 4 * (3 + 1) * 4 * 2  # the reader's estimate: dates x (bands + mask) x float32 x 2
+    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 40 * per_pixel)  # 40 px per part
+    parts = features_module.WindowReader([sensor(True)], None).read_windows(window)
+    cover = np.zeros((44, 61), int)
+    tiles = []
+    for p in parts:
+        r, c, h, w = int(p.row_off), int(p.col_off), int(p.height), int(p.width)
+        assert r // 16 == (r + h - 1) // 16 and c // 16 == (c + w - 1) // 16  # inside one block tile
+        assert h * w <= 40 or h == 1
+        cover[r - 5 : r - 5 + h, c - 3 : c - 3 + w] += 1
+        tiles.append((r // 16, c // 16))
+    assert (cover == 1).all()
+    assert tiles == sorted(tiles)  # block tile after block tile
+    assert len(set(tiles)) == len(range(5 // 16, 48 // 16 + 1)) * len(range(3 // 16, 63 // 16 + 1))
+    # the same reader on an interleaved raster keeps its parts of at least two blocks side by side
+    interleaved = features_module.WindowReader([sensor(False)], None).read_windows(window)
+    assert any(int(p.width) > 16 for p in interleaved)
+
+
 def test_features_do_not_depend_on_parts_buffers_or_probing(stack, monkeypatch):
     cfg, data = stack
     pipe = FeaturePipeline(cfg, "T0")

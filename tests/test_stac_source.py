@@ -119,6 +119,26 @@ def test_values_are_scaled_offset_masked_and_mosaicked(catalog):
     np.testing.assert_array_equal(part_values, values[5:14, 3:16])
 
 
+def test_features_do_not_depend_on_how_the_band_files_are_cut(catalog, monkeypatch):
+    """Read block tile by block tile (8 x 16 px tiles here), in strips of a few pixels, the features
+    and the clear-date counts are those of the whole window read at once."""
+    from sitsflow import features as features_module
+
+    folder, info = catalog
+    pipe = _pipe(folder, info)
+    whole = pipe.features(FULL)
+    assert pipe.sensors[0].band_files and pipe.sensors[0].block_rows > 1  # the COGs' blocks
+    pipe.sensors[0].block_rows, pipe.sensors[0].block_cols = 8, 16
+    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 1)
+    parts = pipe.read_windows(FULL)
+    assert len(parts) > 30 and all(int(p.width) <= 16 for p in parts)
+    cut = pipe.features(FULL)
+    np.testing.assert_array_equal(cut.values, whole.values)
+    np.testing.assert_array_equal(cut.rows, whole.rows)
+    np.testing.assert_array_equal(cut.cols, whole.cols)
+    np.testing.assert_array_equal(cut.clear_dates, whole.clear_dates)
+
+
 def test_clouds_are_gap_filled_and_indices_computed(catalog):
     folder, info = catalog
     pipe = _pipe(folder, info)

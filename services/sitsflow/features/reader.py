@@ -58,7 +58,11 @@ class WindowReader:
         no compressed block is decoded twice: whole-width strips when a block row fits the budget,
         else tiles one block row high and at least :data:`READ_MIN_BLOCKS` blocks wide (GDAL
         decodes the blocks of one read in parallel, straight into the array, without its block
-        cache).
+        cache). Sensors of single-band files (:attr:`~sitsflow.sensors.base.Sensor.band_files`:
+        hundreds of files, whose blocks of a whole block row would not fit the budget) are read
+        block tile by block tile instead, each tile in strips within the budget: every file's block
+        is decoded once into GDAL's block cache (which must hold one block of every file) and
+        serves the tile's strips from there.
         """
         h, w = int(window.height), int(window.width)
         per_pixel = sum(max(1, len(s.raw_dates)) * (len(s.bands) + 1) for s in self.sensors) * 4 * 2
@@ -67,6 +71,18 @@ class WindowReader:
         block_cols = max(max((s.block_cols for s in self.sensors), default=1), 1)
         r0, c0 = int(window.row_off), int(window.col_off)
         rows = budget_px // max(1, w)
+        if rows < block_rows and any(s.band_files for s in self.sensors):
+            # one file per band and date: a read across several blocks of a file decodes them all
+            # again (GDAL's multi-block reads bypass its block cache), so each part stays inside one
+            # block tile; a tile's blocks, decoded once, serve its parts from GDAL's block cache
+            tile_cols = min(block_cols, w)
+            sub = max(1, budget_px // tile_cols)
+            return [
+                Window(a, p, b - a, q - p)
+                for r, e in _cuts(r0, h, block_rows)
+                for a, b in _cuts(c0, w, block_cols)
+                for p, q in _cuts(r, e - r, sub)
+            ]
         cols = max(block_cols * READ_MIN_BLOCKS, budget_px // block_rows // block_cols * block_cols)
         if rows >= block_rows or cols >= w:
             step = max(block_rows, rows // block_rows * block_rows)

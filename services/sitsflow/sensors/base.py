@@ -120,6 +120,9 @@ class Sensor(ABC):
     #: a static sensor (``userFeat``) has no date: its one "acquisition" is repeated on every date
     #: of the date axis and never counts as a clear acquisition
     static: ClassVar[bool] = False
+    #: one single-band file per band and acquisition (products, STAC items): reads stay inside
+    #: one source block at a time (see :meth:`~sitsflow.features.reader.WindowReader.read_windows`)
+    band_files: ClassVar[bool] = False
 
     key: str
     prefix: str

@@ -240,6 +240,8 @@ def discover(layout: Layout, root: str, tile: str, where: str) -> list[Product]:
 class ProductSensor(Sensor):
     """A sensor read from product folders (one per acquisition)."""
 
+    band_files = True
+
     products: list[Product]
     layout: Layout
     _open_files: threading.local  # per thread: the files it opened (see _dataset)
@@ -289,13 +291,17 @@ class ProductSensor(Sensor):
         return sensor
 
     def native_grid(self) -> Grid:
+        """The grid of the grid band's file; its internal blocks become the sensor's block shape."""
         uri = self.products[0].bands[self.layout.grid_band]
 
         def grid():
             with storage.rasterio_env(), rasterio.open(storage.rasterio_path(uri)) as src:
-                return grid_of(src)
+                return grid_of(src), src.block_shapes[0]
 
-        return storage.raster_call("open", uri, grid, culprit=self._culprit(self.products[0], self.layout.grid_band))
+        found, (self.block_rows, self.block_cols) = storage.raster_call(
+            "open", uri, grid, culprit=self._culprit(self.products[0], self.layout.grid_band)
+        )
+        return found
 
     def input_files(self) -> list[str]:
         return [u for p in self.products for u in (*p.bands.values(), *(m for m, _ in p.masks))]

@@ -312,6 +312,8 @@ def search_api(
 class StacSensor(Sensor):
     """A sensor read from the items of a STAC catalog (one date per acquisition day)."""
 
+    band_files = True
+
     profile: StacProfile
     groups: list[list[StacItem]]  # per acquisition day, the items in mosaic order
     mask_asset: str | None
@@ -461,13 +463,15 @@ class StacSensor(Sensor):
             with storage.rasterio_env():
                 for band in self.bands:
                     with rasterio.open(storage.rasterio_path(item.assets[band])) as src:
-                        out.append(grid_of(src))
+                        out.append((grid_of(src), src.block_shapes[0]))
             return out
 
         found = storage.raster_call(
             "open", [item.assets[b] for b in self.bands], grids, culprit=f"stac item {item.id!r}, band assets"
         )
-        return min(found, key=lambda g: g.resolution)
+        # the finest band's grid, and its internal blocks as the sensor's block shape
+        grid, (self.block_rows, self.block_cols) = min(found, key=lambda f: f[0].resolution)
+        return grid
 
     def input_files(self) -> list[str]:
         catalog = [self.catalog] if self.catalog else []  # an API's answers are no file
