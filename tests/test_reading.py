@@ -128,14 +128,14 @@ def test_read_windows_tile_the_window_on_block_boundaries(stack, monkeypatch):
 
 
 def test_single_band_files_are_read_block_tile_by_block_tile_within_the_budget(monkeypatch):
-    """Sensors of single-band files (products, STAC): each part inside one source block tile, tiles
-    in row-major order, the tile's strips top to bottom, each within the budget; the window covered
-    once. (A read across blocks of such a file would decode them all again for every strip.)"""
+    """Local sensors of single-band files (products, STAC): each part inside one source block tile,
+    tiles in row-major order, the tile's strips top to bottom, each within the budget; the window
+    covered once. (A read across blocks of such a file would decode them all again for every strip.)"""
     from types import SimpleNamespace
 
-    def sensor(band_files: bool):
+    def sensor(band_files: bool, where: str = "/data/"):
         return SimpleNamespace(raw_dates=[1] * 4, bands=["a", "b", "c"], block_rows=16, block_cols=16,
-                               band_files=band_files)
+                               band_files=band_files, input_files=lambda: [where + "b.tif"])
 
     window = Window(3, 5, 61, 44)
     per_pixel = 4 * (3 + 1) * 4 * 2  # the reader's estimate: dates x (bands + mask) x float32 x 2
@@ -155,6 +155,9 @@ def test_single_band_files_are_read_block_tile_by_block_tile_within_the_budget(m
     # the same reader on an interleaved raster keeps its parts of at least two blocks side by side
     interleaved = features_module.WindowReader([sensor(False)], None).read_windows(window)
     assert any(int(p.width) > 16 for p in interleaved)
+    # single-band files on object storage keep the strips across blocks (one request per block row)
+    remote = features_module.WindowReader([sensor(True, "s3://bucket/")], None)
+    assert not remote.tile_by_tile and remote.read_windows(window) == interleaved
 
 
 def test_features_do_not_depend_on_parts_buffers_or_probing(stack, monkeypatch):
