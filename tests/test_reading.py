@@ -157,7 +157,11 @@ def test_single_band_files_are_read_block_tile_by_block_tile_within_the_budget(m
     assert any(int(p.width) > 16 for p in interleaved)
     # single-band files on object storage keep the strips across blocks (one request per block row)
     remote = features_module.WindowReader([sensor(True, "s3://bucket/")], None)
-    assert not remote.tile_by_tile and remote.read_windows(window) == interleaved
+    assert not remote.tile_by_tile
+    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 130 * per_pixel)  # 2 rows of 61 px
+    strips = remote.read_windows(window)  # whole-width strips of the budget's rows, blocks ignored
+    assert all(int(p.width) == 61 and int(p.height) <= 2 for p in strips)
+    assert sum(int(p.height) for p in strips) == 44
 
 
 def test_features_do_not_depend_on_parts_buffers_or_probing(stack, monkeypatch):

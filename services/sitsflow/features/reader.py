@@ -77,8 +77,11 @@ class WindowReader:
         h, w = int(window.height), int(window.width)
         per_pixel = sum(max(1, len(s.raw_dates)) * (len(s.bands) + 1) for s in self.sensors) * 4 * 2
         budget_px = max(1, READ_BUDGET_BYTES // max(1, per_pixel))
-        block_rows = max(max((s.block_rows for s in self.sensors), default=1), 1)
-        block_cols = max(max((s.block_cols for s in self.sensors), default=1), 1)
+        # remote single-band files keep strips of budget rows: their blocks do not shape the parts
+        # (parts two blocks wide and a block row high would hold a block row of hundreds of files)
+        shaping = [s for s in self.sensors if self.tile_by_tile or not s.band_files]
+        block_rows = max(max((s.block_rows for s in shaping), default=1), 1)
+        block_cols = max(max((s.block_cols for s in shaping), default=1), 1)
         r0, c0 = int(window.row_off), int(window.col_off)
         rows = budget_px // max(1, w)
         if rows < block_rows and self.tile_by_tile:
