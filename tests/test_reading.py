@@ -304,7 +304,7 @@ def test_inference_reads_in_reading_threads_only_when_asked_or_remote(tmp_path, 
             monkeypatch.delenv("SITSFLOW_READERS", raising=False)
         else:
             monkeypatch.setenv("SITSFLOW_READERS", readers)
-        monkeypatch.setattr(inference.storage, "is_remote", lambda uri: remote)
+        monkeypatch.setattr(features_module.reader.storage, "is_remote", lambda uri: remote)
         shutil.rmtree(tmp_path / "out" / "manifests" / "inference", ignore_errors=True)
         inference.run(cfg, "T0", 0, 0)
         return list(events)

@@ -50,11 +50,10 @@ class WindowReader:
     def __init__(self, sensors: list[Sensor], grid: Grid) -> None:
         self.sensors = sensors
         self.grid = grid
-        #: read single-band files block tile by block tile (see :meth:`read_windows`): when every
-        #: such file is local
-        self.tile_by_tile = any(s.band_files for s in sensors) and not any(
-            storage.is_remote(f) for s in sensors if s.band_files for f in s.input_files()
-        )
+        #: an input is on object storage or HTTP (request latency to hide, blocks fetched by request)
+        self.remote = any(storage.is_remote(f) for s in sensors for f in s.input_files())
+        #: read single-band files block tile by block tile (see :meth:`read_windows`): every input local
+        self.tile_by_tile = any(s.band_files for s in sensors) and not self.remote
 
     def read_windows(self, window: Window) -> list[Window]:
         """The sub-windows ``window`` is read in, row-major.

@@ -30,7 +30,7 @@ import shapely
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
-from sitsflow import layout, manifest, nn, storage
+from sitsflow import layout, manifest, nn
 from sitsflow.errors import BadInputError
 from sitsflow.features import FeaturePipeline, ReadBuffers
 from sitsflow.inference.writer import ChunkWriter
@@ -213,8 +213,7 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     # one predictor per model: the network's inference form (folded; on CUDA compiled, in bf16)
     predictors = {region: nn.Predictor(net) for region, (net, _) in models.items()}
     gpu = any(p.device.type == "cuda" for p in predictors.values())
-    remote = any(storage.is_remote(f) for f in pipe.input_files())
-    readers = min(reader_threads(gpu, remote), len(subs))
+    readers = min(reader_threads(gpu, pipe.reader.remote), len(subs))
     ahead = max(1, readers)
     buffers = [ReadBuffers() for _ in range(readers + 1)]
     # READERS threads read and compute the features of the next sub-windows while the network

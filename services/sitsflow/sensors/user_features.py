@@ -45,8 +45,7 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
             out.append("[^/]*")
         elif c == "?":
             out.append("[^/]")
-        elif c == "[" and _class_end(pattern, i) > 0:
-            j = _class_end(pattern, i)
+        elif c == "[" and (j := _class_end(pattern, i)) > 0:
             body = pattern[i + 1 : j]
             negated = body[:1] == "!"
             # a range such as 0-9 stays a range, as in glob; only what regular expressions read
