@@ -1322,6 +1322,18 @@ _GDAL_KNOBS = ("SITSFLOW_GDAL_THREADS", "GDAL_HTTP_MAX_RETRY", "GDAL_HTTP_RETRY_
 _gdal_envs: dict[tuple[Any, ...], tuple[dict[str, str], Any]] = {}
 
 
+def decode_threads() -> int:
+    """Threads that decode the compressed blocks of one read: ``SITSFLOW_GDAL_THREADS``, by
+    default every CPU this process may run on (GDAL's ``ALL_CPUS``)."""
+    value = _env("SITSFLOW_GDAL_THREADS") or "ALL_CPUS"
+    if value.upper() == "ALL_CPUS":
+        return len(os.sched_getaffinity(0))
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ConfigError(f"SITSFLOW_GDAL_THREADS={value!r}: expected a number of threads or ALL_CPUS") from None
+
+
 def gdal_options() -> dict[str, str]:
     """The GDAL configuration of this process (see :func:`rasterio_env`)."""
     return dict(_gdal_settings()[0])

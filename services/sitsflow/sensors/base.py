@@ -33,6 +33,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from sitsflow.errors import BadInputError
+from sitsflow.sensors import direct
 
 #: resampling of the values read by :func:`warped_read` (reflectances, dated-raster values)
 VALUES = "cubic"
@@ -289,8 +290,11 @@ def read_on_grid(
     rr = np.nonzero(in_r)[0]
     cc = np.nonzero(in_c)[0]
     if fx == 1 and fy == 1 and rr.size == h and cc.size == w:
-        # same grid, window wholly inside: read straight into the answer
-        src.read(indexes, window=Window(int(src_cols[0]), int(src_rows[0]), w, h), out=bands)
+        # same grid, window wholly inside: read straight into the answer (a local tiled GeoTIFF's
+        # tiles decoded directly into the pixel-major array: half GDAL's cost, see sensors.direct)
+        src_window = Window(int(src_cols[0]), int(src_rows[0]), w, h)
+        if not (pixel_major and direct.read_pixel_major(src, src_window, indexes, out)):
+            src.read(indexes, window=src_window, out=bands)
         return out, inside
     bands[...] = fill if np.issubdtype(np.dtype(dtype), np.floating) else 0
     if not rr.size or not cc.size:

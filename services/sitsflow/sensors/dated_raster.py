@@ -16,6 +16,7 @@ from rasterio.windows import Window
 from sitsflow import storage
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
+from sitsflow.sensors import direct
 from sitsflow.sensors.base import MASKS, VALUES, Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
 from sitsflow.sensors.dates import parse_date
 
@@ -168,17 +169,18 @@ class DatedRasterSensor(Sensor):
             flags = None
             if self.nodata is not None:
                 flags = new_array(buffers, key + ":flags", raw.shape, bool)
-                np.equal(raw, raw.dtype.type(self.nodata), out=flags)
-                if flags.all():  # nodata everywhere (outside the swath)
+                nodata = raw.dtype.type(self.nodata)
+                # (all nodata, any nodata) per slab of rows, the slabs on every core
+                slabs = direct.by_rows(h, lambda s: _all_any(np.equal(raw[s], nodata, out=flags[s])))
+                if all(a for a, _ in slabs):  # nodata everywhere (outside the swath)
                     valid[...] = False
                     return new_array(buffers, key + ":data", (h, w, nb_raw, nb_bands), np.float32), valid
-                if flags.any():  # an acquisition is invalid where any of its bands is nodata
+                if any(a for _, a in slabs):  # an acquisition is invalid where any of its bands is nodata
                     valid &= ~_any_band(flags)
             if not integer:
                 if flags is None:
                     flags = new_array(buffers, key + ":flags", raw.shape, bool)
-                np.isfinite(raw, out=flags)
-                if not flags.all():
+                if not all(a for a, _ in direct.by_rows(h, lambda s: _all_any(np.isfinite(raw[s], out=flags[s])))):
                     valid &= ~_any_band(~flags)
             if self.mask_path is not None:
                 with rasterio.open(storage.rasterio_path(self.mask_path)) as msk:
@@ -200,10 +202,16 @@ class DatedRasterSensor(Sensor):
         if not busy.size:
             return data, valid
         a, b = int(busy[0]), int(busy[-1]) + 1
-        if self.scale != 1.0:
-            np.multiply(raw[a:b], np.float32(self.scale), out=data[a:b])
-        else:
-            np.copyto(data[a:b], raw[a:b], casting="unsafe")
+        scale = np.float32(self.scale)
+
+        def convert(s: slice) -> None:
+            rows = slice(a + s.start, a + s.stop)
+            if self.scale != 1.0:
+                np.multiply(raw[rows], scale, out=data[rows])
+            else:
+                np.copyto(data[rows], raw[rows], casting="unsafe")
+
+        direct.by_rows(b - a, convert)
         if not valid[a:b].all():
             data[a:b][~valid[a:b]] = 0.0
         return data, valid
@@ -245,6 +253,11 @@ class DatedRasterSensor(Sensor):
                 if not (invalid.all(axis=-1) | ~inside).all():
                     return False
         return True
+
+
+def _all_any(flags: np.ndarray) -> tuple[bool, bool]:
+    """(every flag set, any flag set)."""
+    return bool(flags.all()), bool(flags.any())
 
 
 def _any_band(flags: np.ndarray) -> np.ndarray:

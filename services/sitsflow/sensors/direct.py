@@ -1,0 +1,265 @@
+"""Direct reads of local tiled GeoTIFFs: tiles decoded straight into a pixel-major array.
+
+GDAL's read of a window of a pixel-interleaved GeoTIFF into a pixel-major array (each pixel's
+bands side by side, as the networks want them) decodes each tile and then copies it band by band
+into the array: for the 360 ZSTD bands of the inference benchmark's chunk (36 dates x 10 bands,
+256-px tiles) that costs 3.9-4.9 core-s per 1 M px in the two-tile parts the stage reads, twice
+the decoding itself (docs/benchmarks.md). Here tifffile locates each tile of the window and
+decodes it (its codecs are imagecodecs': ZSTD, DEFLATE, LZW ..., predictors included), and the
+tile's rows land in the array with one copy; the tiles of one read are decoded in parallel, on as
+many threads as GDAL would use (``SITSFLOW_GDAL_THREADS``, :func:`sitsflow.storage.decode_threads`).
+
+It reads exactly what GDAL reads, and only where it can: a **local** file, **tiled**, one image
+(``pages[0]``, GDAL's full-resolution dataset), pixel-interleaved (or one band), a lossless
+compression of :data:`CODECS`, any TIFF predictor, GDAL's data type and size. A missing (sparse)
+tile reads as GDAL reads it: the nodata value, else 0. Everything else (object storage, HTTP,
+strips, band-interleaved files, JPEG/WEBP/LERC, ...) and any failure of its own (a truncated or
+corrupt tile) goes back to GDAL, whose read then succeeds or fails with GDAL's own error, which
+:func:`sitsflow.storage.raster_call` classifies: this reader never decides an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from rasterio.windows import Window
+
+from sitsflow import storage
+from sitsflow.log import get_logger
+
+log = get_logger(__name__)
+
+#: TIFF compressions decoded here (lossless; what GDAL writes for COGs of integers and floats):
+#: none, LZW, Adobe DEFLATE, DEFLATE (old code), PackBits, LZMA, ZSTD
+CODECS = frozenset({1, 5, 8, 32946, 32773, 34925, 50000})
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the tiles of a file's first image are and how to decode them."""
+
+    height: int
+    width: int
+    samples: int
+    tile_h: int
+    tile_w: int
+    offsets: np.ndarray
+    bytecounts: np.ndarray
+    ident: tuple  # the file's identity (path, inode, time, size): the key of its tiles in the cache
+    decode: Any  # tifffile's decoder of this image's tiles: (bytes, index) -> (array, position, shape)
+
+
+def read_pixel_major(src, window: Window, indexes: list[int], out: np.ndarray) -> bool:
+    """Read ``indexes`` (1-based bands) of ``window`` of the open rasterio dataset ``src`` into
+    ``out`` (h, w, len(indexes)) of its data type, decoding the tiles directly.
+
+    Returns:
+        False (``out`` untouched or partly written) when this reader does not take the file or
+        the window, or failed: the caller then reads through GDAL.
+    """
+    path = src.name
+    if src.driver != "GTiff" or storage.is_remote(path) or path.startswith("/vsi"):
+        return False
+    if out.dtype != np.dtype(src.dtypes[0]) or not out.flags.c_contiguous:
+        return False
+    try:
+        st = os.stat(path)
+        layout = _layout(path, st.st_ino, st.st_mtime_ns, st.st_size, src.height, src.width, src.count, out.dtype.str)
+        if layout is None:
+            return False
+        _decode_window(path, layout, window, indexes, out, src.nodata)
+    except Exception as exc:  # noqa: BLE001 (GDAL reads it again and reports its own error, if any)
+        log.debug("direct read of %s failed (%s: %s): read through GDAL", path, type(exc).__name__, exc)
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(
+    path: str, ino: int, mtime_ns: int, size: int, height: int, width: int, count: int, dtype: str
+) -> _Layout | None:
+    """The tile layout of ``path`` (identified by inode, time and size: a replaced file is read
+    again), or None when this reader does not take it."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        why = _refusal(page, height, width, count, np.dtype(dtype))
+        if why:
+            log.debug("%s read through GDAL: %s", path, why)
+            return None
+        return _Layout(
+            ident=(path, ino, mtime_ns, size),
+            height=height,
+            width=width,
+            samples=count,
+            tile_h=int(page.tilelength),
+            tile_w=int(page.tilewidth),
+            offsets=np.asarray(page.dataoffsets, np.int64),
+            bytecounts=np.asarray(page.databytecounts, np.int64),
+            decode=page.decode,
+        )
+
+
+def _refusal(page, height: int, width: int, count: int, dtype: np.dtype) -> str:
+    """Why this reader does not take ``page`` (empty: it does)."""
+    if not page.is_tiled:
+        return "not tiled"
+    if page.imagedepth != 1 or page.tiledepth != 1:
+        return "a volume"
+    if (page.imagelength, page.imagewidth) != (height, width):
+        return "its first image is not GDAL's dataset"
+    if page.samplesperpixel != count:
+        return f"{page.samplesperpixel} samples per pixel, GDAL sees {count} bands"
+    if count > 1 and int(page.planarconfig) != 1:
+        return "band-interleaved"
+    if int(page.compression) not in CODECS:
+        return f"compression {int(page.compression)}"
+    if page.fillorder != 1 or page.bitspersample not in (8, 16, 32, 64):
+        return "bit packing"
+    if page.dtype is None or np.dtype(page.dtype).newbyteorder("=") != dtype:
+        return f"data type {page.dtype}, GDAL reads {dtype}"
+    if len(page.dataoffsets) != -(-height // page.tilelength) * -(-width // page.tilewidth):
+        return "unexpected number of tiles"
+    return ""
+
+
+def _decode_window(path: str, layout: _Layout, window: Window, indexes: list[int], out: np.ndarray, nodata) -> None:
+    r0, c0 = int(window.row_off), int(window.col_off)
+    h, w = int(window.height), int(window.width)
+    if r0 < 0 or c0 < 0 or r0 + h > layout.height or c0 + w > layout.width:
+        raise ValueError(f"window {window} outside the {layout.width} x {layout.height} image")
+    if out.shape != (h, w, len(indexes)):
+        raise ValueError(f"out is {out.shape}, expected {(h, w, len(indexes))}")
+    bands = np.asarray(indexes, np.intp) - 1
+    if bands.min() < 0 or bands.max() >= layout.samples:
+        raise ValueError(f"band indexes {indexes} outside 1..{layout.samples}")
+    every = bands.size == layout.samples and bool((bands == np.arange(layout.samples)).all())
+    step = int(bands[1] - bands[0]) if bands.size > 1 else 1
+    regular = step > 0 and bool((bands == bands[0] + step * np.arange(bands.size)).all())
+    pick: slice | np.ndarray = (
+        slice(None) if every else slice(int(bands[0]), int(bands[-1]) + 1, step) if regular else bands
+    )
+    across = -(-layout.width // layout.tile_w)
+    tiles = [
+        ty * across + tx
+        for ty in range(r0 // layout.tile_h, (r0 + h - 1) // layout.tile_h + 1)
+        for tx in range(c0 // layout.tile_w, (c0 + w - 1) // layout.tile_w + 1)
+    ]
+    fill = 0 if nodata is None else out.dtype.type(nodata)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+
+        def one(index: int) -> None:
+            ty, tx = divmod(index, across)
+            tr, tc = ty * layout.tile_h, tx * layout.tile_w
+            # the tile's part inside the window, in window and in tile coordinates
+            a, b = max(tr, r0), min(tr + layout.tile_h, r0 + h)
+            c, d = max(tc, c0), min(tc + layout.tile_w, c0 + w)
+            target = out[a - r0 : b - r0, c - c0 : d - c0]
+            nbytes = int(layout.bytecounts[index])
+            if nbytes == 0 or layout.offsets[index] == 0:  # sparse: GDAL reads nodata, else 0
+                target[...] = fill
+                return
+            tile = _CACHE.get((layout.ident, index))
+            if tile is None:
+                data = os.pread(fd, nbytes, int(layout.offsets[index]))
+                if len(data) != nbytes:
+                    raise OSError(f"tile {index}: {len(data)} of {nbytes} bytes")
+                tile, _, _ = layout.decode(data, index)
+                tile = tile.reshape(tile.shape[-3:])  # (rows, cols, samples)
+                if tile.shape[0] < b - tr or tile.shape[1] < d - tc:
+                    raise ValueError(f"tile {index} decodes to {tile.shape}")
+                whole = (a, c) == (tr, tc) and (b, d) == (
+                    min(tr + layout.tile_h, layout.height),
+                    min(tc + layout.tile_w, layout.width),
+                )
+                if not (whole and every):  # a part of it is still to be read (see _TileCache)
+                    _CACHE.put((layout.ident, index), tile)
+            target[...] = tile[a - tr : b - tr, c - tc : d - tc, pick]
+
+        if len(tiles) == 1:
+            one(tiles[0])
+        else:
+            futures = [_pool().submit(one, t) for t in tiles]
+            wait(futures)  # every tile done before a failure goes back to GDAL's read into ``out``
+            for future in futures:
+                future.result()
+    finally:
+        os.close(fd)
+
+
+def by_rows(nb_rows: int, fn: Callable[[slice], object], *, min_rows: int = 16) -> list:
+    """``fn`` over slabs of ``nb_rows`` rows on the decoding threads (one slab per thread; inline
+    when there are too few rows): numpy's element-wise work on a read's arrays (nodata tests,
+    conversions) releases the GIL and runs on every core, as the decoding does.
+
+    Returns:
+        what ``fn`` returned for each slab, in row order.
+    """
+    threads = min(storage.decode_threads(), nb_rows // max(1, min_rows))
+    if threads < 2:
+        return [fn(slice(0, nb_rows))]
+    cuts = [nb_rows * i // threads for i in range(threads + 1)]
+    futures = [_pool().submit(fn, slice(a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
+    wait(futures)
+    return [f.result() for f in futures]
+
+
+class _TileCache:
+    """Decoded tiles of which a read used only a part (some rows, columns or bands), least
+    recently used first out beyond :data:`CACHE_BYTES`.
+
+    Reads that take whole tiles (the parts of :meth:`~sitsflow.features.reader.WindowReader.read_windows`
+    are cut on the blocks) leave nothing here. Two kinds of reads come back for the rest of a
+    tile: the nodata probe (the first band of each date, then the whole part) and the strips a
+    block tile is read in when the tile also holds sensors of single-band files
+    (``tile_by_tile``); as GDAL's block cache does for its own reads, this decodes their tiles once.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes, self.used = nbytes, 0
+        self.tiles: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self.lock:
+            tile = self.tiles.get(key)
+            if tile is not None:
+                self.tiles.move_to_end(key)
+            return tile
+
+    def put(self, key: tuple, tile: np.ndarray) -> None:
+        with self.lock:
+            old = self.tiles.pop(key, None)
+            self.used -= 0 if old is None else old.nbytes
+            self.tiles[key] = tile
+            self.used += tile.nbytes
+            while self.used > self.nbytes and self.tiles:
+                self.used -= self.tiles.popitem(last=False)[1].nbytes
+
+
+#: memory of decoded tiles kept for the reads that come back to them (see :class:`_TileCache`)
+CACHE_BYTES = 512 * 1024 * 1024
+_CACHE = _TileCache(CACHE_BYTES)
+
+_POOL: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The decoding threads (shared by every read of the process, created on first use)."""
+    threads = storage.decode_threads()
+    with _POOL_LOCK:
+        pool = _POOL.get(threads)
+        if pool is None:
+            pool = _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="sitsflow-decode")
+        return pool

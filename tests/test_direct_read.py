@@ -1,0 +1,248 @@
+"""Direct reads of local tiled GeoTIFFs (sitsflow.sensors.direct): the same values as GDAL's read
+for every file they take, GDAL for every file they do not take, and GDAL's errors for damaged ones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+from sitsflow import storage
+from sitsflow.errors import BadInputError, ConfigError
+from sitsflow.sensors import direct
+from sitsflow.sensors.base import Grid, read_on_grid
+
+NODATA = -10000
+
+
+def _write(path: Path, data: np.ndarray, *, block=16, tiled=True, nodata=NODATA, **options) -> Path:
+    profile = {"driver": "GTiff", "dtype": data.dtype.name, "count": data.shape[0], "width": data.shape[2],
+               "height": data.shape[1], "crs": "EPSG:32631", "transform": from_origin(300000, 5000000, 10, 10),
+               "nodata": nodata, "interleave": "pixel", **options}
+    if tiled:
+        profile |= {"tiled": True, "blockxsize": block, "blockysize": block}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+def _data(dtype="int16", count=12, height=45, width=53, seed=0, nodata=NODATA) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    low = 0 if np.dtype(dtype).kind == "u" else -3000
+    data = rng.integers(low, 250 if dtype == "uint8" else 9000, (count, height, width)).astype(dtype)
+    if np.dtype(dtype).kind == "f":
+        data += rng.random(data.shape).astype(dtype)
+        data[rng.random(data.shape) < 0.03] = np.nan
+    data[:, :7, :9] = nodata
+    return data
+
+
+def _both(path: Path, window: Window, indexes: list[int]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(GDAL's pixel-major read, the direct read, whether the direct reader took it)."""
+    with storage.rasterio_env(), rasterio.open(path) as src:
+        expected = src.read(indexes, window=window).transpose(1, 2, 0)
+        got = np.full(expected.shape, 77, expected.dtype)
+        took = direct.read_pixel_major(src, window, indexes, got)
+    return expected, got, took
+
+
+WINDOWS = [Window(0, 0, 53, 45), Window(3, 5, 17, 29), Window(16, 16, 16, 16), Window(47, 40, 6, 5), Window(50, 0, 3, 45)]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "options"),
+    [
+        ("int16", {"compress": "zstd"}),
+        ("int16", {"compress": "deflate", "predictor": 2}),
+        ("int16", {"compress": "lzw"}),
+        ("int16", {}),
+        ("uint16", {"compress": "zstd", "predictor": 2}),
+        ("uint8", {"compress": "packbits"}),
+        ("float32", {"compress": "zstd", "predictor": 3}),
+        ("float64", {"compress": "deflate"}),
+        ("int32", {"compress": "lzma"}),
+    ],
+)
+def test_direct_reads_equal_gdal_reads(tmp_path, dtype, options):
+    """Windows inside one tile, across tiles, on the image's partial edge tiles, with every band,
+    a regular subset (the probe's first band of each date) and an irregular one."""
+    nodata = 0 if np.dtype(dtype).kind == "u" else NODATA
+    data = _data(dtype, nodata=nodata)
+    path = _write(tmp_path / "stack.tif", data, nodata=nodata, **options)
+    for window in WINDOWS:
+        for indexes in (list(range(1, 13)), [1, 4, 7, 10], [12, 2, 5], [6]):
+            expected, got, took = _both(path, window, indexes)
+            assert took, (window, indexes)
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_single_band_tiled_files_are_read_directly(tmp_path):
+    path = _write(tmp_path / "one.tif", _data(count=1), compress="zstd", block=32)
+    expected, got, took = _both(path, Window(5, 3, 40, 40), [1])
+    assert took
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("nodata", [NODATA, None])
+def test_sparse_tiles_read_as_gdal_reads_them(tmp_path, nodata):
+    """A COG written with SPARSE_OK leaves tiles of nodata (or zeros) out of the file: GDAL reads
+    them as the nodata value, else 0, and so must the direct read."""
+    data = _data(count=4)
+    data[:, 16:32, 16:48] = NODATA if nodata is not None else 0
+    path = _write(tmp_path / "sparse.tif", data, nodata=nodata, compress="zstd", sparse_ok=True)
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        assert 0 in list(tif.pages[0].databytecounts)  # the test file really has missing tiles
+    expected, got, took = _both(path, Window(10, 10, 40, 30), [1, 2, 3, 4])
+    assert took
+    np.testing.assert_array_equal(got, expected)
+    assert (got[6:22, 6:38] == (NODATA if nodata is not None else 0)).all()
+
+
+def test_files_the_direct_reader_does_not_take_go_to_gdal(tmp_path):
+    data = _data(count=3)
+    cases = {
+        "striped": _write(tmp_path / "striped.tif", data, tiled=False, compress="zstd"),
+        "band-interleaved": _write(tmp_path / "band.tif", data, compress="zstd", interleave="band"),
+        "jpeg": _write(tmp_path / "jpeg.tif", _data("uint8", count=3, nodata=0), nodata=0, compress="jpeg"),
+    }
+    for name, path in cases.items():
+        with storage.rasterio_env(), rasterio.open(path) as src:
+            out = np.empty((10, 10, 3), src.dtypes[0])
+            assert not direct.read_pixel_major(src, Window(0, 0, 10, 10), [1, 2, 3], out), name
+            # and read_on_grid still reads it (through GDAL), pixel-major
+            grid = Grid(src.width, src.height, src.transform, src.crs)
+            values, _ = read_on_grid(src, Window(0, 0, 10, 10), grid, [1, 2, 3], name, dtype=src.dtypes[0],
+                                     pixel_major=True)
+            np.testing.assert_array_equal(values, src.read([1, 2, 3], window=Window(0, 0, 10, 10)).transpose(1, 2, 0))
+    # another data type than the file's (a conversion: GDAL's job)
+    path = _write(tmp_path / "ints.tif", data, compress="zstd")
+    with storage.rasterio_env(), rasterio.open(path) as src:
+        assert not direct.read_pixel_major(src, Window(0, 0, 10, 10), [1, 2, 3], np.empty((10, 10, 3), np.float32))
+
+
+def test_read_on_grid_takes_the_direct_path_for_local_tiled_files(tmp_path, monkeypatch):
+    path = _write(tmp_path / "stack.tif", _data(), compress="zstd")
+    calls = []
+    real = direct.read_pixel_major
+    monkeypatch.setattr(direct, "read_pixel_major", lambda *a: calls.append(a[1]) or real(*a))
+    with storage.rasterio_env(), rasterio.open(path) as src:
+        grid = Grid(src.width, src.height, src.transform, src.crs)
+        window = Window(4, 4, 30, 20)
+        values, inside = read_on_grid(src, window, grid, list(range(1, 13)), "stack", dtype="int16", pixel_major=True)
+        np.testing.assert_array_equal(values, src.read(window=window).transpose(1, 2, 0))
+    assert calls == [window] and inside.all()
+
+
+def _corrupt_tile(path: Path, index: int) -> None:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        offset, size = tif.pages[0].dataoffsets[index], tif.pages[0].databytecounts[index]
+    with open(path, "r+b") as f:
+        f.seek(offset + size // 4)
+        f.write(b"\xff\x00\xa5" * (size // 6))
+
+
+def test_a_corrupt_tile_is_left_to_gdal_whose_error_names_the_file(tmp_path):
+    path = _write(tmp_path / "bad.tif", _data(), compress="zstd")
+    _corrupt_tile(path, 4)  # the fifth tile: row 1, column 0
+    with storage.rasterio_env(), rasterio.open(path) as src:
+        out = np.empty((16, 16, 12), np.int16)
+        assert not direct.read_pixel_major(src, Window(0, 16, 16, 16), list(range(1, 13)), out)
+        # the tiles around it still read directly
+        expected, got, took = _both(path, Window(16, 0, 30, 14), list(range(1, 13)))
+        assert took
+        np.testing.assert_array_equal(got, expected)
+        grid = Grid(src.width, src.height, src.transform, src.crs)
+        with pytest.raises(BadInputError, match="bad.tif"):
+            storage.raster_call(
+                "read", str(path),
+                lambda: read_on_grid(src, Window(0, 16, 16, 16), grid, list(range(1, 13)), str(path), dtype="int16",
+                                     pixel_major=True),
+            )
+
+
+def test_a_truncated_file_is_left_to_gdal(tmp_path):
+    path = _write(tmp_path / "cut.tif", _data(), compress="zstd")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 200)
+    with storage.rasterio_env(), rasterio.open(path) as src:
+        out = np.empty((45, 53, 12), np.int16)
+        assert not direct.read_pixel_major(src, Window(0, 0, 53, 45), list(range(1, 13)), out)
+
+
+def test_a_replaced_file_is_read_anew(tmp_path):
+    """The tile layout is cached per file identity (inode, time, size): a file rewritten between
+    two reads is read as it is now."""
+    path = tmp_path / "stack.tif"
+    for seed, block in ((0, 16), (1, 32)):
+        data = _data(seed=seed)
+        _write(tmp_path / "new.tif", data, compress="zstd", block=block)
+        os.replace(tmp_path / "new.tif", path)
+        expected, got, took = _both(path, Window(0, 0, 53, 45), list(range(1, 13)))
+        assert took
+        np.testing.assert_array_equal(got, data.transpose(1, 2, 0))
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_decoding_threads_follow_sitsflow_gdal_threads(tmp_path, monkeypatch):
+    monkeypatch.setenv("SITSFLOW_GDAL_THREADS", "3")
+    assert storage.decode_threads() == 3
+    assert direct._pool()._max_workers == 3
+    names = set()
+    real = direct._Layout
+    path = _write(tmp_path / "stack.tif", _data(), compress="zstd")
+    import threading
+
+    layout = direct._layout(str(path), *(lambda s: (s.st_ino, s.st_mtime_ns, s.st_size))(os.stat(path)), 45, 53, 12, "<i2")
+    assert isinstance(layout, real)
+    decode = layout.decode
+    object.__setattr__(layout, "decode", lambda data, index: names.add(threading.current_thread().name) or decode(data, index))
+    try:
+        expected, got, took = _both(path, Window(0, 0, 53, 45), list(range(1, 13)))
+    finally:
+        object.__setattr__(layout, "decode", decode)
+    assert took and names and all(n.startswith("sitsflow-decode") for n in names)
+    np.testing.assert_array_equal(got, expected)
+    monkeypatch.setenv("SITSFLOW_GDAL_THREADS", "ALL_CPUS")
+    assert storage.decode_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SITSFLOW_GDAL_THREADS", "many")
+    with pytest.raises(ConfigError, match="SITSFLOW_GDAL_THREADS"):
+        storage.decode_threads()
+
+
+def test_tiles_read_in_part_are_decoded_once_and_whole_ones_are_not_kept(tmp_path, monkeypatch):
+    """Strips inside one tile (the reads of a block tile next to single-band-file sensors) and the
+    probe's few bands decode a tile once; reads of whole tiles keep nothing; the cache's memory is
+    bounded."""
+    path = _write(tmp_path / "stack.tif", _data(height=64, width=64), compress="zstd", block=32)
+    monkeypatch.setattr(direct, "_CACHE", direct._TileCache(direct.CACHE_BYTES))
+    st = os.stat(path)
+    layout = direct._layout(str(path), st.st_ino, st.st_mtime_ns, st.st_size, 64, 64, 12, "<i2")
+    decoded = []
+    decode = layout.decode
+    object.__setattr__(layout, "decode", lambda data, index: decoded.append(index) or decode(data, index))
+    try:
+        for row in range(0, 32, 8):  # four strips of the first tile
+            expected, got, took = _both(path, Window(0, row, 32, 8), list(range(1, 13)))
+            assert took
+            np.testing.assert_array_equal(got, expected)
+        assert decoded == [0]
+        _both(path, Window(32, 0, 32, 32), [1, 4, 7, 10])  # the probe's bands of the second tile
+        _both(path, Window(32, 0, 32, 32), list(range(1, 13)))  # then all of them
+        assert decoded == [0, 1]
+        _both(path, Window(0, 32, 64, 32), list(range(1, 13)))  # whole tiles: decoded, not kept
+        assert sorted(decoded) == [0, 1, 2, 3] and len(direct._CACHE.tiles) == 2
+        small = direct._TileCache(32 * 32 * 12 * 2)  # room for one tile
+        monkeypatch.setattr(direct, "_CACHE", small)
+        _both(path, Window(0, 0, 64, 8), list(range(1, 13)))
+        assert len(small.tiles) == 1 and small.used == small.nbytes  # the tile put last stays
+    finally:
+        object.__setattr__(layout, "decode", decode)
