@@ -168,19 +168,18 @@ class DatedRasterSensor(Sensor):
             valid[...] = inside[:, :, None]
             flags = None
             if self.nodata is not None:
-                flags = new_array(buffers, key + ":flags", raw.shape, bool)
+                flags = is_nodata = new_array(buffers, key + ":flags", raw.shape, bool)
                 nodata = raw.dtype.type(self.nodata)
                 # (all nodata, any nodata) per slab of rows, the slabs on every core
-                slabs = direct.by_rows(h, lambda s: _all_any(np.equal(raw[s], nodata, out=flags[s])))
+                slabs = direct.by_rows(h, lambda s: _all_any(np.equal(raw[s], nodata, out=is_nodata[s])))
                 if all(a for a, _ in slabs):  # nodata everywhere (outside the swath)
                     valid[...] = False
                     return new_array(buffers, key + ":data", (h, w, nb_raw, nb_bands), np.float32), valid
                 if any(a for _, a in slabs):  # an acquisition is invalid where any of its bands is nodata
                     valid &= ~_any_band(flags)
             if not integer:
-                if flags is None:
-                    flags = new_array(buffers, key + ":flags", raw.shape, bool)
-                if not all(a for a, _ in direct.by_rows(h, lambda s: _all_any(np.isfinite(raw[s], out=flags[s])))):
+                flags = finite = flags if flags is not None else new_array(buffers, key + ":flags", raw.shape, bool)
+                if not all(a for a, _ in direct.by_rows(h, lambda s: _all_any(np.isfinite(raw[s], out=finite[s])))):
                     valid &= ~_any_band(~flags)
             if self.mask_path is not None:
                 with rasterio.open(storage.rasterio_path(self.mask_path)) as msk:

@@ -91,7 +91,7 @@ def _layout(
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
+        page = tif.pages.first  # GDAL's full-resolution dataset
         why = _refusal(page, height, width, count, np.dtype(dtype))
         if why:
             log.debug("%s read through GDAL: %s", path, why)
