@@ -246,3 +246,24 @@ def test_tiles_read_in_part_are_decoded_once_and_whole_ones_are_not_kept(tmp_pat
         assert len(small.tiles) == 1 and small.used == small.nbytes  # the tile put last stays
     finally:
         object.__setattr__(layout, "decode", decode)
+
+
+def test_a_forked_child_decodes_with_threads_of_its_own(tmp_path):
+    """A child forked after the parent's decoding threads started (e.g. a data loader's worker)
+    has none of them: it must start its own instead of waiting for them forever."""
+    import multiprocessing
+
+    path = _write(tmp_path / "stack.tif", _data(), compress="zstd")
+    expected, got, took = _both(path, Window(0, 0, 53, 45), list(range(1, 13)))  # the parent's pool runs
+    assert took and direct._POOL
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply_async(_read_in_child, (str(path),)).get(timeout=30)
+    np.testing.assert_array_equal(child, expected)
+
+
+def _read_in_child(path: str) -> np.ndarray:
+    with rasterio.open(path) as src:  # the direct reader alone (GDAL's own threads do not survive a fork either)
+        out = np.empty((45, 53, 12), np.int16)
+        assert direct.read_pixel_major(src, Window(0, 0, 53, 45), list(range(1, 13)), out)
+    return out

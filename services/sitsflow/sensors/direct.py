@@ -247,12 +247,25 @@ class _TileCache:
                 self.used -= self.tiles.popitem(last=False)[1].nbytes
 
 
-#: memory of decoded tiles kept for the reads that come back to them (see :class:`_TileCache`)
-CACHE_BYTES = 512 * 1024 * 1024
+#: memory of decoded tiles kept for the reads that come back to them (see :class:`_TileCache`):
+#: four 256 x 256 px tiles of 360 int16 bands (the probe's, then the part's), or one of 512 x 512 px;
+#: beyond, tiles are decoded again (as GDAL's block cache, ``GDAL_CACHEMAX``, does when full)
+CACHE_BYTES = 192 * 1024 * 1024
 _CACHE = _TileCache(CACHE_BYTES)
 
 _POOL: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
+
+
+def _forget_after_fork() -> None:
+    """A forked child has none of its parent's threads: it starts its own pool (and locks)."""
+    global _POOL_LOCK
+    _POOL.clear()
+    _POOL_LOCK = threading.Lock()
+    _CACHE.lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _pool() -> ThreadPoolExecutor:
