@@ -267,3 +267,157 @@ def _read_in_child(path: str) -> np.ndarray:
         out = np.empty((45, 53, 12), np.int16)
         assert direct.read_pixel_major(src, Window(0, 0, 53, 45), list(range(1, 13)), out)
     return out
+
+
+def _patch_tile(path: Path, index: int, *, offset: int | None = None, blob: bytes | None = None) -> None:
+    """Point tile ``index`` at ``offset``, or at ``blob`` appended to the file (its byte count then)."""
+    import struct
+
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        where = {name: (tags[name].valueoffset, "<" + {3: "H", 4: "I", 16: "Q"}[tags[name].dtype])
+                 for name in ("TileOffsets", "TileByteCounts")}
+    with open(path, "r+b") as f:
+        if blob is not None:
+            offset = f.seek(0, 2)
+            f.write(blob)
+            at, fmt = where["TileByteCounts"]
+            f.seek(at + index * struct.calcsize(fmt))
+            f.write(struct.pack(fmt, len(blob)))
+        at, fmt = where["TileOffsets"]
+        f.seek(at + index * struct.calcsize(fmt))
+        f.write(struct.pack(fmt, offset))
+
+
+@pytest.mark.parametrize(("dtype", "nodata"), [("int16", 0.5), ("uint16", 70000.0)])
+def test_sparse_tiles_of_a_nodata_the_type_cannot_hold_read_as_gdal_reads_them(tmp_path, dtype, nodata):
+    """GDAL fills a missing tile with its nodata rounded and clamped to the data type (0.5 -> 1,
+    70000 -> 65535), and rasterio's ``nodata`` hides one out of range (None): the fill is GDAL's."""
+    data = _data(dtype, count=3, nodata=0)
+    data[:, 16:32, 16:32] = 0
+    path = _write(tmp_path / "sparse.tif", data, nodata=None, compress="zstd", sparse_ok=True)
+    with rasterio.open(path, "r+") as dst:
+        dst.nodata = nodata
+    expected, got, took = _both(path, Window(10, 10, 40, 30), [1, 2, 3])
+    assert took
+    np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(expected[6:22, 6:22])) == 1 and expected[6, 6, 0] != 0  # the file really has them
+
+
+def test_a_tile_at_offset_zero_is_left_to_gdal(tmp_path):
+    """Only a tile without bytes is missing for GDAL: one at offset 0 with bytes is read there (an
+    uncompressed one reads the TIFF header as pixels), so the direct reader leaves it to GDAL."""
+    path = _write(tmp_path / "zero.tif", _data(count=2), nodata=None)
+    _patch_tile(path, 5, offset=0)
+    expected, got, took = _both(path, Window(0, 0, 53, 45), [1, 2])
+    assert not took
+    assert (expected[16:32, 16:32] != 0).any()  # GDAL's read of the header, not a missing tile's zeros
+
+
+def test_a_tile_that_does_not_decode_to_a_whole_tile_is_left_to_gdal(tmp_path):
+    """tifffile takes an edge tile holding only the image's part of it; libtiff (GDAL) refuses it:
+    a damaged file must end as GDAL's error, not as values."""
+    import imagecodecs
+
+    path = _write(tmp_path / "short.tif", _data(count=2), nodata=None, compress="zstd")
+    last = 3 * 4 - 1  # the bottom-right tile: 13 rows x 5 columns of the image
+    _patch_tile(path, last, blob=imagecodecs.zstd_encode(np.arange(13 * 5 * 2, dtype="<i2").tobytes()))
+    with storage.rasterio_env(), rasterio.open(path) as src:
+        out = np.empty((45, 53, 2), np.int16)
+        assert not direct.read_pixel_major(src, Window(0, 0, 53, 45), [1, 2], out)
+        with pytest.raises(rasterio.errors.RasterioIOError):
+            src.read([1, 2])
+
+
+def test_a_predictor_libtiff_ignores_is_left_to_gdal(tmp_path):
+    """libtiff applies the predictor only with LZW, DEFLATE, LZMA and ZSTD: a PackBits file with a
+    predictor tag reads without it through GDAL, where tifffile would undo it."""
+    import tifffile
+
+    path = tmp_path / "packbits.tif"
+    tifffile.imwrite(path, _data(count=2).transpose(1, 2, 0), tile=(16, 16), compression="packbits", predictor=2,
+                     photometric="minisblack", planarconfig="contig")
+    expected, got, took = _both(path, Window(0, 0, 53, 45), [1, 2])
+    assert not took
+
+
+def test_datasets_open_for_update_and_types_numpy_lacks_are_left_to_gdal(tmp_path):
+    path = _write(tmp_path / "stack.tif", _data(count=2), compress="zstd")
+    with rasterio.open(path, "r+") as src:  # its blocks may be in GDAL's cache, not in the file yet
+        assert not direct.read_pixel_major(src, Window(0, 0, 16, 16), [1, 2], np.empty((16, 16, 2), np.int16))
+    path = _write(tmp_path / "cint16.tif", np.zeros((1, 16, 16), np.complex64), dtype="complex_int16", block=16)
+    with rasterio.open(path) as src:
+        assert src.dtypes[0] == "complex_int16"
+        assert not direct.read_pixel_major(src, Window(0, 0, 16, 16), [1], np.empty((16, 16, 1), np.complex64))
+
+
+def test_a_file_replaced_after_its_layout_was_read_is_left_to_gdal(tmp_path, monkeypatch):
+    """The layout comes from the file's identity before the read opens it: a file put in its place
+    in between (another tile layout) must not be decoded with the old one."""
+    path = tmp_path / "stack.tif"
+    _write(path, _data(seed=0), block=16)
+    real = direct._layout
+
+    def replace_then_layout(*args):
+        layout = real(*args)
+        _write(tmp_path / "new.tif", _data(seed=1), block=16)  # the same layout: readable with the old one
+        os.replace(tmp_path / "new.tif", path)
+        return layout
+
+    monkeypatch.setattr(direct, "_layout", replace_then_layout)
+    with storage.rasterio_env(), rasterio.open(path) as src:
+        out = np.empty((45, 53, 12), np.int16)
+        assert not direct.read_pixel_major(src, Window(0, 0, 53, 45), list(range(1, 13)), out)
+
+
+def test_concurrent_reads_of_one_file_share_threads_and_cache(tmp_path, monkeypatch):
+    """Several reading threads (the inference stage's) reading parts of the same tiles at once,
+    with a cache too small for them all (evictions while others read): every read is GDAL's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("SITSFLOW_GDAL_THREADS", "3")
+    path = _write(tmp_path / "stack.tif", _data(height=64, width=64), compress="zstd", block=32)
+    monkeypatch.setattr(direct, "_CACHE", direct._TileCache(2 * 32 * 32 * 12 * 2))
+    with storage.rasterio_env(), rasterio.open(path) as src:
+        whole = src.read().transpose(1, 2, 0)
+    windows = [(Window(c, r, 24, 9), idx) for r in range(0, 56, 7) for c in (0, 20, 40)
+               for idx in (list(range(1, 13)), [1, 4, 7, 10], [12, 3])]
+
+    def read(job):
+        window, idx = job
+        with storage.rasterio_env(), rasterio.open(path) as src:
+            out = np.empty((9, 24, len(idx)), np.int16)
+            took = direct.read_pixel_major(src, window, idx, out)
+        rows, cols = window.toslices()
+        return took and np.array_equal(out, whole[rows, cols][:, :, np.asarray(idx) - 1])
+
+    with ThreadPoolExecutor(4) as readers:
+        assert all(readers.map(read, windows * 3))
+    assert direct._CACHE.used <= direct._CACHE.nbytes
+
+
+def test_reads_on_the_decoding_threads_do_not_wait_for_them(tmp_path):
+    """by_rows' work may itself read (or run by_rows): on a decoding thread it runs inline instead
+    of waiting for decoding threads that are all busy waiting too (in a child process, killed
+    when it hangs)."""
+    import subprocess
+    import sys
+
+    path = _write(tmp_path / "stack.tif", _data(height=64, width=64), compress="zstd", block=16)
+    script = f"""
+import numpy as np, rasterio
+from rasterio.windows import Window
+from sitsflow.sensors import direct
+with rasterio.open({str(path)!r}) as src:
+    whole = src.read().transpose(1, 2, 0)
+def read(rows):
+    with rasterio.open({str(path)!r}) as src:
+        out = np.empty((rows.stop - rows.start, 64, 12), np.int16)
+        took = direct.read_pixel_major(src, Window(0, rows.start, 64, rows.stop - rows.start), list(range(1, 13)), out)
+    return took and np.array_equal(out, whole[rows]) and direct.by_rows(32, lambda s: s) == [slice(0, 32)]
+assert all(direct.by_rows(64, read))
+"""
+    env = {**os.environ, "SITSFLOW_GDAL_THREADS": "2"}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60)

@@ -11,10 +11,12 @@ many threads as GDAL would use (``SITSFLOW_GDAL_THREADS``, :func:`sitsflow.stora
 
 It reads exactly what GDAL reads, and only where it can: a **local** file, **tiled**, one image
 (``pages[0]``, GDAL's full-resolution dataset), pixel-interleaved (or one band), a lossless
-compression of :data:`CODECS`, any TIFF predictor, GDAL's data type and size. A missing (sparse)
-tile reads as GDAL reads it: the nodata value, else 0. Everything else (object storage, HTTP,
-strips, band-interleaved files, JPEG/WEBP/LERC, ...) and any failure of its own (a truncated or
-corrupt tile) goes back to GDAL, whose read then succeeds or fails with GDAL's own error, which
+compression of :data:`CODECS`, a predictor where libtiff applies it (:data:`PREDICTED`), GDAL's
+data type and size, opened read-only. A missing (sparse: no bytes) tile reads as GDAL reads it
+(GDAL's own read of one of its pixels gives the value: the nodata value, else 0).
+Everything else (object storage, HTTP, strips, band-interleaved files, JPEG/WEBP/LERC, ...) and any
+failure or doubt of its own (a truncated or corrupt tile, one that does not decode to a whole tile,
+one at offset 0) goes back to GDAL, whose read then succeeds or fails with GDAL's own error, which
 :func:`sitsflow.storage.raster_call` classifies: this reader never decides an error.
 """
 
@@ -40,6 +42,9 @@ log = get_logger(__name__)
 #: TIFF compressions decoded here (lossless; what GDAL writes for COGs of integers and floats):
 #: none, LZW, Adobe DEFLATE, DEFLATE (old code), PackBits, LZMA, ZSTD
 CODECS = frozenset({1, 5, 8, 32946, 32773, 34925, 50000})
+#: the compressions of :data:`CODECS` whose tiles libtiff (GDAL) "unpredicts": it ignores the
+#: predictor of the others (PackBits, none), where tifffile would apply it
+PREDICTED = frozenset({5, 8, 32946, 34925, 50000})
 
 
 @dataclass(frozen=True)
@@ -66,16 +71,17 @@ def read_pixel_major(src, window: Window, indexes: list[int], out: np.ndarray) -
         the window, or failed: the caller then reads through GDAL.
     """
     path = src.name
-    if src.driver != "GTiff" or storage.is_remote(path) or path.startswith("/vsi"):
-        return False
-    if out.dtype != np.dtype(src.dtypes[0]) or not out.flags.c_contiguous:
+    # a dataset open for update may hold blocks in GDAL's cache that are not in the file yet
+    if src.driver != "GTiff" or src.mode != "r" or storage.is_remote(path) or path.startswith("/vsi"):
         return False
     try:
+        if out.dtype != np.dtype(src.dtypes[0]) or not out.flags.c_contiguous:  # (complex_int16: no numpy type)
+            return False
         st = os.stat(path)
         layout = _layout(path, st.st_ino, st.st_mtime_ns, st.st_size, src.height, src.width, src.count, out.dtype.str)
         if layout is None:
             return False
-        _decode_window(path, layout, window, indexes, out, src.nodata)
+        _decode_window(src, layout, window, indexes, out)
     except Exception as exc:  # noqa: BLE001 (GDAL reads it again and reports its own error, if any)
         log.debug("direct read of %s failed (%s: %s): read through GDAL", path, type(exc).__name__, exc)
         return False
@@ -123,6 +129,10 @@ def _refusal(page, height: int, width: int, count: int, dtype: np.dtype) -> str:
         return "band-interleaved"
     if int(page.compression) not in CODECS:
         return f"compression {int(page.compression)}"
+    if int(page.predictor) != 1 and (int(page.compression) not in PREDICTED or dtype.kind == "c"):
+        return f"predictor {int(page.predictor)} with compression {int(page.compression)} or complex data"
+    if int(page.predictor) not in (1, 2, 3) or (int(page.predictor) == 3 and dtype.kind != "f"):
+        return f"predictor {int(page.predictor)} for {dtype}"  # libtiff: an error, or unknown
     if page.fillorder != 1 or page.bitspersample not in (8, 16, 32, 64):
         return "bit packing"
     if page.dtype is None or np.dtype(page.dtype).newbyteorder("=") != dtype:
@@ -132,7 +142,8 @@ def _refusal(page, height: int, width: int, count: int, dtype: np.dtype) -> str:
     return ""
 
 
-def _decode_window(path: str, layout: _Layout, window: Window, indexes: list[int], out: np.ndarray, nodata) -> None:
+def _decode_window(src, layout: _Layout, window: Window, indexes: list[int], out: np.ndarray) -> None:
+    path = src.name
     r0, c0 = int(window.row_off), int(window.col_off)
     h, w = int(window.height), int(window.width)
     if r0 < 0 or c0 < 0 or r0 + h > layout.height or c0 + w > layout.width:
@@ -154,9 +165,17 @@ def _decode_window(path: str, layout: _Layout, window: Window, indexes: list[int
         for ty in range(r0 // layout.tile_h, (r0 + h - 1) // layout.tile_h + 1)
         for tx in range(c0 // layout.tile_w, (c0 + w - 1) // layout.tile_w + 1)
     ]
-    fill = 0 if nodata is None else out.dtype.type(nodata)
+    sparse = [t for t in tiles if layout.bytecounts[t] == 0]
+    if sparse:
+        # what GDAL reads in a missing tile, band by band: its nodata (the tag's or an .aux.xml's,
+        # rounded and clamped to the data type; rasterio's ``nodata`` hides one out of range), else 0
+        ty, tx = divmod(sparse[0], across)
+        fill = src.read(indexes, window=Window(tx * layout.tile_w, ty * layout.tile_h, 1, 1))[:, 0, 0]
     fd = os.open(path, os.O_RDONLY)
     try:
+        st = os.fstat(fd)  # the file the layout was read from, not one put in its place since
+        if (path, st.st_ino, st.st_mtime_ns, st.st_size) != layout.ident:
+            raise OSError(f"{path} replaced while read")
 
         def one(index: int) -> None:
             ty, tx = divmod(index, across)
@@ -165,19 +184,22 @@ def _decode_window(path: str, layout: _Layout, window: Window, indexes: list[int
             a, b = max(tr, r0), min(tr + layout.tile_h, r0 + h)
             c, d = max(tc, c0), min(tc + layout.tile_w, c0 + w)
             target = out[a - r0 : b - r0, c - c0 : d - c0]
-            nbytes = int(layout.bytecounts[index])
-            if nbytes == 0 or layout.offsets[index] == 0:  # sparse: GDAL reads nodata, else 0
+            nbytes, offset = int(layout.bytecounts[index]), int(layout.offsets[index])
+            if nbytes == 0:  # sparse
                 target[...] = fill
                 return
+            if offset == 0 or offset + nbytes > layout.ident[3]:  # GDAL reads (and maybe decodes) what is there
+                raise ValueError(f"tile {index}: {nbytes} bytes at {offset} in a file of {layout.ident[3]}")
             tile = _CACHE.get((layout.ident, index))
             if tile is None:
-                data = os.pread(fd, nbytes, int(layout.offsets[index]))
+                data = os.pread(fd, nbytes, offset)
                 if len(data) != nbytes:
                     raise OSError(f"tile {index}: {len(data)} of {nbytes} bytes")
                 tile, _, _ = layout.decode(data, index)
-                tile = tile.reshape(tile.shape[-3:])  # (rows, cols, samples)
-                if tile.shape[0] < b - tr or tile.shape[1] < d - tc:
+                # a whole tile only: tifffile also takes a short edge tile, which libtiff refuses
+                if tile.shape != (1, layout.tile_h, layout.tile_w, layout.samples):
                     raise ValueError(f"tile {index} decodes to {tile.shape}")
+                tile = tile[0]  # (rows, cols, samples)
                 whole = (a, c) == (tr, tc) and (b, d) == (
                     min(tr + layout.tile_h, layout.height),
                     min(tc + layout.tile_w, layout.width),
@@ -186,8 +208,9 @@ def _decode_window(path: str, layout: _Layout, window: Window, indexes: list[int
                     _CACHE.put((layout.ident, index), tile)
             target[...] = tile[a - tr : b - tr, c - tc : d - tc, pick]
 
-        if len(tiles) == 1:
-            one(tiles[0])
+        if len(tiles) == 1 or _WORKER.on:  # (a decoding thread waiting for the others could wait forever)
+            for index in tiles:
+                one(index)
         else:
             futures = [_pool().submit(one, t) for t in tiles]
             wait(futures)  # every tile done before a failure goes back to GDAL's read into ``out``
@@ -206,7 +229,7 @@ def by_rows(nb_rows: int, fn: Callable[[slice], object], *, min_rows: int = 16) 
         what ``fn`` returned for each slab, in row order.
     """
     threads = min(storage.decode_threads(), nb_rows // max(1, min_rows))
-    if threads < 2:
+    if threads < 2 or _WORKER.on:  # inline on a decoding thread: waiting for the others could deadlock
         return [fn(slice(0, nb_rows))]
     cuts = [nb_rows * i // threads for i in range(threads + 1)]
     futures = [_pool().submit(fn, slice(a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
@@ -257,6 +280,19 @@ _POOL: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
+class _Worker(threading.local):
+    """Whether this thread is one of the decoding threads (which must never wait for the others)."""
+
+    on = False
+
+
+_WORKER = _Worker()
+
+
+def _worker_starts() -> None:
+    _WORKER.on = True
+
+
 def _forget_after_fork() -> None:
     """A forked child has none of its parent's threads: it starts its own pool (and locks)."""
     global _POOL_LOCK
@@ -274,5 +310,7 @@ def _pool() -> ThreadPoolExecutor:
     with _POOL_LOCK:
         pool = _POOL.get(threads)
         if pool is None:
-            pool = _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="sitsflow-decode")
+            pool = _POOL[threads] = ThreadPoolExecutor(
+                threads, thread_name_prefix="sitsflow-decode", initializer=_worker_starts
+            )
         return pool
