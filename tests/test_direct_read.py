@@ -21,9 +21,18 @@ NODATA = -10000
 
 
 def _write(path: Path, data: np.ndarray, *, block=16, tiled=True, nodata=NODATA, **options) -> Path:
-    profile = {"driver": "GTiff", "dtype": data.dtype.name, "count": data.shape[0], "width": data.shape[2],
-               "height": data.shape[1], "crs": "EPSG:32631", "transform": from_origin(300000, 5000000, 10, 10),
-               "nodata": nodata, "interleave": "pixel", **options}
+    profile = {
+        "driver": "GTiff",
+        "dtype": data.dtype.name,
+        "count": data.shape[0],
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "crs": "EPSG:32631",
+        "transform": from_origin(300000, 5000000, 10, 10),
+        "nodata": nodata,
+        "interleave": "pixel",
+        **options,
+    }
     if tiled:
         profile |= {"tiled": True, "blockxsize": block, "blockysize": block}
     with rasterio.open(path, "w", **profile) as dst:
@@ -51,7 +60,13 @@ def _both(path: Path, window: Window, indexes: list[int]) -> tuple[np.ndarray, n
     return expected, got, took
 
 
-WINDOWS = [Window(0, 0, 53, 45), Window(3, 5, 17, 29), Window(16, 16, 16, 16), Window(47, 40, 6, 5), Window(50, 0, 3, 45)]
+WINDOWS = [
+    Window(0, 0, 53, 45),
+    Window(3, 5, 17, 29),
+    Window(16, 16, 16, 16),
+    Window(47, 40, 6, 5),
+    Window(50, 0, 3, 45),
+]
 
 
 @pytest.mark.parametrize(
@@ -118,8 +133,9 @@ def test_files_the_direct_reader_does_not_take_go_to_gdal(tmp_path):
             assert not direct.read_pixel_major(src, Window(0, 0, 10, 10), [1, 2, 3], out), name
             # and read_on_grid still reads it (through GDAL), pixel-major
             grid = Grid(src.width, src.height, src.transform, src.crs)
-            values, _ = read_on_grid(src, Window(0, 0, 10, 10), grid, [1, 2, 3], name, dtype=src.dtypes[0],
-                                     pixel_major=True)
+            values, _ = read_on_grid(
+                src, Window(0, 0, 10, 10), grid, [1, 2, 3], name, dtype=src.dtypes[0], pixel_major=True
+            )
             np.testing.assert_array_equal(values, src.read([1, 2, 3], window=Window(0, 0, 10, 10)).transpose(1, 2, 0))
     # another data type than the file's (a conversion: GDAL's job)
     path = _write(tmp_path / "ints.tif", data, compress="zstd")
@@ -163,9 +179,11 @@ def test_a_corrupt_tile_is_left_to_gdal_whose_error_names_the_file(tmp_path):
         grid = Grid(src.width, src.height, src.transform, src.crs)
         with pytest.raises(BadInputError, match="bad.tif"):
             storage.raster_call(
-                "read", str(path),
-                lambda: read_on_grid(src, Window(0, 16, 16, 16), grid, list(range(1, 13)), str(path), dtype="int16",
-                                     pixel_major=True),
+                "read",
+                str(path),
+                lambda: read_on_grid(
+                    src, Window(0, 16, 16, 16), grid, list(range(1, 13)), str(path), dtype="int16", pixel_major=True
+                ),
             )
 
 
@@ -201,10 +219,14 @@ def test_decoding_threads_follow_sitsflow_gdal_threads(tmp_path, monkeypatch):
     path = _write(tmp_path / "stack.tif", _data(), compress="zstd")
     import threading
 
-    layout = direct._layout(str(path), *(lambda s: (s.st_ino, s.st_mtime_ns, s.st_size))(os.stat(path)), 45, 53, 12, "<i2")
+    layout = direct._layout(
+        str(path), *(lambda s: (s.st_ino, s.st_mtime_ns, s.st_size))(os.stat(path)), 45, 53, 12, "<i2"
+    )
     assert isinstance(layout, real)
     decode = layout.decode
-    object.__setattr__(layout, "decode", lambda data, index: names.add(threading.current_thread().name) or decode(data, index))
+    object.__setattr__(
+        layout, "decode", lambda data, index: names.add(threading.current_thread().name) or decode(data, index)
+    )
     try:
         expected, got, took = _both(path, Window(0, 0, 53, 45), list(range(1, 13)))
     finally:
@@ -277,8 +299,10 @@ def _patch_tile(path: Path, index: int, *, offset: int | None = None, blob: byte
 
     with tifffile.TiffFile(path) as tif:
         tags = tif.pages[0].tags
-        where = {name: (tags[name].valueoffset, "<" + {3: "H", 4: "I", 16: "Q"}[tags[name].dtype])
-                 for name in ("TileOffsets", "TileByteCounts")}
+        where = {
+            name: (tags[name].valueoffset, "<" + {3: "H", 4: "I", 16: "Q"}[tags[name].dtype])
+            for name in ("TileOffsets", "TileByteCounts")
+        }
     with open(path, "r+b") as f:
         if blob is not None:
             offset = f.seek(0, 2)
@@ -337,8 +361,15 @@ def test_a_predictor_libtiff_ignores_is_left_to_gdal(tmp_path):
     import tifffile
 
     path = tmp_path / "packbits.tif"
-    tifffile.imwrite(path, _data(count=2).transpose(1, 2, 0), tile=(16, 16), compression="packbits", predictor=2,
-                     photometric="minisblack", planarconfig="contig")
+    tifffile.imwrite(
+        path,
+        _data(count=2).transpose(1, 2, 0),
+        tile=(16, 16),
+        compression="packbits",
+        predictor=2,
+        photometric="minisblack",
+        planarconfig="contig",
+    )
     expected, got, took = _both(path, Window(0, 0, 53, 45), [1, 2])
     assert not took
 
@@ -382,8 +413,12 @@ def test_concurrent_reads_of_one_file_share_threads_and_cache(tmp_path, monkeypa
     monkeypatch.setattr(direct, "_CACHE", direct._TileCache(2 * 32 * 32 * 12 * 2))
     with storage.rasterio_env(), rasterio.open(path) as src:
         whole = src.read().transpose(1, 2, 0)
-    windows = [(Window(c, r, 24, 9), idx) for r in range(0, 56, 7) for c in (0, 20, 40)
-               for idx in (list(range(1, 13)), [1, 4, 7, 10], [12, 3])]
+    windows = [
+        (Window(c, r, 24, 9), idx)
+        for r in range(0, 56, 7)
+        for c in (0, 20, 40)
+        for idx in (list(range(1, 13)), [1, 4, 7, 10], [12, 3])
+    ]
 
     def read(job):
         window, idx = job
