@@ -19,6 +19,9 @@ waiting for them; without reading threads it holds the reads themselves), ``clas
 classifying: copies, network, results back), ``copy_s``/``compute_s`` (CUDA-side times of the
 copies and the network), ``write_s`` (the writer thread), ``wait_write_s``.
 
+Local tiled GeoTIFFs are decoded by sitsflow's direct reader (``sitsflow.sensors.direct``);
+``SITSFLOW_DIRECT_READS=0 python bench/inference.py ...`` measures the same through GDAL.
+
 Prints a table and one JSON line; record the figures in docs/benchmarks.md with the machine.
 """
 
@@ -213,12 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"whole stage (90% nd) : {results['stage_nodata90_px_s']:>12,} px/s  ({results['stage_nodata90_s']} s)  "
           f"= {results['nodata90_cost_over_full']:.0%} of a full chunk's time")
     from sitsflow.inference import reader_threads
+    from sitsflow.sensors import direct
 
     results["readers"] = reader_threads(results["device"].startswith("cuda"), remote=False)  # the chunk is local
+    results["direct_reads"] = direct.enabled()  # SITSFLOW_DIRECT_READS=0: GDAL reads the chunk
     results["tile_s_extrapolated"] = round(args.tile_px**2 / results["stage_full_px_s"], 1)
     timings = results["stage_full_timings"]
     print("where the full chunk's time went (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
-    print(f"readers {results['readers']}; a {args.tile_px} x {args.tile_px} px tile at this rate: "
+    print(f"readers {results['readers']}, direct reads {'on' if results['direct_reads'] else 'off (GDAL)'}; a {args.tile_px} x {args.tile_px} px tile at this rate: "
           f"{results['tile_s_extrapolated']} s")
     print(json.dumps(results))
     if not args.workdir:

@@ -456,3 +456,23 @@ assert all(direct.by_rows(64, read))
 """
     env = {**os.environ, "SITSFLOW_GDAL_THREADS": "2"}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60)
+
+
+def test_sitsflow_direct_reads_0_reads_everything_through_gdal(tmp_path, monkeypatch):
+    path = _write(tmp_path / "stack.tif", _data(), compress="zstd")
+    decoded = []
+    real = direct._decode_window
+    monkeypatch.setattr(direct, "_decode_window", lambda *a: decoded.append(a[2]) or real(*a))
+    window, bands = Window(3, 5, 17, 29), list(range(1, 13))
+    for setting, direct_read in (("0", False), ("1", True), ("", True)):
+        monkeypatch.setenv("SITSFLOW_DIRECT_READS", setting)
+        decoded.clear()
+        with storage.rasterio_env(), rasterio.open(path) as src:
+            grid = Grid(src.width, src.height, src.transform, src.crs)
+            values, _ = read_on_grid(src, window, grid, bands, "stack", dtype="int16", pixel_major=True)
+            np.testing.assert_array_equal(values, src.read(bands, window=window).transpose(1, 2, 0))
+        assert decoded == ([window] if direct_read else []), setting
+    monkeypatch.setenv("SITSFLOW_DIRECT_READS", "yes")
+    with storage.rasterio_env(), rasterio.open(path) as src:
+        with pytest.raises(ConfigError, match="SITSFLOW_DIRECT_READS must be 1 .* or 0"):
+            direct.read_pixel_major(src, window, bands, np.empty((29, 17, 12), np.int16))

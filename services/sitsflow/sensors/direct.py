@@ -35,6 +35,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from sitsflow import storage
+from sitsflow.errors import ConfigError
 from sitsflow.log import get_logger
 
 log = get_logger(__name__)
@@ -72,7 +73,7 @@ def read_pixel_major(src, window: Window, indexes: list[int], out: np.ndarray) -
     """
     path = src.name
     # a dataset open for update may hold blocks in GDAL's cache that are not in the file yet
-    if src.driver != "GTiff" or src.mode != "r" or storage.is_remote(path) or path.startswith("/vsi"):
+    if not enabled() or src.driver != "GTiff" or src.mode != "r" or storage.is_remote(path) or path.startswith("/vsi"):
         return False
     try:
         if out.dtype != np.dtype(src.dtypes[0]) or not out.flags.c_contiguous:  # (complex_int16: no numpy type)
@@ -86,6 +87,21 @@ def read_pixel_major(src, window: Window, indexes: list[int], out: np.ndarray) -
         log.debug("direct read of %s failed (%s: %s): read through GDAL", path, type(exc).__name__, exc)
         return False
     return True
+
+
+def enabled() -> bool:
+    """``SITSFLOW_DIRECT_READS``: ``1`` (the default: local tiled GeoTIFFs are decoded here) or
+    ``0`` (every read through GDAL: to compare, or to rule this reader out).
+
+    Raises:
+        ConfigError: another value.
+    """
+    value = os.environ.get("SITSFLOW_DIRECT_READS", "1").strip() or "1"
+    if value not in ("0", "1"):
+        raise ConfigError(
+            f"SITSFLOW_DIRECT_READS must be 1 (direct reads of local tiled GeoTIFFs) or 0 (GDAL), got {value!r}"
+        )
+    return value == "1"
 
 
 @functools.lru_cache(maxsize=64)
