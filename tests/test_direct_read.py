@@ -12,7 +12,7 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from sitsflow import storage
+from sitsflow import process, storage
 from sitsflow.errors import BadInputError, ConfigError
 from sitsflow.sensors import direct
 from sitsflow.sensors.base import Grid, read_on_grid
@@ -234,10 +234,18 @@ def test_decoding_threads_follow_sitsflow_gdal_threads(tmp_path, monkeypatch):
     assert took and names and all(n.startswith("sitsflow-decode") for n in names)
     np.testing.assert_array_equal(got, expected)
     monkeypatch.setenv("SITSFLOW_GDAL_THREADS", "ALL_CPUS")
-    assert storage.decode_threads() == len(os.sched_getaffinity(0))
+    assert storage.decode_threads() == process.usable_cpus()
+    quota = tmp_path / "cpu.max"
+    quota.write_text("100000 100000\n")  # a pod limited to one CPU decodes on one thread
+    monkeypatch.setattr(process, "CGROUP_CPU_MAX", str(quota))
+    assert storage.decode_threads() == 1
     monkeypatch.setenv("SITSFLOW_GDAL_THREADS", "many")
     with pytest.raises(ConfigError, match="SITSFLOW_GDAL_THREADS"):
         storage.decode_threads()
+    # a bad setting is the process's fault, not the file's: it is not hidden behind GDAL's read
+    with storage.rasterio_env(), rasterio.open(path) as src:
+        with pytest.raises(ConfigError, match="SITSFLOW_GDAL_THREADS"):
+            direct.read_pixel_major(src, Window(0, 0, 53, 45), list(range(1, 13)), np.empty((45, 53, 12), np.int16))
 
 
 def test_tiles_read_in_part_are_decoded_once_and_whole_ones_are_not_kept(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from sitsflow import features as features_module
-from sitsflow import inference, layout, nn
+from sitsflow import inference, layout, nn, process
 from sitsflow.config import load_config
 from sitsflow.errors import BadInputError, TransientError
 from sitsflow.features import FeaturePipeline, ReadBuffers
@@ -255,8 +255,8 @@ def test_inference_process_settings(monkeypatch):
     monkeypatch.delenv("SITSFLOW_READERS", raising=False)
     assert inference.reader_threads() == inference.READERS  # remote inputs: read ahead of the network
     assert inference.reader_threads(remote=False) == 0  # local inputs on the CPU: no reading thread
-    assert inference.reader_threads(gpu=True) == inference._usable_cpus()  # a GPU network: every core reads
-    assert inference.reader_threads(gpu=True, remote=False) == inference._usable_cpus()
+    assert inference.reader_threads(gpu=True) == process.usable_cpus()  # a GPU network: every core reads
+    assert inference.reader_threads(gpu=True, remote=False) == process.usable_cpus()
     monkeypatch.setenv("SITSFLOW_READERS", "3")
     assert inference.reader_threads(remote=False) == 3
     assert inference.reader_threads(gpu=True) == 3
@@ -502,15 +502,13 @@ def test_parts_reach_the_file_as_whole_rows_of_its_blocks():
 
 
 def test_usable_cpus_follow_the_cgroup_quota(tmp_path, monkeypatch) -> None:
-    from sitsflow import inference
-
     cpu_max = tmp_path / "cpu.max"
-    monkeypatch.setattr(inference, "CGROUP_CPU_MAX", str(cpu_max))
-    monkeypatch.setattr(inference.os, "sched_getaffinity", lambda _pid: set(range(16)))
-    assert inference._usable_cpus() == 16  # no cgroup file
+    monkeypatch.setattr(process, "CGROUP_CPU_MAX", str(cpu_max))
+    monkeypatch.setattr(process.os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert process.usable_cpus() == 16  # no cgroup file
     cpu_max.write_text("max 100000\n")
-    assert inference._usable_cpus() == 16
+    assert process.usable_cpus() == 16
     cpu_max.write_text("400000 100000\n")  # a pod limited to 4 CPUs
-    assert inference._usable_cpus() == 4
+    assert process.usable_cpus() == 4
     cpu_max.write_text("50000 100000\n")  # half a CPU
-    assert inference._usable_cpus() == 1
+    assert process.usable_cpus() == 1

@@ -39,6 +39,25 @@ M_MMAP_THRESHOLD = -3
 RETAINED_BYTES = 1 << 30
 
 
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity, bounded by a cgroup v2 CPU quota (a pod's limit)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may run on
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        with open(CGROUP_CPU_MAX) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 def tune_for_inference() -> bool:
     """Apply the settings above; True when the allocator took them."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

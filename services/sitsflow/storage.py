@@ -74,6 +74,7 @@ from sitsflow.errors import (
     TransientError,
 )
 from sitsflow.log import get_logger
+from sitsflow.process import usable_cpus
 
 __all__ = [
     "Backend",
@@ -1318,16 +1319,20 @@ def _aws_configured() -> bool:
     return any(_env(n) for n in names)
 
 
+#: the default of ``SITSFLOW_GDAL_THREADS`` (GDAL's spelling): every CPU the process may use
+ALL_CPUS = "ALL_CPUS"
 _GDAL_KNOBS = ("SITSFLOW_GDAL_THREADS", "GDAL_HTTP_MAX_RETRY", "GDAL_HTTP_RETRY_DELAY")
 _gdal_envs: dict[tuple[Any, ...], tuple[dict[str, str], Any]] = {}
 
 
 def decode_threads() -> int:
     """Threads that decode the compressed blocks of one read: ``SITSFLOW_GDAL_THREADS``, by
-    default every CPU this process may run on (GDAL's ``ALL_CPUS``)."""
-    value = _env("SITSFLOW_GDAL_THREADS") or "ALL_CPUS"
-    if value.upper() == "ALL_CPUS":
-        return len(os.sched_getaffinity(0))
+    default (``ALL_CPUS``) every CPU this process may use: its affinity, bounded by the pod's CPU
+    quota (:func:`sitsflow.process.usable_cpus`), for the direct reader's threads; GDAL's own
+    count for GDAL's, which gets the setting as ``GDAL_NUM_THREADS``."""
+    value = _env("SITSFLOW_GDAL_THREADS") or ALL_CPUS
+    if value.upper() == ALL_CPUS:
+        return usable_cpus()
     try:
         return max(1, int(value))
     except ValueError:
@@ -1347,7 +1352,7 @@ def _gdal_settings() -> tuple[dict[str, str], Any]:
 def _new_gdal_settings() -> tuple[dict[str, str], Any]:
     options = {
         "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-        "GDAL_NUM_THREADS": _env("SITSFLOW_GDAL_THREADS") or "ALL_CPUS",
+        "GDAL_NUM_THREADS": _env("SITSFLOW_GDAL_THREADS") or ALL_CPUS,
         "GDAL_HTTP_MAX_RETRY": _env("GDAL_HTTP_MAX_RETRY") or GDAL_HTTP_MAX_RETRY,
         "GDAL_HTTP_RETRY_DELAY": _env("GDAL_HTTP_RETRY_DELAY") or GDAL_HTTP_RETRY_DELAY,
         "GDAL_HTTP_CONNECTTIMEOUT": str(CONNECT_TIMEOUT_S),

@@ -30,7 +30,7 @@ import shapely
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
-from sitsflow import layout, manifest, nn
+from sitsflow import layout, manifest, nn, process
 from sitsflow.errors import BadInputError
 from sitsflow.features import FeaturePipeline, ReadBuffers
 from sitsflow.inference.writer import ChunkWriter
@@ -43,26 +43,7 @@ log = get_logger(__name__)
 
 STAGE = "inference"
 
-CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
-
-
-def _usable_cpus() -> int:
-    """The CPUs this process may use: its affinity, bounded by a cgroup v2 CPU quota (a pod's limit)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may run on
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    try:
-        with open(CGROUP_CPU_MAX) as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
-
-
-READERS = max(1, min(2, _usable_cpus()))
+READERS = max(1, min(2, process.usable_cpus()))
 """Threads reading ahead of a network on the CPU when an input is remote (object storage, HTTP):
 they hide the requests' latency (2; 1 on one CPU)."""
 
@@ -76,7 +57,7 @@ def reader_threads(gpu: bool = False, remote: bool = True) -> int:
     the L-TAE's stage 201-208 k px/s without, 170-191 k with two on 2 cores)."""
     text = os.environ.get("SITSFLOW_READERS", "").strip()
     if not text:
-        return _usable_cpus() if gpu else (READERS if remote else 0)
+        return process.usable_cpus() if gpu else (READERS if remote else 0)
     if not text.isdigit():
         raise BadInputError(
             f"SITSFLOW_READERS must be 0 (no reading thread) or a positive integer (reading threads), got {text!r}"

@@ -83,6 +83,8 @@ def read_pixel_major(src, window: Window, indexes: list[int], out: np.ndarray) -
         if layout is None:
             return False
         _decode_window(src, layout, window, indexes, out)
+    except ConfigError:
+        raise  # a setting of this process (SITSFLOW_GDAL_THREADS), not the file: exit 2 naming it
     except Exception as exc:  # noqa: BLE001 (GDAL reads it again and reports its own error, if any)
         log.debug("direct read of %s failed (%s: %s): read through GDAL", path, type(exc).__name__, exc)
         return False
@@ -224,14 +226,7 @@ def _decode_window(src, layout: _Layout, window: Window, indexes: list[int], out
                     _CACHE.put((layout.ident, index), tile)
             target[...] = tile[a - tr : b - tr, c - tc : d - tc, pick]
 
-        if len(tiles) == 1 or _WORKER.on:  # (a decoding thread waiting for the others could wait forever)
-            for index in tiles:
-                one(index)
-        else:
-            futures = [_pool().submit(one, t) for t in tiles]
-            wait(futures)  # every tile done before a failure goes back to GDAL's read into ``out``
-            for future in futures:
-                future.result()
+        _run_all(one, tiles)
     finally:
         os.close(fd)
 
@@ -244,11 +239,18 @@ def by_rows(nb_rows: int, fn: Callable[[slice], object], *, min_rows: int = 16) 
     Returns:
         what ``fn`` returned for each slab, in row order.
     """
-    threads = min(storage.decode_threads(), nb_rows // max(1, min_rows))
-    if threads < 2 or _WORKER.on:  # inline on a decoding thread: waiting for the others could deadlock
-        return [fn(slice(0, nb_rows))]
+    threads = 1 if _WORKER.on else max(1, min(storage.decode_threads(), nb_rows // max(1, min_rows)))
     cuts = [nb_rows * i // threads for i in range(threads + 1)]
-    futures = [_pool().submit(fn, slice(a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
+    return _run_all(fn, [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])])
+
+
+def _run_all(fn: Callable[[Any], Any], items: list) -> list:
+    """``[fn(item) for item in items]`` on the decoding threads; inline for one item, or on a
+    decoding thread (waiting there for the others could wait forever). Every call ends before
+    the first failure is raised: none still writes into the caller's arrays then."""
+    if len(items) < 2 or _WORKER.on:
+        return [fn(item) for item in items]
+    futures = [_pool().submit(fn, item) for item in items]
     wait(futures)
     return [f.result() for f in futures]
 
