@@ -184,7 +184,7 @@ def test_classify_matches_proba() -> None:
     x = series(300, 12, 3, seed=5)
     net = trained_like("LTAEClassifier", x, nb_classes=4)
     predictor = Predictor(net, device="cpu", batch_size=64)
-    codes = np.array([11, 21, 31, 41])
+    codes = np.array([11, 21, 40000, 65535])  # uint16 codes beyond int16 come back whole
     labels, confidence, probas = predictor.classify(x, codes, probabilities=True)
     proba = predictor.proba(x)
     np.testing.assert_array_equal(labels, codes[proba.argmax(1)])

@@ -333,10 +333,14 @@ class Predictor:
                 with self._timed("compute_s"):
                     p = self.forward(batch)
                     conf, best = p.max(dim=1)
-                labels[start:stop] = table[best].to(torch.int32).cpu().numpy()
+                # 2 bytes a value come back, not 4: int16 on the device (every device has it), the
+                # same 16 bits read as uint16 here (codes up to 65535; probabilities 0-1000)
+                labels[start:stop] = table[best].to(torch.int16).cpu().numpy().view(np.uint16)
                 confidence[start:stop] = conf.cpu().numpy()
                 if probas is not None:
-                    probas[:, start:stop] = torch.round(p.T * PROBABILITY_SCALE).to(torch.int32).cpu().numpy()
+                    probas[:, start:stop] = (
+                        torch.round(p.T * PROBABILITY_SCALE).to(torch.int16).cpu().numpy().view(np.uint16)
+                    )
         self._collect()
         return labels, confidence, probas
 
