@@ -22,7 +22,7 @@ stage run, by method, split into the catalog's JSON (read once, when the stage b
 sensors) and the COGs' requests (GETs with a ``Range`` header: GDAL's header and block reads).
 
     python bench/stac.py [--size 512] [--dates 12] [--repeat 2] [--network MLPClassifier]
-                         [--compress ZSTD] [--readers N]
+                         [--compress ZSTD] [--readers N] [--block 256] [--pod-memory-gib G]
 
 Prints a table and one JSON line; record the figures in docs/benchmarks.md with the machine
 (``os.getloadavg()`` is printed: the machine is shared).
@@ -223,6 +223,16 @@ def stage(config: str) -> int:
     from sitsflow.log import setup_logging
 
     setup_logging("WARNING")
+    pod = os.environ.get("BENCH_POD_MEMORY")
+    if pod:  # a pod with this memory limit (--pod-memory-gib), emulated: see main()
+        import rasterio.env
+
+        from sitsflow import process
+
+        limit = Path(tempfile.mkdtemp()) / "memory.max"
+        limit.write_text(pod)
+        process.CGROUP_MEMORY_MAX = str(limit)
+        rasterio.env.set_gdal_config("GDAL_CACHEMAX", int(0.05 * int(pod)))  # GDAL's default: 5 % of it
     seconds, timings = time_stage(load_config(config), 1)
     print(json.dumps({"seconds": round(seconds, 3), "timings": timings}))
     return 0
@@ -244,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--compress", default="ZSTD", help="COG compression: ZSTD (default), DEFLATE, LZW, NONE")
     parser.add_argument("--readers", type=int, default=None, help="reading threads (SITSFLOW_READERS)")
+    parser.add_argument("--block", type=int, default=256, help="the COGs' internal block size (px)")
+    parser.add_argument("--pod-memory-gib", type=float, default=None,
+                        help="emulate a pod with this memory limit: the stage reads it as its cgroup limit, "
+                             "GDAL's block cache starts at 5 %% of it (GDAL's default)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
@@ -261,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
     if args.readers:
         os.environ["SITSFLOW_READERS"] = str(args.readers)
+    if args.pod_memory_gib:
+        os.environ["BENCH_POD_MEMORY"] = str(int(args.pod_memory_gib * (1 << 30)))
     sys.path.insert(0, str(BENCH))
     import numpy as np
     from inference import install_model  # bench/inference.py (tunes the process for inference)
@@ -278,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     try:
         t0 = time.perf_counter()
-        make_data(work, args.size, args.dates, args.compress)
+        make_data(work, args.size, args.dates, args.compress, args.block)
         catalog = upload(work, endpoint)
         generate_s = round(time.perf_counter() - t0, 1)
         stac_path = write_config(work, "stac", f"""stac : {{
@@ -305,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         np.testing.assert_allclose(fa.values, fb.values, rtol=1e-6)
         del a, b, fa, fb
         results: dict = {"size": args.size, "dates": args.dates, "bands": 10, "compress": args.compress,
+                         "block": args.block, "pod_memory_gib": args.pod_memory_gib,
                          "network": args.network, "cpu": cpu_name(), "cores": os.cpu_count(),
                          "generate_s": generate_s}
         for cfg in (stac_cfg, local_cfg):
