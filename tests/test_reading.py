@@ -135,7 +135,8 @@ def test_single_band_files_are_read_block_tile_by_block_tile_within_the_budget(m
 
     def sensor(band_files: bool, where: str = "/data/"):
         return SimpleNamespace(raw_dates=[1] * 4, bands=["a", "b", "c"], block_rows=16, block_cols=16,
-                               band_files=band_files, input_files=lambda: [where + "b.tif"])
+                               band_files=band_files, input_files=lambda: [where + "b.tif"], sample_bytes=2,
+                               remote=where.startswith("s3://"))
 
     window = Window(3, 5, 61, 44)
     per_pixel = 4 * (3 + 1) * 4 * 2  # the reader's estimate: dates x (bands + mask) x float32 x 2
@@ -156,10 +157,12 @@ def test_single_band_files_are_read_block_tile_by_block_tile_within_the_budget(m
     interleaved = features_module.WindowReader([sensor(False)], None).read_windows(window)
     assert any(int(p.width) > 16 for p in interleaved)
     # single-band files on object storage keep the strips across blocks (one request per block row)
+    # when GDAL's block cache holds a block row of every file (see test_band_file_reads.py)
     remote = features_module.WindowReader([sensor(True, "s3://bucket/")], None)
     assert not remote.tile_by_tile
     monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 130 * per_pixel)  # 2 rows of 61 px
     strips = remote.read_windows(window)  # whole-width strips of the budget's rows, blocks ignored
+    assert not remote.tile_by_tile
     assert all(int(p.width) == 61 and int(p.height) <= 2 for p in strips)
     assert sum(int(p.height) for p in strips) == 44
 

@@ -136,6 +136,22 @@ def test_signed_urls_are_opened_and_read_the_unsigned_values(http_catalog, endpo
     assert signing.signed("http://h/a.tif?x=1", "t=2") == "http://h/a.tif?x=1&t=2"
 
 
+def _open_datasets(sensor) -> dict:
+    """The datasets the acquisition threads keep open (remote files are read there, each date on
+    its own thread: see sitsflow.sensors.base.per_acquisition)."""
+    from sitsflow.sensors import base
+
+    found: dict = {}
+
+    def collect(t: int) -> None:
+        files = getattr(sensor._open_files, "files", None)
+        if files is not None:
+            found.update(files.datasets)
+
+    base.per_acquisition(len(sensor.groups), collect, True)
+    return found
+
+
 def test_a_token_about_to_expire_is_renewed_and_open_files_reopened(http_catalog, monkeypatch):
     folder, _ = http_catalog
     fake = FakeTokenEndpoint(lifetime=dt.timedelta(minutes=2))  # within the 5-minute margin: renewed at each use
@@ -144,10 +160,10 @@ def test_a_token_about_to_expire_is_renewed_and_open_files_reopened(http_catalog
         sensor = pipe.sensors[0]
         first = sensor.read(WINDOW, pipe.grid)
         after_first = fake.calls["sentinel-2-l2a"]
-        kept = dict(sensor._open_files.files.datasets)
+        kept = _open_datasets(sensor)
         second = sensor.read(WINDOW, pipe.grid)
         assert fake.calls["sentinel-2-l2a"] > after_first  # a new token per use
-        reopened = sensor._open_files.files.datasets
+        reopened = _open_datasets(sensor)
         last = f"sig=fake{fake.calls['sentinel-2-l2a']}x"
         assert any(d.name.endswith(last) for d in reopened.values())
         assert all(d.closed for u, d in kept.items() if reopened.get(u) is not d)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -602,3 +603,36 @@ def test_a_malformed_item_property_is_bad_input_naming_the_item(catalog, tmp_pat
     with pytest.raises(BadInputError, match=rf"stac.catalog: item 'S2_d2b_31TCJ' .*{prop} {value!r}.*{allowed}") as err:
         _pipe(broken, info, catalog=str(broken / "stac" / "catalog.json"))
     assert err.value.exit_code == 2
+
+
+@pytest.mark.s3
+def test_remote_band_files_read_tile_by_tile_on_acquisition_threads(catalog, s3_bucket, monkeypatch):
+    """COGs on S3 whose block rows do not fit in GDAL's cache are read block tile by block tile, each
+    acquisition on its own thread: the features and clear-date counts of the whole window read
+    locally at once."""
+    from sitsflow import features as features_module
+    from sitsflow.sensors import base
+
+    folder, info = catalog
+    whole = _pipe(folder, info).features(FULL)
+    remote = _pipe(folder, info, catalog=upload(folder, s3_bucket))
+    sensor = remote.sensors[0]
+    assert sensor.remote and sensor.sample_bytes == 2
+    sensor.block_rows, sensor.block_cols = 8, 16
+    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 1)
+    monkeypatch.setattr(storage, "gdal_cache_allowed", lambda: 0)  # no block row fits
+    monkeypatch.setattr(storage, "gdal_cache_at_least", lambda nbytes: 0)
+    threads: set[str] = set()
+    read = base.per_acquisition
+
+    def spy(count, fn, spread):
+        assert spread
+        return read(count, lambda t: (threads.add(threading.current_thread().name), fn(t)), spread)
+
+    monkeypatch.setattr("sitsflow.sensors.stac.per_acquisition", spy)
+    parts = remote.read_windows(FULL)
+    assert remote.reader.tile_by_tile and all(int(p.width) <= 16 for p in parts)
+    cut = remote.features(FULL)
+    np.testing.assert_array_equal(cut.values, whole.values)
+    np.testing.assert_array_equal(cut.clear_dates, whole.clear_dates)
+    assert len(threads) == len(remote.raw_dates) and all(n.startswith("sitsflow-acq") for n in threads)

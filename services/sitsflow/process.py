@@ -40,6 +40,8 @@ RETAINED_BYTES = 1 << 30
 
 
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_MEMORY_MAX = "/sys/fs/cgroup/memory.max"
+CGROUP_V1_MEMORY_LIMIT = "/sys/fs/cgroup/memory/memory.limit_in_bytes"
 
 
 def usable_cpus() -> int:
@@ -56,6 +58,25 @@ def usable_cpus() -> int:
     except (OSError, ValueError):
         pass
     return cpus
+
+
+def usable_memory() -> int:
+    """Bytes of memory this process may use: the machine's, bounded by a cgroup memory limit (a
+    pod's: cgroup v2 ``memory.max``, else v1 ``memory.limit_in_bytes``)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    for path in (CGROUP_MEMORY_MAX, CGROUP_V1_MEMORY_LIMIT):
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():  # "max" (v2) or a huge number (v1): no limit below the machine's
+            total = min(total, int(limit))
+        break
+    return int(total)
 
 
 def tune_for_inference() -> bool:

@@ -74,7 +74,7 @@ from sitsflow.errors import (
     TransientError,
 )
 from sitsflow.log import get_logger
-from sitsflow.process import usable_cpus
+from sitsflow.process import usable_cpus, usable_memory
 
 __all__ = [
     "Backend",
@@ -1337,6 +1337,54 @@ def decode_threads() -> int:
         return max(1, int(value))
     except ValueError:
         raise ConfigError(f"SITSFLOW_GDAL_THREADS={value!r}: expected a number of threads or ALL_CPUS") from None
+
+
+#: share of the usable memory GDAL's block cache may be raised to (:func:`gdal_cache_at_least`)
+GDAL_CACHE_SHARE = 0.25
+_gdal_cache_lock = threading.Lock()
+
+
+def _new_cache_lock() -> None:
+    global _gdal_cache_lock
+    _gdal_cache_lock = threading.Lock()  # a forked child has none of its parent's threads
+
+
+os.register_at_fork(after_in_child=_new_cache_lock)
+
+
+def gdal_cache_allowed() -> int:
+    """The largest block cache :func:`gdal_cache_at_least` may give GDAL: its current size, or
+    :data:`GDAL_CACHE_SHARE` of the usable memory when larger (``GDAL_CACHEMAX`` set in the
+    environment: that, as GDAL read it)."""
+    import rasterio.env
+
+    # rasterio reads and sets GDAL_CACHEMAX in bytes, through GDALGetCacheMax64/GDALSetCacheMax64
+    current = int(rasterio.env.get_gdal_config("GDAL_CACHEMAX") or 0)
+    if _env("GDAL_CACHEMAX") is not None:
+        return current
+    return max(current, int(GDAL_CACHE_SHARE * usable_memory()))
+
+
+def gdal_cache_at_least(nbytes: int) -> int:
+    """Raise GDAL's block cache to hold ``nbytes`` (never lowered, at most
+    :func:`gdal_cache_allowed`); return its size now.
+
+    Reads of single-band files through GDAL decode each block into this cache, where the later
+    parts of a chunk find it: when a part's blocks of every file do not fit, every part fetches and
+    decodes them again (docs/benchmarks.md, "Single-band files"). GDAL's default is 5 % of the
+    memory; it is raised up to :data:`GDAL_CACHE_SHARE` of the usable memory (a pod's limit
+    included). A ``GDAL_CACHEMAX`` set in the environment is the user's: it is kept as GDAL read it.
+    """
+    import rasterio.env
+
+    with _gdal_cache_lock:
+        current = int(rasterio.env.get_gdal_config("GDAL_CACHEMAX") or 0)
+        wanted = min(int(nbytes), gdal_cache_allowed())
+        if wanted > current:
+            rasterio.env.set_gdal_config("GDAL_CACHEMAX", wanted)
+            log.info("GDAL block cache raised to %d MiB (%d MiB needed)", wanted >> 20, int(nbytes) >> 20)
+            current = wanted
+        return current
 
 
 def gdal_options() -> dict[str, str]:

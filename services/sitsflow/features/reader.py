@@ -4,6 +4,7 @@ to the feature computation."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,14 +12,20 @@ import numpy as np
 from rasterio.windows import Window
 
 from sitsflow import storage
-from sitsflow.sensors import Sensor
+from sitsflow.log import get_logger
+from sitsflow.sensors import Sensor, direct
 from sitsflow.sensors.base import Grid, ReadBuffers
+
+log = get_logger(__name__)
 
 READ_BUDGET_BYTES = 64 * 1024 * 1024
 """Raw data read at once by :meth:`FeaturePipeline.features`: larger windows are read in parts."""
 
 READ_MIN_BLOCKS = 2
 """Source blocks side by side in one read, at least (see :meth:`FeaturePipeline.read_windows`)."""
+
+CACHE_MARGIN = 1.25
+"""Block cache asked for the blocks the parts come back to, over their size (other reads use it too)."""
 
 
 @dataclass
@@ -52,8 +59,10 @@ class WindowReader:
         self.grid = grid
         #: an input is on object storage or HTTP (request latency to hide, blocks fetched by request)
         self.remote = any(storage.is_remote(f) for s in sensors for f in s.input_files())
-        #: read single-band files block tile by block tile (see :meth:`read_windows`): every input local
+        #: read single-band files block tile by block tile (see :meth:`read_windows`): every input
+        #: local; remote ones too when a chunk's strips need more cache than there is (set per window)
         self.tile_by_tile = any(s.band_files for s in sensors) and not self.remote
+        self._said: set[str] = set()
 
     def read_windows(self, window: Window) -> list[Window]:
         """The sub-windows ``window`` is read in, row-major.
@@ -69,24 +78,35 @@ class WindowReader:
         is decoded once into GDAL's block cache (which must hold one block of every file) and
         serves the tile's strips from there; strips across blocks decode each block again for
         every strip (72 local files: 34 s against 4.4 s). On object storage or HTTP the strips
-        stay: there a multi-block read fetches a block row in one request and GDAL keeps the bytes,
-        while one request per block made a 2048² px chunk of 132 COGs on S3 slower (44 s against
-        25 s, 8,839 requests against 2,324; docs/benchmarks.md).
+        stay while GDAL's block cache can hold a block row of every file (a multi-block read fetches
+        a block row in one request, and GDAL's reads of remote files keep the decoded blocks in its
+        cache for the next strips; one request per block made a 2048² px chunk of 132 COGs of 256-px
+        blocks slower: 44 s against 25 s, 8,839 requests against 2,324), block tile by block tile
+        otherwise (see :meth:`_tile_by_tile`; docs/benchmarks.md).
         """
+        parts, self.tile_by_tile = self._plan(window)
+        return parts
+
+    def _plan(self, window: Window) -> tuple[list[Window], bool]:
+        """:meth:`read_windows`, and whether the single-band files are read block tile by block tile."""
         h, w = int(window.height), int(window.width)
         per_pixel = sum(max(1, len(s.raw_dates)) * (len(s.bands) + 1) for s in self.sensors) * 4 * 2
         budget_px = max(1, READ_BUDGET_BYTES // max(1, per_pixel))
-        # remote single-band files keep strips of budget rows: their blocks do not shape the parts
-        # (parts two blocks wide and a block row high would hold a block row of hundreds of files)
-        shaping = [s for s in self.sensors if self.tile_by_tile or not s.band_files]
-        block_rows = max(max((s.block_rows for s in shaping), default=1), 1)
-        block_cols = max(max((s.block_cols for s in shaping), default=1), 1)
         r0, c0 = int(window.row_off), int(window.col_off)
         rows = budget_px // max(1, w)
-        if rows < block_rows and self.tile_by_tile:
-            # one file per band and date: a read across several blocks of a file decodes them all
-            # again (GDAL's multi-block reads bypass its block cache), so each part stays inside one
-            # block tile; a tile's blocks, decoded once, serve its parts from GDAL's block cache
+        tile_by_tile = self._tile_by_tile(window, rows)
+        # single-band files shape the parts when read block tile by block tile, or in strips of
+        # whole block rows; remote ones in lower strips do not (parts two blocks wide and a block
+        # row high would hold a block row of hundreds of files)
+        aligned = all(rows >= max(1, s.block_rows) for s in self.sensors if s.band_files)
+        shaping = [s for s in self.sensors if tile_by_tile or aligned or not s.band_files]
+        block_rows = max(max((s.block_rows for s in shaping), default=1), 1)
+        block_cols = max(max((s.block_cols for s in shaping), default=1), 1)
+        if rows < block_rows and tile_by_tile:
+            # one file per band and date: a read across several blocks of a local file decodes them
+            # all again (GDAL's multi-block reads of local files bypass its block cache), so each
+            # part stays inside one block tile; a tile's blocks, decoded once, serve its parts from a
+            # block cache (see _tile_by_tile)
             tile_cols = min(block_cols, w)
             sub = max(1, budget_px // tile_cols)
             return [
@@ -94,12 +114,81 @@ class WindowReader:
                 for r, e in _cuts(r0, h, block_rows)
                 for a, b in _cuts(c0, w, block_cols)
                 for p, q in _cuts(r, e - r, sub)
-            ]
+            ], True
         cols = max(block_cols * READ_MIN_BLOCKS, budget_px // block_rows // block_cols * block_cols)
         if rows >= block_rows or cols >= w:
             step = max(block_rows, rows // block_rows * block_rows)
-            return [Window(c0, a, w, b - a) for a, b in _cuts(r0, h, step)]
-        return [Window(a, r, b - a, e - r) for r, e in _cuts(r0, h, block_rows) for a, b in _cuts(c0, w, cols)]
+            return [Window(c0, a, w, b - a) for a, b in _cuts(r0, h, step)], tile_by_tile
+        return [
+            Window(a, r, b - a, e - r) for r, e in _cuts(r0, h, block_rows) for a, b in _cuts(c0, w, cols)
+        ], tile_by_tile
+
+    def _say(self, level: int, message: str, *args: object) -> None:
+        """Log ``message`` once per reader (the parts of a chunk are planned again as they are read)."""
+        if message not in self._said:
+            self._said.add(message)
+            log.log(level, message, *args)
+
+    def _tile_by_tile(self, window: Window, rows: int) -> bool:
+        """Whether the single-band files are read block tile by block tile in ``window``, whose
+        whole-width strips would be ``rows`` high; the block caches are raised to what the parts
+        need.
+
+        A source block is decoded once only if a cache keeps it for the later parts that come back
+        to it: strips lower than a block come back to a block row of every file, block tiles to one
+        block of every file. Local files are read tile by tile, their decoded blocks kept by the
+        direct reader (:func:`~sitsflow.sensors.direct.cache_at_least`; files it does not read rely
+        on GDAL's cache as it is). Remote ones are read through GDAL, whose reads of remote files
+        keep their blocks in its block cache: they keep the strips (one request fetches a file's
+        block row) when that cache may hold a block row of every file
+        (:func:`~sitsflow.storage.gdal_cache_allowed`), and are read tile by tile otherwise; the
+        cache is then raised to what the chosen parts need (a cache too small for the strips
+        fetched and decoded every block again for each strip: docs/benchmarks.md, "Single-band
+        files"). The margin (:data:`CACHE_MARGIN`) covers other reads, and in part two reading
+        threads on either side of a block row's end.
+        """
+        banded = [s for s in self.sensors if s.band_files]
+        if not banded or all(rows >= max(1, s.block_rows) for s in banded):
+            return False  # strips of whole block rows: every block decoded once
+        c0, w = int(window.col_off), int(window.width)
+        tile_rows = max(max(1, s.block_rows) for s in self.sensors)
+        tile_cols = max(max(1, s.block_cols) for s in self.sensors)
+        need = {"strips": [0, 0], "tiles": [0, 0]}  # (local, remote) bytes
+        for s in banded:
+            br, bc = max(1, s.block_rows), max(1, s.block_cols)
+            files = len(s.input_files()) * br * bc * s.sample_bytes  # a block of every file
+            where = int(s.remote)
+            need["strips"][where] += files * ((c0 + w - 1) // bc - c0 // bc + 1)
+            need["tiles"][where] += files * -(-tile_rows // br) * -(-tile_cols // bc)
+        strips = [int(CACHE_MARGIN * n) for n in need["strips"]]
+        tiles = [int(CACHE_MARGIN * n) for n in need["tiles"]]
+        if strips[1]:
+            if storage.gdal_cache_allowed() >= strips[1] and direct.cache_allowed() >= strips[0]:
+                storage.gdal_cache_at_least(strips[1])
+                if strips[0]:
+                    direct.cache_at_least(strips[0])
+                return False
+            self._say(
+                logging.INFO,
+                "a block row of the %d remote single-band files (%d MiB) does not fit in GDAL's block cache: "
+                "they are read block tile by block tile",
+                sum(len(s.input_files()) for s in banded if s.remote),
+                need["strips"][1] >> 20,
+            )
+        short = []
+        if tiles[1] and storage.gdal_cache_at_least(tiles[1]) < need["tiles"][1]:
+            short.append(f"GDAL's cache {storage.gdal_cache_allowed() >> 20} MiB")
+        if tiles[0] and direct.cache_at_least(tiles[0]) < need["tiles"][0]:
+            short.append(f"the direct reader's cache {direct.cache_allowed() >> 20} MiB")
+        if short:
+            self._say(
+                logging.WARNING,
+                "a block of each single-band file needs %d MiB of block cache (%s allowed): blocks will be "
+                "decoded more than once (raise the memory limit, or GDAL_CACHEMAX)",
+                sum(need["tiles"]) >> 20,
+                ", ".join(short),
+            )
+        return True
 
     def features(
         self,
@@ -137,7 +226,7 @@ class WindowReader:
         h, w = int(window.height), int(window.width)
         clear = np.zeros((h, w), np.int16)
         values, rows, cols = [], [], []
-        parts = self.read_windows(window)
+        parts, _ = self._plan(window)  # (not read_windows: the chunk's plan stays in tile_by_tile)
         if len(parts) > 1:
             buffers = None  # the parts' values are kept until they are concatenated
         for part in parts:

@@ -22,8 +22,12 @@ the tile grid and is read block by block, so a pixel's value does not depend on 
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -32,7 +36,9 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from sitsflow import storage
 from sitsflow.errors import BadInputError
+from sitsflow.process import usable_cpus
 from sitsflow.sensors import direct
 
 #: resampling of the values read by :func:`warped_read` (reflectances, dated-raster values)
@@ -70,6 +76,74 @@ class ReadBuffers:
     def nbytes(self) -> int:
         """Memory held."""
         return sum(a.nbytes for a in self._store.values())
+
+
+#: bounds of the number of threads reading the acquisitions of remote single-band files (twice
+#: the usable CPUs): many files' requests in flight at once hide their latency
+ACQUISITION_THREADS_MIN, ACQUISITION_THREADS_MAX = 8, 32
+
+
+def acquisition_threads() -> int:
+    """Threads of :func:`per_acquisition`: twice the usable CPUs, within the bounds above."""
+    return min(ACQUISITION_THREADS_MAX, max(ACQUISITION_THREADS_MIN, 2 * usable_cpus()))
+
+
+class _Lane(threading.local):
+    """Whether this thread is one of the acquisition threads (which must never wait for the others)."""
+
+    on = False
+
+
+_LANE = _Lane()
+_LANES: list[ThreadPoolExecutor] = []
+_LANES_LOCK = threading.Lock()
+
+
+def _lane_starts() -> None:
+    _LANE.on = True
+
+
+def _forget_lanes_after_fork() -> None:
+    """A forked child has none of its parent's threads: it starts its own."""
+    global _LANES_LOCK
+    _LANES.clear()
+    _LANES_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_lanes_after_fork)
+
+
+def _lanes() -> list[ThreadPoolExecutor]:
+    with _LANES_LOCK:
+        if not _LANES:
+            _LANES.extend(
+                ThreadPoolExecutor(1, thread_name_prefix=f"sitsflow-acq{k}", initializer=_lane_starts)
+                for k in range(acquisition_threads())
+            )
+        return _LANES
+
+
+def per_acquisition(count: int, fn: Callable[[int], None], spread: bool) -> None:
+    """``fn(t)`` for every acquisition ``t`` of a sensor of single-band files.
+
+    With ``spread`` (files on object storage or HTTP), on the acquisition threads, acquisition
+    ``t`` always on the same one (``t`` modulo their number): a file is then opened, fetched and
+    decoded into GDAL's block cache by one thread only, whichever reading thread asks for the part
+    (a dataset a thread keeps open is its own: the same file read by another thread fetches and
+    decodes its blocks again), and the requests of many files are in flight at once. Else in this
+    thread, in order. Every call ends before the first failure is raised (none still writes into
+    the caller's arrays then); ``fn`` enters :func:`~sitsflow.storage.rasterio_env` itself (GDAL's
+    settings are per thread).
+    """
+    if not spread or count < 2 or _LANE.on:
+        for t in range(count):
+            fn(t)
+        return
+    lanes = _lanes()
+    futures = [lanes[t % len(lanes)].submit(fn, t) for t in range(count)]
+    wait(futures)
+    for f in futures:
+        f.result()
 
 
 def new_array(buffers: ReadBuffers | None, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -144,6 +218,8 @@ class Sensor(ABC):
     block_rows: int = 1
     #: columns of those blocks
     block_cols: int = 1
+    #: bytes of one sample of those blocks (the data type of the file that gave the block shape)
+    sample_bytes: int = 2
 
     @abstractmethod
     def native_grid(self) -> Grid:
@@ -164,6 +240,11 @@ class Sensor(ABC):
                 (they are never used).
             valid: bool (h, w, nb_raw): False under clouds, saturation, edges, nodata, off-footprint.
         """
+
+    @functools.cached_property
+    def remote(self) -> bool:
+        """Some of its files are on object storage or HTTP."""
+        return any(storage.is_remote(f) for f in self.input_files())
 
     def surely_empty(self, window: Window, grid: Grid) -> bool:
         """Whether a cheap look shows that ``window`` has no valid observation at all (False when

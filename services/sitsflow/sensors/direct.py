@@ -37,6 +37,7 @@ from rasterio.windows import Window
 from sitsflow import storage
 from sitsflow.errors import ConfigError
 from sitsflow.log import get_logger
+from sitsflow.process import usable_memory
 
 log = get_logger(__name__)
 
@@ -290,9 +291,28 @@ class _TileCache:
 
 #: memory of decoded tiles kept for the reads that come back to them (see :class:`_TileCache`):
 #: four 256 x 256 px tiles of 360 int16 bands (the probe's, then the part's), or one of 512 x 512 px;
-#: beyond, tiles are decoded again (as GDAL's block cache, ``GDAL_CACHEMAX``, does when full)
+#: beyond, tiles are decoded again (as GDAL's block cache, ``GDAL_CACHEMAX``, does when full).
+#: Raised by :func:`cache_at_least` when a chunk's parts need more.
 CACHE_BYTES = 192 * 1024 * 1024
 _CACHE = _TileCache(CACHE_BYTES)
+
+
+def cache_allowed() -> int:
+    """The largest cache of decoded tiles :func:`cache_at_least` may give: its size now, or
+    :data:`~sitsflow.storage.GDAL_CACHE_SHARE` of the usable memory when larger."""
+    return max(_CACHE.nbytes, int(storage.GDAL_CACHE_SHARE * usable_memory()))
+
+
+def cache_at_least(nbytes: int) -> int:
+    """Raise the cache of decoded tiles to hold ``nbytes`` (never lowered, at most
+    :func:`cache_allowed`); return its size now. Local single-band files read block tile by
+    block tile need one tile of every file there (see
+    :meth:`~sitsflow.features.reader.WindowReader.read_windows`)."""
+    allowed = cache_allowed()
+    with _CACHE.lock:
+        _CACHE.nbytes = max(_CACHE.nbytes, min(int(nbytes), allowed))
+        return _CACHE.nbytes
+
 
 _POOL: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()

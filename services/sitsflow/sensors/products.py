@@ -21,7 +21,17 @@ from sitsflow import storage
 from sitsflow.errors import BadInputError
 from sitsflow.log import get_logger
 from sitsflow.process import open_files_budget
-from sitsflow.sensors.base import MASKS, VALUES, Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
+from sitsflow.sensors.base import (
+    MASKS,
+    VALUES,
+    Grid,
+    ReadBuffers,
+    Sensor,
+    grid_of,
+    new_array,
+    per_acquisition,
+    read_on_grid,
+)
 from sitsflow.sensors.catalogue import OPTICAL_SENSORS, SCL_CLEAR, OpticalSensor
 
 log = get_logger(__name__)
@@ -296,9 +306,9 @@ class ProductSensor(Sensor):
 
         def grid():
             with storage.rasterio_env(), rasterio.open(storage.rasterio_path(uri)) as src:
-                return grid_of(src), src.block_shapes[0]
+                return grid_of(src), src.block_shapes[0], np.dtype(src.dtypes[0]).itemsize
 
-        found, (self.block_rows, self.block_cols) = storage.raster_call(
+        found, (self.block_rows, self.block_cols), self.sample_bytes = storage.raster_call(
             "open", uri, grid, culprit=self._culprit(self.products[0], self.layout.grid_band)
         )
         return found
@@ -337,16 +347,26 @@ class ProductSensor(Sensor):
 
     def surely_empty(self, window: Window, grid: Grid) -> bool:
         """The first band of each acquisition alone (one file in ``len(bands)`` + masks): where it
-        is nodata on every date, no acquisition is valid. Stops at the first valid value."""
+        is nodata on every date, no acquisition is valid. No file is read after the first valid
+        value is found; remote files on their acquisition's thread, as :meth:`read` reads them (the
+        blocks it fetched serve the read)."""
         band = self.bands[0]
-        with storage.rasterio_env():
-            for product in self.products:
-                uri = product.bands[band]
-                data, inside = self._read_file(uri, window, grid, self.layout.nodata, self._culprit(product, band))
-                dn = data[0]
-                if (inside & (dn != np.float32(self.layout.nodata)) & np.isfinite(dn)).any():
-                    return False
-        return True
+        found = threading.Event()
+
+        def acquisition(t: int) -> None:
+            if found.is_set():
+                return
+            product = self.products[t]
+            with storage.rasterio_env():
+                data, inside = self._read_file(
+                    product.bands[band], window, grid, self.layout.nodata, self._culprit(product, band)
+                )
+            dn = data[0]
+            if (inside & (dn != np.float32(self.layout.nodata)) & np.isfinite(dn)).any():
+                found.set()
+
+        per_acquisition(len(self.products), acquisition, self.remote)
+        return not found.is_set()
 
     def read(self, window: Window, grid: Grid, buffers: ReadBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
         h, w = int(window.height), int(window.width)
@@ -355,8 +375,10 @@ class ProductSensor(Sensor):
         valid = new_array(buffers, f"{self.section}:valid", (h, w, nb_raw), bool)
         valid[...] = True
         scale = np.float32(self.layout.scale)
-        with storage.rasterio_env():
-            for t, product in enumerate(self.products):
+
+        def acquisition(t: int) -> None:
+            product = self.products[t]
+            with storage.rasterio_env():
                 for b, band in enumerate(self.bands):
                     uri = product.bands[band]
                     data, inside = self._read_file(uri, window, grid, self.layout.nodata, self._culprit(product, band))
@@ -373,5 +395,9 @@ class ProductSensor(Sensor):
                         mask=True,
                     )
                     valid[:, :, t] &= inside & _valid(rule, data[0])
+
+        # remote files: each acquisition on its own thread (see per_acquisition)
+        per_acquisition(nb_raw, acquisition, self.remote)
         values[~valid] = 0.0
         return values, valid
+

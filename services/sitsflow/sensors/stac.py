@@ -49,7 +49,17 @@ from sitsflow.errors import BadInputError, InputNotFoundError
 from sitsflow.log import get_logger
 from sitsflow.process import open_files_budget
 from sitsflow.sensors import signing
-from sitsflow.sensors.base import MASKS, VALUES, Grid, ReadBuffers, Sensor, grid_of, new_array, read_on_grid
+from sitsflow.sensors.base import (
+    MASKS,
+    VALUES,
+    Grid,
+    ReadBuffers,
+    Sensor,
+    grid_of,
+    new_array,
+    per_acquisition,
+    read_on_grid,
+)
 from sitsflow.sensors.catalogue import INDEX_ROLES, STAC_PROFILES, StacProfile
 from sitsflow.sensors.products import _OpenFiles
 
@@ -463,14 +473,14 @@ class StacSensor(Sensor):
             with storage.rasterio_env():
                 for band in self.bands:
                     with rasterio.open(storage.rasterio_path(item.assets[band])) as src:
-                        out.append((grid_of(src), src.block_shapes[0]))
+                        out.append((grid_of(src), src.block_shapes[0], np.dtype(src.dtypes[0]).itemsize))
             return out
 
         found = storage.raster_call(
             "open", [item.assets[b] for b in self.bands], grids, culprit=f"stac item {item.id!r}, band assets"
         )
         # the finest band's grid, and its internal blocks as the sensor's block shape
-        grid, (self.block_rows, self.block_cols) = min(found, key=lambda f: f[0].resolution)
+        grid, (self.block_rows, self.block_cols), self.sample_bytes = min(found, key=lambda f: f[0].resolution)
         return grid
 
     def input_files(self) -> list[str]:
@@ -516,10 +526,11 @@ class StacSensor(Sensor):
         valid[...] = False
         p = self.profile
         nodata = np.float32(p.nodata)
-        dns = np.empty((nb_bands, h, w), np.float32)
-        with storage.rasterio_env():
-            for t, group in enumerate(self.groups):
-                for item in group:
+
+        def acquisition(t: int) -> None:
+            dns = np.empty((nb_bands, h, w), np.float32)
+            with storage.rasterio_env():
+                for item in self.groups[t]:
                     todo = ~valid[:, :, t]
                     if not todo.any():
                         break  # the day is complete: later items are not read
@@ -547,4 +558,8 @@ class StacSensor(Sensor):
                         scaled = np.float32(10) * np.log10(scaled)
                     values[:, :, t, :][ok] = scaled.T
                     valid[:, :, t] |= ok
+
+        # remote files: each acquisition on its own thread (see per_acquisition)
+        per_acquisition(nb_raw, acquisition, self.remote)
         return values, valid
+
