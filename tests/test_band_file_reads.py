@@ -181,6 +181,9 @@ def test_acquisitions_of_remote_files_each_keep_one_thread():
     here: list[str] = []
     base.per_acquisition(3, lambda t: here.append(threading.current_thread().name), False)
     assert here == [threading.current_thread().name] * 3
+    one: list[str] = []  # a single acquisition stays on its thread too
+    base.per_acquisition(1, lambda t: one.append(threading.current_thread().name), True)
+    assert one == [seen[0][0]]
 
 
 def test_every_acquisition_ends_before_a_failure_is_raised():

@@ -130,12 +130,12 @@ def per_acquisition(count: int, fn: Callable[[int], None], spread: bool) -> None
     ``t`` always on the same one (``t`` modulo their number): a file is then opened, fetched and
     decoded into GDAL's block cache by one thread only, whichever reading thread asks for the part
     (a dataset a thread keeps open is its own: the same file read by another thread fetches and
-    decodes its blocks again), and the requests of many files are in flight at once. Else in this
-    thread, in order. Every call ends before the first failure is raised (none still writes into
-    the caller's arrays then); ``fn`` enters :func:`~sitsflow.storage.rasterio_env` itself (GDAL's
-    settings are per thread).
+    decodes its blocks again), and the requests of many files are in flight at once (one
+    acquisition too: its files stay on its thread). Else in this thread, in order. Every call
+    ends before the first failure is raised (none still writes into the caller's arrays then);
+    ``fn`` enters :func:`~sitsflow.storage.rasterio_env` itself (GDAL's settings are per thread).
     """
-    if not spread or count < 2 or _LANE.on:
+    if not spread or _LANE.on:
         for t in range(count):
             fn(t)
         return
