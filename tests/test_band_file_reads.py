@@ -87,7 +87,23 @@ def _sensor(where: str) -> SimpleNamespace:
         band_files=True,
         input_files=lambda: [f"{where}{k}.tif" for k in range(12)],
         sample_bytes=2,
+        block_samples=1,
         remote=where.startswith("s3://"),
+    )
+
+
+def _stack(rows: int = 16) -> SimpleNamespace:
+    """A local pixel-interleaved stack (dated_raster) of 4 dates x 3 bands, int16, in rows x 16 px blocks."""
+    return SimpleNamespace(
+        raw_dates=[1] * 4,
+        bands=["a", "b", "c"],
+        block_rows=rows,
+        block_cols=16,
+        band_files=False,
+        input_files=lambda: ["/data/stack.tif"],
+        sample_bytes=2,
+        block_samples=12,
+        remote=False,
     )
 
 
@@ -150,12 +166,39 @@ def test_strips_of_whole_block_rows_ask_no_cache_and_stay_on_block_rows(caches, 
     assert not reader.tile_by_tile and caches["asked"] == {"gdal": [], "direct": []}
 
 
-def test_local_band_files_raise_the_direct_readers_cache(caches, monkeypatch):
+def test_local_band_files_raise_gdals_cache_and_stacks_the_direct_readers(caches, monkeypatch):
+    """Local single-band files go through GDAL (single-block reads: its block cache); a local stack's
+    tiles through the direct reader's cache: one tile (the probe's), or those of a block tile."""
+    caches["allowed"]["gdal"] = 10**9
     monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 130 * PER_PIXEL)
     reader = WindowReader([_sensor("/data/")], None)
     reader.read_windows(Window(3, 5, 61, 44))
     assert reader.tile_by_tile
-    assert caches["asked"] == {"gdal": [], "direct": [int(CACHE_MARGIN * FILES * BLOCK)]}
+    assert caches["asked"] == {"gdal": [int(CACHE_MARGIN * FILES * BLOCK)], "direct": []}
+    caches["asked"] = {"gdal": [], "direct": []}
+    reader = WindowReader([_sensor("/data/"), _stack(rows=32)], None)  # block tiles 32 x 16: 2 blocks of 16 x 16
+    parts = reader.read_windows(Window(3, 5, 61, 44))
+    assert reader.tile_by_tile
+    assert all(int(p.row_off) // 32 == (int(p.row_off) + int(p.height) - 1) // 32 for p in parts)
+    assert caches["asked"] == {
+        "gdal": [int(CACHE_MARGIN * FILES * BLOCK * 2)],
+        "direct": [int(CACHE_MARGIN * 32 * 16 * 2 * 12)],
+    }
+    caches["asked"] = {"gdal": [], "direct": []}
+    reader = WindowReader([_stack()], None)  # a stack alone: whole tiles, one kept for the probe
+    reader.read_windows(Window(3, 5, 61, 44))
+    assert not reader.tile_by_tile and caches["asked"] == {"gdal": [], "direct": [int(CACHE_MARGIN * 16 * 16 * 2 * 12)]}
+
+
+def test_remote_strips_cut_on_a_stacks_block_rows_need_no_cache(caches, monkeypatch):
+    """Strips cut on the block rows of a stack whose blocks are a multiple of the files' come back to
+    no block of the files: no cache asked of GDAL, whatever the budget's rows."""
+    monkeypatch.setattr(features_module.reader, "READ_BUDGET_BYTES", 130 * PER_PIXEL)
+    reader = WindowReader([_sensor("s3://bucket/"), _stack(rows=32)], None)
+    parts = reader.read_windows(Window(3, 5, 61, 44))
+    assert not reader.tile_by_tile and caches["asked"]["gdal"] == []
+    assert all(int(p.row_off) % 32 == 0 or int(p.row_off) == 5 for p in parts)
+    assert sum(int(p.width) * int(p.height) for p in parts) == 61 * 44
 
 
 def test_acquisitions_of_remote_files_each_keep_one_thread():
@@ -187,18 +230,32 @@ def test_acquisitions_of_remote_files_each_keep_one_thread():
 
 
 def test_every_acquisition_ends_before_a_failure_is_raised():
+    """Acquisition 0 fails at once; acquisition 1 is held until released: the call must still be
+    waiting for it (its writes into the caller's arrays are not over), then raise the failure."""
+    release = threading.Event()
     done: list[int] = []
-    event = threading.Event()
+    raised: list[BaseException] = []
 
     def read(t: int) -> None:
         if t == 0:
             raise OSError("acquisition 0 failed")
-        event.wait(0.05 if t == 1 else 0)
+        if t == 1:
+            release.wait()
         done.append(t)
 
-    with pytest.raises(OSError, match="acquisition 0"):
-        base.per_acquisition(6, read, True)
-    assert sorted(done) == [1, 2, 3, 4, 5]
+    def call() -> None:
+        try:
+            base.per_acquisition(6, read, True)
+        except OSError as exc:
+            raised.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    caller.join(0.5)
+    assert caller.is_alive() and not raised  # still waiting for acquisition 1
+    release.set()
+    caller.join()
+    assert [str(e) for e in raised] == ["acquisition 0 failed"] and sorted(done) == [1, 2, 3, 4, 5]
     # a call from an acquisition thread itself runs there, in order (waiting would deadlock)
     inner: list[str] = []
 

@@ -135,7 +135,7 @@ def test_single_band_files_are_read_block_tile_by_block_tile_within_the_budget(m
 
     def sensor(band_files: bool, where: str = "/data/"):
         return SimpleNamespace(raw_dates=[1] * 4, bands=["a", "b", "c"], block_rows=16, block_cols=16,
-                               band_files=band_files, input_files=lambda: [where + "b.tif"], sample_bytes=2,
+                               band_files=band_files, input_files=lambda: [where + "b.tif"], sample_bytes=2, block_samples=1,
                                remote=where.startswith("s3://"))
 
     window = Window(3, 5, 61, 44)

@@ -96,9 +96,9 @@ class WindowReader:
         rows = budget_px // max(1, w)
         tile_by_tile = self._tile_by_tile(window, rows)
         # single-band files shape the parts when read block tile by block tile, or in strips of
-        # whole block rows; remote ones in lower strips do not (parts two blocks wide and a block
+        # whole block rows of every source; remote ones in lower strips do not (parts two blocks wide and a block
         # row high would hold a block row of hundreds of files)
-        aligned = all(rows >= max(1, s.block_rows) for s in self.sensors if s.band_files)
+        aligned = rows >= max((max(1, s.block_rows) for s in self.sensors), default=1)
         shaping = [s for s in self.sensors if tile_by_tile or aligned or not s.band_files]
         block_rows = max(max((s.block_rows for s in shaping), default=1), 1)
         block_cols = max(max((s.block_cols for s in shaping), default=1), 1)
@@ -132,63 +132,76 @@ class WindowReader:
     def _tile_by_tile(self, window: Window, rows: int) -> bool:
         """Whether the single-band files are read block tile by block tile in ``window``, whose
         whole-width strips would be ``rows`` high; the block caches are raised to what the parts
-        need.
+        come back to.
 
-        A source block is decoded once only if a cache keeps it for the later parts that come back
-        to it: strips lower than a block come back to a block row of every file, block tiles to one
-        block of every file. Local files are read tile by tile, their decoded blocks kept by the
-        direct reader (:func:`~sitsflow.sensors.direct.cache_at_least`; files it does not read rely
-        on GDAL's cache as it is). Remote ones are read through GDAL, whose reads of remote files
-        keep their blocks in its block cache: they keep the strips (one request fetches a file's
-        block row) when that cache may hold a block row of every file
-        (:func:`~sitsflow.storage.gdal_cache_allowed`), and are read tile by tile otherwise; the
-        cache is then raised to what the chosen parts need (a cache too small for the strips
-        fetched and decoded every block again for each strip: docs/benchmarks.md, "Single-band
-        files"). The margin (:data:`CACHE_MARGIN`) covers other reads, and in part two reading
-        threads on either side of a block row's end.
+        A source block is decoded once only if a cache keeps it for the later parts that need it.
+        Strips at least as high as every source's blocks are cut on block rows and come back to
+        none. Lower ones: local single-band files are read block tile by block tile (GDAL's reads
+        across several blocks of a local file decode them all again, whatever its cache; within one
+        block they go through its block cache), so that cache must hold one block of every file.
+        Remote ones go through GDAL's block cache either way: they keep the strips (one request
+        fetches a file's block row) when that cache may hold a block row of every file whose blocks
+        the strips cut (:func:`~sitsflow.storage.gdal_cache_allowed`), and are read tile by tile
+        otherwise (a cache too small for the strips fetched and decoded every block again for each
+        strip: docs/benchmarks.md, "Single-band files"). The direct reader's cache holds the tiles of
+        the local stacks (``dated_raster``) the parts come back to: one each (the nodata probe's),
+        the tiles of a block tile when the parts are cut inside it. Caches are raised to
+        :data:`CACHE_MARGIN` times the need, which covers other reads and in part two reading threads
+        on either side of a block row's end. Block shapes are counted in tile-grid pixels: a coarser
+        file's blocks (Sentinel-2's 20 m bands on a 10 m grid) cover more, and come back more often.
         """
         banded = [s for s in self.sensors if s.band_files]
-        if not banded or all(rows >= max(1, s.block_rows) for s in banded):
-            return False  # strips of whole block rows: every block decoded once
+        stacks = [s for s in self.sensors if not s.band_files and not s.remote]
+        tallest = max((max(1, s.block_rows) for s in self.sensors), default=1)
+        widest = max((max(1, s.block_cols) for s in self.sensors), default=1)
         c0, w = int(window.col_off), int(window.width)
-        tile_rows = max(max(1, s.block_rows) for s in self.sensors)
-        tile_cols = max(max(1, s.block_cols) for s in self.sensors)
-        need = {"strips": [0, 0], "tiles": [0, 0]}  # (local, remote) bytes
-        for s in banded:
-            br, bc = max(1, s.block_rows), max(1, s.block_cols)
-            files = len(s.input_files()) * br * bc * s.sample_bytes  # a block of every file
-            where = int(s.remote)
-            need["strips"][where] += files * ((c0 + w - 1) // bc - c0 // bc + 1)
-            need["tiles"][where] += files * -(-tile_rows // br) * -(-tile_cols // bc)
-        strips = [int(CACHE_MARGIN * n) for n in need["strips"]]
-        tiles = [int(CACHE_MARGIN * n) for n in need["tiles"]]
-        if strips[1]:
-            if storage.gdal_cache_allowed() >= strips[1] and direct.cache_allowed() >= strips[0]:
-                storage.gdal_cache_at_least(strips[1])
-                if strips[0]:
-                    direct.cache_at_least(strips[0])
-                return False
-            self._say(
-                logging.INFO,
-                "a block row of the %d remote single-band files (%d MiB) does not fit in GDAL's block cache: "
-                "they are read block tile by block tile",
-                sum(len(s.input_files()) for s in banded if s.remote),
-                need["strips"][1] >> 20,
-            )
+
+        def block(s) -> int:  # bytes of one block of every file of s (all bands of a stack's tile)
+            files = len(s.input_files()) if s.band_files else 1
+            return files * max(1, s.block_rows) * max(1, s.block_cols) * s.sample_bytes * s.block_samples
+
+        def per_tile(s) -> int:  # blocks of s under one block tile of the parts
+            return -(-tallest // max(1, s.block_rows)) * -(-widest // max(1, s.block_cols))
+
+        tile_by_tile = False
+        if banded and rows < tallest:
+            if not any(s.remote for s in banded):
+                tile_by_tile = True
+            else:
+                # strips cut on the other sources' block rows: files whose blocks they cut come back
+                other = max((max(1, s.block_rows) for s in self.sensors if not s.band_files), default=1)
+                step = other if rows < other else rows // other * other
+                cut = [s for s in banded if step % max(1, s.block_rows)]
+                row = [block(s) * ((c0 + w - 1) // max(1, s.block_cols) - c0 // max(1, s.block_cols) + 1) for s in cut]
+                need = int(CACHE_MARGIN * sum(row))
+                if need and storage.gdal_cache_allowed() < need:
+                    tile_by_tile = True
+                    self._say(
+                        logging.INFO,
+                        "a block row of the %d remote single-band files (%d MiB) does not fit in GDAL's block "
+                        "cache: they are read block tile by block tile",
+                        sum(len(s.input_files()) for s in cut),
+                        sum(row) >> 20,
+                    )
+                elif need:
+                    storage.gdal_cache_at_least(need)
         short = []
-        if tiles[1] and storage.gdal_cache_at_least(tiles[1]) < need["tiles"][1]:
-            short.append(f"GDAL's cache {storage.gdal_cache_allowed() >> 20} MiB")
-        if tiles[0] and direct.cache_at_least(tiles[0]) < need["tiles"][0]:
-            short.append(f"the direct reader's cache {direct.cache_allowed() >> 20} MiB")
+        if tile_by_tile:
+            need = sum(block(s) * per_tile(s) for s in banded)
+            if storage.gdal_cache_at_least(int(CACHE_MARGIN * need)) < need:
+                short.append(f"GDAL's: {need >> 20} MiB needed, {storage.gdal_cache_allowed() >> 20} MiB allowed")
+        if stacks:
+            need = sum(block(s) * (per_tile(s) if tile_by_tile else 1) for s in stacks)
+            if direct.cache_at_least(int(CACHE_MARGIN * need)) < need:
+                short.append(f"the direct reader's: {need >> 20} MiB needed, {direct.cache_allowed() >> 20} allowed")
         if short:
             self._say(
                 logging.WARNING,
-                "a block of each single-band file needs %d MiB of block cache (%s allowed): blocks will be "
-                "decoded more than once (raise the memory limit, or GDAL_CACHEMAX)",
-                sum(need["tiles"]) >> 20,
-                ", ".join(short),
+                "the block caches cannot hold what the parts come back to (%s): blocks will be decoded more "
+                "than once (raise the memory limit, or GDAL_CACHEMAX)",
+                "; ".join(short),
             )
-        return True
+        return tile_by_tile
 
     def features(
         self,

@@ -220,6 +220,8 @@ class Sensor(ABC):
     block_cols: int = 1
     #: bytes of one sample of those blocks (the data type of the file that gave the block shape)
     sample_bytes: int = 2
+    #: samples of one pixel in a block: 1 for single-band files, every band of a pixel-interleaved stack
+    block_samples: int = 1
 
     @abstractmethod
     def native_grid(self) -> Grid:

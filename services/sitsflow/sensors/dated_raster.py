@@ -115,6 +115,7 @@ class DatedRasterSensor(Sensor):
         sensor.raw_indices = np.array(keep)
         sensor.nodata, sensor.scale = opts.nodata, float(opts.scale)
         sensor.block_rows, sensor.block_cols = block_rows, block_cols
+        sensor.sample_bytes, sensor.block_samples = np.dtype(dtype).itemsize, count
         sensor.dtype = dtype
         sensor.all_dates = all_dates
         return sensor
