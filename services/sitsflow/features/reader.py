@@ -58,10 +58,11 @@ class WindowReader:
         self.sensors = sensors
         self.grid = grid
         #: an input is on object storage or HTTP (request latency to hide, blocks fetched by request)
-        self.remote = any(storage.is_remote(f) for s in sensors for f in s.input_files())
-        #: read single-band files block tile by block tile (see :meth:`read_windows`): every input
-        #: local; remote ones too when a chunk's strips need more cache than there is (set per window)
-        self.tile_by_tile = any(s.band_files for s in sensors) and not self.remote
+        self.remote = any(s.remote for s in sensors)
+        #: the single-band files of the last :meth:`read_windows` are read block tile by block tile
+        self.tile_by_tile = False
+        #: files of each single-band sensor (counted once: the parts are planned again as they are read)
+        self._files = {id(s): len(s.input_files()) if s.band_files else 1 for s in sensors}
         self._said: set[str] = set()
 
     def read_windows(self, window: Window) -> list[Window]:
@@ -156,9 +157,10 @@ class WindowReader:
         widest = max((max(1, s.block_cols) for s in self.sensors), default=1)
         c0, w = int(window.col_off), int(window.width)
 
+        files = self._files
+
         def block(s) -> int:  # bytes of one block of every file of s (all bands of a stack's tile)
-            files = len(s.input_files()) if s.band_files else 1
-            return files * max(1, s.block_rows) * max(1, s.block_cols) * s.sample_bytes * s.block_samples
+            return files[id(s)] * max(1, s.block_rows) * max(1, s.block_cols) * s.sample_bytes * s.block_samples
 
         def per_tile(s) -> int:  # blocks of s under one block tile of the parts
             return -(-tallest // max(1, s.block_rows)) * -(-widest // max(1, s.block_cols))
@@ -180,7 +182,7 @@ class WindowReader:
                         logging.INFO,
                         "a block row of the %d remote single-band files (%d MiB) does not fit in GDAL's block "
                         "cache: they are read block tile by block tile",
-                        sum(len(s.input_files()) for s in cut),
+                        sum(files[id(s)] for s in cut),
                         sum(row) >> 20,
                     )
                 elif need:
