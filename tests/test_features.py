@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from rasterio.windows import Window
 
 from sitsflow.config import load_config
@@ -80,10 +81,11 @@ def test_same_day_acquisitions_are_averaged_over_valid_ones(scene):
     raw[0, 3] = 3.0  # same day as index 2
     valid = np.ones((1, nb_raw), bool)
     st = pipe.axis.times[0]
-    merged, mvalid = _merge_same_day(raw, valid, st.day_group, len(st.unique_dates))
+    group = torch.from_numpy(st.day_group)
+    merged, mvalid = _merge_same_day(torch.from_numpy(raw), torch.from_numpy(valid), group, len(st.unique_dates))
     assert merged.shape[1] == nb_raw - 1 and merged[0, 2, 0] == 2.0
     valid[0, 3] = False
-    merged, _ = _merge_same_day(raw, valid, st.day_group, len(st.unique_dates))
+    merged, _ = _merge_same_day(torch.from_numpy(raw), torch.from_numpy(valid), group, len(st.unique_dates))
     assert merged[0, 2, 0] == 1.0
 
 
@@ -137,8 +139,9 @@ def test_gapfill_fast_path_for_fully_clear_pixels_matches_linear_interpolation()
     raw = rng.normal(size=(3, 5, 2)).astype(np.float32)
     valid = np.ones((3, 5), bool)
     valid[2, 1] = False  # a mixed block: fast path for pixels 0 and 1, general path for pixel 2
-    for v in (np.ones((3, 5), bool), valid):
-        out = _gapfill(raw, v, t_obs, targets)
+    # fast=False: the path a GPU takes for every pixel (no look at which pixels are clear)
+    for v, fast in ((np.ones((3, 5), bool), None), (valid, None), (np.ones((3, 5), bool), False), (valid, False)):
+        out = _gapfill(torch.from_numpy(raw), torch.from_numpy(v), t_obs, targets, fast=fast).numpy()
         for p in range(3):
             for b in range(2):
                 keep = v[p]

@@ -3,16 +3,25 @@
 Same-day acquisitions merged, then gap filling onto the date axis (or raw dates kept, masked
 values NaN), then per date and sensor the kept bands, the spectral indices and the external
 features (see :mod:`sitsflow.features`).
+
+Written once, in torch, so that it runs where the network runs: sampling computes its features on
+the CPU (:meth:`FeatureComputer.compute`, numpy in and out); inference hands the network's device
+the observations as read (:class:`RawFeatures`: the files' integers and the valid flags, half the
+bytes of float32 features) and the device converts, masks and gap-fills them batch by batch
+(:meth:`FeatureComputer.compute_native`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 from sitsflow.features.dates import DateAxis
 from sitsflow.sensors import Sensor
 from sitsflow.sensors.external import ExternalFeatures
-
 
 class FeatureComputer:
     """Computes the features of one tile's sensors on a date axis.
@@ -31,9 +40,17 @@ class FeatureComputer:
         self.axis = axis
         self._components = components
         self.external = external
+        #: small constant tensors (day groups, interpolation indices, offsets) per device, made once:
+        #: a copy to a GPU would otherwise wait for the work queued before it, batch after batch
+        self._constants: dict[tuple[str, int, str], torch.Tensor] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(nb_dates, nb_components) of the features of one pixel."""
+        return len(self.axis.dates), sum(len(c) for c in self._components)
 
     def compute(self, raw, valid) -> np.ndarray:
-        """Turn raw observations of some pixels into features.
+        """Turn raw observations of some pixels into features, on the CPU.
 
         Args:
             raw: per sensor float32 (P, nb_raw_s, nb_bands_s) (a list; an array for one sensor).
@@ -44,21 +61,49 @@ class FeatureComputer:
         """
         if isinstance(raw, np.ndarray):
             raw, valid = [raw], [valid]
+        with torch.inference_mode():
+            out = self.compute_tensors(
+                [torch.from_numpy(np.ascontiguousarray(r, dtype=np.float32)) for r in raw],
+                [torch.from_numpy(np.ascontiguousarray(v, dtype=bool)) for v in valid],
+            )
+        return out.numpy()
+
+    def compute_native(self, values: Sequence[torch.Tensor], valid: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Features of observations as read (see :class:`RawFeatures`), on their tensors' device:
+        each sensor's values converted as its :meth:`~sitsflow.sensors.base.Sensor.read` converts
+        them (``(dn + offset of the acquisition) * scale``, float32), 0 where invalid, then
+        :meth:`compute_tensors`."""
+        raw = []
+        for k, (v, m) in enumerate(zip(values, valid)):
+            offsets, scale = self.sensors[k].native_conversion()
+            offset = self._constant("offset", k, v.device, lambda: offsets.astype(np.float32)[:, None])
+            x = (v.to(torch.float32) + offset) * self._constant("scale", k, v.device, lambda: np.float32(scale))
+            raw.append(x.masked_fill_(~m[..., None], 0.0))
+        return self.compute_tensors(raw, valid)
+
+    def compute_tensors(self, raw: Sequence[torch.Tensor], valid: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:meth:`compute` on tensors, on their device: float32 (P, nb_raw_s, nb_bands_s) and bool
+        (P, nb_raw_s) per sensor -> float32 (P, nb_dates, nb_components)."""
         series = [self._series(k, r, v) for k, (r, v) in enumerate(zip(raw, valid))]
-        external = {}
-        if self.external is not None:
-            external = self.external.compute(
-                {s.ext_name: x for s, x in zip(self.sensors, series)},
+        external: dict[str, dict[str, torch.Tensor]] = {}
+        if self.external is not None:  # the user's numpy code, on the CPU
+            device = series[0].device
+            computed = self.external.compute(
+                {s.ext_name: x.cpu().numpy() for s, x in zip(self.sensors, series)},
                 {s.ext_name: list(s.bands) for s in self.sensors},
                 self.axis.dates,
             )
+            external = {
+                name: {c: torch.as_tensor(np.asarray(a, np.float32)).to(device) for c, a in values.items()}
+                for name, values in computed.items()
+            }
         if (
             len(self.sensors) == 1
             and not external
             and self._components[0] == [b.lower() for b in self.sensors[0].bands]
         ):
             # the features are the sensor's bands as read: no re-stacking copy
-            return np.ascontiguousarray(series[0], dtype=np.float32)
+            return series[0].contiguous()
         parts = []
         for s, x, comps in zip(self.sensors, series, self._components):
             for c in comps:
@@ -69,32 +114,93 @@ class FeatureComputer:
                     parts.append(external[s.ext_name][c])
                 else:
                     parts.append(x[:, :, bands.index(c)])
-        return np.ascontiguousarray(np.stack(parts, axis=-1), dtype=np.float32)
+        return torch.stack(parts, dim=-1)
 
-    def _series(self, k: int, raw: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    def _constant(self, name: str, k: int, device: torch.device, make) -> torch.Tensor:
+        key = (name, k, str(device))
+        value = self._constants.get(key)
+        if value is None:
+            value = self._constants[key] = torch.as_tensor(make()).to(device)
+        return value
+
+    def _series(self, k: int, raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """One sensor's series on the date axis: float32 (P, nb_dates, nb_bands_s); a static
         sensor's one "acquisition" repeated on every date."""
         if self.sensors[k].static:
-            return np.repeat(raw[:, :1].astype(np.float32, copy=False), len(self.axis.dates), axis=1)
+            return raw[:, :1].to(torch.float32).expand(-1, len(self.axis.dates), -1)
         st = self.axis.times[k]
-        raw, valid = _merge_same_day(raw, valid, st.day_group, len(st.unique_dates))
+        device = raw.device
+        if len(st.unique_dates) < raw.shape[1]:
+            raw, valid = _merge_same_day(
+                raw, valid, self._constant("day_group", k, device, lambda: st.day_group), len(st.unique_dates)
+            )
         if self.axis.raw_dates_mode:
-            out = np.full((raw.shape[0], len(self.axis.dates), raw.shape[2]), np.nan, np.float32)
-            masked = raw.copy()
-            masked[~valid] = np.nan
-            out[:, st.positions] = masked
+            out = torch.full((raw.shape[0], len(self.axis.dates), raw.shape[2]), np.nan, device=device)
+            out[:, self._constant("positions", k, device, lambda: st.positions)] = raw.masked_fill(
+                ~valid[..., None], np.nan
+            )
             return out
-        return _gapfill(raw, valid, st.unique_ordinals, self.axis.target_ordinals)
+        return _gapfill(raw, valid, st.unique_ordinals, self.axis.target_ordinals, self, k)
 
 
-def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+@dataclass
+class RawFeatures:
+    """Observations of some pixels as read, and the computation that turns them into features.
+
+    What inference hands the network's device instead of features: per sensor, the files' values
+    as read (their integers: int16/uint16, half the bytes of float32 features) and the valid flags,
+    the conversion, masks and gap filling being left to :meth:`FeatureComputer.compute_native` on
+    that device, batch by batch (:class:`sitsflow.nn.Predictor`).
+
+    Attributes:
+        values: per sensor (P, nb_raw_s, nb_bands_s), the files' data type.
+        valid: per sensor bool (P, nb_raw_s).
+        computer: the feature computation.
+    """
+
+    values: list[np.ndarray]
+    valid: list[np.ndarray]
+    computer: FeatureComputer
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The features' shape: (P, nb_dates, nb_components)."""
+        return (int(self.values[0].shape[0]), *self.computer.shape)
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    def __len__(self) -> int:
+        return int(self.values[0].shape[0])
+
+    def __getitem__(self, index) -> RawFeatures:
+        """The pixels ``index`` picks (a bool mask, integer indices or a slice)."""
+        return RawFeatures([v[index] for v in self.values], [m[index] for m in self.valid], self.computer)
+
+    def arrays(self, start: int, stop: int) -> list[np.ndarray]:
+        """The host arrays of pixels [start, stop): every sensor's values, then its valid flags."""
+        return [*(v[start:stop] for v in self.values), *(m[start:stop] for m in self.valid)]
+
+    def compute(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The features of :meth:`arrays`' tensors (on any device), float32 (P, nb_dates, nb_components)."""
+        n = len(self.values)
+        return self.computer.compute_native(arrays[:n], arrays[n:])
+
+    def features(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The features of pixels [start, stop), on the CPU."""
+        stop = len(self) if stop is None else stop
+        return self.compute([torch.from_numpy(np.ascontiguousarray(a)) for a in self.arrays(start, stop)])
+
+
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(a - b) / (a + b), 0 where the sum is 0 (NaN stays NaN)."""
     den = a + b
-    with np.errstate(all="ignore"):
-        return np.where(den != 0, (a - b) / np.where(den != 0, den, 1), 0).astype(np.float32)
+    nonzero = den != 0
+    return torch.where(nonzero, (a - b) / torch.where(nonzero, den, 1.0), 0.0)
 
 
-def _index(name: str, x: np.ndarray, s: Sensor) -> np.ndarray:
+def _index(name: str, x: torch.Tensor, s: Sensor) -> torch.Tensor:
     """A spectral index per date from a sensor's series x (P, nb_dates, nb_bands): (P, nb_dates).
 
     NDVI = (NIR - red) / (NIR + red); NDWI = (NIR - SWIR) / (NIR + SWIR) (Gao's water index, SWIR at
@@ -106,88 +212,108 @@ def _index(name: str, x: np.ndarray, s: Sensor) -> np.ndarray:
     if name == "ndwi":
         return _ratio(band["nir"], band["swir"])
     if name == "brightness":
-        return np.sqrt(np.sum(x.astype(np.float32) ** 2, axis=-1)).astype(np.float32)
+        return torch.sqrt(torch.sum(x.to(torch.float32) ** 2, dim=-1))
     raise ValueError(name)
 
 
 def _merge_same_day(
-    raw: np.ndarray, valid: np.ndarray, day_group: np.ndarray, nb_days: int
-) -> tuple[np.ndarray, np.ndarray]:
+    raw: torch.Tensor, valid: torch.Tensor, day_group: torch.Tensor, nb_days: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Average the valid acquisitions that fall on the same day.
 
     Args:
-        raw: float32 (P, nb_raw, nb_bands); valid: bool (P, nb_raw).
+        raw: float32 (P, nb_raw, nb_bands); valid: bool (P, nb_raw); day_group: (nb_raw,) the day of
+        each acquisition, on their device.
 
     Returns:
         (P, nb_days, nb_bands) float32 and (P, nb_days) bool.
     """
     if nb_days == raw.shape[1]:
         return raw, valid
-    sums = np.zeros((raw.shape[0], nb_days, raw.shape[2]), np.float32)
-    counts = np.zeros((raw.shape[0], nb_days), np.float32)
-    # numpy's stubs type ufunc.at's indices without the tuple form numpy documents and accepts
-    np.add.at(sums, (slice(None), day_group), np.where(valid[..., None], raw, 0.0))  # type: ignore[arg-type]
-    np.add.at(counts, (slice(None), day_group), valid.astype(np.float32))  # type: ignore[arg-type]
-    return sums / np.maximum(counts, 1.0)[..., None], counts > 0
+    sums = torch.zeros((raw.shape[0], nb_days, raw.shape[2]), dtype=torch.float32, device=raw.device)
+    counts = torch.zeros((raw.shape[0], nb_days), dtype=torch.float32, device=raw.device)
+    sums.index_add_(1, day_group, torch.where(valid[..., None], raw, 0.0))
+    counts.index_add_(1, day_group, valid.to(torch.float32))
+    return sums / counts.clamp_min(1.0)[..., None], counts > 0
 
 
-def _gapfill(raw: np.ndarray, valid: np.ndarray, t_obs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def _gapfill(
+    raw: torch.Tensor,
+    valid: torch.Tensor,
+    t_obs: np.ndarray,
+    targets: np.ndarray,
+    constants: FeatureComputer | None = None,
+    k: int = 0,
+    fast: bool | None = None,
+) -> torch.Tensor:
     """Linear interpolation in time onto ``targets`` (nearest valid value outside the observed
     range); pixels with no valid observation at all get NaN.
 
     Args:
         raw: float32 (P, nb_obs, nb_bands); valid: bool (P, nb_obs); t_obs: (nb_obs,) ordinals;
-        targets: (nb_dates,) ordinals.
+        targets: (nb_dates,) ordinals (float64); constants, k: where the constant tensors of
+        sensor ``k`` are kept per device (made afresh when None); fast: pixels clear at every
+        observation share one interpolation (on the CPU when None: on a GPU, asking which pixels
+        are clear would wait for the device).
 
     Returns:
         float32 (P, nb_dates, nb_bands).
     """
-    nb_pix, nb_obs, _ = raw.shape
-    full = valid.all(axis=1)
-    if full.any():
-        # pixels clear at every observation share one interpolation: gather once per target
-        left = np.clip(np.searchsorted(t_obs, targets, side="right") - 1, 0, nb_obs - 1)
-        right = np.clip(np.searchsorted(t_obs, targets, side="left"), 0, nb_obs - 1)
-        span = t_obs[right] - t_obs[left]
-        w = np.clip(np.where(span > 0, (targets - t_obs[left]) / np.where(span > 0, span, 1.0), 0.0), 0.0, 1.0)
-        if full.all():
-            return _interpolate(raw, left, right, w)
-        out = np.empty((nb_pix, len(targets), raw.shape[2]), np.float32)
-        out[full] = _interpolate(raw[full], left, right, w)
-        rest = ~full
-        out[rest] = _gapfill(raw[rest], valid[rest], t_obs, targets)
-        return out
-    idx = np.arange(nb_obs)
-    prev_valid = np.maximum.accumulate(np.where(valid, idx, -1), axis=1)  # (P, obs)
-    next_valid = np.flip(np.minimum.accumulate(np.flip(np.where(valid, idx, nb_obs), axis=1), axis=1), axis=1)
-    out = np.empty((nb_pix, len(targets), raw.shape[2]), np.float32)
-    rows = np.arange(nb_pix)
-    none = ~valid.any(axis=1)
-    first_valid = np.where(none, 0, next_valid[:, 0])
-    last_valid = np.where(none, 0, prev_valid[:, -1])
-    for k, t in enumerate(targets):
-        right_pos = int(np.searchsorted(t_obs, t, side="left"))  # first obs >= t
-        left_pos = int(np.searchsorted(t_obs, t, side="right")) - 1  # last obs <= t
-        left = prev_valid[:, left_pos] if left_pos >= 0 else np.full(nb_pix, -1)
-        right = next_valid[:, right_pos] if right_pos < nb_obs else np.full(nb_pix, nb_obs)
-        left = np.where(left < 0, first_valid, left)
-        right = np.where(right >= nb_obs, last_valid, right)
-        t_left = t_obs[left]
-        t_right = t_obs[right]
-        span = t_right - t_left
-        w_right = np.where(span > 0, (t - t_left) / np.where(span > 0, span, 1.0), 0.0)
-        w_right = np.clip(w_right, 0.0, 1.0).astype(np.float32)[:, None]
-        out[:, k] = raw[rows, left] * (1.0 - w_right) + raw[rows, right] * w_right
-    if none.any():
-        out[none] = np.nan
-    return out
+    nb_pix, nb_obs, nb_bands = raw.shape
+    device = raw.device
+    left_pos = np.searchsorted(t_obs, targets, side="right") - 1  # last obs <= t
+    right_pos = np.searchsorted(t_obs, targets, side="left")  # first obs >= t
+
+    def const(name: str, make) -> torch.Tensor:
+        if constants is None:
+            return torch.as_tensor(make()).to(device)
+        return constants._constant(name, k, device, make)
+
+    if device.type == "cpu" if fast is None else fast:
+        full = valid.all(dim=1)
+        if bool(full.any()):
+            # pixels clear at every observation share one interpolation: gather once per target
+            left, right = np.clip(left_pos, 0, nb_obs - 1), np.clip(right_pos, 0, nb_obs - 1)
+            span = t_obs[right] - t_obs[left]
+            w = np.clip(np.where(span > 0, (targets - t_obs[left]) / np.where(span > 0, span, 1.0), 0.0), 0.0, 1.0)
+            if bool(full.all()):
+                return _interpolate(raw, left, right, w)
+            out = torch.empty((nb_pix, len(targets), nb_bands), dtype=torch.float32)
+            out[full] = _interpolate(raw[full], left, right, w)
+            rest = ~full
+            out[rest] = _gapfill(raw[rest], valid[rest], t_obs, targets, constants, k, fast=False)
+            return out
+    idx = torch.arange(nb_obs, device=device)
+    prev_valid = torch.where(valid, idx, -1).cummax(dim=1).values  # (P, obs): last valid obs <= each
+    next_valid = torch.where(valid, idx, nb_obs).flip(1).cummin(dim=1).values.flip(1)  # first valid >= each
+    none = ~valid.any(dim=1)
+    first_valid = torch.where(none, 0, next_valid[:, 0])[:, None]
+    last_valid = torch.where(none, 0, prev_valid[:, -1])[:, None]
+    # per target: the valid observations around it (the nearest one outside the observed range)
+    left = prev_valid[:, const("left", lambda: np.clip(left_pos, 0, nb_obs - 1))]
+    left = torch.where(const("before", lambda: left_pos < 0), -1, left)
+    left = torch.where(left < 0, first_valid, left)
+    right = next_valid[:, const("right", lambda: np.clip(right_pos, 0, nb_obs - 1))]
+    right = torch.where(const("after", lambda: right_pos >= nb_obs), nb_obs, right)
+    right = torch.where(right >= nb_obs, last_valid, right)
+    t = const("t_obs", lambda: np.asarray(t_obs, np.float64))
+    t_left, t_right = t[left], t[right]
+    span = t_right - t_left
+    target = const("targets", lambda: np.asarray(targets, np.float64))
+    w = torch.where(span > 0, (target - t_left) / torch.where(span > 0, span, 1.0), 0.0)
+    w = w.clamp(0.0, 1.0).to(torch.float32)[..., None]
+    out = raw.gather(1, left[..., None].expand(-1, -1, nb_bands)) * (1.0 - w)
+    out += raw.gather(1, right[..., None].expand(-1, -1, nb_bands)) * w
+    return out.masked_fill_(none[:, None, None], np.nan)
 
 
-def _interpolate(raw: np.ndarray, left: np.ndarray, right: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _interpolate(raw: torch.Tensor, left: np.ndarray, right: np.ndarray, w: np.ndarray) -> torch.Tensor:
     """``raw[:, left] * (1 - w) + raw[:, right] * w`` for (P, nb_obs, nb_bands) -> (P, nb_dates, nb_bands)."""
     if np.array_equal(left, right) or not w.any():
         if left.size == raw.shape[1] and np.array_equal(left, np.arange(left.size)):
             return raw  # the grid is the acquisitions: nothing to interpolate
-        return np.take(raw, left, axis=1)
-    w = w.astype(np.float32)[None, :, None]
-    return np.take(raw, left, axis=1) * (1.0 - w) + np.take(raw, right, axis=1) * w
+        return raw.index_select(1, torch.from_numpy(left).to(raw.device))
+    wt = torch.from_numpy(w.astype(np.float32)).to(raw.device)[None, :, None]
+    out = raw.index_select(1, torch.from_numpy(left).to(raw.device)) * (1.0 - wt)
+    out += raw.index_select(1, torch.from_numpy(right).to(raw.device)) * wt
+    return out
