@@ -35,7 +35,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from sitsflow.errors import BadInputError
-from sitsflow.features.compute import FeatureComputer
+from sitsflow.features.compute import FeatureComputer, RawFeatures
 from sitsflow.features.dates import DateAxis
 from sitsflow.features.grid import check_tile_grids, finest_grid, target_crs, tile_grid
 from sitsflow.features.reader import READ_BUDGET_BYTES, FeatureBlock, WindowReader
@@ -50,6 +50,7 @@ __all__ = [
     "FeatureBlock",
     "FeatureComputer",
     "FeaturePipeline",
+    "RawFeatures",
     "Grid",
     "ReadBuffers",
     "WindowReader",
@@ -114,7 +115,14 @@ class FeaturePipeline:
             missing = [r for i in s.indices for r in INDEX_ROLES[i] if s.roles and r not in s.roles]
             if missing:
                 raise BadInputError(f"{s.section}: no band for {missing}")
-        self.computer = FeatureComputer(self.sensors, self.axis, self._components, self.external)
+        conversions = [s.native_conversion(self.grid) for s in self.sensors]
+        self.computer = FeatureComputer(
+            self.sensors,
+            self.axis,
+            self._components,
+            self.external,
+            None if any(c is None for c in conversions) else [c for c in conversions if c is not None],
+        )
         self.reader = WindowReader(self.sensors, self.grid)
 
     # --- dates -------------------------------------------------------------------------------
@@ -169,6 +177,12 @@ class FeaturePipeline:
         return files
 
     # --- computing and reading ---------------------------------------------------------------
+    @property
+    def native(self) -> bool:
+        """Every sensor reads native values (:meth:`~sitsflow.sensors.base.Sensor.read_native`):
+        their conversion can be left to the network's device."""
+        return self.computer.conversions is not None
+
     def compute(self, raw, valid) -> np.ndarray:
         """See :meth:`FeatureComputer.compute`."""
         return self.computer.compute(raw, valid)
@@ -185,9 +199,12 @@ class FeaturePipeline:
         count_clear: bool = True,
         buffers: ReadBuffers | None = None,
         probe: bool = False,
+        native: bool = False,
     ) -> FeatureBlock:
         """Features of the pixels of ``window`` that are selected and have a clear date (see
-        :meth:`WindowReader.features`)."""
+        :meth:`WindowReader.features`); with ``native`` and :attr:`native`, their observations as
+        read instead (``raw``: :class:`~sitsflow.features.compute.RawFeatures`), the features being
+        computed where they are used."""
         return self.reader.features(
             window,
             self.compute,
@@ -196,4 +213,5 @@ class FeaturePipeline:
             count_clear=count_clear,
             buffers=buffers,
             probe=probe,
+            native=self.computer if native and self.native else None,
         )

@@ -23,6 +23,7 @@ from sitsflow.features.dates import DateAxis
 from sitsflow.sensors import Sensor
 from sitsflow.sensors.external import ExternalFeatures
 
+
 class FeatureComputer:
     """Computes the features of one tile's sensors on a date axis.
 
@@ -31,12 +32,21 @@ class FeatureComputer:
         axis: their date axis.
         components: per sensor, the names of its components (bands, indices, external features).
         external: the user's external features, if any.
+        conversions: per sensor, how its native values become its reads' values on the tile grid
+            (:meth:`~sitsflow.sensors.base.Sensor.native_conversion`); None when a sensor has none
+            (no :meth:`compute_native` then).
     """
 
     def __init__(
-        self, sensors: list[Sensor], axis: DateAxis, components: list[list[str]], external: ExternalFeatures | None
+        self,
+        sensors: list[Sensor],
+        axis: DateAxis,
+        components: list[list[str]],
+        external: ExternalFeatures | None,
+        conversions: list[tuple[np.ndarray, float]] | None = None,
     ) -> None:
         self.sensors = sensors
+        self.conversions = conversions
         self.axis = axis
         self._components = components
         self.external = external
@@ -73,11 +83,13 @@ class FeatureComputer:
         each sensor's values converted as its :meth:`~sitsflow.sensors.base.Sensor.read` converts
         them (``(dn + offset of the acquisition) * scale``, float32), 0 where invalid, then
         :meth:`compute_tensors`."""
+        if self.conversions is None:
+            raise TypeError("a sensor of this tile reads no native values")
         raw = []
         for k, (v, m) in enumerate(zip(values, valid)):
-            offsets, scale = self.sensors[k].native_conversion()
-            offset = self._constant("offset", k, v.device, lambda: offsets.astype(np.float32)[:, None])
-            x = (v.to(torch.float32) + offset) * self._constant("scale", k, v.device, lambda: np.float32(scale))
+            offsets, scale = self.conversions[k]
+            offset = self._constant("offset", k, v.device, lambda o=offsets: o.astype(np.float32)[:, None])
+            x = (v.to(torch.float32) + offset) * self._constant("scale", k, v.device, lambda f=scale: np.float32(f))
             raw.append(x.masked_fill_(~m[..., None], 0.0))
         return self.compute_tensors(raw, valid)
 
@@ -273,16 +285,16 @@ def _gapfill(
         full = valid.all(dim=1)
         if bool(full.any()):
             # pixels clear at every observation share one interpolation: gather once per target
-            left, right = np.clip(left_pos, 0, nb_obs - 1), np.clip(right_pos, 0, nb_obs - 1)
-            span = t_obs[right] - t_obs[left]
-            w = np.clip(np.where(span > 0, (targets - t_obs[left]) / np.where(span > 0, span, 1.0), 0.0), 0.0, 1.0)
+            lo, hi = np.clip(left_pos, 0, nb_obs - 1), np.clip(right_pos, 0, nb_obs - 1)
+            gaps = t_obs[hi] - t_obs[lo]
+            weights = np.clip(np.where(gaps > 0, (targets - t_obs[lo]) / np.where(gaps > 0, gaps, 1.0), 0.0), 0.0, 1.0)
             if bool(full.all()):
-                return _interpolate(raw, left, right, w)
-            out = torch.empty((nb_pix, len(targets), nb_bands), dtype=torch.float32)
-            out[full] = _interpolate(raw[full], left, right, w)
+                return _interpolate(raw, lo, hi, weights)
+            filled = torch.empty((nb_pix, len(targets), nb_bands), dtype=torch.float32)
+            filled[full] = _interpolate(raw[full], lo, hi, weights)
             rest = ~full
-            out[rest] = _gapfill(raw[rest], valid[rest], t_obs, targets, constants, k, fast=False)
-            return out
+            filled[rest] = _gapfill(raw[rest], valid[rest], t_obs, targets, constants, k, fast=False)
+            return filled
     idx = torch.arange(nb_obs, device=device)
     prev_valid = torch.where(valid, idx, -1).cummax(dim=1).values  # (P, obs): last valid obs <= each
     next_valid = torch.where(valid, idx, nb_obs).flip(1).cummin(dim=1).values.flip(1)  # first valid >= each

@@ -12,6 +12,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from sitsflow import storage
+from sitsflow.features.compute import FeatureComputer, RawFeatures
 from sitsflow.log import get_logger
 from sitsflow.sensors import Sensor, direct
 from sitsflow.sensors.base import Grid, ReadBuffers
@@ -44,6 +45,9 @@ class FeatureBlock:
     rows: np.ndarray
     cols: np.ndarray
     clear_dates: np.ndarray
+    #: with ``native``: the selected pixels' observations as read, left to the feature computation
+    #: (``values`` is then empty; None without any pixel)
+    raw: RawFeatures | None = None
 
 
 class WindowReader:
@@ -215,6 +219,7 @@ class WindowReader:
         count_clear: bool = True,
         buffers: ReadBuffers | None = None,
         probe: bool = False,
+        native: FeatureComputer | None = None,
     ) -> FeatureBlock:
         """Features of the pixels of ``window`` that are selected and have a clear date.
 
@@ -240,7 +245,10 @@ class WindowReader:
         """
         h, w = int(window.height), int(window.width)
         clear = np.zeros((h, w), np.int16)
-        values, rows, cols = [], [], []
+        values: list[np.ndarray] = []
+        observed: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
         parts, _ = self._plan(window)  # (not read_windows: the chunk's plan stays in tile_by_tile)
         if len(parts) > 1:
             buffers = None  # the parts' values are kept until they are concatenated
@@ -252,7 +260,10 @@ class WindowReader:
                 continue
             if probe and all(s.surely_empty(part, self.grid) for s in self.sensors if not s.static):
                 continue  # clear_dates stay 0
-            reads = [s.read(part, self.grid, buffers) for s in self.sensors]
+            reads = [
+                s.read_native(part, self.grid, buffers) if native is not None else s.read(part, self.grid, buffers)
+                for s in self.sensors
+            ]
             # a static sensor (userFeat) is no acquisition: it never makes a pixel clear
             part_clear = np.asarray(
                 sum(np.count_nonzero(v, axis=-1) for s, (_, v) in zip(self.sensors, reads) if not s.static)
@@ -275,21 +286,32 @@ class WindowReader:
                     )
                     for k, (x, v) in enumerate(reads)
                 ]
-            values.append(compute([x for x, _ in picked], [v for _, v in picked]))
+            if native is not None:
+                observed.append(picked)
+            else:
+                values.append(compute([x for x, _ in picked], [v for _, v in picked]))
             rows.append(r + int(part.row_off))
             cols.append(c + int(part.col_off))
-        if len(values) == 1:
-            out, rr, cc = values[0], rows[0], cols[0]
-        elif values:
-            out = np.concatenate(values)
-            rr, cc = np.concatenate(rows), np.concatenate(cols)
-            if int(parts[0].width) < w:
-                order = np.lexsort((cc, rr))  # tiles -> the window's row-major order
-                out, rr, cc = out[order], rr[order], cc[order]
-        else:
-            out = np.empty((0, *empty_shape), np.float32)
-            rr = cc = np.empty(0, np.int64)
-        return FeatureBlock(values=out, rows=rr.astype(np.int32), cols=cc.astype(np.int32), clear_dates=clear)
+        empty = np.empty((0, *empty_shape), np.float32)
+        if not rows:  # (raw stays None)
+            return FeatureBlock(empty, np.empty(0, np.int32), np.empty(0, np.int32), clear)
+        rr, cc = (rows[0], cols[0]) if len(rows) == 1 else (np.concatenate(rows), np.concatenate(cols))
+        # tiles -> the window's row-major order
+        order = np.lexsort((cc, rr)) if len(rows) > 1 and int(parts[0].width) < w else None
+
+        def join(arrays: list[np.ndarray]) -> np.ndarray:
+            joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            return joined if order is None else joined[order]
+
+        rr, cc = join([rr]).astype(np.int32), join([cc]).astype(np.int32)
+        if native is not None:
+            raw = RawFeatures(
+                [join([p[k][0] for p in observed]) for k in range(len(self.sensors))],
+                [join([p[k][1] for p in observed]) for k in range(len(self.sensors))],
+                native,
+            )
+            return FeatureBlock(values=empty, rows=rr, cols=cc, clear_dates=clear, raw=raw)
+        return FeatureBlock(values=join(values), rows=rr, cols=cc, clear_dates=clear)
 
 
 def _cuts(start: int, length: int, step: int) -> list[tuple[int, int]]:

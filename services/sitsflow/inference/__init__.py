@@ -65,6 +65,19 @@ def reader_threads(gpu: bool = False, remote: bool = True) -> int:
     return int(text)
 
 
+def device_features(gpu: bool) -> bool:
+    """Whether the network's device computes the features (``SITSFLOW_DEVICE_FEATURES``: ``1``,
+    ``0``; ``auto``, the default: on a GPU only): the reads hand it the observations as read
+    (the files' integers and valid flags, :class:`~sitsflow.features.compute.RawFeatures`), which
+    it converts, masks and gap-fills batch by batch, instead of float32 features computed by the
+    reading threads. Only where every sensor reads native values
+    (:attr:`~sitsflow.features.FeaturePipeline.native`)."""
+    text = os.environ.get("SITSFLOW_DEVICE_FEATURES", "").strip().lower() or "auto"
+    if text not in ("auto", "1", "0"):
+        raise BadInputError(f"SITSFLOW_DEVICE_FEATURES must be auto, 1 or 0, got {text!r}")
+    return gpu if text == "auto" else text == "1"
+
+
 class _ReadLater:
     """A read made when its result is asked for (no reading thread: the classifying thread reads)."""
 
@@ -186,7 +199,7 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
             if regions is not None
             else np.ones((int(sub.height), int(sub.width)), np.int64)
         )
-        result = sub, region_map, pipe.features(sub, select=region_map > 0, buffers=buffers, probe=probe)
+        result = sub, region_map, pipe.features(sub, select=region_map > 0, buffers=buffers, probe=probe, native=native)
         with lock:
             timings["read_s"] += time.perf_counter() - tic
         return result
@@ -194,6 +207,7 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     # one predictor per model: the network's inference form (folded; on CUDA compiled, in bf16)
     predictors = {region: nn.Predictor(net) for region, (net, _) in models.items()}
     gpu = any(p.device.type == "cuda" for p in predictors.values())
+    native = pipe.native and device_features(gpu)
     readers = min(reader_threads(gpu, pipe.reader.remote), len(subs))
     ahead = max(1, readers)
     buffers = [ReadBuffers() for _ in range(readers + 1)]
@@ -229,6 +243,7 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
             rr = block.rows - int(sub.row_off)
             cc = block.cols - int(sub.col_off)
             pix_region = region_map[rr, cc]
+            x = block.raw if block.raw is not None else block.values
             for region, (_net, desc) in models.items():
                 labels = np.zeros((sh, sw), np.uint16)
                 confidence = np.zeros((sh, sw), np.float32)
@@ -237,7 +252,7 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
                 if sel.any():
                     tic = time.perf_counter()
                     lab, conf, prob = predictors[region].classify(
-                        block.values[sel] if not sel.all() else block.values,
+                        x[sel] if not sel.all() else x,
                         model_classes(desc),
                         probabilities=prob_map,
                     )
@@ -252,7 +267,7 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
                 if probas is not None:
                     writer.write(uris[region, "probamap"], probas, local)
     timings["write_s"], timings["wait_write_s"] = writer.busy_s, writer.wait_s
-    for key in ("copy_s", "compute_s"):
+    for key in ("copy_s", "features_s", "compute_s"):
         timings[key] = sum(p.seconds[key] for p in predictors.values())
     timings["parts"] = len(subs)
     log.info(

@@ -13,6 +13,7 @@ import torch
 
 from sitsflow.device import choose
 from sitsflow.errors import BadInputError
+from sitsflow.features.compute import RawFeatures
 from sitsflow.log import get_logger
 from sitsflow.nn.base import Iota2NeuralNetwork
 
@@ -32,6 +33,14 @@ COMPILE_CHOICES = {
     "0": (False, None),
     "max": (True, "max-autotune-no-cudagraphs"),
 }
+
+
+Features = np.ndarray | torch.Tensor | RawFeatures
+"""What a :class:`Predictor` classifies: features, or observations as read."""
+
+
+def _torch_dtype(a: np.ndarray | torch.Tensor) -> torch.dtype:
+    return a.dtype if isinstance(a, torch.Tensor) else torch.from_numpy(np.empty(0, a.dtype)).dtype
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -196,11 +205,13 @@ class Predictor:
             except Exception as exc:  # noqa: BLE001 - a missing compiler must not stop the stage
                 log.warning("torch.compile unavailable (%s): running eagerly", exc)
         self._run = run
-        self._pinned: list[torch.Tensor] = []
+        self._pinned: list[list[torch.Tensor]] = []
+        self._pinned_layout: tuple[list, int] | None = None
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        #: seconds spent copying inputs to the device and computing (CUDA: measured on the device
-        #: with events, so overlapping copies and computations are each counted whole)
-        self.seconds = {"copy_s": 0.0, "compute_s": 0.0}
+        #: seconds spent copying inputs to the device, computing features of observations as read
+        #: (:class:`~sitsflow.features.compute.RawFeatures`) and running the network (CUDA: measured
+        #: on the device with events, so overlapping copies and computations are each counted whole)
+        self.seconds = {"copy_s": 0.0, "features_s": 0.0, "compute_s": 0.0}
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextlib.contextmanager
@@ -248,56 +259,85 @@ class Predictor:
             logits = self._logits(batch)
         return torch.softmax(logits[:m].float(), dim=1)
 
-    def _batches(self, x: np.ndarray | torch.Tensor):
-        """Yield (start, stop, batch on the device, float32)."""
+    def _batches(self, x: Features):
+        """Yield (start, stop, batch on the device, float32 features).
+
+        ``x``'s pixels go to the device as they are: float32 features, or observations as read
+        (:class:`~sitsflow.features.compute.RawFeatures`: the files' integers and valid flags),
+        whose features the device computes, batch by batch."""
         n, size = int(x.shape[0]), self.batch_size
+        raw = isinstance(x, RawFeatures)
         if self.device.type != "cuda":
             for start in range(0, n, size):
                 stop = min(n, start + size)
+                if isinstance(x, RawFeatures):
+                    with self._timed("features_s"):
+                        batch = x.features(start, stop)
+                    yield start, stop, batch
+                    continue
                 chunk = x[start:stop]
                 batch = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chunk))
                 yield start, stop, batch.float()
             return
-        # CUDA: two pinned host buffers, copies on a side stream overlap the previous batch's compute
+
+        def arrays(start: int, stop: int) -> list[np.ndarray | torch.Tensor]:
+            return list(x.arrays(start, stop)) if isinstance(x, RawFeatures) else [x[start:stop]]
+
+        # CUDA: two sets of pinned host buffers, copies on a side stream overlap the previous batch's compute
         rows = size if self.static else min(size, n)  # a small call does not pin a whole batch
-        if not self._pinned or self._pinned[0].shape[0] < rows:
-            shape = (rows, self.nb_dates, self.nb_components)
-            self._pinned = [torch.empty(shape, dtype=torch.float32, pin_memory=True) for _ in range(2)]
+        first = arrays(0, min(n, 1))
+        layout = [(tuple(a.shape[1:]), _torch_dtype(a) if raw else torch.float32) for a in first]
+        if self._pinned_layout is None or self._pinned_layout[0] != layout or self._pinned_layout[1] < rows:
+            self._pinned = [
+                [torch.empty((rows, *shape), dtype=dtype, pin_memory=True) for shape, dtype in layout] for _ in range(2)
+            ]
+            self._pinned_layout = (layout, rows)
         stream = self._copy_stream
         assert stream is not None
         ready: list[torch.cuda.Event | None] = [None, None]
         pending = None
+        current = torch.cuda.current_stream(self.device)
         for k, start in enumerate(range(0, n, size)):
             stop = min(n, start + size)
             slot = k % 2
             event = ready[slot]
             if event is not None:
-                event.synchronize()  # the copy that last used this host buffer is done
-            host = self._pinned[slot][: stop - start]
-            src = x[start:stop]
-            host.copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src)))
+                event.synchronize()  # the copy that last used these host buffers is done
+            hosts = [buffer[: stop - start] for buffer in self._pinned[slot]]
+            for host, src in zip(hosts, arrays(start, stop)):
+                host.copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src)))
             with torch.cuda.stream(stream), self._timed("copy_s"):
-                dev = host.to(self.device, non_blocking=True)
+                devs = [host.to(self.device, non_blocking=True) for host in hosts]
             with torch.cuda.stream(stream):
                 event = torch.cuda.Event()
                 event.record(stream)
             ready[slot] = event
             if pending is not None:
-                yield pending
-            torch.cuda.current_stream(self.device).wait_event(event)
-            dev.record_stream(torch.cuda.current_stream(self.device))
-            pending = (start, stop, dev)
+                yield self._prepared(x, *pending)
+            current.wait_event(event)
+            for dev in devs:
+                dev.record_stream(current)
+            pending = (start, stop, devs)
         if pending is not None:
-            yield pending
+            yield self._prepared(x, *pending)
 
-    def _check(self, x: np.ndarray | torch.Tensor) -> None:
+    def _prepared(self, x: Features, start: int, stop: int, devs: list[torch.Tensor]) -> tuple[int, int, torch.Tensor]:
+        """A batch's tensors on the device -> (start, stop, its float32 features there)."""
+        if not isinstance(x, RawFeatures):
+            return start, stop, devs[0]
+        with self._timed("features_s"):
+            batch = x.compute(devs)  # conversion, masks, same-day merge, gap filling, on the device
+        return start, stop, batch
+
+    def _check(self, x: Features) -> None:
         if x.ndim != 3 or tuple(x.shape[1:]) != (self.nb_dates, self.nb_components):
             raise BadInputError(
                 f"predict_proba expects pixels shaped (N, {self.nb_dates}, {self.nb_components}), got {tuple(x.shape)}"
             )
 
-    def proba(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        """(N, nb_dates, nb_components), NaN = missing -> (N, nb_classes) float32 probabilities."""
+    def proba(self, x: Features) -> np.ndarray:
+        """(N, nb_dates, nb_components), NaN = missing (or observations as read) -> (N, nb_classes)
+        float32 probabilities."""
         self._check(x)
         out = np.empty((int(x.shape[0]), self.nb_classes), dtype=np.float32)
         with torch.inference_mode():
@@ -309,12 +349,14 @@ class Predictor:
         return out
 
     def classify(
-        self, x: np.ndarray | torch.Tensor, codes: np.ndarray | Sequence[int], *, probabilities: bool = False
+        self, x: Features, codes: np.ndarray | Sequence[int], *, probabilities: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Labels, confidence and (optionally) probabilities of N pixels, made on the device.
 
         Args:
-            x: (N, nb_dates, nb_components) features (NaN = missing).
+            x: (N, nb_dates, nb_components) features (NaN = missing), or N pixels' observations as
+                read (:class:`~sitsflow.features.compute.RawFeatures`: their features are computed
+                on the device).
             codes: (nb_classes,) class codes in the order of the network's outputs.
             probabilities: also return the probabilities in iota2's 0-1000 scale.
 

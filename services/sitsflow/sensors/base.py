@@ -243,6 +243,20 @@ class Sensor(ABC):
             valid: bool (h, w, nb_raw): False under clouds, saturation, edges, nodata, off-footprint.
         """
 
+    def native_conversion(self, grid: Grid) -> tuple[np.ndarray, float] | None:
+        """How :meth:`read_native`'s values become :meth:`read`'s on ``grid``: (offset of each raw
+        acquisition (nb_raw,), scale), ``(value + offset) * scale`` in float32; None when this
+        sensor reads no native values there (its reads are not such a conversion of the files'
+        values)."""
+        return None
+
+    def read_native(
+        self, window: Window, grid: Grid, buffers: ReadBuffers | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`read`, the files' values as they are (their data type), unconverted; the values
+        of invalid observations may be anything. Only where :meth:`native_conversion` is not None."""
+        raise TypeError(f"{self.section} reads no native values")
+
     @functools.cached_property
     def remote(self) -> bool:
         """Some of its files are on object storage or HTTP."""

@@ -142,7 +142,19 @@ class DatedRasterSensor(Sensor):
             "read", self.input_files(), lambda: self._read(window, grid, buffers), locate=self._culprit
         )
 
-    def _read(self, window: Window, grid: Grid, buffers: ReadBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def native_conversion(self, grid: Grid) -> tuple[np.ndarray, float] | None:
+        return np.zeros(len(self.raw_indices), np.float32), self.scale
+
+    def read_native(
+        self, window: Window, grid: Grid, buffers: ReadBuffers | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return storage.raster_call(
+            "read", self.input_files(), lambda: self._read(window, grid, buffers, True), locate=self._culprit
+        )
+
+    def _read(
+        self, window: Window, grid: Grid, buffers: ReadBuffers | None = None, native: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         nb_bands, nb_raw = len(self.bands), len(self.raw_indices)
         h, w = int(window.height), int(window.width)
         indexes = [int(i) * nb_bands + b + 1 for i in self.raw_indices for b in range(nb_bands)]
@@ -175,6 +187,8 @@ class DatedRasterSensor(Sensor):
                 slabs = direct.by_rows(h, lambda s: _all_any(np.equal(raw[s], nodata, out=is_nodata[s])))
                 if all(a for a, _ in slabs):  # nodata everywhere (outside the swath)
                     valid[...] = False
+                    if native:
+                        return raw, valid
                     return new_array(buffers, key + ":data", (h, w, nb_raw, nb_bands), np.float32), valid
                 if any(a for _, a in slabs):  # an acquisition is invalid where any of its bands is nodata
                     valid &= ~_any_band(flags)
@@ -195,6 +209,8 @@ class DatedRasterSensor(Sensor):
                         resampling=MASKS,
                     )
                 valid &= mask == 0
+        if native:  # integers, or floats with NaN where invalid (masked where they are converted)
+            return raw, valid
         data = new_array(buffers, key + ":data", (h, w, nb_raw, nb_bands), np.float32)
         # to float32 and scaled, in one pass over the rows that hold a pixel with a clear date
         # (the rest, nodata areas, is neither converted nor touched)

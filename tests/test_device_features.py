@@ -1,0 +1,192 @@
+"""Features computed where the network runs: observations read as the files hold them (integers),
+converted, masked and gap-filled by the device batch by batch, give the features the reading side
+computes (``RawFeatures``, ``SITSFLOW_DEVICE_FEATURES``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from sitsflow import features, inference, nn
+from sitsflow.config import load_config
+from sitsflow.errors import BadInputError
+from sitsflow.features import FeaturePipeline, RawFeatures
+
+from synthetic import write_config, write_scene
+
+NODATA = -10000
+
+
+def _int16_scene(folder: Path) -> dict:
+    """The synthetic scene, its series rewritten as int16 reflectances x 10000 with a nodata corner."""
+    info = write_scene(folder, nb_dates=12, width=40, height=24, polygons_per_class=2)
+    with rasterio.open(info["series"]) as src:
+        data, profile = src.read(), src.profile
+        descriptions = src.descriptions
+    ints = np.round(data * 10000).astype(np.int16)
+    ints[:, :5, :7] = NODATA  # outside the swath
+    ints[3, 10:12, 20:25] = NODATA  # one band of one date: that acquisition is invalid there
+    with rasterio.open(info["series"], "w", **(profile | {"dtype": "int16", "nodata": NODATA})) as dst:
+        dst.write(ints)
+        for i, d in enumerate(descriptions):
+            dst.set_band_description(i + 1, d)
+    return info
+
+
+def _pipeline(folder: Path, *overrides: str) -> FeaturePipeline:
+    extra = "scale : 0.0001\n  nodata : -10000"
+    cfg = load_config(str(write_config(folder, sensor_extra=extra)), list(overrides))
+    return FeaturePipeline(cfg, "T1")
+
+
+@pytest.fixture()
+def scene(tmp_path: Path) -> Path:
+    _int16_scene(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("overrides", [(), ("arg_train.features_from_raw_dates=True",)])
+def test_native_observations_give_the_features_read_on_the_cpu(scene: Path, overrides) -> None:
+    pipe = _pipeline(scene, *overrides)
+    assert pipe.native
+    window = Window(0, 0, 40, 24)
+    select = np.ones((24, 40), bool)
+    select[7, 3:30] = False
+    block = pipe.features(window, select)
+    raw = pipe.features(window, select, native=True)
+    assert raw.raw is not None and raw.values.shape[0] == 0
+    assert raw.raw.values[0].dtype == np.int16  # the files' integers, not float32
+    assert raw.raw.shape == block.values.shape
+    np.testing.assert_array_equal(raw.rows, block.rows)
+    np.testing.assert_array_equal(raw.cols, block.cols)
+    np.testing.assert_array_equal(raw.clear_dates, block.clear_dates)
+    got = raw.raw.features().numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(block.values))
+    np.testing.assert_array_equal(got, block.values)  # same arithmetic, bit for bit
+    # a pixel of the invalid band: gap-filled over that acquisition, never its nodata value
+    assert np.nanmin(got) > -0.5
+    if not overrides:
+        assert np.isfinite(got).all()
+
+
+def test_native_observations_in_parts_come_back_in_row_major_order(scene: Path, monkeypatch) -> None:
+    pipe = _pipeline(scene)
+    window = Window(0, 0, 40, 24)
+    whole = pipe.features(window)
+    # a read budget of a few pixels: the window is read in many parts, tiles included
+    monkeypatch.setattr(features.reader, "READ_BUDGET_BYTES", 12 * 24 * 4 * 8)
+    assert len(pipe.read_windows(window)) > 2
+    raw = pipe.features(window, native=True)
+    assert raw.raw is not None
+    np.testing.assert_array_equal(raw.rows, whole.rows)
+    np.testing.assert_array_equal(raw.cols, whole.cols)
+    np.testing.assert_array_equal(raw.raw.features().numpy(), whole.values)
+
+
+def test_a_window_without_data_has_no_observations(scene: Path) -> None:
+    pipe = _pipeline(scene)
+    block = pipe.features(Window(0, 0, 7, 5), native=True)
+    assert block.raw is None and block.values.shape == (0, *pipe.computer.shape)
+    assert not block.clear_dates.any()
+
+
+def test_raw_features_pick_pixels_like_features(scene: Path) -> None:
+    pipe = _pipeline(scene)
+    block = pipe.features(Window(0, 0, 40, 24))
+    raw = pipe.features(Window(0, 0, 40, 24), native=True).raw
+    assert isinstance(raw, RawFeatures)
+    sel = np.arange(len(raw)) % 3 == 0
+    np.testing.assert_array_equal(raw[sel].features().numpy(), block.values[sel])
+    np.testing.assert_array_equal(raw.features(5, 17).numpy(), block.values[5:17])
+
+
+def test_the_predictor_classifies_observations_as_read_like_their_features(scene: Path) -> None:
+    pipe = _pipeline(scene)
+    block = pipe.features(Window(0, 0, 40, 24))
+    raw = pipe.features(Window(0, 0, 40, 24), native=True).raw
+    assert raw is not None
+    nb_dates, nb_comp = pipe.computer.shape
+    torch.manual_seed(0)
+    size = nb_dates * nb_comp
+    stats = {pipe.sensor: {"mean": torch.full((size,), 0.1), "var": torch.full((size,), 0.01)}}
+    net = nn.build_network(
+        "LTAEClassifier",
+        {},
+        nb_dates=nb_dates,
+        nb_components=nb_comp,
+        nb_classes=3,
+        dates=pipe.dates,
+        stats=stats,
+        sensor=pipe.sensor,
+    )
+    predictor = nn.Predictor(net, device="cpu", batch_size=64)  # several batches
+    codes = [11, 22, 33]
+    expected = predictor.classify(block.values, codes, probabilities=True)
+    got = predictor.classify(raw, codes, probabilities=True)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+    assert predictor.seconds["features_s"] > 0  # the features were computed batch by batch
+    np.testing.assert_array_equal(predictor.proba(raw), predictor.proba(block.values))
+
+
+def test_a_sensor_without_native_values_keeps_the_features_read(scene: Path, monkeypatch) -> None:
+    from sitsflow.sensors.dated_raster import DatedRasterSensor
+
+    monkeypatch.setattr(DatedRasterSensor, "native_conversion", lambda self, grid: None)
+    pipe = _pipeline(scene)
+    assert not pipe.native
+    block = pipe.features(Window(0, 0, 40, 24), native=True)
+    assert block.raw is None and block.values.shape[0] > 0
+
+
+def test_device_features_setting(monkeypatch) -> None:
+    monkeypatch.delenv("SITSFLOW_DEVICE_FEATURES", raising=False)
+    assert inference.device_features(gpu=True) and not inference.device_features(gpu=False)
+    monkeypatch.setenv("SITSFLOW_DEVICE_FEATURES", "1")
+    assert inference.device_features(gpu=False)
+    monkeypatch.setenv("SITSFLOW_DEVICE_FEATURES", "0")
+    assert not inference.device_features(gpu=True)
+    monkeypatch.setenv("SITSFLOW_DEVICE_FEATURES", "gpu")
+    with pytest.raises(BadInputError, match="SITSFLOW_DEVICE_FEATURES must be auto, 1 or 0, got 'gpu'"):
+        inference.device_features(gpu=True)
+
+
+def test_the_stage_writes_the_same_maps_with_the_device_computing_the_features(
+    scene: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import shutil
+
+    from sitsflow import layout, sampling, selection, training
+    from sitsflow.planning import plan_inference, plan_selection, plan_training
+
+    out = tmp_path / "out"
+    extra = "scale : 0.0001\n  nodata : -10000"
+    cfg = load_config(
+        str(write_config(scene, sensor_extra=extra, epochs=2, chunks=2)),
+        [f"chain.output_path={out}", "arg_classification.enable_probability_map=True"],
+    )
+    sampling.run(cfg)
+    for t in plan_training(cfg):
+        training.run(cfg, t["region"], t["seed"], t["hyp"])
+    for t in plan_selection(cfg):
+        selection.run(cfg, t["region"], t["seed"])
+    maps = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("SITSFLOW_DEVICE_FEATURES", setting)
+        shutil.rmtree(out / "manifests" / "inference", ignore_errors=True)
+        for t in plan_inference(cfg):
+            summary = inference.run(cfg, t["tile"], t["chunk"], t["seed"])
+            assert summary["skipped"] is False and summary["classified"] > 0
+            # the predictor computed features only when the device was given the observations
+            assert (summary["timings"]["features_s"] > 0) == (setting == "1")
+            for kind in ("chunk_classif", "chunk_confidence", "chunk_probamap"):
+                with rasterio.open(getattr(layout, kind)(str(out), "T1", 1, 0, t["chunk"])) as src:
+                    maps[setting, kind, t["chunk"]] = src.read()
+    assert len(maps) == 12
+    for (_, kind, chunk), data in maps.items():
+        np.testing.assert_array_equal(data, maps["0", kind, chunk], err_msg=f"{kind} of chunk {chunk}")
