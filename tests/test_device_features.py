@@ -190,3 +190,66 @@ def test_the_stage_writes_the_same_maps_with_the_device_computing_the_features(
     assert len(maps) == 12
     for (_, kind, chunk), data in maps.items():
         np.testing.assert_array_equal(data, maps["0", kind, chunk], err_msg=f"{kind} of chunk {chunk}")
+
+
+@pytest.fixture(scope="module")
+def products(tmp_path_factory) -> Path:
+    from generate_products import write_products
+
+    root = tmp_path_factory.mktemp("theia")
+    write_products(root, width=36, height=24, nb_dates=6, polygons_per_class=2, landsat=True)
+    return root
+
+
+def _products_pipeline(root: Path, *overrides: str) -> FeaturePipeline:
+    from generate_products import write_theia_config
+
+    cfg = load_config(str(write_theia_config(root, data=str(root), landsat=True)), list(overrides))
+    return FeaturePipeline(cfg, "T31TCJ")
+
+
+@pytest.mark.parametrize("overrides", [(), ("arg_train.features_from_raw_dates=True",)])
+def test_products_native_digital_numbers_give_the_features_read_on_the_cpu(products: Path, overrides) -> None:
+    """THEIA Sentinel-2 and Landsat 8 (20 m and 30 m bands on the 10 m grid, masks, edges, a
+    same-day pair, NDVI/NDWI/Brightness), with a digital-number offset on some acquisitions."""
+    pipe = _products_pipeline(products, *overrides)
+    assert pipe.native and len(pipe.sensors) == 2 and "ndvi" in pipe.sensors[0].indices
+    import dataclasses
+
+    s2 = pipe.sensors[0]
+    # as Sen2Cor's processing baseline 04.00 (both reads apply it)
+    s2.products = [dataclasses.replace(p, offset=-1000.0) if k % 2 else p for k, p in enumerate(s2.products)]
+    pipe.computer.conversions = [s.native_conversion(pipe.grid) for s in pipe.sensors]  # type: ignore[misc]
+    assert pipe.computer.conversions[0][0][1] == -1000.0
+    window = Window(5, 3, 30, 21)
+    block = pipe.features(window)
+    raw = pipe.features(window, native=True)
+    assert raw.raw is not None and [v.dtype for v in raw.raw.values] == [np.int16, np.int16]
+    np.testing.assert_array_equal(raw.rows, block.rows)
+    np.testing.assert_array_equal(raw.clear_dates, block.clear_dates)
+    np.testing.assert_array_equal(raw.raw.features().numpy(), block.values)
+
+
+def test_products_on_a_target_grid_keep_the_features_read(products: Path) -> None:
+    """Reprojected or resampled, the files' values are interpolated as floats: no native values."""
+    pipe = _products_pipeline(products, "chain.spatial_resolution=[20, 20]")
+    assert not pipe.native and pipe.sensors[0].native_conversion(pipe.grid) is None
+    assert pipe.features(Window(0, 0, 18, 12), native=True).raw is None
+
+
+def test_a_product_file_of_another_data_type_is_named(products: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(products, root)
+    pipe = _products_pipeline(root)
+    product = pipe.sensors[0].products[2]
+    path = Path(product.bands["B8"])
+    with rasterio.open(path) as src:
+        data, profile = src.read(), src.profile
+    with rasterio.open(path, "w", **(profile | {"dtype": "int32"})) as dst:
+        dst.write(data.astype(np.int32))
+    with pytest.raises(BadInputError) as err:
+        pipe.features(Window(0, 0, 36, 24), native=True)
+    assert str(path) in str(err.value) and "int32" in str(err.value) and "SITSFLOW_DEVICE_FEATURES=0" in str(err.value)
+    assert pipe.features(Window(0, 0, 36, 24)).values.shape[0] > 0  # the float reads take it

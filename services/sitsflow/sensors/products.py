@@ -254,6 +254,7 @@ class ProductSensor(Sensor):
 
     products: list[Product]
     layout: Layout
+    native_dtype: str | None
     _open_files: threading.local  # per thread: the files it opened (see _dataset)
 
     @classmethod
@@ -296,6 +297,7 @@ class ProductSensor(Sensor):
         )
         sensor.products = kept
         sensor.layout = layout
+        sensor.native_dtype = None  # the data type of the first product's grid band (native_grid)
         sensor._open_files = threading.local()
         log.info("tile %s: %s, %d acquisitions kept (%d found) from %s", tile, section, len(kept), len(products), root)
         return sensor
@@ -306,12 +308,21 @@ class ProductSensor(Sensor):
 
         def grid():
             with storage.rasterio_env(), rasterio.open(storage.rasterio_path(uri)) as src:
-                return grid_of(src), src.block_shapes[0], np.dtype(src.dtypes[0]).itemsize
+                return grid_of(src), src.block_shapes[0], np.dtype(src.dtypes[0])
 
-        found, (self.block_rows, self.block_cols), self.sample_bytes = storage.raster_call(
+        found, (self.block_rows, self.block_cols), dtype = storage.raster_call(
             "open", uri, grid, culprit=self._culprit(self.products[0], self.layout.grid_band)
         )
+        self.sample_bytes, self.native_dtype = dtype.itemsize, dtype.name
         return found
+
+    def native_conversion(self, grid: Grid) -> tuple[np.ndarray, float] | None:
+        """Digital numbers as the files hold them (the data type of the first product's grid
+        band), ``(dn + product offset) * scale``; none on a target grid (the files' integers would be
+        interpolated there, :meth:`read` interpolates their values)."""
+        if grid.resampled or self.native_dtype is None or not np.issubdtype(np.dtype(self.native_dtype), np.integer):
+            return None
+        return np.array([p.offset for p in self.products], np.float32), self.layout.scale
 
     def input_files(self) -> list[str]:
         return [u for p in self.products for u in (*p.bands.values(), *(m for m, _ in p.masks))]
@@ -323,11 +334,32 @@ class ProductSensor(Sensor):
             files = self._open_files.files = _OpenFiles(open_files_budget())
         return files.get(uri)
 
-    def _read_file(self, uri: str, window: Window, grid: Grid, fill: float, culprit: str, *, mask: bool = False):
+    def _read_file(
+        self,
+        uri: str,
+        window: Window,
+        grid: Grid,
+        fill: float,
+        culprit: str,
+        *,
+        mask: bool = False,
+        dtype: str | None = None,
+    ):
         """``read_on_grid`` of the single-band file ``uri``, under the storage contract: a band
         (reflectances: cubic on a target grid, the product's nodata left out) or a ``mask``
-        (nearest neighbour: a mask value is never interpolated)."""
+        (nearest neighbour: a mask value is never interpolated); float32 values, or ``dtype``'s
+        (which must hold every value of the file's data type)."""
         how = {"resampling": MASKS} if mask else {"resampling": VALUES, "nodata": self.layout.nodata}
+
+        def read():
+            src = self._dataset(uri)
+            if dtype is not None and not np.can_cast(np.dtype(src.dtypes[0]), np.dtype(dtype)):
+                raise BadInputError(
+                    f"{culprit}: {uri} holds {src.dtypes[0]} values, while {self.section}'s first file holds "
+                    f"{dtype}: the files of one sensor must share their data type when the network's device "
+                    "reads them as they are (or set SITSFLOW_DEVICE_FEATURES=0)"
+                )
+            return read_on_grid(src, window, grid, [1], uri, fill=fill, dtype=dtype or "float32", **how)
 
         def forget() -> None:
             files = getattr(self._open_files, "files", None)
@@ -337,7 +369,7 @@ class ProductSensor(Sensor):
         return storage.raster_call(
             "read",
             uri,
-            lambda: read_on_grid(self._dataset(uri), window, grid, [1], uri, fill=fill, **how),
+            read,
             culprit=culprit,
             on_retry=forget,
         )
@@ -369,21 +401,44 @@ class ProductSensor(Sensor):
         return not found.is_set()
 
     def read(self, window: Window, grid: Grid, buffers: ReadBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self._read(window, grid, buffers, native=False)
+
+    def read_native(
+        self, window: Window, grid: Grid, buffers: ReadBuffers | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self._read(window, grid, buffers, native=True)
+
+    def _read(
+        self, window: Window, grid: Grid, buffers: ReadBuffers | None, native: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         h, w = int(window.height), int(window.width)
         nb_raw, nb_bands = len(self.products), len(self.bands)
-        values = new_array(buffers, f"{self.section}:values", (h, w, nb_raw, nb_bands), np.float32)
+        dtype = np.dtype(self.native_dtype) if native and self.native_dtype else np.dtype(np.float32)
+        values = new_array(buffers, f"{self.section}:values", (h, w, nb_raw, nb_bands), dtype)
         valid = new_array(buffers, f"{self.section}:valid", (h, w, nb_raw), bool)
         valid[...] = True
         scale = np.float32(self.layout.scale)
+        nodata = self.layout.nodata
+        marker = None  # the nodata value as native digital numbers hold it (none when they cannot)
+        if native and float(nodata).is_integer():
+            bounds = np.iinfo(dtype.name)
+            marker = dtype.type(nodata) if bounds.min <= nodata <= bounds.max else None
 
         def acquisition(t: int) -> None:
             product = self.products[t]
             with storage.rasterio_env():
                 for b, band in enumerate(self.bands):
                     uri = product.bands[band]
-                    data, inside = self._read_file(uri, window, grid, self.layout.nodata, self._culprit(product, band))
+                    culprit = self._culprit(product, band)
+                    if native:
+                        data, inside = self._read_file(uri, window, grid, 0, culprit, dtype=dtype.name)
+                        dn = data[0]
+                        valid[:, :, t] &= inside if marker is None else inside & (dn != marker)
+                        values[:, :, t, b] = dn
+                        continue
+                    data, inside = self._read_file(uri, window, grid, nodata, culprit)
                     dn = data[0]
-                    valid[:, :, t] &= inside & (dn != np.float32(self.layout.nodata)) & np.isfinite(dn)
+                    valid[:, :, t] &= inside & (dn != np.float32(nodata)) & np.isfinite(dn)
                     values[:, :, t, b] = (dn + np.float32(product.offset)) * scale
                 for uri, rule in product.masks:
                     data, inside = self._read_file(
@@ -398,6 +453,6 @@ class ProductSensor(Sensor):
 
         # remote files: each acquisition on its own thread (see per_acquisition)
         per_acquisition(nb_raw, acquisition, self.remote)
-        values[~valid] = 0.0
+        if not native:
+            values[~valid] = 0.0
         return values, valid
-
