@@ -81,16 +81,21 @@ class FeatureComputer:
     def compute_native(self, values: Sequence[torch.Tensor], valid: Sequence[torch.Tensor]) -> torch.Tensor:
         """Features of observations as read (see :class:`RawFeatures`), on their tensors' device:
         each sensor's values converted as its :meth:`~sitsflow.sensors.base.Sensor.read` converts
-        them (``(dn + offset of the acquisition) * scale``, float32), 0 where invalid, then
-        :meth:`compute_tensors`."""
+        them (``(dn + offset of the acquisition) * scale``, float32: one operation without offsets),
+        then :meth:`compute_tensors`. Invalid observations keep their values (nodata, NaN): the
+        computation never reads them (same-day merges weigh them 0, gap filling interpolates
+        between valid ones, raw dates turn them into NaN)."""
         if self.conversions is None:
             raise TypeError("a sensor of this tile reads no native values")
         raw = []
-        for k, (v, m) in enumerate(zip(values, valid)):
+        for k, v in enumerate(values):
             offsets, scale = self.conversions[k]
-            offset = self._constant("offset", k, v.device, lambda o=offsets: o.astype(np.float32)[:, None])
-            x = (v.to(torch.float32) + offset) * self._constant("scale", k, v.device, lambda f=scale: np.float32(f))
-            raw.append(x.masked_fill_(~m[..., None], 0.0))
+            factor = self._constant("scale", k, v.device, lambda f=scale: np.float32(f))
+            if offsets.any():
+                offset = self._constant("offset", k, v.device, lambda o=offsets: o.astype(np.float32)[:, None])
+                raw.append((v.to(torch.float32) + offset) * factor)
+            else:
+                raw.append(v * factor)  # int * float32 scalar tensor: float32, in one pass
         return self.compute_tensors(raw, valid)
 
     def compute_tensors(self, raw: Sequence[torch.Tensor], valid: Sequence[torch.Tensor]) -> torch.Tensor:
