@@ -12,12 +12,15 @@ weights), and measures:
 
     python bench/inference.py [--size 1024] [--dates 36] [--bands 10] [--network MLPClassifier]
                               [--device cpu|cuda] [--repeat 2] [--readers N] [--tile-px 10980]
+                              [--device-features auto|0|1|both]
 
 The stage's timings say where its time went: ``read_s`` (reading and features, summed over the
 reading threads; without any, the classifying thread's own reads), ``wait_read_s`` (the main loop
 waiting for them; without reading threads it holds the reads themselves), ``classify_s`` (the main loop
-classifying: copies, network, results back), ``copy_s``/``compute_s`` (CUDA-side times of the
-copies and the network), ``write_s`` (the writer thread), ``wait_write_s``.
+classifying: copies, network, results back), ``copy_s``/``features_s``/``compute_s`` (CUDA-side
+times of the copies, of the features computed on the device from the observations as read
+(``SITSFLOW_DEVICE_FEATURES``, on a GPU by default; ``--device-features both`` measures the full
+chunk both ways) and of the network), ``write_s`` (the writer thread), ``wait_write_s``.
 
 Local tiled GeoTIFFs are decoded by sitsflow's direct reader (``sitsflow.sensors.direct``);
 ``SITSFLOW_DIRECT_READS=0 python bench/inference.py ...`` measures the same through GDAL.
@@ -163,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--readers", type=int, default=None, help="reading threads (SITSFLOW_READERS)")
     parser.add_argument("--tile-px", type=int, default=10980, help="tile width for the extrapolated tile time")
+    parser.add_argument("--device-features", choices=("auto", "0", "1", "both"), default=None,
+                        help="SITSFLOW_DEVICE_FEATURES for the stage; both: the full chunk with 0 and with 1")
     args = parser.parse_args(argv)
+    if args.device_features in ("auto", "0", "1"):
+        os.environ["SITSFLOW_DEVICE_FEATURES"] = args.device_features
     if args.readers:
         os.environ["SITSFLOW_READERS"] = str(args.readers)
     setup_logging("WARNING")
@@ -203,6 +210,15 @@ def main(argv: list[str] | None = None) -> int:
             results["network_alone_px_s"] = round(x.shape[0] / best)
             results["compiled"] = predictor.compiled
             del x, block, predictor
+        if label == "full" and args.device_features == "both":
+            for setting in ("0", "1"):  # the reading side computes the features, then the device does
+                os.environ["SITSFLOW_DEVICE_FEATURES"] = setting
+                seconds, timings = time_stage(cfg, args.repeat)
+                results[f"stage_full_device_features_{setting}_px_s"] = round(pixels / seconds)
+                results[f"stage_full_device_features_{setting}_timings"] = timings
+                print(f"SITSFLOW_DEVICE_FEATURES={setting}: whole stage {pixels / seconds:,.0f} px/s ({seconds:.2f} s); "
+                      + ", ".join(f"{k} {v}" for k, v in timings.items()))
+            del os.environ["SITSFLOW_DEVICE_FEATURES"]
         stage_time[label], results[f"stage_{label}_timings"] = time_stage(cfg, args.repeat)
         results[f"stage_{label}_px_s"] = round(pixels / stage_time[label])
         results[f"stage_{label}_s"] = round(stage_time[label], 2)

@@ -94,6 +94,8 @@ class FeatureComputer:
             if offsets.any():
                 offset = self._constant("offset", k, v.device, lambda o=offsets: o.astype(np.float32)[:, None])
                 raw.append((v.to(torch.float32) + offset) * factor)
+            elif v.dtype in (torch.uint16, torch.uint32, torch.uint64):  # (few operations take them)
+                raw.append(v.to(torch.float32) * factor)
             else:
                 raw.append(v * factor)  # int * float32 scalar tensor: float32, in one pass
         return self.compute_tensors(raw, valid)
