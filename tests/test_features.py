@@ -162,3 +162,13 @@ def test_the_tile_grid_needs_no_user_code(scene):
     assert sum(int(w.width) * int(w.height) for w in tile_chunks(cfg, "T1")) == 24 * 12
     with pytest.raises(Exception, match="user code ran"):
         FeaturePipeline(cfg, "T1")  # the features themselves do need it
+
+
+def test_planning_reads_the_grid_without_torch():
+    """The feature computation is torch; planning (headers only) does not load it."""
+    import subprocess
+    import sys
+
+    code = "import sys, sitsflow.planning, sitsflow.features; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

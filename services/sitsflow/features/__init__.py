@@ -30,12 +30,12 @@ pure feature computation). :class:`FeaturePipeline` puts them together for one t
 from __future__ import annotations
 
 from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rasterio.windows import Window
 
 from sitsflow.errors import BadInputError
-from sitsflow.features.compute import FeatureComputer, RawFeatures
 from sitsflow.features.dates import DateAxis
 from sitsflow.features.grid import check_tile_grids, finest_grid, target_crs, tile_grid
 from sitsflow.features.reader import READ_BUDGET_BYTES, FeatureBlock, WindowReader
@@ -44,6 +44,20 @@ from sitsflow.sensors.base import Grid, ReadBuffers
 from sitsflow.sensors.catalogue import INDEX_ROLES
 from sitsflow.sensors.dates import from_ordinal, parse_date, to_ordinal
 from sitsflow.sensors.external import ExternalFeatures
+
+if TYPE_CHECKING:
+    from sitsflow.features.compute import FeatureComputer, RawFeatures
+
+
+def __getattr__(name: str) -> Any:
+    """The feature computation (torch) is imported when first asked for: planning reads the tile
+    grid (headers only) without torch."""
+    if name in ("FeatureComputer", "RawFeatures"):
+        from sitsflow.features import compute
+
+        return getattr(compute, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DateAxis",
@@ -115,6 +129,8 @@ class FeaturePipeline:
             missing = [r for i in s.indices for r in INDEX_ROLES[i] if s.roles and r not in s.roles]
             if missing:
                 raise BadInputError(f"{s.section}: no band for {missing}")
+        from sitsflow.features.compute import FeatureComputer
+
         conversions = [s.native_conversion(self.grid) for s in self.sensors]
         self.computer = FeatureComputer(
             self.sensors,

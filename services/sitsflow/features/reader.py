@@ -7,15 +7,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rasterio.windows import Window
 
 from sitsflow import storage
-from sitsflow.features.compute import FeatureComputer, RawFeatures
 from sitsflow.log import get_logger
 from sitsflow.sensors import Sensor, direct
 from sitsflow.sensors.base import Grid, ReadBuffers
+
+if TYPE_CHECKING:  # (torch is imported where features are computed: planning reads headers only)
+    from sitsflow.features.compute import FeatureComputer, RawFeatures
 
 log = get_logger(__name__)
 
@@ -305,6 +308,8 @@ class WindowReader:
 
         rr, cc = join([rr]).astype(np.int32), join([cc]).astype(np.int32)
         if native is not None:
+            from sitsflow.features.compute import RawFeatures
+
             raw = RawFeatures(
                 [join([p[k][0] for p in observed]) for k in range(len(self.sensors))],
                 [join([p[k][1] for p in observed]) for k in range(len(self.sensors))],
