@@ -22,24 +22,28 @@ from synthetic import write_config, write_scene
 NODATA = -10000
 
 
-def _int16_scene(folder: Path) -> dict:
-    """The synthetic scene, its series rewritten as int16 reflectances x 10000 with a nodata corner."""
+def _int16_scene(folder: Path, dtype: str = "int16") -> dict:
+    """The synthetic scene, its series rewritten as reflectances x 10000 with a nodata corner and
+    one invalid band: int16 (nodata -10000), uint16 (nodata 0, values from 1) or float32 (NaN)."""
     info = write_scene(folder, nb_dates=12, width=40, height=24, polygons_per_class=2)
     with rasterio.open(info["series"]) as src:
         data, profile = src.read(), src.profile
         descriptions = src.descriptions
-    ints = np.round(data * 10000).astype(np.int16)
-    ints[:, :5, :7] = NODATA  # outside the swath
-    ints[3, 10:12, 20:25] = NODATA  # one band of one date: that acquisition is invalid there
-    with rasterio.open(info["series"], "w", **(profile | {"dtype": "int16", "nodata": NODATA})) as dst:
-        dst.write(ints)
+    nodata = {"int16": NODATA, "uint16": 0, "float32": float("nan")}[dtype]
+    values = np.round(data * 10000).astype(np.float64)
+    if dtype == "uint16":
+        values = np.clip(values, 1, None)
+    values[:, :5, :7] = nodata  # outside the swath
+    values[3, 10:12, 20:25] = nodata  # one band of one date: that acquisition is invalid there
+    with rasterio.open(info["series"], "w", **(profile | {"dtype": dtype, "nodata": nodata})) as dst:
+        dst.write(values.astype(dtype))
         for i, d in enumerate(descriptions):
             dst.set_band_description(i + 1, d)
     return info
 
 
-def _pipeline(folder: Path, *overrides: str) -> FeaturePipeline:
-    extra = "scale : 0.0001\n  nodata : -10000"
+def _pipeline(folder: Path, *overrides: str, nodata: str | None = "-10000") -> FeaturePipeline:
+    extra = "scale : 0.0001" + (f"\n  nodata : {nodata}" if nodata is not None else "")
     cfg = load_config(str(write_config(folder, sensor_extra=extra)), list(overrides))
     return FeaturePipeline(cfg, "T1")
 
@@ -72,6 +76,21 @@ def test_native_observations_give_the_features_read_on_the_cpu(scene: Path, over
     assert np.nanmin(got) > -0.5
     if not overrides:
         assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float32"])
+@pytest.mark.parametrize("overrides", [(), ("arg_train.features_from_raw_dates=True",)])
+def test_other_data_types_give_the_same_features(tmp_path: Path, dtype: str, overrides) -> None:
+    """uint16 (nodata 0) and float32 files (nodata NaN: the invalid values are NaN as read)."""
+    _int16_scene(tmp_path, dtype)
+    pipe = _pipeline(tmp_path, *overrides, nodata="0" if dtype == "uint16" else None)
+    window = Window(0, 0, 40, 24)
+    block = pipe.features(window)
+    raw = pipe.features(window, native=True)
+    assert raw.raw is not None and raw.raw.values[0].dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(raw.clear_dates, block.clear_dates)
+    assert (raw.clear_dates < 12).any()  # nodata made some acquisitions invalid
+    np.testing.assert_array_equal(raw.raw.features().numpy(), block.values)
 
 
 def test_native_observations_in_parts_come_back_in_row_major_order(scene: Path, monkeypatch) -> None:
@@ -152,7 +171,7 @@ def test_device_features_setting(monkeypatch) -> None:
     monkeypatch.setenv("SITSFLOW_DEVICE_FEATURES", "0")
     assert not inference.device_features(gpu=True)
     monkeypatch.setenv("SITSFLOW_DEVICE_FEATURES", "gpu")
-    with pytest.raises(BadInputError, match="SITSFLOW_DEVICE_FEATURES must be auto, 1 or 0, got 'gpu'"):
+    with pytest.raises(BadInputError, match=r"SITSFLOW_DEVICE_FEATURES must be auto .*, got 'gpu'"):
         inference.device_features(gpu=True)
 
 
@@ -253,3 +272,92 @@ def test_a_product_file_of_another_data_type_is_named(products: Path, tmp_path: 
         pipe.features(Window(0, 0, 36, 24), native=True)
     assert str(path) in str(err.value) and "int32" in str(err.value) and "SITSFLOW_DEVICE_FEATURES=0" in str(err.value)
     assert pipe.features(Window(0, 0, 36, 24)).values.shape[0] > 0  # the float reads take it
+
+
+SOI = """
+def get_soi_s2(self):
+    dates = self.get_interpolated_dates()
+    coef = (self.get_interpolated_Sentinel2_B11() - self.get_interpolated_Sentinel2_B8()) / (
+        self.get_interpolated_Sentinel2_B11() + self.get_interpolated_Sentinel2_B8() + 1.E-6)
+    return coef, [f"Sentinel2_soi_{date}" for date in dates["Sentinel2"]]
+"""
+
+
+def test_external_features_of_native_observations(products: Path) -> None:
+    """The user's numpy functions get the same gap-filled series from either side."""
+    from generate_products import write_theia_config
+
+    (products / "feat.py").write_text(SOI)
+    extra = "external_features:\n{\n  module : 'feat.py'\n  functions : 'get_soi_s2'\n  concat_mode : True\n}"
+    cfg = load_config(str(write_theia_config(products, data=str(products), extra=extra, name="ext.cfg")), [])
+    pipe = FeaturePipeline(cfg, "T31TCJ")
+    assert pipe.native and "soi" in pipe.components
+    block = pipe.features(Window(0, 0, 36, 24))
+    raw = pipe.features(Window(0, 0, 36, 24), native=True).raw
+    assert raw is not None
+    np.testing.assert_array_equal(raw.features().numpy(), block.values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu.sh runs it)")
+@pytest.mark.parametrize("dtype", ["int16", "uint16"])
+def test_cuda_computes_the_features_of_observations_as_read(tmp_path: Path, dtype: str) -> None:
+    """On a GPU: pinned buffers in the files' data type, copies on the side stream, the features
+    computed on the device (its sums may add in another order: last-bit differences)."""
+    _int16_scene(tmp_path, dtype)
+    pipe = _pipeline(tmp_path, nodata="0" if dtype == "uint16" else "-10000")
+    block = pipe.features(Window(0, 0, 40, 24))
+    raw = pipe.features(Window(0, 0, 40, 24), native=True).raw
+    assert raw is not None
+    on_device = raw.compute([torch.from_numpy(a).cuda() for a in raw.arrays(0, len(raw))])
+    np.testing.assert_allclose(on_device.cpu().numpy(), block.values, rtol=1e-6, atol=1e-7)
+    nb_dates, nb_comp = pipe.computer.shape
+    size = nb_dates * nb_comp
+    torch.manual_seed(0)
+    net = nn.build_network(
+        "LTAEClassifier",
+        {},
+        nb_dates=nb_dates,
+        nb_components=nb_comp,
+        nb_classes=3,
+        dates=pipe.dates,
+        stats={pipe.sensor: {"mean": torch.full((size,), 0.1), "var": torch.full((size,), 0.01)}},
+        sensor=pipe.sensor,
+    )
+    predictor = nn.Predictor(net, device="cuda", batch_size=64, precision="fp32", compile=False)
+    expected = predictor.proba(block.values)
+    got = predictor.proba(raw)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert predictor.seconds["features_s"] > 0 and predictor.seconds["copy_s"] > 0
+
+
+def test_features_the_device_cannot_compute_are_computed_by_the_host(scene: Path, monkeypatch, caplog) -> None:
+    pipe = _pipeline(scene)
+    block = pipe.features(Window(0, 0, 40, 24))
+    raw = pipe.features(Window(0, 0, 40, 24), native=True).raw
+    assert raw is not None
+    nb_dates, nb_comp = pipe.computer.shape
+    size = nb_dates * nb_comp
+    net = nn.build_network(
+        "MLPClassifier",
+        {},
+        nb_dates=nb_dates,
+        nb_components=nb_comp,
+        nb_classes=3,
+        dates=pipe.dates,
+        stats={pipe.sensor: {"mean": torch.full((size,), 0.1), "var": torch.full((size,), 0.01)}},
+        sensor=pipe.sensor,
+    )
+    predictor = nn.Predictor(net, device="cpu", batch_size=64)
+    expected = predictor.proba(block.values)
+    calls = []
+    compute = RawFeatures.compute
+
+    def fails_once(self, arrays):
+        calls.append(len(arrays[0]))
+        if len(calls) == 1:
+            raise RuntimeError("\"mul_cuda\" not implemented for 'UInt16'")
+        return compute(self, arrays)
+
+    monkeypatch.setattr(RawFeatures, "compute", fails_once)
+    np.testing.assert_array_equal(predictor.proba(raw), expected)
+    assert predictor._host_features and "the host computes them" in caplog.text

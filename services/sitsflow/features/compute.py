@@ -5,10 +5,9 @@ values NaN), then per date and sensor the kept bands, the spectral indices and t
 features (see :mod:`sitsflow.features`).
 
 Written once, in torch, so that it runs where the network runs: sampling computes its features on
-the CPU (:meth:`FeatureComputer.compute`, numpy in and out); inference hands the network's device
-the observations as read (:class:`RawFeatures`: the files' integers and the valid flags, half the
-bytes of float32 features) and the device converts, masks and gap-fills them batch by batch
-(:meth:`FeatureComputer.compute_native`).
+the CPU (:meth:`FeatureComputer.compute`, numpy in and out); inference on a GPU hands the device
+the observations as read (:class:`RawFeatures`: the files' integers and the valid flags) and the
+device converts and gap-fills them batch by batch (:meth:`FeatureComputer.compute_native`).
 """
 
 from __future__ import annotations
@@ -162,12 +161,13 @@ class FeatureComputer:
         return _gapfill(raw, valid, st.unique_ordinals, self.axis.target_ordinals, self, k)
 
 
-@dataclass
+@dataclass(eq=False)
 class RawFeatures:
     """Observations of some pixels as read, and the computation that turns them into features.
 
     What inference hands the network's device instead of features: per sensor, the files' values
-    as read (their integers: int16/uint16, half the bytes of float32 features) and the valid flags,
+    as read (their integers: int16/uint16, half the bytes of float32 features when there are as
+    many acquisitions as dates) and the valid flags,
     the conversion, masks and gap filling being left to :meth:`FeatureComputer.compute_native` on
     that device, batch by batch (:class:`sitsflow.nn.Predictor`).
 
@@ -297,7 +297,7 @@ def _gapfill(
             weights = np.clip(np.where(gaps > 0, (targets - t_obs[lo]) / np.where(gaps > 0, gaps, 1.0), 0.0), 0.0, 1.0)
             if bool(full.all()):
                 return _interpolate(raw, lo, hi, weights)
-            filled = torch.empty((nb_pix, len(targets), nb_bands), dtype=torch.float32)
+            filled = torch.empty((nb_pix, len(targets), nb_bands), dtype=torch.float32, device=device)
             filled[full] = _interpolate(raw[full], lo, hi, weights)
             rest = ~full
             filled[rest] = _gapfill(raw[rest], valid[rest], t_obs, targets, constants, k, fast=False)
@@ -321,8 +321,9 @@ def _gapfill(
     target = const("targets", lambda: np.asarray(targets, np.float64))
     w = torch.where(span > 0, (target - t_left) / torch.where(span > 0, span, 1.0), 0.0)
     w = w.clamp(0.0, 1.0).to(torch.float32)[..., None]
-    out = raw.gather(1, left[..., None].expand(-1, -1, nb_bands)) * (1.0 - w)
-    out += raw.gather(1, right[..., None].expand(-1, -1, nb_bands)) * w
+    # raw[left] * (1 - w) + raw[right] * w, in place: two outputs' memory at most
+    out = raw.gather(1, left[..., None].expand(-1, -1, nb_bands)).mul_(1.0 - w)
+    out += raw.gather(1, right[..., None].expand(-1, -1, nb_bands)).mul_(w)
     return out.masked_fill_(none[:, None, None], np.nan)
 
 

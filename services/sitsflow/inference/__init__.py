@@ -66,15 +66,18 @@ def reader_threads(gpu: bool = False, remote: bool = True) -> int:
 
 
 def device_features(gpu: bool) -> bool:
-    """Whether the network's device computes the features (``SITSFLOW_DEVICE_FEATURES``: ``1``,
-    ``0``; ``auto``, the default: on a GPU only): the reads hand it the observations as read
-    (the files' integers and valid flags, :class:`~sitsflow.features.compute.RawFeatures`), which
-    it converts, masks and gap-fills batch by batch, instead of float32 features computed by the
+    """Whether the network's device computes the features (``SITSFLOW_DEVICE_FEATURES``: ``auto``,
+    the default, on a GPU only; ``1``; ``0``): the reads then hand it the observations as read
+    (the files' integers and valid flags, :class:`~sitsflow.features.compute.RawFeatures`), which it
+    converts, masks and gap-fills batch by batch, instead of float32 features computed by the
     reading threads. Only where every sensor reads native values
     (:attr:`~sitsflow.features.FeaturePipeline.native`)."""
     text = os.environ.get("SITSFLOW_DEVICE_FEATURES", "").strip().lower() or "auto"
     if text not in ("auto", "1", "0"):
-        raise BadInputError(f"SITSFLOW_DEVICE_FEATURES must be auto, 1 or 0, got {text!r}")
+        raise BadInputError(
+            "SITSFLOW_DEVICE_FEATURES must be auto (on a GPU), 1 (the network's device computes the "
+            f"features) or 0 (the reading threads do), got {text!r}"
+        )
     return gpu if text == "auto" else text == "1"
 
 

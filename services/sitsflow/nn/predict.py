@@ -207,6 +207,8 @@ class Predictor:
         self._run = run
         self._pinned: list[list[torch.Tensor]] = []
         self._pinned_layout: tuple[list, int] | None = None
+        #: the device failed to compute features of observations as read: the host computes them
+        self._host_features = False
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         #: seconds spent copying inputs to the device, computing features of observations as read
         #: (:class:`~sitsflow.features.compute.RawFeatures`) and running the network (CUDA: measured
@@ -271,9 +273,7 @@ class Predictor:
             for start in range(0, n, size):
                 stop = min(n, start + size)
                 if isinstance(x, RawFeatures):
-                    with self._timed("features_s"):
-                        batch = x.features(start, stop)
-                    yield start, stop, batch
+                    yield self._prepared(x, start, stop, [torch.from_numpy(a) for a in x.arrays(start, stop)])
                     continue
                 chunk = x[start:stop]
                 batch = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chunk))
@@ -326,8 +326,21 @@ class Predictor:
         if not isinstance(x, RawFeatures):
             return start, stop, devs[0]
         with self._timed("features_s"):
-            batch = x.compute(devs)  # conversion, masks, same-day merge, gap filling, on the device
-        return start, stop, batch
+            if not self._host_features:
+                try:
+                    # conversion, same-day merges, gap filling, indices, on the device
+                    return start, stop, x.compute(devs)
+                except torch.OutOfMemoryError:
+                    raise
+                except RuntimeError as exc:  # an operation this device lacks (for these data types)
+                    log.warning(
+                        "the features cannot be computed on %s (%s: %s): the host computes them",
+                        self.device,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    self._host_features = True
+            return start, stop, x.features(start, stop).to(self.device)
 
     def _check(self, x: Features) -> None:
         if x.ndim != 3 or tuple(x.shape[1:]) != (self.nb_dates, self.nb_components):
