@@ -196,8 +196,11 @@ class FeaturePipeline:
     @property
     def native(self) -> bool:
         """Every sensor reads native values (:meth:`~sitsflow.sensors.base.Sensor.read_native`):
-        their conversion can be left to the network's device."""
-        return self.computer.conversions is not None
+        their conversion can be left to the network's device (no longer once a sensor found it
+        cannot: :class:`~sitsflow.sensors.base.NativeUnavailable`)."""
+        return self.computer.conversions is not None and all(
+            s.native_conversion(self.grid) is not None for s in self.sensors
+        )
 
     def compute(self, raw, valid) -> np.ndarray:
         """See :meth:`FeatureComputer.compute`."""

@@ -15,7 +15,7 @@ from rasterio.windows import Window
 from sitsflow import storage
 from sitsflow.log import get_logger
 from sitsflow.sensors import Sensor, direct
-from sitsflow.sensors.base import Grid, ReadBuffers
+from sitsflow.sensors.base import Grid, NativeUnavailable, ReadBuffers
 
 if TYPE_CHECKING:  # (torch is imported where features are computed: planning reads headers only)
     from sitsflow.features.compute import FeatureComputer, RawFeatures
@@ -245,7 +245,34 @@ class WindowReader:
                 (:meth:`~sitsflow.sensors.base.Sensor.surely_empty`), and skip it when not. Worth
                 it inside nodata areas (outside the swath), where it saves most of the read; a
                 waste where there are data. Inference probes after a sub-window without any.
+            native: no features: the picked pixels' observations as read
+                (:meth:`~sitsflow.sensors.base.Sensor.read_native`; every sensor must have a
+                :meth:`~sitsflow.sensors.base.Sensor.native_conversion`) go to ``raw``, left to
+                this computation (:meth:`~sitsflow.features.compute.FeatureComputer.compute_native`).
+                A sensor that finds it cannot hand its values as they are
+                (:class:`~sitsflow.sensors.base.NativeUnavailable`) has the window read again
+                with the features computed here (a warning, once).
         """
+        args = (window, compute, empty_shape, select, count_clear, buffers, probe)
+        if native is None:
+            return self._features(*args, None)
+        try:
+            return self._features(*args, native)
+        except NativeUnavailable as exc:
+            self._say(logging.WARNING, "%s: the reading threads compute the features", str(exc))
+            return self._features(*args, None)
+
+    def _features(
+        self,
+        window: Window,
+        compute: Callable[[list, list], np.ndarray],
+        empty_shape: tuple[int, int],
+        select: np.ndarray | None,
+        count_clear: bool,
+        buffers: ReadBuffers | None,
+        probe: bool,
+        native: FeatureComputer | None,
+    ) -> FeatureBlock:
         h, w = int(window.height), int(window.width)
         clear = np.zeros((h, w), np.int16)
         values: list[np.ndarray] = []

@@ -47,6 +47,11 @@ VALUES = "cubic"
 MASKS = "nearest"
 
 
+class NativeUnavailable(Exception):
+    """A sensor cannot hand its files' values as they are after all (:meth:`Sensor.read_native`: a
+    file of another data type than the one its values were planned in): read them converted."""
+
+
 class ReadBuffers:
     """Arrays reused from one read to the next.
 

@@ -25,6 +25,7 @@ from sitsflow.sensors.base import (
     MASKS,
     VALUES,
     Grid,
+    NativeUnavailable,
     ReadBuffers,
     Sensor,
     grid_of,
@@ -319,7 +320,8 @@ class ProductSensor(Sensor):
     def native_conversion(self, grid: Grid) -> tuple[np.ndarray, float] | None:
         """Digital numbers as the files hold them (the data type of the first product's grid
         band), ``(dn + product offset) * scale``; none on a target grid (the files' integers would be
-        interpolated there, :meth:`read` interpolates their values)."""
+        interpolated there, :meth:`read` interpolates their values), nor once a file of another data
+        type was met (:class:`~sitsflow.sensors.base.NativeUnavailable`)."""
         if grid.resampled or self.native_dtype is None or not np.issubdtype(np.dtype(self.native_dtype), np.integer):
             return None
         return np.array([p.offset for p in self.products], np.float32), self.layout.scale
@@ -354,10 +356,9 @@ class ProductSensor(Sensor):
         def read():
             src = self._dataset(uri)
             if dtype is not None and not np.can_cast(np.dtype(src.dtypes[0]), np.dtype(dtype)):
-                raise BadInputError(
-                    f"{culprit}: {uri} holds {src.dtypes[0]} values, while {self.section}'s first file holds "
-                    f"{dtype}: the files of one sensor must share their data type when the network's device "
-                    "reads them as they are (or set SITSFLOW_DEVICE_FEATURES=0)"
+                self.native_dtype = None  # (this sensor's values are read converted from now on)
+                raise NativeUnavailable(
+                    f"{culprit}: {uri} holds {src.dtypes[0]} values, while {self.section}'s first file holds {dtype}"
                 )
             return read_on_grid(src, window, grid, [1], uri, fill=fill, dtype=dtype or "float32", **how)
 
