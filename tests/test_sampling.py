@@ -230,7 +230,8 @@ def _large_tile(folder: Path, size: int, nb_dates: int) -> None:
 
 def test_sampling_memory_does_not_grow_with_the_tile(tmp_path):
     """A 4096 x 4096 px tile of 8 dates (512 MiB as float32) with sparse polygons: the peak of
-    Python/numpy allocations while extracting stays under 48 MiB (BLOCK windows, labelled windows only)."""
+    Python/numpy allocations while extracting stays under 48 MiB (BLOCK windows, labelled windows only;
+    the feature computation's torch intermediates, one part's worth, are not traced)."""
     size, nb_dates = 4096, 8
     _large_tile(tmp_path, size, nb_dates)
     cfg_path = tmp_path / "big.cfg"
