@@ -12,7 +12,7 @@ weights), and measures:
 
     python bench/inference.py [--size 1024] [--dates 36] [--bands 10] [--network MLPClassifier]
                               [--device cpu|cuda] [--repeat 2] [--readers N] [--tile-px 10980]
-                              [--device-features auto|0|1|both]
+                              [--device-features auto|0|1|both] [--clouds 0.1]
 
 The stage's timings say where its time went: ``read_s`` (reading and features, summed over the
 reading threads; without any, the classifying thread's own reads), ``wait_read_s`` (the main loop
@@ -91,7 +91,26 @@ def make_chunk(path: Path, size: int, nb_dates: int, nb_bands: int, nodata_fract
     return [d.strftime("%Y%m%d") for d in dates]
 
 
-def write_config(folder: Path, raster: Path, nb_bands: int, out: Path) -> Path:
+def make_clouds(path: Path, size: int, nb_dates: int, fraction: float, block: int = 256, seed: int = 1) -> None:
+    """A cloud mask COG (uint8, one band per date, 1 = cloud): on each date ``fraction`` of the chunk
+    under clouds, in 64-px cells (clouds are spatially correlated), different cells every date."""
+    rng = np.random.default_rng(seed)
+    cells = -(-size // 64)
+    mask = np.empty((nb_dates, size, size), np.uint8)
+    for t in range(nb_dates):
+        cloudy = rng.random((cells, cells)) < fraction
+        mask[t] = np.kron(cloudy, np.ones((64, 64), np.uint8))[:size, :size]
+    profile = {"driver": "GTiff", "dtype": "uint8", "count": nb_dates, "width": size, "height": size,
+               "crs": "EPSG:32631", "transform": from_origin(300000, 5000000, 10, 10), "tiled": True,
+               "blockxsize": block, "blockysize": block}
+    plain = path.with_suffix(".plain.tif")
+    with rasterio.open(plain, "w", **profile) as dst:
+        dst.write(mask)
+    rasterio.shutil.copy(plain, path, driver="COG", compress="ZSTD", blocksize=block, overviews="NONE")
+    plain.unlink()
+
+
+def write_config(folder: Path, raster: Path, nb_bands: int, out: Path, mask: Path | None = None) -> Path:
     bands = ", ".join(f"'b{i + 1}'" for i in range(nb_bands))
     cfg = folder / "bench.cfg"
     cfg.write_text(f"""
@@ -108,6 +127,7 @@ dated_raster : {{
   scale : 0.0001
   nodata : -10000
   temporal_resolution : 10
+  {f"mask_path : '{mask}'" if mask else ""}
 }}
 arg_train : {{ deep_learning_parameters : {{ dl_name : 'MLPClassifier' }} }}
 python_data_managing : {{
@@ -166,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--readers", type=int, default=None, help="reading threads (SITSFLOW_READERS)")
     parser.add_argument("--tile-px", type=int, default=10980, help="tile width for the extrapolated tile time")
+    parser.add_argument("--clouds", type=float, default=0.0,
+                        help="fraction of each date under clouds (a cloud mask; those observations are gap-filled)")
     parser.add_argument("--device-features", choices=("auto", "0", "1", "both"), default=None,
                         help="SITSFLOW_DEVICE_FEATURES for the stage; both: the full chunk with 0 and with 1")
     args = parser.parse_args(argv)
@@ -176,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("WARNING")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sitsflow-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    results = {"compress": args.compress, "size": args.size, "dates": args.dates, "bands": args.bands, "network": args.network,
+    results = {"clouds": args.clouds, "compress": args.compress, "size": args.size, "dates": args.dates, "bands": args.bands, "network": args.network,
                "cpu": cpu_name(), "cores": os.cpu_count()}
     import torch
 
@@ -189,8 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         raster = work / f"chunk_{label}.tif"
         t0 = time.perf_counter()
         make_chunk(raster, args.size, args.dates, args.bands, fraction, args.compress)
+        mask = None
+        if args.clouds > 0:
+            mask = work / f"clouds_{label}.tif"
+            make_clouds(mask, args.size, args.dates, args.clouds)
         results[f"generate_{label}_s"] = round(time.perf_counter() - t0, 1)
-        cfg = load_config(str(write_config(work, raster, args.bands, work / f"out_{label}")))
+        cfg = load_config(str(write_config(work, raster, args.bands, work / f"out_{label}", mask)))
         net = install_model(cfg, args.network)
         if label == "full":
             pipe = FeaturePipeline(cfg, "T0")
@@ -225,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     results["stage_over_network"] = round(results["stage_full_px_s"] / results["network_alone_px_s"], 3)
     results["nodata90_cost_over_full"] = round(stage_time["nodata90"] / stage_time["full"], 3)
     print(f"machine: {results['cpu']} ({results['cores']} cores), device {results['device']}")
-    print(f"chunk: {args.size}x{args.size} px, {args.dates} dates x {args.bands} bands, int16 COG ({args.compress}); network {args.network}")
+    print(f"chunk: {args.size}x{args.size} px, {args.dates} dates x {args.bands} bands, int16 COG ({args.compress}), "
+          f"{args.clouds:.0%} of each date under clouds; network {args.network}")
     print(f"network alone        : {results['network_alone_px_s']:>12,} px/s")
     print(f"whole stage (full)   : {results['stage_full_px_s']:>12,} px/s  ({results['stage_full_s']} s)  "
           f"= {results['stage_over_network']:.0%} of the network alone")
