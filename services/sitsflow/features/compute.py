@@ -313,20 +313,21 @@ def _gapfill(
     last_valid = torch.where(none, 0, prev_valid[:, -1])[:, None]
     # per target: the valid observations around it (the nearest one outside the observed range)
     left = prev_valid[:, const("left", lambda: np.clip(left_pos, 0, nb_obs - 1))]
-    left = torch.where(const("before", lambda: left_pos < 0), -1, left)
-    left = torch.where(left < 0, first_valid, left)
+    left = torch.where(const("before", lambda: left_pos < 0) | (left < 0), first_valid, left)
     right = next_valid[:, const("right", lambda: np.clip(right_pos, 0, nb_obs - 1))]
-    right = torch.where(const("after", lambda: right_pos >= nb_obs), nb_obs, right)
-    right = torch.where(right >= nb_obs, last_valid, right)
+    right = torch.where(const("after", lambda: right_pos >= nb_obs) | (right >= nb_obs), last_valid, right)
     t = const("t_obs", lambda: np.asarray(t_obs, np.float64))
-    t_left, t_right = t[left], t[right]
-    span = t_right - t_left
+    t_left = t[left]
+    span = t[right] - t_left
     target = const("targets", lambda: np.asarray(targets, np.float64))
-    w = torch.where(span > 0, (target - t_left) / torch.where(span > 0, span, 1.0), 0.0)
-    w = w.clamp(0.0, 1.0).to(torch.float32)[..., None]
-    # raw[left] * (1 - w) + raw[right] * w, in place: two outputs' memory at most
-    out = raw.gather(1, left[..., None].expand(-1, -1, nb_bands)).mul_(1.0 - w)
-    out += raw.gather(1, right[..., None].expand(-1, -1, nb_bands)).mul_(w)
+    # where left == right (span 0) either weight gives that observation's value exactly
+    w = ((target - t_left) / span.clamp_min(1e-300)).clamp_(0.0, 1.0).to(torch.float32)[..., None]
+    # raw[left] * (1 - w) + raw[right] * w: whole rows of bands picked (one index per pixel and
+    # date, not per value), in place
+    rows = (torch.arange(nb_pix, device=device) * nb_obs)[:, None]
+    flat = raw.reshape(nb_pix * nb_obs, nb_bands)
+    out = flat.index_select(0, (left + rows).reshape(-1)).reshape(nb_pix, -1, nb_bands).mul_(1.0 - w)
+    out += flat.index_select(0, (right + rows).reshape(-1)).reshape(nb_pix, -1, nb_bands).mul_(w)
     return out.masked_fill_(none[:, None, None], np.nan)
 
 
