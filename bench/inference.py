@@ -12,15 +12,15 @@ weights), and measures:
 
     python bench/inference.py [--size 1024] [--dates 36] [--bands 10] [--network MLPClassifier]
                               [--device cpu|cuda] [--repeat 2] [--readers N] [--tile-px 10980]
-                              [--device-features auto|0|1|both] [--clouds 0.1]
+                              [--device-features 0|1|both] [--clouds 0.1]
 
 The stage's timings say where its time went: ``read_s`` (reading and features, summed over the
 reading threads; without any, the classifying thread's own reads), ``wait_read_s`` (the main loop
 waiting for them; without reading threads it holds the reads themselves), ``classify_s`` (the main loop
 classifying: copies, network, results back), ``copy_s``/``features_s``/``compute_s`` (CUDA-side
 times of the copies, of the features computed on the device from the observations as read
-(``SITSFLOW_DEVICE_FEATURES``, on a GPU by default; ``--device-features both`` measures the full
-chunk both ways) and of the network), ``write_s`` (the writer thread), ``wait_write_s``.
+(``SITSFLOW_DEVICE_FEATURES``, 1 by default; ``--device-features both`` measures the full chunk
+both ways) and of the network), ``write_s`` (the writer thread), ``wait_write_s``.
 
 Local tiled GeoTIFFs are decoded by sitsflow's direct reader (``sitsflow.sensors.direct``);
 ``SITSFLOW_DIRECT_READS=0 python bench/inference.py ...`` measures the same through GDAL.
@@ -188,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile-px", type=int, default=10980, help="tile width for the extrapolated tile time")
     parser.add_argument("--clouds", type=float, default=0.0,
                         help="fraction of each date under clouds (a cloud mask; those observations are gap-filled)")
-    parser.add_argument("--device-features", choices=("auto", "0", "1", "both"), default=None,
+    parser.add_argument("--device-features", choices=("0", "1", "both"), default=None,
                         help="SITSFLOW_DEVICE_FEATURES for the stage; both: the full chunk with 0 and with 1")
     args = parser.parse_args(argv)
-    if args.device_features in ("auto", "0", "1"):
+    if args.device_features in ("0", "1"):
         os.environ["SITSFLOW_DEVICE_FEATURES"] = args.device_features
     if args.readers:
         os.environ["SITSFLOW_READERS"] = str(args.readers)

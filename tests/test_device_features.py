@@ -165,14 +165,12 @@ def test_a_sensor_without_native_values_keeps_the_features_read(scene: Path, mon
 
 def test_device_features_setting(monkeypatch) -> None:
     monkeypatch.delenv("SITSFLOW_DEVICE_FEATURES", raising=False)
-    assert inference.device_features(gpu=True) and not inference.device_features(gpu=False)
-    monkeypatch.setenv("SITSFLOW_DEVICE_FEATURES", "1")
-    assert inference.device_features(gpu=False)
+    assert inference.device_features()
     monkeypatch.setenv("SITSFLOW_DEVICE_FEATURES", "0")
-    assert not inference.device_features(gpu=True)
-    monkeypatch.setenv("SITSFLOW_DEVICE_FEATURES", "gpu")
-    with pytest.raises(BadInputError, match=r"SITSFLOW_DEVICE_FEATURES must be auto .*, got 'gpu'"):
-        inference.device_features(gpu=True)
+    assert not inference.device_features()
+    monkeypatch.setenv("SITSFLOW_DEVICE_FEATURES", "auto")
+    with pytest.raises(BadInputError, match=r"SITSFLOW_DEVICE_FEATURES must be 1 .* or 0 .*, got 'auto'"):
+        inference.device_features()
 
 
 def test_the_stage_writes_the_same_maps_with_the_device_computing_the_features(

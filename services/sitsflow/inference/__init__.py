@@ -6,7 +6,9 @@ inputs on object storage or HTTP, reading threads read ahead while the network c
 current sub-window; on the CPU with local inputs the classifying thread reads each one in turn
 (:func:`reader_threads`); nodata areas are skipped after a cheap probe. The shared feature pipeline
 computes the features of the pixels that have at least one clear acquisition (nodata and fully
-masked pixels never reach the network); each region's selected model (``model/model_R_seed_S.txt``)
+masked pixels never reach the network): by default the reads hand the predictor the observations
+as read and it computes the features batch by batch on the network's device
+(:func:`device_features`); each region's selected model (``model/model_R_seed_S.txt``)
 classifies its region's pixels in batches, on the GPU when there is one. Outputs per region model,
 in ``classif/`` with iota2's names: the classification (class codes, 0 = nodata), the confidence
 (max probability) and, with ``arg_classification.enable_probability_map``, the probabilities
@@ -65,20 +67,20 @@ def reader_threads(gpu: bool = False, remote: bool = True) -> int:
     return int(text)
 
 
-def device_features(gpu: bool) -> bool:
-    """Whether the network's device computes the features (``SITSFLOW_DEVICE_FEATURES``: ``auto``,
-    the default, on a GPU only; ``1``; ``0``): the reads then hand it the observations as read
-    (the files' integers and valid flags, :class:`~sitsflow.features.compute.RawFeatures`), which it
-    converts, masks and gap-fills batch by batch, instead of float32 features computed by the
-    reading threads. Only where every sensor reads native values
-    (:attr:`~sitsflow.features.FeaturePipeline.native`)."""
-    text = os.environ.get("SITSFLOW_DEVICE_FEATURES", "").strip().lower() or "auto"
-    if text not in ("auto", "1", "0"):
+def device_features() -> bool:
+    """Whether the network's device computes the features (``SITSFLOW_DEVICE_FEATURES``: ``1``, the
+    default, or ``0``): the reads then hand it the observations as read (the files' integers and
+    valid flags, :class:`~sitsflow.features.compute.RawFeatures`), which it converts, merges and
+    gap-fills batch by batch (on a GPU on the device, on the CPU in cache-sized batches), instead
+    of float32 features computed part by part by the reads. Only where every sensor reads native
+    values (:attr:`~sitsflow.features.FeaturePipeline.native`)."""
+    text = os.environ.get("SITSFLOW_DEVICE_FEATURES", "").strip() or "1"
+    if text not in ("1", "0"):
         raise BadInputError(
-            "SITSFLOW_DEVICE_FEATURES must be auto (on a GPU), 1 (the network's device computes the "
-            f"features) or 0 (the reading threads do), got {text!r}"
+            "SITSFLOW_DEVICE_FEATURES must be 1 (the network's device computes the features) or 0 "
+            f"(the reads do), got {text!r}"
         )
-    return gpu if text == "auto" else text == "1"
+    return text == "1"
 
 
 class _ReadLater:
@@ -210,7 +212,7 @@ def run(cfg, tile: str, chunk: int, seed: int) -> dict:
     # one predictor per model: the network's inference form (folded; on CUDA compiled, in bf16)
     predictors = {region: nn.Predictor(net) for region, (net, _) in models.items()}
     gpu = any(p.device.type == "cuda" for p in predictors.values())
-    native = pipe.native and device_features(gpu)
+    native = pipe.native and device_features()
     readers = min(reader_threads(gpu, pipe.reader.remote), len(subs))
     ahead = max(1, readers)
     buffers = [ReadBuffers() for _ in range(readers + 1)]
