@@ -48,6 +48,23 @@ def _pipeline(folder: Path, *overrides: str, nodata: str | None = "-10000") -> F
     return FeaturePipeline(cfg, "T1")
 
 
+def _network(pipe: FeaturePipeline, name: str = "LTAEClassifier") -> torch.nn.Module:
+    """A network of random weights (seeded) for the pipeline's features, 3 classes."""
+    nb_dates, nb_comp = pipe.computer.shape
+    size = nb_dates * nb_comp
+    torch.manual_seed(0)
+    return nn.build_network(
+        name,
+        {},
+        nb_dates=nb_dates,
+        nb_components=nb_comp,
+        nb_classes=3,
+        dates=pipe.dates,
+        stats={pipe.sensor: {"mean": torch.full((size,), 0.1), "var": torch.full((size,), 0.01)}},
+        sensor=pipe.sensor,
+    )
+
+
 @pytest.fixture()
 def scene(tmp_path: Path) -> Path:
     _int16_scene(tmp_path)
@@ -129,20 +146,7 @@ def test_the_predictor_classifies_observations_as_read_like_their_features(scene
     block = pipe.features(Window(0, 0, 40, 24))
     raw = pipe.features(Window(0, 0, 40, 24), native=True).raw
     assert raw is not None
-    nb_dates, nb_comp = pipe.computer.shape
-    torch.manual_seed(0)
-    size = nb_dates * nb_comp
-    stats = {pipe.sensor: {"mean": torch.full((size,), 0.1), "var": torch.full((size,), 0.01)}}
-    net = nn.build_network(
-        "LTAEClassifier",
-        {},
-        nb_dates=nb_dates,
-        nb_components=nb_comp,
-        nb_classes=3,
-        dates=pipe.dates,
-        stats=stats,
-        sensor=pipe.sensor,
-    )
+    net = _network(pipe)
     predictor = nn.Predictor(net, device="cpu", batch_size=64)  # several batches
     codes = [11, 22, 33]
     expected = predictor.classify(block.values, codes, probabilities=True)
@@ -314,19 +318,7 @@ def test_cuda_computes_the_features_of_observations_as_read(tmp_path: Path, dtyp
     assert raw is not None
     on_device = raw.compute([torch.from_numpy(a).cuda() for a in raw.arrays(0, len(raw))])
     np.testing.assert_allclose(on_device.cpu().numpy(), block.values, rtol=1e-6, atol=1e-7)
-    nb_dates, nb_comp = pipe.computer.shape
-    size = nb_dates * nb_comp
-    torch.manual_seed(0)
-    net = nn.build_network(
-        "LTAEClassifier",
-        {},
-        nb_dates=nb_dates,
-        nb_components=nb_comp,
-        nb_classes=3,
-        dates=pipe.dates,
-        stats={pipe.sensor: {"mean": torch.full((size,), 0.1), "var": torch.full((size,), 0.01)}},
-        sensor=pipe.sensor,
-    )
+    net = _network(pipe)
     predictor = nn.Predictor(net, device="cuda", batch_size=64, precision="fp32", compile=False)
     expected = predictor.proba(block.values)
     got = predictor.proba(raw)
@@ -339,18 +331,7 @@ def test_features_the_device_cannot_compute_are_computed_by_the_host(scene: Path
     block = pipe.features(Window(0, 0, 40, 24))
     raw = pipe.features(Window(0, 0, 40, 24), native=True).raw
     assert raw is not None
-    nb_dates, nb_comp = pipe.computer.shape
-    size = nb_dates * nb_comp
-    net = nn.build_network(
-        "MLPClassifier",
-        {},
-        nb_dates=nb_dates,
-        nb_components=nb_comp,
-        nb_classes=3,
-        dates=pipe.dates,
-        stats={pipe.sensor: {"mean": torch.full((size,), 0.1), "var": torch.full((size,), 0.01)}},
-        sensor=pipe.sensor,
-    )
+    net = _network(pipe, "MLPClassifier")
     predictor = nn.Predictor(net, device="cpu", batch_size=64)
     expected = predictor.proba(block.values)
     calls = []

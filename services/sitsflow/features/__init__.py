@@ -227,7 +227,7 @@ class FeaturePipeline:
         return self.reader.features(
             window,
             self.compute,
-            (len(self.dates), len(self.components)),
+            self.computer.shape,
             select,
             count_clear=count_clear,
             buffers=buffers,
