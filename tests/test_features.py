@@ -148,6 +148,42 @@ def test_gapfill_fast_path_for_fully_clear_pixels_matches_linear_interpolation()
                 np.testing.assert_allclose(out[p, :, b], np.interp(targets, t_obs[keep], raw[p, keep, b]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("grid", ["acquisitions", "every other acquisition", "between acquisitions"])
+@pytest.mark.parametrize("cloudy", [0.0, 0.02, 0.3])
+def test_gapfill_redoing_only_cloudy_values_equals_the_general_path(grid, cloudy):
+    """The CPU path interpolates all pixels alike, then redoes only the values next to an invalid
+    observation (or falls back to the general path when too many are): the same values bit for bit
+    as interpolating every value between its own pixel's valid observations, np.interp's values,
+    NaN for a pixel without any, and the caller's observations untouched."""
+    from sitsflow.features.compute import _gapfill
+
+    rng = np.random.default_rng(7)
+    t_obs = np.sort(rng.choice(np.arange(500.0), 24, replace=False))
+    targets = {
+        "acquisitions": t_obs.copy(),
+        "every other acquisition": t_obs[::2].copy(),
+        "between acquisitions": np.arange(t_obs[0] - 12, t_obs[-1] + 12, 9.0),
+    }[grid]
+    raw = rng.normal(size=(300, 24, 3)).astype(np.float32)
+    valid = rng.uniform(size=(300, 24)) >= cloudy
+    valid[7] = False  # no valid observation
+    valid[8] = False
+    valid[8, 5] = True  # one
+    before = raw.copy()
+    fast = _gapfill(torch.from_numpy(raw), torch.from_numpy(valid), t_obs, targets).numpy()
+    general = _gapfill(torch.from_numpy(raw), torch.from_numpy(valid), t_obs, targets, fast=False).numpy()
+    np.testing.assert_array_equal(raw, before)
+    np.testing.assert_array_equal(fast, general)  # NaN where NaN
+    # observations the caller gives away may hold the result (no copy): the same values
+    given = torch.from_numpy(raw.copy())
+    np.testing.assert_array_equal(_gapfill(given, torch.from_numpy(valid), t_obs, targets, overwrite=True).numpy(), fast)
+    assert np.isnan(fast[7]).all() and not np.isnan(np.delete(fast, 7, axis=0)).any()
+    for p in (0, 8, 9, 100, 299):
+        for b in range(3):
+            keep = valid[p]
+            np.testing.assert_allclose(fast[p, :, b], np.interp(targets, t_obs[keep], raw[p, keep, b]), rtol=1e-5, atol=1e-6)
+
+
 def test_the_tile_grid_needs_no_user_code(scene):
     """Planning reads the tile grid only: sensor headers, never the user's external features module."""
     from sitsflow.features import tile_grid

@@ -97,12 +97,15 @@ class FeatureComputer:
                 raw.append(v.to(torch.float32) * factor)
             else:
                 raw.append(v * factor)  # int * float32 scalar tensor: float32, in one pass
-        return self.compute_tensors(raw, valid)
+        return self.compute_tensors(raw, valid, owned=True)
 
-    def compute_tensors(self, raw: Sequence[torch.Tensor], valid: Sequence[torch.Tensor]) -> torch.Tensor:
+    def compute_tensors(
+        self, raw: Sequence[torch.Tensor], valid: Sequence[torch.Tensor], owned: bool = False
+    ) -> torch.Tensor:
         """:meth:`compute` on tensors, on their device: float32 (P, nb_raw_s, nb_bands_s) and bool
-        (P, nb_raw_s) per sensor -> float32 (P, nb_dates, nb_components)."""
-        series = [self._series(k, r, v) for k, (r, v) in enumerate(zip(raw, valid))]
+        (P, nb_raw_s) per sensor -> float32 (P, nb_dates, nb_components); ``owned``: the ``raw``
+        tensors are the caller's to lose (gap filling may write into them)."""
+        series = [self._series(k, r, v, owned) for k, (r, v) in enumerate(zip(raw, valid))]
         external: dict[str, dict[str, torch.Tensor]] = {}
         if self.external is not None:  # the user's numpy code, on the CPU
             device = series[0].device
@@ -141,7 +144,7 @@ class FeatureComputer:
             value = self._constants[key] = torch.as_tensor(make()).to(device)
         return value
 
-    def _series(self, k: int, raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _series(self, k: int, raw: torch.Tensor, valid: torch.Tensor, owned: bool = False) -> torch.Tensor:
         """One sensor's series on the date axis: float32 (P, nb_dates, nb_bands_s); a static
         sensor's one "acquisition" repeated on every date."""
         if self.sensors[k].static:
@@ -158,7 +161,7 @@ class FeatureComputer:
                 ~valid[..., None], np.nan
             )
             return out
-        return _gapfill(raw, valid, st.unique_ordinals, self.axis.target_ordinals, self, k)
+        return _gapfill(raw, valid, st.unique_ordinals, self.axis.target_ordinals, self, k, overwrite=owned)
 
 
 @dataclass(eq=False)
@@ -264,6 +267,7 @@ def _gapfill(
     constants: FeatureComputer | None = None,
     k: int = 0,
     fast: bool | None = None,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """Linear interpolation in time onto ``targets`` (nearest valid value outside the observed
     range); pixels with no valid observation at all get NaN.
@@ -271,73 +275,136 @@ def _gapfill(
     Args:
         raw: float32 (P, nb_obs, nb_bands); valid: bool (P, nb_obs); t_obs: (nb_obs,) ordinals;
         targets: (nb_dates,) ordinals (float64); constants, k: where the constant tensors of
-        sensor ``k`` are kept per device (made afresh when None); fast: pixels clear at every
-        observation share one interpolation (on the CPU when None: on a GPU, asking which pixels
-        are clear would wait for the device).
+        sensor ``k`` are kept per device (made afresh when None); fast: interpolate every pixel
+        between the same observations, then redo only the values next to an invalid observation
+        (on the CPU when None: on a GPU, asking which values those are would wait for the
+        device); otherwise every value is interpolated between its pixel's valid observations,
+        without a look at the data; overwrite: ``raw`` may become the result (it is not kept).
 
     Returns:
         float32 (P, nb_dates, nb_bands).
     """
     nb_pix, nb_obs, nb_bands = raw.shape
     device = raw.device
-    left_pos = np.searchsorted(t_obs, targets, side="right") - 1  # last obs <= t
-    right_pos = np.searchsorted(t_obs, targets, side="left")  # first obs >= t
 
     def const(name: str, make) -> torch.Tensor:
         if constants is None:
             return torch.as_tensor(make()).to(device)
         return constants._constant(name, k, device, make)
 
+    gaps = _Gaps(t_obs, targets, const)
     if device.type == "cpu" if fast is None else fast:
-        full = valid.all(dim=1)
-        clear = int(full.sum())
-        # (a few clear pixels are not worth splitting the pixels in two, which costs a copy of each
-        # half: the general path gives them the same values; split from 1/8, measured)
-        if clear == nb_pix or 8 * clear > nb_pix:
-            # pixels clear at every observation share one interpolation: gather once per target
-            lo, hi = np.clip(left_pos, 0, nb_obs - 1), np.clip(right_pos, 0, nb_obs - 1)
-            gaps = t_obs[hi] - t_obs[lo]
-            weights = np.clip(np.where(gaps > 0, (targets - t_obs[lo]) / np.where(gaps > 0, gaps, 1.0), 0.0), 0.0, 1.0)
-            if bool(full.all()):
-                return _interpolate(raw, lo, hi, weights)
-            filled = torch.empty((nb_pix, len(targets), nb_bands), dtype=torch.float32, device=device)
-            filled[full] = _interpolate(raw[full], lo, hi, weights)
-            rest = ~full
-            filled[rest] = _gapfill(raw[rest], valid[rest], t_obs, targets, constants, k, fast=False)
+        filled = _gapfill_sparse(raw, valid, gaps, overwrite)
+        if filled is not None:
             return filled
-    idx = torch.arange(nb_obs, device=device)
-    prev_valid = torch.where(valid, idx, -1).cummax(dim=1).values  # (P, obs): last valid obs <= each
-    next_valid = torch.where(valid, idx, nb_obs).flip(1).cummin(dim=1).values.flip(1)  # first valid >= each
-    none = ~valid.any(dim=1)
-    first_valid = torch.where(none, 0, next_valid[:, 0])[:, None]
-    last_valid = torch.where(none, 0, prev_valid[:, -1])[:, None]
-    # per target: the valid observations around it (the nearest one outside the observed range)
-    left = prev_valid[:, const("left", lambda: np.clip(left_pos, 0, nb_obs - 1))]
-    left = torch.where(const("before", lambda: left_pos < 0) | (left < 0), first_valid, left)
-    right = next_valid[:, const("right", lambda: np.clip(right_pos, 0, nb_obs - 1))]
-    right = torch.where(const("after", lambda: right_pos >= nb_obs) | (right >= nb_obs), last_valid, right)
-    t = const("t_obs", lambda: np.asarray(t_obs, np.float64))
-    t_left = t[left]
-    span = t[right] - t_left
-    target = const("targets", lambda: np.asarray(targets, np.float64))
-    # where left == right (span 0) either weight gives that observation's value exactly
-    w = ((target - t_left) / span.clamp_min(1e-300)).clamp_(0.0, 1.0).to(torch.float32)[..., None]
-    # raw[left] * (1 - w) + raw[right] * w: whole rows of bands picked (one index per pixel and
-    # date, not per value), in place
-    rows = (torch.arange(nb_pix, device=device) * nb_obs)[:, None]
-    flat = raw.reshape(nb_pix * nb_obs, nb_bands)
-    out = flat.index_select(0, (left + rows).reshape(-1)).reshape(nb_pix, -1, nb_bands).mul_(1.0 - w)
-    out += flat.index_select(0, (right + rows).reshape(-1)).reshape(nb_pix, -1, nb_bands).mul_(w)
-    return out.masked_fill_(none[:, None, None], np.nan)
+    pixels = torch.arange(nb_pix, device=device)[:, None]
+    return gaps.fill(raw, valid, pixels, const("dates", lambda: np.arange(len(targets)))[None, :])
 
 
-def _interpolate(raw: torch.Tensor, left: np.ndarray, right: np.ndarray, w: np.ndarray) -> torch.Tensor:
-    """``raw[:, left] * (1 - w) + raw[:, right] * w`` for (P, nb_obs, nb_bands) -> (P, nb_dates, nb_bands)."""
-    if np.array_equal(left, right) or not w.any():
-        if left.size == raw.shape[1] and np.array_equal(left, np.arange(left.size)):
-            return raw  # the grid is the acquisitions: nothing to interpolate
-        return raw.index_select(1, torch.from_numpy(left).to(raw.device))
-    wt = torch.from_numpy(w.astype(np.float32)).to(raw.device)[None, :, None]
-    out = raw.index_select(1, torch.from_numpy(left).to(raw.device)) * (1.0 - wt)
-    out += raw.index_select(1, torch.from_numpy(right).to(raw.device)) * wt
+class _Gaps:
+    """Where each target falls among the acquisitions, and the interpolation of chosen (pixel,
+    target) pairs between their pixel's valid observations."""
+
+    def __init__(self, t_obs: np.ndarray, targets: np.ndarray, const) -> None:
+        nb_obs = len(t_obs)
+        self.t_obs, self.targets, self.const = t_obs, targets, const
+        self.left_pos = np.searchsorted(t_obs, targets, side="right") - 1  # last obs <= t
+        self.right_pos = np.searchsorted(t_obs, targets, side="left")  # first obs >= t
+        self.lo, self.hi = np.clip(self.left_pos, 0, nb_obs - 1), np.clip(self.right_pos, 0, nb_obs - 1)
+
+    def fill(self, raw: torch.Tensor, valid: torch.Tensor, pixels: torch.Tensor, dates: torch.Tensor) -> torch.Tensor:
+        """The values of the (pixel, target) pairs that ``pixels`` and ``dates`` (int64 index
+        tensors of one broadcast shape S) name, each interpolated between the valid observations
+        of its pixel around its target: float32 (*S, nb_bands)."""
+        nb_pix, nb_obs, nb_bands = raw.shape
+        const = self.const
+        # per pixel, 1 + the last valid observation at or before each one (0: none), a running
+        # maximum; nb_obs - the first at or after each one (0: none), the same from the end (int16
+        # when the positions fit: less memory traffic than int64)
+        kind = torch.int16 if nb_obs < 2**15 else torch.int64
+        ranks = const("ranks", lambda: np.arange(1, nb_obs + 1))
+        flags = valid.to(kind)
+        before = (flags * ranks.to(kind)).cummax(dim=1).values
+        after = (flags * (nb_obs + 1 - ranks).to(kind)).flip(1).cummax(dim=1).values
+        rows = pixels * nb_obs
+        left = before.reshape(-1)[rows + const("left", lambda: self.lo)[dates]].to(torch.int64) - 1
+        right = nb_obs - after.reshape(-1)[rows + const("right flipped", lambda: nb_obs - 1 - self.hi)[dates]].to(
+            torch.int64
+        )
+        has_left = (left >= 0) & const("inside left", lambda: self.left_pos >= 0)[dates]
+        has_right = (right < nb_obs) & const("inside right", lambda: self.right_pos < nb_obs)[dates]
+        # no valid observation on one side: the nearest one on the other (outside the observed
+        # range, or before the pixel's first / after its last valid one)
+        left = torch.where(has_left, left, right)
+        right = torch.where(has_right, right, left)
+        none = ~(has_left | has_right)  # no valid observation at all: NaN (any position will do)
+        left, right = left.clamp_(0, nb_obs - 1), right.clamp_(0, nb_obs - 1)
+        t = const("t_obs", lambda: np.asarray(self.t_obs, np.float64))
+        t_left = t[left]
+        span = t[right] - t_left
+        target = const("targets", lambda: np.asarray(self.targets, np.float64))[dates]
+        # where left == right (span 0) either weight gives that observation's value exactly
+        w = ((target - t_left) / span.clamp_min(1e-300)).clamp_(0.0, 1.0).to(torch.float32)[..., None]
+        # raw[left] * (1 - w) + raw[right] * w: whole rows of bands picked (one index per pixel and
+        # date, not per value), in place
+        flat = raw.reshape(nb_pix * nb_obs, nb_bands)
+        shape = (*left.shape, nb_bands)
+        out = flat.index_select(0, (rows + left).reshape(-1)).reshape(shape).mul_(1.0 - w)
+        out += flat.index_select(0, (rows + right).reshape(-1)).reshape(shape).mul_(w)
+        return out.masked_fill_(none[..., None], np.nan)
+
+    def shared(self, raw: torch.Tensor) -> torch.Tensor:
+        """Every pixel interpolated between the observations around each target, as if all were
+        valid: (P, nb_dates, nb_bands); ``raw`` itself when the targets are the acquisitions."""
+        lo, hi, t_obs = self.lo, self.hi, self.t_obs
+        gaps = t_obs[hi] - t_obs[lo]
+        w = np.clip(np.where(gaps > 0, (self.targets - t_obs[lo]) / np.where(gaps > 0, gaps, 1.0), 0.0), 0.0, 1.0)
+        if np.array_equal(lo, hi) or not w.any():
+            if lo.size == raw.shape[1] and np.array_equal(lo, np.arange(lo.size)):
+                return raw  # the grid is the acquisitions: nothing to interpolate
+            return raw.index_select(1, self.const("left", lambda: lo))
+        wt = self.const("weights", lambda: w.astype(np.float32)[None, :, None])
+        out = raw.index_select(1, self.const("left", lambda: lo)).mul_(1.0 - wt)
+        out += raw.index_select(1, self.const("right", lambda: hi)).mul_(wt)
+        return out
+
+
+def _gapfill_sparse(
+    raw: torch.Tensor, valid: torch.Tensor, gaps: _Gaps, overwrite: bool = False
+) -> torch.Tensor | None:
+    """:func:`_gapfill` that touches only the values that need their pixel's own observations.
+
+    Every pixel is first interpolated between the observations around each target as if all were
+    valid (:meth:`_Gaps.shared`: no work at all when the targets are the acquisitions); then only
+    the (pixel, target) pairs next to an invalid observation are interpolated again, between that
+    pixel's valid observations (with 10 % clouds a date and the targets on acquisitions, a tenth of
+    the values). Identical bit for bit to the general path: where both observations around a target
+    are valid it picks them with the same weight. None when the general path is cheaper.
+    """
+    nb_pix, nb_obs, nb_bands = raw.shape
+    nb_dates = len(gaps.targets)
+    # a target's value needs the observations it is interpolated from (one when it falls on one)
+    on_acquisitions = np.array_equal(gaps.lo, gaps.hi)
+    # the shared interpolation costs about as much as the general path when the targets fall
+    # between acquisitions: worth it only when few values are redone (each invalid observation
+    # spoils up to two targets; measured: docs/benchmarks.md); on acquisitions it is a copy
+    if not on_acquisitions and 16 * int(valid.numel() - valid.sum()) > valid.numel():
+        return None
+    if on_acquisitions and nb_dates == nb_obs and np.array_equal(gaps.lo, np.arange(nb_obs)):
+        ok = valid
+    else:
+        ok = valid.index_select(1, gaps.const("left", lambda: gaps.lo))
+        if not on_acquisitions:
+            ok = ok & valid.index_select(1, gaps.const("right", lambda: gaps.hi))
+    redo = (~ok).reshape(-1).nonzero().squeeze(1)  # pixel * nb_dates + target
+    if not on_acquisitions and 8 * redo.numel() > nb_pix * nb_dates:
+        return None
+    out = gaps.shared(raw)
+    if redo.numel() == 0:
+        return out
+    if out.data_ptr() == raw.data_ptr() and not (overwrite and raw.is_contiguous()):
+        out = raw.clone(memory_format=torch.contiguous_format)  # (the caller's observations stay)
+    out.reshape(nb_pix * nb_dates, nb_bands).index_copy_(
+        0, redo, gaps.fill(raw, valid, redo // nb_dates, redo % nb_dates)
+    )
     return out
