@@ -77,8 +77,8 @@ class NormalizedInput(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, T, C) -> standardised (batch, T, C), finite."""
-        out = (x.to(self.mean.dtype) - self.mean) * self.inv_std
-        return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+        out = (x.to(self.mean.dtype) - self.mean).mul_(self.inv_std)  # in place: one new tensor, not three
+        return out.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def fold_linear_bn(linear: torch.nn.Linear, bn: torch.nn.BatchNorm1d | None) -> torch.nn.Linear:
@@ -100,7 +100,7 @@ def fold_linear_bn(linear: torch.nn.Linear, bn: torch.nn.BatchNorm1d | None) -> 
 
 def fold_sequential(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
     """Fold each ``Linear`` or ``Conv1d`` with the ``BatchNorm1d`` right after it; drop dropouts;
-    keep the rest."""
+    keep the rest (a ``ReLU`` after a folded layer works in place: that layer's output is its own)."""
     out: list[torch.nn.Module] = []
     k = 0
     while k < len(modules):
@@ -111,7 +111,9 @@ def fold_sequential(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
             out.append(fold_linear_bn(m, bn) if isinstance(m, torch.nn.Linear) else fold_conv_bn(m, bn))
             k += 2 if bn is not None else 1
             continue
-        if not isinstance(m, torch.nn.Dropout):
+        if isinstance(m, torch.nn.ReLU) and out and isinstance(out[-1], (torch.nn.Linear, torch.nn.Conv1d)):
+            out.append(torch.nn.ReLU(inplace=True))
+        elif not isinstance(m, torch.nn.Dropout):
             out.append(m)
         k += 1
     return out
