@@ -319,13 +319,14 @@ class _Gaps:
         nb_pix, nb_obs, nb_bands = raw.shape
         const = self.const
         # per pixel, 1 + the last valid observation at or before each one (0: none), a running
-        # maximum; nb_obs - the first at or after each one (0: none), the same from the end (int16
-        # when the positions fit: less memory traffic than int64)
-        kind = torch.int16 if nb_obs < 2**15 else torch.int64
-        ranks = const("ranks", lambda: np.arange(1, nb_obs + 1))
-        flags = valid.to(kind)
-        before = (flags * ranks.to(kind)).cummax(dim=1).values
-        after = (flags * (nb_obs + 1 - ranks).to(kind)).flip(1).cummax(dim=1).values
+        # maximum; nb_obs - the first at or after each one (0: none), the same from the end (kept
+        # in flipped order: read at nb_obs - 1 - position); int16 when the positions fit (less
+        # memory traffic than int64)
+        kind = np.int16 if nb_obs < 2**15 else np.int64
+        flags = valid.to(torch.int16 if kind == np.int16 else torch.int64)
+        before = (flags * const("ranks", lambda: np.arange(1, nb_obs + 1, dtype=kind))).cummax(dim=1).values
+        after = flags * const("ranks from the end", lambda: np.arange(nb_obs, 0, -1, dtype=kind))
+        after = after.flip(1).cummax(dim=1).values
         rows = pixels * nb_obs
         left = before.reshape(-1)[rows + const("left", lambda: self.lo)[dates]].to(torch.int64) - 1
         right = nb_obs - after.reshape(-1)[rows + const("right flipped", lambda: nb_obs - 1 - self.hi)[dates]].to(
@@ -340,11 +341,8 @@ class _Gaps:
         none = ~(has_left | has_right)  # no valid observation at all: NaN (any position will do)
         left, right = left.clamp_(0, nb_obs - 1), right.clamp_(0, nb_obs - 1)
         t = const("t_obs", lambda: np.asarray(self.t_obs, np.float64))
-        t_left = t[left]
-        span = t[right] - t_left
-        target = const("targets", lambda: np.asarray(self.targets, np.float64))[dates]
-        # where left == right (span 0) either weight gives that observation's value exactly
-        w = ((target - t_left) / span.clamp_min(1e-300)).clamp_(0.0, 1.0).to(torch.float32)[..., None]
+        when = const("targets", lambda: np.asarray(self.targets, np.float64))[dates]
+        w = _weight(t[left], t[right], when)[..., None]
         # raw[left] * (1 - w) + raw[right] * w: whole rows of bands picked (one index per pixel and
         # date, not per value), in place
         flat = raw.reshape(nb_pix * nb_obs, nb_bands)
@@ -356,17 +354,24 @@ class _Gaps:
     def shared(self, raw: torch.Tensor) -> torch.Tensor:
         """Every pixel interpolated between the observations around each target, as if all were
         valid: (P, nb_dates, nb_bands); ``raw`` itself when the targets are the acquisitions."""
-        lo, hi, t_obs = self.lo, self.hi, self.t_obs
-        gaps = t_obs[hi] - t_obs[lo]
-        w = np.clip(np.where(gaps > 0, (self.targets - t_obs[lo]) / np.where(gaps > 0, gaps, 1.0), 0.0), 0.0, 1.0)
-        if np.array_equal(lo, hi) or not w.any():
+        lo, hi = self.lo, self.hi
+        if np.array_equal(lo, hi):  # every target on an acquisition (or outside them)
             if lo.size == raw.shape[1] and np.array_equal(lo, np.arange(lo.size)):
                 return raw  # the grid is the acquisitions: nothing to interpolate
             return raw.index_select(1, self.const("left", lambda: lo))
-        wt = self.const("weights", lambda: w.astype(np.float32)[None, :, None])
-        out = raw.index_select(1, self.const("left", lambda: lo)).mul_(1.0 - wt)
-        out += raw.index_select(1, self.const("right", lambda: hi)).mul_(wt)
+        t = torch.from_numpy(np.asarray(self.t_obs, np.float64))
+        when = torch.from_numpy(np.asarray(self.targets, np.float64))
+        w = self.const("weights", lambda: _weight(t[lo], t[hi], when).numpy()[None, :, None])
+        out = raw.index_select(1, self.const("left", lambda: lo)).mul_(1.0 - w)
+        out += raw.index_select(1, self.const("right", lambda: hi)).mul_(w)
         return out
+
+
+def _weight(t_left: torch.Tensor, t_right: torch.Tensor, when: torch.Tensor) -> torch.Tensor:
+    """The weight of the later observation when interpolating at ``when`` (float64 days) between
+    observations at ``t_left`` and ``t_right``, clipped to [0, 1], float32; where the two are one
+    observation (span 0) either weight gives its value exactly."""
+    return ((when - t_left) / (t_right - t_left).clamp_min(1e-300)).clamp_(0.0, 1.0).to(torch.float32)
 
 
 def _gapfill_sparse(
@@ -387,7 +392,8 @@ def _gapfill_sparse(
     on_acquisitions = np.array_equal(gaps.lo, gaps.hi)
     # the shared interpolation costs about as much as the general path when the targets fall
     # between acquisitions: worth it only when few values are redone (each invalid observation
-    # spoils up to two targets; measured: docs/benchmarks.md); on acquisitions it is a copy
+    # spoils up to two targets); on acquisitions it is a copy, worth it up to about half the values
+    # (measured: bench/gapfill.py, docs/benchmarks.md)
     if not on_acquisitions and 16 * int(valid.numel() - valid.sum()) > valid.numel():
         return None
     if on_acquisitions and nb_dates == nb_obs and np.array_equal(gaps.lo, np.arange(nb_obs)):
@@ -397,12 +403,12 @@ def _gapfill_sparse(
         if not on_acquisitions:
             ok = ok & valid.index_select(1, gaps.const("right", lambda: gaps.hi))
     redo = (~ok).reshape(-1).nonzero().squeeze(1)  # pixel * nb_dates + target
-    if not on_acquisitions and 8 * redo.numel() > nb_pix * nb_dates:
+    if (8 if not on_acquisitions else 2) * redo.numel() > nb_pix * nb_dates:
         return None
     out = gaps.shared(raw)
     if redo.numel() == 0:
         return out
-    if out.data_ptr() == raw.data_ptr() and not (overwrite and raw.is_contiguous()):
+    if out is raw and not (overwrite and raw.is_contiguous()):
         out = raw.clone(memory_format=torch.contiguous_format)  # (the caller's observations stay)
     out.reshape(nb_pix * nb_dates, nb_bands).index_copy_(
         0, redo, gaps.fill(raw, valid, redo // nb_dates, redo % nb_dates)
