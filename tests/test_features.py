@@ -212,3 +212,23 @@ def test_planning_reads_the_grid_without_torch():
     code = "import sys, sitsflow.planning, sitsflow.features; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_gap_filling_benchmark_finds_both_paths_equal(capsys):
+    """bench/gapfill.py runs (small) and checks the CPU path against the general one in every case."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_gapfill", bench / "gapfill.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.main(["--pixels", "600", "--batch", "200", "--dates", "7", "--bands", "2", "--repeat", "1"]) == 0
+    finally:
+        sys.path.remove(str(bench))
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["cases"]) == 8 and all(case["same"] for case in result["cases"])
