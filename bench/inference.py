@@ -20,7 +20,8 @@ waiting for them; without reading threads it holds the reads themselves), ``clas
 classifying: copies, network, results back), ``copy_s``/``features_s``/``compute_s`` (CUDA-side
 times of the copies, of the features computed on the device from the observations as read
 (``SITSFLOW_DEVICE_FEATURES``, 1 by default; ``--device-features both`` measures the full chunk
-both ways) and of the network), ``write_s`` (the writer thread), ``wait_write_s``.
+both ways) and of the network), ``write_s`` (the writer thread), ``wait_write_s``; then the same
+per part (the chunk's block-aligned parts, ``parts``), in milliseconds.
 
 Local tiled GeoTIFFs are decoded by sitsflow's direct reader (``sitsflow.sensors.direct``);
 ``SITSFLOW_DIRECT_READS=0 python bench/inference.py ...`` measures the same through GDAL.
@@ -266,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     results["tile_s_extrapolated"] = round(args.tile_px**2 / results["stage_full_px_s"], 1)
     timings = results["stage_full_timings"]
     print("where the full chunk's time went (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    parts = max(1, int(timings.get("parts", 1)))
+    results["stage_full_per_part_s"] = {k: round(v / parts, 4) for k, v in timings.items() if k.endswith("_s")}
+    print(f"per part ({parts} parts, ms): " + ", ".join(f"{k[:-2]} {1000 * v:.1f}" for k, v in results["stage_full_per_part_s"].items()))
     print(f"readers {results['readers']}, direct reads {'on' if results['direct_reads'] else 'off (GDAL)'}; a {args.tile_px} x {args.tile_px} px tile at this rate: "
           f"{results['tile_s_extrapolated']} s")
     print(json.dumps(results))
