@@ -363,6 +363,66 @@ def test_a_tile_that_does_not_decode_to_a_whole_tile_is_left_to_gdal(tmp_path):
             src.read([1, 2])
 
 
+@pytest.mark.parametrize(
+    ("dtype", "options", "zstd"),
+    [
+        ("int16", {"compress": "zstd"}, True),
+        ("float32", {"compress": "zstd"}, True),
+        ("uint16", {"compress": "zstd", "predictor": 2}, False),
+        ("int16", {"compress": "deflate"}, False),
+    ],
+)
+def test_zstd_tiles_without_a_predictor_are_decoded_by_zstandard(tmp_path, dtype, options, zstd):
+    """Those tiles go through python-zstandard (libzstd 1.5), each thread reading them into a buffer
+    it reuses; the values are GDAL's, tile after tile (a tile kept in the cache is not the buffer)."""
+    nodata = 0 if np.dtype(dtype).kind == "u" else NODATA
+    path = _write(tmp_path / "stack.tif", _data(dtype, nodata=nodata), nodata=nodata, **options)
+    st = os.stat(path)
+    layout = direct._layout(str(path), st.st_ino, st.st_mtime_ns, st.st_size, 45, 53, 12, np.dtype(dtype).str)
+    assert layout.zstd is zstd
+    direct._CACHE.tiles.clear()
+    for window, indexes in [
+        (Window(0, 0, 16, 16), [1, 2]),  # part of tile 0: kept in the cache
+        (Window(16, 0, 37, 45), list(range(1, 13))),  # other tiles, through the same buffers
+        (Window(0, 0, 16, 16), list(range(1, 13))),  # tile 0 again, from the cache
+    ]:
+        expected, got, took = _both(path, window, indexes)
+        assert took
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_zstd_tile_of_two_frames_is_left_to_gdal(tmp_path):
+    """The direct reader decodes one ZSTD frame per tile (as libtiff does): a tile of two frames is
+    short there and left to GDAL, whose read then fails with its own error (libtiff: "Not enough
+    data"), as for any damaged tile."""
+    import imagecodecs
+
+    data = _data(count=2)
+    path = _write(tmp_path / "frames.tif", data, nodata=None, compress="zstd")
+    tile = np.ascontiguousarray(data[:, 16:32, 16:32].transpose(1, 2, 0)).tobytes()
+    half = len(tile) // 2
+    _patch_tile(path, 5, blob=imagecodecs.zstd_encode(tile[:half]) + imagecodecs.zstd_encode(tile[half:]))
+    with storage.rasterio_env(), rasterio.open(path) as src:
+        out = np.empty((45, 53, 2), np.int16)
+        assert not direct.read_pixel_major(src, Window(0, 0, 53, 45), [1, 2], out)
+        with pytest.raises(rasterio.errors.RasterioIOError):
+            src.read([1, 2])
+
+
+def test_a_zstd_tile_of_too_many_bytes_is_left_to_gdal(tmp_path):
+    """libtiff takes the first bytes of a ZSTD frame longer than the tile; the direct reader sees
+    another size and leaves the read to GDAL, whose values are then the ones read."""
+    import imagecodecs
+
+    data = _data(count=2)
+    path = _write(tmp_path / "long.tif", data, nodata=None, compress="zstd")
+    tile = np.ascontiguousarray(data[:, 16:32, 16:32].transpose(1, 2, 0)).tobytes()
+    _patch_tile(path, 5, blob=imagecodecs.zstd_encode(tile + b"\x01\x02" * 100))
+    expected, got, took = _both(path, Window(0, 0, 53, 45), [1, 2])
+    assert not took
+    np.testing.assert_array_equal(expected, data.transpose(1, 2, 0))
+
+
 def test_a_predictor_libtiff_ignores_is_left_to_gdal(tmp_path):
     """libtiff applies the predictor only with LZW, DEFLATE, LZMA and ZSTD: a PackBits file with a
     predictor tag reads without it through GDAL, where tifffile would undo it."""
