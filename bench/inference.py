@@ -228,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe = FeaturePipeline(cfg, "T0")
             from rasterio.windows import Window
 
-            block = pipe.features(Window(0, 0, args.size, args.size))
-            x = block.values
+            x = pipe.features(Window(0, 0, args.size, args.size)).values  # kept through the stage's runs
             # the predictor the stage builds (inference form; on CUDA bf16 and compiled)
             predictor = nn.Predictor(net, device=args.device)
             codes = np.arange(1, 11)
@@ -246,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                     stage_best, stage_timings = seconds, timings
             results["network_alone_px_s"] = round(x.shape[0] / best)
             results["compiled"] = predictor.compiled
-            del x, block, predictor
+            del x, predictor
         if label == "full" and args.device_features == "both":
             for setting in ("0", "1"):  # the reading side computes the features, then the device does
                 os.environ["SITSFLOW_DEVICE_FEATURES"] = setting

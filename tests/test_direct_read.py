@@ -367,14 +367,17 @@ def test_a_tile_that_does_not_decode_to_a_whole_tile_is_left_to_gdal(tmp_path):
     ("dtype", "options", "zstd"),
     [
         ("int16", {"compress": "zstd"}, True),
-        ("float32", {"compress": "zstd"}, True),
-        ("uint16", {"compress": "zstd", "predictor": 2}, False),
+        ("float32", {"compress": "zstd", "predictor": 3}, True),
+        ("uint16", {"compress": "zstd", "predictor": 2}, True),
+        ("int16", {"compress": "zstd", "predictor": 2, "endianness": "big"}, True),
         ("int16", {"compress": "deflate"}, False),
     ],
 )
-def test_zstd_tiles_without_a_predictor_are_decoded_by_zstandard(tmp_path, dtype, options, zstd):
-    """Those tiles go through python-zstandard (libzstd 1.5), each thread reading them into a buffer
-    it reuses; the values are GDAL's, tile after tile (a tile kept in the cache is not the buffer)."""
+def test_zstd_tiles_are_decoded_by_zstandard(tmp_path, dtype, options, zstd):
+    """ZSTD tiles go through python-zstandard (then the predictor and the byte order), each thread
+    reading them into a buffer it reuses; the values are GDAL's, tile after tile: a tile kept in
+    the cache is not the buffer the next tile is read into (the single-tile reads run inline, on
+    this thread)."""
     nodata = 0 if np.dtype(dtype).kind == "u" else NODATA
     path = _write(tmp_path / "stack.tif", _data(dtype, nodata=nodata), nodata=nodata, **options)
     st = os.stat(path)
@@ -383,25 +386,59 @@ def test_zstd_tiles_without_a_predictor_are_decoded_by_zstandard(tmp_path, dtype
     direct._CACHE.tiles.clear()
     for window, indexes in [
         (Window(0, 0, 16, 16), [1, 2]),  # part of tile 0: kept in the cache
-        (Window(16, 0, 37, 45), list(range(1, 13))),  # other tiles, through the same buffers
+        (Window(16, 0, 16, 16), list(range(1, 13))),  # tile 1 whole, through the same buffer
+        (Window(16, 16, 37, 29), list(range(1, 13))),  # other tiles, on the decoding threads
         (Window(0, 0, 16, 16), list(range(1, 13))),  # tile 0 again, from the cache
     ]:
         expected, got, took = _both(path, window, indexes)
         assert took
         np.testing.assert_array_equal(got, expected)
+    if options.get("endianness") == "big":
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            assert tif.byteorder == ">"  # the file's samples really are big-endian
 
 
-def test_a_zstd_tile_of_two_frames_is_left_to_gdal(tmp_path):
-    """The direct reader decodes one ZSTD frame per tile (as libtiff does): a tile of two frames is
-    short there and left to GDAL, whose read then fails with its own error (libtiff: "Not enough
-    data"), as for any damaged tile."""
-    import imagecodecs
+def _tile_bytes(data: np.ndarray, row: int, col: int, block: int = 16) -> bytes:
+    """Tile (row, col) of ``data`` (bands, rows, cols) as a pixel-interleaved TIFF tile holds it."""
+    return np.ascontiguousarray(
+        data[:, row * block : (row + 1) * block, col * block : (col + 1) * block].transpose(1, 2, 0)
+    ).tobytes()
+
+
+@pytest.mark.parametrize("how", ["no content size", "trailing bytes"])
+def test_zstd_frames_libtiff_reads_are_read(tmp_path, how):
+    """GDAL's frames announce no size (libtiff streams them); bytes after the frame are left
+    unread by libtiff: the direct reader takes both, with GDAL's values."""
+    import zstandard
 
     data = _data(count=2)
     path = _write(tmp_path / "frames.tif", data, nodata=None, compress="zstd")
-    tile = np.ascontiguousarray(data[:, 16:32, 16:32].transpose(1, 2, 0)).tobytes()
+    tile = _tile_bytes(data, 1, 1)
+    blob = zstandard.ZstdCompressor(write_content_size=how != "no content size").compress(tile)
+    _patch_tile(path, 5, blob=blob + (b"\x00garbage" if how == "trailing bytes" else b""))
+    expected, got, took = _both(path, Window(0, 0, 53, 45), [1, 2])
+    assert took
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, data.transpose(1, 2, 0))
+
+
+@pytest.mark.parametrize(("compress", "predictor"), [("zstd", 1), ("zstd", 2), ("lzma", 1), ("lzma", 2)])
+def test_a_tile_of_two_frames_is_left_to_gdal(tmp_path, compress, predictor):
+    """The direct reader decodes one ZSTD frame or xz stream per tile (as libtiff does), with or
+    without a predictor: a tile of two is short there and left to GDAL, whose read then fails with
+    its own error (libtiff: "Not enough data"), as for any damaged tile."""
+    import lzma
+
+    import zstandard
+
+    data = _data(count=2)
+    path = _write(tmp_path / "frames.tif", data, nodata=None, compress=compress, predictor=predictor)
+    tile = _tile_bytes(data, 1, 1)  # (values only: the file's read fails before they matter)
     half = len(tile) // 2
-    _patch_tile(path, 5, blob=imagecodecs.zstd_encode(tile[:half]) + imagecodecs.zstd_encode(tile[half:]))
+    one = zstandard.ZstdCompressor(write_content_size=False).compress if compress == "zstd" else lzma.compress
+    _patch_tile(path, 5, blob=one(tile[:half]) + one(tile[half:]))
     with storage.rasterio_env(), rasterio.open(path) as src:
         out = np.empty((45, 53, 2), np.int16)
         assert not direct.read_pixel_major(src, Window(0, 0, 53, 45), [1, 2], out)
@@ -409,18 +446,34 @@ def test_a_zstd_tile_of_two_frames_is_left_to_gdal(tmp_path):
             src.read([1, 2])
 
 
-def test_a_zstd_tile_of_too_many_bytes_is_left_to_gdal(tmp_path):
-    """libtiff takes the first bytes of a ZSTD frame longer than the tile; the direct reader sees
-    another size and leaves the read to GDAL, whose values are then the ones read."""
-    import imagecodecs
+@pytest.mark.parametrize("announced", ["longer", "huge"])
+def test_a_zstd_tile_of_too_many_bytes_is_left_to_gdal(tmp_path, monkeypatch, announced):
+    """libtiff takes the first bytes of a ZSTD frame longer than the tile; the direct reader leaves
+    it to GDAL, whose values are then the ones read. A frame whose header announces another size
+    is refused before it is decoded (a header may announce gigabytes)."""
+    import zstandard
 
     data = _data(count=2)
     path = _write(tmp_path / "long.tif", data, nodata=None, compress="zstd")
-    tile = np.ascontiguousarray(data[:, 16:32, 16:32].transpose(1, 2, 0)).tobytes()
-    _patch_tile(path, 5, blob=imagecodecs.zstd_encode(tile + b"\x01\x02" * 100))
-    expected, got, took = _both(path, Window(0, 0, 53, 45), [1, 2])
-    assert not took
-    np.testing.assert_array_equal(expected, data.transpose(1, 2, 0))
+    tile = _tile_bytes(data, 1, 1)
+    extra = b"\x01\x02" * 100 if announced == "longer" else bytes(64 << 20)
+    _patch_tile(path, 5, blob=zstandard.ZstdCompressor().compress(tile + extra))
+    decoded = []
+
+    class Counting(direct._Scratch):  # each thread's decompressor, counting its calls
+        def __init__(self) -> None:
+            super().__init__()
+            real = self.decompressor
+            self.decompressor = type(
+                "Decompressor",
+                (),
+                {"decompress": staticmethod(lambda d, **k: decoded.append(len(d)) or real.decompress(d, **k))},
+            )()
+
+    monkeypatch.setattr(direct, "_SCRATCH", Counting())
+    expected, got, took = _both(path, Window(16, 16, 16, 16), [1, 2])
+    assert not took and decoded == []  # refused on the frame's header
+    np.testing.assert_array_equal(expected, data[:, 16:32, 16:32].transpose(1, 2, 0))
 
 
 def test_a_predictor_libtiff_ignores_is_left_to_gdal(tmp_path):

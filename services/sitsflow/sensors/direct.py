@@ -8,10 +8,11 @@ the decoding itself (docs/benchmarks.md). Here tifffile locates each tile of the
 decodes it (its codecs are imagecodecs': ZSTD, DEFLATE, LZW ..., predictors included), and the
 tile's rows land in the array with one copy; the tiles of one read are decoded in parallel, on as
 many threads as GDAL would use (``SITSFLOW_GDAL_THREADS``, :func:`sitsflow.storage.decode_threads`).
-ZSTD tiles without a predictor (GDAL's COGs of integers by default) are decoded by python-zstandard,
-one frame per tile as libtiff decodes them (imagecodecs reads on across frames, where GDAL's read
-fails), each read into a buffer its thread reuses (3-5 % faster reads of the inference benchmark's
-chunk than tifffile's decoding, docs/benchmarks.md).
+ZSTD tiles are decompressed by python-zstandard and LZMA tiles by Python's lzma, one frame (one
+stream) per tile as libtiff decodes them (imagecodecs reads on across frames and streams, where
+GDAL's read fails), ZSTD tiles from a buffer each thread reuses, and then unpredicted as tifffile
+does (3-5 % faster reads of the inference benchmark's chunk than tifffile's decoding,
+docs/benchmarks.md).
 
 It reads exactly what GDAL reads, and only where it can: a **local** file, **tiled**, one image
 (``pages[0]``, GDAL's full-resolution dataset), pixel-interleaved (or one band), a lossless
@@ -27,6 +28,7 @@ one at offset 0) goes back to GDAL, whose read then succeeds or fails with GDAL'
 from __future__ import annotations
 
 import functools
+import lzma
 import os
 import threading
 from collections import OrderedDict
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import zstandard
 from rasterio.windows import Window
 
 from sitsflow import storage
@@ -51,8 +54,8 @@ CODECS = frozenset({1, 5, 8, 32946, 32773, 34925, 50000})
 #: the compressions of :data:`CODECS` whose tiles libtiff (GDAL) "unpredicts": it ignores the
 #: predictor of the others (PackBits, none), where tifffile would apply it
 PREDICTED = frozenset({5, 8, 32946, 34925, 50000})
-#: TIFF's code of ZSTD
-ZSTD = 50000
+#: TIFF's codes of ZSTD and LZMA
+ZSTD, LZMA = 50000, 34925
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,8 @@ class _Layout:
     bytecounts: np.ndarray
     ident: tuple  # the file's identity (path, inode, time, size): the key of its tiles in the cache
     decode: Callable[[Any, int], np.ndarray]  # (compressed bytes, index) -> (rows, cols, samples)
-    zstd: bool  # ZSTD tiles of native-order samples without a predictor (:func:`_decode_zstd`)
+    zstd: bool  # ZSTD tiles (:func:`_zstd_frame`): read into this thread's buffer
+    tile_bytes: int  # a decoded tile's size
 
 
 def read_pixel_major(src, window: Window, indexes: list[int], out: np.ndarray) -> bool:
@@ -128,8 +132,12 @@ def _layout(
         if why:
             log.debug("%s read through GDAL: %s", path, why)
             return None
-        # (_refusal: page.dtype is GDAL's data type, in some byte order)
-        zstd = int(page.compression) == ZSTD and int(page.predictor) == 1 and np.dtype(page.dtype).isnative
+        compression = int(page.compression)
+        zstd = compression == ZSTD
+        # GDAL's data type (_refusal), in the file's byte order (tifffile's page.dtype is native)
+        file_dtype = np.dtype(tif.byteorder + np.dtype(dtype).char)
+        tile_shape = (int(page.tilelength), int(page.tilewidth), count)
+        unpredict = None if int(page.predictor) == 1 else tifffile.TIFF.UNPREDICTORS[int(page.predictor)]
         return _Layout(
             ident=(path, ino, mtime_ns, size),
             height=height,
@@ -139,10 +147,13 @@ def _layout(
             tile_w=int(page.tilewidth),
             offsets=np.asarray(page.dataoffsets, np.int64),
             bytecounts=np.asarray(page.databytecounts, np.int64),
-            decode=functools.partial(_decode_zstd, (page.tilelength, page.tilewidth, count), np.dtype(dtype))
-            if zstd
+            decode=functools.partial(
+                _decode_one, _zstd_frame if zstd else _lzma_stream, tile_shape, file_dtype, unpredict
+            )
+            if compression in (ZSTD, LZMA)
             else functools.partial(_decode_tifffile, page.decode),
             zstd=zstd,
+            tile_bytes=tile_shape[0] * tile_shape[1] * count * np.dtype(dtype).itemsize,
         )
 
 
@@ -245,8 +256,6 @@ class _Scratch(threading.local):
     compressed ZSTD tiles into (reused: a new 36 MB ``bytes`` per tile costs its copy and pages)."""
 
     def __init__(self) -> None:
-        import zstandard
-
         self.decompressor = zstandard.ZstdDecompressor()
         self.buffer = bytearray()
 
@@ -259,7 +268,8 @@ def _read_tile(layout: _Layout, fd: int, index: int) -> Any:
     buffer, valid until its next read (the decoded tile is a new array); else ``bytes`` (tifffile
     may return a view of them: uncompressed tiles)."""
     nbytes, offset = int(layout.bytecounts[index]), int(layout.offsets[index])
-    if layout.zstd:
+    # (a byte count beyond a ZSTD frame's bound of the tile, trailing bytes, is read once, not kept)
+    if layout.zstd and nbytes <= _zstd_bound(layout.tile_bytes):
         if len(_SCRATCH.buffer) < nbytes:
             _SCRATCH.buffer = bytearray(nbytes)
         data: Any = memoryview(_SCRATCH.buffer)[:nbytes]
@@ -272,15 +282,50 @@ def _read_tile(layout: _Layout, fd: int, index: int) -> Any:
     return data
 
 
-def _decode_zstd(shape: tuple[int, int, int], dtype: np.dtype, data: Any, index: int) -> np.ndarray:
-    """A ZSTD tile of native-order samples without a predictor: (rows, cols, samples), read-only.
-    Its first frame only, as libtiff: a tile of another size (a frame too short, or its data in
-    several frames) goes back to GDAL, which then fails on it too."""
+def _zstd_bound(size: int) -> int:
+    """The most bytes a ZSTD frame of ``size`` bytes takes (libzstd's ``ZSTD_COMPRESSBOUND``, with
+    room for the frame's header)."""
+    return size + size // 255 + 1024
+
+
+def _zstd_frame(data: Any, size: int) -> bytes:
+    """The first ZSTD frame of ``data``, when it holds ``size`` bytes or does not say: libtiff
+    decodes one frame per tile. A frame whose header announces another size is refused before it
+    is decoded (a header may announce gigabytes)."""
+    announced = zstandard.frame_content_size(data)
+    if announced not in (-1, size):
+        raise ValueError(f"a ZSTD frame of {announced} bytes, not {size}")
+    return _SCRATCH.decompressor.decompress(data, max_output_size=size, read_across_frames=False, allow_extra_data=True)
+
+
+def _lzma_stream(data: Any, size: int) -> bytes:
+    """At most ``size`` bytes of the first xz stream of ``data``: libtiff decodes one xz stream per
+    tile (``lzma_stream_decoder``, not ``.lzma`` data) and takes the first bytes of a longer one."""
+    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data, max_length=size)
+
+
+def _decode_one(
+    decompress: Callable[[Any, int], bytes],
+    shape: tuple[int, int, int],
+    dtype: np.dtype,
+    unpredict: Callable | None,
+    data: Any,
+    index: int,
+) -> np.ndarray:
+    """A tile of ``dtype`` (the file's byte order) compressed as one frame or stream, as libtiff
+    reads it: (rows, cols, samples), native byte order. A tile that does not decode to a whole
+    tile here goes back to GDAL, whose own read decides; the predictor and the byte order are
+    applied as tifffile applies them."""
     size = shape[0] * shape[1] * shape[2] * dtype.itemsize
-    raw = _SCRATCH.decompressor.decompress(data, max_output_size=size)
+    raw = decompress(data, size)
     if len(raw) != size:
         raise ValueError(f"tile {index} decodes to {len(raw)} bytes, not {size}")
-    return np.frombuffer(raw, dtype).reshape(shape)
+    tile = np.frombuffer(raw, dtype).reshape(shape)  # read-only: the decompressor's bytes
+    if not dtype.isnative:
+        tile = tile.astype(dtype.newbyteorder("="))
+    if unpredict is not None:
+        tile = unpredict(tile, axis=-2, out=tile if tile.flags.writeable else None)
+    return tile
 
 
 def _decode_tifffile(decode: Callable, data: bytes, index: int) -> np.ndarray:
