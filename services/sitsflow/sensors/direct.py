@@ -12,7 +12,9 @@ ZSTD tiles are decompressed by python-zstandard and LZMA tiles by Python's lzma,
 stream) per tile as libtiff decodes them (imagecodecs reads on across frames and streams, where
 GDAL's read fails), ZSTD tiles from a buffer each thread reuses, and then unpredicted as tifffile
 does (3-5 % faster reads of the inference benchmark's chunk than tifffile's decoding,
-docs/benchmarks.md).
+docs/benchmarks.md). One known difference, GDAL's: its multi-threaded read of several LZMA tiles
+with a predictor (files GDAL does not write: it drops LZMA's predictor) leaves the predictor undone
+(GDAL 3.10.3); the direct reader undoes it, as GDAL's read on one thread does.
 
 It reads exactly what GDAL reads, and only where it can: a **local** file, **tiled**, one image
 (``pages[0]``, GDAL's full-resolution dataset), pixel-interleaved (or one band), a lossless
@@ -134,8 +136,9 @@ def _layout(
             return None
         compression = int(page.compression)
         zstd = compression == ZSTD
-        # GDAL's data type (_refusal), in the file's byte order (tifffile's page.dtype is native)
-        file_dtype = np.dtype(tif.byteorder + np.dtype(dtype).char)
+        # GDAL's data type (_refusal), in the file's byte order (tifffile's page.dtype is native);
+        # the floating-point predictor's bytes are undone as they are (they say their own order)
+        file_dtype = np.dtype((tif.byteorder if int(page.predictor) != 3 else "=") + np.dtype(dtype).char)
         tile_shape = (int(page.tilelength), int(page.tilewidth), count)
         unpredict = None if int(page.predictor) == 1 else tifffile.TIFF.UNPREDICTORS[int(page.predictor)]
         return _Layout(
@@ -264,7 +267,7 @@ _SCRATCH = _Scratch()
 
 
 def _read_tile(layout: _Layout, fd: int, index: int) -> Any:
-    """The compressed bytes of tile ``index``: for :func:`_decode_zstd` a view of this thread's
+    """The compressed bytes of tile ``index``: for :func:`_zstd_frame` a view of this thread's
     buffer, valid until its next read (the decoded tile is a new array); else ``bytes`` (tifffile
     may return a view of them: uncompressed tiles)."""
     nbytes, offset = int(layout.bytecounts[index]), int(layout.offsets[index])
@@ -300,7 +303,9 @@ def _zstd_frame(data: Any, size: int) -> bytes:
 
 def _lzma_stream(data: Any, size: int) -> bytes:
     """At most ``size`` bytes of the first xz stream of ``data``: libtiff decodes one xz stream per
-    tile (``lzma_stream_decoder``, not ``.lzma`` data) and takes the first bytes of a longer one."""
+    tile (``lzma_stream_decoder``, not ``.lzma`` data) and takes the first bytes of a longer one.
+    (Python's lzma also checks the stream's check where libtiff, stopping once its tile is full,
+    does not: such a tile goes back to GDAL, which reads it.)"""
     return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data, max_length=size)
 
 
