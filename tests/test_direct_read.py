@@ -363,6 +363,26 @@ def test_a_tile_that_does_not_decode_to_a_whole_tile_is_left_to_gdal(tmp_path):
             src.read([1, 2])
 
 
+ZSTD_CASES = [
+    (dtype, predictor, endianness)
+    for dtype in ("uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "float32", "float64")
+    for predictor in ((1, 2, 3) if dtype.startswith("float") else (1, 2))  # (GDAL: 3 for floats only)
+    for endianness in ("little", "big")
+]
+
+
+@pytest.mark.parametrize(("dtype", "predictor", "endianness"), ZSTD_CASES)
+def test_zstd_tiles_of_every_type_predictor_and_byte_order_read_as_gdal_reads_them(tmp_path, dtype, predictor, endianness):
+    nodata = 0 if np.dtype(dtype).kind == "u" else (-100 if dtype == "int8" else NODATA)
+    data = _data("int16" if dtype == "int8" else dtype, nodata=nodata)
+    data = np.clip(data, -128, 127).astype(dtype) if dtype == "int8" else data
+    path = _write(tmp_path / "stack.tif", data, nodata=nodata, compress="zstd", predictor=predictor, endianness=endianness)
+    for window in (Window(0, 0, 53, 45), Window(3, 5, 17, 29)):
+        expected, got, took = _both(path, window, list(range(1, 13)))
+        assert took
+        np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize(
     ("dtype", "options", "zstd"),
     [
