@@ -50,14 +50,14 @@ from sitsflow.process import usable_memory
 
 log = get_logger(__name__)
 
+#: TIFF's codes of ZSTD and LZMA (decoded here one frame or stream a tile, as libtiff does)
+ZSTD, LZMA = 50000, 34925
 #: TIFF compressions decoded here (lossless; what GDAL writes for COGs of integers and floats):
 #: none, LZW, Adobe DEFLATE, DEFLATE (old code), PackBits, LZMA, ZSTD
-CODECS = frozenset({1, 5, 8, 32946, 32773, 34925, 50000})
+CODECS = frozenset({1, 5, 8, 32946, 32773, LZMA, ZSTD})
 #: the compressions of :data:`CODECS` whose tiles libtiff (GDAL) "unpredicts": it ignores the
 #: predictor of the others (PackBits, none), where tifffile would apply it
-PREDICTED = frozenset({5, 8, 32946, 34925, 50000})
-#: TIFF's codes of ZSTD and LZMA
-ZSTD, LZMA = 50000, 34925
+PREDICTED = frozenset({5, 8, 32946, LZMA, ZSTD})
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,7 @@ class _Layout:
     bytecounts: np.ndarray
     ident: tuple  # the file's identity (path, inode, time, size): the key of its tiles in the cache
     decode: Callable[[Any, int], np.ndarray]  # (compressed bytes, index) -> (rows, cols, samples)
-    zstd: bool  # ZSTD tiles (:func:`_zstd_frame`): read into this thread's buffer
-    tile_bytes: int  # a decoded tile's size
+    buffered: int  # tiles of at most this many bytes are read into this thread's buffer (0: none)
 
 
 def read_pixel_major(src, window: Window, indexes: list[int], out: np.ndarray) -> bool:
@@ -135,7 +134,6 @@ def _layout(
             log.debug("%s read through GDAL: %s", path, why)
             return None
         compression = int(page.compression)
-        zstd = compression == ZSTD
         # GDAL's data type (_refusal), in the file's byte order (tifffile's page.dtype is native);
         # the floating-point predictor's bytes are undone as they are (they say their own order)
         file_dtype = np.dtype((tif.byteorder if int(page.predictor) != 3 else "=") + np.dtype(dtype).char)
@@ -151,12 +149,13 @@ def _layout(
             offsets=np.asarray(page.dataoffsets, np.int64),
             bytecounts=np.asarray(page.databytecounts, np.int64),
             decode=functools.partial(
-                _decode_one, _zstd_frame if zstd else _lzma_stream, tile_shape, file_dtype, unpredict
+                _decode_one, _zstd_frame if compression == ZSTD else _lzma_stream, tile_shape, file_dtype, unpredict
             )
             if compression in (ZSTD, LZMA)
             else functools.partial(_decode_tifffile, page.decode),
-            zstd=zstd,
-            tile_bytes=tile_shape[0] * tile_shape[1] * count * np.dtype(dtype).itemsize,
+            # ZSTD tiles (the decompressor returns new bytes); a byte count beyond a frame's bound
+            # of the tile, trailing bytes, is read once, not kept
+            buffered=_zstd_bound(int(np.prod(tile_shape)) * file_dtype.itemsize) if compression == ZSTD else 0,
         )
 
 
@@ -267,12 +266,11 @@ _SCRATCH = _Scratch()
 
 
 def _read_tile(layout: _Layout, fd: int, index: int) -> Any:
-    """The compressed bytes of tile ``index``: for :func:`_zstd_frame` a view of this thread's
-    buffer, valid until its next read (the decoded tile is a new array); else ``bytes`` (tifffile
-    may return a view of them: uncompressed tiles)."""
+    """The compressed bytes of tile ``index``: up to :attr:`_Layout.buffered` bytes a view of this
+    thread's buffer, valid until its next read; else ``bytes`` (tifffile may return a view of them:
+    uncompressed tiles)."""
     nbytes, offset = int(layout.bytecounts[index]), int(layout.offsets[index])
-    # (a byte count beyond a ZSTD frame's bound of the tile, trailing bytes, is read once, not kept)
-    if layout.zstd and nbytes <= _zstd_bound(layout.tile_bytes):
+    if nbytes <= layout.buffered:
         if len(_SCRATCH.buffer) < nbytes:
             _SCRATCH.buffer = bytearray(nbytes)
         data: Any = memoryview(_SCRATCH.buffer)[:nbytes]
